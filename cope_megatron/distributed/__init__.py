@@ -1,0 +1,1 @@
+"""Parallel plumbing beside the model: process groups, CPU compatibility, DeepSpeed glue."""

@@ -1,0 +1,57 @@
+"""Every workaround that lets Megatron-Core's GPT path run without CUDA, in one place.
+
+Applied only when CUDA is absent, so the same model code runs on gloo (CPU) and nccl
+(GPU). Measured facts behind each patch: ``shared/notes/megatron-deepspeed-cpu.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from megatron.core.tensor_parallel import random as mp_random
+
+
+class CPURNGStatesTracker(mp_random.CudaRNGStatesTracker):
+    """Megatron's tensor-parallel RNG tracker backed by the CPU generator.
+
+    Megatron forks named CUDA generator states for dropout inside TP regions; here each
+    named state is a CPU generator state swapped in and out around the block.
+    """
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"rng state {name} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise ValueError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def apply_cpu_compat() -> bool:
+    """Patch Megatron-Core's CUDA assumptions when CUDA is absent; returns True if applied.
+
+    - ``torch.cuda.current_device()`` is called for buffer/RoPE placement: answer "cpu".
+    - the CUDA RNG tracker (``model_parallel_cuda_manual_seed``, attention dropout) is
+      replaced by :class:`CPURNGStatesTracker`.
+    """
+    if torch.cuda.is_available():
+        return False
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    if not isinstance(mp_random._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
+        mp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
+        mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    return True

@@ -1,0 +1,58 @@
+"""DeepSpeed glue: the ``mpu`` adapter over Megatron's parallel_state and the engine config
+generated from our typed config (never hand-written beside it)."""
+
+from __future__ import annotations
+
+from megatron.core import parallel_state as ps
+
+from cope_megatron.config import Config
+
+
+class MegatronMPU:
+    """The model-parallel unit DeepSpeed expects, answered by Megatron's process groups.
+
+    DeepSpeed's ZeRO, grad-norm and checkpoint code call the legacy ``*_model_parallel_*``
+    names, which parallel_state lacks; they mean the tensor-parallel group here. (No
+    ``initialize_sequence_parallel``: DeepSpeed would take that for Ulysses SP.)
+    """
+
+    get_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(ps.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
+    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(
+        ps.get_pipeline_model_parallel_world_size
+    )
+    get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
+def deepspeed_config(cfg: Config, dp_size: int) -> dict:
+    """The DeepSpeed engine config for this run; ``zero.deepspeed`` is merged in last."""
+    t = cfg.train
+    ds = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.micro_batch_size * t.grad_accum * dp_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": cfg.zero.stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, cfg.zero.deepspeed)

@@ -1,0 +1,1 @@
+"""Megatron-Core GPTModel assembled from a position encoding's layer spec."""

@@ -1,0 +1,76 @@
+"""Megatron core-attention adapter: Megatron's [s, b, heads, d] layout in, a PE's
+attention on [b, heads, s, d], and [s, b, heads·d] out.
+
+Every PE goes through this one module, so layout conversions live in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import MegatronModule
+
+from cope_megatron.config import PEConfig
+from cope_megatron.pe.base import AttentionShape, PositionEncoding, default_softmax_scale
+
+
+class PECoreAttention(MegatronModule):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        *,
+        pe: PositionEncoding,
+        pe_options: PEConfig,
+        train_length: int,
+        cp_comm_type: Optional[str] = None,
+        softmax_scale: Optional[float] = None,
+        pg_collection=None,
+    ) -> None:
+        super().__init__(config=config)
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        heads = config.num_attention_heads // tp_size
+        head_dim = config.kv_channels
+        self.sequence_parallel = config.sequence_parallel
+        self.dropout = config.attention_dropout
+        shape = AttentionShape(
+            num_heads=heads,
+            num_kv_heads=config.num_query_groups // tp_size,
+            head_dim=head_dim,
+            total_heads=config.num_attention_heads,
+            head_offset=tp_rank * heads,
+            softmax_scale=softmax_scale or default_softmax_scale(head_dim),
+            dropout=config.attention_dropout,
+            train_length=train_length,
+        )
+        self.attention = pe.attention(shape, pe_options)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Optional[torch.Tensor],
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("PECoreAttention supports neither packed sequences nor external bias")
+        # [s, b, h, d] -> [b, h, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if self.training and self.dropout > 0 and not self.sequence_parallel:
+            # Heads differ per TP rank, so dropout draws from the TP-rank stream (as
+            # Megatron's DotProductAttention does).
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = self.attention(q, k, v)
+        else:
+            out = self.attention(q, k, v)
+        b, h, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

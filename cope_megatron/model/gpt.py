@@ -1,0 +1,83 @@
+"""Build Megatron-Core's GPTModel for a run config, and compute the LM loss."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+
+from cope_megatron.config import Config, padded_vocab_size
+from cope_megatron.model.layer_spec import get_layer_spec
+from cope_megatron.pe import get_pe
+
+
+def transformer_config(cfg: Config) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    bf16 = cfg.train.precision == "bf16"
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization=m.normalization,
+        attention_dropout=m.attention_dropout,
+        hidden_dropout=m.hidden_dropout,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=p.tensor,
+        sequence_parallel=p.sequence,
+        context_parallel_size=p.context,
+        # Draw each full weight on the CPU and slice it: the same seed gives the same model
+        # for every TP layout (the GPU path seeds each shard separately).
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        bf16=bf16,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # Fusions that need Apex/TE or CUDA; the unfused paths compute the same function.
+        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+    )
+
+
+def build_gpt(cfg: Config, vocab_size: int) -> GPTModel:
+    """The GPT for ``cfg`` on the current device; call after ``init_distributed``."""
+    pe = get_pe(cfg.model.pe)
+    model = GPTModel(
+        config=transformer_config(cfg),
+        transformer_layer_spec=get_layer_spec(cfg),
+        vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tensor),
+        max_sequence_length=cfg.model.seq_length,
+        position_embedding_type=pe.gpt_position_embedding,
+        rotary_base=int(cfg.pe.rope.base),
+        share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
+    )
+    if pe.position_embedding is not None:
+        model.embedding.position_embeddings = pe.position_embedding(cfg.model.hidden_size)
+    model.max_positions = None if pe.extrapolates else cfg.model.seq_length
+    return model
+
+
+class BeyondTrainingLengthError(ValueError):
+    """The PE has no representation for positions past its training length."""
+
+
+def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of packed samples ``tokens`` [b, s + 1]."""
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    seq = inputs.shape[1]
+    limit = getattr(_unwrap(model), "max_positions", None)
+    if limit is not None and seq > limit:
+        raise BeyondTrainingLengthError(
+            f"sequence length {seq} exceeds the {limit} positions this position encoding was "
+            "trained with (learned absolute embeddings cannot extrapolate)"
+        )
+    position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand_as(inputs)
+    per_token = model(inputs, position_ids, None, labels=labels)  # [b, s]
+    return per_token.float().mean()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)

@@ -1,0 +1,27 @@
+"""Registry of position encodings: ``model.pe`` names one of these.
+
+Adding a PE is one new module that calls ``register`` and one import line below.
+"""
+
+from __future__ import annotations
+
+from cope_megatron.pe.base import PositionEncoding
+
+REGISTRY: dict[str, PositionEncoding] = {}
+
+
+def register(pe: PositionEncoding) -> PositionEncoding:
+    if pe.name in REGISTRY:
+        raise ValueError(f"position encoding {pe.name!r} is registered twice")
+    REGISTRY[pe.name] = pe
+    return pe
+
+
+def get_pe(name: str) -> PositionEncoding:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown position encoding {name!r}; known: {sorted(REGISTRY)}") from None
+
+
+from cope_megatron.pe import learned, nope, rope  # noqa: E402,F401  (each registers itself)

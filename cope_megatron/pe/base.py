@@ -1,0 +1,86 @@
+"""The position-encoding interface shared by every registry entry.
+
+A PE touches a GPT in at most three places, each with a do-nothing default:
+- ``gpt_position_embedding``: what Megatron's GPTModel adds natively ("none",
+  "learned_absolute" or "rope");
+- ``position_embedding``: a module replacing GPTModel's learned table (position ids
+  [b, s] -> [b, s, hidden]), for fixed additive encodings;
+- ``attention``: the core attention, on [b, heads, s, head_dim] tensors, where
+  logit biases (ALiBi, T5) and CoPE live.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cope_megatron.config import PEConfig
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What a PE's attention module needs to know about its layer and TP shard."""
+
+    num_heads: int
+    """Query heads on this tensor-parallel rank."""
+    num_kv_heads: int
+    head_dim: int
+    total_heads: int
+    """Query heads of the whole layer, across TP ranks."""
+    head_offset: int
+    """Global index of this rank's first head: per-head state is indexed by global head."""
+    softmax_scale: float
+    dropout: float
+    train_length: int
+
+
+class CausalAttention(nn.Module):
+    """Plain causal softmax attention (PyTorch SDPA); the base of biased variants."""
+
+    def __init__(self, shape: AttentionShape, options: PEConfig) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def logit_bias(self, seq_len: int, device: torch.device) -> torch.Tensor | None:
+        """Additive logit bias broadcastable to [b, heads, s, s]; None for no bias."""
+        return None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [b, h, s, d]; k, v: [b, g, s, d] -> [b, h, s, d]
+        s = q.shape[2]
+        bias = self.logit_bias(s, q.device)
+        if bias is not None:
+            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+            bias = bias.to(q.dtype).masked_fill(~causal, float("-inf"))
+        return F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=bias,
+            is_causal=bias is None,
+            dropout_p=self.shape.dropout if self.training else 0.0,
+            scale=self.shape.softmax_scale,
+            enable_gqa=self.shape.num_kv_heads != self.shape.num_heads,
+        )
+
+
+@dataclass(frozen=True)
+class PositionEncoding:
+    """One registry entry: how a PE plugs into Megatron's GPTModel."""
+
+    name: str
+    paper: str
+    attention: type[nn.Module] = CausalAttention
+    gpt_position_embedding: Literal["none", "learned_absolute", "rope"] = "none"
+    position_embedding: type[nn.Module] | None = None
+    extrapolates: bool = True
+    """False when positions beyond the training length have no representation."""
+
+
+def default_softmax_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

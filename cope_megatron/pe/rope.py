@@ -1,0 +1,8 @@
+"""Rotary position embedding, RoPE (Su et al. 2021, arXiv 2104.09864): queries and keys
+rotated by position-dependent angles θ_i = base^(−2i/d). Megatron-Core's native rotary
+path, base from ``pe.rope.base``."""
+
+from cope_megatron.pe import register
+from cope_megatron.pe.base import PositionEncoding
+
+register(PositionEncoding(name="rope", paper="arXiv 2104.09864", gpt_position_embedding="rope"))
