@@ -68,7 +68,7 @@ def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of packed samples ``tokens`` [b, s + 1]."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     seq = inputs.shape[1]
-    limit = getattr(_unwrap(model), "max_positions", None)
+    limit = max_positions(model)
     if limit is not None and seq > limit:
         raise BeyondTrainingLengthError(
             f"sequence length {seq} exceeds the {limit} positions this position encoding was "
@@ -79,5 +79,6 @@ def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return per_token.float().mean()
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
+def max_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's PE can represent; None when unbounded."""
+    return getattr(getattr(model, "module", model), "max_positions", None)

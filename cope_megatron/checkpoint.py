@@ -1,0 +1,53 @@
+"""Atomic checkpoints through DeepSpeed.
+
+DeepSpeed writes model and ZeRO optimizer shards into ``run.dir/checkpoints/<tag>/``; we
+write the ``latest`` pointer ourselves, after every rank has finished and with an atomic
+rename, so a run killed at any moment resumes from the last complete checkpoint. The
+client state carries what DeepSpeed does not know: the step, the data-loader position and
+the resolved config.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+LATEST = "latest"
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_tag(run_dir: str | Path) -> str | None:
+    pointer = checkpoint_dir(run_dir) / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def save(engine, run_dir: str | Path, step: int, client_state: dict) -> str:
+    root = checkpoint_dir(run_dir)
+    tag = f"step_{step:08d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tmp = root / f"{LATEST}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, root / LATEST)
+    dist.barrier()
+    return tag
+
+
+def load(engine, run_dir: str | Path, tag: str | None = None) -> dict | None:
+    """Restore the engine from ``tag`` (default: latest); returns the client state."""
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
+    if path is None:
+        raise FileNotFoundError(
+            f"checkpoint {tag!r} in {checkpoint_dir(run_dir)} could not be loaded; delete the "
+            "'latest' file to start over or set run.resume=false"
+        )
+    return client_state

@@ -1,0 +1,98 @@
+"""``cope-megatron`` command line: prep, train, eval, demo.
+
+    cope-megatron prep  [CONFIG.yaml ...] [key.sub=value ...]
+    cope-megatron train [CONFIG.yaml ...] [key.sub=value ...]   (plain or under torchrun)
+    cope-megatron eval  [CONFIG.yaml ...] [key.sub=value ...]
+    cope-megatron demo  [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from cope_megatron.config import Config, ConfigError, load_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEMO_CONFIGS = [str(CONFIG_DIR / "demo.yaml")]
+
+
+def prep(cfg: Config) -> dict:
+    from data_prep.prep import PrepOptions, prepare
+
+    d = cfg.data
+    return prepare(PrepOptions(
+        corpus=d.corpus, out_dir=d.shards, cache_dir=d.cache_dir, seq_len=cfg.model.seq_length,
+        seed=cfg.train.seed, tokenizer=d.tokenizer, tokenizer_type=d.tokenizer_type,
+        vocab_size=d.vocab_size, byte_fallback=d.byte_fallback, user_symbols=tuple(d.user_symbols),
+        text_field=d.text_field, val_fraction=d.val_fraction, shard_max_bytes=d.shard_max_bytes,
+        workers=d.prep_workers, tokenizer_sample_bytes=d.tokenizer_sample_bytes,
+        max_docs=d.max_docs, progress=cfg.logging.progress,
+    ))
+
+
+def demo(cfg: Config) -> dict:
+    """Prep the embedded corpus, train the demo model, evaluate it; print where it all is."""
+    from cope_megatron.distributed.parallel import destroy_distributed
+    from cope_megatron.train import run_train
+
+    started = time.time()
+    manifest = prep(cfg)
+    train = manifest["splits"]["train"]
+    print(f"[demo] data: {train['samples']} train samples ({train['tokens']:,} tokens) in "
+          f"{cfg.data.shards}, vocab {manifest['vocab_size']}")
+    try:
+        result, report = run_train(cfg)
+    finally:
+        destroy_distributed()
+    wall = time.time() - started
+    first, last = result.losses[0] if result.losses else float("nan"), result.losses[-1]
+    print(f"[demo] trained {result.step} steps in {wall:.0f} s: loss {first:.3f} -> {last:.3f}")
+    for length, r in report["lengths"].items():
+        shown = f"ppl {r['ppl']:.2f}" if "ppl" in r else r["status"]
+        print(f"[demo] held-out at length {length}: {shown}")
+    print(f"[demo] outputs in {result.run_dir}/: config.yaml, metrics.jsonl, eval.json, "
+          "checkpoints/")
+    return {"wall_s": wall, "first_loss": first, "final_loss": last, "eval": report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cope-megatron", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["prep", "train", "eval", "demo"])
+    parser.add_argument("sources", nargs="*", help="YAML config files and key.sub=value overrides")
+    args = parser.parse_args(argv)
+    from cope_megatron.data.loader import DataError
+    from data_prep.corpus import CorpusError
+
+    try:
+        sources = (DEMO_CONFIGS if args.command == "demo" else []) + args.sources
+        cfg = load_config(sources)
+        if args.command == "prep":
+            manifest = prep(cfg)
+            print(f"prepared {cfg.data.shards}: " + ", ".join(
+                f"{s}: {v['samples']} samples" for s, v in manifest["splits"].items()))
+        elif args.command == "train":
+            from cope_megatron.train import main as train_main
+
+            train_main(args.sources)
+        elif args.command == "eval":
+            from cope_megatron.distributed.parallel import destroy_distributed
+            from cope_megatron.train import run_eval
+
+            try:
+                print(run_eval(cfg))
+            finally:
+                destroy_distributed()
+        else:
+            demo(cfg)
+    except (ConfigError, CorpusError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training-side data: streaming packed token shards."""

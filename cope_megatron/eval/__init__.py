@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity against context length."""

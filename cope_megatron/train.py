@@ -1,0 +1,68 @@
+"""Train (and evaluate) one run.
+
+    python -m cope_megatron.train configs/model/debug.yaml configs/pe/rope.yaml train.steps=50
+    torchrun --nproc-per-node 2 -m cope_megatron.train configs/model/debug.yaml parallel.tensor=2
+"""
+
+from __future__ import annotations
+
+import sys
+
+from cope_megatron.config import Config, load_config, validate, validate_data_path
+from cope_megatron.distributed.parallel import destroy_distributed, world_size_from_env
+from cope_megatron.eval.perplexity import evaluate
+from cope_megatron.trainer import Trainer, TrainResult, write_json
+
+
+def check(cfg: Config) -> None:
+    """Every start-up check, before any process group or model is built."""
+    validate(cfg, world_size_from_env())
+    validate_data_path(cfg)
+
+
+def run_train(cfg: Config, *, evaluate_after: bool = True) -> tuple[TrainResult, dict | None]:
+    check(cfg)
+    trainer = Trainer(cfg)
+    try:
+        result = trainer.train()
+        report = None
+        if evaluate_after:
+            env = trainer.env
+            report = evaluate(trainer.engine, cfg, trainer.manifest, env.device,
+                              env.dp_rank, env.dp_size)
+            report["step"] = result.step
+            if env.is_main:
+                write_json(result.run_dir / "eval.json", report)
+        return result, report
+    finally:
+        trainer.close()
+
+
+def run_eval(cfg: Config) -> dict:
+    """Evaluate the latest checkpoint in ``run.dir`` (the run's own layout)."""
+    check(cfg)
+    trainer = Trainer(cfg, eval_only=True)
+    try:
+        if trainer.step == 0:
+            raise FileNotFoundError(f"no checkpoint in {cfg.run.dir}/checkpoints; train first")
+        env = trainer.env
+        report = evaluate(trainer.engine, cfg, trainer.manifest, env.device, env.dp_rank,
+                          env.dp_size)
+        report["step"] = trainer.step
+        if env.is_main:
+            write_json(trainer.run_dir / "eval.json", report)
+        return report
+    finally:
+        trainer.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    try:
+        run_train(cfg)
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""The trainer: build (model, DeepSpeed engine, data), then a loop you can read at once.
+
+DeepSpeed owns backward, optimizer step, ZeRO and checkpoint files; we own data, loss,
+schedule and logging. Parallel plumbing lives in ``cope_megatron.distributed``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from cope_megatron import checkpoint
+from cope_megatron.config import Config, dump_yaml, to_dict
+from cope_megatron.data.loader import (
+    ResumableLoader,
+    StreamSpec,
+    read_manifest,
+    split_shards,
+)
+from cope_megatron.distributed.deepspeed_glue import MegatronMPU, deepspeed_config
+from cope_megatron.distributed.parallel import DistEnv, init_distributed, seed_everything
+from cope_megatron.distributed.sequence_parallel import register_sequence_parallel_grad_hooks
+from cope_megatron.metrics import MetricsLogger
+from cope_megatron.model.gpt import build_gpt, lm_loss
+from cope_megatron.schedule import lr_at
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float]
+    run_dir: Path
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, eval_only: bool = False) -> None:
+        """``eval_only``: restore the latest checkpoint and leave the run dir untouched."""
+        self.cfg = cfg
+        self.env: DistEnv = init_distributed(cfg.parallel.tensor, cfg.parallel.context)
+        seed_everything(cfg.train.seed)
+        self.run_dir = Path(cfg.run.dir)
+        if self.env.is_main and not eval_only:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, self.run_dir / "config.yaml")
+        self.manifest = read_manifest(cfg.data.shards)
+        self.engine = self._build_engine()
+        self.step = 0
+        start_batches = 0
+        resume = cfg.run.resume or eval_only
+        state = checkpoint.load(self.engine, self.run_dir) if resume else None
+        spec = self._stream_spec()
+        if state is not None:
+            self.step = state["step"]
+            start_batches = ResumableLoader.check_state(state["data"], spec)
+        self.data = ResumableLoader(spec, start_batches)
+        self.metrics = MetricsLogger(cfg, enabled=self.env.is_main and not eval_only)
+        self.metrics.truncate_after(self.step)
+
+    # -- building -------------------------------------------------------------------
+
+    def _build_engine(self):
+        cfg = self.cfg
+        model = build_gpt(cfg, self.manifest["vocab_size"])
+        if cfg.parallel.sequence:
+            register_sequence_parallel_grad_hooks(model)
+        t = cfg.train
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps,
+                               total=t.steps) / t.lr,
+        )
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=schedule,
+            config=deepspeed_config(cfg, self.env.dp_size),
+            mpu=MegatronMPU(),
+            dist_init_required=False,
+        )
+        return engine
+
+    def _stream_spec(self) -> StreamSpec:
+        cfg, m = self.cfg, self.manifest
+        if m["seq_len"] != cfg.model.seq_length:
+            raise ValueError(
+                f"model.seq_length is {cfg.model.seq_length} but the shards in {cfg.data.shards} "
+                f"were packed for {m['seq_len']}; re-run prep or set model.seq_length="
+                f"{m['seq_len']}"
+            )
+        return StreamSpec(
+            shards=split_shards(cfg.data.shards, m, "train"),
+            seq_len=m["seq_len"],
+            dtype=m["dtype"],
+            tokenizer_sha256=m["tokenizer_sha256"],
+            seed=cfg.train.seed,
+            micro_batch_size=cfg.train.micro_batch_size,
+            dp_rank=self.env.dp_rank,
+            dp_size=self.env.dp_size,
+            num_workers=cfg.data.num_workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            on_error=cfg.data.on_error,
+        )
+
+    # -- the loop -------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        """One optimizer step over ``grad_accum`` micro batches; returns the mean loss
+        over micro batches and data-parallel ranks."""
+        total = 0.0
+        for _ in range(self.cfg.train.grad_accum):
+            tokens = next(self.data).to(self.env.device)
+            loss = lm_loss(self.engine, tokens)
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach()
+        total = total / self.cfg.train.grad_accum
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return total.item() / self.env.dp_size
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        tokens_per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum * self.env.dp_size
+                           * cfg.model.seq_length)
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.env.is_main and cfg.logging.progress))
+        losses = []
+        while self.step < cfg.train.steps:
+            started = time.perf_counter()
+            loss = self.train_step()
+            elapsed = time.perf_counter() - started
+            self.step += 1
+            losses.append(loss)
+            record = {"step": self.step, "loss": loss, "lr": self.engine.get_lr()[0],
+                      "tokens_per_s": tokens_per_step / elapsed, "epoch": self.data.epoch,
+                      "skipped_shards": self.data.skipped_shards}
+            if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
+                self.metrics.log(record)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            interval = cfg.train.save_interval
+            if self.step == cfg.train.steps or (interval and self.step % interval == 0):
+                self.save()
+        bar.close()
+        return TrainResult(step=self.step, losses=losses, run_dir=self.run_dir)
+
+    def save(self) -> str:
+        state = {"step": self.step, "data": self.data.state_dict(), "config": to_dict(self.cfg)}
+        return checkpoint.save(self.engine, self.run_dir, self.step, state)
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.replace(path)

@@ -1,0 +1,184 @@
+"""``cope-megatron prep``: corpus -> SentencePiece tokenizer -> packed WebDataset shards.
+
+Writes into ``data.shards``: ``tokenizer.model``, ``train-*.tar``, ``val-*.tar`` and
+``manifest.json`` (written last, atomically: its presence means the data set is complete).
+Rerunning after a crash keeps the shards already finished and writes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_prep.corpus import Piece, iter_pieces, resolve_sources
+from data_prep.shards import Packer, SplitWriter, token_dtype
+from data_prep.tokenizer import (
+    EOS_ID,
+    file_sha256,
+    install_tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+MANIFEST = "manifest.json"
+FINGERPRINT = "prep_fingerprint.json"
+
+
+@dataclass(frozen=True)
+class PrepOptions:
+    """What prep needs, independent of any model: the CLI fills it from ``data.*``."""
+
+    corpus: list[str]
+    out_dir: str
+    cache_dir: str
+    seq_len: int
+    seed: int
+    tokenizer: str | None = None
+    tokenizer_type: str = "bpe"
+    vocab_size: int = 2048
+    byte_fallback: bool = True
+    user_symbols: tuple[str, ...] = ()
+    text_field: str = "text"
+    val_fraction: float = 0.02
+    shard_max_bytes: int = 64 * 2**20
+    workers: int = 2
+    tokenizer_sample_bytes: int = 20 * 2**20
+    max_docs: int | None = None
+    progress: bool = True
+
+
+def is_validation(doc: str, seed: int, fraction: float) -> bool:
+    """Split by document, by a seeded hash: stable whatever the order or the worker count."""
+    digest = hashlib.sha256(f"{seed}:{doc}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+_SP = None
+
+
+def _init_worker(model_path: str) -> None:
+    global _SP
+    _SP = load_tokenizer(model_path)
+
+
+def _encode(piece: Piece) -> tuple[str, list[int], bool, int]:
+    return piece.doc, _SP.encode(piece.text), piece.last, len(piece.text.encode())
+
+
+def _pieces(files: list[Path], text_field: str, max_docs: int | None) -> Iterator[Piece]:
+    docs = 0
+    for path in files:
+        for piece in iter_pieces(path, text_field):
+            yield piece
+            if piece.last:
+                docs += 1
+                if max_docs is not None and docs >= max_docs:
+                    return
+
+
+def _check_fingerprint(out: Path, fingerprint: dict) -> None:
+    path = out / FINGERPRINT
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != fingerprint:
+            changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+            raise ValueError(
+                f"data.shards: {out} holds shards from a different prep (changed: {changed}); "
+                "use another directory or delete this one"
+            )
+    else:
+        path.write_text(json.dumps(fingerprint, indent=1))
+
+
+def prepare(opts: PrepOptions) -> dict:
+    """Run the whole prep and return the manifest (also written to ``out_dir``)."""
+    out = Path(opts.out_dir)
+    if (out / MANIFEST).exists():
+        return json.loads((out / MANIFEST).read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    files = resolve_sources(opts.corpus, opts.cache_dir)
+    started = time.time()
+
+    if opts.tokenizer:
+        tok_path = install_tokenizer(opts.tokenizer, out)
+    elif (out / "tokenizer.model").exists():
+        tok_path = out / "tokenizer.model"  # trained by an interrupted earlier run
+    else:
+        tok_path = train_tokenizer(
+            files, out, vocab_size=opts.vocab_size, model_type=opts.tokenizer_type,
+            byte_fallback=opts.byte_fallback, user_symbols=list(opts.user_symbols),
+            sample_bytes=opts.tokenizer_sample_bytes, text_field=opts.text_field,
+        )
+    sp = load_tokenizer(tok_path)
+    vocab = sp.get_piece_size()
+    dtype = token_dtype(vocab)
+    tok_sha = file_sha256(tok_path)
+    _check_fingerprint(out, {
+        "files": [[str(f), f.stat().st_size] for f in files], "seq_len": opts.seq_len,
+        "seed": opts.seed, "val_fraction": opts.val_fraction, "tokenizer_sha256": tok_sha,
+        "max_docs": opts.max_docs, "text_field": opts.text_field,
+    })
+
+    meta = {"seq_len": opts.seq_len, "dtype": dtype.name, "tokenizer_sha256": tok_sha}
+    packers = {
+        split: Packer(opts.seq_len + 1, dtype,
+                      SplitWriter(out, split, meta, opts.shard_max_bytes))
+        for split in ("train", "val")
+    }
+    docs = {"train": 0, "val": 0}
+    nbytes = 0
+    bar = tqdm(desc="prep", unit=" docs", disable=not opts.progress, dynamic_ncols=True)
+    with mp.get_context("spawn").Pool(opts.workers, _init_worker, (str(tok_path),)) as pool:
+        stream = pool.imap(_encode, _pieces(files, opts.text_field, opts.max_docs), chunksize=2)
+        for doc, ids, last, size in stream:
+            split = "val" if is_validation(doc, opts.seed, opts.val_fraction) else "train"
+            packers[split].add(ids + [EOS_ID] if last else ids)
+            nbytes += size
+            if last:
+                docs[split] += 1
+                bar.update(1)
+            tokens = sum(p.tokens for p in packers.values())
+            elapsed = time.time() - started
+            bar.set_postfix(MB_s=f"{nbytes / 2**20 / elapsed:.1f}", tok_s=f"{tokens / elapsed:.0f}")
+    bar.close()
+
+    dropped = {split: p.finish() for split, p in packers.items()}
+    for split, p in packers.items():
+        if p.writer.samples == 0:
+            raise ValueError(
+                f"prep produced no {split} samples ({docs[split]} documents, "
+                f"{dropped[split]} tokens): the corpus is too small for seq_len "
+                f"{opts.seq_len}" + (" or data.val_fraction is too small" if split == "val" else "")
+            )
+    manifest = {
+        "format": 1,
+        **meta,
+        "vocab_size": vocab,
+        "eos_id": EOS_ID,
+        "tokenizer": tok_path.name,
+        "seed": opts.seed,
+        "source_bytes": nbytes,
+        "seconds": round(time.time() - started, 2),
+        "splits": {
+            split: {
+                "documents": docs[split],
+                "samples": p.writer.samples,
+                "tokens": p.tokens,
+                "dropped_tokens": dropped[split],
+                "shards": [vars(s) for s in p.writer.shards],
+            }
+            for split, p in packers.items()
+        },
+    }
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(out / MANIFEST)
+    return manifest
+
