@@ -53,6 +53,21 @@ def train_tokenizer(
     """Train a SentencePiece model into ``out_dir/tokenizer.model`` and return its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / "tokenizer.tmp"
+    try:
+        _train(files, prefix, vocab_size, model_type, byte_fallback, user_symbols, sample_bytes,
+               text_field)
+    except RuntimeError as e:
+        raise ValueError(f"data.vocab_size: SentencePiece could not train a {vocab_size}-token "
+                         f"vocabulary ({str(e).splitlines()[-1]}); raise data.vocab_size "
+                         "(byte fallback alone needs 259)") from None
+    final = out_dir / "tokenizer.model"
+    Path(f"{prefix}.model").replace(final)
+    Path(f"{prefix}.vocab").unlink(missing_ok=True)
+    return final
+
+
+def _train(files, prefix, vocab_size, model_type, byte_fallback, user_symbols, sample_bytes,
+           text_field) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=_sample_lines(files, sample_bytes, text_field),
         model_prefix=str(prefix),
@@ -65,10 +80,6 @@ def train_tokenizer(
         num_threads=1,  # one thread: the same sample always gives the same model
         minloglevel=2,
     )
-    final = out_dir / "tokenizer.model"
-    Path(f"{prefix}.model").replace(final)
-    Path(f"{prefix}.vocab").unlink(missing_ok=True)
-    return final
 
 
 def install_tokenizer(source: str | Path, out_dir: Path) -> Path:

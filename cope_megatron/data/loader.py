@@ -166,10 +166,12 @@ class TokenStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info else 0
         workers = self.spec.num_workers
+        # A fresh DataLoader starts its round-robin at worker 0, but batch number
+        # ``start_batches`` belongs to stream ``start_batches % workers``: rotate.
+        worker = ((info.id if info else 0) + self.start_batches) % workers
         slot = self.spec.dp_rank * workers + worker
-        # Batches this worker produced before the resume point (round-robin over workers).
+        # Batches this stream produced before the resume point.
         skip = max(0, self.start_batches - worker + workers - 1) // workers
         samples = self._samples(slot)
         mb = self.spec.micro_batch_size

@@ -45,15 +45,15 @@ def init_distributed(tensor: int, context: int = 1) -> DistEnv:
     """
     apply_cpu_compat()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(backend)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        if "RANK" in os.environ:  # torchrun, SLURM via torchrun, deepspeed launcher
+            dist.init_process_group(backend)
+        else:  # a plain process: a world of one (DeepSpeed insists on LOCAL_RANK)
+            os.environ.setdefault("LOCAL_RANK", "0")
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor, context_parallel_size=context

@@ -1,0 +1,131 @@
+import dataclasses
+
+import pytest
+
+from cope_megatron.config import (
+    Config,
+    ConfigError,
+    flat_keys,
+    load_config,
+    padded_vocab_size,
+    validate,
+    validate_data_path,
+)
+
+
+def test_yaml_files_compose_left_to_right_then_overrides(tmp_path):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text("model: {hidden_size: 128, num_layers: 3}\ntrain: {steps: 5}\n")
+    b.write_text("model: {hidden_size: 256}\n")
+    cfg = load_config([str(a), str(b), "train.steps=9", "parallel.sequence=true"])
+    assert cfg.model.hidden_size == 256  # later file wins
+    assert cfg.model.num_layers == 3  # earlier file's other keys survive
+    assert cfg.train.steps == 9  # override wins over files
+    assert cfg.parallel.sequence is True
+    assert cfg.model.num_attention_heads == Config().model.num_attention_heads  # default kept
+
+
+def test_override_types_and_lists():
+    cfg = load_config(["train.lr=1e-3", "data.corpus=[a.txt, b.txt]", "pe.cope.npos_max=16",
+                       "model.num_query_groups=2", "data.tokenizer=null"])
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    assert cfg.data.corpus == ["a.txt", "b.txt"]
+    assert cfg.pe.cope.npos_max == 16
+    assert cfg.model.num_query_groups == 2
+    assert load_config(["data.corpus=one.txt"]).data.corpus == ["one.txt"]
+
+
+@pytest.mark.parametrize("source, needle", [
+    ("model.hidden_sise=3", "model.hidden_sise"),
+    ("nosuch.key=1", "nosuch"),
+    ("train.steps=ten", "train.steps"),
+    ("train.steps=1.5", "train.steps"),
+    ("parallel.sequence=3", "parallel.sequence"),
+    ("train.precision=fp8", "train.precision"),
+    ("model=3", "model"),
+])
+def test_unknown_keys_and_wrong_types_are_errors(source, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load_config([source])
+
+
+def test_missing_config_file_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config([str(tmp_path / "nope.yaml")])
+
+
+@pytest.mark.parametrize("overrides, world, key", [
+    (["model.pe=fancy"], 1, "model.pe"),
+    (["model.num_attention_heads=6", "model.hidden_size=60", "parallel.tensor=4"], 4,
+     "parallel.tensor"),
+    (["model.hidden_size=65"], 1, "model.hidden_size"),
+    (["model.seq_length=66", "parallel.context=2"], 2, "model.seq_length"),
+    (["parallel.tensor=2"], 3, "parallel.tensor"),
+    (["parallel.sequence=true"], 1, "parallel.sequence"),
+    (["zero.stage=4"], 1, "zero.stage"),
+    (["data.tokenizer=/no/such/tok.model"], 1, "data.tokenizer"),
+    (["model.num_query_groups=3"], 1, "model.num_query_groups"),
+    (["train.steps=0"], 1, "train.steps"),
+    (["eval.length_multipliers=[]"], 1, "eval.length_multipliers"),
+])
+def test_validation_names_the_key(overrides, world, key):
+    cfg = load_config(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world)
+    assert str(err.value).startswith(key + ":")
+
+
+def test_valid_layouts_pass():
+    validate(load_config(["parallel.tensor=2", "parallel.sequence=true"]), 4)
+    validate(load_config([]), 1)
+
+
+def test_missing_data_path_says_to_run_prep(tmp_path):
+    cfg = load_config([f"data.shards={tmp_path / 'none'}"])
+    with pytest.raises(ConfigError, match="cope-megatron prep"):
+        validate_data_path(cfg)
+
+
+def test_vocab_padding_is_layout_independent():
+    assert padded_vocab_size(300, 1) == padded_vocab_size(300, 2) == 384
+    assert padded_vocab_size(300, 3) % 3 == 0
+
+
+PUBLIC_KEYS = """
+    model.pe model.num_layers model.hidden_size model.num_attention_heads
+    model.num_query_groups model.ffn_hidden_size model.seq_length model.attention_dropout
+    model.hidden_dropout model.init_method_std model.normalization model.untie_embeddings
+    pe.rope.base pe.cope.npos_max pe.cope.shared_table pe.cope.impl pe.alibi.slopes
+    pe.t5.num_buckets pe.t5.max_distance parallel.tensor parallel.sequence parallel.context
+    zero.stage zero.deepspeed data.corpus data.cache_dir data.shards data.tokenizer
+    data.tokenizer_type data.vocab_size data.byte_fallback data.user_symbols data.text_field
+    data.val_fraction data.shard_max_bytes data.prep_workers data.tokenizer_sample_bytes
+    data.max_docs data.num_workers data.shuffle_buffer data.on_error train.steps train.seed
+    train.micro_batch_size train.grad_accum train.lr train.min_lr train.warmup_steps
+    train.weight_decay train.beta1 train.beta2 train.grad_clip train.precision
+    train.log_interval train.save_interval eval.batches eval.batch_size
+    eval.length_multipliers logging.wandb logging.project logging.progress run.dir run.name
+    run.resume
+""".split()
+
+
+def test_public_flag_surface_is_frozen():
+    """Scripts and docs depend on these names: adding or renaming a key means editing
+    this list on purpose."""
+    assert flat_keys() == PUBLIC_KEYS
+    fixed = {"model.pe", "parallel.tensor", "parallel.sequence", "parallel.context",
+             "zero.stage", "train.steps", "train.seed", "run.dir"}
+    assert fixed <= set(PUBLIC_KEYS)
+
+
+def test_every_config_file_in_repo_loads_and_validates():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert len(files) >= 10
+    for f in files:
+        cfg = load_config([str(f)])
+        validate(cfg, max(1, cfg.parallel.tensor))
+        assert dataclasses.is_dataclass(cfg)
