@@ -76,6 +76,12 @@ def _train(files, prefix, vocab_size, model_type, byte_fallback, user_symbols, s
         byte_fallback=byte_fallback,
         user_defined_symbols=user_symbols or None,
         character_coverage=0.9995,
+        # Lossless: keep newlines, runs of spaces and the exact characters, so decoding
+        # reproduces the text (SentencePiece's default NFKC + whitespace folding does not).
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_by_whitespace=True,
+        allow_whitespace_only_pieces=True,
         hard_vocab_limit=False,
         num_threads=1,  # one thread: the same sample always gives the same model
         minloglevel=2,

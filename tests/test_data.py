@@ -1,0 +1,231 @@
+"""Data pipeline: lossless round trip, coverage across data-parallel ranks, exact resume
+with several workers, and one clear error per kind of bad input."""
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cope_megatron.data.loader import (
+    DataError,
+    ResumableLoader,
+    StreamSpec,
+    TokenStream,
+    _shard_samples,
+    read_manifest,
+    slot_ranges,
+    split_shards,
+)
+from data_prep.prep import PrepOptions, is_validation, prepare
+from data_prep.tokenizer import EOS_ID, load_tokenizer
+
+
+def make_spec(shard_dir, split="train", **kw) -> StreamSpec:
+    m = read_manifest(shard_dir)
+    return StreamSpec(shards=split_shards(shard_dir, m, split), seq_len=m["seq_len"],
+                      dtype=m["dtype"], tokenizer_sha256=m["tokenizer_sha256"],
+                      **{"seed": 3, "micro_batch_size": 1, "shuffle_buffer": 16, **kw})
+
+
+def split_stream(shard_dir, split) -> np.ndarray:
+    spec = make_spec(shard_dir, split)
+    return np.concatenate([s for sh in spec.shards
+                           for s in _shard_samples(sh.url, 0, sh.samples, spec)])
+
+
+def test_round_trip_reproduces_documents(prepared):
+    shards, manifest, corpus = prepared
+    sp = load_tokenizer(shards / "tokenizer.model")
+    assert manifest["dtype"] == "uint16" and len(manifest["splits"]["train"]["shards"]) > 2
+    for split in ("train", "val"):
+        docs = [p.read_text() for p in sorted(corpus.glob("*.txt"))
+                if is_validation(str(p), 7, 0.25) == (split == "val")]
+        stream = split_stream(shards, split).tolist()
+        pieces, cur = [], []
+        for t in stream:
+            if t == EOS_ID:
+                pieces.append(cur)
+                cur = []
+            else:
+                cur.append(t)
+        assert len(pieces) == len(docs) - 1 or len(pieces) == len(docs)
+        for ids, doc in zip(pieces, docs):
+            assert sp.decode(ids) == doc
+        if cur:  # the tail that filled no whole sample is dropped
+            assert docs[len(pieces)].startswith(sp.decode(cur))
+
+
+@pytest.mark.parametrize("dp_size, workers", [(2, 1), (4, 2), (3, 3)])
+def test_each_epoch_covers_every_sample_once_across_ranks(prepared, dp_size, workers):
+    """Every (rank, worker) stream takes a near-equal share; together, each epoch is every
+    sample exactly once, in a different order per epoch."""
+    shards, manifest, _ = prepared
+    total = manifest["splits"]["train"]["samples"]
+    everything = {s.tobytes() for s in split_stream(shards, "train").reshape(total, -1)}
+    assert len(everything) == total
+    orders = []
+    for epoch in range(2):
+        seen = Counter()
+        for rank in range(dp_size):
+            spec = make_spec(shards, dp_rank=rank, dp_size=dp_size, num_workers=workers)
+            for worker in range(workers):
+                slot = rank * workers + worker
+                share = sum(hi - lo for _, lo, hi in slot_ranges(spec, epoch, slot))
+                assert share in (total // (dp_size * workers), -(-total // (dp_size * workers)))
+                stream = TokenStream(spec)._samples(slot)
+                skip = sum(hi - lo for _, lo, hi in slot_ranges(spec, 0, slot)) if epoch else 0
+                drawn = [next(stream).tobytes() for _ in range(skip + share)][skip:]
+                seen.update(drawn)
+                if slot == 0:
+                    orders.append(drawn)
+        assert set(seen) == everything and max(seen.values()) == 1
+    assert orders[0] != orders[1]
+
+
+def test_different_ranks_see_different_samples_and_order_depends_on_seed(prepared):
+    shards, _, _ = prepared
+    a = [next(it)[0].sum().item() for it in [ResumableLoader(make_spec(shards))] for _ in range(6)]
+    b = [next(it)[0].sum().item() for it in [ResumableLoader(make_spec(shards, seed=4))]
+         for _ in range(6)]
+    again = [next(it)[0].sum().item() for it in [ResumableLoader(make_spec(shards))]
+             for _ in range(6)]
+    assert a == again and a != b
+
+
+@pytest.mark.parametrize("workers, stop", [(2, 5), (3, 7), (3, 40)])
+def test_resume_mid_epoch_with_workers_is_exact(prepared, workers, stop):
+    shards, _, _ = prepared
+    spec = make_spec(shards, dp_rank=1, dp_size=2, num_workers=workers, micro_batch_size=3)
+    full = ResumableLoader(spec)
+    expected = [next(full) for _ in range(stop + 6)]
+    first = ResumableLoader(spec)
+    for _ in range(stop):
+        next(first)
+    state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
+    resumed = ResumableLoader(spec, ResumableLoader.check_state(state, spec))
+    for want in expected[stop:]:
+        assert np.array_equal(next(resumed).numpy(), want.numpy())
+
+
+def test_resume_with_a_different_layout_is_refused(prepared):
+    shards, _, _ = prepared
+    state = ResumableLoader(make_spec(shards, num_workers=2)).state_dict()
+    with pytest.raises(DataError, match="num_workers"):
+        ResumableLoader.check_state(state, make_spec(shards, num_workers=1))
+
+
+def copy_shards(prepared, tmp_path) -> Path:
+    shards, _, _ = prepared
+    dst = tmp_path / "shards"
+    shutil.copytree(shards, dst)
+    return dst
+
+
+def drain(spec, n=None):
+    """Draw a whole epoch (or ``n`` batches)."""
+    loader = ResumableLoader(spec)
+    n = spec.total_samples if n is None else n
+    return [next(loader) for _ in range(n)], loader
+
+
+def test_truncated_shard_names_the_shard(prepared, tmp_path):
+    dst = copy_shards(prepared, tmp_path)
+    victim = dst / "train-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:5000])
+    with pytest.raises(DataError, match="train-000001.tar"):
+        drain(make_spec(dst))
+
+
+def test_corrupt_shard_names_the_shard_and_skip_counts_it(prepared, tmp_path):
+    dst = copy_shards(prepared, tmp_path)
+    victim = dst / "train-000002.tar"
+    victim.write_bytes(b"\x00garbage" * 3000)
+    with pytest.raises(DataError, match=r"train-000002.tar.*on_error=skip"):
+        drain(make_spec(dst))
+    with pytest.warns(UserWarning, match="train-000002.tar"):
+        _, loader = drain(make_spec(dst, on_error="skip"))
+    assert loader.skipped_shards >= 1
+
+
+def test_shard_from_another_prep_is_rejected(prepared, tmp_path):
+    dst = copy_shards(prepared, tmp_path)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["tokenizer_sha256"] = "0" * 64
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="tokenizer_sha256"):
+        drain(make_spec(dst), 2)
+
+
+def test_empty_dataset_and_missing_manifest(prepared, tmp_path):
+    with pytest.raises(DataError, match="cope-megatron prep"):
+        read_manifest(tmp_path)
+    dst = copy_shards(prepared, tmp_path)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"] = []
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="no samples"):
+        make_spec(dst)
+
+
+def test_prep_resumes_keeping_finished_shards(prepared, tmp_path):
+    shards, manifest, corpus = prepared
+    opts = PrepOptions(corpus=[str(corpus)], out_dir=str(tmp_path / "p"), cache_dir=str(tmp_path),
+                       seq_len=32, seed=7, vocab_size=512, val_fraction=0.25,
+                       shard_max_bytes=20_000, workers=1, progress=False,
+                       tokenizer=str(shards / "tokenizer.model"))
+    first = prepare(opts)
+    out = tmp_path / "p"
+    # Simulate a crash after two shards: no manifest, later shards missing, one partial.
+    (out / "manifest.json").unlink()
+    for p in sorted(out.glob("train-*.tar"))[2:]:
+        p.unlink()
+    (out / "train-000002.tar.tmp").write_bytes(b"partial")
+    kept = (out / "train-000000.tar").stat().st_mtime_ns
+    second = prepare(opts)
+    assert second["splits"] == first["splits"]
+    assert (out / "train-000000.tar").stat().st_mtime_ns == kept
+    assert not list(out.glob("*.tmp"))
+
+
+def test_prep_refuses_a_directory_from_another_prep(prepared, tmp_path):
+    shards, _, corpus = prepared
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "prep_fingerprint.json").write_text(json.dumps({"seq_len": 999}))
+    opts = PrepOptions(corpus=[str(corpus)], out_dir=str(out), cache_dir=str(tmp_path),
+                       seq_len=32, seed=7, workers=1, progress=False,
+                       tokenizer=str(shards / "tokenizer.model"))
+    with pytest.raises(ValueError, match="different prep"):
+        prepare(opts)
+
+
+def test_missing_corpus_path_is_named(tmp_path):
+    from data_prep.corpus import CorpusError
+
+    with pytest.raises(CorpusError, match="no/such/dir"):
+        prepare(PrepOptions(corpus=[str(tmp_path / "no/such/dir")], out_dir=str(tmp_path / "o"),
+                            cache_dir=str(tmp_path), seq_len=32, seed=1, progress=False))
+
+
+def test_jsonl_and_compressed_inputs(tmp_path):
+    import gzip
+
+    import zstandard
+
+    from data_prep.corpus import iter_pieces
+
+    rows = [{"text": f"document number {i}\nwith two lines"} for i in range(3)]
+    jsonl = "\n".join(json.dumps(r) for r in rows) + "\n"
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(jsonl.encode()))
+    (tmp_path / "b.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(b"plain text\n"))
+    docs = [p.text for p in iter_pieces(tmp_path / "a.jsonl.gz")]
+    assert docs == [r["text"] for r in rows]
+    assert [p.text for p in iter_pieces(tmp_path / "b.txt.zst")] == ["plain text\n"]
+    (tmp_path / "bad.jsonl").write_text('{"body": 1}\n')
+    from data_prep.corpus import CorpusError
+
+    with pytest.raises(CorpusError, match="bad.jsonl:1"):
+        list(iter_pieces(tmp_path / "bad.jsonl"))
