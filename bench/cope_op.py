@@ -1,0 +1,115 @@
+"""Benchmark the CoPE op against PyTorch SDPA causal attention: forward+backward time and
+peak working memory per implementation and sequence length.
+
+    python bench/cope_op.py [--seqs 1024 2048 4096] [--impls chunked reference] [--reps 3]
+
+Times are medians over interleaved repetitions (every impl once per round), so ratios to
+SDPA are measured under the same machine load. Memory is the peak growth of the process
+(CPU: peak RSS via /proc, reset before each run; GPU: max_memory_allocated). Prints a
+table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cope_megatron.ops import cope_attention
+
+
+def _rss_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def measure(fn, device: torch.device) -> tuple[float, float]:
+    """(seconds, peak MB above the starting point) of one call of fn."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return time.perf_counter() - t, (torch.cuda.max_memory_allocated() - base) / 2**20
+    base = _rss_kb("VmRSS:")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    t = time.perf_counter()
+    fn()
+    elapsed = time.perf_counter() - t
+    return elapsed, (_rss_kb("VmHWM:") - base) / 1024
+
+
+def make_case(impl: str, seq: int, args, device):
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shape = (1, args.heads, seq, args.head_dim)
+    q, k, v = (torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
+               for _ in range(3))
+    table = (0.1 * torch.randn(1, args.head_dim, args.npos, generator=gen)).to(device, dtype)
+    table.requires_grad_()
+    grad = torch.randn(shape, generator=gen).to(device, dtype)
+
+    def run():
+        if impl == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out.backward(grad)
+        else:
+            out = cope_attention(q, k, v, table, impl=impl)
+            out.backward(grad)
+        for t in (q, k, v, table):
+            t.grad = None
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--impls", nargs="+", default=["chunked", "reference"])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--npos", type=int, default=64)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-reference-seq", type=int, default=4096)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for seq in args.seqs:
+        impls = ["sdpa"] + [i for i in args.impls
+                            if i != "reference" or seq <= args.max_reference_seq]
+        cases = {impl: make_case(impl, seq, args, device) for impl in impls}
+        for fn in cases.values():  # warm-up (compilation, allocator)
+            fn()
+        times = {impl: [] for impl in impls}
+        mems = {impl: [] for impl in impls}
+        for _ in range(args.reps):
+            for impl, fn in cases.items():
+                t, m = measure(fn, device)
+                times[impl].append(t)
+                mems[impl].append(m)
+        base = statistics.median(times["sdpa"])
+        for impl in impls:
+            t = statistics.median(times[impl])
+            rows.append({"seq": seq, "impl": impl, "fwd_bwd_s": round(t, 4),
+                         "vs_sdpa": round(t / base, 2), "peak_mb": round(max(mems[impl]), 1)})
+    print(f"device={device} threads={torch.get_num_threads()} dtype={args.dtype} "
+          f"heads={args.heads} head_dim={args.head_dim} npos={args.npos} reps={args.reps}")
+    print(f"{'seq':>6} {'impl':>10} {'fwd+bwd s':>10} {'x SDPA':>7} {'peak MB':>9}")
+    for r in rows:
+        print(f"{r['seq']:>6} {r['impl']:>10} {r['fwd_bwd_s']:>10.4f} {r['vs_sdpa']:>7.2f} "
+              f"{r['peak_mb']:>9.1f}")
+    print(json.dumps({"device": str(device), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
