@@ -4,16 +4,21 @@ peak working memory per implementation and sequence length.
     python bench/cope_op.py [--seqs 1024 2048 4096] [--impls chunked reference] [--reps 3]
 
 Times are medians over interleaved repetitions (every impl once per round), so ratios to
-SDPA are measured under the same machine load. Memory is the peak growth of the process
-(CPU: peak RSS via /proc, reset before each run; GPU: max_memory_allocated). Prints a
-table and, last, one JSON line.
+SDPA are measured under the same machine load. Memory is the peak growth during one
+fwd+bwd (GPU: max_memory_allocated; CPU: peak RSS via /proc, reset before each run, taken
+in a child process whose glibc returns every large block to the OS at free -- that
+setting slows allocation, so times come from the parent). Prints a table and, last, one
+JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -71,6 +76,25 @@ def make_case(impl: str, seq: int, args, device):
     return run
 
 
+def run_cases(args, device, reps: int):
+    """{(seq, impl): [seconds]}, {(seq, impl): [peak MB]} over interleaved rounds."""
+    times, mems = {}, {}
+    for seq in args.seqs:
+        impls = ["sdpa"] + [i for i in args.impls
+                            if i != "reference" or seq <= args.max_reference_seq]
+        cases = {impl: make_case(impl, seq, args, device) for impl in impls}
+        for fn in cases.values():  # warm-up (compilation, allocator)
+            fn()
+        for _ in range(reps):
+            for impl, fn in cases.items():
+                t, m = measure(fn, device)
+                times.setdefault((seq, impl), []).append(t)
+                mems.setdefault((seq, impl), []).append(m)
+    if args.memory_only:
+        return times, [[json.dumps(list(k)), v] for k, v in mems.items()]
+    return times, mems
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -81,27 +105,24 @@ def main() -> None:
     parser.add_argument("--npos", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--max-reference-seq", type=int, default=4096)
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.memory_only:
+        print(json.dumps(run_cases(args, device, reps=1)[1]))
+        return
+    times, mems = run_cases(args, device, args.reps)
+    if device.type == "cpu":
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        child = subprocess.run([sys.executable, *sys.argv, "--memory-only"], env=env,
+                               capture_output=True, text=True, check=True)
+        mems = {tuple(json.loads(k)): v for k, v in json.loads(child.stdout.splitlines()[-1])}
     rows = []
-    for seq in args.seqs:
-        impls = ["sdpa"] + [i for i in args.impls
-                            if i != "reference" or seq <= args.max_reference_seq]
-        cases = {impl: make_case(impl, seq, args, device) for impl in impls}
-        for fn in cases.values():  # warm-up (compilation, allocator)
-            fn()
-        times = {impl: [] for impl in impls}
-        mems = {impl: [] for impl in impls}
-        for _ in range(args.reps):
-            for impl, fn in cases.items():
-                t, m = measure(fn, device)
-                times[impl].append(t)
-                mems[impl].append(m)
-        base = statistics.median(times["sdpa"])
-        for impl in impls:
-            t = statistics.median(times[impl])
-            rows.append({"seq": seq, "impl": impl, "fwd_bwd_s": round(t, 4),
-                         "vs_sdpa": round(t / base, 2), "peak_mb": round(max(mems[impl]), 1)})
+    for seq, impl in times:
+        t = statistics.median(times[seq, impl])
+        base = statistics.median(times[seq, "sdpa"])
+        rows.append({"seq": seq, "impl": impl, "fwd_bwd_s": round(t, 4),
+                     "vs_sdpa": round(t / base, 2), "peak_mb": round(max(mems[seq, impl]), 1)})
     print(f"device={device} threads={torch.get_num_threads()} dtype={args.dtype} "
           f"heads={args.heads} head_dim={args.head_dim} npos={args.npos} reps={args.reps}")
     print(f"{'seq':>6} {'impl':>10} {'fwd+bwd s':>10} {'x SDPA':>7} {'peak MB':>9}")

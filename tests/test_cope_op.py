@@ -1,0 +1,143 @@
+"""CoPE op: the reference against the paper's formula written as loops, every other impl
+against the float64 reference (forward and all four gradients), gradcheck, bf16."""
+
+import math
+
+import pytest
+import torch
+
+from cope_megatron.ops import cope_attention
+from cope_megatron.ops.cope_chunked import cope_attention_chunked
+from cope_megatron.ops.cope_reference import cope_attention_reference
+
+
+def paper_loops(q, k, v, E, npos_max, scale, causal):
+    """Appendix B, one query, one key at a time."""
+    b, h, s, d = q.shape
+    rep = h // k.shape[1]
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for hi in range(h):
+            kh, vh = k[bi, hi // rep], v[bi, hi // rep]
+            table = E[hi if E.shape[0] > 1 else 0]
+            for i in range(s):
+                keys = range(i + 1) if causal else range(s)
+                last = i if causal else s - 1
+                a = {j: scale * q[bi, hi, i] @ kh[j] for j in keys}
+                z = q[bi, hi, i] @ table
+                logits = []
+                for j in keys:
+                    p = min(sum(torch.sigmoid(a[t]) for t in range(j, last + 1)), npos_max - 1)
+                    lo, hi_ = math.floor(p), math.ceil(p)
+                    logits.append(a[j] + (p - lo) * z[hi_] + (1 - (p - lo)) * z[lo])
+                w = torch.softmax(torch.stack(logits), 0)
+                out[bi, hi, i] = sum(w[n] * vh[j] for n, j in enumerate(keys))
+    return out
+
+
+def inputs(b, h, g, s, d, npos, shared, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, s, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, g, s, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, g, s, d, generator=gen, dtype=torch.float64)
+    E = torch.randn(1 if shared else h, d, npos, generator=gen, dtype=torch.float64)
+    return [t.to(dtype).requires_grad_() for t in (q, k, v, E)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_is_the_paper_formula(causal):
+    q, k, v, E = inputs(2, 4, 2, 7, 3, 4, shared=False)
+    want = paper_loops(q, k, v, E, npos_max=3, scale=0.7, causal=causal)
+    got = cope_attention_reference(q, k, v, E, npos_max=3, softmax_scale=0.7, causal=causal)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+CASES = [
+    # b, h, g, s, d, npos, npos_max, shared, causal, block
+    (2, 4, 4, 37, 8, 16, 16, False, True, 8),   # seq not a multiple of the block
+    (1, 4, 2, 29, 8, 8, 5, True, True, 16),     # GQA, shared table, clamping bites
+    (2, 2, 1, 21, 4, 32, 32, False, False, 8),  # non-causal, multi-query
+    (1, 2, 2, 40, 8, 4, 4, True, True, 64),     # one block, strong clamping
+]
+
+
+def _compare(impl_fn, case, rtol, atol, dtype=torch.float64):
+    b, h, g, s, d, npos, npos_max, shared, causal, block = case
+    q, k, v, E = inputs(b, h, g, s, d, npos, shared, dtype)
+    qr, kr, vr, Er = (t.detach().double().requires_grad_() for t in (q, k, v, E))
+    scale = 1 / math.sqrt(d)
+    ref = cope_attention_reference(qr, kr, vr, Er, npos_max=npos_max, softmax_scale=scale,
+                                   causal=causal)
+    out = impl_fn(q, k, v, E, npos_max=npos_max, softmax_scale=scale, causal=causal, block=block)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = torch.autograd.grad(ref, (qr, kr, vr, Er), grad)
+    got = torch.autograd.grad(out, (q, k, v, E), grad.to(dtype))
+    torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
+    for name, a, w in zip("q k v pos_emb".split(), got, want):
+        assert a.shape == w.shape, name
+        torch.testing.assert_close(a.double(), w, rtol=rtol, atol=atol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("compile", [False, True])
+def test_chunked_matches_reference(case, compile):
+    def fn(*args, block, **kw):
+        return cope_attention_chunked(*args, block=block, compile=compile, **kw)
+
+    _compare(fn, case, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+def test_chunked_float32_and_bfloat16(case):
+    def fn(*args, block, **kw):
+        return cope_attention_chunked(*args, block=block, compile=False, **kw)
+
+    _compare(fn, case, rtol=1e-4, atol=1e-4, dtype=torch.float32)
+    # bf16 inputs are computed in fp32; the error is bf16 rounding of inputs and outputs.
+    _compare(fn, case, rtol=5e-2, atol=5e-2, dtype=torch.bfloat16)
+
+
+def test_chunked_gradcheck():
+    q, k, v, E = inputs(1, 2, 1, 11, 3, 5, shared=False)
+    fn = lambda q, k, v, E: cope_attention_chunked(  # noqa: E731
+        q, k, v, E, npos_max=4, softmax_scale=0.5, block=4, compile=False)
+    assert torch.autograd.gradcheck(fn, (q, k, v, E))
+
+
+@pytest.mark.triton
+def test_triton_matches_reference_in_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    from cope_megatron.ops.cope_triton import cope_attention_triton
+
+    def fn(*args, block, **kw):
+        return cope_attention_triton(*args, **kw)
+
+    for case in CASES:
+        _compare(fn, case, rtol=1e-4, atol=1e-4, dtype=torch.float32)
+
+
+def test_public_api_defaults_and_errors():
+    q, k, v, E = inputs(1, 2, 2, 9, 4, 6, shared=True, dtype=torch.float32)
+    out = cope_attention(q, k, v, E)  # scale 1/√d, npos_max = npos, auto impl
+    ref = cope_attention_reference(q, k, v, E, npos_max=6, softmax_scale=0.5)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="npos_max"):
+        cope_attention(q, k, v, E, npos_max=7)
+    with pytest.raises(ValueError, match="pos_emb"):
+        cope_attention(q, k, v, E[:, :2])
+    with pytest.raises(ValueError, match="kv heads"):
+        cope_attention(q, k[:, :, :5], v[:, :, :5], E)
+    with pytest.raises(ValueError, match="unknown CoPE impl"):
+        cope_attention(q, k, v, E, impl="magic")
+
+
+def test_open_gates_count_tokens():
+    """With every gate open, the CoPE position of key j for query i is i − j + 1 (the
+    relative position, counted in tokens), clamped at npos_max − 1."""
+    from cope_megatron.ops.cope_reference import reverse_cumsum
+
+    g = torch.ones(5, 5).tril()
+    p = reverse_cumsum(g)
+    assert p[4].tolist() == [5, 4, 3, 2, 1]
+    assert p.clamp(max=2)[4].tolist() == [2, 2, 2, 2, 1]
