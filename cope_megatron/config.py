@@ -383,6 +383,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_file():
         fail("data.tokenizer", f"file {cfg.data.tokenizer!r} does not exist; point it at a "
              "SentencePiece .model or leave it unset to train one")
+    if m.pe.startswith("cope") and m.attention_dropout > 0:
+        fail("model.attention_dropout", "the CoPE op has no attention dropout; set "
+             "model.attention_dropout=0")
     if cfg.pe.cope.npos_max < 2:
         fail("pe.cope.npos_max", f"must be at least 2, got {cfg.pe.cope.npos_max}")
     if not cfg.eval.length_multipliers or min(cfg.eval.length_multipliers) < 1:

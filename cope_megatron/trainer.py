@@ -33,6 +33,31 @@ from cope_megatron.model.gpt import build_gpt, lm_loss
 from cope_megatron.schedule import lr_at
 
 
+def build_engine(cfg: Config, vocab_size: int, dp_size: int):
+    """GPT + AdamW + LR schedule wrapped in a DeepSpeed engine (ZeRO per ``zero.stage``)."""
+    model = build_gpt(cfg, vocab_size)
+    if cfg.parallel.sequence:
+        register_sequence_parallel_grad_hooks(model)
+    t = cfg.train
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps,
+                           total=t.steps) / t.lr,
+    )
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(cfg, dp_size),
+        mpu=MegatronMPU(),
+        dist_init_required=False,
+    )
+    return engine
+
+
 @dataclass
 class TrainResult:
     step: int
@@ -51,7 +76,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
         self.manifest = read_manifest(cfg.data.shards)
-        self.engine = self._build_engine()
+        self.engine = build_engine(cfg, self.manifest["vocab_size"], self.env.dp_size)
         self.step = 0
         start_batches = 0
         resume = cfg.run.resume or eval_only
@@ -65,30 +90,6 @@ class Trainer:
         self.metrics.truncate_after(self.step)
 
     # -- building -------------------------------------------------------------------
-
-    def _build_engine(self):
-        cfg = self.cfg
-        model = build_gpt(cfg, self.manifest["vocab_size"])
-        if cfg.parallel.sequence:
-            register_sequence_parallel_grad_hooks(model)
-        t = cfg.train
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps,
-                               total=t.steps) / t.lr,
-        )
-        engine, *_ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=schedule,
-            config=deepspeed_config(cfg, self.env.dp_size),
-            mpu=MegatronMPU(),
-            dist_init_required=False,
-        )
-        return engine
 
     def _stream_spec(self) -> StreamSpec:
         cfg, m = self.cfg, self.manifest

@@ -48,6 +48,8 @@ class PECoreAttention(MegatronModule):
             softmax_scale=softmax_scale or default_softmax_scale(head_dim),
             dropout=config.attention_dropout,
             train_length=train_length,
+            init_std=config.init_method_std,
+            tp_size=tp_size,
         )
         self.attention = pe.attention(shape, pe_options)
 

@@ -24,4 +24,4 @@ def get_pe(name: str) -> PositionEncoding:
         raise KeyError(f"unknown position encoding {name!r}; known: {sorted(REGISTRY)}") from None
 
 
-from cope_megatron.pe import learned, nope, rope  # noqa: E402,F401  (each registers itself)
+from cope_megatron.pe import alibi, cope, learned, nope, rope, sinusoidal, t5  # noqa: E402,F401,I001

@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from torch import nn
 
 from cope_megatron.config import PEConfig
@@ -37,6 +38,8 @@ class AttentionShape:
     softmax_scale: float
     dropout: float
     train_length: int
+    init_std: float
+    tp_size: int = 1
 
 
 class CausalAttention(nn.Module):
@@ -84,3 +87,13 @@ class PositionEncoding:
 
 def default_softmax_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def head_sharded_parameter(full: torch.Tensor, shape: AttentionShape) -> nn.Parameter:
+    """This TP rank's rows (dim 0 = global head) of a per-head tensor, as a parameter
+    tagged tensor-parallel, so that DeepSpeed's gradient norm counts every shard once.
+    ``full`` is built whole on every rank: the same seed gives the same model at any TP."""
+    rows = full[shape.head_offset: shape.head_offset + shape.num_heads].clone()
+    param = nn.Parameter(rows)
+    tensor_parallel.set_tensor_model_parallel_attributes(param, True, 0, 1)
+    return param

@@ -1,0 +1,50 @@
+"""CoPE: contextual position encoding (Golovneva et al. 2024, arXiv 2405.18719).
+
+Positions are counted by gates σ(q·k) rather than tokens, and position logits are read from
+a learned table E (``cope_megatron.ops.cope_attention`` holds the math). As in the authors'
+code, E starts at zero and is by default one table per layer shared by all heads
+(``pe.cope.shared_table``); a per-head table is split over TP ranks by global head.
+
+A shared table is replicated on every TP rank, and each rank's heads contribute part of its
+gradient: passing it through Megatron's copy-to-tensor-parallel-region (identity forward,
+all-reduce backward) sums those parts, whatever engine drives training.
+
+``cope_rope`` applies CoPE on top of RoPE-rotated queries and keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from torch import nn
+
+from cope_megatron.config import PEConfig
+from cope_megatron.ops import cope_attention
+from cope_megatron.pe import register
+from cope_megatron.pe.base import AttentionShape, PositionEncoding, head_sharded_parameter
+
+
+class CoPEAttention(nn.Module):
+    def __init__(self, shape: AttentionShape, options: PEConfig) -> None:
+        super().__init__()
+        self.shape = shape
+        self.npos_max = options.cope.npos_max
+        self.impl = options.cope.impl
+        self.shared = options.cope.shared_table
+        if self.shared:
+            self.table = nn.Parameter(torch.zeros(1, shape.head_dim, self.npos_max))
+        else:
+            full = torch.zeros(shape.total_heads, shape.head_dim, self.npos_max)
+            self.table = head_sharded_parameter(full, shape)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        table = self.table
+        if self.shared and self.shape.tp_size > 1:
+            table = tensor_parallel.copy_to_tensor_model_parallel_region(table)
+        return cope_attention(q, k, v, table, npos_max=self.npos_max,
+                              softmax_scale=self.shape.softmax_scale, impl=self.impl)
+
+
+register(PositionEncoding(name="cope", paper="arXiv 2405.18719", attention=CoPEAttention))
+register(PositionEncoding(name="cope_rope", paper="arXiv 2405.18719 + arXiv 2104.09864",
+                          attention=CoPEAttention, gpt_position_embedding="rope"))

@@ -1,0 +1,81 @@
+"""Run under torchrun by tests/test_parallel.py: train every PE variant 3 steps with
+DeepSpeed under the given layout and write losses and full PE-parameter gradients (rank 0).
+
+    torchrun --nproc-per-node 2 tests/parallel_worker.py '{"tensor": 2, "sequence": true,
+        "zero": 0, "variants": {"rope": ["model.pe=rope"]}, "out": "/tmp/r.json"}'
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from cope_megatron.config import load_config, validate
+from cope_megatron.distributed.parallel import init_distributed, seed_everything
+from cope_megatron.model.gpt import lm_loss
+from cope_megatron.trainer import build_engine
+
+VOCAB, SEQ, GLOBAL_BATCH, STEPS = 128, 32, 4, 3
+BASE = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
+        "model.num_query_groups=2", f"model.seq_length={SEQ}", "pe.cope.npos_max=8",
+        "train.lr=1e-2", "train.min_lr=1e-2", "train.warmup_steps=1", "train.grad_clip=0.05",
+        "train.seed=5"]
+
+
+def pe_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters()
+            if "core_attention" in n or "position_embeddings" in n}
+
+
+def full_grad(param: torch.nn.Parameter) -> torch.Tensor:
+    """The gradient of the whole (TP=1-shaped) parameter."""
+    grad = param.grad.detach().clone()
+    if getattr(param, "tensor_model_parallel", False):
+        group = parallel_state.get_tensor_model_parallel_group()
+        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, grad, group=group)
+        grad = torch.cat(parts, dim=param.partition_dim)
+    return grad
+
+
+def run_variant(overrides: list[str], layout: dict) -> dict:
+    cfg = load_config(BASE + overrides + [
+        f"parallel.tensor={layout['tensor']}", f"parallel.sequence={str(layout['sequence']).lower()}",
+        f"zero.stage={layout['zero']}"])
+    world = dist.get_world_size() if dist.is_initialized() else int(
+        __import__("os").environ["WORLD_SIZE"])
+    validate(cfg, world)
+    env = init_distributed(cfg.parallel.tensor)
+    seed_everything(cfg.train.seed)
+    cfg.train.micro_batch_size = GLOBAL_BATCH // env.dp_size
+    engine = build_engine(cfg, VOCAB, env.dp_size)
+    gen = torch.Generator().manual_seed(0)
+    losses, grads = [], []
+    for _ in range(STEPS):
+        batch = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ + 1), generator=gen)
+        mb = cfg.train.micro_batch_size
+        loss = lm_loss(engine, batch[env.dp_rank * mb: (env.dp_rank + 1) * mb])
+        engine.backward(loss)
+        if layout["zero"] == 0:
+            grads.append({n: full_grad(p).tolist() for n, p in pe_parameters(engine.module).items()})
+        engine.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        losses.append(total.item() / env.dp_size)
+    parallel_state.destroy_model_parallel()
+    return {"losses": losses, "grads": grads}
+
+
+def main() -> None:
+    layout = json.loads(sys.argv[1])
+    results = {name: run_variant(ov, layout) for name, ov in layout["variants"].items()}
+    if dist.get_rank() == 0:
+        with open(layout["out"], "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
