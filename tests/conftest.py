@@ -7,8 +7,12 @@ import os
 import random
 
 import pytest
+import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU only in its interpreter; read when kernels are defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 WORDS = ("the of and to in is was that for it with as his on be at by had not are but from "

@@ -106,15 +106,22 @@ def test_chunked_gradcheck():
 
 
 @pytest.mark.triton
-def test_triton_matches_reference_in_interpreter(monkeypatch):
+@pytest.mark.parametrize("blocks", [16, 64])
+def test_triton_matches_reference_in_interpreter(monkeypatch, blocks):
+    """The fused kernels (on CPU under TRITON_INTERPRET=1, set in conftest); 16-row blocks
+    make every case span several query and key blocks, so the carried gate sums cross block
+    boundaries."""
     pytest.importorskip("triton")
-    from cope_megatron.ops.cope_triton import cope_attention_triton
+    from cope_megatron.ops import cope_triton as triton_op
+
+    monkeypatch.setattr(triton_op, "BLOCK_M", blocks)
+    monkeypatch.setattr(triton_op, "BLOCK_N", blocks)
 
     def fn(*args, block, **kw):
-        return cope_attention_triton(*args, **kw)
+        return triton_op.cope_attention_triton(*args, **kw)
 
-    for case in CASES:
-        _compare(fn, case, rtol=1e-4, atol=1e-4, dtype=torch.float32)
+    for case in CASES + [(1, 2, 1, 150, 16, 16, 10, False, True, 0)]:
+        _compare(fn, case, rtol=2e-4, atol=2e-4, dtype=torch.float32)
 
 
 def test_public_api_defaults_and_errors():
