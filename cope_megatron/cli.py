@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from cope_megatron.config import Config, ConfigError, load_config
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["prep", "train", "eval", "demo"])
     parser.add_argument("sources", nargs="*", help="YAML config files and key.sub=value overrides")
     args = parser.parse_args(argv)
+    # Known-harmless start-up noise (no Apex/TE on this machine, deprecated collectives
+    # inside DeepSpeed); the run's own warnings still show.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(deepspeed|torch)\.")
     from cope_megatron.data.loader import DataError
     from data_prep.corpus import CorpusError
 

@@ -134,19 +134,23 @@ def prepare(opts: PrepOptions) -> dict:
     }
     docs = {"train": 0, "val": 0}
     nbytes = 0
-    bar = tqdm(desc="prep", unit=" docs", disable=not opts.progress, dynamic_ncols=True)
+    # Progress in input bytes, so tqdm can show an ETA (compressed inputs count their
+    # decompressed text against their compressed size: the ETA is then pessimistic).
+    bar = tqdm(desc="prep", total=sum(f.stat().st_size for f in files), unit="B",
+               unit_scale=True, disable=not opts.progress, dynamic_ncols=True)
     with mp.get_context("spawn").Pool(opts.workers, _init_worker, (str(tok_path),)) as pool:
         stream = pool.imap(_encode, _pieces(files, opts.text_field, opts.max_docs), chunksize=2)
         for doc, ids, last, size in stream:
             split = "val" if is_validation(doc, opts.seed, opts.val_fraction) else "train"
             packers[split].add(ids + [EOS_ID] if last else ids)
             nbytes += size
+            bar.update(size)
             if last:
                 docs[split] += 1
-                bar.update(1)
-            tokens = sum(p.tokens for p in packers.values())
-            elapsed = time.time() - started
-            bar.set_postfix(MB_s=f"{nbytes / 2**20 / elapsed:.1f}", tok_s=f"{tokens / elapsed:.0f}")
+                elapsed = time.time() - started
+                tokens = sum(p.tokens for p in packers.values())
+                bar.set_postfix(docs_s=f"{sum(docs.values()) / elapsed:.1f}",
+                                tok_s=f"{tokens / elapsed:.0f}")
     bar.close()
 
     dropped = {split: p.finish() for split, p in packers.items()}

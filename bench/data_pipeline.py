@@ -1,0 +1,129 @@
+"""Benchmark the data pipeline.
+
+    python bench/data_pipeline.py [--corpus shakespeare] [--workers 2] [--seq 128]
+
+1. prep throughput (MB/s, tokens/s, per core) against plain single-process SentencePiece
+   encoding of the same text with the same tokenizer;
+2. loader throughput (samples/s per DataLoader worker) against the rate at which models
+   consume samples: the debug model and the 125M model (one fwd+bwd+step timed on this
+   machine, plain PyTorch, no parallelism).
+Prints a table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def bench_prep(corpus: list[str], cache: str, seq: int, workers: int) -> dict:
+    from data_prep.corpus import iter_pieces, resolve_sources
+    from data_prep.prep import PrepOptions, prepare
+    from data_prep.tokenizer import load_tokenizer
+
+    files = resolve_sources(corpus, cache)
+    with tempfile.TemporaryDirectory() as tmp:
+        # Tokenizer first (timed apart): prep's throughput is the tokenize+pack+write stage.
+        tok_dir = Path(tmp) / "tok"
+        prepare(PrepOptions(corpus=corpus, out_dir=str(tok_dir), cache_dir=cache, seq_len=seq,
+                            seed=1, workers=1, progress=False, max_docs=1))
+        tokenizer = tok_dir / "tokenizer.model"
+        started = time.perf_counter()
+        manifest = prepare(PrepOptions(corpus=corpus, out_dir=f"{tmp}/shards", cache_dir=cache,
+                                       seq_len=seq, seed=1, workers=workers, progress=False,
+                                       tokenizer=str(tokenizer)))
+        prep_s = time.perf_counter() - started
+        sp = load_tokenizer(tokenizer)
+        started = time.perf_counter()
+        tokens = sum(len(sp.encode(p.text)) for f in files for p in iter_pieces(f))
+        single_s = time.perf_counter() - started
+    mb = manifest["source_bytes"] / 2**20
+    return {"prep_workers": workers, "mb": round(mb, 2), "tokens": tokens,
+            "prep_s": round(prep_s, 2), "prep_mb_s": round(mb / prep_s, 2),
+            "prep_tok_s_per_core": round(tokens / prep_s / workers),
+            "sp_single_s": round(single_s, 2), "sp_single_mb_s": round(mb / single_s, 2),
+            "prep_vs_single_process": round(single_s / prep_s, 2)}
+
+
+def bench_loader(shard_dir: str, seq: int, workers: int, batches: int) -> dict:
+    from cope_megatron.data.loader import ResumableLoader, StreamSpec, read_manifest, split_shards
+
+    m = read_manifest(shard_dir)
+    spec = StreamSpec(shards=split_shards(shard_dir, m, "train"), seq_len=m["seq_len"],
+                      dtype=m["dtype"], tokenizer_sha256=m["tokenizer_sha256"], seed=1,
+                      micro_batch_size=16, num_workers=workers)
+    loader = ResumableLoader(spec)
+    next(loader)  # worker start-up is not throughput
+    started = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    rate = batches * spec.micro_batch_size / (time.perf_counter() - started)
+    return {"loader_workers": workers, "samples_s": round(rate), "samples_s_per_worker":
+            round(rate / max(1, workers)), "tokens_s": round(rate * seq)}
+
+
+def model_rate(config: str, seq: int, micro_batch: int) -> dict:
+    """Samples/s one process trains at (median of 3 steps after a warm-up)."""
+    from cope_megatron.cli import CONFIG_DIR
+    from cope_megatron.config import load_config
+    from cope_megatron.distributed.parallel import destroy_distributed, init_distributed
+    from cope_megatron.model.gpt import build_gpt, lm_loss
+
+    cfg = load_config([str(CONFIG_DIR / "model" / config), f"model.seq_length={seq}",
+                       "train.precision=fp32"])
+    init_distributed(1)
+    model = build_gpt(cfg, cfg.data.vocab_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, cfg.data.vocab_size, (micro_batch, seq + 1))
+    times = []
+    for _ in range(4):
+        started = time.perf_counter()
+        lm_loss(model, tokens).backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - started)
+    destroy_distributed()
+    step = sorted(times[1:])[1]
+    return {"model": config, "seq": seq, "micro_batch": micro_batch,
+            "step_s": round(step, 3), "samples_s": round(micro_batch / step, 2),
+            "tokens_s": round(micro_batch * seq / step)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--corpus", nargs="+", default=["shakespeare"])
+    parser.add_argument("--cache", default="data/cache")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batches", type=int, default=300)
+    args = parser.parse_args()
+    prep = bench_prep(args.corpus, args.cache, args.seq, args.workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        from data_prep.prep import PrepOptions, prepare
+
+        prepare(PrepOptions(corpus=args.corpus, out_dir=tmp, cache_dir=args.cache,
+                            seq_len=args.seq, seed=1, workers=args.workers, progress=False))
+        loaders = [bench_loader(tmp, args.seq, w, args.batches) for w in (1, 2)]
+    models = [model_rate("debug.yaml", args.seq, 16), model_rate("125m.yaml", 2048, 1)]
+    print(f"prep: {prep['mb']} MB, {prep['tokens']:,} tokens with {prep['prep_workers']} "
+          f"workers: {prep['prep_s']} s = {prep['prep_mb_s']} MB/s, "
+          f"{prep['prep_tok_s_per_core']:,} tokens/s per core; single-process SentencePiece "
+          f"encode: {prep['sp_single_s']} s ({prep['sp_single_mb_s']} MB/s); "
+          f"prep/single = {prep['prep_vs_single_process']}x")
+    for r in loaders:
+        print(f"loader: {r['loader_workers']} worker(s): {r['samples_s']} samples/s "
+              f"({r['samples_s_per_worker']} per worker), {r['tokens_s']:,} tokens/s")
+    for r in models:
+        print(f"model {r['model']} seq {r['seq']}: {r['step_s']} s/step, consumes "
+              f"{r['samples_s']} samples/s = {r['tokens_s']:,} tokens/s per process")
+    print(json.dumps({"prep": prep, "loader": loaders, "models": models}))
+
+
+if __name__ == "__main__":
+    main()
