@@ -17,27 +17,30 @@ import json
 import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from cope_megatron.config import DataConfig
+
 
 def bench_prep(corpus: list[str], cache: str, seq: int, workers: int) -> dict:
     from data_prep.corpus import iter_pieces, resolve_sources
-    from data_prep.prep import PrepOptions, prepare
-    from data_prep.tokenizer import load_tokenizer
+    from data_prep.prep import prepare
+    from data_prep.tokenizer import load_tokenizer, train_tokenizer
 
     files = resolve_sources(corpus, cache)
+    data = DataConfig(corpus=corpus, cache_dir=cache, prep_workers=workers)
     with tempfile.TemporaryDirectory() as tmp:
-        # Tokenizer first (timed apart): prep's throughput is the tokenize+pack+write stage.
-        tok_dir = Path(tmp) / "tok"
-        prepare(PrepOptions(corpus=corpus, out_dir=str(tok_dir), cache_dir=cache, seq_len=seq,
-                            seed=1, workers=1, progress=False, max_docs=1))
-        tokenizer = tok_dir / "tokenizer.model"
+        # Tokenizer first (not timed): prep's throughput is the tokenize+pack+write stage.
+        tokenizer = train_tokenizer(
+            files, Path(tmp), vocab_size=data.vocab_size, model_type=data.tokenizer_type,
+            byte_fallback=data.byte_fallback, user_symbols=data.user_symbols,
+            sample_bytes=data.tokenizer_sample_bytes, text_field=data.text_field)
         started = time.perf_counter()
-        manifest = prepare(PrepOptions(corpus=corpus, out_dir=f"{tmp}/shards", cache_dir=cache,
-                                       seq_len=seq, seed=1, workers=workers, progress=False,
-                                       tokenizer=str(tokenizer)))
+        manifest = prepare(replace(data, shards=f"{tmp}/shards", tokenizer=str(tokenizer)),
+                           seq_len=seq, seed=1, progress=False)
         prep_s = time.perf_counter() - started
         sp = load_tokenizer(tokenizer)
         started = time.perf_counter()
@@ -105,10 +108,10 @@ def main() -> None:
     args = parser.parse_args()
     prep = bench_prep(args.corpus, args.cache, args.seq, args.workers)
     with tempfile.TemporaryDirectory() as tmp:
-        from data_prep.prep import PrepOptions, prepare
+        from data_prep.prep import prepare
 
-        prepare(PrepOptions(corpus=args.corpus, out_dir=tmp, cache_dir=args.cache,
-                            seq_len=args.seq, seed=1, workers=args.workers, progress=False))
+        prepare(DataConfig(corpus=args.corpus, shards=tmp, cache_dir=args.cache,
+                           prep_workers=args.workers), seq_len=args.seq, seed=1, progress=False)
         loaders = [bench_loader(tmp, args.seq, w, args.batches) for w in (1, 2)]
     models = [model_rate("debug.yaml", args.seq, 16), model_rate("125m.yaml", 2048, 1)]
     print(f"prep: {prep['mb']} MB, {prep['tokens']:,} tokens with {prep['prep_workers']} "

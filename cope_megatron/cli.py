@@ -21,17 +21,10 @@ DEMO_CONFIGS = [str(CONFIG_DIR / "demo.yaml")]
 
 
 def prep(cfg: Config) -> dict:
-    from data_prep.prep import PrepOptions, prepare
+    from data_prep.prep import prepare
 
-    d = cfg.data
-    return prepare(PrepOptions(
-        corpus=d.corpus, out_dir=d.shards, cache_dir=d.cache_dir, seq_len=cfg.model.seq_length,
-        seed=cfg.train.seed, tokenizer=d.tokenizer, tokenizer_type=d.tokenizer_type,
-        vocab_size=d.vocab_size, byte_fallback=d.byte_fallback, user_symbols=tuple(d.user_symbols),
-        text_field=d.text_field, val_fraction=d.val_fraction, shard_max_bytes=d.shard_max_bytes,
-        workers=d.prep_workers, tokenizer_sample_bytes=d.tokenizer_sample_bytes,
-        max_docs=d.max_docs, progress=cfg.logging.progress,
-    ))
+    return prepare(cfg.data, seq_len=cfg.model.seq_length, seed=cfg.train.seed,
+                   progress=cfg.logging.progress)
 
 
 def demo(cfg: Config) -> dict:

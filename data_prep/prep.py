@@ -12,10 +12,11 @@ import json
 import multiprocessing as mp
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from cope_megatron.config import DataConfig
 
 from data_prep.corpus import Piece, iter_pieces, resolve_sources
 from data_prep.shards import Packer, SplitWriter, token_dtype
@@ -29,29 +30,6 @@ from data_prep.tokenizer import (
 
 MANIFEST = "manifest.json"
 FINGERPRINT = "prep_fingerprint.json"
-
-
-@dataclass(frozen=True)
-class PrepOptions:
-    """What prep needs, independent of any model: the CLI fills it from ``data.*``."""
-
-    corpus: list[str]
-    out_dir: str
-    cache_dir: str
-    seq_len: int
-    seed: int
-    tokenizer: str | None = None
-    tokenizer_type: str = "bpe"
-    vocab_size: int = 2048
-    byte_fallback: bool = True
-    user_symbols: tuple[str, ...] = ()
-    text_field: str = "text"
-    val_fraction: float = 0.02
-    shard_max_bytes: int = 64 * 2**20
-    workers: int = 2
-    tokenizer_sample_bytes: int = 20 * 2**20
-    max_docs: int | None = None
-    progress: bool = True
 
 
 def is_validation(doc: str, seed: int, fraction: float) -> bool:
@@ -97,39 +75,42 @@ def _check_fingerprint(out: Path, fingerprint: dict) -> None:
         path.write_text(json.dumps(fingerprint, indent=1))
 
 
-def prepare(opts: PrepOptions) -> dict:
-    """Run the whole prep and return the manifest (also written to ``out_dir``)."""
-    out = Path(opts.out_dir)
+def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True) -> dict:
+    """Run the whole prep into ``data.shards`` and return the manifest (also written there).
+
+    Samples hold ``seq_len + 1`` tokens; ``seed`` fixes the validation split.
+    """
+    out = Path(data.shards)
     if (out / MANIFEST).exists():
         return json.loads((out / MANIFEST).read_text())
     out.mkdir(parents=True, exist_ok=True)
-    files = resolve_sources(opts.corpus, opts.cache_dir)
+    files = resolve_sources(data.corpus, data.cache_dir)
     started = time.time()
 
-    if opts.tokenizer:
-        tok_path = install_tokenizer(opts.tokenizer, out)
+    if data.tokenizer:
+        tok_path = install_tokenizer(data.tokenizer, out)
     elif (out / "tokenizer.model").exists():
         tok_path = out / "tokenizer.model"  # trained by an interrupted earlier run
     else:
         tok_path = train_tokenizer(
-            files, out, vocab_size=opts.vocab_size, model_type=opts.tokenizer_type,
-            byte_fallback=opts.byte_fallback, user_symbols=list(opts.user_symbols),
-            sample_bytes=opts.tokenizer_sample_bytes, text_field=opts.text_field,
+            files, out, vocab_size=data.vocab_size, model_type=data.tokenizer_type,
+            byte_fallback=data.byte_fallback, user_symbols=data.user_symbols,
+            sample_bytes=data.tokenizer_sample_bytes, text_field=data.text_field,
         )
     sp = load_tokenizer(tok_path)
     vocab = sp.get_piece_size()
     dtype = token_dtype(vocab)
     tok_sha = file_sha256(tok_path)
     _check_fingerprint(out, {
-        "files": [[str(f), f.stat().st_size] for f in files], "seq_len": opts.seq_len,
-        "seed": opts.seed, "val_fraction": opts.val_fraction, "tokenizer_sha256": tok_sha,
-        "max_docs": opts.max_docs, "text_field": opts.text_field,
+        "files": [[str(f), f.stat().st_size] for f in files], "seq_len": seq_len,
+        "seed": seed, "val_fraction": data.val_fraction, "tokenizer_sha256": tok_sha,
+        "max_docs": data.max_docs, "text_field": data.text_field,
     })
 
-    meta = {"seq_len": opts.seq_len, "dtype": dtype.name, "tokenizer_sha256": tok_sha}
+    meta = {"seq_len": seq_len, "dtype": dtype.name, "tokenizer_sha256": tok_sha}
     packers = {
-        split: Packer(opts.seq_len + 1, dtype,
-                      SplitWriter(out, split, meta, opts.shard_max_bytes))
+        split: Packer(seq_len + 1, dtype,
+                      SplitWriter(out, split, meta, data.shard_max_bytes))
         for split in ("train", "val")
     }
     docs = {"train": 0, "val": 0}
@@ -137,11 +118,11 @@ def prepare(opts: PrepOptions) -> dict:
     # Progress in input bytes, so tqdm can show an ETA (compressed inputs count their
     # decompressed text against their compressed size: the ETA is then pessimistic).
     bar = tqdm(desc="prep", total=sum(f.stat().st_size for f in files), unit="B",
-               unit_scale=True, disable=not opts.progress, dynamic_ncols=True)
-    with mp.get_context("spawn").Pool(opts.workers, _init_worker, (str(tok_path),)) as pool:
-        stream = pool.imap(_encode, _pieces(files, opts.text_field, opts.max_docs), chunksize=2)
+               unit_scale=True, disable=not progress, dynamic_ncols=True)
+    with mp.get_context("spawn").Pool(data.prep_workers, _init_worker, (str(tok_path),)) as pool:
+        stream = pool.imap(_encode, _pieces(files, data.text_field, data.max_docs), chunksize=2)
         for doc, ids, last, size in stream:
-            split = "val" if is_validation(doc, opts.seed, opts.val_fraction) else "train"
+            split = "val" if is_validation(doc, seed, data.val_fraction) else "train"
             packers[split].add(ids + [EOS_ID] if last else ids)
             nbytes += size
             bar.update(size)
@@ -159,7 +140,7 @@ def prepare(opts: PrepOptions) -> dict:
             raise ValueError(
                 f"prep produced no {split} samples ({docs[split]} documents, "
                 f"{dropped[split]} tokens): the corpus is too small for seq_len "
-                f"{opts.seq_len}" + (" or data.val_fraction is too small" if split == "val" else "")
+                f"{seq_len}" + (" or data.val_fraction is too small" if split == "val" else "")
             )
     manifest = {
         "format": 1,
@@ -167,7 +148,7 @@ def prepare(opts: PrepOptions) -> dict:
         "vocab_size": vocab,
         "eos_id": EOS_ID,
         "tokenizer": tok_path.name,
-        "seed": opts.seed,
+        "seed": seed,
         "source_bytes": nbytes,
         "seconds": round(time.time() - started, 2),
         "splits": {

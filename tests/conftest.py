@@ -40,18 +40,24 @@ def write_corpus(root, docs: int = 12, words_per_doc: int = 3000, seed: int = 0)
     return paths
 
 
+def small_data(root, **changes):
+    """The data section used by the session data set (``changes`` override fields)."""
+    from cope_megatron.config import DataConfig
+
+    fields = {"corpus": [str(root / "corpus")], "shards": str(root / "shards"),
+              "cache_dir": str(root / "cache"), "vocab_size": 512, "val_fraction": 0.25,
+              "shard_max_bytes": 20_000, "prep_workers": 2, **changes}
+    return DataConfig(**fields)
+
+
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """A prepared data set: (shard dir, manifest, corpus dir)."""
-    from data_prep.prep import PrepOptions, prepare
+    from data_prep.prep import prepare
 
     root = tmp_path_factory.mktemp("data")
     write_corpus(root / "corpus")
-    manifest = prepare(PrepOptions(
-        corpus=[str(root / "corpus")], out_dir=str(root / "shards"), cache_dir=str(root / "cache"),
-        seq_len=32, seed=7, vocab_size=512, val_fraction=0.25, shard_max_bytes=20_000,
-        workers=2, progress=False,
-    ))
+    manifest = prepare(small_data(root), seq_len=32, seed=7, progress=False)
     return root / "shards", manifest, root / "corpus"
 
 

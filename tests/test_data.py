@@ -19,7 +19,8 @@ from cope_megatron.data.loader import (
     slot_ranges,
     split_shards,
 )
-from data_prep.prep import PrepOptions, is_validation, prepare
+from data_prep.prep import is_validation, prepare
+from tests.conftest import small_data
 from data_prep.tokenizer import EOS_ID, load_tokenizer
 
 
@@ -186,11 +187,9 @@ def test_empty_dataset_and_missing_manifest(prepared, tmp_path):
 
 def test_prep_resumes_keeping_finished_shards(prepared, tmp_path):
     shards, manifest, corpus = prepared
-    opts = PrepOptions(corpus=[str(corpus)], out_dir=str(tmp_path / "p"), cache_dir=str(tmp_path),
-                       seq_len=32, seed=7, vocab_size=512, val_fraction=0.25,
-                       shard_max_bytes=20_000, workers=1, progress=False,
-                       tokenizer=str(shards / "tokenizer.model"))
-    first = prepare(opts)
+    data = small_data(corpus.parent, shards=str(tmp_path / "p"), prep_workers=1,
+                      tokenizer=str(shards / "tokenizer.model"))
+    first = prepare(data, seq_len=32, seed=7, progress=False)
     out = tmp_path / "p"
     # Simulate a crash after two shards: no manifest, later shards missing, one partial.
     (out / "manifest.json").unlink()
@@ -198,7 +197,7 @@ def test_prep_resumes_keeping_finished_shards(prepared, tmp_path):
         p.unlink()
     (out / "train-000002.tar.tmp").write_bytes(b"partial")
     kept = (out / "train-000000.tar").stat().st_mtime_ns
-    second = prepare(opts)
+    second = prepare(data, seq_len=32, seed=7, progress=False)
     assert second["splits"] == first["splits"]
     assert (out / "train-000000.tar").stat().st_mtime_ns == kept
     assert not list(out.glob("*.tmp"))
@@ -209,19 +208,18 @@ def test_prep_refuses_a_directory_from_another_prep(prepared, tmp_path):
     out = tmp_path / "p"
     out.mkdir()
     (out / "prep_fingerprint.json").write_text(json.dumps({"seq_len": 999}))
-    opts = PrepOptions(corpus=[str(corpus)], out_dir=str(out), cache_dir=str(tmp_path),
-                       seq_len=32, seed=7, workers=1, progress=False,
-                       tokenizer=str(shards / "tokenizer.model"))
+    data = small_data(corpus.parent, shards=str(out), prep_workers=1,
+                      tokenizer=str(shards / "tokenizer.model"))
     with pytest.raises(ValueError, match="different prep"):
-        prepare(opts)
+        prepare(data, seq_len=32, seed=7, progress=False)
 
 
 def test_missing_corpus_path_is_named(tmp_path):
     from data_prep.corpus import CorpusError
 
     with pytest.raises(CorpusError, match="no/such/dir"):
-        prepare(PrepOptions(corpus=[str(tmp_path / "no/such/dir")], out_dir=str(tmp_path / "o"),
-                            cache_dir=str(tmp_path), seq_len=32, seed=1, progress=False))
+        prepare(small_data(tmp_path, corpus=[str(tmp_path / "no/such/dir")]), seq_len=32,
+                seed=1, progress=False)
 
 
 def test_jsonl_and_compressed_inputs(tmp_path):
