@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -25,17 +26,21 @@ import torch
 from cope_megatron.config import DataConfig
 
 
-def bench_prep(corpus: list[str], cache: str, seq: int, workers: int) -> dict:
+def bench_prep(corpus: list[str], cache: str, seq: int, workers: int, repeat: int) -> dict:
     from data_prep.corpus import iter_pieces, resolve_sources
     from data_prep.prep import prepare
     from data_prep.tokenizer import load_tokenizer, train_tokenizer
 
-    files = resolve_sources(corpus, cache)
-    data = DataConfig(corpus=corpus, cache_dir=cache, prep_workers=workers)
     with tempfile.TemporaryDirectory() as tmp:
+        # ``repeat`` copies of the corpus: enough text that pool start-up is amortized.
+        for i, f in enumerate(resolve_sources(corpus, cache)):
+            for r in range(repeat):
+                shutil.copyfile(f, Path(tmp) / f"{r}-{i}-{f.name}")
+        files = resolve_sources([tmp], cache)
+        data = DataConfig(corpus=[tmp], cache_dir=cache, prep_workers=workers)
         # Tokenizer first (not timed): prep's throughput is the tokenize+pack+write stage.
         tokenizer = train_tokenizer(
-            files, Path(tmp), vocab_size=data.vocab_size, model_type=data.tokenizer_type,
+            files, Path(tmp) / "tok", vocab_size=data.vocab_size, model_type=data.tokenizer_type,
             byte_fallback=data.byte_fallback, user_symbols=data.user_symbols,
             sample_bytes=data.tokenizer_sample_bytes, text_field=data.text_field)
         started = time.perf_counter()
@@ -105,8 +110,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batches", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=4, help="corpus copies for the prep run")
     args = parser.parse_args()
-    prep = bench_prep(args.corpus, args.cache, args.seq, args.workers)
+    prep = bench_prep(args.corpus, args.cache, args.seq, args.workers, args.repeat)
     with tempfile.TemporaryDirectory() as tmp:
         from data_prep.prep import prepare
 

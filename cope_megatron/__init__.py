@@ -1,0 +1,1 @@
+"""cope-megatron: position-encoding ablations (CoPE and friends) on Megatron-Core + DeepSpeed."""

@@ -12,6 +12,7 @@ before any process group or model exists, naming the key to change.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -399,4 +400,11 @@ def validate_data_path(cfg: Config) -> None:
         raise ConfigError(
             f"data.shards: no manifest at {manifest}; run `cope-megatron prep` with the same "
             "configs first, or point data.shards at a prepared directory"
+        )
+    packed = json.loads(manifest.read_text())["seq_len"]
+    if packed != cfg.model.seq_length:
+        raise ConfigError(
+            f"model.seq_length: {cfg.model.seq_length}, but the shards in {cfg.data.shards} "
+            f"were packed for {packed}; set model.seq_length={packed} or re-run prep into "
+            "another data.shards"
         )

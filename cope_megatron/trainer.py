@@ -93,12 +93,6 @@ class Trainer:
 
     def _stream_spec(self) -> StreamSpec:
         cfg, m = self.cfg, self.manifest
-        if m["seq_len"] != cfg.model.seq_length:
-            raise ValueError(
-                f"model.seq_length is {cfg.model.seq_length} but the shards in {cfg.data.shards} "
-                f"were packed for {m['seq_len']}; re-run prep or set model.seq_length="
-                f"{m['seq_len']}"
-            )
         return StreamSpec(
             shards=split_shards(cfg.data.shards, m, "train"),
             seq_len=m["seq_len"],

@@ -14,10 +14,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from cope_megatron.config import DataConfig
 
+from data_prep import encode_worker
 from data_prep.corpus import Piece, iter_pieces, resolve_sources
 from data_prep.shards import Packer, SplitWriter, token_dtype
 from data_prep.tokenizer import (
@@ -36,18 +38,6 @@ def is_validation(doc: str, seed: int, fraction: float) -> bool:
     """Split by document, by a seeded hash: stable whatever the order or the worker count."""
     digest = hashlib.sha256(f"{seed}:{doc}".encode()).digest()
     return int.from_bytes(digest[:8], "little") / 2**64 < fraction
-
-
-_SP = None
-
-
-def _init_worker(model_path: str) -> None:
-    global _SP
-    _SP = load_tokenizer(model_path)
-
-
-def _encode(piece: Piece) -> tuple[str, list[int], bool, int]:
-    return piece.doc, _SP.encode(piece.text), piece.last, len(piece.text.encode())
 
 
 def _pieces(files: list[Path], text_field: str, max_docs: int | None) -> Iterator[Piece]:
@@ -119,11 +109,13 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True)
     # decompressed text against their compressed size: the ETA is then pessimistic).
     bar = tqdm(desc="prep", total=sum(f.stat().st_size for f in files), unit="B",
                unit_scale=True, disable=not progress, dynamic_ncols=True)
-    with mp.get_context("spawn").Pool(data.prep_workers, _init_worker, (str(tok_path),)) as pool:
-        stream = pool.imap(_encode, _pieces(files, data.text_field, data.max_docs), chunksize=2)
+    with mp.get_context("spawn").Pool(data.prep_workers, encode_worker.init,
+                                        (str(tok_path),)) as pool:
+        pieces = _pieces(files, data.text_field, data.max_docs)
+        stream = pool.imap(encode_worker.encode, pieces, chunksize=2)
         for doc, ids, last, size in stream:
             split = "val" if is_validation(doc, seed, data.val_fraction) else "train"
-            packers[split].add(ids + [EOS_ID] if last else ids)
+            packers[split].add(np.append(ids, EOS_ID) if last else ids)
             nbytes += size
             bar.update(size)
             if last:

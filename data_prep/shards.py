@@ -66,7 +66,7 @@ class SplitWriter:
         # recomputed (tokenization is deterministic) but not rewritten.
         self._kept = final.exists()
         self._tmp = Path(os.devnull) if self._kept else final.with_suffix(".tar.tmp")
-        self._tar = wds.TarWriter(str(self._tmp), mtime=0.0)
+        self._tar = wds.TarWriter(str(self._tmp), mtime=0)  # int: plain ustar headers, no PAX
         self._tar.write({"__key__": SHARD_META_KEY, "json": json.dumps(self.meta).encode()})
         self._count = self._bytes = 0
 
@@ -107,8 +107,8 @@ class Packer:
         self.buf = np.empty(0, dtype=dtype)
         self.tokens = 0
 
-    def add(self, ids: list[int]) -> None:
-        self.buf = np.concatenate([self.buf, np.asarray(ids, dtype=self.dtype)])
+    def add(self, ids: np.ndarray) -> None:
+        self.buf = np.concatenate([self.buf, ids.astype(self.dtype)])
         n = len(self.buf) // self.length
         for i in range(n):
             self.writer.write(self.buf[i * self.length : (i + 1) * self.length])

@@ -87,6 +87,14 @@ def test_missing_data_path_says_to_run_prep(tmp_path):
         validate_data_path(cfg)
 
 
+def test_shards_packed_for_another_length_are_refused(prepared):
+    shards, _, _ = prepared
+    cfg = load_config([f"data.shards={shards}", "model.seq_length=64"])
+    with pytest.raises(ConfigError, match="model.seq_length: 64.*packed for 32"):
+        validate_data_path(cfg)
+    validate_data_path(load_config([f"data.shards={shards}", "model.seq_length=32"]))
+
+
 def test_vocab_padding_is_layout_independent():
     assert padded_vocab_size(300, 1) == padded_vocab_size(300, 2) == 384
     assert padded_vocab_size(300, 3) % 3 == 0
