@@ -29,15 +29,15 @@ def pe_parameters(model) -> dict[str, torch.nn.Parameter]:
             if "core_attention" in n or "position_embeddings" in n}
 
 
-def full_grad(param: torch.nn.Parameter) -> torch.Tensor:
-    """The gradient of the whole (TP=1-shaped) parameter."""
-    grad = param.grad.detach().clone()
+def unshard(param: torch.nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (the parameter or its gradient) gathered to the whole TP=1 shape."""
+    tensor = tensor.detach().clone()
     if getattr(param, "tensor_model_parallel", False):
         group = parallel_state.get_tensor_model_parallel_group()
-        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, grad, group=group)
-        grad = torch.cat(parts, dim=param.partition_dim)
-    return grad
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor, group=group)
+        tensor = torch.cat(parts, dim=param.partition_dim)
+    return tensor
 
 
 def run_variant(overrides: list[str], layout: dict) -> dict:
@@ -51,6 +51,9 @@ def run_variant(overrides: list[str], layout: dict) -> dict:
     seed_everything(cfg.train.seed)
     cfg.train.micro_batch_size = GLOBAL_BATCH // env.dp_size
     engine = build_engine(cfg, VOCAB, env.dp_size)
+    # A checksum per whole parameter: equal across layouts iff initialization is.
+    init = {n: unshard(p, p).double().sum().item() + unshard(p, p).double().abs().sum().item()
+            for n, p in engine.module.named_parameters()}
     gen = torch.Generator().manual_seed(0)
     losses, grads = [], []
     for _ in range(STEPS):
@@ -59,13 +62,14 @@ def run_variant(overrides: list[str], layout: dict) -> dict:
         loss = lm_loss(engine, batch[env.dp_rank * mb: (env.dp_rank + 1) * mb])
         engine.backward(loss)
         if layout["zero"] == 0:
-            grads.append({n: full_grad(p).tolist() for n, p in pe_parameters(engine.module).items()})
+            grads.append({n: unshard(p, p.grad).tolist()
+                          for n, p in pe_parameters(engine.module).items()})
         engine.step()
         total = loss.detach().clone()
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         losses.append(total.item() / env.dp_size)
     parallel_state.destroy_model_parallel()
-    return {"losses": losses, "grads": grads}
+    return {"losses": losses, "grads": grads, "init": init}
 
 
 def main() -> None:

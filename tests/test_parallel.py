@@ -42,6 +42,10 @@ def test_tensor_parallel_matches_one_process(reference, tmp_path, sequence):
     got = launch(tmp_path, 2, 2, sequence, 0)
     report = {}
     for name, ref in reference.items():
+        # The same seed gives the same full model at TP=1 and TP=2.
+        assert ref["init"].keys() == got[name]["init"].keys()
+        for pname, value in ref["init"].items():
+            assert got[name]["init"][pname] == pytest.approx(value, rel=1e-6), (name, pname)
         diff = np.abs(np.array(got[name]["losses"]) - np.array(ref["losses"])).max()
         report[name] = diff
         assert diff < 1e-5, (name, ref["losses"], got[name]["losses"])
