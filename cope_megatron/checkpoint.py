@@ -44,7 +44,14 @@ def load(engine, run_dir: str | Path, tag: str | None = None) -> dict | None:
     tag = tag or latest_tag(run_dir)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
+    try:
+        path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
+    except Exception as e:  # DeepSpeed/torch.load errors: name the checkpoint and the way out
+        raise RuntimeError(
+            f"checkpoint {checkpoint_dir(run_dir) / tag} is unreadable ({type(e).__name__}: "
+            f"{e}); point {checkpoint_dir(run_dir) / LATEST} at an earlier step_* tag, or set "
+            "run.resume=false to start over"
+        ) from e
     if path is None:
         raise FileNotFoundError(
             f"checkpoint {tag!r} in {checkpoint_dir(run_dir)} could not be loaded; delete the "

@@ -116,8 +116,9 @@ def test_run_killed_at_any_moment_resumes_exactly(prepared, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (killed / "checkpoints" / "latest").exists()
-    # What a kill inside a save leaves: a newer tag directory that `latest` never named.
-    half = killed / "checkpoints" / "step_00000006"
+    # What a kill inside a save leaves: a newer tag directory that `latest` never named
+    # (a step this 10-step run never reaches, so no real checkpoint is overwritten).
+    half = killed / "checkpoints" / "step_00000099"
     half.mkdir(exist_ok=True)
     (half / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     resumed = start(killed)
