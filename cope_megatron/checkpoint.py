@@ -17,6 +17,10 @@ import torch.distributed as dist
 LATEST = "latest"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored; the message names it and the way out."""
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -47,13 +51,13 @@ def load(engine, run_dir: str | Path, tag: str | None = None) -> dict | None:
     try:
         path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
     except Exception as e:  # DeepSpeed/torch.load errors: name the checkpoint and the way out
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {checkpoint_dir(run_dir) / tag} is unreadable ({type(e).__name__}: "
             f"{e}); point {checkpoint_dir(run_dir) / LATEST} at an earlier step_* tag, or set "
             "run.resume=false to start over"
         ) from e
     if path is None:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"checkpoint {tag!r} in {checkpoint_dir(run_dir)} could not be loaded; delete the "
             "'latest' file to start over or set run.resume=false"
         )

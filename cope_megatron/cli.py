@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     # inside DeepSpeed); the run's own warnings still show.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(deepspeed|torch)\.")
+    from cope_megatron.checkpoint import CheckpointError
     from cope_megatron.data.loader import DataError
     from data_prep.corpus import CorpusError
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 destroy_distributed()
         else:
             demo(cfg)
-    except (ConfigError, CorpusError, DataError, FileNotFoundError) as e:
+    except (ConfigError, CorpusError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

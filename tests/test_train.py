@@ -125,3 +125,22 @@ def test_run_killed_at_any_moment_resumes_exactly(prepared, tmp_path):
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
     want = [r["loss"] for r in read_metrics(tmp_path / "straight")]
     assert [r["loss"] for r in read_metrics(killed)] == want
+
+
+def test_unreadable_checkpoint_is_named(prepared, tmp_path, dist_cleanup):
+    import pytest
+
+    from cope_megatron.distributed.parallel import destroy_distributed
+
+    shards, _, _ = prepared
+    cfg = load_config(debug_overrides(shards, tmp_path / "run", **{"train.steps": 2}))
+    run_train(cfg, evaluate_after=False)
+    destroy_distributed()
+    tag = tmp_path / "run" / "checkpoints" / "step_00000002"
+    for f in tag.glob("*model_states.pt"):
+        f.write_bytes(b"not a checkpoint")
+    more = load_config(debug_overrides(shards, tmp_path / "run", **{"train.steps": 4}))
+    from cope_megatron.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="step_00000002 is unreadable.*run.resume=false"):
+        run_train(more, evaluate_after=False)
