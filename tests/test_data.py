@@ -165,13 +165,28 @@ def test_corrupt_shard_names_the_shard_and_skip_counts_it(prepared, tmp_path):
     assert loader.skipped_shards >= 1
 
 
-def test_shard_from_another_prep_is_rejected(prepared, tmp_path):
+@pytest.mark.parametrize("key, value", [("tokenizer_sha256", "0" * 64), ("seq_len", 16),
+                                        ("dtype", "uint32")])
+def test_shard_from_another_prep_is_rejected(prepared, tmp_path, key, value):
     dst = copy_shards(prepared, tmp_path)
     manifest = json.loads((dst / "manifest.json").read_text())
-    manifest["tokenizer_sha256"] = "0" * 64
+    manifest[key] = value
     (dst / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataError, match="tokenizer_sha256"):
+    with pytest.raises(DataError, match=rf"shard .*train-\d+\.tar: {key} is"):
         drain(make_spec(dst), 2)
+
+
+def test_unigram_tokenizer_keeps_user_symbols(prepared, tmp_path):
+    from data_prep.tokenizer import load_tokenizer, train_tokenizer
+
+    _, _, corpus = prepared
+    path = train_tokenizer(sorted(corpus.glob("*.txt")), tmp_path, vocab_size=400,
+                           model_type="unigram", byte_fallback=True, user_symbols=["<sep>"],
+                           sample_bytes=200_000, text_field="text")
+    sp = load_tokenizer(path)
+    ids = sp.encode("the world<sep>of men")
+    assert sp.piece_to_id("<sep>") in ids
+    assert sp.decode(ids) == "the world<sep>of men"
 
 
 def test_empty_dataset_and_missing_manifest(prepared, tmp_path):
