@@ -189,11 +189,12 @@ class Config:
 # Loading
 
 
-def _merge(base: dict, new: dict) -> dict:
+def merge_dicts(base: dict, new: dict) -> dict:
+    """Recursive merge; ``new`` wins, nested mappings merge key by key."""
     out = dict(base)
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_dicts(out[key], value)
         else:
             out[key] = value
     return out
@@ -293,7 +294,7 @@ def load_config(sources: list[str]) -> Config:
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {src!r} must hold a mapping of sections")
-        tree = _merge(tree, loaded)
+        tree = merge_dicts(tree, loaded)
     return _build(Config, tree)
 
 

@@ -137,3 +137,15 @@ def test_every_config_file_in_repo_loads_and_validates():
         cfg = load_config([str(f)])
         validate(cfg, max(1, cfg.parallel.tensor))
         assert dataclasses.is_dataclass(cfg)
+
+
+def test_deepspeed_config_is_derived_and_passthrough_merges():
+    from cope_megatron.distributed.deepspeed_glue import deepspeed_config
+
+    cfg = load_config(["zero.stage=2", "train.micro_batch_size=3", "train.grad_accum=2",
+                       "zero.deepspeed={zero_optimization: {overlap_comm: true}, "
+                       "gradient_clipping: 0.5}"])
+    ds = deepspeed_config(cfg, dp_size=4)
+    assert ds["train_batch_size"] == 3 * 2 * 4
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["gradient_clipping"] == 0.5  # passthrough wins

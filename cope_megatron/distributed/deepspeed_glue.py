@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from megatron.core import parallel_state as ps
 
-from cope_megatron.config import Config
+from cope_megatron.config import Config, merge_dicts
 
 
 class MegatronMPU:
@@ -33,14 +33,6 @@ class MegatronMPU:
     get_pipeline_model_parallel_group = staticmethod(ps.get_pipeline_model_parallel_group)
 
 
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
-    return out
-
-
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
     """The DeepSpeed engine config for this run; ``zero.deepspeed`` is merged in last."""
     t = cfg.train
@@ -55,4 +47,4 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _merge(ds, cfg.zero.deepspeed)
+    return merge_dicts(ds, cfg.zero.deepspeed)

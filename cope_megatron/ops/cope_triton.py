@@ -59,28 +59,33 @@ def _position_logits(z_ptr, zd_ptr, offs_m, p_raw, valid, npos, npos_max_m1):
 
 
 @triton.jit
-def _cope_fwd(Q, K, V, Z, ZD, Out, Lse, seq, head_dim, npos, rep, scale, npos_max_m1,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+def _program(Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr):
+    """This program's head, rows, per-head pointers, and how many key blocks its rows see."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     bg = bh // rep  # (b·H + h) // rep == b·G + h // rep, since H = G·rep
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_ptr = Q + bh * seq * head_dim
-    k_ptr = K + bg * seq * head_dim
-    v_ptr = V + bg * seq * head_dim
-    z_ptr = Z + bh * seq * npos
-    zd_ptr = ZD + bh * seq * npos
+    n_blocks = tl.cdiv(seq, BLOCK_N)
+    if CAUSAL:  # keys past the block's last row are masked for all of its rows
+        n_blocks = tl.cdiv(tl.minimum((pid_m + 1) * BLOCK_M, seq), BLOCK_N)
+    return (bh, offs_m, offs_d, Q + bh * seq * head_dim, K + bg * seq * head_dim,
+            V + bg * seq * head_dim, Z + bh * seq * npos, ZD + bh * seq * npos, n_blocks)
+
+
+@triton.jit
+def _cope_fwd(Q, K, V, Z, ZD, Out, Lse, seq, head_dim, npos, rep, scale, npos_max_m1,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+    bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = _program(
+        Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL)
     q = _load_block(q_ptr, offs_m, offs_d, seq, head_dim, head_dim)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     carry = tl.zeros([BLOCK_M], tl.float32)  # Σ gates of keys visited so far (all later)
-    n_blocks = tl.cdiv(seq, BLOCK_N)
-    if CAUSAL:  # keys past the block's last row are masked for all of its rows
-        n_blocks = tl.cdiv(tl.minimum((pid_m + 1) * BLOCK_M, seq), BLOCK_N)
     for t in range(0, n_blocks):
         offs_n = (n_blocks - 1 - t) * BLOCK_N + tl.arange(0, BLOCK_N)
         k, a, valid, g = _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
@@ -111,24 +116,14 @@ def _cope_fwd(Q, K, V, Z, ZD, Out, Lse, seq, head_dim, npos, rep, scale, npos_ma
 def _cope_bwd(Q, K, V, Z, ZD, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, seq, head_dim, npos, rep,
               scale, npos_max_m1, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = _program(
+        Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL)
     bg = bh // rep
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q_ptr = Q + bh * seq * head_dim
-    k_ptr = K + bg * seq * head_dim
-    v_ptr = V + bg * seq * head_dim
-    z_ptr = Z + bh * seq * npos
-    zd_ptr = ZD + bh * seq * npos
     q = _load_block(q_ptr, offs_m, offs_d, seq, head_dim, head_dim)
     do = _load_block(DO + bh * seq * head_dim, offs_m, offs_d, seq, head_dim, head_dim)
     row_ok = offs_m < seq
     lse = tl.load(Lse + bh * seq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + bh * seq + offs_m, mask=row_ok, other=0.0)
-    n_blocks = tl.cdiv(seq, BLOCK_N)
-    if CAUSAL:  # keys past the block's last row are masked for all of its rows
-        n_blocks = tl.cdiv(tl.minimum((pid_m + 1) * BLOCK_M, seq), BLOCK_N)
 
     total = tl.zeros([BLOCK_M], tl.float64)  # Σ_j g_ij, in fp64: reverse carries below
     for t in range(0, n_blocks):
