@@ -189,6 +189,34 @@ def test_unigram_tokenizer_keeps_user_symbols(prepared, tmp_path):
     assert sp.decode(ids) == "the world<sep>of men"
 
 
+def test_shard_without_header_is_rejected(prepared, tmp_path):
+    import webdataset as wds
+
+    from data_prep.shards import encode_tokens
+
+    dst = copy_shards(prepared, tmp_path)
+    with wds.TarWriter(str(dst / "train-000000.tar")) as tar:
+        for i in range(17):
+            tar.write({"__key__": f"x{i}", "tokens.npy": encode_tokens(np.zeros(33, np.uint16))})
+    with pytest.raises(DataError, match=r"train-000000.tar has no __shard__ header"):
+        drain(make_spec(dst))
+
+
+def test_more_streams_than_samples_is_refused(prepared):
+    shards, manifest, _ = prepared
+    total = manifest["splits"]["train"]["samples"]
+    with pytest.raises(DataError, match="cannot feed"):
+        ResumableLoader(make_spec(shards, dp_size=total, num_workers=2))
+
+
+def test_all_shards_bad_with_skip_stops_instead_of_spinning(prepared, tmp_path):
+    dst = copy_shards(prepared, tmp_path)
+    for shard in dst.glob("train-*.tar"):
+        shard.write_bytes(b"junk")
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="no readable samples"):
+        drain(make_spec(dst, on_error="skip"), 1)
+
+
 def test_empty_dataset_and_missing_manifest(prepared, tmp_path):
     with pytest.raises(DataError, match="cope-megatron prep"):
         read_manifest(tmp_path)

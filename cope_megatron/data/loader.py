@@ -115,10 +115,15 @@ def _shard_samples(url: str, first: int, end: int, spec: StreamSpec) -> Iterator
     """Samples [first, end) of one shard, each checked against the manifest."""
     stream = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
     index = 0
+    checked = False
     for record in stream:
         if record["__key__"] == SHARD_META_KEY:
             _check_meta(url, json.loads(record["json"]), spec)
+            checked = True
             continue
+        if not checked:
+            raise DataError(f"shard {url} has no {SHARD_META_KEY} header record, so it was not "
+                            "written by `cope-megatron prep`; re-run prep")
         if first <= index < end:
             tokens = np.load(io.BytesIO(record["tokens.npy"]), allow_pickle=False)
             if tokens.shape != (spec.seq_len + 1,) or tokens.dtype.name != spec.dtype:
@@ -149,7 +154,13 @@ class TokenStream(IterableDataset):
             pieces = (self._guarded(shard, lo, hi) for shard, lo, hi in
                       slot_ranges(self.spec, epoch, slot))
             shuffle = wds.shuffle(self.spec.shuffle_buffer, self.spec.shuffle_buffer, rng=rng)
-            yield from shuffle(s for piece in pieces for s in piece)
+            drawn = 0
+            for sample in shuffle(s for piece in pieces for s in piece):
+                drawn += 1
+                yield sample
+            if drawn == 0:  # every shard of this stream was skipped: never spin forever
+                raise DataError(f"data stream {slot} found no readable samples in epoch "
+                                f"{epoch}; every shard it reads was bad")
             epoch += 1
 
     def _guarded(self, shard: ShardInfo, lo: int, hi: int) -> Iterator[np.ndarray]:
@@ -186,6 +197,11 @@ class ResumableLoader:
     """Iterator of token batches whose position (``state_dict``) goes into checkpoints."""
 
     def __init__(self, spec: StreamSpec, start_batches: int = 0) -> None:
+        streams = spec.dp_size * spec.num_workers
+        if spec.total_samples < streams:
+            raise DataError(
+                f"{spec.total_samples} samples cannot feed {streams} streams (data-parallel "
+                "ranks × data.num_workers); lower data.num_workers or prepare more data")
         self.spec = spec
         self.batches = start_batches
         self._skipped = [0] * max(1, spec.num_workers)
