@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             from cope_megatron.train import run_eval
 
             try:
-                print(run_eval(cfg))
+                print(json.dumps(run_eval(cfg), indent=1))
             finally:
                 destroy_distributed()
         else:
