@@ -149,3 +149,21 @@ def test_deepspeed_config_is_derived_and_passthrough_merges():
     assert ds["train_batch_size"] == 3 * 2 * 4
     assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
     assert ds["gradient_clipping"] == 0.5  # passthrough wins
+
+
+def test_every_config_key_used_in_code_exists():
+    """Drift check: each ``cfg.section.key`` the code reads is in the schema."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    keys = set(flat_keys())
+    sections = {k.split(".")[0] for k in keys}
+    used = set()
+    for path in [*root.glob("cope_megatron/**/*.py"), *root.glob("data_prep/*.py")]:
+        for match in re.finditer(r"\bcfg\.(\w+)\.(\w+)(?:\.(\w+))?", path.read_text()):
+            if match.group(1) in sections:
+                used.add(".".join(g for g in match.groups() if g))
+    assert len(used) > 30
+    missing = {u for u in used if u not in keys and not any(k.startswith(u + ".") for k in keys)}
+    assert not missing, missing
