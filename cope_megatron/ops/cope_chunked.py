@@ -24,6 +24,9 @@ used from ``COMPILE_MIN_SEQ`` tokens on, where it pays for itself.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import shutil
 
 import torch
 
@@ -99,6 +102,14 @@ def _compiled(fn):
             return compiled(*args)
 
     return call
+
+
+@functools.cache
+def _can_compile(device: torch.device) -> bool:
+    """Inductor emits C++ on CPU and Triton on GPU; without the toolchain, stay eager."""
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
 
 
 def _kernels(compile: bool):
@@ -182,8 +193,9 @@ def cope_attention_chunked(
 ) -> torch.Tensor:
     """q [b, h, s, d]; k, v [b, g, s, d]; pos_emb [h or 1, d, npos] -> [b, h, s, d].
 
-    ``compile``: fuse the block math with torch.compile; None chooses by sequence length.
+    ``compile``: fuse the block math with torch.compile; None: from ``COMPILE_MIN_SEQ`` tokens
+    on, when the compiler toolchain is present.
     """
     if compile is None:
-        compile = q.shape[2] >= COMPILE_MIN_SEQ
+        compile = q.shape[2] >= COMPILE_MIN_SEQ and _can_compile(q.device)
     return _CoPEChunked.apply(q, k, v, pos_emb, npos_max, softmax_scale, causal, block, compile)
