@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(deepspeed|torch)\.")
     from cope_megatron.checkpoint import CheckpointError
     from cope_megatron.data.loader import DataError
-    from data_prep.corpus import CorpusError
+    from data_prep.corpus import PrepError
 
     try:
         sources = (DEMO_CONFIGS if args.command == "demo" else []) + args.sources
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                 destroy_distributed()
         else:
             demo(cfg)
-    except (ConfigError, CorpusError, DataError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, PrepError, DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

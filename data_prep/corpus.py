@@ -25,8 +25,12 @@ TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json")
 PIECE_CHARS = 1 << 20
 
 
-class CorpusError(ValueError):
-    """A corpus source that cannot be read; the message names it and the fix."""
+class PrepError(ValueError):
+    """Prep cannot go on; the message names the input or key and the fix."""
+
+
+class CorpusError(PrepError):
+    """A corpus source that cannot be read."""
 
 
 @dataclass(frozen=True)

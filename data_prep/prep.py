@@ -20,7 +20,7 @@ from tqdm import tqdm
 from cope_megatron.config import DataConfig
 
 from data_prep import encode_worker
-from data_prep.corpus import Piece, iter_pieces, resolve_sources
+from data_prep.corpus import Piece, PrepError, iter_pieces, resolve_sources
 from data_prep.shards import Packer, SplitWriter, token_dtype
 from data_prep.tokenizer import (
     EOS_ID,
@@ -57,7 +57,7 @@ def _check_fingerprint(out: Path, fingerprint: dict) -> None:
         old = json.loads(path.read_text())
         if old != fingerprint:
             changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
-            raise ValueError(
+            raise PrepError(
                 f"data.shards: {out} holds shards from a different prep (changed: {changed}); "
                 "use another directory or delete this one"
             )
@@ -129,7 +129,7 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True)
     dropped = {split: p.finish() for split, p in packers.items()}
     for split, p in packers.items():
         if p.writer.samples == 0:
-            raise ValueError(
+            raise PrepError(
                 f"prep produced no {split} samples ({docs[split]} documents, "
                 f"{dropped[split]} tokens): the corpus is too small for seq_len "
                 f"{seq_len}" + (" or data.val_fraction is too small" if split == "val" else "")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from data_prep.corpus import iter_pieces
+from data_prep.corpus import PrepError, iter_pieces
 
 EOS_ID = 2  # SentencePiece's default layout: unk 0, bos 1, eos 2
 
@@ -57,7 +57,7 @@ def train_tokenizer(
         _train(files, prefix, vocab_size, model_type, byte_fallback, user_symbols, sample_bytes,
                text_field)
     except RuntimeError as e:
-        raise ValueError(f"data.vocab_size: SentencePiece could not train a {vocab_size}-token "
+        raise PrepError(f"data.vocab_size: SentencePiece could not train a {vocab_size}-token "
                          f"vocabulary ({str(e).splitlines()[-1]}); raise data.vocab_size "
                          "(byte fallback alone needs 259)") from None
     final = out_dir / "tokenizer.model"

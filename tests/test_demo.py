@@ -33,3 +33,11 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
                           f"data.shards={tmp_path}"], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].startswith("error: model.pe: unknown position")
+
+
+def test_cli_reports_missing_corpus_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "cope_megatron", "prep",
+                          f"data.corpus={tmp_path}/none/*.txt", f"data.shards={tmp_path}/s"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "matches no readable files" in out.stderr.strip().splitlines()[-1]
