@@ -144,3 +144,17 @@ def test_unreadable_checkpoint_is_named(prepared, tmp_path, dist_cleanup):
 
     with pytest.raises(CheckpointError, match="step_00000002 is unreadable.*run.resume=false"):
         run_train(more, evaluate_after=False)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("pe", ["cope", "sinusoidal", "t5"])
+def test_bf16_training_runs(prepared, tmp_path, dist_cleanup, pe):
+    """DeepSpeed bf16: parameters and activations in bf16 for every kind of PE hook."""
+    shards, _, _ = prepared
+    cfg = load_config(debug_overrides(shards, tmp_path / "run", **{
+        "model.pe": pe, "train.precision": "bf16", "train.steps": 8}))
+    result, _ = run_train(cfg, evaluate_after=False)
+    assert all(loss == loss for loss in result.losses)  # no NaN
+    assert result.losses[-1] < result.losses[0]

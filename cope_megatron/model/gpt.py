@@ -55,7 +55,8 @@ def build_gpt(cfg: Config, vocab_size: int) -> GPTModel:
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
     )
     if pe.position_embedding is not None:
-        model.embedding.position_embeddings = pe.position_embedding(cfg.model.hidden_size)
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        model.embedding.position_embeddings = pe.position_embedding(cfg.model.hidden_size, dtype)
     model.max_positions = None if pe.extrapolates else cfg.model.seq_length
     return model
 

@@ -3,8 +3,9 @@
 A PE touches a GPT in at most three places, each with a do-nothing default:
 - ``gpt_position_embedding``: what Megatron's GPTModel adds natively ("none",
   "learned_absolute" or "rope");
-- ``position_embedding``: a module replacing GPTModel's learned table (position ids
-  [b, s] -> [b, s, hidden]), for fixed additive encodings;
+- ``position_embedding``: a module built as ``(hidden_size, dtype)`` that replaces
+  GPTModel's learned table (position ids [b, s] -> [b, s, hidden]), for fixed additive
+  encodings;
 - ``attention``: the core attention, on [b, heads, s, head_dim] tensors, where
   logit biases (ALiBi, T5) and CoPE live.
 """

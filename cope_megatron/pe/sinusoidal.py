@@ -16,19 +16,19 @@ from cope_megatron.pe.base import PositionEncoding
 class SinusoidalPositions(nn.Module):
     """Position ids [b, s] -> embeddings [b, s, hidden]; replaces GPTModel's learned table."""
 
-    def __init__(self, hidden_size: int, base: float = 10000.0) -> None:
+    def __init__(self, hidden_size: int, dtype: torch.dtype = torch.float32,
+                 base: float = 10000.0) -> None:
         super().__init__()
-        self.hidden_size, self.base = hidden_size, base
-        # Empty buffer: follows the model's dtype (bf16 under DeepSpeed), so the output
-        # matches the token embeddings while the angles themselves stay fp32.
-        self.register_buffer("dtype_probe", torch.zeros(0), persistent=False)
+        # ``dtype``: the model's activation dtype (bf16 under DeepSpeed bf16, which casts
+        # parameters but not this module's output); the angles themselves stay fp32.
+        self.hidden_size, self.dtype, self.base = hidden_size, dtype, base
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         dims = torch.arange(0, self.hidden_size, 2, device=position_ids.device)
         inv_freq = torch.exp(-math.log(self.base) * dims / self.hidden_size)
         angles = position_ids[..., None].float() * inv_freq  # [b, s, hidden/2]
         emb = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)
-        return emb[..., : self.hidden_size].to(self.dtype_probe.dtype)
+        return emb[..., : self.hidden_size].to(self.dtype)
 
 
 register(
