@@ -58,8 +58,8 @@ def _check_fingerprint(out: Path, fingerprint: dict) -> None:
         if old != fingerprint:
             changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
             raise PrepError(
-                f"data.shards: {out} holds shards from a different prep (changed: {changed}); "
-                "use another directory or delete this one"
+                f"data.shards: {out} holds shards prepared from other inputs (changed: "
+                f"{changed}); point data.shards at another directory or delete this one"
             )
     else:
         path.write_text(json.dumps(fingerprint, indent=1))
@@ -71,10 +71,22 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True)
     Samples hold ``seq_len + 1`` tokens; ``seed`` fixes the validation split.
     """
     out = Path(data.shards)
+    files = resolve_sources(data.corpus, data.cache_dir)
+    # Everything the shards depend on: a directory prepared from other inputs is refused,
+    # whether that prep finished or was interrupted.
+    fingerprint = {
+        "files": [[str(f), f.stat().st_size] for f in files], "seq_len": seq_len,
+        "seed": seed, "val_fraction": data.val_fraction, "max_docs": data.max_docs,
+        "text_field": data.text_field,
+        "tokenizer": file_sha256(data.tokenizer) if data.tokenizer else {
+            "vocab_size": data.vocab_size, "type": data.tokenizer_type,
+            "byte_fallback": data.byte_fallback, "user_symbols": data.user_symbols,
+            "sample_bytes": data.tokenizer_sample_bytes},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _check_fingerprint(out, fingerprint)
     if (out / MANIFEST).exists():
         return json.loads((out / MANIFEST).read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    files = resolve_sources(data.corpus, data.cache_dir)
     started = time.time()
 
     if data.tokenizer:
@@ -91,11 +103,6 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True)
     vocab = sp.get_piece_size()
     dtype = token_dtype(vocab)
     tok_sha = file_sha256(tok_path)
-    _check_fingerprint(out, {
-        "files": [[str(f), f.stat().st_size] for f in files], "seq_len": seq_len,
-        "seed": seed, "val_fraction": data.val_fraction, "tokenizer_sha256": tok_sha,
-        "max_docs": data.max_docs, "text_field": data.text_field,
-    })
 
     meta = {"seq_len": seq_len, "dtype": dtype.name, "tokenizer_sha256": tok_sha}
     packers = {

@@ -19,6 +19,7 @@ from cope_megatron.data.loader import (
     slot_ranges,
     split_shards,
 )
+from data_prep.corpus import PrepError
 from data_prep.prep import is_validation, prepare
 from tests.conftest import small_data
 from data_prep.tokenizer import EOS_ID, load_tokenizer
@@ -246,15 +247,21 @@ def test_prep_resumes_keeping_finished_shards(prepared, tmp_path):
     assert not list(out.glob("*.tmp"))
 
 
-def test_prep_refuses_a_directory_from_another_prep(prepared, tmp_path):
+def test_prep_refuses_a_directory_prepared_from_other_inputs(prepared, tmp_path):
     shards, _, corpus = prepared
-    out = tmp_path / "p"
-    out.mkdir()
-    (out / "prep_fingerprint.json").write_text(json.dumps({"seq_len": 999}))
-    data = small_data(corpus.parent, shards=str(out), prep_workers=1,
+    data = small_data(corpus.parent, shards=str(tmp_path / "p"), prep_workers=1,
                       tokenizer=str(shards / "tokenizer.model"))
-    with pytest.raises(ValueError, match="different prep"):
-        prepare(data, seq_len=32, seed=7, progress=False)
+    prepare(data, seq_len=32, seed=7, progress=False)
+    assert prepare(data, seq_len=32, seed=7, progress=False)  # same inputs: reused
+    with pytest.raises(PrepError, match=r"other inputs \(changed: \['seq_len'\]\)"):
+        prepare(data, seq_len=64, seed=7, progress=False)
+    (corpus.parent / "extra").mkdir(exist_ok=True)
+    (corpus.parent / "extra" / "more.txt").write_text("more text\n")
+    more = small_data(corpus.parent, shards=str(tmp_path / "p"), prep_workers=1,
+                      corpus=[str(corpus), str(corpus.parent / "extra")],
+                      tokenizer=str(shards / "tokenizer.model"))
+    with pytest.raises(PrepError, match=r"changed: \['files'\]"):
+        prepare(more, seq_len=32, seed=7, progress=False)
 
 
 def test_missing_corpus_path_is_named(tmp_path):
