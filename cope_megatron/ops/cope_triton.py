@@ -114,7 +114,7 @@ def _cope_fwd(Q, K, V, Z, ZD, Out, Lse, seq, head_dim, npos, rep, scale, npos_ma
 
 @triton.jit
 def _cope_bwd(Q, K, V, Z, ZD, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, seq, head_dim, npos, rep,
-              scale, npos_max_m1, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              scale, npos_max_m1, last_pos, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = _program(
         Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL)
@@ -153,8 +153,14 @@ def _cope_bwd(Q, K, V, Z, ZD, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, seq, head_dim
         kv_off = bg * seq * head_dim + offs_n[:, None] * head_dim + offs_d[None, :]
         tl.atomic_add(DV + kv_off, tl.dot(tl.trans(probs.to(do.dtype)), do,
                                           input_precision=PRECISION), mask=kv_rows & kv_mask_d)
-        tl.atomic_add(DZ + bh * seq * npos + idx, dlogits, mask=valid)
-        tl.atomic_add(DZD + bh * seq * npos + idx, dlogits * frac, mask=valid)
+        # Far keys all clamp to the last position (frac 0): one atomic per row for them
+        # instead of one per key, which would all hit the same address.
+        clamped = p_raw >= npos_max_m1
+        near = valid & (p_raw < npos_max_m1)
+        tl.atomic_add(DZ + bh * seq * npos + idx, dlogits, mask=near)
+        tl.atomic_add(DZD + bh * seq * npos + idx, dlogits * frac, mask=near)
+        far = tl.sum(tl.where(valid & clamped, dlogits, 0.0), axis=1)
+        tl.atomic_add(DZ + bh * seq * npos + offs_m * npos + last_pos, far, mask=row_ok)
         dp = tl.where(p_raw <= npos_max_m1, dlogits * zd_lo, 0.0)
         dg = dp_carry[:, None] + tl.cumsum(dp, axis=1)
         dp_carry += tl.sum(dp, axis=1)
@@ -211,7 +217,8 @@ class _CoPETriton(torch.autograd.Function):
         dzd = torch.zeros_like(z)
         grid = (triton.cdiv(s, BLOCK_M), b * h)
         _cope_bwd[grid](q, k, v, z, zd, d_out, lse, delta, dq, dk, dv, dz, dzd, s, d,
-                        z.shape[-1], h // g, scale, float(npos_max - 1), CAUSAL=causal,
+                        z.shape[-1], h // g, scale, float(npos_max - 1), npos_max - 1,
+                        CAUSAL=causal,
                         **_launch_config(q))
         dz = _undo_differences(dz, dzd)
         dq += dz @ pos_emb.float().transpose(-1, -2)
