@@ -18,7 +18,6 @@ import numpy as np
 from tqdm import tqdm
 
 from cope_megatron.config import DataConfig
-
 from data_prep import encode_worker
 from data_prep.corpus import Piece, PrepError, iter_pieces, resolve_sources
 from data_prep.shards import Packer, SplitWriter, token_dtype

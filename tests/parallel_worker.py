@@ -6,6 +6,7 @@ DeepSpeed under the given layout and write losses and full PE-parameter gradient
 """
 
 import json
+import os
 import sys
 
 import torch
@@ -42,11 +43,10 @@ def unshard(param: torch.nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:
 
 def run_variant(overrides: list[str], layout: dict) -> dict:
     cfg = load_config(BASE + overrides + [
-        f"parallel.tensor={layout['tensor']}", f"parallel.sequence={str(layout['sequence']).lower()}",
+        f"parallel.tensor={layout['tensor']}",
+        f"parallel.sequence={str(layout['sequence']).lower()}",
         f"zero.stage={layout['zero']}"])
-    world = dist.get_world_size() if dist.is_initialized() else int(
-        __import__("os").environ["WORLD_SIZE"])
-    validate(cfg, world)
+    validate(cfg, int(os.environ["WORLD_SIZE"]))
     env = init_distributed(cfg.parallel.tensor)
     seed_everything(cfg.train.seed)
     cfg.train.micro_batch_size = GLOBAL_BATCH // env.dp_size

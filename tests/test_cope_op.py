@@ -76,7 +76,8 @@ def _compare(impl_fn, case, rtol, atol, dtype=torch.float64):
     torch.testing.assert_close(out.double(), ref, rtol=rtol, atol=atol)
     for name, a, w in zip("q k v pos_emb".split(), got, want):
         assert a.shape == w.shape, name
-        torch.testing.assert_close(a.double(), w, rtol=rtol, atol=atol, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(a.double(), w, rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -21,8 +21,8 @@ from cope_megatron.data.loader import (
 )
 from data_prep.corpus import PrepError
 from data_prep.prep import is_validation, prepare
-from tests.conftest import small_data
 from data_prep.tokenizer import EOS_ID, load_tokenizer
+from tests.conftest import small_data
 
 
 def make_spec(shard_dir, split="train", **kw) -> StreamSpec:

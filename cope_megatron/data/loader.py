@@ -78,11 +78,10 @@ def split_shards(shard_dir: str | Path, manifest: dict, split: str) -> tuple[Sha
         raise DataError(f"{shard_dir}: the {split!r} split holds no samples; re-run prep with "
                         "more text or a shorter seq_len")
     prefix, suffix = manifest.get("url_prefix"), manifest.get("url_suffix", "")
-    return tuple(
-        ShardInfo(url=f"{prefix}{e['name']}{suffix}" if prefix else str(Path(shard_dir) / e["name"]),
-                  samples=e["samples"])
-        for e in entries
-    )
+    def url(name: str) -> str:
+        return f"{prefix}{name}{suffix}" if prefix else str(Path(shard_dir) / name)
+
+    return tuple(ShardInfo(url=url(e["name"]), samples=e["samples"]) for e in entries)
 
 
 def slot_ranges(spec: StreamSpec, epoch: int, slot: int) -> list[tuple[ShardInfo, int, int]]:
@@ -173,7 +172,7 @@ class TokenStream(IterableDataset):
             if self.spec.on_error != "skip":
                 raise error from e
             self.skipped_shards += 1
-            warnings.warn(f"skipping bad shard: {error}")
+            warnings.warn(f"skipping bad shard: {error}", stacklevel=2)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -7,12 +7,13 @@ that tag parameters). This builds the torch norm and tags its parameters, so
 
 from __future__ import annotations
 
-from torch import nn
 from megatron.core.transformer import TransformerConfig
+from torch import nn
 
 
 class SequenceParallelNorm:
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_) -> nn.Module:
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
+                **_) -> nn.Module:
         norm_cls = nn.RMSNorm if config.normalization == "RMSNorm" else nn.LayerNorm
         norm = norm_cls(hidden_size, eps=eps)
         for param in norm.parameters():

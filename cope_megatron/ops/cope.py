@@ -39,7 +39,8 @@ def _check(q, k, v, pos_emb, npos_max) -> int:
         raise ValueError(f"k/v shape {tuple(k.shape)} does not fit q {tuple(q.shape)} "
                          "(kv heads must divide query heads)")
     if pos_emb.dim() != 3 or pos_emb.shape[0] not in (1, h) or pos_emb.shape[1] != d:
-        raise ValueError(f"pos_emb must be [heads or 1, head_dim, npos], got {tuple(pos_emb.shape)}")
+        raise ValueError("pos_emb must be [heads or 1, head_dim, npos], got "
+                         f"{tuple(pos_emb.shape)}")
     npos = pos_emb.shape[2]
     npos_max = npos if npos_max is None else npos_max
     if not 1 <= npos_max <= npos:
