@@ -10,8 +10,7 @@ import sys
 
 from cope_megatron.config import Config, load_config, validate, validate_data_path
 from cope_megatron.distributed.parallel import destroy_distributed, world_size_from_env
-from cope_megatron.eval.perplexity import evaluate
-from cope_megatron.trainer import Trainer, TrainResult, write_json
+from cope_megatron.trainer import Trainer, TrainResult
 
 
 def check(cfg: Config) -> None:
@@ -25,15 +24,7 @@ def run_train(cfg: Config, *, evaluate_after: bool = True) -> tuple[TrainResult,
     trainer = Trainer(cfg)
     try:
         result = trainer.train()
-        report = None
-        if evaluate_after:
-            env = trainer.env
-            report = evaluate(trainer.engine, cfg, trainer.manifest, env.device,
-                              env.dp_rank, env.dp_size)
-            report["step"] = result.step
-            if env.is_main:
-                write_json(result.run_dir / "eval.json", report)
-        return result, report
+        return result, trainer.evaluate() if evaluate_after else None
     finally:
         trainer.close()
 
@@ -45,13 +36,7 @@ def run_eval(cfg: Config) -> dict:
     try:
         if trainer.step == 0:
             raise FileNotFoundError(f"no checkpoint in {cfg.run.dir}/checkpoints; train first")
-        env = trainer.env
-        report = evaluate(trainer.engine, cfg, trainer.manifest, env.device, env.dp_rank,
-                          env.dp_size)
-        report["step"] = trainer.step
-        if env.is_main:
-            write_json(trainer.run_dir / "eval.json", report)
-        return report
+        return trainer.evaluate()
     finally:
         trainer.close()
 

@@ -28,6 +28,7 @@ from cope_megatron.data.loader import (
 from cope_megatron.distributed.deepspeed_glue import MegatronMPU, deepspeed_config
 from cope_megatron.distributed.parallel import DistEnv, init_distributed, seed_everything
 from cope_megatron.distributed.sequence_parallel import register_sequence_parallel_grad_hooks
+from cope_megatron.eval.perplexity import evaluate
 from cope_megatron.metrics import MetricsLogger
 from cope_megatron.model.gpt import build_gpt, lm_loss
 from cope_megatron.schedule import lr_at
@@ -148,6 +149,16 @@ class Trainer:
                 self.save()
         bar.close()
         return TrainResult(step=self.step, losses=losses, run_dir=self.run_dir)
+
+    def evaluate(self) -> dict:
+        """Held-out perplexity per length at the current step, also written to eval.json."""
+        env = self.env
+        report = evaluate(self.engine, self.cfg, self.manifest, env.device, env.dp_rank,
+                          env.dp_size)
+        report["step"] = self.step
+        if env.is_main:
+            write_json(self.run_dir / "eval.json", report)
+        return report
 
     def save(self) -> str:
         state = {"step": self.step, "data": self.data.state_dict(), "config": to_dict(self.cfg)}
