@@ -9,10 +9,11 @@ the resolved config.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch.distributed as dist
+
+from cope_megatron.atomic_io import write_text_atomic
 
 LATEST = "latest"
 
@@ -36,9 +37,7 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict) -> str:
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        tmp = root / f"{LATEST}.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, root / LATEST)
+        write_text_atomic(root / LATEST, tag)
     dist.barrier()
     return tag
 

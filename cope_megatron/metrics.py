@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import Config, to_dict
 
 
@@ -34,9 +35,7 @@ class MetricsLogger:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line and json.loads(line)["step"] <= step]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict) -> None:
         if not self.enabled:

@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from tqdm import tqdm
 
 from cope_megatron import checkpoint
+from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import Config, dump_yaml, to_dict
 from cope_megatron.data.loader import (
     ResumableLoader,
@@ -157,7 +158,7 @@ class Trainer:
                           env.dp_size)
         report["step"] = self.step
         if env.is_main:
-            write_json(self.run_dir / "eval.json", report)
+            write_text_atomic(self.run_dir / "eval.json", json.dumps(report, indent=1))
         return report
 
     def save(self) -> str:
@@ -167,8 +168,3 @@ class Trainer:
     def close(self) -> None:
         self.metrics.close()
 
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import DataConfig
 from data_prep import encode_worker
 from data_prep.corpus import Piece, PrepError, iter_pieces, resolve_sources
@@ -160,8 +161,6 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True)
             for split, p in packers.items()
         },
     }
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(out / MANIFEST)
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
