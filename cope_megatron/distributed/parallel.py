@@ -18,8 +18,6 @@ class DistEnv:
     rank: int
     world_size: int
     device: torch.device
-    tp_rank: int
-    tp_size: int
     dp_rank: int
     dp_size: int
 
@@ -67,8 +65,6 @@ def init_distributed(tensor: int, context: int = 1) -> DistEnv:
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
         device=device,
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
     )

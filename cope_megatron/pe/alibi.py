@@ -14,7 +14,12 @@ import torch
 
 from cope_megatron.config import PEConfig
 from cope_megatron.pe import register
-from cope_megatron.pe.base import AttentionShape, CausalAttention, PositionEncoding
+from cope_megatron.pe.base import (
+    AttentionShape,
+    CausalAttention,
+    PositionEncoding,
+    causal_distance,
+)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -36,9 +41,7 @@ class AlibiAttention(CausalAttention):
         self.register_buffer("slopes", local, persistent=False)
 
     def logit_bias(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        pos = torch.arange(seq_len, device=device)
-        distance = (pos[:, None] - pos[None, :]).clamp(min=0)  # i − j for j ≤ i
-        return -self.slopes.to(device)[:, None, None] * distance  # [h, s, s]
+        return -self.slopes.to(device)[:, None, None] * causal_distance(seq_len, device)
 
 
 register(PositionEncoding(name="alibi", paper="arXiv 2108.12409", attention=AlibiAttention))

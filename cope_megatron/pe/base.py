@@ -86,6 +86,12 @@ class PositionEncoding:
     """False when positions beyond the training length have no representation."""
 
 
+def causal_distance(seq_len: int, device: torch.device) -> torch.Tensor:
+    """[s, s] distances i − j from query i back to key j (0 for future keys)."""
+    pos = torch.arange(seq_len, device=device)
+    return (pos[:, None] - pos[None, :]).clamp(min=0)
+
+
 def default_softmax_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 

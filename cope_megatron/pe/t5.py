@@ -18,6 +18,7 @@ from cope_megatron.pe.base import (
     AttentionShape,
     CausalAttention,
     PositionEncoding,
+    causal_distance,
     head_sharded_parameter,
 )
 
@@ -42,9 +43,8 @@ class T5BiasAttention(CausalAttention):
         self.bias = head_sharded_parameter(full, shape)  # [local heads, buckets]
 
     def logit_bias(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        pos = torch.arange(seq_len, device=device)
-        distance = (pos[:, None] - pos[None, :]).clamp(min=0)
-        buckets = relative_buckets(distance, self.num_buckets, self.max_distance)
+        buckets = relative_buckets(causal_distance(seq_len, device), self.num_buckets,
+                                   self.max_distance)
         return self.bias[:, buckets]  # [h, s, s]
 
 
