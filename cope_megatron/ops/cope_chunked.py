@@ -16,9 +16,15 @@ P = softmax(a + b)):
     da  = dL/d(a+b) + dg ⊙ g ⊙ (1 − g)
 z = q·E and its gradients (dq += dz·Eᵀ, dE = qᵀ·dz) are done once for the whole sequence.
 
+The same block math serves one (query chunk, key chunk) pair of a sequence split across
+ranks (``chunk_forward``/``chunk_backward``, used by ``distributed.cp_cope``): ``carry``
+adds to every row's positions the gate total of the keys that lie after the chunk, the
+forward returns the log-sum-exp for merging partial softmaxes, and the backward returns
+each row's Σ dp, the carry the adjoint needs into later chunks.
+
 The per-block math is mostly elementwise passes; ``torch.compile`` fuses them (about 3×
 faster on CPU, see bench/cope_op.py). Compilation costs seconds once per process, so it is
-used from ``COMPILE_MIN_SEQ`` tokens on, where it pays for itself.
+used from ``COMPILE_MIN_SEQ`` keys on, where it pays for itself.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ DEFAULT_BLOCK = 128
 COMPILE_MIN_SEQ = 1024
 
 
-def _recompute(q_blk, k_blk, z_blk, zd_blk, i0: int, scale: float, npos_max: int,
+def _recompute(q_blk, k_blk, z_blk, zd_blk, carry_blk, i0: int, scale: float, npos_max: int,
                causal: bool):
     a = scale * (q_blk @ k_blk.transpose(-1, -2))  # [b, h, B, L]
     if causal:
@@ -44,7 +50,7 @@ def _recompute(q_blk, k_blk, z_blk, zd_blk, i0: int, scale: float, npos_max: int
         cols = torch.arange(k_blk.shape[2], device=a.device)[None, :]
         a = a.masked_fill(cols > rows, float("-inf"))
     g = torch.sigmoid(a)
-    p_raw = reverse_cumsum(g)
+    p_raw = reverse_cumsum(g) + carry_blk[..., None]
     p = p_raw.clamp(max=npos_max - 1)
     lo_f = p.floor()
     frac = p - lo_f
@@ -56,37 +62,49 @@ def _recompute(q_blk, k_blk, z_blk, zd_blk, i0: int, scale: float, npos_max: int
     return g, p_raw, lo, frac, zd_lo, logits
 
 
-def _forward_block(q_blk, k_blk, v_blk, z_blk, zd_blk, i0: int, scale: float, npos_max: int,
-                   causal: bool):
-    *_, logits = _recompute(q_blk, k_blk, z_blk, zd_blk, i0, scale, npos_max, causal)
+def _forward_block(q_blk, k_blk, v_blk, z_blk, zd_blk, carry_blk, i0: int, scale: float,
+                   npos_max: int, causal: bool):
+    *_, logits = _recompute(q_blk, k_blk, z_blk, zd_blk, carry_blk, i0, scale, npos_max,
+                            causal)
     lse = torch.logsumexp(logits, dim=-1)
     return torch.exp(logits - lse[..., None]) @ v_blk, lse
 
 
-def _backward_block(q_blk, k_blk, v_blk, z_blk, zd_blk, do_blk, lse_blk, delta_blk, i0: int,
-                    scale: float, npos_max: int, causal: bool):
+def _backward_block(q_blk, k_blk, v_blk, z_blk, zd_blk, carry_blk, do_blk, lse_blk, delta_blk,
+                    i0: int, scale: float, npos_max: int, causal: bool):
     g, p_raw, lo, frac, zd_lo, logits = _recompute(
-        q_blk, k_blk, z_blk, zd_blk, i0, scale, npos_max, causal)
+        q_blk, k_blk, z_blk, zd_blk, carry_blk, i0, scale, npos_max, causal)
     probs = torch.exp(logits - lse_blk[..., None])
     dv = probs.transpose(-1, -2) @ do_blk
     dlogits = probs * (do_blk @ v_blk.transpose(-1, -2) - delta_blk[..., None])
     dz = torch.zeros_like(z_blk).scatter_add_(-1, lo, dlogits)
     dzd = torch.zeros_like(z_blk).scatter_add_(-1, lo, dlogits * frac)
     dp = torch.where(p_raw <= npos_max - 1, dlogits * zd_lo, 0.0)
+    dp_cum = dp.cumsum(-1)
     # Masked keys have P = 0 and g = 0, so their da is exactly 0.
-    da = dlogits + dp.cumsum(-1) * g * (1 - g)
-    return scale * (da @ k_blk), scale * (da.transpose(-1, -2) @ q_blk), dv, dz, dzd
+    da = dlogits + dp_cum * g * (1 - g)
+    return (scale * (da @ k_blk), scale * (da.transpose(-1, -2) @ q_blk), dv, dz, dzd,
+            dp_cum[..., -1])
 
 
-def _differences(z: torch.Tensor) -> torch.Tensor:
+def differences(z: torch.Tensor) -> torch.Tensor:
     """zd[n] = z[n+1] − z[n], zero at the last entry."""
     return torch.nn.functional.pad(z[..., 1:] - z[..., :-1], (0, 1))
 
 
-def _undo_differences(dz: torch.Tensor, dzd: torch.Tensor) -> torch.Tensor:
+def undo_differences(dz: torch.Tensor, dzd: torch.Tensor) -> torch.Tensor:
     """Adjoint of z ↦ (z, zd): dz[n] += dzd[n−1] − dzd[n] (the padded last zd has none)."""
     dzd = dzd[..., :-1]
     return dz + torch.nn.functional.pad(dzd, (1, 0)) - torch.nn.functional.pad(dzd, (0, 1))
+
+
+def table_backward(q: torch.Tensor, pos_emb: torch.Tensor, dz: torch.Tensor,
+                   dzd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients through z = q·E: (the dq term, dE), from the accumulated dz and dzd."""
+    dz = undo_differences(dz, dzd)
+    d_emb = q.transpose(-1, -2) @ dz  # [b, h, d, npos]
+    d_emb = d_emb.sum(0) if pos_emb.shape[0] == q.shape[1] else d_emb.sum((0, 1))[None]
+    return dz @ pos_emb.transpose(-1, -2), d_emb
 
 
 @functools.cache
@@ -112,36 +130,91 @@ def _can_compile(device: torch.device) -> bool:
     return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
 
 
-def _kernels(compile: bool):
-    if compile:
-        return _compiled(_forward_block), _compiled(_backward_block)
-    return _forward_block, _backward_block
+def _kernel(fn, compile: bool | None, keys: int, device: torch.device):
+    if compile is None:
+        compile = keys >= COMPILE_MIN_SEQ and _can_compile(device)
+    return _compiled(fn) if compile else fn
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
     """Half-precision inputs are computed in fp32: the gate sums and softmax need it."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _blocks(sq: int, sk: int, block: int, causal: bool):
+    """(first row, last row + 1, keys visible to the block) for each query block."""
+    for i0 in range(0, sq, block):
+        i1 = min(sq, i0 + block)
+        yield i0, i1, (i1 if causal else sk)
+
+
+def gate_sums(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool,
+              block: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """Σ_j σ(a_ij) over each row's visible keys: q [b, h, sq, d], k [b, h, sk, d] -> [b, h, sq]."""
+    out = torch.empty(q.shape[:3], dtype=q.dtype, device=q.device)
+    for i0, i1, L in _blocks(q.shape[2], k.shape[2], block, causal):
+        g = torch.sigmoid(scale * (q[:, :, i0:i1] @ k[:, :, :L].transpose(-1, -2)))
+        if causal:
+            g = g.tril(i0)
+        out[:, :, i0:i1] = g.sum(-1)
+    return out
+
+
+def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal: bool,
+                  block: int = DEFAULT_BLOCK, compile: bool | None = None):
+    """Softmax-normalized CoPE attention of query rows over one key chunk.
+
+    q [b, h, sq, d]; k, v [b, h, sk, d] (kv heads expanded); z, zd [b, h, sq, npos];
+    carry [b, h, sq]: gate total of the row's keys after this chunk. ``causal``: the
+    chunk is the rows' own (sq = sk, row i sees keys ≤ i). Returns (out, lse [b, h, sq]).
+    """
+    fwd = _kernel(_forward_block, compile, k.shape[2], q.device)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:3], dtype=q.dtype, device=q.device)
+    for i0, i1, L in _blocks(q.shape[2], k.shape[2], block, causal):
+        out[:, :, i0:i1], lse[:, :, i0:i1] = fwd(
+            q[:, :, i0:i1], k[:, :, :L], v[:, :, :L], z[:, :, i0:i1], zd[:, :, i0:i1],
+            carry[:, :, i0:i1], i0, scale, npos_max, causal)
+    return out, lse
+
+
+def chunk_backward(q, k, v, z, zd, carry, d_out, lse, delta, *, scale: float, npos_max: int,
+                   causal: bool, block: int = DEFAULT_BLOCK, compile: bool | None = None):
+    """Gradients of one ``chunk_forward`` given the final (merged) lse and delta =
+    rowsum(dO ⊙ O). Returns (dq without the table term, dk, dv, dz, dzd, dp_sum [b, h, sq])
+    with dk, dv over the expanded heads; dp_sum is each row's Σ_j dp_ij over the chunk."""
+    bwd = _kernel(_backward_block, compile, k.shape[2], q.device)
+    dq, dz, dzd = torch.empty_like(q), torch.empty_like(z), torch.empty_like(z)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    dp_sum = torch.empty_like(lse)
+    for i0, i1, L in _blocks(q.shape[2], k.shape[2], block, causal):
+        dq[:, :, i0:i1], dk_blk, dv_blk, dz[:, :, i0:i1], dzd[:, :, i0:i1], dp_sum[:, :, i0:i1] = (
+            bwd(q[:, :, i0:i1], k[:, :, :L], v[:, :, :L], z[:, :, i0:i1], zd[:, :, i0:i1],
+                carry[:, :, i0:i1], d_out[:, :, i0:i1], lse[:, :, i0:i1], delta[:, :, i0:i1],
+                i0, scale, npos_max, causal))
+        dk[:, :, :L] += dk_blk
+        dv[:, :, :L] += dv_blk
+    return dq, dk, dv, dz, dzd, dp_sum
+
+
+def reduce_kv_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Adjoint of ``expand_kv``: [b, h, s, d] -> [b, kv_heads, s, d]."""
+    b, h, s, d = t.shape
+    return t.view(b, kv_heads, h // kv_heads, s, d).sum(2)
 
 
 class _CoPEChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_emb, npos_max, scale, causal, block, compile):
         dtype = q.dtype
-        work = _work_dtype(dtype)
+        work = work_dtype(dtype)
         q, k, v, pos_emb = (t.to(work) for t in (q, k, v, pos_emb))
-        b, h, s, d = q.shape
-        ke, ve = expand_kv(k, h), expand_kv(v, h)
+        h = q.shape[1]
         z = q @ pos_emb  # [b, h, s, npos]
-        zd = _differences(z)
-        fwd, _ = _kernels(compile)
-        out = torch.empty_like(q)
-        lse = torch.empty(b, h, s, dtype=work, device=q.device)
-        for i0 in range(0, s, block):
-            i1 = min(s, i0 + block)
-            L = i1 if causal else s
-            out[:, :, i0:i1], lse[:, :, i0:i1] = fwd(
-                q[:, :, i0:i1], ke[:, :, :L], ve[:, :, :L], z[:, :, i0:i1], zd[:, :, i0:i1], i0,
-                scale, npos_max, causal)
+        carry = torch.zeros(q.shape[:3], dtype=work, device=q.device)
+        out, lse = chunk_forward(q, expand_kv(k, h), expand_kv(v, h), z, differences(z),
+                                 carry, scale=scale, npos_max=npos_max, causal=causal,
+                                 block=block, compile=compile)
         ctx.save_for_backward(q, k, v, pos_emb, out, lse)
         ctx.cfg = (npos_max, scale, causal, block, compile, dtype)
         return out.to(dtype)
@@ -150,31 +223,17 @@ class _CoPEChunked(torch.autograd.Function):
     def backward(ctx, d_out):
         q, k, v, pos_emb, out, lse = ctx.saved_tensors
         npos_max, scale, causal, block, compile, dtype = ctx.cfg
-        b, h, s, d = q.shape
-        kv_heads = k.shape[1]
-        ke, ve = expand_kv(k, h), expand_kv(v, h)
+        h, kv_heads = q.shape[1], k.shape[1]
         z = q @ pos_emb
-        zd = _differences(z)
         d_out = d_out.to(q.dtype).contiguous()
         delta = (d_out * out).sum(-1)  # [b, h, s]
-        _, bwd = _kernels(compile)
-        dq, dk, dv, dz, dzd = (torch.zeros_like(t) for t in (q, ke, ve, z, z))
-        for i0 in range(0, s, block):
-            i1 = min(s, i0 + block)
-            L = i1 if causal else s
-            dq[:, :, i0:i1], dk_blk, dv_blk, dz[:, :, i0:i1], dzd[:, :, i0:i1] = bwd(
-                q[:, :, i0:i1], ke[:, :, :L], ve[:, :, :L], z[:, :, i0:i1], zd[:, :, i0:i1],
-                d_out[:, :, i0:i1], lse[:, :, i0:i1], delta[:, :, i0:i1], i0, scale, npos_max,
-                causal)
-            dk[:, :, :L] += dk_blk
-            dv[:, :, :L] += dv_blk
-        dz = _undo_differences(dz, dzd)
-        dq += dz @ pos_emb.transpose(-1, -2)
-        d_emb = q.transpose(-1, -2) @ dz  # [b, h, d, npos]
-        d_emb = d_emb.sum(0) if pos_emb.shape[0] == h else d_emb.sum((0, 1))[None]
-        rep = h // kv_heads
-        dk = dk.view(b, kv_heads, rep, s, d).sum(2)
-        dv = dv.view(b, kv_heads, rep, s, d).sum(2)
+        carry = torch.zeros_like(lse)
+        dq, dk, dv, dz, dzd, _ = chunk_backward(
+            q, expand_kv(k, h), expand_kv(v, h), z, differences(z), carry, d_out, lse, delta,
+            scale=scale, npos_max=npos_max, causal=causal, block=block, compile=compile)
+        dq_table, d_emb = table_backward(q, pos_emb, dz, dzd)
+        dq += dq_table
+        dk, dv = reduce_kv_heads(dk, kv_heads), reduce_kv_heads(dv, kv_heads)
         return (dq.to(dtype), dk.to(dtype), dv.to(dtype), d_emb.to(dtype),
                 None, None, None, None, None)
 
@@ -196,6 +255,4 @@ def cope_attention_chunked(
     ``compile``: fuse the block math with torch.compile; None: from ``COMPILE_MIN_SEQ`` tokens
     on, when the compiler toolchain is present.
     """
-    if compile is None:
-        compile = q.shape[2] >= COMPILE_MIN_SEQ and _can_compile(q.device)
     return _CoPEChunked.apply(q, k, v, pos_emb, npos_max, softmax_scale, causal, block, compile)

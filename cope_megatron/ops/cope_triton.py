@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cope_megatron.ops.cope_chunked import _differences, _undo_differences
+from cope_megatron.ops.cope_chunked import differences, undo_differences
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -190,7 +190,7 @@ class _CoPETriton(torch.autograd.Function):
         g = k.shape[1]
         q, k, v = (t.contiguous() for t in (q, k, v))
         z = (q.float() @ pos_emb.float()).contiguous()  # [b, h, s, npos]
-        zd = _differences(z).contiguous()
+        zd = differences(z).contiguous()
         out = torch.empty_like(q)
         lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
         grid = (triton.cdiv(s, BLOCK_M), b * h)
@@ -208,7 +208,7 @@ class _CoPETriton(torch.autograd.Function):
         g = k.shape[1]
         d_out = d_out.contiguous()
         z = (q.float() @ pos_emb.float()).contiguous()
-        zd = _differences(z).contiguous()
+        zd = differences(z).contiguous()
         delta = (d_out.float() * out.float()).sum(-1).contiguous()
         dq = torch.empty(b, h, s, d, dtype=torch.float32, device=q.device)
         dk = torch.zeros(b, g, s, d, dtype=torch.float32, device=q.device)
@@ -220,7 +220,7 @@ class _CoPETriton(torch.autograd.Function):
                         z.shape[-1], h // g, scale, float(npos_max - 1), npos_max - 1,
                         CAUSAL=causal,
                         **_launch_config(q))
-        dz = _undo_differences(dz, dzd)
+        dz = undo_differences(dz, dzd)
         dq += dz @ pos_emb.float().transpose(-1, -2)
         d_emb = q.float().transpose(-1, -2) @ dz  # [b, h, d, npos]
         d_emb = d_emb.sum(0) if pos_emb.shape[0] == h else d_emb.sum((0, 1))[None]

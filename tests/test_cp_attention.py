@@ -1,0 +1,146 @@
+"""Context-parallel attention alone against the single-rank ops, in float64, forward and
+every gradient: CoPE (carried gate sums, clamping across chunk borders, gates near 0 so
+the carries span many chunks, GQA, shared and per-head tables) and the softmax ring with
+and without a distance bias. Ranks are processes on gloo."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from cope_megatron.distributed.cp_cope import cope_attention_context_parallel
+from cope_megatron.distributed.cp_softmax import ring_attention
+from cope_megatron.distributed.ring import ContextParallel
+from cope_megatron.ops.cope_reference import cope_attention_reference, expand_kv
+
+
+def spawn(tmp_path, world: int, fn, *args) -> None:
+    mp.spawn(fn, args=(world, str(tmp_path / "store"), *args), nprocs=world, join=True)
+
+
+def _init(rank: int, world: int, store: str) -> ContextParallel:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    return ContextParallel(dist.group.WORLD)
+
+
+def local_rows(cp: ContextParallel, t: torch.Tensor) -> torch.Tensor:
+    """This rank's head and tail chunks of a full [b, h, S, ...] tensor."""
+    c = t.shape[2] // (2 * cp.size)
+    return torch.cat([t[:, :, i * c:(i + 1) * c] for i in cp.chunks(cp.rank)], dim=2)
+
+
+def _inputs(case: dict):
+    gen = torch.Generator().manual_seed(case.get("seed", 0))
+    b, h, g, s, d = case["b"], case["h"], case["g"], case["s"], case["d"]
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q, k, v = randn(b, h, s, d), randn(b, g, s, d), randn(b, g, s, d)
+    # A shared direction with opposite signs in q and k pushes every logit down: gates
+    # near 0, so positions grow slowly and the carries reach back over many chunks.
+    shift = torch.zeros(d, dtype=torch.float64)
+    shift[0] = case.get("gate_shift", 0.0)
+    q, k = q + shift, k - shift
+    table = randn(1 if case["shared"] else h, d, case["npos"])
+    return q, k, v, table, randn(b, h, s, d)
+
+
+def _check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def _cope_worker(rank: int, world: int, store: str, case: dict) -> None:
+    cp = _init(rank, world, store)
+    q, k, v, table, d_out = _inputs(case)
+    scale = 1 / math.sqrt(case["d"])
+    full = [t.clone().requires_grad_() for t in (q, k, v, table)]
+    ref = cope_attention_reference(*full, npos_max=case["npos_max"], softmax_scale=scale)
+    want = torch.autograd.grad(ref, full, d_out)
+    local = [local_rows(cp, t).requires_grad_() for t in (q, k, v)]
+    table_l = table.clone().requires_grad_()
+    out = cope_attention_context_parallel(*local, table_l, cp, npos_max=case["npos_max"],
+                                          softmax_scale=scale, impl=case.get("impl", "chunked"))
+    got = torch.autograd.grad(out, (*local, table_l), local_rows(cp, d_out))
+    _check("out", out, local_rows(cp, ref))
+    for name, g, w in zip("qkv", got, want):
+        _check(f"d{name}", g, local_rows(cp, w))
+    d_table = got[3].clone()
+    dist.all_reduce(d_table)  # each rank holds its rows' part of the table's gradient
+    _check("dtable", d_table, want[3])
+    dist.destroy_process_group()
+
+
+COPE_CASES = {
+    # clamping at npos_max − 1 = 2 within a couple of keys: crosses every chunk border
+    "clamp_across_borders": dict(b=2, h=4, g=2, s=24, d=8, npos=6, npos_max=3, shared=False),
+    # gates ≈ 0.05: positions stay below npos_max, carries span every earlier chunk
+    "gates_near_zero": dict(b=1, h=2, g=1, s=32, d=8, npos=8, npos_max=8, shared=True,
+                            gate_shift=2.0),
+    "moderate": dict(b=1, h=4, g=4, s=40, d=4, npos=10, npos_max=6, shared=True, seed=3),
+}
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", COPE_CASES, ids=list(COPE_CASES))
+def test_cope_context_parallel_matches_one_rank(tmp_path, world, case):
+    spawn(tmp_path, world, _cope_worker, COPE_CASES[case])
+
+
+@pytest.mark.triton
+def test_cope_context_parallel_triton_kernels(tmp_path):
+    """The same exchange with the Triton pair kernels (interpreter on CPU)."""
+    pytest.importorskip("triton")
+    case = dict(COPE_CASES["clamp_across_borders"], impl="triton")
+    spawn(tmp_path, 2, _triton_worker, case)
+
+
+def _triton_worker(rank: int, world: int, store: str, case: dict) -> None:
+    from cope_megatron.ops import cope_triton
+
+    cope_triton.BLOCK_M = cope_triton.BLOCK_N = 4  # several blocks per chunk
+    _cope_worker(rank, world, store, case)
+
+
+def _softmax_worker(rank: int, world: int, store: str, case: dict) -> None:
+    cp = _init(rank, world, store)
+    q, k, v, _, d_out = _inputs(case)
+    s, h = case["s"], case["h"]
+    gen = torch.Generator().manual_seed(9)
+    bias = torch.randn(h, s, generator=gen, dtype=torch.float64) if case["bias"] else None
+    scale = 0.3
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    bias_f = None if bias is None else bias.clone().requires_grad_()
+    logits = scale * full[0] @ expand_kv(full[1], h).transpose(-1, -2)
+    pos = torch.arange(s)
+    if bias_f is not None:
+        logits = logits + bias_f[:, (pos[:, None] - pos[None, :]).clamp(min=0)]
+    logits = logits.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+    ref = torch.softmax(logits, -1) @ expand_kv(full[2], h)
+    want = torch.autograd.grad(ref, full + ([bias_f] if bias_f is not None else []), d_out)
+
+    local = [local_rows(cp, t).requires_grad_() for t in (q, k, v)]
+    bias_l = None if bias is None else bias.clone().requires_grad_()
+    out = ring_attention(*local, cp, softmax_scale=scale, distance_bias=bias_l)
+    got = torch.autograd.grad(out, local + ([bias_l] if bias_l is not None else []),
+                              local_rows(cp, d_out))
+    _check("out", out, local_rows(cp, ref))
+    for name, g, w in zip("qkv", got, want):
+        _check(f"d{name}", g, local_rows(cp, w))
+    if bias is not None:
+        d_bias = got[3].clone()
+        dist.all_reduce(d_bias)
+        _check("dbias", d_bias, want[3])
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("bias", [False, True], ids=["plain", "distance_bias"])
+def test_ring_attention_matches_one_rank(tmp_path, world, bias):
+    spawn(tmp_path, world, _softmax_worker,
+          dict(b=2, h=4, g=2, s=24, d=8, npos=2, shared=True, bias=bias))
