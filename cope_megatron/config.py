@@ -371,9 +371,16 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if m.seq_length % (2 * p.context):
         fail("model.seq_length", f"{m.seq_length} must be divisible by 2 × parallel.context "
              f"= {2 * p.context} (context parallelism splits it into 2·CP chunks)")
-    if p.context > 1:
-        fail("parallel.context", "context parallelism is not available yet; set "
-             "parallel.context=1")
+    if p.sequence and (m.seq_length // p.context) % p.tensor:
+        fail("parallel.sequence", f"each context-parallel rank's {m.seq_length // p.context} "
+             f"tokens must split evenly over parallel.tensor={p.tensor} ranks; change "
+             "model.seq_length or parallel.tensor")
+    if p.context > 1 and m.attention_dropout > 0:
+        fail("parallel.context", "attention dropout is not supported under context "
+             "parallelism; set model.attention_dropout=0 or parallel.context=1")
+    if p.context > 1 and m.pe.startswith("cope") and cfg.pe.cope.impl == "reference":
+        fail("pe.cope.impl", "the reference CoPE op materializes [s, s] logits and cannot be "
+             "split across context-parallel ranks; use auto, chunked or triton")
     if world_size % (p.tensor * p.context):
         fail("parallel.tensor", f"world size {world_size} is not a multiple of "
              f"parallel.tensor × parallel.context = {p.tensor * p.context}; launch a multiple "

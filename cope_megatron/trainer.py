@@ -14,7 +14,6 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from tqdm import tqdm
 
 from cope_megatron import checkpoint
@@ -27,7 +26,13 @@ from cope_megatron.data.loader import (
     split_shards,
 )
 from cope_megatron.distributed.deepspeed_glue import MegatronMPU, deepspeed_config
-from cope_megatron.distributed.parallel import DistEnv, init_distributed, seed_everything
+from cope_megatron.distributed.parallel import (
+    DistEnv,
+    init_distributed,
+    mean_over_replicas,
+    replica_group,
+    seed_everything,
+)
 from cope_megatron.distributed.sequence_parallel import register_sequence_parallel_grad_hooks
 from cope_megatron.eval.perplexity import evaluate
 from cope_megatron.metrics import MetricsLogger
@@ -35,7 +40,7 @@ from cope_megatron.model.gpt import build_gpt, lm_loss
 from cope_megatron.schedule import lr_at
 
 
-def build_engine(cfg: Config, vocab_size: int, dp_size: int):
+def build_engine(cfg: Config, vocab_size: int):
     """GPT + AdamW + LR schedule wrapped in a DeepSpeed engine (ZeRO per ``zero.stage``)."""
     model = build_gpt(cfg, vocab_size)
     if cfg.parallel.sequence:
@@ -53,7 +58,7 @@ def build_engine(cfg: Config, vocab_size: int, dp_size: int):
         model=model,
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=deepspeed_config(cfg, dp_size),
+        config=deepspeed_config(cfg, dist.get_world_size(replica_group())),
         mpu=MegatronMPU(),
         dist_init_required=False,
     )
@@ -78,7 +83,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
         self.manifest = read_manifest(cfg.data.shards)
-        self.engine = build_engine(cfg, self.manifest["vocab_size"], self.env.dp_size)
+        self.engine = build_engine(cfg, self.manifest["vocab_size"])
         self.step = 0
         start_batches = 0
         resume = cfg.run.resume or eval_only
@@ -113,7 +118,7 @@ class Trainer:
 
     def train_step(self) -> float:
         """One optimizer step over ``grad_accum`` micro batches; returns the mean loss
-        over micro batches and data-parallel ranks."""
+        over micro batches, data-parallel ranks and context-parallel chunks."""
         total = 0.0
         for _ in range(self.cfg.train.grad_accum):
             tokens = next(self.data).to(self.env.device)
@@ -121,9 +126,7 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
-        total = total / self.cfg.train.grad_accum
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return total.item() / self.env.dp_size
+        return mean_over_replicas(total / self.cfg.train.grad_accum)
 
     def train(self) -> TrainResult:
         cfg = self.cfg

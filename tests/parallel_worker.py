@@ -2,7 +2,7 @@
 DeepSpeed under the given layout and write losses and full PE-parameter gradients (rank 0).
 
     torchrun --nproc-per-node 2 tests/parallel_worker.py '{"tensor": 2, "sequence": true,
-        "zero": 0, "variants": {"rope": ["model.pe=rope"]}, "out": "/tmp/r.json"}'
+        "context": 1, "zero": 0, "variants": {"rope": ["model.pe=rope"]}, "out": "/tmp/r.json"}'
 """
 
 import json
@@ -14,7 +14,11 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from cope_megatron.config import load_config, validate
-from cope_megatron.distributed.parallel import init_distributed, seed_everything
+from cope_megatron.distributed.parallel import (
+    init_distributed,
+    mean_over_replicas,
+    seed_everything,
+)
 from cope_megatron.model.gpt import lm_loss
 from cope_megatron.trainer import build_engine
 
@@ -45,12 +49,13 @@ def run_variant(overrides: list[str], layout: dict) -> dict:
     cfg = load_config(BASE + overrides + [
         f"parallel.tensor={layout['tensor']}",
         f"parallel.sequence={str(layout['sequence']).lower()}",
+        f"parallel.context={layout['context']}",
         f"zero.stage={layout['zero']}"])
     validate(cfg, int(os.environ["WORLD_SIZE"]))
-    env = init_distributed(cfg.parallel.tensor)
+    env = init_distributed(cfg.parallel.tensor, cfg.parallel.context)
     seed_everything(cfg.train.seed)
     cfg.train.micro_batch_size = GLOBAL_BATCH // env.dp_size
-    engine = build_engine(cfg, VOCAB, env.dp_size)
+    engine = build_engine(cfg, VOCAB)
     # A checksum per whole parameter: equal across layouts iff initialization is.
     init = {n: unshard(p, p).double().sum().item() + unshard(p, p).double().abs().sum().item()
             for n, p in engine.module.named_parameters()}
@@ -65,9 +70,7 @@ def run_variant(overrides: list[str], layout: dict) -> dict:
             grads.append({n: unshard(p, p.grad).tolist()
                           for n, p in pe_parameters(engine.module).items()})
         engine.step()
-        total = loss.detach().clone()
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        losses.append(total.item() / env.dp_size)
+        losses.append(mean_over_replicas(loss))
     parallel_state.destroy_model_parallel()
     return {"losses": losses, "grads": grads, "init": init}
 

@@ -62,6 +62,12 @@ def test_missing_config_file_is_an_error(tmp_path):
     (["model.hidden_size=65"], 1, "model.hidden_size"),
     (["model.seq_length=66", "parallel.context=2"], 2, "model.seq_length"),
     (["parallel.tensor=2"], 3, "parallel.tensor"),
+    (["parallel.context=2"], 3, "parallel.tensor"),
+    (["parallel.tensor=2", "parallel.context=2"], 6, "parallel.tensor"),
+    (["model.seq_length=40", "parallel.context=2", "parallel.tensor=8", "parallel.sequence=true",
+      "model.num_attention_heads=8"], 16, "parallel.sequence"),
+    (["parallel.context=2", "model.attention_dropout=0.1"], 2, "parallel.context"),
+    (["parallel.context=2", "model.pe=cope", "pe.cope.impl=reference"], 2, "pe.cope.impl"),
     (["parallel.sequence=true"], 1, "parallel.sequence"),
     (["zero.stage=4"], 1, "zero.stage"),
     (["data.tokenizer=/no/such/tok.model"], 1, "data.tokenizer"),
@@ -78,6 +84,8 @@ def test_validation_names_the_key(overrides, world, key):
 
 def test_valid_layouts_pass():
     validate(load_config(["parallel.tensor=2", "parallel.sequence=true"]), 4)
+    validate(load_config(["parallel.tensor=2", "parallel.sequence=true", "parallel.context=2",
+                          "model.pe=cope"]), 8)
     validate(load_config([]), 1)
 
 

@@ -51,8 +51,8 @@ def _inputs(case: dict):
     return q, k, v, table, randn(b, h, s, d)
 
 
-def _check(name: str, got: torch.Tensor, want: torch.Tensor) -> None:
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
+def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 1e-10) -> None:
+    torch.testing.assert_close(got, want, rtol=10 * tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
 def _cope_worker(rank: int, world: int, store: str, case: dict) -> None:
@@ -67,12 +67,13 @@ def _cope_worker(rank: int, world: int, store: str, case: dict) -> None:
     out = cope_attention_context_parallel(*local, table_l, cp, npos_max=case["npos_max"],
                                           softmax_scale=scale, impl=case.get("impl", "chunked"))
     got = torch.autograd.grad(out, (*local, table_l), local_rows(cp, d_out))
-    _check("out", out, local_rows(cp, ref))
+    tol = case.get("tol", 1e-10)
+    _check("out", out, local_rows(cp, ref), tol)
     for name, g, w in zip("qkv", got, want):
-        _check(f"d{name}", g, local_rows(cp, w))
+        _check(f"d{name}", g, local_rows(cp, w), tol)
     d_table = got[3].clone()
     dist.all_reduce(d_table)  # each rank holds its rows' part of the table's gradient
-    _check("dtable", d_table, want[3])
+    _check("dtable", d_table, want[3], tol)
     dist.destroy_process_group()
 
 
@@ -94,9 +95,9 @@ def test_cope_context_parallel_matches_one_rank(tmp_path, world, case):
 
 @pytest.mark.triton
 def test_cope_context_parallel_triton_kernels(tmp_path):
-    """The same exchange with the Triton pair kernels (interpreter on CPU)."""
+    """The same exchange with the Triton pair kernels (interpreter on CPU; fp32 inside)."""
     pytest.importorskip("triton")
-    case = dict(COPE_CASES["clamp_across_borders"], impl="triton")
+    case = dict(COPE_CASES["clamp_across_borders"], impl="triton", tol=2e-5)
     spawn(tmp_path, 2, _triton_worker, case)
 
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from megatron.core.models.common.embeddings import (
+    rotary_pos_embedding,
+    yarn_rotary_pos_embedding,
+)
 from megatron.core.tensor_parallel import random as mp_random
 
 
@@ -41,16 +45,31 @@ class CPURNGStatesTracker(mp_random.CudaRNGStatesTracker):
             torch.set_rng_state(outer)
 
 
+def pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> torch.Tensor:
+    """Megatron's ``get_pos_emb_on_this_cp_rank`` (RoPE's table rows for this rank's head
+    and tail chunks) without its pinned-memory, CUDA-only index tensor."""
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    idx = torch.tensor([cp_rank, 2 * cp_size - cp_rank - 1], device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1,
+                           *pos_emb.shape[seq_dim + 1:])
+    pos_emb = pos_emb.index_select(seq_dim, idx)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
+
+
 def apply_cpu_compat() -> bool:
     """Patch Megatron-Core's CUDA assumptions when CUDA is absent; returns True if applied.
 
     - ``torch.cuda.current_device()`` is called for buffer/RoPE placement: answer "cpu".
     - the CUDA RNG tracker (``model_parallel_cuda_manual_seed``, attention dropout) is
       replaced by :class:`CPURNGStatesTracker`.
+    - RoPE under context parallelism slices its table with a pinned CUDA index: the
+      modules that imported it by name get :func:`pos_emb_on_this_cp_rank`.
     """
     if torch.cuda.is_available():
         return False
     torch.cuda.current_device = lambda: torch.device("cpu")
+    for module in (rotary_pos_embedding, yarn_rotary_pos_embedding):
+        module.get_pos_emb_on_this_cp_rank = pos_emb_on_this_cp_rank
     if not isinstance(mp_random._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
         mp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
         mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

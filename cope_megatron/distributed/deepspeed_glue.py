@@ -3,6 +3,8 @@ generated from our typed config (never hand-written beside it)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from megatron.core import parallel_state as ps
 
 from cope_megatron.config import Config, merge_dicts
@@ -23,9 +25,15 @@ class MegatronMPU:
     get_tensor_model_parallel_world_size = staticmethod(ps.get_tensor_model_parallel_world_size)
     get_tensor_model_parallel_group = staticmethod(ps.get_tensor_model_parallel_group)
     get_tensor_model_parallel_src_rank = staticmethod(ps.get_tensor_model_parallel_src_rank)
-    get_data_parallel_rank = staticmethod(ps.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(ps.get_data_parallel_world_size)
-    get_data_parallel_group = staticmethod(ps.get_data_parallel_group)
+    # Parameters are replicated over context-parallel ranks too, and each CP rank holds
+    # a part of their gradient: DeepSpeed's "data parallel" group is DP × CP (as
+    # Megatron's DDP), so it averages and shards ZeRO states over both.
+    get_data_parallel_rank = staticmethod(partial(ps.get_data_parallel_rank,
+                                                  with_context_parallel=True))
+    get_data_parallel_world_size = staticmethod(partial(ps.get_data_parallel_world_size,
+                                                        with_context_parallel=True))
+    get_data_parallel_group = staticmethod(partial(ps.get_data_parallel_group,
+                                                   with_context_parallel=True))
     get_pipeline_model_parallel_rank = staticmethod(ps.get_pipeline_model_parallel_rank)
     get_pipeline_model_parallel_world_size = staticmethod(
         ps.get_pipeline_model_parallel_world_size
@@ -34,7 +42,8 @@ class MegatronMPU:
 
 
 def deepspeed_config(cfg: Config, dp_size: int) -> dict:
-    """The DeepSpeed engine config for this run; ``zero.deepspeed`` is merged in last."""
+    """The DeepSpeed engine config for this run; ``zero.deepspeed`` is merged in last.
+    ``dp_size``: DeepSpeed's data-parallel size, DP × CP (see ``MegatronMPU``)."""
     t = cfg.train
     ds = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

@@ -19,7 +19,9 @@ class DistEnv:
     world_size: int
     device: torch.device
     dp_rank: int
+    """Model replica index: CP ranks of one replica share it (and their samples)."""
     dp_size: int
+    cp_size: int
 
     @property
     def is_main(self) -> bool:
@@ -67,7 +69,21 @@ def init_distributed(tensor: int, context: int = 1) -> DistEnv:
         device=device,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
+        cp_size=parallel_state.get_context_parallel_world_size(),
     )
+
+
+def replica_group() -> dist.ProcessGroup:
+    """Ranks holding copies of the same parameters: data × context parallel. Gradients,
+    ZeRO states and per-token loss averages reduce over it."""
+    return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def mean_over_replicas(value: torch.Tensor) -> float:
+    """The mean of a per-rank scalar (a loss over this rank's tokens) over DP × CP."""
+    value = value.detach().clone()
+    dist.all_reduce(value, group=replica_group())
+    return value.item() / dist.get_world_size(replica_group())
 
 
 def seed_everything(seed: int) -> None:

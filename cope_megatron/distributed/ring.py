@@ -61,8 +61,9 @@ class ContextParallel:
 
     def _start(self, tensors: Sequence[torch.Tensor]):
         """Send ``tensors`` to the next rank and receive the previous rank's, asynchronously."""
+        tensors = [t.contiguous() for t in tensors]
         recv = [torch.empty_like(t) for t in tensors]
-        ops = [dist.P2POp(dist.isend, t.contiguous(), self.next, self.group, tag)
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag)
                for tag, t in enumerate(tensors)]
         ops += [dist.P2POp(dist.irecv, r, self.prev, self.group, tag)
                 for tag, r in enumerate(recv)]

@@ -1,7 +1,9 @@
 """Held-out perplexity at the training length and beyond (extrapolation sweep).
 
 Windows of ``m × seq_length`` tokens are cut from the validation split read in order;
-data-parallel ranks take alternate batches and sum token-weighted losses. A position
+data-parallel ranks take alternate batches and sum token-weighted losses. Under context
+parallelism the ranks of one replica share each window, each scoring its chunks, so a
+context longer than one device holds is split across ranks. A position
 encoding that cannot represent a length is reported as not applicable, not crashed on.
 """
 
@@ -16,6 +18,7 @@ from megatron.core import parallel_state
 
 from cope_megatron.config import Config
 from cope_megatron.data.loader import StreamSpec, sequential_windows, split_shards
+from cope_megatron.distributed.parallel import replica_group
 from cope_megatron.model.gpt import lm_loss, max_positions
 
 
@@ -27,6 +30,7 @@ def evaluate(model: torch.nn.Module, cfg: Config, manifest: dict, device: torch.
     spec = StreamSpec(shards=shards, seq_len=manifest["seq_len"], dtype=manifest["dtype"],
                       tokenizer_sha256=manifest["tokenizer_sha256"], seed=0,
                       micro_batch_size=cfg.eval.batch_size)
+    cp_size = dist.get_world_size(parallel_state.get_context_parallel_group())
     was_training = model.training
     model.eval()
     results = {}
@@ -46,10 +50,10 @@ def evaluate(model: torch.nn.Module, cfg: Config, manifest: dict, device: torch.
             if i % dp_size != dp_rank:
                 continue
             tokens = torch.stack(batch).to(device)
-            n = tokens.shape[0] * length
+            n = tokens.shape[0] * length // cp_size  # this rank's tokens under CP
             total += torch.tensor([lm_loss(model, tokens).item() * n, n],
                                   dtype=torch.float64, device=device)
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(total, group=replica_group())
         if total[1] == 0:
             results[length] = {"status": "not enough validation text",
                                "reason": f"no window of {length + 1} tokens in the val split"}

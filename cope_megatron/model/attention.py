@@ -1,7 +1,9 @@
 """Megatron core-attention adapter: Megatron's [s, b, heads, d] layout in, a PE's
 attention on [b, heads, s, d], and [s, b, heads·d] out.
 
-Every PE goes through this one module, so layout conversions live in one place.
+Every PE goes through this one module, so layout conversions live in one place. Under
+context parallelism the tensors hold this rank's two sequence chunks (head and tail) and
+the PE's attention gets the CP group to exchange keys and values over.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from cope_megatron.config import PEConfig
+from cope_megatron.distributed.ring import ContextParallel
 from cope_megatron.pe.base import AttentionShape, PositionEncoding, default_softmax_scale
 
 
@@ -52,6 +55,10 @@ class PECoreAttention(MegatronModule):
             tp_size=tp_size,
         )
         self.attention = pe.attention(shape, pe_options)
+        # Megatron hands its CP group to core attention; the PE runs it over the ring.
+        cp_group = (pg_collection.cp if pg_collection is not None
+                    else parallel_state.get_context_parallel_group())
+        self.cp = ContextParallel(cp_group) if config.context_parallel_size > 1 else None
 
     def forward(
         self,
@@ -71,8 +78,8 @@ class PECoreAttention(MegatronModule):
             # Heads differ per TP rank, so dropout draws from the TP-rank stream (as
             # Megatron's DotProductAttention does).
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = self.attention(q, k, v)
+                out = self.attention(q, k, v, self.cp)
         else:
-            out = self.attention(q, k, v)
+            out = self.attention(q, k, v, self.cp)
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
+from megatron.core.utils import get_batch_on_this_cp_rank
 
 from cope_megatron.config import Config, padded_vocab_size
 from cope_megatron.model.layer_spec import get_layer_spec
@@ -66,7 +67,13 @@ class BeyondTrainingLengthError(ValueError):
 
 
 def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of packed samples ``tokens`` [b, s + 1]."""
+    """Mean next-token cross-entropy of packed samples ``tokens`` [b, s + 1].
+
+    Under context parallelism every CP rank gets the whole batch, keeps its head and tail
+    chunks (Megatron's split, after the next-token shift) and returns the mean over its own
+    tokens. CP ranks hold equally many, so the mean of these over the CP group is the
+    sequence mean, and DeepSpeed's gradient average over DP × CP is that mean's gradient.
+    """
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     seq = inputs.shape[1]
     limit = max_positions(model)
@@ -76,7 +83,11 @@ def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
             "trained with (learned absolute embeddings cannot extrapolate)"
         )
     position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand_as(inputs)
-    per_token = model(inputs, position_ids, None, labels=labels)  # [b, s]
+    # A no-op without CP; position ids are sliced too, so they stay global.
+    batch = get_batch_on_this_cp_rank(
+        {"input_ids": inputs, "position_ids": position_ids, "labels": labels})
+    per_token = model(batch["input_ids"], batch["position_ids"], None,
+                      labels=batch["labels"])  # [b, s / CP]
     return per_token.float().mean()
 
 

@@ -13,6 +13,10 @@ One program owns ``BLOCK_M`` query rows of one head and sweeps their key blocks:
 
 z = q·E (and zd, its differences along positions) are computed outside the kernels, and
 gathered per element from global memory; so are dq's z part and dE.
+
+``chunk_forward``/``chunk_backward`` run one (query chunk, key chunk) pair of a sequence
+split across context-parallel ranks: the kernels start from a carried gate total per row
+(the keys after the chunk) and the backward also returns each row's Σ dp.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cope_megatron.ops.cope_chunked import differences, undo_differences
+from cope_megatron.ops.cope_chunked import differences, table_backward
 
 BLOCK_M = 64
 BLOCK_N = 64
@@ -75,7 +79,7 @@ def _program(Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def _cope_fwd(Q, K, V, Z, ZD, Out, Lse, seq, head_dim, npos, rep, scale, npos_max_m1,
+def _cope_fwd(Q, K, V, Z, ZD, Carry, Out, Lse, seq, head_dim, npos, rep, scale, npos_max_m1,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
               CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = _program(
@@ -85,7 +89,8 @@ def _cope_fwd(Q, K, V, Z, ZD, Out, Lse, seq, head_dim, npos, rep, scale, npos_ma
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    carry = tl.zeros([BLOCK_M], tl.float32)  # Σ gates of keys visited so far (all later)
+    # Σ gates of keys visited so far (all later), starting from the keys after this chunk
+    carry = tl.load(Carry + bh * seq + offs_m, mask=offs_m < seq, other=0.0)
     for t in range(0, n_blocks):
         offs_n = (n_blocks - 1 - t) * BLOCK_N + tl.arange(0, BLOCK_N)
         k, a, valid, g = _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
@@ -113,8 +118,8 @@ def _cope_fwd(Q, K, V, Z, ZD, Out, Lse, seq, head_dim, npos, rep, scale, npos_ma
 
 
 @triton.jit
-def _cope_bwd(Q, K, V, Z, ZD, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, seq, head_dim, npos, rep,
-              scale, npos_max_m1, last_pos, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _cope_bwd(Q, K, V, Z, ZD, Carry, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, DpSum, seq, head_dim,
+              npos, rep, scale, npos_max_m1, last_pos, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = _program(
         Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL)
@@ -125,7 +130,8 @@ def _cope_bwd(Q, K, V, Z, ZD, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, seq, head_dim
     lse = tl.load(Lse + bh * seq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + bh * seq + offs_m, mask=row_ok, other=0.0)
 
-    total = tl.zeros([BLOCK_M], tl.float64)  # Σ_j g_ij, in fp64: reverse carries below
+    # The keys after this chunk plus Σ_j g_ij, in fp64: reverse carries below
+    total = tl.load(Carry + bh * seq + offs_m, mask=row_ok, other=0.0).to(tl.float64)
     for t in range(0, n_blocks):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         _, _, _, g = _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim, scale,
@@ -170,6 +176,7 @@ def _cope_bwd(Q, K, V, Z, ZD, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, seq, head_dim
                       mask=kv_rows & kv_mask_d)
     tl.store(DQ + bh * seq * head_dim + offs_m[:, None] * head_dim + offs_d[None, :], dq,
              mask=row_ok[:, None] & kv_mask_d)
+    tl.store(DpSum + bh * seq + offs_m, dp_carry, mask=row_ok)
 
 
 def _launch_config(q: torch.Tensor) -> dict:
@@ -183,19 +190,45 @@ def _launch_config(q: torch.Tensor) -> dict:
     }
 
 
+def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal: bool):
+    """``ops.cope_chunked.chunk_forward`` in one kernel launch (q, k, v of one dtype, sq = sk;
+    z, zd, carry fp32). Returns (out, lse fp32)."""
+    b, h, s, d = q.shape
+    q, k, v, z, zd, carry = (t.contiguous() for t in (q, k, v, z, zd, carry))
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(s, BLOCK_M), b * h)
+    _cope_fwd[grid](q, k, v, z, zd, carry, out, lse, s, d, z.shape[-1], h // k.shape[1], scale,
+                    float(npos_max - 1), CAUSAL=causal, **_launch_config(q))
+    return out, lse
+
+
+def chunk_backward(q, k, v, z, zd, carry, d_out, lse, delta, *, scale: float, npos_max: int,
+                   causal: bool):
+    """``ops.cope_chunked.chunk_backward`` in one kernel launch; gradients in fp32, dk and dv
+    over k's heads."""
+    b, h, s, d = q.shape
+    q, k, v, z, zd, carry, d_out, lse, delta = (
+        t.contiguous() for t in (q, k, v, z, zd, carry, d_out, lse, delta))
+    dq = torch.empty(b, h, s, d, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros_like(dk)
+    dz, dzd = torch.zeros_like(z), torch.zeros_like(z)
+    dp_sum = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(s, BLOCK_M), b * h)
+    _cope_bwd[grid](q, k, v, z, zd, carry, d_out, lse, delta, dq, dk, dv, dz, dzd, dp_sum, s, d,
+                    z.shape[-1], h // k.shape[1], scale, float(npos_max - 1), npos_max - 1,
+                    CAUSAL=causal, **_launch_config(q))
+    return dq, dk, dv, dz, dzd, dp_sum
+
+
 class _CoPETriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_emb, npos_max, scale, causal):
-        b, h, s, d = q.shape
-        g = k.shape[1]
-        q, k, v = (t.contiguous() for t in (q, k, v))
-        z = (q.float() @ pos_emb.float()).contiguous()  # [b, h, s, npos]
-        zd = differences(z).contiguous()
-        out = torch.empty_like(q)
-        lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
-        grid = (triton.cdiv(s, BLOCK_M), b * h)
-        _cope_fwd[grid](q, k, v, z, zd, out, lse, s, d, z.shape[-1], h // g, scale,
-                        float(npos_max - 1), CAUSAL=causal, **_launch_config(q))
+        z = q.float() @ pos_emb.float()  # [b, h, s, npos]
+        carry = torch.zeros(z.shape[:3], dtype=torch.float32, device=q.device)
+        out, lse = chunk_forward(q, k, v, z, differences(z), carry, scale=scale,
+                                 npos_max=npos_max, causal=causal)
         ctx.save_for_backward(q, k, v, pos_emb, out, lse)
         ctx.cfg = (npos_max, scale, causal)
         return out
@@ -204,26 +237,13 @@ class _CoPETriton(torch.autograd.Function):
     def backward(ctx, d_out):
         q, k, v, pos_emb, out, lse = ctx.saved_tensors
         npos_max, scale, causal = ctx.cfg
-        b, h, s, d = q.shape
-        g = k.shape[1]
-        d_out = d_out.contiguous()
-        z = (q.float() @ pos_emb.float()).contiguous()
-        zd = differences(z).contiguous()
-        delta = (d_out.float() * out.float()).sum(-1).contiguous()
-        dq = torch.empty(b, h, s, d, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(b, g, s, d, dtype=torch.float32, device=q.device)
-        dv = torch.zeros_like(dk)
-        dz = torch.zeros_like(z)
-        dzd = torch.zeros_like(z)
-        grid = (triton.cdiv(s, BLOCK_M), b * h)
-        _cope_bwd[grid](q, k, v, z, zd, d_out, lse, delta, dq, dk, dv, dz, dzd, s, d,
-                        z.shape[-1], h // g, scale, float(npos_max - 1), npos_max - 1,
-                        CAUSAL=causal,
-                        **_launch_config(q))
-        dz = undo_differences(dz, dzd)
-        dq += dz @ pos_emb.float().transpose(-1, -2)
-        d_emb = q.float().transpose(-1, -2) @ dz  # [b, h, d, npos]
-        d_emb = d_emb.sum(0) if pos_emb.shape[0] == h else d_emb.sum((0, 1))[None]
+        z = q.float() @ pos_emb.float()
+        delta = (d_out.float() * out.float()).sum(-1)
+        dq, dk, dv, dz, dzd, _ = chunk_backward(
+            q, k, v, z, differences(z), torch.zeros_like(lse), d_out, lse, delta, scale=scale,
+            npos_max=npos_max, causal=causal)
+        dq_table, d_emb = table_backward(q.float(), pos_emb.float(), dz, dzd)
+        dq += dq_table
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_emb.to(pos_emb.dtype),
                 None, None, None)
 

@@ -14,12 +14,7 @@ import torch
 
 from cope_megatron.config import PEConfig
 from cope_megatron.pe import register
-from cope_megatron.pe.base import (
-    AttentionShape,
-    CausalAttention,
-    PositionEncoding,
-    causal_distance,
-)
+from cope_megatron.pe.base import AttentionShape, CausalAttention, PositionEncoding
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -40,8 +35,8 @@ class AlibiAttention(CausalAttention):
         local = slopes[shape.head_offset: shape.head_offset + shape.num_heads]
         self.register_buffer("slopes", local, persistent=False)
 
-    def logit_bias(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        return -self.slopes.to(device)[:, None, None] * causal_distance(seq_len, device)
+    def distance_bias(self, length: int, device: torch.device) -> torch.Tensor:
+        return -self.slopes.to(device)[:, None] * torch.arange(length, device=device)
 
 
 register(PositionEncoding(name="alibi", paper="arXiv 2108.12409", attention=AlibiAttention))

@@ -7,7 +7,8 @@ A PE touches a GPT in at most three places, each with a do-nothing default:
   GPTModel's learned table (position ids [b, s] -> [b, s, hidden]), for fixed additive
   encodings;
 - ``attention``: the core attention, on [b, heads, s, head_dim] tensors, where
-  logit biases (ALiBi, T5) and CoPE live.
+  logit biases (ALiBi, T5) and CoPE live. It takes the context-parallel group when the
+  sequence is split over ranks, and hands the exchange to ``cope_megatron.distributed``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from megatron.core import tensor_parallel
 from torch import nn
 
 from cope_megatron.config import PEConfig
+from cope_megatron.distributed.cp_softmax import ring_attention
+from cope_megatron.distributed.ring import ContextParallel
 
 
 @dataclass(frozen=True)
@@ -44,23 +47,34 @@ class AttentionShape:
 
 
 class CausalAttention(nn.Module):
-    """Plain causal softmax attention (PyTorch SDPA); the base of biased variants."""
+    """Plain causal softmax attention (PyTorch SDPA); the base of biased variants.
+
+    A bias is a function of the distance i − j alone (``distance_bias``), so the same
+    vector serves one process and a sequence split over context-parallel ranks, where
+    ``distributed.cp_softmax`` applies it at global distances.
+    """
 
     def __init__(self, shape: AttentionShape, options: PEConfig) -> None:
         super().__init__()
         self.shape = shape
 
-    def logit_bias(self, seq_len: int, device: torch.device) -> torch.Tensor | None:
-        """Additive logit bias broadcastable to [b, heads, s, s]; None for no bias."""
+    def distance_bias(self, length: int, device: torch.device) -> torch.Tensor | None:
+        """Logit bias per head for distances 0..length−1, [heads, length]; None for none."""
         return None
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # q: [b, h, s, d]; k, v: [b, g, s, d] -> [b, h, s, d]
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cp: ContextParallel | None = None) -> torch.Tensor:
+        # q: [b, h, s, d]; k, v: [b, g, s, d] -> [b, h, s, d] (s: this rank's tokens)
         s = q.shape[2]
-        bias = self.logit_bias(s, q.device)
+        if cp is not None:
+            bias = self.distance_bias(s * cp.size, q.device)
+            return ring_attention(q, k, v, cp, softmax_scale=self.shape.softmax_scale,
+                                  distance_bias=bias)
+        bias = self.distance_bias(s, q.device)
         if bias is not None:
             causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-            bias = bias.to(q.dtype).masked_fill(~causal, float("-inf"))
+            bias = bias[:, causal_distance(s, q.device)].to(q.dtype).masked_fill(
+                ~causal, float("-inf"))
         return F.scaled_dot_product_attention(
             q,
             k,

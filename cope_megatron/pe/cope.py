@@ -9,6 +9,9 @@ A shared table is replicated on every TP rank, and each rank's heads contribute 
 gradient: passing it through Megatron's copy-to-tensor-parallel-region (identity forward,
 all-reduce backward) sums those parts, whatever engine drives training.
 
+Under context parallelism the gate sums are carried across ranks by
+``distributed.cp_cope`` (the same function, exactly).
+
 ``cope_rope`` applies CoPE on top of RoPE-rotated queries and keys.
 """
 
@@ -19,6 +22,8 @@ from megatron.core import tensor_parallel
 from torch import nn
 
 from cope_megatron.config import PEConfig
+from cope_megatron.distributed.cp_cope import cope_attention_context_parallel
+from cope_megatron.distributed.ring import ContextParallel
 from cope_megatron.ops import cope_attention
 from cope_megatron.pe import register
 from cope_megatron.pe.base import AttentionShape, PositionEncoding, head_sharded_parameter
@@ -37,10 +42,15 @@ class CoPEAttention(nn.Module):
             full = torch.zeros(shape.total_heads, shape.head_dim, self.npos_max)
             self.table = head_sharded_parameter(full, shape)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cp: ContextParallel | None = None) -> torch.Tensor:
         table = self.table
         if self.shared and self.shape.tp_size > 1:
             table = tensor_parallel.copy_to_tensor_model_parallel_region(table)
+        if cp is not None:
+            return cope_attention_context_parallel(
+                q, k, v, table, cp, npos_max=self.npos_max,
+                softmax_scale=self.shape.softmax_scale, impl=self.impl)
         return cope_attention(q, k, v, table, npos_max=self.npos_max,
                               softmax_scale=self.shape.softmax_scale, impl=self.impl)
 

@@ -18,7 +18,6 @@ from cope_megatron.pe.base import (
     AttentionShape,
     CausalAttention,
     PositionEncoding,
-    causal_distance,
     head_sharded_parameter,
 )
 
@@ -42,10 +41,10 @@ class T5BiasAttention(CausalAttention):
         full = torch.randn(shape.total_heads, self.num_buckets) * shape.init_std
         self.bias = head_sharded_parameter(full, shape)  # [local heads, buckets]
 
-    def logit_bias(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        buckets = relative_buckets(causal_distance(seq_len, device), self.num_buckets,
+    def distance_bias(self, length: int, device: torch.device) -> torch.Tensor:
+        buckets = relative_buckets(torch.arange(length, device=device), self.num_buckets,
                                    self.max_distance)
-        return self.bias[:, buckets]  # [h, s, s]
+        return self.bias[:, buckets]  # [h, length]
 
 
 register(PositionEncoding(name="t5", paper="arXiv 1910.10683", attention=T5BiasAttention))
