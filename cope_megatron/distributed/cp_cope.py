@@ -8,7 +8,11 @@ i, and those keys may live on other ranks. The layout and the ring are
 
 Forward
   1. Gate totals (ring of K). For every causal pair (Q, K ≤ Q): G[Q, K]_i = Σ_{j ∈ K, j ≤ i}
-     σ(a_ij). A row's totals per chunk are few numbers, so any arrival order will do.
+     σ(a_ij). A row's totals per chunk are few numbers, so any arrival order will do. Once
+     the chunks between K and Q seen so far sum to npos_max − 1 for a row, every position
+     from K back clamps whatever G is, so the row is skipped; the ring brings nearer chunks
+     first (all of them for the head chunk), so usually only rows next to a chunk start,
+     and the diagonal pairs, are computed.
   2. Carries: C[Q, K] = Σ_{K < K' ≤ Q} G[Q, K'], the gate total of the row's keys after
      chunk K. Within a pair p_ij = C + (reverse cumsum of the pair's gates), so each pair is
      the single-rank block math with an offset (``ops.cope_chunked.chunk_forward``, or the
@@ -45,6 +49,7 @@ from cope_megatron.ops.cope_chunked import (
     differences,
     gate_sums,
     reduce_kv_heads,
+    row_gates,
     table_backward,
     work_dtype,
 )
@@ -59,18 +64,20 @@ def _kernels(device: torch.device, impl: str):
     return cope_chunked
 
 
+def _active_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows (dim 2 of [b, h, c]) where ``mask`` holds for any batch or head."""
+    return mask.flatten(0, 1).any(0).nonzero().squeeze(1)
+
+
 def _correction(q, k, dq, dk, b_carry, scale: float, diagonal: bool) -> None:
     """Step 5 for one pair, in place: rows with a nonzero carried Σ dp, in blocks."""
-    active = (b_carry != 0).flatten(0, 1).any(0).nonzero().squeeze(1)
+    active = _active_rows(b_carry != 0)
     for start in range(0, active.numel(), DEFAULT_BLOCK):
         idx = active[start:start + DEFAULT_BLOCK]
-        q_sel = q[:, :, idx]
-        g = torch.sigmoid(scale * (q_sel @ k.transpose(-1, -2)))  # [b, h, n, c]
-        if diagonal:
-            g = g.masked_fill(torch.arange(k.shape[2], device=k.device) > idx[:, None], 0.0)
+        g = row_gates(q, k, idx, scale=scale, causal=diagonal)  # [b, h, n, c]
         w = (scale * b_carry[:, :, idx, None]) * g * (1 - g)
         dq[:, :, idx] += w @ k
-        dk += w.transpose(-1, -2) @ q_sel
+        dk += w.transpose(-1, -2) @ q[:, :, idx]
 
 
 class _CoPEContextParallel(torch.autograd.Function):
@@ -89,9 +96,16 @@ class _CoPEContextParallel(torch.autograd.Function):
         def gate_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke = expand_kv(kv[0].to(work), h)
             for pair in cp.pairs(owner):
-                totals[pair.q, pair.k_global] = gate_sums(
-                    rows(q, pair.q, c), rows(ke, pair.k, c), scale=scale,
-                    causal=pair.diagonal)
+                # A row whose keys in nearer chunks seen so far already reach the last
+                # position clamps every key from here back: its total here is not needed.
+                total = torch.zeros(*q.shape[:2], c, dtype=work, device=q.device)
+                seen = sum((g for (qi, kg), g in totals.items()
+                            if qi == pair.q and kg > pair.k_global), total)
+                active = _active_rows(seen < npos_max - 1)
+                total[:, :, active] = gate_sums(rows(q, pair.q, c), rows(ke, pair.k, c), active,
+                                                scale=scale, causal=pair.diagonal,
+                                                limit=npos_max - 1)
+                totals[pair.q, pair.k_global] = total
 
         cp.ring([k], gate_pass)
         carries = torch.zeros(2, 2 * cp.size, *q.shape[:2], c, dtype=work, device=q.device)
@@ -133,17 +147,13 @@ class _CoPEContextParallel(torch.autograd.Function):
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
             dke, dve = torch.zeros_like(ke), torch.zeros_like(ve)
             for pair in cp.pairs(owner):
-                q_c, z_c, zd_c, do_c, lse_c, delta_c = (
-                    rows(t, pair.q, c) for t in (q, z, zd, d_out, lse, delta))
-                dq_c, dk_c, dv_c, dz_c, dzd_c, dp_sum = ops.chunk_backward(
-                    q_c, rows(ke, pair.k, c), rows(ve, pair.k, c), z_c, zd_c,
-                    carries[pair.q, pair.k_global], do_c, lse_c, delta_c, scale=scale,
-                    npos_max=npos_max, causal=pair.diagonal)
-                for acc, grad in ((dq, dq_c), (dz, dz_c), (dzd, dzd_c)):
-                    rows(acc, pair.q, c).add_(grad)
-                rows(dke, pair.k, c).add_(dk_c)
-                rows(dve, pair.k, c).add_(dv_c)
-                dp_sums[pair.q, pair.k_global] = dp_sum
+                q_c, z_c, zd_c, do_c, lse_c, delta_c, dq_c, dz_c, dzd_c = (
+                    rows(t, pair.q, c) for t in (q, z, zd, d_out, lse, delta, dq, dz, dzd))
+                k_c, v_c, dk_c, dv_c = (rows(t, pair.k, c) for t in (ke, ve, dke, dve))
+                dp_sums[pair.q, pair.k_global] = ops.chunk_backward(
+                    q_c, k_c, v_c, z_c, zd_c, carries[pair.q, pair.k_global], do_c, lse_c,
+                    delta_c, (dq_c, dk_c, dv_c, dz_c, dzd_c), scale=scale, npos_max=npos_max,
+                    causal=pair.diagonal)
             return [reduce_kv_heads(dke, kv_heads), reduce_kv_heads(dve, kv_heads)]
 
         dk, dv = cp.ring([k, v], pair_pass)

@@ -93,7 +93,7 @@ class ContextParallel:
             grads = visit((self.rank - step) % self.size, tensors)
             if grads is not None:
                 if travelling is not None:
-                    grads = [g + r for g, r in zip(grads, travelling())]
+                    grads = [g.add_(r) for g, r in zip(grads, travelling())]
                 travelling = self._start(grads)
             if incoming is not None:
                 tensors = incoming()

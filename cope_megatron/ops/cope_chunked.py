@@ -148,16 +148,37 @@ def _blocks(sq: int, sk: int, block: int, causal: bool):
         yield i0, i1, (i1 if causal else sk)
 
 
-def gate_sums(q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool,
-              block: int = DEFAULT_BLOCK) -> torch.Tensor:
-    """Σ_j σ(a_ij) over each row's visible keys: q [b, h, sq, d], k [b, h, sk, d] -> [b, h, sq]."""
-    out = torch.empty(q.shape[:3], dtype=q.dtype, device=q.device)
-    for i0, i1, L in _blocks(q.shape[2], k.shape[2], block, causal):
-        g = torch.sigmoid(scale * (q[:, :, i0:i1] @ k[:, :, :L].transpose(-1, -2)))
-        if causal:
-            g = g.tril(i0)
-        out[:, :, i0:i1] = g.sum(-1)
-    return out
+def row_gates(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
+              causal: bool, key_start: int = 0) -> torch.Tensor:
+    """Gates σ(a_ij) of the query rows ``rows`` (indices into q's rows) for keys k, the
+    keys from ``key_start`` on; zero for keys after the row when ``causal``:
+    q [b, h, sq, d], k [b, h, sk, d] -> [b, h, len(rows), sk]."""
+    g = torch.sigmoid(scale * (q[:, :, rows] @ k.transpose(-1, -2)))
+    if causal:
+        cols = torch.arange(key_start, key_start + k.shape[2], device=k.device)
+        g = g.masked_fill(cols > rows[:, None], 0.0)
+    return g
+
+
+def gate_sums(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
+              causal: bool, limit: float, block: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """Σ_j σ(a_ij) over each selected row's visible keys -> [b, h, len(rows)], exact below
+    ``limit`` and at least ``limit`` otherwise. Key blocks are summed from the last one back
+    and a row block stops once all its rows reach ``limit``: beyond the clamp a position's
+    exact value does not matter, and gates of near keys usually get there quickly."""
+    sums = []
+    for i in range(0, rows.numel(), block):
+        idx = rows[i:i + block]
+        keys = int(idx.max()) + 1 if causal else k.shape[2]
+        acc = q.new_zeros(*q.shape[:2], idx.numel())
+        for j1 in range(keys, 0, -block):
+            j0 = max(0, j1 - block)
+            acc += row_gates(q, k[:, :, j0:j1], idx, scale=scale, causal=causal,
+                             key_start=j0).sum(-1)
+            if bool((acc >= limit).all()):
+                break
+        sums.append(acc)
+    return torch.cat(sums, -1) if sums else q.new_zeros(*q.shape[:2], 0)
 
 
 def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal: bool,
@@ -178,23 +199,26 @@ def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal:
     return out, lse
 
 
-def chunk_backward(q, k, v, z, zd, carry, d_out, lse, delta, *, scale: float, npos_max: int,
-                   causal: bool, block: int = DEFAULT_BLOCK, compile: bool | None = None):
+def chunk_backward(q, k, v, z, zd, carry, d_out, lse, delta, grads, *, scale: float,
+                   npos_max: int, causal: bool, block: int = DEFAULT_BLOCK,
+                   compile: bool | None = None) -> torch.Tensor:
     """Gradients of one ``chunk_forward`` given the final (merged) lse and delta =
-    rowsum(dO ⊙ O). Returns (dq without the table term, dk, dv, dz, dzd, dp_sum [b, h, sq])
-    with dk, dv over the expanded heads; dp_sum is each row's Σ_j dp_ij over the chunk."""
+    rowsum(dO ⊙ O), added into ``grads`` = (dq, dk, dv, dz, dzd) (dq without the table
+    term; dk, dv over the expanded heads). Returns each row's Σ_j dp_ij over the chunk."""
+    dq, dk, dv, dz, dzd = grads
     bwd = _kernel(_backward_block, compile, k.shape[2], q.device)
-    dq, dz, dzd = torch.empty_like(q), torch.empty_like(z), torch.empty_like(z)
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
     dp_sum = torch.empty_like(lse)
     for i0, i1, L in _blocks(q.shape[2], k.shape[2], block, causal):
-        dq[:, :, i0:i1], dk_blk, dv_blk, dz[:, :, i0:i1], dzd[:, :, i0:i1], dp_sum[:, :, i0:i1] = (
-            bwd(q[:, :, i0:i1], k[:, :, :L], v[:, :, :L], z[:, :, i0:i1], zd[:, :, i0:i1],
-                carry[:, :, i0:i1], d_out[:, :, i0:i1], lse[:, :, i0:i1], delta[:, :, i0:i1],
-                i0, scale, npos_max, causal))
-        dk[:, :, :L] += dk_blk
-        dv[:, :, :L] += dv_blk
-    return dq, dk, dv, dz, dzd, dp_sum
+        dq_b, dk_b, dv_b, dz_b, dzd_b, dp_sum[:, :, i0:i1] = bwd(
+            q[:, :, i0:i1], k[:, :, :L], v[:, :, :L], z[:, :, i0:i1], zd[:, :, i0:i1],
+            carry[:, :, i0:i1], d_out[:, :, i0:i1], lse[:, :, i0:i1], delta[:, :, i0:i1], i0,
+            scale, npos_max, causal)
+        dq[:, :, i0:i1] += dq_b
+        dz[:, :, i0:i1] += dz_b
+        dzd[:, :, i0:i1] += dzd_b
+        dk[:, :, :L] += dk_b
+        dv[:, :, :L] += dv_b
+    return dp_sum
 
 
 def reduce_kv_heads(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -227,10 +251,11 @@ class _CoPEChunked(torch.autograd.Function):
         z = q @ pos_emb
         d_out = d_out.to(q.dtype).contiguous()
         delta = (d_out * out).sum(-1)  # [b, h, s]
-        carry = torch.zeros_like(lse)
-        dq, dk, dv, dz, dzd, _ = chunk_backward(
-            q, expand_kv(k, h), expand_kv(v, h), z, differences(z), carry, d_out, lse, delta,
-            scale=scale, npos_max=npos_max, causal=causal, block=block, compile=compile)
+        ke, ve = expand_kv(k, h), expand_kv(v, h)
+        dq, dk, dv, dz, dzd = (torch.zeros_like(t) for t in (q, ke, ve, z, z))
+        chunk_backward(q, ke, ve, z, differences(z), torch.zeros_like(lse), d_out, lse, delta,
+                       (dq, dk, dv, dz, dzd), scale=scale, npos_max=npos_max, causal=causal,
+                       block=block, compile=compile)
         dq_table, d_emb = table_backward(q, pos_emb, dz, dzd)
         dq += dq_table
         dk, dv = reduce_kv_heads(dk, kv_heads), reduce_kv_heads(dv, kv_heads)

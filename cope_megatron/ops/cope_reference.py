@@ -12,6 +12,8 @@ import torch
 def expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
     """[b, g, s, d] -> [b, heads, s, d], each key/value head serving heads/g query heads."""
     b, g, s, d = t.shape
+    if g == heads:
+        return t
     return t[:, :, None].expand(b, g, heads // g, s, d).reshape(b, heads, s, d)
 
 

@@ -203,10 +203,10 @@ def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal:
     return out, lse
 
 
-def chunk_backward(q, k, v, z, zd, carry, d_out, lse, delta, *, scale: float, npos_max: int,
-                   causal: bool):
-    """``ops.cope_chunked.chunk_backward`` in one kernel launch; gradients in fp32, dk and dv
-    over k's heads."""
+def chunk_backward(q, k, v, z, zd, carry, d_out, lse, delta, grads, *, scale: float,
+                   npos_max: int, causal: bool) -> torch.Tensor:
+    """``ops.cope_chunked.chunk_backward`` in one kernel launch: gradients (fp32) added into
+    ``grads`` = (dq, dk, dv, dz, dzd), dk and dv over k's heads; returns each row's Σ dp."""
     b, h, s, d = q.shape
     q, k, v, z, zd, carry, d_out, lse, delta = (
         t.contiguous() for t in (q, k, v, z, zd, carry, d_out, lse, delta))
@@ -219,7 +219,9 @@ def chunk_backward(q, k, v, z, zd, carry, d_out, lse, delta, *, scale: float, np
     _cope_bwd[grid](q, k, v, z, zd, carry, d_out, lse, delta, dq, dk, dv, dz, dzd, dp_sum, s, d,
                     z.shape[-1], h // k.shape[1], scale, float(npos_max - 1), npos_max - 1,
                     CAUSAL=causal, **_launch_config(q))
-    return dq, dk, dv, dz, dzd, dp_sum
+    for acc, grad in zip(grads, (dq, dk, dv, dz, dzd)):
+        acc += grad
+    return dp_sum
 
 
 class _CoPETriton(torch.autograd.Function):
@@ -239,9 +241,11 @@ class _CoPETriton(torch.autograd.Function):
         npos_max, scale, causal = ctx.cfg
         z = q.float() @ pos_emb.float()
         delta = (d_out.float() * out.float()).sum(-1)
-        dq, dk, dv, dz, dzd, _ = chunk_backward(
-            q, k, v, z, differences(z), torch.zeros_like(lse), d_out, lse, delta, scale=scale,
-            npos_max=npos_max, causal=causal)
+        dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device)
+                      for t in (q, k, v))
+        dz, dzd = torch.zeros_like(z), torch.zeros_like(z)
+        chunk_backward(q, k, v, z, differences(z), torch.zeros_like(lse), d_out, lse, delta,
+                       (dq, dk, dv, dz, dzd), scale=scale, npos_max=npos_max, causal=causal)
         dq_table, d_emb = table_backward(q.float(), pos_emb.float(), dz, dzd)
         dq += dq_table
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_emb.to(pos_emb.dtype),
