@@ -86,6 +86,39 @@ def test_torchrun_tensor_parallel_matches_one_process(prepared, tmp_path):
         assert abs(a - b) < 1e-5, runs
 
 
+def test_torchrun_context_parallel_trains_and_evaluates_as_one_process(prepared, tmp_path):
+    """CoPE with the sequence split over 2 ranks: the losses of one process, the same
+    held-out perplexity at 1× and 2× the training length, and `eval` of a one-process
+    checkpoint under CP gives that run's numbers."""
+    shards, _, _ = prepared
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = [sys.executable, "-m", "cope_megatron"]
+    cp2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "-m", "cope_megatron"]
+
+    def run(launcher, command, run_dir, **extra):
+        args = debug_overrides(shards, run_dir, **{"model.pe": "cope", "train.steps": 3,
+                                                   **extra})
+        out = subprocess.run(launcher + [command] + args, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads((run_dir / "eval.json").read_text())["lengths"]
+
+    want = run(single, "train", tmp_path / "single")
+    got = run(cp2, "train", tmp_path / "cp2", **{"parallel.context": 2})
+    losses = [[r["loss"] for r in read_metrics(tmp_path / name)] for name in ("single", "cp2")]
+    assert len(losses[1]) == 3
+    for a, b in zip(*losses):
+        assert abs(a - b) < 1e-5, losses
+    for length in ("32", "64"):
+        assert abs(got[length]["loss"] - want[length]["loss"]) < 1e-5, (got, want)
+        assert got[length]["tokens"] == want[length]["tokens"]
+    (tmp_path / "single" / "eval.json").unlink()
+    again = run(cp2, "eval", tmp_path / "single", **{"parallel.context": 2})
+    for length in ("32", "64"):
+        assert abs(again[length]["loss"] - want[length]["loss"]) < 1e-5, (again, want)
+
+
 def test_run_killed_at_any_moment_resumes_exactly(prepared, tmp_path):
     """SIGKILL a training process mid-run (possibly mid-checkpoint), restart it: the losses of
     every step equal those of an uninterrupted run."""
