@@ -143,7 +143,7 @@ def test_every_config_file_in_repo_loads_and_validates():
     assert len(files) >= 10
     for f in files:
         cfg = load_config([str(f)])
-        validate(cfg, max(1, cfg.parallel.tensor))
+        validate(cfg, cfg.parallel.tensor * cfg.parallel.context)
         assert dataclasses.is_dataclass(cfg)
 
 
