@@ -21,7 +21,6 @@ class DistEnv:
     dp_rank: int
     """Model replica index: CP ranks of one replica share it (and their samples)."""
     dp_size: int
-    cp_size: int
 
     @property
     def is_main(self) -> bool:
@@ -69,7 +68,6 @@ def init_distributed(tensor: int, context: int = 1) -> DistEnv:
         device=device,
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
-        cp_size=parallel_state.get_context_parallel_world_size(),
     )
 
 

@@ -30,7 +30,7 @@ def evaluate(model: torch.nn.Module, cfg: Config, manifest: dict, device: torch.
     spec = StreamSpec(shards=shards, seq_len=manifest["seq_len"], dtype=manifest["dtype"],
                       tokenizer_sha256=manifest["tokenizer_sha256"], seed=0,
                       micro_batch_size=cfg.eval.batch_size)
-    cp_size = dist.get_world_size(parallel_state.get_context_parallel_group())
+    cp_size = parallel_state.get_context_parallel_world_size()
     was_training = model.training
     model.eval()
     results = {}
