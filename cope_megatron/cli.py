@@ -2,14 +2,16 @@
 
     cope-megatron prep  [CONFIG.yaml ...] [key.sub=value ...]
     cope-megatron train [CONFIG.yaml ...] [key.sub=value ...]   (plain or under torchrun)
-    cope-megatron eval  [CONFIG.yaml ...] [key.sub=value ...]
+    cope-megatron eval  [--json] [CONFIG.yaml ...] [key.sub=value ...]   (plain or torchrun)
     cope-megatron demo  [key.sub=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -53,45 +55,74 @@ def demo(cfg: Config) -> dict:
     return {"wall_s": wall, "first_loss": first, "final_loss": last, "eval": report}
 
 
+@contextlib.contextmanager
+def logs_to_stderr(enabled: bool):
+    """Point file descriptor 1 at stderr: DeepSpeed and Megatron log through handlers that
+    hold the original stdout, so only a descriptor-level switch keeps stdout clean."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cope-megatron", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["prep", "train", "eval", "demo"])
     parser.add_argument("sources", nargs="*", help="YAML config files and key.sub=value overrides")
-    args = parser.parse_args(argv)
+    parser.add_argument("--json", action="store_true",
+                        help="eval: stdout holds only the report's JSON; every log goes to stderr")
+    args = parser.parse_intermixed_args(argv)
     # Known-harmless start-up noise (no Apex/TE on this machine, deprecated collectives
     # inside DeepSpeed); the run's own warnings still show.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(deepspeed|torch)\.")
-    from cope_megatron.checkpoint import CheckpointError
-    from cope_megatron.data.loader import DataError
-    from data_prep.corpus import PrepError
+    with logs_to_stderr(args.json):  # from the first import: DeepSpeed logs on import
+        from cope_megatron.checkpoint import CheckpointError
+        from cope_megatron.data.loader import DataError
+        from data_prep.corpus import PrepError
 
-    try:
-        sources = (DEMO_CONFIGS if args.command == "demo" else []) + args.sources
-        cfg = load_config(sources)
-        if args.command == "prep":
-            manifest = prep(cfg)
-            print(f"prepared {cfg.data.shards}: " + ", ".join(
-                f"{s}: {v['samples']} samples" for s, v in manifest["splits"].items()))
-        elif args.command == "train":
-            from cope_megatron.train import main as train_main
-
-            train_main(args.sources)
-        elif args.command == "eval":
-            from cope_megatron.distributed.parallel import destroy_distributed
-            from cope_megatron.train import run_eval
-
-            try:
-                print(json.dumps(run_eval(cfg), indent=1))
-            finally:
-                destroy_distributed()
-        else:
-            demo(cfg)
-    except (ConfigError, PrepError, DataError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        try:
+            report = run(args)
+        except (ConfigError, PrepError, DataError, CheckpointError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if report is not None and int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(report, indent=1), flush=True)
     return 0
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    """Run one command; eval returns its report (printed by ``main``)."""
+    sources = (DEMO_CONFIGS if args.command == "demo" else []) + args.sources
+    cfg = load_config(sources)
+    if args.command == "prep":
+        manifest = prep(cfg)
+        print(f"prepared {cfg.data.shards}: " + ", ".join(
+            f"{s}: {v['samples']} samples" for s, v in manifest["splits"].items()))
+    elif args.command == "train":
+        from cope_megatron.train import main as train_main
+
+        train_main(args.sources)
+    elif args.command == "eval":
+        from cope_megatron.distributed.parallel import destroy_distributed
+        from cope_megatron.train import run_eval
+
+        try:
+            return run_eval(cfg)
+        finally:
+            destroy_distributed()
+    else:
+        demo(cfg)
+    return None
 
 
 if __name__ == "__main__":

@@ -151,10 +151,20 @@ class TrainConfig:
 
 @dataclass(kw_only=True, slots=True)
 class EvalConfig:
-    batches: int = 8
+    tokens: int = 8192
+    """Tokens scored at every evaluation length: one text, cut into windows of each length,
+    so lengths differ only in context (rounded up to a whole number of the longest
+    window)."""
     batch_size: int = 8
-    length_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4])
+    length_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     """Evaluation lengths as multiples of model.seq_length (extrapolation sweep)."""
+    stride: int | None = None
+    """Sliding-window protocol (Press et al. 2022, arXiv 2108.12409): windows advance by
+    this many tokens and score only their new ones, each token once with up to a window of
+    context. Must divide model.seq_length; None: model.seq_length."""
+    data: str | None = None
+    """Shard directory whose validation split is scored (prepared with the run's tokenizer);
+    None: data.shards."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -399,6 +409,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         fail("pe.cope.npos_max", f"must be at least 2, got {cfg.pe.cope.npos_max}")
     if not cfg.eval.length_multipliers or min(cfg.eval.length_multipliers) < 1:
         fail("eval.length_multipliers", "give a non-empty list of integers >= 1")
+    stride = cfg.eval.stride
+    if stride is not None and (stride < 1 or m.seq_length % stride):
+        fail("eval.stride", f"{stride} must be a positive divisor of model.seq_length="
+             f"{m.seq_length} (or unset for the training length)")
+    for key, value in [("eval.tokens", cfg.eval.tokens), ("eval.batch_size", cfg.eval.batch_size)]:
+        if value < 1:
+            fail(key, f"must be at least 1, got {value}")
 
 
 def validate_data_path(cfg: Config) -> None:

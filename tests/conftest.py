@@ -76,7 +76,7 @@ def debug_overrides(shards, run_dir, **extra) -> list[str]:
         "model.seq_length": 32, "data.shards": str(shards), "train.micro_batch_size": 4,
         "train.steps": 6, "train.warmup_steps": 1, "train.lr": 3e-3, "train.min_lr": 3e-3,
         "run.dir": str(run_dir), "logging.wandb": "disabled", "logging.progress": False,
-        "eval.batches": 2, "eval.batch_size": 2, "eval.length_multipliers": "[1, 2]",
+        "eval.tokens": 256, "eval.batch_size": 2, "eval.length_multipliers": "[1, 2]",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -74,6 +74,8 @@ def test_missing_config_file_is_an_error(tmp_path):
     (["model.num_query_groups=3"], 1, "model.num_query_groups"),
     (["train.steps=0"], 1, "train.steps"),
     (["eval.length_multipliers=[]"], 1, "eval.length_multipliers"),
+    (["eval.stride=48"], 1, "eval.stride"),
+    (["eval.tokens=0"], 1, "eval.tokens"),
 ])
 def test_validation_names_the_key(overrides, world, key):
     cfg = load_config(overrides)
@@ -120,9 +122,9 @@ PUBLIC_KEYS = """
     data.max_docs data.num_workers data.shuffle_buffer data.on_error train.steps train.seed
     train.micro_batch_size train.grad_accum train.lr train.min_lr train.warmup_steps
     train.weight_decay train.beta1 train.beta2 train.grad_clip train.precision
-    train.log_interval train.save_interval eval.batches eval.batch_size
-    eval.length_multipliers logging.wandb logging.project logging.progress run.dir run.name
-    run.resume
+    train.log_interval train.save_interval eval.tokens eval.batch_size
+    eval.length_multipliers eval.stride eval.data logging.wandb logging.project logging.progress
+    run.dir run.name run.resume
 """.split()
 
 

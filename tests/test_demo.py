@@ -15,7 +15,7 @@ def test_demo_on_a_small_slice(tmp_path):
            f"run.dir={run}", "data.max_docs=6", "data.val_fraction=0.3", "data.vocab_size=512",
            "data.cache_dir=data/cache", "model.num_layers=2", "model.hidden_size=64",
            "train.steps=40", "train.warmup_steps=4", "train.log_interval=1",
-           "logging.wandb=offline", "eval.batches=2", "eval.length_multipliers=[1, 2]"]
+           "logging.wandb=offline", "eval.tokens=1024", "eval.length_multipliers=[1, 2]"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,65 +1,108 @@
-"""Held-out perplexity at the training length and beyond (extrapolation sweep).
+"""Held-out perplexity against context length, by both protocols of Press et al. 2022
+("Train Short, Test Long", arXiv 2108.12409).
 
-Windows of ``m × seq_length`` tokens are cut from the validation split read in order;
-data-parallel ranks take alternate batches and sum token-weighted losses. Under context
-parallelism the ranks of one replica share each window, each scoring its chunks, so a
-context longer than one device holds is split across ranks. A position
-encoding that cannot represent a length is reported as not applicable, not crashed on.
+Every length scores the same tokens: one evaluation text of ``eval.tokens`` (rounded up to a
+whole number of the longest window) predicted tokens, read in order from a split, so the
+lengths differ only in how much context each prediction had.
+- ``windows``: the text cut into non-overlapping windows of the length; a prediction's
+  context is what precedes it in its window.
+- ``sliding``: windows of the length advancing by ``eval.stride`` tokens; each window scores
+  only its last ``stride`` tokens (the first scores all), so every token is scored once
+  with up to a window of context. At the training length with the default stride (the
+  training length) both protocols are the same computation.
+Data-parallel ranks take alternate batches; context-parallel ranks share each window. A
+position encoding that cannot represent a length is reported as not applicable.
 """
 
 from __future__ import annotations
 
 import math
-from itertools import islice
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
-from cope_megatron.config import Config
-from cope_megatron.data.loader import StreamSpec, sequential_windows, split_shards
+from cope_megatron.config import Config, ConfigError
+from cope_megatron.data.loader import StreamSpec, read_manifest, sequential_windows, split_shards
 from cope_megatron.distributed.parallel import replica_group
-from cope_megatron.model.gpt import lm_loss, max_positions
+from cope_megatron.model.gpt import max_positions, token_losses
+
+PROTOCOLS = ("windows", "sliding")
+
+
+def window_plan(n_tokens: int, length: int, stride: int) -> list[tuple[int, int]]:
+    """(first token, first scored prediction within the window) per window of ``length``
+    predictions over a text of ``n_tokens`` predictions; stride = length: non-overlapping.
+    Needs n_tokens and length to be multiples of stride."""
+    return [(begin, 0 if begin == 0 else length - stride)
+            for begin in range(0, n_tokens - length + 1, stride)]
+
+
+def evaluation_text(cfg: Config, manifest: dict) -> torch.Tensor:
+    """The first scored-token count + 1 tokens of the evaluation split, as one 1-D tensor."""
+    shards_dir = cfg.eval.data or cfg.data.shards
+    if cfg.eval.data is not None:
+        own_tokenizer = manifest["tokenizer_sha256"]
+        manifest = read_manifest(shards_dir)
+        if manifest["tokenizer_sha256"] != own_tokenizer:
+            raise ConfigError(f"eval.data: {shards_dir} was tokenized with another tokenizer "
+                             f"than the run's; prepare it with data.tokenizer set to the "
+                             "run's tokenizer.model")
+    longest = max(cfg.eval.length_multipliers) * cfg.model.seq_length
+    n_tokens = -(-cfg.eval.tokens // longest) * longest
+    shards = split_shards(shards_dir, manifest, "val")
+    spec = StreamSpec(shards=shards, seq_len=manifest["seq_len"], dtype=manifest["dtype"],
+                      tokenizer_sha256=manifest["tokenizer_sha256"], seed=0, micro_batch_size=1)
+    text = next(sequential_windows(shards, spec, n_tokens + 1), None)
+    if text is None:
+        raise ConfigError(f"eval.tokens: the validation split of {shards_dir} has fewer than "
+                         f"{n_tokens + 1} tokens; lower eval.tokens or the length multipliers")
+    return text
 
 
 @torch.no_grad()
+def score(model: torch.nn.Module, text: torch.Tensor, length: int, stride: int,
+          batch_size: int, device: torch.device, dp_rank: int = 0, dp_size: int = 1) -> dict:
+    """Loss over every prediction of ``text`` with windows of ``length`` tokens."""
+    plan = window_plan(len(text) - 1, length, stride)
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # [Σ loss, scored tokens]
+    for i, start in enumerate(range(0, len(plan), batch_size)):
+        if i % dp_size != dp_rank:
+            continue
+        batch = plan[start:start + batch_size]
+        tokens = torch.stack([text[b:b + length + 1] for b, _ in batch]).to(device)
+        mask = torch.zeros(len(batch), length, device=device)
+        for row, (_, first) in enumerate(batch):
+            mask[row, first:] = 1
+        losses, mask = token_losses(model, tokens, mask)
+        total += torch.stack([(losses.double() * mask).sum(), mask.double().sum()])
+    dist.all_reduce(total, group=replica_group())
+    loss = (total[0] / total[1]).item()
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(total[1].item())}
+
+
 def evaluate(model: torch.nn.Module, cfg: Config, manifest: dict, device: torch.device,
              dp_rank: int = 0, dp_size: int = 1) -> dict:
-    """{"lengths": {L: {"loss", "ppl", "tokens"} or {"status": "not applicable", ...}}}."""
-    shards = split_shards(cfg.data.shards, manifest, "val")
-    spec = StreamSpec(shards=shards, seq_len=manifest["seq_len"], dtype=manifest["dtype"],
-                      tokenizer_sha256=manifest["tokenizer_sha256"], seed=0,
-                      micro_batch_size=cfg.eval.batch_size)
-    cp_size = parallel_state.get_context_parallel_world_size()
+    """{"lengths": {L: windows result}, "sliding": {L: sliding result}, ...}; a result is
+    {"loss", "ppl", "tokens"} or {"status": "not applicable", "reason"}."""
+    text = evaluation_text(cfg, manifest)
+    stride = cfg.eval.stride or cfg.model.seq_length
     was_training = model.training
     model.eval()
-    results = {}
+    results: dict[str, dict] = {p: {} for p in PROTOCOLS}
     for mult in cfg.eval.length_multipliers:
         length = mult * cfg.model.seq_length
         limit = max_positions(model)
-        if limit is not None and length > limit:
-            results[length] = {"status": "not applicable", "reason": f"{cfg.model.pe} has no "
-                               f"positions beyond the {limit} it was trained with"}
-            continue
-        windows = sequential_windows(shards, spec, length + 1)
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # [loss·tokens, tokens]
-        for i in range(cfg.eval.batches):
-            batch = list(islice(windows, cfg.eval.batch_size))
-            if not batch:
-                break
-            if i % dp_size != dp_rank:
+        for protocol in PROTOCOLS:
+            if limit is not None and length > limit:
+                results[protocol][length] = {
+                    "status": "not applicable",
+                    "reason": f"{cfg.model.pe} has no positions beyond the {limit} it was "
+                              "trained with"}
                 continue
-            tokens = torch.stack(batch).to(device)
-            n = tokens.shape[0] * length // cp_size  # this rank's tokens under CP
-            total += torch.tensor([lm_loss(model, tokens).item() * n, n],
-                                  dtype=torch.float64, device=device)
-        dist.all_reduce(total, group=replica_group())
-        if total[1] == 0:
-            results[length] = {"status": "not enough validation text",
-                               "reason": f"no window of {length + 1} tokens in the val split"}
-            continue
-        loss = (total[0] / total[1]).item()
-        results[length] = {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
-                           "tokens": int(total[1].item())}
+            step = length if protocol == "windows" else stride
+            results[protocol][length] = score(model, text, length, step, cfg.eval.batch_size,
+                                              device, dp_rank, dp_size)
     model.train(was_training)
-    return {"pe": cfg.model.pe, "train_length": cfg.model.seq_length, "lengths": results}
+    return {"pe": cfg.model.pe, "train_length": cfg.model.seq_length,
+            "eval_data": cfg.eval.data or cfg.data.shards, "stride": stride,
+            "lengths": results["windows"], "sliding": results["sliding"]}

@@ -66,14 +66,13 @@ class BeyondTrainingLengthError(ValueError):
     """The PE has no representation for positions past its training length."""
 
 
-def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of packed samples ``tokens`` [b, s + 1].
-
-    Under context parallelism every CP rank gets the whole batch, keeps its head and tail
-    chunks (Megatron's split, after the next-token shift) and returns the mean over its own
-    tokens. CP ranks hold equally many, so the mean of these over the CP group is the
-    sequence mean, and DeepSpeed's gradient average over DP × CP is that mean's gradient.
-    """
+def token_losses(model: torch.nn.Module, tokens: torch.Tensor,
+                 loss_mask: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next-token cross-entropy of packed samples ``tokens`` [b, s + 1] per position, and
+    ``loss_mask`` [b, s] cut the same way: [b, s] each, or this rank's [b, s / CP] under
+    context parallelism (Megatron's head-tail split, after the next-token shift; position
+    ids are sliced too, so they stay global)."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     seq = inputs.shape[1]
     limit = max_positions(model)
@@ -83,12 +82,21 @@ def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
             "trained with (learned absolute embeddings cannot extrapolate)"
         )
     position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand_as(inputs)
-    # A no-op without CP; position ids are sliced too, so they stay global.
-    batch = get_batch_on_this_cp_rank(
-        {"input_ids": inputs, "position_ids": position_ids, "labels": labels})
-    per_token = model(batch["input_ids"], batch["position_ids"], None,
-                      labels=batch["labels"])  # [b, s / CP]
-    return per_token.float().mean()
+    batch = get_batch_on_this_cp_rank(  # a no-op without CP
+        {"input_ids": inputs, "position_ids": position_ids, "labels": labels,
+         "loss_mask": loss_mask})
+    per_token = model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"])
+    return per_token.float(), batch["loss_mask"]
+
+
+def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of packed samples ``tokens`` [b, s + 1].
+
+    Under context parallelism, the mean over this rank's tokens. CP ranks hold equally
+    many, so the mean of these over the CP group is the sequence mean, and DeepSpeed's
+    gradient average over DP × CP is that mean's gradient.
+    """
+    return token_losses(model, tokens)[0].mean()
 
 
 def max_positions(model: torch.nn.Module) -> int | None:

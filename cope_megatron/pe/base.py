@@ -71,20 +71,41 @@ class CausalAttention(nn.Module):
             return ring_attention(q, k, v, cp, softmax_scale=self.shape.softmax_scale,
                                   distance_bias=bias)
         bias = self.distance_bias(s, q.device)
-        if bias is not None:
-            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-            bias = bias[:, causal_distance(s, q.device)].to(q.dtype).masked_fill(
-                ~causal, float("-inf"))
+        if bias is None:
+            return self._sdpa(q, k, v, None)
+        if torch.is_grad_enabled():  # training: one [s, s] bias, SDPA's fused backward
+            return self._sdpa(q, k, v, _causal_bias(bias, 0, s, q.dtype))
+        # Evaluation: query blocks against their keys, so memory is linear in s and a
+        # context many times the training length fits.
+        return torch.cat([
+            self._sdpa(q[:, :, i0:i0 + EVAL_BLOCK], k[:, :, :i0 + EVAL_BLOCK],
+                       v[:, :, :i0 + EVAL_BLOCK],
+                       _causal_bias(bias, i0, min(s, i0 + EVAL_BLOCK), q.dtype))
+            for i0 in range(0, s, EVAL_BLOCK)], dim=2)
+
+    def _sdpa(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         return F.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=bias,
-            is_causal=bias is None,
+            attn_mask=mask,
+            is_causal=mask is None,
             dropout_p=self.shape.dropout if self.training else 0.0,
             scale=self.shape.softmax_scale,
             enable_gqa=self.shape.num_kv_heads != self.shape.num_heads,
         )
+
+
+EVAL_BLOCK = 1024
+"""Query rows per block of biased attention at evaluation."""
+
+
+def _causal_bias(bias: torch.Tensor, i0: int, i1: int, dtype: torch.dtype) -> torch.Tensor:
+    """[h, i1 − i0, i1]: the distance bias of query rows i0..i1 against keys 0..i1, −∞ for
+    keys after the row."""
+    rows = torch.arange(i0, i1, device=bias.device)[:, None]
+    cols = torch.arange(i1, device=bias.device)[None, :]
+    return bias[:, (rows - cols).clamp(min=0)].to(dtype).masked_fill(cols > rows, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -98,12 +119,6 @@ class PositionEncoding:
     position_embedding: type[nn.Module] | None = None
     extrapolates: bool = True
     """False when positions beyond the training length have no representation."""
-
-
-def causal_distance(seq_len: int, device: torch.device) -> torch.Tensor:
-    """[s, s] distances i − j from query i back to key j (0 for future keys)."""
-    pos = torch.arange(seq_len, device=device)
-    return (pos[:, None] - pos[None, :]).clamp(min=0)
 
 
 def default_softmax_scale(head_dim: int) -> float:
