@@ -165,6 +165,10 @@ class EvalConfig:
     data: str | None = None
     """Shard directory whose validation split is scored (prepared with the run's tokenizer);
     None: data.shards."""
+    passkey_samples: int = 4
+    """Passkey-retrieval prompts per length and depth (0: skip passkey retrieval)."""
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Where the key sits between the intro (0) and the question (1)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -416,6 +420,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     for key, value in [("eval.tokens", cfg.eval.tokens), ("eval.batch_size", cfg.eval.batch_size)]:
         if value < 1:
             fail(key, f"must be at least 1, got {value}")
+    if cfg.eval.passkey_samples < 0:
+        fail("eval.passkey_samples", f"must be 0 (off) or more, got {cfg.eval.passkey_samples}")
+    if not all(0 <= d <= 1 for d in cfg.eval.passkey_depths):
+        fail("eval.passkey_depths", "depths are fractions in [0, 1]")
 
 
 def validate_data_path(cfg: Config) -> None:

@@ -34,6 +34,7 @@ from cope_megatron.distributed.parallel import (
     seed_everything,
 )
 from cope_megatron.distributed.sequence_parallel import register_sequence_parallel_grad_hooks
+from cope_megatron.eval.passkey import passkey_accuracy
 from cope_megatron.eval.perplexity import evaluate
 from cope_megatron.metrics import MetricsLogger
 from cope_megatron.model.gpt import build_gpt, lm_loss
@@ -155,10 +156,14 @@ class Trainer:
         return TrainResult(step=self.step, losses=losses, run_dir=self.run_dir)
 
     def evaluate(self) -> dict:
-        """Held-out perplexity per length at the current step, also written to eval.json."""
+        """Held-out perplexity per length (and passkey accuracy) at the current step, also
+        written to eval.json."""
         env = self.env
         report = evaluate(self.engine, self.cfg, self.manifest, env.device, env.dp_rank,
                           env.dp_size)
+        if self.cfg.eval.passkey_samples:
+            report["passkey"] = passkey_accuracy(self.engine, self.cfg, self.manifest,
+                                                 env.device, env.dp_rank, env.dp_size)
         report["step"] = self.step
         if env.is_main:
             write_text_atomic(self.run_dir / "eval.json", json.dumps(report, indent=1))

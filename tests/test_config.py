@@ -76,6 +76,7 @@ def test_missing_config_file_is_an_error(tmp_path):
     (["eval.length_multipliers=[]"], 1, "eval.length_multipliers"),
     (["eval.stride=48"], 1, "eval.stride"),
     (["eval.tokens=0"], 1, "eval.tokens"),
+    (["eval.passkey_depths=[0.5, 2]"], 1, "eval.passkey_depths"),
 ])
 def test_validation_names_the_key(overrides, world, key):
     cfg = load_config(overrides)
@@ -123,7 +124,8 @@ PUBLIC_KEYS = """
     train.micro_batch_size train.grad_accum train.lr train.min_lr train.warmup_steps
     train.weight_decay train.beta1 train.beta2 train.grad_clip train.precision
     train.log_interval train.save_interval eval.tokens eval.batch_size
-    eval.length_multipliers eval.stride eval.data logging.wandb logging.project logging.progress
+    eval.length_multipliers eval.stride eval.data eval.passkey_samples
+    eval.passkey_depths logging.wandb logging.project logging.progress
     run.dir run.name run.resume
 """.split()
 

@@ -47,6 +47,11 @@ def test_eval_scores_the_same_tokens_at_every_length(prepared, tmp_path, dist_cl
                                                           rel=1e-6)
     # At 4x, sliding gives each token more context than cutting the text does.
     assert report["sliding"][128]["loss"] != report["lengths"][128]["loss"]
+    assert set(report["passkey"]) == {32, 64, 128}
+    for result in report["passkey"].values():
+        accuracies = [v for k, v in result.items() if k != "samples"]
+        assert result.get("status") == "not applicable" or (
+            len(accuracies) == 5 and all(0 <= a <= 1 for a in accuracies)), result
 
 
 def test_cli_eval_json_keeps_stdout_clean(prepared, tmp_path):
@@ -91,3 +96,54 @@ def test_alibi_evaluation_beyond_an_s_by_s_bias_fits(tmp_path):
     assert ok.returncode == 0 and ok.stdout.strip() == "True", ok.stderr[-2000:]
     oom = subprocess.run(run + ["train"], capture_output=True, text=True, env=env, timeout=600)
     assert oom.returncode != 0 and "memory" in oom.stderr.lower(), oom.stderr[-2000:]
+
+
+def test_passkey_prompt_hides_the_key_at_its_depth(prepared):
+    import sentencepiece as spm
+    import torch
+
+    from cope_megatron.eval.passkey import KEY, QUESTION, PromptTooLongError, passkey_sample
+
+    shards, manifest, _ = prepared
+    tok = spm.SentencePieceProcessor(model_file=str(shards / manifest["tokenizer"]))
+    key_ids = tok.encode(KEY.format(key=54321))
+    starts = []
+    for depth in (0.0, 0.5, 1.0):
+        tokens, mask = passkey_sample(tok, 256, depth, 54321)
+        assert tokens.shape == (257,) and mask.shape == (256,)
+        ids = tokens.tolist()
+        starts.append(next(i for i in range(len(ids)) if ids[i:i + len(key_ids)] == key_ids))
+        answer = tokens[1:][mask.bool()]  # the predictions the mask scores
+        assert tok.decode(answer.tolist()).strip() == "54321"
+        assert torch.equal(mask[-len(answer):], torch.ones(len(answer)))
+        assert mask.sum() == len(answer)
+        assert tok.decode(ids).rstrip().endswith(QUESTION + " 54321")
+    assert starts[0] < starts[1] < starts[2]
+    with pytest.raises(PromptTooLongError):
+        passkey_sample(tok, 8, 0.5, 54321)
+
+
+def test_answer_errors_is_teacher_forced_greedy_decoding(dist_cleanup):
+    import torch
+
+    from cope_megatron.distributed.parallel import init_distributed, seed_everything
+    from cope_megatron.eval.passkey import answer_errors
+    from cope_megatron.model.gpt import build_gpt
+
+    cfg = load_config(["model.num_layers=1", "model.hidden_size=32",
+                       "model.num_attention_heads=4", "model.seq_length=16"])
+    init_distributed(1)
+    seed_everything(0)
+    model = build_gpt(cfg, 100).eval()
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 100, (3, 17), generator=gen)
+    with torch.no_grad():
+        logits = model(tokens[:, :-1], torch.arange(16).expand(3, 16), None)
+    # Make sample 0 right at its last position (its inputs stay as they were).
+    tokens[0, -1] = logits[0, -1].argmax(-1)
+    mask = torch.zeros(3, 16)
+    mask[:, -3:] = 1
+    want = ((logits.argmax(-1) != tokens[:, 1:]).float() * mask).sum(-1)
+    with torch.no_grad():
+        got = answer_errors(model, tokens, mask)
+    assert got.tolist() == want.tolist() and want.sum() > 0

@@ -88,7 +88,7 @@ def test_torchrun_tensor_parallel_matches_one_process(prepared, tmp_path):
 
 def test_torchrun_context_parallel_trains_and_evaluates_as_one_process(prepared, tmp_path):
     """CoPE with the sequence split over 2 ranks: the losses of one process, the same
-    held-out perplexity at 1× and 2× the training length, and `eval` of a one-process
+    held-out perplexity at 1× and 8× the training length, and `eval` of a one-process
     checkpoint under CP gives that run's numbers."""
     shards, _, _ = prepared
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -98,6 +98,7 @@ def test_torchrun_context_parallel_trains_and_evaluates_as_one_process(prepared,
 
     def run(launcher, command, run_dir, **extra):
         args = debug_overrides(shards, run_dir, **{"model.pe": "cope", "train.steps": 3,
+                                                   "eval.length_multipliers": "[1, 8]",
                                                    **extra})
         out = subprocess.run(launcher + [command] + args, env=env, capture_output=True,
                              text=True, timeout=600)
@@ -110,12 +111,16 @@ def test_torchrun_context_parallel_trains_and_evaluates_as_one_process(prepared,
     assert len(losses[1]) == 3
     for a, b in zip(*losses):
         assert abs(a - b) < 1e-5, losses
-    for length in ("32", "64"):
+    for length in ("32", "256"):
         assert abs(got[length]["loss"] - want[length]["loss"]) < 1e-5, (got, want)
         assert got[length]["tokens"] == want[length]["tokens"]
+    # Passkey retrieval ran under CP too (the prompt fits at 8x only), with one verdict.
+    reports = [json.loads((tmp_path / name / "eval.json").read_text())["passkey"]
+               for name in ("single", "cp2")]
+    assert reports[0] == reports[1] and "0.5" in reports[0]["256"], reports
     (tmp_path / "single" / "eval.json").unlink()
     again = run(cp2, "eval", tmp_path / "single", **{"parallel.context": 2})
-    for length in ("32", "64"):
+    for length in ("32", "256"):
         assert abs(again[length]["loss"] - want[length]["loss"]) < 1e-5, (again, want)
 
 

@@ -1,0 +1,116 @@
+"""Passkey retrieval (Mohtashami & Jaggi 2023, arXiv 2305.16300): a number hidden at some
+depth of filler text, asked for at the end; accuracy of greedy decoding, per length and
+depth.
+
+Greedy decoding of the answer is right exactly when, teacher-forced, every answer token is
+the argmax of its position (each step then feeds back the true token), so one forward of
+prompt + answer scores a sample. That forward is the ordinary one: it runs under TP (the
+argmax is taken over vocabulary shards) and CP (answer positions on any rank) alike.
+Prompts are built from the run's own tokenizer.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.utils import get_batch_on_this_cp_rank
+
+from cope_megatron.config import Config
+from cope_megatron.model.gpt import max_positions
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
+         "memorize it. I will quiz you about the important information there.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+
+
+class PromptTooLongError(ValueError):
+    """The fixed parts of the prompt alone exceed the length."""
+
+
+def passkey_sample(tokenizer: spm.SentencePieceProcessor, length: int, depth: float,
+                   key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [length + 1], answer mask [length]): intro, filler with the key sentence at
+    ``depth`` (0 = right after the intro, 1 = right before the question), question, answer;
+    the mask marks the predictions of the answer's tokens."""
+    # Segments are encoded apart and joined: SentencePiece's dummy prefix gives each its
+    # leading space, so the answer reads " 54321" as it would in running text.
+    enc = tokenizer.encode
+    intro, key_ids = enc(INTRO), enc(KEY.format(key=key))
+    question, answer, sentence = enc(QUESTION), enc(str(key)), enc(FILLER)
+    room = length + 1 - len(intro) - len(key_ids) - len(question) - len(answer)
+    if room < 0:
+        raise PromptTooLongError(f"a passkey prompt needs more than {length} tokens")
+    filler = (sentence * (room // len(sentence) + 1))[:room]
+    cut = round(depth * room)
+    ids = intro + filler[:cut] + key_ids + filler[cut:] + question + answer
+    mask = torch.zeros(length)
+    mask[length - len(answer):] = 1
+    return torch.tensor(ids), mask
+
+
+def answer_errors(model: torch.nn.Module, tokens: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+    """Per sample, how many masked positions' argmax is not the next token (summed over
+    CP ranks; vocabulary shards compared across TP ranks)."""
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    position_ids = torch.arange(inputs.shape[1], device=tokens.device).expand_as(inputs)
+    batch = get_batch_on_this_cp_rank({"input_ids": inputs, "position_ids": position_ids,
+                                       "labels": labels, "mask": mask})
+    logits = model(batch["input_ids"], batch["position_ids"], None).float()  # [b, s, v/TP]
+    best = logits.max(-1).values
+    tp = parallel_state.get_tensor_model_parallel_group()
+    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tp)
+    start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
+    local = batch["labels"] - start
+    mine = (local >= 0) & (local < logits.shape[-1])
+    target = logits.gather(-1, local.clamp(0, logits.shape[-1] - 1)[..., None])[..., 0]
+    target = torch.where(mine, target, 0.0)
+    dist.all_reduce(target, group=tp)
+    errors = ((target < best).float() * batch["mask"]).sum(-1)
+    dist.all_reduce(errors, group=parallel_state.get_context_parallel_group())
+    return errors
+
+
+@torch.no_grad()
+def passkey_accuracy(model: torch.nn.Module, cfg: Config, manifest: dict,
+                     device: torch.device, dp_rank: int = 0, dp_size: int = 1) -> dict:
+    """{length: {depth: accuracy, ..., "samples": n} or {"status": "not applicable"}}."""
+    tokenizer = spm.SentencePieceProcessor(
+        model_file=str(Path(cfg.data.shards) / manifest["tokenizer"]))
+    rng = random.Random(cfg.train.seed)
+    limit = max_positions(model)
+    was_training = model.training
+    model.eval()
+    results: dict = {}
+    for mult in cfg.eval.length_multipliers:
+        length = mult * cfg.model.seq_length
+        if limit is not None and length > limit:
+            results[length] = {"status": "not applicable",
+                               "reason": f"no positions beyond {limit}"}
+            continue
+        try:
+            passkey_sample(tokenizer, length, 0.0, 10_000)
+        except PromptTooLongError as e:
+            results[length] = {"status": "not applicable", "reason": str(e)}
+            continue
+        results[length] = {"samples": cfg.eval.passkey_samples}
+        for depth in cfg.eval.passkey_depths:
+            hits = torch.zeros(2, device=device)  # [correct, scored]
+            for i in range(cfg.eval.passkey_samples):
+                key = rng.randrange(10_000, 100_000)  # drawn on every rank: same prompts
+                if i % dp_size != dp_rank:
+                    continue
+                tokens, mask = passkey_sample(tokenizer, length, depth, key)
+                errors = answer_errors(model, tokens[None].to(device), mask[None].to(device))
+                hits += torch.stack([(errors == 0).float().sum(), hits.new_tensor(1.0)])
+            dist.all_reduce(hits, group=parallel_state.get_data_parallel_group())
+            results[length][str(depth)] = (hits[0] / hits[1]).item()
+    model.train(was_training)
+    return results
