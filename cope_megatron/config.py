@@ -163,7 +163,8 @@ class EvalConfig:
     this many tokens and score only their new ones, each token once with up to a window of
     context. Must divide model.seq_length; None: model.seq_length."""
     data: str | None = None
-    """Shard directory whose validation split is scored (prepared with the run's tokenizer);
+    """What to score: a prepared shard directory (its validation split, same tokenizer),
+    or raw text files, a directory or a glob (tokenized with the run's tokenizer);
     None: data.shards."""
     passkey_samples: int = 4
     """Passkey-retrieval prompts per length and depth (0: skip passkey retrieval)."""

@@ -54,6 +54,26 @@ def test_eval_scores_the_same_tokens_at_every_length(prepared, tmp_path, dist_cl
             len(accuracies) == 5 and all(0 <= a <= 1 for a in accuracies)), result
 
 
+def test_eval_scores_raw_text_files_with_the_runs_tokenizer(prepared, tmp_path, dist_cleanup):
+    from cope_megatron.config import ConfigError
+    from cope_megatron.distributed.parallel import destroy_distributed
+
+    shards, _, corpus = prepared
+    overrides = debug_overrides(shards, tmp_path / "run", **{"train.steps": 1,
+                                                              "eval.passkey_samples": 0})
+    run_train(load_config(overrides), evaluate_after=False)
+    destroy_distributed()
+    report = run_eval(load_config(overrides + [f"eval.data={corpus}/doc00*.txt"]))
+    assert report["eval_data"].endswith("doc00*.txt")
+    assert {r["tokens"] for r in report["lengths"].values()} == {256}
+    assert all(math.isfinite(r["ppl"]) for r in report["sliding"].values())
+    destroy_distributed()
+    short = tmp_path / "short.txt"
+    short.write_text("too short to score")
+    with pytest.raises(ConfigError, match="eval.tokens:.*short.txt holds fewer"):
+        run_eval(load_config(overrides + [f"eval.data={short}"]))
+
+
 def test_cli_eval_json_keeps_stdout_clean(prepared, tmp_path):
     shards, _, _ = prepared
     overrides = debug_overrides(shards, tmp_path / "run", **{"train.steps": 1})

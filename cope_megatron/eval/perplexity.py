@@ -17,7 +17,9 @@ position encoding that cannot represent a length is reported as not applicable.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
+import sentencepiece as spm
 import torch
 import torch.distributed as dist
 
@@ -25,6 +27,7 @@ from cope_megatron.config import Config, ConfigError
 from cope_megatron.data.loader import StreamSpec, read_manifest, sequential_windows, split_shards
 from cope_megatron.distributed.parallel import replica_group
 from cope_megatron.model.gpt import max_positions, token_losses
+from data_prep.corpus import iter_pieces, resolve_sources
 
 PROTOCOLS = ("windows", "sliding")
 
@@ -38,25 +41,48 @@ def window_plan(n_tokens: int, length: int, stride: int) -> list[tuple[int, int]
 
 
 def evaluation_text(cfg: Config, manifest: dict) -> torch.Tensor:
-    """The first scored-token count + 1 tokens of the evaluation split, as one 1-D tensor."""
-    shards_dir = cfg.eval.data or cfg.data.shards
-    if cfg.eval.data is not None:
+    """The first scored-token count + 1 tokens of the evaluation text, as one 1-D tensor:
+    the validation split of ``eval.data`` (a prepared shard directory; default
+    ``data.shards``), or, when ``eval.data`` names files, directories or a glob of raw text,
+    those files tokenized with the run's own tokenizer (documents EOS-separated, as prep
+    packs them)."""
+    longest = max(cfg.eval.length_multipliers) * cfg.model.seq_length
+    n_tokens = -(-cfg.eval.tokens // longest) * longest
+    source = cfg.eval.data or cfg.data.shards
+    if (Path(source) / "manifest.json").is_file():
+        text = _shard_text(cfg, manifest, source, n_tokens + 1)
+    else:
+        text = _raw_text(cfg, manifest, source, n_tokens + 1)
+    if text is None:
+        raise ConfigError(f"eval.tokens: {source} holds fewer than {n_tokens + 1} evaluation "
+                          "tokens; lower eval.tokens or the length multipliers")
+    return text
+
+
+def _shard_text(cfg: Config, manifest: dict, shards_dir: str, count: int):
+    if shards_dir != cfg.data.shards:
         own_tokenizer = manifest["tokenizer_sha256"]
         manifest = read_manifest(shards_dir)
         if manifest["tokenizer_sha256"] != own_tokenizer:
             raise ConfigError(f"eval.data: {shards_dir} was tokenized with another tokenizer "
-                             f"than the run's; prepare it with data.tokenizer set to the "
-                             "run's tokenizer.model")
-    longest = max(cfg.eval.length_multipliers) * cfg.model.seq_length
-    n_tokens = -(-cfg.eval.tokens // longest) * longest
+                              f"than the run's; prepare it with data.tokenizer set to the "
+                              "run's tokenizer.model")
     shards = split_shards(shards_dir, manifest, "val")
     spec = StreamSpec(shards=shards, seq_len=manifest["seq_len"], dtype=manifest["dtype"],
                       tokenizer_sha256=manifest["tokenizer_sha256"], seed=0, micro_batch_size=1)
-    text = next(sequential_windows(shards, spec, n_tokens + 1), None)
-    if text is None:
-        raise ConfigError(f"eval.tokens: the validation split of {shards_dir} has fewer than "
-                         f"{n_tokens + 1} tokens; lower eval.tokens or the length multipliers")
-    return text
+    return next(sequential_windows(shards, spec, count), None)
+
+
+def _raw_text(cfg: Config, manifest: dict, source: str, count: int):
+    tokenizer = spm.SentencePieceProcessor(
+        model_file=str(Path(cfg.data.shards) / manifest["tokenizer"]))
+    ids: list[int] = []
+    for path in resolve_sources([source], cfg.data.cache_dir):
+        for piece in iter_pieces(path, cfg.data.text_field):
+            ids += tokenizer.encode(piece.text) + ([manifest["eos_id"]] if piece.last else [])
+            if len(ids) >= count:
+                return torch.tensor(ids[:count])
+    return None
 
 
 @torch.no_grad()
