@@ -44,6 +44,7 @@ import torch.distributed as dist
 
 from cope_megatron.distributed.ring import ContextParallel, merge_softmax, rows
 from cope_megatron.ops import cope_chunked
+from cope_megatron.ops.cope import resolve_impl
 from cope_megatron.ops.cope_chunked import (
     DEFAULT_BLOCK,
     differences,
@@ -56,9 +57,9 @@ from cope_megatron.ops.cope_chunked import (
 from cope_megatron.ops.cope_reference import expand_kv
 
 
-def _kernels(device: torch.device, impl: str):
+def _kernels(q: torch.Tensor, impl: str):
     """The module whose chunk_forward/chunk_backward run the pairs."""
-    if impl == "triton" or (impl == "auto" and device.type == "cuda"):
+    if resolve_impl(q, impl) == "triton":
         from cope_megatron.ops import cope_triton
         return cope_triton
     return cope_chunked
@@ -87,7 +88,7 @@ class _CoPEContextParallel(torch.autograd.Function):
         dtype, work = q.dtype, work_dtype(q.dtype)
         q, pos_emb = q.to(work), pos_emb.to(work)
         h, c = q.shape[1], q.shape[2] // 2
-        ops = _kernels(q.device, impl)
+        ops = _kernels(q, impl)
         z = q @ pos_emb  # [b, h, 2c, npos]
         zd = differences(z)
 

@@ -12,16 +12,15 @@ Prompts are built from the run's own tokenizer.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import sentencepiece as spm
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.utils import get_batch_on_this_cp_rank
 
 from cope_megatron.config import Config
-from cope_megatron.model.gpt import max_positions
+from cope_megatron.eval.perplexity import run_tokenizer
+from cope_megatron.model.gpt import max_positions, shifted_batch
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about the important information there.")
@@ -59,10 +58,7 @@ def answer_errors(model: torch.nn.Module, tokens: torch.Tensor,
                   mask: torch.Tensor) -> torch.Tensor:
     """Per sample, how many masked positions' argmax is not the next token (summed over
     CP ranks; vocabulary shards compared across TP ranks)."""
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    position_ids = torch.arange(inputs.shape[1], device=tokens.device).expand_as(inputs)
-    batch = get_batch_on_this_cp_rank({"input_ids": inputs, "position_ids": position_ids,
-                                       "labels": labels, "mask": mask})
+    batch = shifted_batch(tokens, mask=mask)
     logits = model(batch["input_ids"], batch["position_ids"], None).float()  # [b, s, v/TP]
     best = logits.max(-1).values
     tp = parallel_state.get_tensor_model_parallel_group()
@@ -82,8 +78,7 @@ def answer_errors(model: torch.nn.Module, tokens: torch.Tensor,
 def passkey_accuracy(model: torch.nn.Module, cfg: Config, manifest: dict,
                      device: torch.device, dp_rank: int = 0, dp_size: int = 1) -> dict:
     """{length: {depth: accuracy, ..., "samples": n} or {"status": "not applicable"}}."""
-    tokenizer = spm.SentencePieceProcessor(
-        model_file=str(Path(cfg.data.shards) / manifest["tokenizer"]))
+    tokenizer = run_tokenizer(cfg, manifest)
     rng = random.Random(cfg.train.seed)
     limit = max_positions(model)
     was_training = model.training

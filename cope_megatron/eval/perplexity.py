@@ -28,6 +28,7 @@ from cope_megatron.data.loader import StreamSpec, read_manifest, sequential_wind
 from cope_megatron.distributed.parallel import replica_group
 from cope_megatron.model.gpt import max_positions, token_losses
 from data_prep.corpus import iter_pieces, resolve_sources
+from data_prep.tokenizer import load_tokenizer
 
 PROTOCOLS = ("windows", "sliding")
 
@@ -73,9 +74,13 @@ def _shard_text(cfg: Config, manifest: dict, shards_dir: str, count: int):
     return next(sequential_windows(shards, spec, count), None)
 
 
+def run_tokenizer(cfg: Config, manifest: dict) -> spm.SentencePieceProcessor:
+    """The SentencePiece model the run's shards were prepared with."""
+    return load_tokenizer(Path(cfg.data.shards) / manifest["tokenizer"])
+
+
 def _raw_text(cfg: Config, manifest: dict, source: str, count: int):
-    tokenizer = spm.SentencePieceProcessor(
-        model_file=str(Path(cfg.data.shards) / manifest["tokenizer"]))
+    tokenizer = run_tokenizer(cfg, manifest)
     ids: list[int] = []
     for path in resolve_sources([source], cfg.data.cache_dir):
         for piece in iter_pieces(path, cfg.data.text_field):

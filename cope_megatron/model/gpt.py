@@ -66,25 +66,30 @@ class BeyondTrainingLengthError(ValueError):
     """The PE has no representation for positions past its training length."""
 
 
+def shifted_batch(tokens: torch.Tensor, **extra: torch.Tensor | None) -> dict:
+    """Inputs, global position ids, next-token labels (and ``extra`` [b, s] tensors) of
+    packed samples ``tokens`` [b, s + 1]: [b, s] each, or this rank's [b, s / CP] under
+    context parallelism (Megatron's head-tail split, after the shift, so position ids stay
+    global)."""
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    position_ids = torch.arange(inputs.shape[1], device=tokens.device).expand_as(inputs)
+    return get_batch_on_this_cp_rank(  # a no-op without CP
+        {"input_ids": inputs, "position_ids": position_ids, "labels": labels, **extra})
+
+
 def token_losses(model: torch.nn.Module, tokens: torch.Tensor,
                  loss_mask: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Next-token cross-entropy of packed samples ``tokens`` [b, s + 1] per position, and
-    ``loss_mask`` [b, s] cut the same way: [b, s] each, or this rank's [b, s / CP] under
-    context parallelism (Megatron's head-tail split, after the next-token shift; position
-    ids are sliced too, so they stay global)."""
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    seq = inputs.shape[1]
+    ``loss_mask`` [b, s] cut the same way (see ``shifted_batch``)."""
+    seq = tokens.shape[1] - 1
     limit = max_positions(model)
     if limit is not None and seq > limit:
         raise BeyondTrainingLengthError(
             f"sequence length {seq} exceeds the {limit} positions this position encoding was "
             "trained with (learned absolute embeddings cannot extrapolate)"
         )
-    position_ids = torch.arange(seq, device=tokens.device).unsqueeze(0).expand_as(inputs)
-    batch = get_batch_on_this_cp_rank(  # a no-op without CP
-        {"input_ids": inputs, "position_ids": position_ids, "labels": labels,
-         "loss_mask": loss_mask})
+    batch = shifted_batch(tokens, loss_mask=loss_mask)
     per_token = model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"])
     return per_token.float(), batch["loss_mask"]
 

@@ -58,6 +58,13 @@ def _triton_available(q: torch.Tensor) -> bool:
     return True
 
 
+def resolve_impl(q: torch.Tensor, impl: Impl) -> Impl:
+    """``auto`` becomes triton on CUDA when Triton is installed, else chunked."""
+    if impl == "auto":
+        return "triton" if _triton_available(q) else "chunked"
+    return impl
+
+
 def cope_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -71,8 +78,7 @@ def cope_attention(
 ) -> torch.Tensor:
     npos_max = _check(q, k, v, pos_emb, npos_max)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    if impl == "auto":
-        impl = "triton" if _triton_available(q) else "chunked"
+    impl = resolve_impl(q, impl)
     pos_emb = pos_emb.to(q.dtype)
     if impl == "reference":
         fn = cope_attention_reference
