@@ -60,11 +60,9 @@ def bench_prep(corpus: list[str], cache: str, seq: int, workers: int, repeat: in
 
 
 def bench_loader(shard_dir: str, seq: int, workers: int, batches: int) -> dict:
-    from cope_megatron.data.loader import ResumableLoader, StreamSpec, read_manifest, split_shards
+    from cope_megatron.data.loader import ResumableLoader, read_manifest, split_spec
 
-    m = read_manifest(shard_dir)
-    spec = StreamSpec(shards=split_shards(shard_dir, m, "train"), seq_len=m["seq_len"],
-                      dtype=m["dtype"], tokenizer_sha256=m["tokenizer_sha256"], seed=1,
+    spec = split_spec(shard_dir, read_manifest(shard_dir), "train", seed=1,
                       micro_batch_size=16, num_workers=workers)
     loader = ResumableLoader(spec)
     next(loader)  # worker start-up is not throughput

@@ -24,6 +24,11 @@ DEMO_CONFIGS = [str(CONFIG_DIR / "demo.yaml")]
 
 
 def prep(cfg: Config) -> dict:
+    """Tokenize and pack ``data.corpus``, or generate the task ``task.name``."""
+    if cfg.task.name:
+        from data_prep.tasks import prepare_task
+
+        return prepare_task(cfg.task, cfg.data.shards, progress=cfg.logging.progress)
     from data_prep.prep import prepare
 
     return prepare(cfg.data, seq_len=cfg.model.seq_length, seed=cfg.train.seed,

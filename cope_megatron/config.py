@@ -130,6 +130,25 @@ class DataConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class TaskConfig:
+    name: str | None = None
+    """A synthetic task of the CoPE paper (flipflop, selective_copy, counting; formats in
+    data_prep/tasks): prep then writes its splits into data.shards instead of tokenizing
+    data.corpus, training counts only answer predictions, and eval reports error % per
+    test split. None: language modelling on data.corpus."""
+    seed: int = 0
+    """Seed of the generated examples (each split draws its own stream)."""
+    train_samples: int = 10000
+    test_samples: int = 1000
+    """Examples per test split (the in-distribution test and each OOD set)."""
+    variables: int = 1
+    """Counting: variables per program (the paper's 1, 3 or 5)."""
+    files: dict = field(default_factory=dict)
+    """Outside data to encode instead of generating: split name -> file in the task's
+    format (e.g. {test: flipflop_test.txt})."""
+
+
+@dataclass(kw_only=True, slots=True)
 class TrainConfig:
     steps: int = 100
     seed: int = 1234
@@ -143,6 +162,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    lr_decay: Literal["cosine", "linear"] = "cosine"
+    """Shape of the decay from lr to min_lr after warmup."""
     precision: Literal["fp32", "bf16"] = "fp32"
     log_interval: int = 1
     save_interval: int = 0
@@ -194,6 +215,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -423,6 +445,13 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             fail(key, f"must be at least 1, got {value}")
     if cfg.eval.passkey_samples < 0:
         fail("eval.passkey_samples", f"must be 0 (off) or more, got {cfg.eval.passkey_samples}")
+    if cfg.task.variables not in range(1, 6):
+        fail("task.variables", f"counting programs use 1 to 5 variables, got "
+             f"{cfg.task.variables}")
+    for key, value in [("task.train_samples", cfg.task.train_samples),
+                       ("task.test_samples", cfg.task.test_samples)]:
+        if value < 1:
+            fail(key, f"must be at least 1, got {value}")
     if not all(0 <= d <= 1 for d in cfg.eval.passkey_depths):
         fail("eval.passkey_depths", "depths are fractions in [0, 1]")
 

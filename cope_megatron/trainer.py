@@ -19,12 +19,7 @@ from tqdm import tqdm
 from cope_megatron import checkpoint
 from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import Config, dump_yaml, to_dict
-from cope_megatron.data.loader import (
-    ResumableLoader,
-    StreamSpec,
-    read_manifest,
-    split_shards,
-)
+from cope_megatron.data.loader import ResumableLoader, StreamSpec, read_manifest, split_spec
 from cope_megatron.distributed.deepspeed_glue import MegatronMPU, deepspeed_config
 from cope_megatron.distributed.parallel import (
     DistEnv,
@@ -32,12 +27,14 @@ from cope_megatron.distributed.parallel import (
     mean_over_replicas,
     replica_group,
     seed_everything,
+    sum_over_data_parallel,
 )
 from cope_megatron.distributed.sequence_parallel import register_sequence_parallel_grad_hooks
 from cope_megatron.eval.passkey import passkey_accuracy
 from cope_megatron.eval.perplexity import evaluate
+from cope_megatron.eval.tasks import task_errors
 from cope_megatron.metrics import MetricsLogger
-from cope_megatron.model.gpt import build_gpt, lm_loss
+from cope_megatron.model.gpt import build_gpt, loss_sum
 from cope_megatron.schedule import lr_at
 
 
@@ -53,7 +50,7 @@ def build_engine(cfg: Config, vocab_size: int):
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps,
-                           total=t.steps) / t.lr,
+                           total=t.steps, decay=t.lr_decay) / t.lr,
     )
     engine, *_ = deepspeed.initialize(
         model=model,
@@ -100,12 +97,9 @@ class Trainer:
     # -- building -------------------------------------------------------------------
 
     def _stream_spec(self) -> StreamSpec:
-        cfg, m = self.cfg, self.manifest
-        return StreamSpec(
-            shards=split_shards(cfg.data.shards, m, "train"),
-            seq_len=m["seq_len"],
-            dtype=m["dtype"],
-            tokenizer_sha256=m["tokenizer_sha256"],
+        cfg = self.cfg
+        return split_spec(
+            cfg.data.shards, self.manifest, "train",
             seed=cfg.train.seed,
             micro_batch_size=cfg.train.micro_batch_size,
             dp_rank=self.env.dp_rank,
@@ -118,16 +112,27 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------
 
     def train_step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro batches; returns the mean loss
-        over micro batches, data-parallel ranks and context-parallel chunks."""
+        """One optimizer step over ``grad_accum`` micro batches; returns the mean loss per
+        trained prediction of the global batch (over micro batches, data-parallel ranks
+        and context-parallel chunks)."""
+        gas = self.cfg.train.grad_accum
+        batches = [next(self.data) for _ in range(gas)]
+        # Every trained prediction of the global batch weighs the same, wherever loss masks
+        # put them: DeepSpeed divides by gas and averages over DP × CP, so scale by both
+        # over the global count. Without masks this is each rank's mean.
+        counted = sum(b["loss_mask"].sum().item() if "loss_mask" in b
+                      else b["tokens"][:, 1:].numel() for b in batches)
+        weight = dist.get_world_size(replica_group()) * gas / max(
+            sum_over_data_parallel(counted), 1.0)
         total = 0.0
-        for _ in range(self.cfg.train.grad_accum):
-            tokens = next(self.data).to(self.env.device)
-            loss = lm_loss(self.engine, tokens)
+        for batch in batches:
+            mask = batch.get("loss_mask")
+            loss = weight * loss_sum(self.engine, batch["tokens"].to(self.env.device),
+                                     None if mask is None else mask.to(self.env.device))
             self.engine.backward(loss)
             self.engine.step()
             total += loss.detach()
-        return mean_over_replicas(total / self.cfg.train.grad_accum)
+        return mean_over_replicas(total / gas)
 
     def train(self) -> TrainResult:
         cfg = self.cfg
@@ -156,16 +161,18 @@ class Trainer:
         return TrainResult(step=self.step, losses=losses, run_dir=self.run_dir)
 
     def evaluate(self) -> dict:
-        """Held-out perplexity per length (and passkey accuracy) at the current step, also
-        written to eval.json."""
-        env = self.env
-        report = evaluate(self.engine, self.cfg, self.manifest, env.device, env.dp_rank,
-                          env.dp_size)
-        if self.cfg.eval.passkey_samples:
-            report["passkey"] = passkey_accuracy(self.engine, self.cfg, self.manifest,
-                                                 env.device, env.dp_rank, env.dp_size)
+        """Held-out perplexity per length and passkey accuracy, or a task's error % per
+        test split, at the current step; also written to eval.json."""
+        where = (self.engine, self.cfg, self.manifest, self.env.device, self.env.dp_rank,
+                 self.env.dp_size)
+        if "task" in self.manifest:
+            report = task_errors(*where)
+        else:
+            report = evaluate(*where)
+            if self.cfg.eval.passkey_samples:
+                report["passkey"] = passkey_accuracy(*where)
         report["step"] = self.step
-        if env.is_main:
+        if self.env.is_main:
             write_text_atomic(self.run_dir / "eval.json", json.dumps(report, indent=1))
         return report
 

@@ -51,7 +51,8 @@ def _pieces(files: list[Path], text_field: str, max_docs: int | None) -> Iterato
                     return
 
 
-def _check_fingerprint(out: Path, fingerprint: dict) -> None:
+def check_fingerprint(out: Path, fingerprint: dict) -> None:
+    """Refuse a directory prepared (or being prepared) from other inputs."""
     path = out / FINGERPRINT
     if path.exists():
         old = json.loads(path.read_text())
@@ -84,7 +85,7 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True)
             "sample_bytes": data.tokenizer_sample_bytes},
     }
     out.mkdir(parents=True, exist_ok=True)
-    _check_fingerprint(out, fingerprint)
+    check_fingerprint(out, fingerprint)
     if (out / MANIFEST).exists():
         return json.loads((out / MANIFEST).read_text())
     started = time.time()

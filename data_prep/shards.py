@@ -70,11 +70,17 @@ class SplitWriter:
         self._tar.write({"__key__": SHARD_META_KEY, "json": json.dumps(self.meta).encode()})
         self._count = self._bytes = 0
 
-    def write(self, tokens: np.ndarray) -> None:
+    def write(self, tokens: np.ndarray, loss_mask: np.ndarray | None = None) -> None:
+        """One sample: ``tokens`` [seq_len + 1] and, for data sets with a loss mask, one
+        0/1 per prediction [seq_len]."""
         if self._tar is None:
             self._open()
         payload = encode_tokens(tokens)
-        self._tar.write({"__key__": f"{self.split}{self._next_key:010d}", "tokens.npy": payload})
+        record = {"__key__": f"{self.split}{self._next_key:010d}", "tokens.npy": payload}
+        if loss_mask is not None:
+            record["mask.npy"] = encode_tokens(loss_mask.astype(np.uint8))
+            payload += record["mask.npy"]
+        self._tar.write(record)
         self._next_key += 1
         self._count += 1
         self._bytes += len(payload) + 1024  # tar header and padding

@@ -14,7 +14,7 @@ from cope_megatron.data.loader import (
     ResumableLoader,
     StreamSpec,
     TokenStream,
-    _shard_samples,
+    ordered_samples,
     read_manifest,
     slot_ranges,
     split_shards,
@@ -34,8 +34,7 @@ def make_spec(shard_dir, split="train", **kw) -> StreamSpec:
 
 def split_stream(shard_dir, split) -> np.ndarray:
     spec = make_spec(shard_dir, split)
-    return np.concatenate([s for sh in spec.shards
-                           for s in _shard_samples(sh.url, 0, sh.samples, spec)])
+    return np.concatenate([s for s, _ in ordered_samples(spec)])
 
 
 def test_round_trip_reproduces_documents(prepared):
@@ -79,7 +78,7 @@ def test_each_epoch_covers_every_sample_once_across_ranks(prepared, dp_size, wor
                 assert share in (total // (dp_size * workers), -(-total // (dp_size * workers)))
                 stream = TokenStream(spec)._samples(slot)
                 skip = sum(hi - lo for _, lo, hi in slot_ranges(spec, 0, slot)) if epoch else 0
-                drawn = [next(stream).tobytes() for _ in range(skip + share)][skip:]
+                drawn = [next(stream)[0].tobytes() for _ in range(skip + share)][skip:]
                 seen.update(drawn)
                 if slot == 0:
                     orders.append(drawn)
@@ -89,10 +88,11 @@ def test_each_epoch_covers_every_sample_once_across_ranks(prepared, dp_size, wor
 
 def test_different_ranks_see_different_samples_and_order_depends_on_seed(prepared):
     shards, _, _ = prepared
-    a = [next(it)[0].sum().item() for it in [ResumableLoader(make_spec(shards))] for _ in range(6)]
-    b = [next(it)[0].sum().item() for it in [ResumableLoader(make_spec(shards, seed=4))]
+    a = [next(it)["tokens"][0].sum().item() for it in [ResumableLoader(make_spec(shards))]
          for _ in range(6)]
-    again = [next(it)[0].sum().item() for it in [ResumableLoader(make_spec(shards))]
+    b = [next(it)["tokens"][0].sum().item() for it in [ResumableLoader(make_spec(shards, seed=4))]
+         for _ in range(6)]
+    again = [next(it)["tokens"][0].sum().item() for it in [ResumableLoader(make_spec(shards))]
              for _ in range(6)]
     assert a == again and a != b
 
@@ -109,7 +109,7 @@ def test_resume_mid_epoch_with_workers_is_exact(prepared, workers, stop):
     state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
     resumed = ResumableLoader(spec, ResumableLoader.check_state(state, spec))
     for want in expected[stop:]:
-        assert np.array_equal(next(resumed).numpy(), want.numpy())
+        assert np.array_equal(next(resumed)["tokens"].numpy(), want["tokens"].numpy())
 
 
 def test_pipe_urls_stream_like_local_files(prepared, tmp_path):
@@ -123,7 +123,7 @@ def test_pipe_urls_stream_like_local_files(prepared, tmp_path):
     local = ResumableLoader(make_spec(prepared[0]))
     piped = ResumableLoader(spec)
     for _ in range(40):
-        assert np.array_equal(next(local).numpy(), next(piped).numpy())
+        assert np.array_equal(next(local)["tokens"].numpy(), next(piped)["tokens"].numpy())
 
 
 def test_resume_with_a_different_layout_is_refused(prepared):

@@ -11,6 +11,10 @@ DataLoader takes batches from its workers round-robin, so the ``batches`` consum
 rank fixes how many each worker produced: resuming replays exactly that many per worker
 (reading, not training) and continues with the samples an uninterrupted run would see.
 TP and CP ranks of one replica share a dp_rank, hence their samples.
+
+A data set may carry a loss mask (``loss_mask`` in its manifest): each sample then also
+holds ``mask.npy``, one 0/1 per prediction, and batches hold ``loss_mask`` [b, seq_len]
+beside ``tokens`` [b, seq_len + 1] so that only the marked predictions are trained on.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ class StreamSpec:
     num_workers: int = 1
     shuffle_buffer: int = 1000
     on_error: str = "raise"
+    loss_mask: bool = False
 
     @property
     def total_samples(self) -> int:
@@ -100,17 +105,37 @@ def slot_ranges(spec: StreamSpec, epoch: int, slot: int) -> list[tuple[ShardInfo
     return pieces
 
 
+def split_spec(shard_dir: str | Path, manifest: dict, split: str, **kw) -> StreamSpec:
+    """The stream of one split: its shards, and its sample length (task data sets give
+    each split its own) and format from the manifest; ``kw`` sets the rest."""
+    kw.setdefault("seed", 0)
+    kw.setdefault("micro_batch_size", 1)
+    return StreamSpec(
+        shards=split_shards(shard_dir, manifest, split),
+        seq_len=manifest["splits"][split].get("seq_len", manifest["seq_len"]),
+        dtype=manifest["dtype"],
+        tokenizer_sha256=manifest["tokenizer_sha256"],
+        loss_mask=manifest.get("loss_mask", False),
+        **kw,
+    )
+
+
 def _check_meta(url: str, meta: dict, spec: StreamSpec) -> None:
     for key, want in (("seq_len", spec.seq_len), ("dtype", spec.dtype),
-                      ("tokenizer_sha256", spec.tokenizer_sha256)):
-        if meta.get(key) != want:
+                      ("tokenizer_sha256", spec.tokenizer_sha256),
+                      ("loss_mask", spec.loss_mask)):
+        if meta.get(key, False) != want:
             raise DataError(
                 f"shard {url}: {key} is {meta.get(key)!r} but the manifest says {want!r}; the "
                 "shard comes from a different prep: re-run prep into a fresh directory"
             )
 
 
-def _shard_samples(url: str, first: int, end: int, spec: StreamSpec) -> Iterator[np.ndarray]:
+Sample = tuple[np.ndarray, np.ndarray | None]
+"""(tokens [seq_len + 1], loss mask [seq_len] or None)."""
+
+
+def _shard_samples(url: str, first: int, end: int, spec: StreamSpec) -> Iterator[Sample]:
     """Samples [first, end) of one shard, each checked against the manifest."""
     stream = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
     index = 0
@@ -129,7 +154,14 @@ def _shard_samples(url: str, first: int, end: int, spec: StreamSpec) -> Iterator
                 raise DataError(f"shard {url}: sample {record['__key__']} has shape "
                                 f"{tokens.shape} {tokens.dtype}, expected ({spec.seq_len + 1},) "
                                 f"{spec.dtype}; re-run prep")
-            yield tokens
+            mask = None
+            if spec.loss_mask:
+                mask = np.load(io.BytesIO(record["mask.npy"]), allow_pickle=False)
+                if mask.shape != (spec.seq_len,):
+                    raise DataError(f"shard {url}: sample {record['__key__']} has a loss mask "
+                                    f"of shape {mask.shape}, expected ({spec.seq_len},); "
+                                    "re-run prep")
+            yield tokens, mask
         index += 1
         if index >= end:
             return
@@ -146,7 +178,7 @@ class TokenStream(IterableDataset):
         self.start_batches = start_batches
         self.skipped_shards = 0
 
-    def _samples(self, slot: int) -> Iterator[np.ndarray]:
+    def _samples(self, slot: int) -> Iterator[Sample]:
         epoch = 0
         while True:
             rng = random.Random(f"{self.spec.seed}:buffer:{epoch}:{slot}")
@@ -162,7 +194,7 @@ class TokenStream(IterableDataset):
                                 f"{epoch}; every shard it reads was bad")
             epoch += 1
 
-    def _guarded(self, shard: ShardInfo, lo: int, hi: int) -> Iterator[np.ndarray]:
+    def _guarded(self, shard: ShardInfo, lo: int, hi: int) -> Iterator[Sample]:
         try:
             yield from _shard_samples(shard.url, lo, hi, self.spec)
         except Exception as e:  # tar, npy or meta errors all mean a bad shard
@@ -188,12 +220,17 @@ class TokenStream(IterableDataset):
         for _ in range(skip * mb):
             next(samples)
         while True:
-            batch = np.stack([next(samples) for _ in range(mb)]).astype(np.int64)
-            yield {"tokens": torch.from_numpy(batch), "skipped_shards": self.skipped_shards}
+            tokens, masks = zip(*(next(samples) for _ in range(mb)))
+            batch = {"tokens": torch.from_numpy(np.stack(tokens).astype(np.int64)),
+                     "skipped_shards": self.skipped_shards}
+            if self.spec.loss_mask:
+                batch["loss_mask"] = torch.from_numpy(np.stack(masks).astype(np.float32))
+            yield batch
 
 
 class ResumableLoader:
-    """Iterator of token batches whose position (``state_dict``) goes into checkpoints."""
+    """Iterator of batches ({"tokens"[, "loss_mask"]}) whose position (``state_dict``) goes
+    into checkpoints."""
 
     def __init__(self, spec: StreamSpec, start_batches: int = 0) -> None:
         streams = spec.dp_size * spec.num_workers
@@ -216,12 +253,12 @@ class ResumableLoader:
     def __iter__(self) -> "ResumableLoader":
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> dict[str, torch.Tensor]:
         item = next(self._it)
         # Round-robin: batch b came from worker b % num_workers.
-        self._skipped[self.batches % len(self._skipped)] = int(item["skipped_shards"])
+        self._skipped[self.batches % len(self._skipped)] = int(item.pop("skipped_shards"))
         self.batches += 1
-        return item["tokens"]
+        return item
 
     @property
     def skipped_shards(self) -> int:
@@ -250,17 +287,21 @@ class ResumableLoader:
         return state["batches"]
 
 
-def sequential_windows(shards: tuple[ShardInfo, ...], spec: StreamSpec, length: int
-                       ) -> Iterator[torch.Tensor]:
+def ordered_samples(spec: StreamSpec) -> Iterator[Sample]:
+    """Every sample of ``spec``'s shards once, in order (evaluation)."""
+    for shard in spec.shards:
+        yield from _shard_samples(shard.url, 0, shard.samples, spec)
+
+
+def sequential_windows(spec: StreamSpec, length: int) -> Iterator[torch.Tensor]:
     """Consecutive windows of ``length`` tokens from a split read in order.
 
     Packed samples are contiguous, non-overlapping slices of the split's token stream, so
     concatenating them gives windows longer than the training length (for extrapolation).
     """
     buf = np.empty(0, dtype=np.int64)
-    for shard in shards:
-        for sample in _shard_samples(shard.url, 0, shard.samples, spec):
-            buf = np.concatenate([buf, sample.astype(np.int64)])
-            while len(buf) >= length:
-                yield torch.from_numpy(buf[:length].copy())
-                buf = buf[length:]
+    for sample, _ in ordered_samples(spec):
+        buf = np.concatenate([buf, sample.astype(np.int64)])
+        while len(buf) >= length:
+            yield torch.from_numpy(buf[:length].copy())
+            buf = buf[length:]

@@ -84,6 +84,16 @@ def mean_over_replicas(value: torch.Tensor) -> float:
     return value.item() / dist.get_world_size(replica_group())
 
 
+def sum_over_data_parallel(value: float) -> float:
+    """Σ of a per-replica value (e.g. a count of samples' tokens) over data-parallel ranks:
+    the CP ranks of a replica hold the same samples, so they count once."""
+    total = torch.tensor(float(value), dtype=torch.float64)
+    if torch.cuda.is_available():
+        total = total.cuda()
+    dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return total.item()
+
+
 def seed_everything(seed: int) -> None:
     """Same seed on every rank: with ``use_cpu_initialization`` weights are drawn whole and
     sliced, so the full model is identical for every TP layout. Megatron's tracker then

@@ -2,10 +2,7 @@
 depth of filler text, asked for at the end; accuracy of greedy decoding, per length and
 depth.
 
-Greedy decoding of the answer is right exactly when, teacher-forced, every answer token is
-the argmax of its position (each step then feeds back the true token), so one forward of
-prompt + answer scores a sample. That forward is the ordinary one: it runs under TP (the
-argmax is taken over vocabulary shards) and CP (answer positions on any rank) alike.
+Scored by ``answer_errors``: one teacher-forced forward of prompt + answer per sample.
 Prompts are built from the run's own tokenizer.
 """
 
@@ -19,8 +16,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from cope_megatron.config import Config
+from cope_megatron.eval.answers import answer_errors
 from cope_megatron.eval.perplexity import run_tokenizer
-from cope_megatron.model.gpt import max_positions, shifted_batch
+from cope_megatron.model.gpt import max_positions
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about the important information there.")
@@ -52,26 +50,6 @@ def passkey_sample(tokenizer: spm.SentencePieceProcessor, length: int, depth: fl
     mask = torch.zeros(length)
     mask[length - len(answer):] = 1
     return torch.tensor(ids), mask
-
-
-def answer_errors(model: torch.nn.Module, tokens: torch.Tensor,
-                  mask: torch.Tensor) -> torch.Tensor:
-    """Per sample, how many masked positions' argmax is not the next token (summed over
-    CP ranks; vocabulary shards compared across TP ranks)."""
-    batch = shifted_batch(tokens, mask=mask)
-    logits = model(batch["input_ids"], batch["position_ids"], None).float()  # [b, s, v/TP]
-    best = logits.max(-1).values
-    tp = parallel_state.get_tensor_model_parallel_group()
-    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tp)
-    start = parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
-    local = batch["labels"] - start
-    mine = (local >= 0) & (local < logits.shape[-1])
-    target = logits.gather(-1, local.clamp(0, logits.shape[-1] - 1)[..., None])[..., 0]
-    target = torch.where(mine, target, 0.0)
-    dist.all_reduce(target, group=tp)
-    errors = ((target < best).float() * batch["mask"]).sum(-1)
-    dist.all_reduce(errors, group=parallel_state.get_context_parallel_group())
-    return errors
 
 
 @torch.no_grad()

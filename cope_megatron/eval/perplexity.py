@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from cope_megatron.config import Config, ConfigError
-from cope_megatron.data.loader import StreamSpec, read_manifest, sequential_windows, split_shards
+from cope_megatron.data.loader import read_manifest, sequential_windows, split_spec
 from cope_megatron.distributed.parallel import replica_group
 from cope_megatron.model.gpt import max_positions, token_losses
 from data_prep.corpus import iter_pieces, resolve_sources
@@ -68,10 +68,7 @@ def _shard_text(cfg: Config, manifest: dict, shards_dir: str, count: int):
             raise ConfigError(f"eval.data: {shards_dir} was tokenized with another tokenizer "
                               f"than the run's; prepare it with data.tokenizer set to the "
                               "run's tokenizer.model")
-    shards = split_shards(shards_dir, manifest, "val")
-    spec = StreamSpec(shards=shards, seq_len=manifest["seq_len"], dtype=manifest["dtype"],
-                      tokenizer_sha256=manifest["tokenizer_sha256"], seed=0, micro_batch_size=1)
-    return next(sequential_windows(shards, spec, count), None)
+    return next(sequential_windows(split_spec(shards_dir, manifest, "val"), count), None)
 
 
 def run_tokenizer(cfg: Config, manifest: dict) -> spm.SentencePieceProcessor:

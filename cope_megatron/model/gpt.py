@@ -104,6 +104,14 @@ def lm_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return token_losses(model, tokens)[0].mean()
 
 
+def loss_sum(model: torch.nn.Module, tokens: torch.Tensor,
+             loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ of next-token cross-entropy over this rank's predictions that ``loss_mask`` [b, s]
+    keeps (all when None); the caller divides by the count over the whole batch."""
+    losses, mask = token_losses(model, tokens, loss_mask)
+    return losses.sum() if mask is None else (losses * mask).sum()
+
+
 def max_positions(model: torch.nn.Module) -> int | None:
     """The longest sequence the model's PE can represent; None when unbounded."""
     return getattr(getattr(model, "module", model), "max_positions", None)

@@ -1,0 +1,70 @@
+"""Error % of a model trained on a synthetic task, on each of its test splits.
+
+An answer is wrong when greedy decoding would not produce it (``answer_errors``); the
+error is over answer tokens (flip-flop's bits after ``r``, selective copy's copied
+tokens, counting's one value) and, beside it, over whole sequences. Test splits may be
+longer than the training length (selective copy's OOD sparse): a PE that cannot represent
+a split's length is reported as not applicable.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from cope_megatron.config import Config
+from cope_megatron.data.loader import ordered_samples, split_spec
+from cope_megatron.eval.answers import answer_errors
+from cope_megatron.model.gpt import max_positions
+
+
+def _batches(spec, batch_size: int):
+    rows = []
+    for tokens, mask in ordered_samples(spec):
+        rows.append((tokens.astype(np.int64), mask.astype(np.float32)))
+        if len(rows) == batch_size:
+            yield rows
+            rows = []
+    if rows:
+        yield rows
+
+
+@torch.no_grad()
+def task_errors(model: torch.nn.Module, cfg: Config, manifest: dict, device: torch.device,
+                dp_rank: int = 0, dp_size: int = 1) -> dict:
+    """{"task": name, "splits": {split: {"error_pct", "sequence_error_pct", "answers",
+    "sequences", "seq_len"} or {"status": "not applicable", "reason"}}} for every split
+    but train."""
+    limit = max_positions(model)
+    was_training = model.training
+    model.eval()
+    results = {}
+    for split in manifest["splits"]:
+        if split == "train":
+            continue
+        spec = split_spec(cfg.data.shards, manifest, split)
+        if limit is not None and spec.seq_len > limit:
+            results[split] = {"status": "not applicable",
+                              "reason": f"{spec.seq_len} tokens exceed the {limit} positions "
+                                        f"{cfg.model.pe} was trained with"}
+            continue
+        # [wrong answers, answers, wrong sequences, sequences]
+        counts = torch.zeros(4, dtype=torch.float64, device=device)
+        for i, rows in enumerate(_batches(spec, cfg.eval.batch_size)):
+            if i % dp_size != dp_rank:
+                continue
+            tokens = torch.from_numpy(np.stack([t for t, _ in rows])).to(device)
+            mask = torch.from_numpy(np.stack([m for _, m in rows])).to(device)
+            errors = answer_errors(model, tokens, mask).double()
+            counts += torch.stack([errors.sum(), mask.double().sum(),
+                                   (errors > 0).double().sum(), counts.new_tensor(len(rows))])
+        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+        wrong, answers, wrong_seqs, seqs = counts.tolist()
+        results[split] = {"error_pct": 100 * wrong / answers,
+                          "sequence_error_pct": 100 * wrong_seqs / seqs,
+                          "answers": int(answers), "sequences": int(seqs),
+                          "seq_len": spec.seq_len}
+    model.train(was_training)
+    return {"task": manifest["task"]["name"], "splits": results}

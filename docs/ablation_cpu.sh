@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The CPU-scale PE ablation of docs/results.md, from a fresh clone (after
+# `launch/bootstrap.sh test --co -q` or the demo has made .venv). Stages run one after another:
+#   docs/ablation_cpu.sh lm        # demo model, 5 PEs x 2 seeds, perplexity to 16x + passkey
+#   docs/ablation_cpu.sh flipflop  # Flip-Flop at reduced size and steps, 5 PEs
+#   docs/ablation_cpu.sh counting  # Counting with 1 variable, reduced, 5 PEs
+#   docs/ablation_cpu.sh report    # tables and plots into docs/results/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CM=".venv/bin/python -m cope_megatron"
+OUT=${OUT:-runs/ablation}
+PES=${PES:-"nope learned rope alibi cope"}
+COMMON="logging.wandb=disabled logging.progress=false"
+stage=${1:?usage: docs/ablation_cpu.sh lm|flipflop|counting|report}
+case "$stage" in
+  lm)
+    for seed in 1 2; do for pe in $PES; do
+      dir=$OUT/lm-$pe-s$seed
+      [ -f "$dir/eval.json" ] || $CM train configs/demo.yaml configs/pe/$pe.yaml \
+        train.seed=$seed run.dir=$dir $COMMON
+    done; done ;;
+  flipflop)
+    # The paper's data and batch; a smaller model (2 layers, dim 128) and 1.5K of 10K steps.
+    TASK="configs/tasks/flipflop.yaml task.train_samples=24000 model.num_layers=2
+          model.hidden_size=128 train.steps=1500 train.lr=1.0e-3 train.warmup_steps=50"
+    $CM prep $TASK $COMMON
+    for pe in $PES; do
+      dir=$OUT/flipflop-$pe
+      [ -f "$dir/eval.json" ] || $CM train $TASK configs/pe/$pe.yaml run.dir=$dir $COMMON
+    done ;;
+  counting)
+    # 1 variable, the paper's data; 2 layers, dim 128, batch 16, 1.5K steps at lr 1e-3.
+    TASK="configs/tasks/counting.yaml model.num_layers=2 model.hidden_size=128
+          train.micro_batch_size=16 train.steps=1500 train.lr=1.0e-3 train.min_lr=1.0e-4
+          train.warmup_steps=50"
+    $CM prep $TASK $COMMON
+    for pe in $PES; do
+      dir=$OUT/counting-$pe
+      [ -f "$dir/eval.json" ] || $CM train $TASK configs/pe/$pe.yaml run.dir=$dir $COMMON
+    done ;;
+  report)
+    $CM report $OUT/lm-* --out docs/results/lm
+    $CM report $OUT/flipflop-* --out docs/results/flipflop
+    $CM report $OUT/counting-* --out docs/results/counting ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
