@@ -4,6 +4,9 @@
     cope-megatron train [CONFIG.yaml ...] [key.sub=value ...]   (plain or under torchrun)
     cope-megatron eval  [--json] [CONFIG.yaml ...] [key.sub=value ...]   (plain or torchrun)
     cope-megatron demo  [key.sub=value ...]
+    cope-megatron report RUN_DIR... [--out DIR]   (tables and plots from finished runs)
+
+With ``task.name`` set (configs/tasks/), prep generates that synthetic task instead.
 """
 
 from __future__ import annotations
@@ -81,10 +84,13 @@ def logs_to_stderr(enabled: bool):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cope-megatron", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["prep", "train", "eval", "demo"])
-    parser.add_argument("sources", nargs="*", help="YAML config files and key.sub=value overrides")
+    parser.add_argument("command", choices=["prep", "train", "eval", "demo", "report"])
+    parser.add_argument("sources", nargs="*", help="YAML config files and key.sub=value "
+                        "overrides (report: run directories)")
     parser.add_argument("--json", action="store_true",
                         help="eval: stdout holds only the report's JSON; every log goes to stderr")
+    parser.add_argument("--out", default=None,
+                        help="report: directory to write into (default reports/<time>)")
     args = parser.parse_intermixed_args(argv)
     # Known-harmless start-up noise (no Apex/TE on this machine, deprecated collectives
     # inside DeepSpeed); the run's own warnings still show.
@@ -93,20 +99,29 @@ def main(argv: list[str] | None = None) -> int:
     with logs_to_stderr(args.json):  # from the first import: DeepSpeed logs on import
         from cope_megatron.checkpoint import CheckpointError
         from cope_megatron.data.loader import DataError
+        from cope_megatron.report import ReportError
         from data_prep.corpus import PrepError
 
         try:
             report = run(args)
-        except (ConfigError, PrepError, DataError, CheckpointError, FileNotFoundError) as e:
+        except (ConfigError, PrepError, DataError, CheckpointError, ReportError,
+                FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    if report is not None and int(os.environ.get("RANK", "0")) == 0:
+    if isinstance(report, Path):
+        print(report)
+    elif report is not None and int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(report, indent=1), flush=True)
     return 0
 
 
-def run(args: argparse.Namespace) -> dict | None:
-    """Run one command; eval returns its report (printed by ``main``)."""
+def run(args: argparse.Namespace) -> dict | Path | None:
+    """Run one command; eval returns its report, report its path (printed by ``main``)."""
+    if args.command == "report":
+        from cope_megatron.report import write_report
+
+        out = args.out or f"reports/{time.strftime('%Y%m%d-%H%M%S')}"
+        return write_report(args.sources, out)
     sources = (DEMO_CONFIGS if args.command == "demo" else []) + args.sources
     cfg = load_config(sources)
     if args.command == "prep":

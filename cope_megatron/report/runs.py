@@ -1,0 +1,89 @@
+"""Finished runs read back from their directories, grouped by what they compare.
+
+A run directory holds ``config.yaml``, ``metrics.jsonl`` and ``eval.json`` (written by
+``train`` and ``eval``). Runs are grouped by label (``run.name`` when set, else
+``model.pe``); runs that share a label are seeds of one setting, shown as their mean
+with the range across seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+class ReportError(ValueError):
+    """A run directory that cannot be reported; the message names it."""
+
+
+@dataclass(frozen=True)
+class Run:
+    dir: Path
+    label: str
+    config: dict
+    metrics: list[dict]
+    eval: dict | None
+    """None while the run has no evaluation yet."""
+
+
+def load_run(run_dir: str | Path) -> Run:
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise ReportError(f"{run_dir} is not a run directory (no config.yaml); pass "
+                          "directories written by `cope-megatron train`")
+    config = yaml.safe_load(config_path.read_text())
+    metrics_path = run_dir / "metrics.jsonl"
+    metrics = ([json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+               if metrics_path.is_file() else [])
+    eval_path = run_dir / "eval.json"
+    report = json.loads(eval_path.read_text()) if eval_path.is_file() else None
+    label = config["run"].get("name") or config["model"]["pe"]
+    return Run(run_dir, label, config, metrics, report)
+
+
+def group(runs: list[Run]) -> dict[str, list[Run]]:
+    """Label -> its runs, in the order labels first appear."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.label, []).append(run)
+    return groups
+
+
+@dataclass(frozen=True)
+class Stat:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def __str__(self) -> str:
+        def show(x: float, digits: int) -> str:
+            return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}g}"
+
+        if self.high == self.low:
+            return show(self.mean, 4)
+        return f"{show(self.mean, 4)} ± {show((self.high - self.low) / 2, 2)}"
+
+
+def stat(values: list[float]) -> Stat | None:
+    """Mean and range of the values a setting's seeds gave; None when none did."""
+    if not values:
+        return None
+    return Stat(statistics.fmean(values), min(values), max(values), len(values))
+
+
+def gather(runs: list[Run], *path: str) -> list[float]:
+    """The value at ``path`` of each run's eval report, where it holds a number."""
+    out = []
+    for run in runs:
+        node = run.eval
+        for key in path:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, (int, float)):
+            out.append(float(node))
+    return out
