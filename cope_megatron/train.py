@@ -10,11 +10,13 @@ import sys
 
 from cope_megatron.config import Config, load_config, validate, validate_data_path
 from cope_megatron.distributed.parallel import destroy_distributed, world_size_from_env
+from cope_megatron.pe import get_pe
 from cope_megatron.trainer import Trainer, TrainResult
 
 
 def check(cfg: Config) -> None:
     """Every start-up check, before any process group or model is built."""
+    get_pe(cfg.model.pe)
     validate(cfg, world_size_from_env())
     validate_data_path(cfg)
 

@@ -56,7 +56,6 @@ def test_missing_config_file_is_an_error(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, world, key", [
-    (["model.pe=fancy"], 1, "model.pe"),
     (["model.num_attention_heads=6", "model.hidden_size=60", "parallel.tensor=4"], 4,
      "parallel.tensor"),
     (["model.hidden_size=65"], 1, "model.hidden_size"),
@@ -83,6 +82,14 @@ def test_validation_names_the_key(overrides, world, key):
     with pytest.raises(ConfigError) as err:
         validate(cfg, world)
     assert str(err.value).startswith(key + ":")
+
+
+def test_unknown_pe_is_named_at_start(tmp_path):
+    """The registry, not the schema, knows the PEs; the start-up check asks it first."""
+    from cope_megatron.train import check
+
+    with pytest.raises(ConfigError, match="^model.pe: unknown position encoding 'fancy'"):
+        check(load_config(["model.pe=fancy", f"data.shards={tmp_path}"]))
 
 
 def test_valid_layouts_pass():

@@ -4,7 +4,7 @@ its training length. A new PE is covered by registering it."""
 import pytest
 import torch
 
-from cope_megatron.config import load_config
+from cope_megatron.config import ConfigError, load_config
 from cope_megatron.distributed.parallel import init_distributed, seed_everything
 from cope_megatron.model.gpt import BeyondTrainingLengthError, build_gpt, lm_loss
 from cope_megatron.pe import REGISTRY, get_pe
@@ -49,7 +49,7 @@ def test_every_pe_builds_runs_and_trains(pe, dist_cleanup):
 
 
 def test_unknown_pe_lists_the_known_ones():
-    with pytest.raises(KeyError, match="rope"):
+    with pytest.raises(ConfigError, match="^model.pe: .*'rope'"):
         get_pe("fancy")
 
 
