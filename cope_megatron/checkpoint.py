@@ -9,6 +9,7 @@ the resolved config.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch.distributed as dist
@@ -31,15 +32,28 @@ def latest_tag(run_dir: str | Path) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
-def save(engine, run_dir: str | Path, step: int, client_state: dict) -> str:
+def save(engine, run_dir: str | Path, step: int, client_state: dict, keep: int = 0) -> str:
+    """Write checkpoint ``step_<step>``, point ``latest`` at it once every rank is done,
+    then keep only the ``keep`` newest complete ones (0: all)."""
     root = checkpoint_dir(run_dir)
     tag = f"step_{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
         write_text_atomic(root / LATEST, tag)
+        prune(root, tag, keep)
     dist.barrier()
     return tag
+
+
+def prune(root: Path, latest: str, keep: int) -> None:
+    """Delete all but the ``keep`` newest complete checkpoints up to ``latest``, and any
+    newer tag (what a run killed mid-save left; ``latest`` never named it)."""
+    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+    complete = [t for t in tags if t <= latest]
+    doomed = [t for t in tags if t > latest] + (complete[:-keep] if keep else [])
+    for t in doomed:
+        shutil.rmtree(root / t, ignore_errors=True)
 
 
 def load(engine, run_dir: str | Path, tag: str | None = None) -> dict | None:

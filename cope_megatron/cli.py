@@ -53,6 +53,8 @@ def demo(cfg: Config) -> dict:
     finally:
         destroy_distributed()
     wall = time.time() - started
+    if report is None:  # stopped by a signal, checkpoint saved: the rerun finishes
+        return {"wall_s": wall, "stopped_by": result.stopped_by}
     first, last = result.losses[0] if result.losses else float("nan"), result.losses[-1]
     print(f"[demo] trained {result.step} steps in {wall:.0f} s: loss {first:.3f} -> {last:.3f}")
     for length, r in report["lengths"].items():

@@ -167,11 +167,20 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     log_interval: int = 1
     save_interval: int = 0
-    """Checkpoint every N steps (0: only at the end)."""
+    """Checkpoint every N steps (0: only at the end, on a stop signal, and by time)."""
+    save_interval_minutes: float = 0.0
+    """Also checkpoint when this much wall-clock time has passed since the last save (0:
+    off)."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete
+    (0: keep all)."""
 
 
 @dataclass(kw_only=True, slots=True)
 class EvalConfig:
+    interval: int = 0
+    """Every N training steps, the held-out loss and perplexity at the training length
+    (a task's in-distribution error) go to the metrics (0: off)."""
     tokens: int = 8192
     """Tokens scored at every evaluation length: one text, cut into windows of each length,
     so lengths differ only in context (rounded up to a whole number of the longest
@@ -437,6 +446,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if stride is not None and (stride < 1 or m.seq_length % stride):
         fail("eval.stride", f"{stride} must be a positive divisor of model.seq_length="
              f"{m.seq_length} (or unset for the training length)")
+    for key, value in [("train.keep_checkpoints", cfg.train.keep_checkpoints),
+                       ("train.save_interval_minutes", cfg.train.save_interval_minutes),
+                       ("eval.interval", cfg.eval.interval)]:
+        if value < 0:
+            fail(key, f"must be 0 (off) or more, got {value}")
     for key, value in [("eval.tokens", cfg.eval.tokens), ("eval.batch_size", cfg.eval.batch_size)]:
         if value < 1:
             fail(key, f"must be at least 1, got {value}")

@@ -26,7 +26,9 @@ def run_train(cfg: Config, *, evaluate_after: bool = True) -> tuple[TrainResult,
     trainer = Trainer(cfg)
     try:
         result = trainer.train()
-        return result, trainer.evaluate() if evaluate_after else None
+        # A stopped run is evaluated when it finishes, after its resume.
+        done = evaluate_after and result.stopped_by is None
+        return result, trainer.evaluate() if done else None
     finally:
         trainer.close()
 

@@ -23,6 +23,7 @@ from cope_megatron.data.loader import ResumableLoader, StreamSpec, read_manifest
 from cope_megatron.distributed.deepspeed_glue import MegatronMPU, deepspeed_config
 from cope_megatron.distributed.parallel import (
     DistEnv,
+    any_rank,
     init_distributed,
     mean_over_replicas,
     replica_group,
@@ -31,10 +32,11 @@ from cope_megatron.distributed.parallel import (
 )
 from cope_megatron.distributed.sequence_parallel import register_sequence_parallel_grad_hooks
 from cope_megatron.eval.passkey import passkey_accuracy
-from cope_megatron.eval.perplexity import evaluate
+from cope_megatron.eval.perplexity import evaluate, evaluation_text, score
 from cope_megatron.eval.tasks import task_errors
 from cope_megatron.metrics import MetricsLogger
 from cope_megatron.model.gpt import build_gpt, loss_sum
+from cope_megatron.preemption import PreemptionHandler
 from cope_megatron.schedule import lr_at
 
 
@@ -68,6 +70,8 @@ class TrainResult:
     step: int
     losses: list[float]
     run_dir: Path
+    stopped_by: str | None = None
+    """The signal that stopped the run early (after saving), if any."""
 
 
 class Trainer:
@@ -93,6 +97,9 @@ class Trainer:
         self.data = ResumableLoader(spec, start_batches)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_main and not eval_only)
         self.metrics.truncate_after(self.step)
+        self.preemption = None if eval_only else PreemptionHandler()
+        self._last_save = time.monotonic()
+        self._val_text: torch.Tensor | None = None
 
     # -- building -------------------------------------------------------------------
 
@@ -140,7 +147,7 @@ class Trainer:
                            * cfg.model.seq_length)
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.env.is_main and cfg.logging.progress))
-        losses = []
+        losses, stopped_by = [], None
         while self.step < cfg.train.steps:
             started = time.perf_counter()
             loss = self.train_step()
@@ -150,15 +157,52 @@ class Trainer:
             record = {"step": self.step, "loss": loss, "lr": self.engine.get_lr()[0],
                       "tokens_per_s": tokens_per_step / elapsed, "epoch": self.data.epoch,
                       "skipped_shards": self.data.skipped_shards}
-            if self.step % cfg.train.log_interval == 0 or self.step == cfg.train.steps:
+            validated = bool(cfg.eval.interval) and self.step % cfg.eval.interval == 0
+            if validated:
+                record.update(self.validate())
+            if validated or self.step % cfg.train.log_interval == 0 or \
+                    self.step == cfg.train.steps:
                 self.metrics.log(record)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-            interval = cfg.train.save_interval
-            if self.step == cfg.train.steps or (interval and self.step % interval == 0):
+            signalled, save_due = any_rank(self.preemption.received is not None,
+                                           self._save_due())
+            if save_due or signalled:
                 self.save()
+            if signalled:
+                stopped_by = self.preemption.received or "a stop signal on another rank"
+                break
         bar.close()
-        return TrainResult(step=self.step, losses=losses, run_dir=self.run_dir)
+        if stopped_by and self.env.is_main:
+            print(f"[train] stopped by {stopped_by} after step {self.step}; checkpoint saved "
+                  f"in {checkpoint.checkpoint_dir(self.run_dir)}: run the same command to "
+                  "resume", flush=True)
+        return TrainResult(step=self.step, losses=losses, run_dir=self.run_dir,
+                           stopped_by=stopped_by)
+
+    def _save_due(self) -> bool:
+        t = self.cfg.train
+        return (self.step == t.steps or bool(t.save_interval) and self.step % t.save_interval == 0
+                or bool(t.save_interval_minutes)
+                and time.monotonic() - self._last_save >= 60 * t.save_interval_minutes)
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Held-out loss and perplexity at the training length (a task: its
+        in-distribution error), for the metrics."""
+        where = (self.engine, self.cfg, self.manifest, self.env.device, self.env.dp_rank,
+                 self.env.dp_size)
+        if "task" in self.manifest:
+            result = task_errors(*where, splits=["test"])["splits"]["test"]
+            return {"val_error_pct": result["error_pct"]}
+        if self._val_text is None:
+            self._val_text = evaluation_text(self.cfg, self.manifest)
+        length = self.cfg.model.seq_length
+        self.engine.eval()
+        result = score(self.engine, self._val_text, length, length, self.cfg.eval.batch_size,
+                       *where[3:])
+        self.engine.train()
+        return {"val_loss": result["loss"], "val_ppl": result["ppl"]}
 
     def evaluate(self) -> dict:
         """Held-out perplexity per length and passkey accuracy, or a task's error % per
@@ -178,8 +222,13 @@ class Trainer:
 
     def save(self) -> str:
         state = {"step": self.step, "data": self.data.state_dict(), "config": to_dict(self.cfg)}
-        return checkpoint.save(self.engine, self.run_dir, self.step, state)
+        tag = checkpoint.save(self.engine, self.run_dir, self.step, state,
+                              keep=self.cfg.train.keep_checkpoints)
+        self._last_save = time.monotonic()
+        return tag
 
     def close(self) -> None:
         self.metrics.close()
+        if self.preemption is not None:
+            self.preemption.close()
 

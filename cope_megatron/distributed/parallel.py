@@ -87,11 +87,20 @@ def mean_over_replicas(value: torch.Tensor) -> float:
 def sum_over_data_parallel(value: float) -> float:
     """Σ of a per-replica value (e.g. a count of samples' tokens) over data-parallel ranks:
     the CP ranks of a replica hold the same samples, so they count once."""
-    total = torch.tensor(float(value), dtype=torch.float64)
-    if torch.cuda.is_available():
-        total = total.cuda()
+    total = torch.tensor(float(value), dtype=torch.float64,
+                         device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return total.item()
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag, true when it is true on any rank (one all-reduce), so that all ranks
+    take the same branch (save, stop, skip)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    values = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
 
 
 def seed_everything(seed: int) -> None:

@@ -33,17 +33,15 @@ def _batches(spec, batch_size: int):
 
 @torch.no_grad()
 def task_errors(model: torch.nn.Module, cfg: Config, manifest: dict, device: torch.device,
-                dp_rank: int = 0, dp_size: int = 1) -> dict:
+                dp_rank: int = 0, dp_size: int = 1, splits: list[str] | None = None) -> dict:
     """{"task": name, "splits": {split: {"error_pct", "sequence_error_pct", "answers",
-    "sequences", "seq_len"} or {"status": "not applicable", "reason"}}} for every split
-    but train."""
+    "sequences", "seq_len"} or {"status": "not applicable", "reason"}}} for ``splits``
+    (default: every split but train)."""
     limit = max_positions(model)
     was_training = model.training
     model.eval()
     results = {}
-    for split in manifest["splits"]:
-        if split == "train":
-            continue
+    for split in splits or [s for s in manifest["splits"] if s != "train"]:
         spec = split_spec(cfg.data.shards, manifest, split)
         if limit is not None and spec.seq_len > limit:
             results[split] = {"status": "not applicable",

@@ -1,0 +1,86 @@
+"""Runs that survive a cluster: a stop signal (SIGTERM, SIGUSR1) ends the run after its
+step with a checkpoint and exit 0, a second one during the save harms nothing, and the
+resumed run continues exactly; retention keeps the newest complete checkpoints; in-run
+validation reaches the metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cope_megatron.config import load_config
+from cope_megatron.train import run_train
+from tests.conftest import debug_overrides
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in
+            (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def start(shards, run_dir, **extra):
+    cmd = [sys.executable, "-m", "cope_megatron", "train",
+           *debug_overrides(shards, run_dir, **{"train.steps": 30, **extra})]
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_steps(proc, run_dir, steps: int) -> None:
+    deadline = time.time() + 300
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended or stalled before step {steps}")
+
+
+@pytest.mark.parametrize("sig, twice", [(signal.SIGTERM, True), (signal.SIGUSR1, False)])
+def test_stop_signal_saves_exits_zero_and_resumes_exactly(prepared, tmp_path, sig, twice):
+    shards, _, _ = prepared
+    straight = start(shards, tmp_path / "straight")
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
+
+    run = tmp_path / "stopped"
+    proc = start(shards, run)
+    wait_for_steps(proc, run, random.Random(sig).randint(2, 8))
+    proc.send_signal(sig)
+    if twice:  # the second lands during the step or the save it triggers
+        time.sleep(0.05)
+        proc.send_signal(sig)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    step = len(losses(run))
+    assert f"stopped by {sig.name} after step {step}" in out
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    assert step < 30 and not (run / "eval.json").exists()
+
+    resumed = start(shards, run)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    assert losses(run) == losses(tmp_path / "straight")
+    assert (run / "eval.json").exists()
+
+
+def test_retention_keeps_the_newest_complete_checkpoints(prepared, tmp_path, dist_cleanup):
+    shards, _, _ = prepared
+    root = tmp_path / "run" / "checkpoints"
+    root.mkdir(parents=True)
+    half = root / "step_00000099"  # left by a run killed inside a save
+    half.mkdir()
+    cfg = load_config(debug_overrides(shards, tmp_path / "run", **{
+        "train.steps": 5, "train.save_interval": 1, "train.keep_checkpoints": 2,
+        "eval.interval": 2}))
+    run_train(cfg, evaluate_after=False)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000004", "step_00000005"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    validated = [r["step"] for r in records if "val_loss" in r]
+    assert validated == [2, 4]
+    assert all(r["val_ppl"] > 1 for r in records if "val_ppl" in r)
