@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import random
 import warnings
 from collections.abc import Iterator
@@ -33,6 +34,15 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.shards import SHARD_META_KEY
+
+
+# Workers start from a fork server, never by forking the trainer: by the time a loader
+# starts, the trainer runs threads (gloo, OpenMP, DeepSpeed), and a child forked from a
+# threaded process can inherit a lock held mid-operation and crash (it did: SIGSEGV in a
+# worker, in the full suite's order only). The server imports this module once, so each
+# worker forks in ~0.1 s instead of importing torch anew as under spawn.
+WORKER_CONTEXT = multiprocessing.get_context("forkserver")
+WORKER_CONTEXT.set_forkserver_preload([__name__])
 
 
 class DataError(RuntimeError):
@@ -247,6 +257,7 @@ class ResumableLoader:
             num_workers=spec.num_workers if spec.num_workers > 1 else 0,
             persistent_workers=False,
             prefetch_factor=2 if spec.num_workers > 1 else None,
+            multiprocessing_context=WORKER_CONTEXT if spec.num_workers > 1 else None,
         )
         self._it = iter(self._loader)
 
