@@ -101,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     with logs_to_stderr(args.json):  # from the first import: DeepSpeed logs on import
         from cope_megatron.checkpoint import CheckpointError
         from cope_megatron.data.loader import DataError
+        from cope_megatron.nonfinite import NonFiniteError
         from cope_megatron.report import ReportError
         from data_prep.corpus import PrepError
 
         try:
             report = run(args)
         except (ConfigError, PrepError, DataError, CheckpointError, ReportError,
-                FileNotFoundError) as e:
+                NonFiniteError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if isinstance(report, Path):

@@ -162,6 +162,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    max_bad_steps: int = 5
+    """Stop after this many optimizer steps in a row skipped for a non-finite loss or
+    gradient norm (0: never stop)."""
     lr_decay: Literal["cosine", "linear"] = "cosine"
     """Shape of the decay from lr to min_lr after warmup."""
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -447,6 +450,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         fail("eval.stride", f"{stride} must be a positive divisor of model.seq_length="
              f"{m.seq_length} (or unset for the training length)")
     for key, value in [("train.keep_checkpoints", cfg.train.keep_checkpoints),
+                       ("train.max_bad_steps", cfg.train.max_bad_steps),
                        ("train.save_interval_minutes", cfg.train.save_interval_minutes),
                        ("eval.interval", cfg.eval.interval)]:
         if value < 0:

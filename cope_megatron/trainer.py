@@ -7,6 +7,7 @@ schedule and logging. Parallel plumbing lives in ``cope_megatron.distributed``.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from cope_megatron.eval.perplexity import evaluate, evaluation_text, score
 from cope_megatron.eval.tasks import task_errors
 from cope_megatron.metrics import MetricsLogger
 from cope_megatron.model.gpt import build_gpt, loss_sum
+from cope_megatron.nonfinite import BadStepCounter, SkipNonFiniteAdamW
 from cope_megatron.preemption import PreemptionHandler
 from cope_megatron.schedule import lr_at
 
@@ -46,9 +48,9 @@ def build_engine(cfg: Config, vocab_size: int):
     if cfg.parallel.sequence:
         register_sequence_parallel_grad_hooks(model)
     t = cfg.train
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
-    )
+    optimizer = SkipNonFiniteAdamW(
+        model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
+        check=cfg.zero.stage == 0 and t.precision == "fp32")
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps,
@@ -100,6 +102,8 @@ class Trainer:
         self.preemption = None if eval_only else PreemptionHandler()
         self._last_save = time.monotonic()
         self._val_text: torch.Tensor | None = None
+        self.bad_steps = BadStepCounter(cfg.train.max_bad_steps)
+        self.bad_steps.total = state.get("skipped_steps", 0) if state else 0
 
     # -- building -------------------------------------------------------------------
 
@@ -154,9 +158,12 @@ class Trainer:
             elapsed = time.perf_counter() - started
             self.step += 1
             losses.append(loss)
+            skipped = not self.engine.was_step_applied() or not math.isfinite(loss)
+            self.bad_steps.update(self.step, skipped, checkpoint.latest_tag(self.run_dir))
             record = {"step": self.step, "loss": loss, "lr": self.engine.get_lr()[0],
                       "tokens_per_s": tokens_per_step / elapsed, "epoch": self.data.epoch,
-                      "skipped_shards": self.data.skipped_shards}
+                      "skipped_shards": self.data.skipped_shards,
+                      "skipped_steps": self.bad_steps.total}
             validated = bool(cfg.eval.interval) and self.step % cfg.eval.interval == 0
             if validated:
                 record.update(self.validate())
@@ -221,7 +228,8 @@ class Trainer:
         return report
 
     def save(self) -> str:
-        state = {"step": self.step, "data": self.data.state_dict(), "config": to_dict(self.cfg)}
+        state = {"step": self.step, "data": self.data.state_dict(), "config": to_dict(self.cfg),
+                 "skipped_steps": self.bad_steps.total}
         tag = checkpoint.save(self.engine, self.run_dir, self.step, state,
                               keep=self.cfg.train.keep_checkpoints)
         self._last_save = time.monotonic()

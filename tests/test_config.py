@@ -130,7 +130,8 @@ PUBLIC_KEYS = """
     data.max_docs data.num_workers data.shuffle_buffer data.on_error task.name task.seed
     task.train_samples task.test_samples task.variables task.files train.steps train.seed
     train.micro_batch_size train.grad_accum train.lr train.min_lr train.warmup_steps
-    train.weight_decay train.beta1 train.beta2 train.grad_clip train.lr_decay train.precision
+    train.weight_decay train.beta1 train.beta2 train.grad_clip train.max_bad_steps
+    train.lr_decay train.precision
     train.log_interval train.save_interval train.save_interval_minutes train.keep_checkpoints
     eval.interval eval.tokens eval.batch_size
     eval.length_multipliers eval.stride eval.data eval.passkey_samples

@@ -35,7 +35,6 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_prep.shards import SHARD_META_KEY
 
-
 # Workers start from a fork server, never by forking the trainer: by the time a loader
 # starts, the trainer runs threads (gloo, OpenMP, DeepSpeed), and a child forked from a
 # threaded process can inherit a lock held mid-operation and crash (it did: SIGSEGV in a

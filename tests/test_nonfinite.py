@@ -1,0 +1,68 @@
+"""Non-finite guard: a poisoned step applies nothing under every ZeRO stage, is counted
+in the metrics, and too many in a row stop the run with one clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import cope_megatron.trainer as trainer_module
+from cope_megatron.config import load_config
+from cope_megatron.nonfinite import NonFiniteError
+from cope_megatron.train import run_train
+from tests.conftest import debug_overrides
+
+
+def poison(monkeypatch, steps: set[int]) -> list[list[torch.Tensor]]:
+    """Make the loss NaN on ``steps`` (1-based; one micro batch per step) and snapshot the
+    weights (this rank's partition under ZeRO-3) after every step."""
+    calls, snapshots = [0], []
+    real_loss, real_step = trainer_module.loss_sum, trainer_module.Trainer.train_step
+
+    def loss_sum(*args, **kwargs):
+        calls[0] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls[0] in steps else loss
+
+    def train_step(self):
+        loss = real_step(self)
+        snapshots.append([getattr(p, "ds_tensor", p).detach().clone()
+                          for p in self.engine.module.parameters()])
+        return loss
+
+    monkeypatch.setattr(trainer_module, "loss_sum", loss_sum)
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", train_step)
+    return snapshots
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_poisoned_step_applies_nothing_and_is_counted(prepared, tmp_path, monkeypatch,
+                                                      dist_cleanup, stage):
+    shards, _, _ = prepared
+    snapshots = poison(monkeypatch, {3})
+    cfg = load_config(debug_overrides(shards, tmp_path / "run", **{
+        "train.steps": 5, "zero.stage": stage, "train.warmup_steps": 10}))
+    result, _ = run_train(cfg, evaluate_after=False)
+    assert [all(torch.equal(a, b) for a, b in zip(snapshots[i - 1], snapshots[i]))
+            for i in range(1, 5)] == [False, True, False, False]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1]
+    # The schedule holds on a skipped step: warming up, step 4's lr is step 3's.
+    lrs = [r["lr"] for r in records]
+    assert lrs[2] == lrs[1] and lrs[3] > lrs[2]
+
+
+def test_bad_steps_in_a_row_stop_with_a_clear_error(prepared, tmp_path, monkeypatch,
+                                                    dist_cleanup):
+    shards, _, _ = prepared
+    poison(monkeypatch, {3, 4, 5})
+    cfg = load_config(debug_overrides(shards, tmp_path / "run", **{
+        "train.steps": 8, "train.save_interval": 2, "train.max_bad_steps": 3}))
+    with pytest.raises(NonFiniteError) as err:
+        run_train(cfg, evaluate_after=False)
+    message = str(err.value)
+    assert message.startswith("step 5:") and "step_00000004" in message
+    assert "train.lr" in message and "bf16" in message
