@@ -60,7 +60,8 @@ def bench_prep(corpus: list[str], cache: str, seq: int, workers: int, repeat: in
 
 
 def bench_loader(shard_dir: str, seq: int, workers: int, batches: int) -> dict:
-    from cope_megatron.data.loader import ResumableLoader, read_manifest, split_spec
+    from cope_megatron.data.loader import ResumableLoader
+    from cope_megatron.data.source import read_manifest, split_spec
 
     spec = split_spec(shard_dir, read_manifest(shard_dir), "train", seed=1,
                       micro_batch_size=16, num_workers=workers)

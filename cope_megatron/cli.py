@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(deepspeed|torch)\.")
     with logs_to_stderr(args.json):  # from the first import: DeepSpeed logs on import
         from cope_megatron.checkpoint import CheckpointError
-        from cope_megatron.data.loader import DataError
+        from cope_megatron.data.source import DataError
         from cope_megatron.nonfinite import NonFiniteError
         from cope_megatron.report import ReportError
         from data_prep.corpus import PrepError

@@ -124,8 +124,14 @@ class DataConfig:
     max_docs: int | None = None
     """Use only the first N documents (quick tests)."""
     num_workers: int = 1
-    """DataLoader workers per rank."""
+    """DataLoader workers per rank (at most the streams each rank reads)."""
+    streams: int | None = None
+    """Virtual streams the training order is made of (cope_megatron/data/streams.py): the
+    global batch of every step is the same samples for any layout, and a resume may change
+    the data-parallel size, when the global batch is a multiple of it and it is a multiple
+    of every data-parallel size used. None: gcd(global batch, 64)."""
     shuffle_buffer: int = 1000
+    """Samples per shuffled block of a stream."""
     on_error: Literal["raise", "skip"] = "raise"
 
 
@@ -460,6 +466,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             fail(key, f"must be at least 1, got {value}")
     if cfg.eval.passkey_samples < 0:
         fail("eval.passkey_samples", f"must be 0 (off) or more, got {cfg.eval.passkey_samples}")
+    if cfg.data.streams is not None and cfg.data.streams < 1:
+        fail("data.streams", f"must be at least 1 (or unset), got {cfg.data.streams}")
     if cfg.task.variables not in range(1, 6):
         fail("task.variables", f"counting programs use 1 to 5 variables, got "
              f"{cfg.task.variables}")

@@ -20,7 +20,8 @@ from tqdm import tqdm
 from cope_megatron import checkpoint
 from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import Config, dump_yaml, to_dict
-from cope_megatron.data.loader import ResumableLoader, StreamSpec, read_manifest, split_spec
+from cope_megatron.data.loader import ResumableLoader
+from cope_megatron.data.source import StreamSpec, read_manifest, split_spec
 from cope_megatron.distributed.deepspeed_glue import MegatronMPU, deepspeed_config
 from cope_megatron.distributed.parallel import (
     DistEnv,
@@ -113,9 +114,11 @@ class Trainer:
             cfg.data.shards, self.manifest, "train",
             seed=cfg.train.seed,
             micro_batch_size=cfg.train.micro_batch_size,
+            grad_accum=cfg.train.grad_accum,
             dp_rank=self.env.dp_rank,
             dp_size=self.env.dp_size,
             num_workers=cfg.data.num_workers,
+            streams=cfg.data.streams,
             shuffle_buffer=cfg.data.shuffle_buffer,
             on_error=cfg.data.on_error,
         )

@@ -9,16 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cope_megatron.data.loader import (
+from cope_megatron.data.loader import ResumableLoader
+from cope_megatron.data.source import (
     DataError,
-    ResumableLoader,
     StreamSpec,
-    TokenStream,
     ordered_samples,
     read_manifest,
-    slot_ranges,
     split_shards,
 )
+from cope_megatron.data.streams import StreamReader, stream_bounds
 from data_prep.corpus import PrepError
 from data_prep.prep import is_validation, prepare
 from data_prep.tokenizer import EOS_ID, load_tokenizer
@@ -59,31 +58,39 @@ def test_round_trip_reproduces_documents(prepared):
             assert docs[len(pieces)].startswith(sp.decode(cur))
 
 
-@pytest.mark.parametrize("dp_size, workers", [(2, 1), (4, 2), (3, 3)])
-def test_each_epoch_covers_every_sample_once_across_ranks(prepared, dp_size, workers):
-    """Every (rank, worker) stream takes a near-equal share; together, each epoch is every
-    sample exactly once, in a different order per epoch."""
+@pytest.mark.parametrize("streams, block", [(1, 16), (4, 5), (6, 1000)])
+def test_each_epoch_covers_every_sample_once_across_streams(prepared, streams, block):
+    """Every stream takes a near-equal share; together, each epoch is every sample exactly
+    once, in a different order per epoch."""
     shards, manifest, _ = prepared
     total = manifest["splits"]["train"]["samples"]
     everything = {s.tobytes() for s in split_stream(shards, "train").reshape(total, -1)}
     assert len(everything) == total
-    orders = []
-    for epoch in range(2):
-        seen = Counter()
-        for rank in range(dp_size):
-            spec = make_spec(shards, dp_rank=rank, dp_size=dp_size, num_workers=workers)
-            for worker in range(workers):
-                slot = rank * workers + worker
-                share = sum(hi - lo for _, lo, hi in slot_ranges(spec, epoch, slot))
-                assert share in (total // (dp_size * workers), -(-total // (dp_size * workers)))
-                stream = TokenStream(spec)._samples(slot)
-                skip = sum(hi - lo for _, lo, hi in slot_ranges(spec, 0, slot)) if epoch else 0
-                drawn = [next(stream)[0].tobytes() for _ in range(skip + share)][skip:]
-                seen.update(drawn)
-                if slot == 0:
-                    orders.append(drawn)
-        assert set(seen) == everything and max(seen.values()) == 1
-    assert orders[0] != orders[1]
+    spec = make_spec(shards, streams=streams, shuffle_buffer=block)
+    epochs = [Counter(), Counter()]
+    first = []
+    for stream in range(streams):
+        lo, hi = stream_bounds(spec, stream)
+        assert hi - lo in (total // streams, -(-total // streams))
+        drawn = iter(StreamReader(spec, stream, 0))
+        for epoch in epochs:
+            samples = [next(drawn)[0].tobytes() for _ in range(hi - lo)]
+            epoch.update(samples)
+            if stream == 0:
+                first.append(samples)
+    for epoch in epochs:
+        assert set(epoch) == everything and max(epoch.values()) == 1
+    assert first[0] != first[1]
+
+
+@pytest.mark.parametrize("start", [0, 3, 17, 60, 250])
+def test_a_stream_read_from_any_position_continues_it_exactly(prepared, start):
+    shards, _, _ = prepared
+    spec = make_spec(shards, streams=3, shuffle_buffer=7)
+    whole = iter(StreamReader(spec, 1, 0))
+    want = [next(whole)[0].tobytes() for _ in range(start + 30)][start:]
+    sought = iter(StreamReader(spec, 1, start))
+    assert [next(sought)[0].tobytes() for _ in range(30)] == want
 
 
 def test_different_ranks_see_different_samples_and_order_depends_on_seed(prepared):
@@ -97,19 +104,63 @@ def test_different_ranks_see_different_samples_and_order_depends_on_seed(prepare
     assert a == again and a != b
 
 
-@pytest.mark.parametrize("workers, stop", [(2, 5), (3, 7), (3, 40)])
-def test_resume_mid_epoch_with_workers_is_exact(prepared, workers, stop):
+def global_batches(shards, steps, *, dp_size, micro, accum, workers, start=0):
+    """The samples (as bytes) of each global batch, gathered over ranks."""
+    loaders = [ResumableLoader(make_spec(shards, dp_rank=r, dp_size=dp_size, num_workers=workers,
+                                         micro_batch_size=micro, grad_accum=accum, streams=4,
+                                         shuffle_buffer=5), start) for r in range(dp_size)]
+    out = []
+    for _ in range(steps):
+        batch = Counter()
+        for loader in loaders:
+            for _ in range(accum):
+                micro_batch = next(loader)["tokens"]
+                assert micro_batch.shape[0] == micro
+                batch.update(row.numpy().tobytes() for row in micro_batch)
+        out.append(batch)
+    return out
+
+
+def test_global_batches_are_the_same_for_every_layout(prepared):
+    """Global batch 8 over 4 streams: one process with 8 × 1, or 4 × 2, or 2 × 4 micro
+    batches, two ranks with 2 workers, four ranks: the same samples every step."""
     shards, _, _ = prepared
-    spec = make_spec(shards, dp_rank=1, dp_size=2, num_workers=workers, micro_batch_size=3)
-    full = ResumableLoader(spec)
-    expected = [next(full) for _ in range(stop + 6)]
-    first = ResumableLoader(spec)
-    for _ in range(stop):
-        next(first)
-    state = json.loads(json.dumps(first.state_dict()))  # as stored in a checkpoint
-    resumed = ResumableLoader(spec, ResumableLoader.check_state(state, spec))
-    for want in expected[stop:]:
-        assert np.array_equal(next(resumed)["tokens"].numpy(), want["tokens"].numpy())
+    want = global_batches(shards, 5, dp_size=1, micro=8, accum=1, workers=1)
+    assert all(sum(b.values()) == 8 for b in want) and want[0] != want[1]
+    for layout in [dict(dp_size=1, micro=4, accum=2, workers=2),
+                   dict(dp_size=2, micro=2, accum=2, workers=2),
+                   dict(dp_size=4, micro=1, accum=2, workers=1)]:
+        assert global_batches(shards, 5, **layout) == want, layout
+
+
+@pytest.mark.parametrize("workers, stop", [(2, 5), (1, 7), (2, 40)])
+def test_resume_mid_epoch_with_workers_is_exact(prepared, workers, stop):
+    """From its step count alone a loader continues on the same layout or another."""
+    shards, _, _ = prepared
+    layout = dict(dp_size=2, micro=2, accum=2, workers=workers)
+    want = global_batches(shards, stop + 4, **layout)[stop:]
+    assert global_batches(shards, 4, **layout, start=stop) == want
+    assert global_batches(shards, 4, dp_size=1, micro=4, accum=2, workers=1,
+                          start=stop) == want
+
+
+def test_resume_costs_the_same_late_or_early(prepared):
+    """Reaching step 200 re-reads at most one block per stream: its first batch comes about
+    as fast as at step 2 (the old loader replayed every sample since step 0)."""
+    import time
+
+    shards, _, _ = prepared
+    spec = make_spec(shards, micro_batch_size=4, streams=4, shuffle_buffer=8)
+
+    def first_batch_seconds(start):
+        times = []
+        for _ in range(3):
+            began = time.perf_counter()
+            next(ResumableLoader(spec, start))
+            times.append(time.perf_counter() - began)
+        return min(times)
+
+    assert first_batch_seconds(200) < 1.5 * first_batch_seconds(2) + 0.01
 
 
 def test_pipe_urls_stream_like_local_files(prepared, tmp_path):
@@ -126,11 +177,26 @@ def test_pipe_urls_stream_like_local_files(prepared, tmp_path):
         assert np.array_equal(next(local)["tokens"].numpy(), next(piped)["tokens"].numpy())
 
 
-def test_resume_with_a_different_layout_is_refused(prepared):
+def test_resume_with_another_data_order_is_refused(prepared):
     shards, _, _ = prepared
-    state = ResumableLoader(make_spec(shards, num_workers=2)).state_dict()
-    with pytest.raises(DataError, match="num_workers"):
-        ResumableLoader.check_state(state, make_spec(shards, num_workers=1))
+    state = ResumableLoader(make_spec(shards, micro_batch_size=4, streams=2)).state_dict()
+    assert ResumableLoader.check_state(state, make_spec(shards, dp_size=2, micro_batch_size=2,
+                                                        streams=2)) == 0
+    with pytest.raises(DataError, match="global_batch"):
+        ResumableLoader.check_state(state, make_spec(shards, micro_batch_size=2, streams=2))
+    with pytest.raises(DataError, match="streams"):
+        ResumableLoader.check_state(state, make_spec(shards, micro_batch_size=4, streams=4))
+
+
+@pytest.mark.parametrize("kw, key", [(dict(micro_batch_size=3, streams=2), "data.streams"),
+                                     (dict(dp_size=2, streams=3, micro_batch_size=3),
+                                      "data.streams"),
+                                     (dict(num_workers=3, streams=2, micro_batch_size=2),
+                                      "data.num_workers")])
+def test_impossible_stream_layouts_name_the_key(prepared, kw, key):
+    shards, _, _ = prepared
+    with pytest.raises(DataError, match=f"^{key}:"):
+        ResumableLoader(make_spec(shards, **kw))
 
 
 def copy_shards(prepared, tmp_path) -> Path:
@@ -207,7 +273,7 @@ def test_more_streams_than_samples_is_refused(prepared):
     shards, manifest, _ = prepared
     total = manifest["splits"]["train"]["samples"]
     with pytest.raises(DataError, match="cannot feed"):
-        ResumableLoader(make_spec(shards, dp_size=total, num_workers=2))
+        ResumableLoader(make_spec(shards, micro_batch_size=total + 1, streams=total + 1))
 
 
 def test_all_shards_bad_with_skip_stops_instead_of_spinning(prepared, tmp_path):

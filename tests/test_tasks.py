@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from cope_megatron.config import TaskConfig, load_config
-from cope_megatron.data.loader import ResumableLoader, ordered_samples, read_manifest, split_spec
+from cope_megatron.data.loader import ResumableLoader
+from cope_megatron.data.source import ordered_samples, read_manifest, split_spec
 from data_prep.corpus import PrepError
 from data_prep.tasks import TASKS, prepare_task, sample_arrays
 

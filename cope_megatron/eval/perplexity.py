@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from cope_megatron.config import Config, ConfigError
-from cope_megatron.data.loader import read_manifest, sequential_windows, split_spec
+from cope_megatron.data.source import read_manifest, sequential_windows, split_spec
 from cope_megatron.distributed.parallel import replica_group
 from cope_megatron.model.gpt import max_positions, token_losses
 from data_prep.corpus import iter_pieces, resolve_sources

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from cope_megatron.config import Config
-from cope_megatron.data.loader import ordered_samples, split_spec
+from cope_megatron.data.source import ordered_samples, split_spec
 from cope_megatron.eval.answers import answer_errors
 from cope_megatron.model.gpt import max_positions
 

@@ -1,0 +1,175 @@
+"""Reading prepared shard data sets: the manifest, one split's shards, and their samples
+checked against the manifest (evaluation reads them in order; training through
+``streams`` and ``loader``).
+
+A data set may carry a loss mask (``loss_mask`` in its manifest): each sample then also
+holds ``mask.npy``, one 0/1 per prediction [seq_len], beside ``tokens.npy`` [seq_len + 1].
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from data_prep.shards import SHARD_META_KEY
+
+
+class DataError(RuntimeError):
+    """Bad training data; the message names the shard and the fix."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    url: str
+    samples: int
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One split's data and how a rank reads it (see ``streams`` and ``loader``)."""
+
+    shards: tuple[ShardInfo, ...]
+    seq_len: int
+    dtype: str
+    tokenizer_sha256: str
+    seed: int
+    micro_batch_size: int
+    grad_accum: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    num_workers: int = 1
+    streams: int | None = None
+    """Virtual streams the data order is made of; None: gcd(global batch, 64)."""
+    shuffle_buffer: int = 1000
+    """Samples per shuffled block of a stream."""
+    on_error: str = "raise"
+    loss_mask: bool = False
+
+    @property
+    def total_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.dp_size
+
+    @property
+    def num_streams(self) -> int:
+        return self.streams or math.gcd(self.global_batch, 64)
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    path = Path(shard_dir) / "manifest.json"
+    if not path.is_file():
+        raise DataError(
+            f"{path} does not exist: run `cope-megatron prep` first, or point data.shards at a "
+            "prepared directory"
+        )
+    return json.loads(path.read_text())
+
+
+def split_shards(shard_dir: str | Path, manifest: dict, split: str) -> tuple[ShardInfo, ...]:
+    """The shards of ``split``; ``manifest['url_prefix']``, when set, replaces the directory
+    (e.g. ``pipe:aws s3 cp s3://bucket/data/`` followed by the shard name and `` -``)."""
+    entries = manifest["splits"][split]["shards"]
+    if not entries or not sum(e["samples"] for e in entries):
+        raise DataError(f"{shard_dir}: the {split!r} split holds no samples; re-run prep with "
+                        "more text or a shorter seq_len")
+    prefix, suffix = manifest.get("url_prefix"), manifest.get("url_suffix", "")
+    def url(name: str) -> str:
+        return f"{prefix}{name}{suffix}" if prefix else str(Path(shard_dir) / name)
+
+    return tuple(ShardInfo(url=url(e["name"]), samples=e["samples"]) for e in entries)
+
+
+def split_spec(shard_dir: str | Path, manifest: dict, split: str, **kw) -> StreamSpec:
+    """The stream of one split: its shards, and its sample length (task data sets give
+    each split its own) and format from the manifest; ``kw`` sets the rest."""
+    kw.setdefault("seed", 0)
+    kw.setdefault("micro_batch_size", 1)
+    return StreamSpec(
+        shards=split_shards(shard_dir, manifest, split),
+        seq_len=manifest["splits"][split].get("seq_len", manifest["seq_len"]),
+        dtype=manifest["dtype"],
+        tokenizer_sha256=manifest["tokenizer_sha256"],
+        loss_mask=manifest.get("loss_mask", False),
+        **kw,
+    )
+
+
+def _check_meta(url: str, meta: dict, spec: StreamSpec) -> None:
+    for key, want in (("seq_len", spec.seq_len), ("dtype", spec.dtype),
+                      ("tokenizer_sha256", spec.tokenizer_sha256),
+                      ("loss_mask", spec.loss_mask)):
+        if meta.get(key, False) != want:
+            raise DataError(
+                f"shard {url}: {key} is {meta.get(key)!r} but the manifest says {want!r}; the "
+                "shard comes from a different prep: re-run prep into a fresh directory"
+            )
+
+
+Sample = tuple[np.ndarray, np.ndarray | None]
+"""(tokens [seq_len + 1], loss mask [seq_len] or None)."""
+
+
+def shard_samples(url: str, first: int, end: int, spec: StreamSpec) -> Iterator[Sample]:
+    """Samples [first, end) of one shard, each checked against the manifest."""
+    stream = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
+    index = 0
+    checked = False
+    for record in stream:
+        if record["__key__"] == SHARD_META_KEY:
+            _check_meta(url, json.loads(record["json"]), spec)
+            checked = True
+            continue
+        if not checked:
+            raise DataError(f"shard {url} has no {SHARD_META_KEY} header record, so it was not "
+                            "written by `cope-megatron prep`; re-run prep")
+        if first <= index < end:
+            tokens = np.load(io.BytesIO(record["tokens.npy"]), allow_pickle=False)
+            if tokens.shape != (spec.seq_len + 1,) or tokens.dtype.name != spec.dtype:
+                raise DataError(f"shard {url}: sample {record['__key__']} has shape "
+                                f"{tokens.shape} {tokens.dtype}, expected ({spec.seq_len + 1},) "
+                                f"{spec.dtype}; re-run prep")
+            mask = None
+            if spec.loss_mask:
+                mask = np.load(io.BytesIO(record["mask.npy"]), allow_pickle=False)
+                if mask.shape != (spec.seq_len,):
+                    raise DataError(f"shard {url}: sample {record['__key__']} has a loss mask "
+                                    f"of shape {mask.shape}, expected ({spec.seq_len},); "
+                                    "re-run prep")
+            yield tokens, mask
+        index += 1
+        if index >= end:
+            return
+    if index < end:
+        raise DataError(f"shard {url}: holds {index} samples but the manifest lists more; "
+                        "the shard is truncated: re-run prep")
+
+
+def ordered_samples(spec: StreamSpec) -> Iterator[Sample]:
+    """Every sample of ``spec``'s shards once, in order (evaluation)."""
+    for shard in spec.shards:
+        yield from shard_samples(shard.url, 0, shard.samples, spec)
+
+
+def sequential_windows(spec: StreamSpec, length: int) -> Iterator[torch.Tensor]:
+    """Consecutive windows of ``length`` tokens from a split read in order.
+
+    Packed samples are contiguous, non-overlapping slices of the split's token stream, so
+    concatenating them gives windows longer than the training length (for extrapolation).
+    """
+    buf = np.empty(0, dtype=np.int64)
+    for sample, _ in ordered_samples(spec):
+        buf = np.concatenate([buf, sample.astype(np.int64)])
+        while len(buf) >= length:
+            yield torch.from_numpy(buf[:length].copy())
+            buf = buf[length:]
