@@ -9,12 +9,14 @@ the resolved config.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import torch.distributed as dist
 
 from cope_megatron.atomic_io import write_text_atomic
+from cope_megatron.distributed.universal import write_layout
 
 LATEST = "latest"
 
@@ -32,14 +34,16 @@ def latest_tag(run_dir: str | Path) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
-def save(engine, run_dir: str | Path, step: int, client_state: dict, keep: int = 0) -> str:
-    """Write checkpoint ``step_<step>``, point ``latest`` at it once every rank is done,
-    then keep only the ``keep`` newest complete ones (0: all)."""
+def save(engine, run_dir: str | Path, step: int, client_state: dict, layout: dict,
+         keep: int = 0) -> str:
+    """Write checkpoint ``step_<step>`` with its parallel ``layout``, point ``latest`` at it
+    once every rank is done, then keep only the ``keep`` newest complete ones (0: all)."""
     root = checkpoint_dir(run_dir)
     tag = f"step_{step:08d}"
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
+        write_layout(root / tag, layout)
         write_text_atomic(root / LATEST, tag)
         prune(root, tag, keep)
     dist.barrier()
@@ -47,11 +51,14 @@ def save(engine, run_dir: str | Path, step: int, client_state: dict, keep: int =
 
 
 def prune(root: Path, latest: str, keep: int) -> None:
-    """Delete all but the ``keep`` newest complete checkpoints up to ``latest``, and any
-    newer tag (what a run killed mid-save left; ``latest`` never named it)."""
-    tags = sorted(p.name for p in root.glob("step_*") if p.is_dir())
+    """Delete all but the ``keep`` newest complete checkpoints up to ``latest``, any newer
+    tag (what a run killed mid-save left; ``latest`` never named it), and universal copies
+    older than ``latest`` (each served the one resume it was made for)."""
+    names = [p.name for p in root.iterdir() if p.is_dir()]
+    tags = sorted(n for n in names if re.fullmatch(r"step_\d{8}", n))
     complete = [t for t in tags if t <= latest]
     doomed = [t for t in tags if t > latest] + (complete[:-keep] if keep else [])
+    doomed += [n for n in names if n.endswith("_universal") and n[:-len("_universal")] < latest]
     for t in doomed:
         shutil.rmtree(root / t, ignore_errors=True)
 

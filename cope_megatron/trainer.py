@@ -33,6 +33,13 @@ from cope_megatron.distributed.parallel import (
     sum_over_data_parallel,
 )
 from cope_megatron.distributed.sequence_parallel import register_sequence_parallel_grad_hooks
+from cope_megatron.distributed.universal import (
+    checkpoint_info,
+    convert,
+    needs_conversion,
+    read_layout,
+    stage_family,
+)
 from cope_megatron.eval.passkey import passkey_accuracy
 from cope_megatron.eval.perplexity import evaluate, evaluation_text, score
 from cope_megatron.eval.tasks import task_errors
@@ -43,9 +50,11 @@ from cope_megatron.preemption import PreemptionHandler
 from cope_megatron.schedule import lr_at
 
 
-def build_engine(cfg: Config, vocab_size: int):
-    """GPT + AdamW + LR schedule wrapped in a DeepSpeed engine (ZeRO per ``zero.stage``)."""
+def build_engine(cfg: Config, vocab_size: int, load_universal: bool = False):
+    """GPT + AdamW + LR schedule wrapped in a DeepSpeed engine (ZeRO per ``zero.stage``);
+    ``load_universal``: the engine will load a universal checkpoint."""
     model = build_gpt(cfg, vocab_size)
+    model.universal_checkpoint_info = checkpoint_info(model)  # saved with every checkpoint
     if cfg.parallel.sequence:
         register_sequence_parallel_grad_hooks(model)
     t = cfg.train
@@ -57,11 +66,14 @@ def build_engine(cfg: Config, vocab_size: int):
         lambda step: lr_at(step, lr=t.lr, min_lr=t.min_lr, warmup=t.warmup_steps,
                            total=t.steps, decay=t.lr_decay) / t.lr,
     )
+    ds_config = deepspeed_config(cfg, dist.get_world_size(replica_group()))
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=schedule,
-        config=deepspeed_config(cfg, dist.get_world_size(replica_group())),
+        config=ds_config,
         mpu=MegatronMPU(),
         dist_init_required=False,
     )
@@ -88,11 +100,14 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
         self.manifest = read_manifest(cfg.data.shards)
-        self.engine = build_engine(cfg, self.manifest["vocab_size"])
+        tag = checkpoint.latest_tag(self.run_dir) if cfg.run.resume or eval_only else None
+        if tag is not None:
+            tag = self._loadable(tag)
+        self.engine = build_engine(cfg, self.manifest["vocab_size"],
+                                   load_universal=bool(tag and tag.endswith("_universal")))
         self.step = 0
         start_batches = 0
-        resume = cfg.run.resume or eval_only
-        state = checkpoint.load(self.engine, self.run_dir) if resume else None
+        state = checkpoint.load(self.engine, self.run_dir, tag) if tag else None
         spec = self._stream_spec()
         if state is not None:
             self.step = state["step"]
@@ -107,6 +122,30 @@ class Trainer:
         self.bad_steps.total = state.get("skipped_steps", 0) if state else 0
 
     # -- building -------------------------------------------------------------------
+
+    @property
+    def layout(self) -> dict:
+        p = self.cfg.parallel
+        return {"data_parallel": dist.get_world_size(replica_group()), "tensor": p.tensor,
+                "context": p.context, "zero_stage": self.cfg.zero.stage}
+
+    def _loadable(self, tag: str) -> str:
+        """``tag``, or its universal conversion when its ZeRO states were partitioned for
+        another data-parallel size."""
+        root = checkpoint.checkpoint_dir(self.run_dir)
+        saved = read_layout(root / tag)
+        if not needs_conversion(saved, self.layout):
+            return tag
+        if stage_family(saved["zero_stage"]) != stage_family(self.cfg.zero.stage):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {root / tag} was saved under ZeRO-{saved['zero_stage']} on "
+                f"{saved['data_parallel']} data-parallel ranks; resuming on another number "
+                "converts it to a universal checkpoint, which loads into stages 1-2 when "
+                "saved from 1-2, into stage 3 when saved from 3: set zero.stage accordingly")
+        if self.env.is_main:
+            convert(root, tag)
+        dist.barrier()
+        return f"{tag}_universal"
 
     def _stream_spec(self) -> StreamSpec:
         cfg = self.cfg
@@ -233,7 +272,7 @@ class Trainer:
     def save(self) -> str:
         state = {"step": self.step, "data": self.data.state_dict(), "config": to_dict(self.cfg),
                  "skipped_steps": self.bad_steps.total}
-        tag = checkpoint.save(self.engine, self.run_dir, self.step, state,
+        tag = checkpoint.save(self.engine, self.run_dir, self.step, state, self.layout,
                               keep=self.cfg.train.keep_checkpoints)
         self._last_save = time.monotonic()
         return tag

@@ -226,3 +226,29 @@ def test_torchrun_data_parallel_matches_accumulation_and_resumes_on_another_size
     for got in (dp2, tp2, resumed):
         assert len(got) in (3, 6)
         assert all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (got, want)
+
+
+def test_zero_checkpoint_resumes_on_another_data_parallel_size(prepared, tmp_path):
+    """ZeRO-2 optimizer states are partitioned by DP rank: DP=2 → one process converts the
+    checkpoint to a universal one and continues the uninterrupted run's losses."""
+    shards, _, _ = prepared
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def train(run_dir, procs, steps, **extra):
+        launcher = [sys.executable, "-m", "cope_megatron", "train"] if procs == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(procs), "-m", "cope_megatron.train"]
+        args = debug_overrides(shards, run_dir, **{"train.steps": steps, "data.streams": 2,
+                                                   "zero.stage": 2, **extra})
+        out = subprocess.run(launcher + args, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [r["loss"] for r in read_metrics(run_dir)]
+
+    want = train(tmp_path / "straight", 2, 6, **{"train.micro_batch_size": 2})
+    train(tmp_path / "resized", 2, 3, **{"train.micro_batch_size": 2})
+    got = train(tmp_path / "resized", 1, 6, **{"train.micro_batch_size": 2,
+                                               "train.grad_accum": 2})
+    assert len(got) == 6 and all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (got, want)
+    names = sorted(p.name for p in (tmp_path / "resized" / "checkpoints").iterdir())
+    assert "step_00000003_universal" not in names and "step_00000006" in names
