@@ -12,6 +12,14 @@ OUT=${OUT:-runs/ablation}
 PES=${PES:-"nope learned rope alibi cope"}
 COMMON="logging.wandb=disabled logging.progress=false"
 stage=${1:?usage: docs/ablation_cpu.sh lm|flipflop|counting|report}
+task() {  # task NAME CONFIG-AND-OVERRIDES: prep once, then one run per PE
+  local name=$1; shift
+  $CM prep "$@" $COMMON
+  for pe in $PES; do
+    dir=$OUT/$name-$pe
+    [ -f "$dir/eval.json" ] || $CM train "$@" configs/pe/$pe.yaml run.dir=$dir $COMMON
+  done
+}
 case "$stage" in
   lm)
     for seed in 1 2; do for pe in $PES; do
@@ -21,23 +29,13 @@ case "$stage" in
     done; done ;;
   flipflop)
     # The paper's task and batch; a smaller model (2 layers, dim 128), 800 of 10K steps.
-    TASK="configs/tasks/flipflop.yaml task.train_samples=12800 model.num_layers=2
-          model.hidden_size=128 train.steps=800 train.lr=1.0e-3 train.warmup_steps=50"
-    $CM prep $TASK $COMMON
-    for pe in $PES; do
-      dir=$OUT/flipflop-$pe
-      [ -f "$dir/eval.json" ] || $CM train $TASK configs/pe/$pe.yaml run.dir=$dir $COMMON
-    done ;;
+    task flipflop configs/tasks/flipflop.yaml task.train_samples=12800 model.num_layers=2 \
+      model.hidden_size=128 train.steps=800 train.lr=1.0e-3 train.warmup_steps=50 ;;
   counting)
     # 1 variable, the paper's data; 2 layers, dim 128, batch 16, 500 steps at lr 1e-3.
-    TASK="configs/tasks/counting.yaml model.num_layers=2 model.hidden_size=128
-          train.micro_batch_size=16 train.steps=500 train.lr=1.0e-3 train.min_lr=1.0e-4
-          train.warmup_steps=50"
-    $CM prep $TASK $COMMON
-    for pe in $PES; do
-      dir=$OUT/counting-$pe
-      [ -f "$dir/eval.json" ] || $CM train $TASK configs/pe/$pe.yaml run.dir=$dir $COMMON
-    done ;;
+    task counting configs/tasks/counting.yaml model.num_layers=2 model.hidden_size=128 \
+      train.micro_batch_size=16 train.steps=500 train.lr=1.0e-3 train.min_lr=1.0e-4 \
+      train.warmup_steps=50 ;;
   report)
     $CM report $OUT/lm-* --out docs/results/lm
     $CM report $OUT/flipflop-* --out docs/results/flipflop

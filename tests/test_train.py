@@ -198,31 +198,32 @@ def test_bf16_training_runs(prepared, tmp_path, dist_cleanup, pe):
     assert result.losses[-1] < result.losses[0]
 
 
+def train_losses(shards, run_dir, procs: int, steps: int, **extra) -> list[float]:
+    """Train the debug model in ``procs`` processes (torchrun when more than one); the
+    logged losses."""
+    launcher = [sys.executable, "-m", "cope_megatron", "train"] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+        str(procs), "-m", "cope_megatron.train"]
+    args = debug_overrides(shards, run_dir, **{"train.steps": steps, "data.streams": 2,
+                                               **extra})
+    out = subprocess.run(launcher + args, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
 def test_torchrun_data_parallel_matches_accumulation_and_resumes_on_another_size(prepared,
                                                                                 tmp_path):
     """Global batch 4 through the loader: one process with 2 accumulation steps of 2, DP=2
     with micro batch 2, DP=2 × TP=2: the same losses. A DP=2 run stopped after 3 steps
     resumes in one process (2 × 2) and continues the uninterrupted run."""
     shards, _, _ = prepared
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def train(run_dir, procs, steps, **extra):
-        launcher = [sys.executable, "-m", "cope_megatron", "train"] if procs == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(procs), "-m", "cope_megatron.train"]
-        args = debug_overrides(shards, run_dir, **{"train.steps": steps, "data.streams": 2,
-                                                   "data.shuffle_buffer": 8, **extra})
-        out = subprocess.run(launcher + args, env=env, capture_output=True, text=True,
-                             timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return [r["loss"] for r in read_metrics(run_dir)]
-
-    one = {"train.micro_batch_size": 2, "train.grad_accum": 2}
-    want = train(tmp_path / "accum", 1, 6, **one)
-    dp2 = train(tmp_path / "dp2", 2, 3, **{"train.micro_batch_size": 2})
-    tp2 = train(tmp_path / "dp2tp2", 4, 3, **{"train.micro_batch_size": 2,
-                                              "parallel.tensor": 2})
-    resumed = train(tmp_path / "dp2", 1, 6, **one)
+    one = {"train.micro_batch_size": 2, "train.grad_accum": 2, "data.shuffle_buffer": 8}
+    two = {"train.micro_batch_size": 2, "data.shuffle_buffer": 8}
+    want = train_losses(shards, tmp_path / "accum", 1, 6, **one)
+    dp2 = train_losses(shards, tmp_path / "dp2", 2, 3, **two)
+    tp2 = train_losses(shards, tmp_path / "dp2tp2", 4, 3, **two, **{"parallel.tensor": 2})
+    resumed = train_losses(shards, tmp_path / "dp2", 1, 6, **one)
     for got in (dp2, tp2, resumed):
         assert len(got) in (3, 6)
         assert all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (got, want)
@@ -232,23 +233,10 @@ def test_zero_checkpoint_resumes_on_another_data_parallel_size(prepared, tmp_pat
     """ZeRO-2 optimizer states are partitioned by DP rank: DP=2 → one process converts the
     checkpoint to a universal one and continues the uninterrupted run's losses."""
     shards, _, _ = prepared
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def train(run_dir, procs, steps, **extra):
-        launcher = [sys.executable, "-m", "cope_megatron", "train"] if procs == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(procs), "-m", "cope_megatron.train"]
-        args = debug_overrides(shards, run_dir, **{"train.steps": steps, "data.streams": 2,
-                                                   "zero.stage": 2, **extra})
-        out = subprocess.run(launcher + args, env=env, capture_output=True, text=True,
-                             timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return [r["loss"] for r in read_metrics(run_dir)]
-
-    want = train(tmp_path / "straight", 2, 6, **{"train.micro_batch_size": 2})
-    train(tmp_path / "resized", 2, 3, **{"train.micro_batch_size": 2})
-    got = train(tmp_path / "resized", 1, 6, **{"train.micro_batch_size": 2,
-                                               "train.grad_accum": 2})
+    two = {"train.micro_batch_size": 2, "zero.stage": 2}
+    want = train_losses(shards, tmp_path / "straight", 2, 6, **two)
+    train_losses(shards, tmp_path / "resized", 2, 3, **two)
+    got = train_losses(shards, tmp_path / "resized", 1, 6, **two, **{"train.grad_accum": 2})
     assert len(got) == 6 and all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (got, want)
     names = sorted(p.name for p in (tmp_path / "resized" / "checkpoints").iterdir())
     assert "step_00000003_universal" not in names and "step_00000006" in names
