@@ -106,13 +106,13 @@ class Trainer:
         self.engine = build_engine(cfg, self.manifest["vocab_size"],
                                    load_universal=bool(tag and tag.endswith("_universal")))
         self.step = 0
-        start_batches = 0
+        start_steps = 0
         state = checkpoint.load(self.engine, self.run_dir, tag) if tag else None
         spec = self._stream_spec()
         if state is not None:
             self.step = state["step"]
-            start_batches = ResumableLoader.check_state(state["data"], spec)
-        self.data = ResumableLoader(spec, start_batches)
+            start_steps = ResumableLoader.check_state(state["data"], spec)
+        self.data = ResumableLoader(spec, start_steps)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_main and not eval_only)
         self.metrics.truncate_after(self.step)
         self.preemption = None if eval_only else PreemptionHandler()
