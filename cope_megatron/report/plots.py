@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cope_megatron.report.runs import Run, gather, stat  # noqa: E402
+from cope_megatron.report.runs import Run, gather, passkey_means, stat  # noqa: E402
 from cope_megatron.report.tables import lengths, task_splits  # noqa: E402
 
 
@@ -69,14 +69,8 @@ def passkey_plot(groups: dict[str, list[Run]], path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for label, runs in groups.items():
-        points = []
-        for x in xs:
-            accs = [np.mean([v for k, v in r.eval["passkey"][x].items()
-                             if k not in ("samples", "status", "reason")] or [np.nan])
-                    for r in runs if r.eval and x in r.eval.get("passkey", {})]
-            accs = [a for a in accs if not np.isnan(a)]
-            if accs:
-                points.append((int(x), float(np.mean(accs))))
+        means = {x: passkey_means(runs, x) for x in xs}
+        points = [(int(x), stat(m).mean) for x, m in means.items() if m]
         if points:
             ax.plot(*zip(*points), marker="o", label=label)
     ax.set(ylim=(-0.05, 1.05), xlabel="context length (tokens)",

@@ -77,6 +77,18 @@ def stat(values: list[float]) -> Stat | None:
     return Stat(statistics.fmean(values), min(values), max(values), len(values))
 
 
+def passkey_means(runs: list[Run], length: str) -> list[float]:
+    """Each run's passkey accuracy at ``length``, averaged over depths (runs where it was
+    not applicable give none)."""
+    out = []
+    for run in runs:
+        result = (run.eval or {}).get("passkey", {}).get(length, {})
+        depths = [v for k, v in result.items() if k not in ("samples", "status", "reason")]
+        if depths:
+            out.append(statistics.fmean(depths))
+    return out
+
+
 def gather(runs: list[Run], *path: str) -> list[float]:
     """The value at ``path`` of each run's eval report, where it holds a number."""
     out = []

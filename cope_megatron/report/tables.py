@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import statistics
-
-from cope_megatron.report.runs import Run, gather, stat
+from cope_megatron.report.runs import Run, gather, passkey_means, stat
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -47,13 +45,7 @@ def passkey_table(groups: dict[str, list[Run]]) -> str | None:
     for label, runs in groups.items():
         row = [label]
         for c in columns:
-            per_run = []
-            for run in runs:
-                result = (run.eval or {}).get("passkey", {}).get(c, {})
-                depths = [v for k, v in result.items() if k not in ("samples", "status",
-                                                                     "reason")]
-                if depths:
-                    per_run.append(statistics.fmean(depths))
+            per_run = passkey_means(runs, c)
             row.append(str(stat(per_run)) if per_run else "n/a")
         rows.append(row)
     return _table(["setting", *columns], rows)
