@@ -44,7 +44,7 @@ from cope_megatron.eval.passkey import passkey_accuracy
 from cope_megatron.eval.perplexity import evaluate, evaluation_text, score
 from cope_megatron.eval.tasks import task_errors
 from cope_megatron.metrics import MetricsLogger
-from cope_megatron.model.gpt import build_gpt, loss_sum
+from cope_megatron.model.gpt import build_gpt, eval_mode, loss_sum
 from cope_megatron.nonfinite import BadStepCounter, SkipNonFiniteAdamW
 from cope_megatron.preemption import PreemptionHandler
 from cope_megatron.schedule import lr_at
@@ -235,29 +235,31 @@ class Trainer:
                 or bool(t.save_interval_minutes)
                 and time.monotonic() - self._last_save >= 60 * t.save_interval_minutes)
 
+    @property
+    def _eval_args(self) -> tuple:
+        """(model, config, manifest, device, dp_rank, dp_size) for the eval functions."""
+        return (self.engine, self.cfg, self.manifest, self.env.device, self.env.dp_rank,
+                self.env.dp_size)
+
     @torch.no_grad()
     def validate(self) -> dict:
         """Held-out loss and perplexity at the training length (a task: its
         in-distribution error), for the metrics."""
-        where = (self.engine, self.cfg, self.manifest, self.env.device, self.env.dp_rank,
-                 self.env.dp_size)
         if "task" in self.manifest:
-            result = task_errors(*where, splits=["test"])["splits"]["test"]
+            result = task_errors(*self._eval_args, splits=["test"])["splits"]["test"]
             return {"val_error_pct": result["error_pct"]}
         if self._val_text is None:
             self._val_text = evaluation_text(self.cfg, self.manifest)
         length = self.cfg.model.seq_length
-        self.engine.eval()
-        result = score(self.engine, self._val_text, length, length, self.cfg.eval.batch_size,
-                       *where[3:])
-        self.engine.train()
+        with eval_mode(self.engine):
+            result = score(self.engine, self._val_text, length, length,
+                           self.cfg.eval.batch_size, *self._eval_args[3:])
         return {"val_loss": result["loss"], "val_ppl": result["ppl"]}
 
     def evaluate(self) -> dict:
         """Held-out perplexity per length and passkey accuracy, or a task's error % per
         test split, at the current step; also written to eval.json."""
-        where = (self.engine, self.cfg, self.manifest, self.env.device, self.env.dp_rank,
-                 self.env.dp_size)
+        where = self._eval_args
         if "task" in self.manifest:
             report = task_errors(*where)
         else:

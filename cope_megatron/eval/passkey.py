@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from cope_megatron.config import Config
 from cope_megatron.eval.answers import answer_errors
 from cope_megatron.eval.perplexity import run_tokenizer
-from cope_megatron.model.gpt import max_positions
+from cope_megatron.model.gpt import eval_mode, max_positions
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about the important information there.")
@@ -59,31 +59,29 @@ def passkey_accuracy(model: torch.nn.Module, cfg: Config, manifest: dict,
     tokenizer = run_tokenizer(cfg, manifest)
     rng = random.Random(cfg.train.seed)
     limit = max_positions(model)
-    was_training = model.training
-    model.eval()
-    results: dict = {}
-    for mult in cfg.eval.length_multipliers:
-        length = mult * cfg.model.seq_length
-        if limit is not None and length > limit:
-            results[length] = {"status": "not applicable",
-                               "reason": f"no positions beyond {limit}"}
-            continue
-        try:
-            passkey_sample(tokenizer, length, 0.0, 10_000)
-        except PromptTooLongError as e:
-            results[length] = {"status": "not applicable", "reason": str(e)}
-            continue
-        results[length] = {"samples": cfg.eval.passkey_samples}
-        for depth in cfg.eval.passkey_depths:
-            hits = torch.zeros(2, device=device)  # [correct, scored]
-            for i in range(cfg.eval.passkey_samples):
-                key = rng.randrange(10_000, 100_000)  # drawn on every rank: same prompts
-                if i % dp_size != dp_rank:
-                    continue
-                tokens, mask = passkey_sample(tokenizer, length, depth, key)
-                errors = answer_errors(model, tokens[None].to(device), mask[None].to(device))
-                hits += torch.stack([(errors == 0).float().sum(), hits.new_tensor(1.0)])
-            dist.all_reduce(hits, group=parallel_state.get_data_parallel_group())
-            results[length][str(depth)] = (hits[0] / hits[1]).item()
-    model.train(was_training)
+    with eval_mode(model):
+        results: dict = {}
+        for mult in cfg.eval.length_multipliers:
+            length = mult * cfg.model.seq_length
+            if limit is not None and length > limit:
+                results[length] = {"status": "not applicable",
+                                   "reason": f"no positions beyond {limit}"}
+                continue
+            try:
+                passkey_sample(tokenizer, length, 0.0, 10_000)
+            except PromptTooLongError as e:
+                results[length] = {"status": "not applicable", "reason": str(e)}
+                continue
+            results[length] = {"samples": cfg.eval.passkey_samples}
+            for depth in cfg.eval.passkey_depths:
+                hits = torch.zeros(2, device=device)  # [correct, scored]
+                for i in range(cfg.eval.passkey_samples):
+                    key = rng.randrange(10_000, 100_000)  # drawn on every rank: same prompts
+                    if i % dp_size != dp_rank:
+                        continue
+                    tokens, mask = passkey_sample(tokenizer, length, depth, key)
+                    errors = answer_errors(model, tokens[None].to(device), mask[None].to(device))
+                    hits += torch.stack([(errors == 0).float().sum(), hits.new_tensor(1.0)])
+                dist.all_reduce(hits, group=parallel_state.get_data_parallel_group())
+                results[length][str(depth)] = (hits[0] / hits[1]).item()
     return results

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from cope_megatron.config import Config, ConfigError
 from cope_megatron.data.source import read_manifest, sequential_windows, split_spec
 from cope_megatron.distributed.parallel import replica_group
-from cope_megatron.model.gpt import max_positions, token_losses
+from cope_megatron.model.gpt import eval_mode, max_positions, token_losses
 from data_prep.corpus import iter_pieces, resolve_sources
 from data_prep.tokenizer import load_tokenizer
 
@@ -114,23 +114,21 @@ def evaluate(model: torch.nn.Module, cfg: Config, manifest: dict, device: torch.
     {"loss", "ppl", "tokens"} or {"status": "not applicable", "reason"}."""
     text = evaluation_text(cfg, manifest)
     stride = cfg.eval.stride or cfg.model.seq_length
-    was_training = model.training
-    model.eval()
-    results: dict[str, dict] = {p: {} for p in PROTOCOLS}
-    for mult in cfg.eval.length_multipliers:
-        length = mult * cfg.model.seq_length
-        limit = max_positions(model)
-        for protocol in PROTOCOLS:
-            if limit is not None and length > limit:
-                results[protocol][length] = {
-                    "status": "not applicable",
-                    "reason": f"{cfg.model.pe} has no positions beyond the {limit} it was "
-                              "trained with"}
-                continue
-            step = length if protocol == "windows" else stride
-            results[protocol][length] = score(model, text, length, step, cfg.eval.batch_size,
-                                              device, dp_rank, dp_size)
-    model.train(was_training)
+    with eval_mode(model):
+        results: dict[str, dict] = {p: {} for p in PROTOCOLS}
+        for mult in cfg.eval.length_multipliers:
+            length = mult * cfg.model.seq_length
+            limit = max_positions(model)
+            for protocol in PROTOCOLS:
+                if limit is not None and length > limit:
+                    results[protocol][length] = {
+                        "status": "not applicable",
+                        "reason": f"{cfg.model.pe} has no positions beyond the {limit} it was "
+                                  "trained with"}
+                    continue
+                step = length if protocol == "windows" else stride
+                results[protocol][length] = score(model, text, length, step, cfg.eval.batch_size,
+                                                  device, dp_rank, dp_size)
     return {"pe": cfg.model.pe, "train_length": cfg.model.seq_length,
             "eval_data": cfg.eval.data or cfg.data.shards, "stride": stride,
             "lengths": results["windows"], "sliding": results["sliding"]}

@@ -17,7 +17,7 @@ from megatron.core import parallel_state
 from cope_megatron.config import Config
 from cope_megatron.data.source import ordered_samples, split_spec
 from cope_megatron.eval.answers import answer_errors
-from cope_megatron.model.gpt import max_positions
+from cope_megatron.model.gpt import eval_mode, max_positions
 
 
 def _batches(spec, batch_size: int):
@@ -38,31 +38,29 @@ def task_errors(model: torch.nn.Module, cfg: Config, manifest: dict, device: tor
     "sequences", "seq_len"} or {"status": "not applicable", "reason"}}} for ``splits``
     (default: every split but train)."""
     limit = max_positions(model)
-    was_training = model.training
-    model.eval()
-    results = {}
-    for split in splits or [s for s in manifest["splits"] if s != "train"]:
-        spec = split_spec(cfg.data.shards, manifest, split)
-        if limit is not None and spec.seq_len > limit:
-            results[split] = {"status": "not applicable",
-                              "reason": f"{spec.seq_len} tokens exceed the {limit} positions "
-                                        f"{cfg.model.pe} was trained with"}
-            continue
-        # [wrong answers, answers, wrong sequences, sequences]
-        counts = torch.zeros(4, dtype=torch.float64, device=device)
-        for i, rows in enumerate(_batches(spec, cfg.eval.batch_size)):
-            if i % dp_size != dp_rank:
+    with eval_mode(model):
+        results = {}
+        for split in splits or [s for s in manifest["splits"] if s != "train"]:
+            spec = split_spec(cfg.data.shards, manifest, split)
+            if limit is not None and spec.seq_len > limit:
+                results[split] = {"status": "not applicable",
+                                  "reason": f"{spec.seq_len} tokens exceed the {limit} positions "
+                                            f"{cfg.model.pe} was trained with"}
                 continue
-            tokens = torch.from_numpy(np.stack([t for t, _ in rows])).to(device)
-            mask = torch.from_numpy(np.stack([m for _, m in rows])).to(device)
-            errors = answer_errors(model, tokens, mask).double()
-            counts += torch.stack([errors.sum(), mask.double().sum(),
-                                   (errors > 0).double().sum(), counts.new_tensor(len(rows))])
-        dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
-        wrong, answers, wrong_seqs, seqs = counts.tolist()
-        results[split] = {"error_pct": 100 * wrong / answers,
-                          "sequence_error_pct": 100 * wrong_seqs / seqs,
-                          "answers": int(answers), "sequences": int(seqs),
-                          "seq_len": spec.seq_len}
-    model.train(was_training)
+            # [wrong answers, answers, wrong sequences, sequences]
+            counts = torch.zeros(4, dtype=torch.float64, device=device)
+            for i, rows in enumerate(_batches(spec, cfg.eval.batch_size)):
+                if i % dp_size != dp_rank:
+                    continue
+                tokens = torch.from_numpy(np.stack([t for t, _ in rows])).to(device)
+                mask = torch.from_numpy(np.stack([m for _, m in rows])).to(device)
+                errors = answer_errors(model, tokens, mask).double()
+                counts += torch.stack([errors.sum(), mask.double().sum(),
+                                       (errors > 0).double().sum(), counts.new_tensor(len(rows))])
+            dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+            wrong, answers, wrong_seqs, seqs = counts.tolist()
+            results[split] = {"error_pct": 100 * wrong / answers,
+                              "sequence_error_pct": 100 * wrong_seqs / seqs,
+                              "answers": int(answers), "sequences": int(seqs),
+                              "seq_len": spec.seq_len}
     return {"task": manifest["task"]["name"], "splits": results}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
@@ -110,6 +113,17 @@ def loss_sum(model: torch.nn.Module, tokens: torch.Tensor,
     keeps (all when None); the caller divides by the count over the whole batch."""
     losses, mask = token_losses(model, tokens, loss_mask)
     return losses.sum() if mask is None else (losses * mask).sum()
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the block, then back as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def max_positions(model: torch.nn.Module) -> int | None:
