@@ -9,6 +9,8 @@ the same contract. The trainer reads the outcome from ``engine.was_step_applied(
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from cope_megatron.distributed.parallel import any_rank
@@ -47,13 +49,15 @@ class BadStepCounter:
         self.total = 0
         self.in_a_row = 0
 
-    def update(self, step: int, skipped: bool, last_checkpoint: str | None) -> None:
+    def update(self, step: int, skipped: bool,
+               last_checkpoint: Callable[[], str | None]) -> None:
+        """Count step ``step``; ``last_checkpoint`` is asked only for the error."""
         self.total += skipped
         self.in_a_row = self.in_a_row + 1 if skipped else 0
         if self.limit and self.in_a_row >= self.limit:
             raise NonFiniteError(
                 f"step {step}: the last {self.in_a_row} steps had a non-finite loss or "
                 f"gradient norm and were skipped (train.max_bad_steps={self.limit}). Last "
-                f"good checkpoint: {last_checkpoint or 'none yet'}. Try a lower train.lr, "
+                f"good checkpoint: {last_checkpoint() or 'none yet'}. Try a lower train.lr, "
                 "train.precision=bf16 rather than fp16, or a smaller train.grad_clip; then "
                 "resume from that checkpoint")

@@ -201,7 +201,8 @@ class Trainer:
             self.step += 1
             losses.append(loss)
             skipped = not self.engine.was_step_applied() or not math.isfinite(loss)
-            self.bad_steps.update(self.step, skipped, checkpoint.latest_tag(self.run_dir))
+            self.bad_steps.update(self.step, skipped,
+                                  lambda: checkpoint.latest_tag(self.run_dir))
             record = {"step": self.step, "loss": loss, "lr": self.engine.get_lr()[0],
                       "tokens_per_s": tokens_per_step / elapsed, "epoch": self.data.epoch,
                       "skipped_shards": self.data.skipped_shards,
