@@ -33,6 +33,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def collective_device() -> torch.device:
+    """Where this rank's tensors (and those it all-reduces) live: its GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -57,15 +64,10 @@ def init_distributed(tensor: int, context: int = 1) -> DistEnv:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor, context_parallel_size=context
         )
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
     return DistEnv(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),
-        device=device,
+        device=collective_device(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=parallel_state.get_data_parallel_world_size(),
     )
@@ -87,8 +89,7 @@ def mean_over_replicas(value: torch.Tensor) -> float:
 def sum_over_data_parallel(value: float) -> float:
     """Σ of a per-replica value (e.g. a count of samples' tokens) over data-parallel ranks:
     the CP ranks of a replica hold the same samples, so they count once."""
-    total = torch.tensor(float(value), dtype=torch.float64,
-                         device="cuda" if torch.cuda.is_available() else "cpu")
+    total = torch.tensor(float(value), dtype=torch.float64, device=collective_device())
     dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return total.item()
 
@@ -96,9 +97,7 @@ def sum_over_data_parallel(value: float) -> float:
 def any_rank(*flags: bool) -> list[bool]:
     """Each flag, true when it is true on any rank (one all-reduce), so that all ranks
     take the same branch (save, stop, skip)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    values = torch.tensor([float(f) for f in flags], device=device)
+    values = torch.tensor([float(f) for f in flags], device=collective_device())
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
 

@@ -9,7 +9,9 @@ the only ones trained on and scored. Generated and outside examples go through t
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 PAD, BOS = "<pad>", "<bos>"
@@ -29,7 +31,7 @@ class Split:
     """Keyword arguments of the task's ``generate`` for this split."""
 
 
-class Task:
+class Task(ABC):
     """Subclasses set ``name`` and ``vocabulary`` (pad first) and implement ``splits``,
     ``generate`` and ``encode``. Sequence lengths are chosen so that seq_len divides by
     2 · CP (some tasks open with <bos> for that)."""
@@ -37,19 +39,25 @@ class Task:
     name: str
     vocabulary: tuple[str, ...]
 
+    @abstractmethod
     def splits(self, **options: Any) -> dict[str, Split]:
-        raise NotImplementedError
+        """Split name -> its sample length and generator arguments."""
 
+    @abstractmethod
     def generate(self, rng: random.Random, **params: Any) -> Example:
-        raise NotImplementedError
+        """One example drawn with ``rng``."""
 
+    @abstractmethod
     def encode(self, example: Example) -> tuple[list[str], list[bool]]:
         """(tokens, is-answer per token) of one example, padding aside; raises
         TaskFormatError."""
-        raise NotImplementedError
+
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {t: i for i, t in enumerate(self.vocabulary)}
 
     def ids(self, tokens: list[str]) -> list[int]:
-        index = {t: i for i, t in enumerate(self.vocabulary)}
+        index = self._index
         unknown = sorted({t for t in tokens if t not in index})
         if unknown:
             raise TaskFormatError(f"tokens {unknown} are not in the {self.name} vocabulary "
