@@ -2,6 +2,12 @@
 peak working memory per implementation and sequence length.
 
     python bench/cope_op.py [--seqs 1024 2048 4096] [--impls chunked reference] [--reps 3]
+                            [--gates dense sparse]
+
+Gate regimes: ``dense`` draws q, k at random (gates ≈ 0.5, rows saturate npos within a few
+hundred keys); ``sparse`` adds a shared direction with opposite signs to q and k, which
+shifts every logit by about −4 (gates ≈ 0.03, rows saturate only after thousands of keys).
+On CUDA, SDPA is pinned to its FlashAttention backend.
 
 Times are medians over interleaved repetitions (every impl once per round), so ratios to
 SDPA are measured under the same machine load. Memory is the peak growth during one
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -24,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cope_megatron.ops import cope_attention
 
@@ -53,19 +61,41 @@ def measure(fn, device: torch.device) -> tuple[float, float]:
     return elapsed, (_rss_kb("VmHWM:") - base) / 1024
 
 
-def make_case(impl: str, seq: int, args, device):
+SPARSE_LOGIT_SHIFT = 4.0
+
+
+def gate_inputs(shape, gates: str, gen: torch.Generator) -> list[torch.Tensor]:
+    """q, k, v in fp32 for a gate regime (module docstring)."""
+    q, k, v = (torch.randn(shape, generator=gen) for _ in range(3))
+    if gates == "sparse":
+        d = shape[-1]
+        u = torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0)
+        alpha = math.sqrt(SPARSE_LOGIT_SHIFT * math.sqrt(d))  # scale·α² = shift
+        q, k = q + alpha * u, k - alpha * u
+    elif gates != "dense":
+        raise ValueError(f"unknown gate regime {gates!r}; use dense or sparse")
+    return [q, k, v]
+
+
+def sdpa(q, k, v):
+    if q.is_cuda:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def make_case(impl: str, seq: int, gates: str, args, device):
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator(device="cpu").manual_seed(0)
     shape = (1, args.heads, seq, args.head_dim)
-    q, k, v = (torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
-               for _ in range(3))
+    q, k, v = (t.to(device, dtype).requires_grad_() for t in gate_inputs(shape, gates, gen))
     table = (0.1 * torch.randn(1, args.head_dim, args.npos, generator=gen)).to(device, dtype)
     table.requires_grad_()
     grad = torch.randn(shape, generator=gen).to(device, dtype)
 
     def run():
         if impl == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = sdpa(q, k, v)
             out.backward(grad)
         else:
             out = cope_attention(q, k, v, table, impl=impl)
@@ -77,19 +107,21 @@ def make_case(impl: str, seq: int, args, device):
 
 
 def run_cases(args, device, reps: int):
-    """{(seq, impl): [seconds]}, {(seq, impl): [peak MB]} over interleaved rounds."""
+    """{(gates, seq, impl): [seconds]}, {(gates, seq, impl): [peak MB]} over interleaved
+    rounds."""
     times, mems = {}, {}
-    for seq in args.seqs:
-        impls = ["sdpa"] + [i for i in args.impls
-                            if i != "reference" or seq <= args.max_reference_seq]
-        cases = {impl: make_case(impl, seq, args, device) for impl in impls}
-        for fn in cases.values():  # warm-up (compilation, allocator)
-            fn()
-        for _ in range(reps):
-            for impl, fn in cases.items():
-                t, m = measure(fn, device)
-                times.setdefault((seq, impl), []).append(t)
-                mems.setdefault((seq, impl), []).append(m)
+    for gates in args.gates:
+        for seq in args.seqs:
+            impls = ["sdpa"] + [i for i in args.impls
+                                if i != "reference" or seq <= args.max_reference_seq]
+            cases = {impl: make_case(impl, seq, gates, args, device) for impl in impls}
+            for fn in cases.values():  # warm-up (compilation, allocator)
+                fn()
+            for _ in range(reps):
+                for impl, fn in cases.items():
+                    t, m = measure(fn, device)
+                    times.setdefault((gates, seq, impl), []).append(t)
+                    mems.setdefault((gates, seq, impl), []).append(m)
     if args.memory_only:
         return times, [[json.dumps(list(k)), v] for k, v in mems.items()]
     return times, mems
@@ -104,6 +136,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--npos", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--gates", nargs="+", default=["dense"], choices=["dense", "sparse"])
     parser.add_argument("--max-reference-seq", type=int, default=4096)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -118,17 +151,19 @@ def main() -> None:
                                capture_output=True, text=True, check=True)
         mems = {tuple(json.loads(k)): v for k, v in json.loads(child.stdout.splitlines()[-1])}
     rows = []
-    for seq, impl in times:
-        t = statistics.median(times[seq, impl])
-        base = statistics.median(times[seq, "sdpa"])
-        rows.append({"seq": seq, "impl": impl, "fwd_bwd_s": round(t, 4),
-                     "vs_sdpa": round(t / base, 2), "peak_mb": round(max(mems[seq, impl]), 1)})
+    for gates, seq, impl in times:
+        t = statistics.median(times[gates, seq, impl])
+        base = statistics.median(times[gates, seq, "sdpa"])
+        rows.append({"gates": gates, "seq": seq, "impl": impl, "fwd_bwd_s": round(t, 5),
+                     "vs_sdpa": round(t / base, 2),
+                     "peak_mb": round(max(mems[gates, seq, impl]), 1)})
     print(f"device={device} threads={torch.get_num_threads()} dtype={args.dtype} "
           f"heads={args.heads} head_dim={args.head_dim} npos={args.npos} reps={args.reps}")
-    print(f"{'seq':>6} {'impl':>10} {'fwd+bwd s':>10} {'x SDPA':>7} {'peak MB':>9}")
+    print(f"{'gates':>6} {'seq':>6} {'impl':>10} {'fwd+bwd s':>10} {'x SDPA':>7} "
+          f"{'peak MB':>9}")
     for r in rows:
-        print(f"{r['seq']:>6} {r['impl']:>10} {r['fwd_bwd_s']:>10.4f} {r['vs_sdpa']:>7.2f} "
-              f"{r['peak_mb']:>9.1f}")
+        print(f"{r['gates']:>6} {r['seq']:>6} {r['impl']:>10} {r['fwd_bwd_s']:>10.5f} "
+              f"{r['vs_sdpa']:>7.2f} {r['peak_mb']:>9.1f}")
     print(json.dumps({"device": str(device), "rows": rows}))
 
 

@@ -149,3 +149,96 @@ def test_open_gates_count_tokens():
     p = reverse_cumsum(g)
     assert p[4].tolist() == [5, 4, 3, 2, 1]
     assert p.clamp(max=2)[4].tolist() == [2, 2, 2, 2, 1]
+
+
+def _triton_case(seq, d, npos, npos_max, *, sparse, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, seq, d, generator=gen) for _ in range(3))
+    if sparse:  # a shared direction with opposite signs: logits about −4, gates about 0.02
+        u = torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0)
+        shift = math.sqrt(4 * math.sqrt(d)) * u
+        q, k = q + shift, k - shift
+    E = torch.randn(2, d, npos, generator=gen)
+    return q, k, v, E
+
+
+def _expected_plain_blocks(q, k, carry, npos_max, block):
+    """Per (head, query block): the key blocks, counted from the diagonal back, after which
+    every row's gate total (float64) exceeds npos_max − 1."""
+    s = q.shape[2]
+    a = (q[0].double() @ k[0].double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    g = torch.sigmoid(a).tril()
+    counts = []
+    for h in range(q.shape[1]):
+        row = []
+        for m0 in range(0, s, block):
+            m1 = min(s, m0 + block)
+            n_blocks = -(-m1 // block)
+            total = carry[0, h, m0:m1].double().clone()
+            gate = 0
+            while gate < n_blocks and not bool((total > npos_max - 1).all()):
+                n0 = (n_blocks - 1 - gate) * block
+                total += g[h, m0:m1, n0:n0 + block].sum(-1)
+                gate += 1
+            row.append(n_blocks - gate)
+        counts.append(row)
+    return torch.tensor(counts, dtype=torch.int32)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("regime", ["dense", "sparse", "never", "carried"])
+def test_triton_skips_exactly_the_clamped_key_blocks(monkeypatch, regime):
+    """Key blocks whose rows have all clamped run as plain attention: exactly those (count
+    against a float64 scan of the gates), and the result stays the reference's. Regimes:
+    dense gates (the band ends a few blocks from the diagonal), sparse gates (late or never),
+    npos_max beyond the sequence (never), and a carry from later chunks that has clamped
+    every row already (all blocks plain, the diagonal one too)."""
+    pytest.importorskip("triton")
+    from cope_megatron.ops import cope_chunked
+    from cope_megatron.ops import cope_triton as triton_op
+
+    block = 16
+    monkeypatch.setattr(triton_op, "BLOCK_M", block)
+    monkeypatch.setattr(triton_op, "BLOCK_N", block)
+    seq, d, npos = 150, 16, 40
+    npos_max = {"dense": 8, "sparse": 2, "never": 40, "carried": 8}[regime]
+    q, k, v, E = _triton_case(seq, d, npos, npos, sparse=regime == "sparse")
+    if regime == "never":
+        q, k, v, E = _triton_case(32, d, npos, npos, sparse=False)
+    carry = torch.zeros(q.shape[:3])
+    if regime == "carried":
+        carry += npos_max - 0.5
+    scale = 1 / math.sqrt(d)
+    z = q @ E
+    zd = cope_chunked.differences(z)
+    out, lse, plain = triton_op.forward_blocks(q, k, v, z, zd, carry, scale=scale,
+                                               npos_max=npos_max, causal=True)
+    expected = _expected_plain_blocks(q, k, carry, npos_max, block)
+    assert torch.equal(plain, expected)
+    n_blocks = torch.tensor([-(-min(seq, m0 + block) // block) for m0 in range(0, q.shape[2],
+                                                                                 block)])
+    if regime == "never":
+        assert not plain.any()
+    elif regime == "carried":
+        assert torch.equal(plain, n_blocks.expand_as(plain).int())
+    else:  # some blocks plain, some not
+        assert plain.any() and (plain < n_blocks).any()
+
+    want_out, want_lse = cope_chunked.chunk_forward(q, k, v, z, zd, carry, scale=scale,
+                                                    npos_max=npos_max, causal=True)
+    torch.testing.assert_close(out, want_out, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(lse, want_lse, rtol=2e-5, atol=2e-5)
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    delta = (d_out * want_out).sum(-1)
+    grads = {}
+    for name, mod in (("triton", triton_op), ("chunked", cope_chunked)):
+        acc = tuple(torch.zeros_like(t) for t in (q, k, v, z, z))
+        dp_sum = mod.chunk_backward(q, k, v, z, zd, carry, d_out, want_lse, delta, acc,
+                                    scale=scale, npos_max=npos_max, causal=True)
+        grads[name] = (*acc, dp_sum)
+    # dz at the last position and Σ dp are sums of signed terms that cancel (the former to
+    # 0 exactly, as Σ_j softmax_ij·(dO_i·v_j − Δ_i) = 0): an absolute floor, not relative.
+    for name, got, want in zip("dq dk dv dz dzd dp_sum".split(), grads["triton"],
+                               grads["chunked"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")

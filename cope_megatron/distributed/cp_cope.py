@@ -57,9 +57,9 @@ from cope_megatron.ops.cope_chunked import (
 from cope_megatron.ops.cope_reference import expand_kv
 
 
-def _kernels(q: torch.Tensor, impl: str):
+def _kernels(impl: str):
     """The module whose chunk_forward/chunk_backward run the pairs."""
-    if resolve_impl(q, impl) == "triton":
+    if resolve_impl(impl) == "triton":
         from cope_megatron.ops import cope_triton
         return cope_triton
     return cope_chunked
@@ -88,7 +88,7 @@ class _CoPEContextParallel(torch.autograd.Function):
         dtype, work = q.dtype, work_dtype(q.dtype)
         q, pos_emb = q.to(work), pos_emb.to(work)
         h, c = q.shape[1], q.shape[2] // 2
-        ops = _kernels(q, impl)
+        ops = _kernels(impl)
         z = q @ pos_emb  # [b, h, 2c, npos]
         zd = differences(z)
 

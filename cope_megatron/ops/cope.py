@@ -14,8 +14,9 @@ The authors' code also divides the position logits by √d; that is this functio
 scaled by 1/√d, so a table trained either way converts by a constant factor.
 
 impl: "reference" (O(s²) memory, the ground truth), "chunked" (query blocks, recompute in
-backward, O(s·(d + npos)) saved per head), "triton" (fused GPU kernels), "auto" (triton on
-CUDA when available, else chunked).
+backward, O(s·(d + npos)) saved per head), "triton" (fused GPU kernels, opt-in), "auto"
+(chunked). The Triton kernels are not the default on CUDA until the GPU suite passes on a
+GPU: on the H100 one fp32 case gave dq and dk 3% off (docs/GPU.md).
 """
 
 from __future__ import annotations
@@ -48,21 +49,9 @@ def _check(q, k, v, pos_emb, npos_max) -> int:
     return npos_max
 
 
-def _triton_available(q: torch.Tensor) -> bool:
-    if not q.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_impl(q: torch.Tensor, impl: Impl) -> Impl:
-    """``auto`` becomes triton on CUDA when Triton is installed, else chunked."""
-    if impl == "auto":
-        return "triton" if _triton_available(q) else "chunked"
-    return impl
+def resolve_impl(impl: Impl) -> Impl:
+    """``auto`` becomes chunked (see the module docstring for why not triton on CUDA)."""
+    return "chunked" if impl == "auto" else impl
 
 
 def cope_attention(
@@ -78,7 +67,7 @@ def cope_attention(
 ) -> torch.Tensor:
     npos_max = _check(q, k, v, pos_emb, npos_max)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
-    impl = resolve_impl(q, impl)
+    impl = resolve_impl(impl)
     pos_emb = pos_emb.to(q.dtype)
     if impl == "reference":
         fn = cope_attention_reference

@@ -5,11 +5,18 @@ One program owns ``BLOCK_M`` query rows of one head and sweeps their key blocks:
 - forward visits key blocks from the diagonal back to 0, carrying per row the sum of the
   gates of the keys already visited, so p_ij = carry + (reverse cumsum within the block);
   softmax statistics merge online (FlashAttention's running max and sum).
+- Gates are non-negative, so once every row's carry exceeds npos_max − 1, every farther
+  key of the block's rows sits at the last position: its position logit is the row's
+  constant z_i[npos_max − 1], and its gate gets no gradient. From there on the sweep is
+  plain attention plus that constant (no sigmoid, cumsum or gather): the "near band" of
+  gate work is decided per query block at run time, and is the whole row when gates are
+  sparse and nothing clamps.
 - backward needs both that reverse sum (for p) and a forward cumsum of dp (the adjoint of
-  the reverse cumsum). A first sweep totals each row's gates in fp64; a second sweep goes
-  from key block 0 upwards, deriving the reverse carry as total − prefix in fp64 (no fp32
-  cancellation) and carrying Σ dp forwards. dK, dV and dz (the position-logit table
-  gradient per row) are accumulated with atomic adds.
+  the reverse cumsum). It first re-runs the forward's gate sweep (gates only) to find the
+  same near band and its gate total in fp64; then it runs the plain key blocks, and the
+  band from its far end towards the diagonal, deriving the reverse carry as total − prefix
+  in fp64 (no fp32 cancellation) and carrying Σ dp forwards. dK, dV and dz (the
+  position-logit table gradient per row) are accumulated with atomic adds.
 
 z = q·E (and zd, its differences along positions) are computed outside the kernels, and
 gathered per element from global memory; so are dq's z part and dE.
@@ -27,8 +34,14 @@ import triton.language as tl
 
 from cope_megatron.ops.cope_chunked import differences, table_backward
 
-BLOCK_M = 64
+BLOCK_M = 128
 BLOCK_N = 64
+NUM_WARPS = 8
+PLAIN_STAGES = 1
+"""Software-pipelining depth of the plain-attention loops; the gate loops always run
+unpipelined, since Triton 3.6's pipeliner aborts on them ("doesn't know how to predicate
+this op"). On an H100 (bf16, 8k tokens) depth 2 or 3 gained under 2% (17.6 and 17.5 ms
+against 17.8 ms), and the one GPU failure seen (docs/GPU.md) was with depth 2."""
 
 
 @triton.jit
@@ -79,48 +92,78 @@ def _program(Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def _cope_fwd(Q, K, V, Z, ZD, Carry, Out, Lse, seq, head_dim, npos, rep, scale, npos_max_m1,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-              CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+def _saturated(carry, row_ok, npos_max_m1):
+    """Whether every row's gate total over the keys after the current block exceeds the last
+    position: then this block and all farther ones clamp to it. Strictly above, so a key on
+    the clamp boundary keeps its one-sided derivative through the gate path."""
+    return tl.min(tl.where(row_ok, carry, float("inf"))) > npos_max_m1
+
+
+@triton.jit
+def _online_softmax(m_i, l_i, acc, logits, v, PRECISION: tl.constexpr):
+    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    probs = tl.exp(logits - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(probs, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _cope_fwd(Q, K, V, Z, ZD, Carry, Out, Lse, Counts, seq, head_dim, npos, rep, scale,
+              npos_max_m1, last_pos, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              PLAIN_STAGES: tl.constexpr):
     bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = _program(
         Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL)
     q = _load_block(q_ptr, offs_m, offs_d, seq, head_dim, head_dim)
+    row_ok = offs_m < seq
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Σ gates of keys visited so far (all later), starting from the keys after this chunk
-    carry = tl.load(Carry + bh * seq + offs_m, mask=offs_m < seq, other=0.0)
-    for t in range(0, n_blocks):
+    # Σ gates of keys visited so far (all later), from the keys after this chunk on; fp64,
+    # so that the backward re-derives the same carries from a total (see _cope_bwd).
+    carry = tl.load(Carry + bh * seq + offs_m, mask=row_ok, other=0.0).to(tl.float64)
+    t = 0
+    gate_work = (t < n_blocks) & (not _saturated(carry, row_ok, npos_max_m1))
+    while gate_work:
         offs_n = (n_blocks - 1 - t) * BLOCK_N + tl.arange(0, BLOCK_N)
         k, a, valid, g = _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
                                        scale, CAUSAL, PRECISION)
-        p_raw = carry[:, None] + tl.cumsum(g, axis=1, reverse=True)
-        carry += tl.sum(g, axis=1)
+        p_raw = carry.to(tl.float32)[:, None] + tl.cumsum(g, axis=1, reverse=True)
+        carry += tl.sum(g, axis=1).to(tl.float64)
         _, _, _, bias = _position_logits(z_ptr, zd_ptr, offs_m, p_raw, valid, npos,
                                          npos_max_m1)
         logits = tl.where(valid, a + bias, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        probs = tl.exp(logits - m_safe[:, None])
         v = _load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
-        l_i = l_i * alpha + tl.sum(probs, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax(m_i, l_i, acc, logits, v, PRECISION)
+        t += 1
+        gate_work = (t < n_blocks) & (not _saturated(carry, row_ok, npos_max_m1))
+    # Every farther key sits at the last position: plain attention plus one logit per row.
+    z_last = tl.load(z_ptr + offs_m * npos + last_pos, mask=row_ok, other=0.0)
+    for u in tl.range(t, n_blocks, num_stages=PLAIN_STAGES):
+        offs_n = (n_blocks - 1 - u) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k, a, valid, g = _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
+                                       scale, CAUSAL, PRECISION)
+        logits = tl.where(valid, a + z_last[:, None], float("-inf"))
+        v = _load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
+        m_i, l_i, acc = _online_softmax(m_i, l_i, acc, logits, v, PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    row_ok = offs_m < seq
     o_mask = row_ok[:, None] & (offs_d[None, :] < head_dim)
     tl.store(Out + bh * seq * head_dim + offs_m[:, None] * head_dim + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=o_mask)
     tl.store(Lse + bh * seq + offs_m, m_i + tl.log(l_safe), mask=row_ok)
+    tl.store(Counts + bh * tl.num_programs(0) + tl.program_id(0), n_blocks - t)
 
 
 @triton.jit
 def _cope_bwd(Q, K, V, Z, ZD, Carry, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, DpSum, seq, head_dim,
               npos, rep, scale, npos_max_m1, last_pos, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+              BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              PLAIN_STAGES: tl.constexpr):
     bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = _program(
         Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL)
     bg = bh // rep
@@ -129,26 +172,56 @@ def _cope_bwd(Q, K, V, Z, ZD, Carry, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, DpSum,
     row_ok = offs_m < seq
     lse = tl.load(Lse + bh * seq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + bh * seq + offs_m, mask=row_ok, other=0.0)
+    kv_mask_d = offs_d[None, :] < head_dim
 
-    # The keys after this chunk plus Σ_j g_ij, in fp64: reverse carries below
+    # The forward's gate sweep again, gates only: it finds the same near band (key blocks
+    # with unclamped positions) and totals its gates in fp64 as the forward carried them.
     total = tl.load(Carry + bh * seq + offs_m, mask=row_ok, other=0.0).to(tl.float64)
-    for t in range(0, n_blocks):
-        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_gate = 0
+    gate_work = (n_gate < n_blocks) & (not _saturated(total, row_ok, npos_max_m1))
+    while gate_work:
+        offs_n = (n_blocks - 1 - n_gate) * BLOCK_N + tl.arange(0, BLOCK_N)
         _, _, _, g = _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim, scale,
                                    CAUSAL, PRECISION)
         total += tl.sum(g, axis=1).to(tl.float64)
+        n_gate += 1
+        gate_work = (n_gate < n_blocks) & (not _saturated(total, row_ok, npos_max_m1))
+    n_plain = n_blocks - n_gate
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    prefix = tl.zeros([BLOCK_M], tl.float64)  # Σ gates of earlier key blocks
+    # Far keys all clamp to the last position (frac 0): their dz is one sum per row, and
+    # their gates get no gradient (positions beyond the clamp do not move).
+    far = tl.zeros([BLOCK_M], tl.float32)
+    z_last = tl.load(z_ptr + offs_m * npos + last_pos, mask=row_ok, other=0.0)
+    for t in tl.range(0, n_plain, num_stages=PLAIN_STAGES):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        k, a, valid, _ = _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
+                                       scale, CAUSAL, PRECISION)
+        probs = tl.where(valid, tl.exp(a + z_last[:, None] - lse[:, None]), 0.0)
+        v = _load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
+        dlogits = probs * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
+        far += tl.sum(dlogits, axis=1)
+        kv_rows = offs_n[:, None] < seq
+        kv_off = bg * seq * head_dim + offs_n[:, None] * head_dim + offs_d[None, :]
+        tl.atomic_add(DV + kv_off, tl.dot(tl.trans(probs.to(do.dtype)), do,
+                                          input_precision=PRECISION), mask=kv_rows & kv_mask_d)
+        da = dlogits * scale
+        dq += tl.dot(da.to(k.dtype), k, input_precision=PRECISION)
+        tl.atomic_add(DK + kv_off, tl.dot(tl.trans(da.to(q.dtype)), q, input_precision=PRECISION),
+                      mask=kv_rows & kv_mask_d)
+
+    # The near band, from its far end towards the diagonal: a forward cumsum of dp (the
+    # adjoint of the positions' reverse cumsum), with the reverse carries as total − prefix
+    # in fp64 (no fp32 cancellation).
+    prefix = tl.zeros([BLOCK_M], tl.float64)
     dp_carry = tl.zeros([BLOCK_M], tl.float32)  # Σ dp of earlier key blocks
-    kv_mask_d = offs_d[None, :] < head_dim
-    for t in range(0, n_blocks):
+    for t in range(n_plain, n_blocks):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         k, a, valid, g = _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
                                        scale, CAUSAL, PRECISION)
-        block_sum = tl.sum(g, axis=1)
-        after = (total - prefix - block_sum.to(tl.float64)).to(tl.float32)
-        prefix += block_sum.to(tl.float64)
+        block_sum = tl.sum(g, axis=1).to(tl.float64)
+        after = (total - prefix - block_sum).to(tl.float32)
+        prefix += block_sum
         p_raw = after[:, None] + tl.cumsum(g, axis=1, reverse=True)
         idx, frac, zd_lo, bias = _position_logits(z_ptr, zd_ptr, offs_m, p_raw, valid, npos,
                                                   npos_max_m1)
@@ -159,14 +232,10 @@ def _cope_bwd(Q, K, V, Z, ZD, Carry, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, DpSum,
         kv_off = bg * seq * head_dim + offs_n[:, None] * head_dim + offs_d[None, :]
         tl.atomic_add(DV + kv_off, tl.dot(tl.trans(probs.to(do.dtype)), do,
                                           input_precision=PRECISION), mask=kv_rows & kv_mask_d)
-        # Far keys all clamp to the last position (frac 0): one atomic per row for them
-        # instead of one per key, which would all hit the same address.
-        clamped = p_raw >= npos_max_m1
         near = valid & (p_raw < npos_max_m1)
         tl.atomic_add(DZ + bh * seq * npos + idx, dlogits, mask=near)
         tl.atomic_add(DZD + bh * seq * npos + idx, dlogits * frac, mask=near)
-        far = tl.sum(tl.where(valid & clamped, dlogits, 0.0), axis=1)
-        tl.atomic_add(DZ + bh * seq * npos + offs_m * npos + last_pos, far, mask=row_ok)
+        far += tl.sum(tl.where(valid & (p_raw >= npos_max_m1), dlogits, 0.0), axis=1)
         dp = tl.where(p_raw <= npos_max_m1, dlogits * zd_lo, 0.0)
         dg = dp_carry[:, None] + tl.cumsum(dp, axis=1)
         dp_carry += tl.sum(dp, axis=1)
@@ -174,6 +243,7 @@ def _cope_bwd(Q, K, V, Z, ZD, Carry, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, DpSum,
         dq += tl.dot(da.to(k.dtype), k, input_precision=PRECISION)
         tl.atomic_add(DK + kv_off, tl.dot(tl.trans(da.to(q.dtype)), q, input_precision=PRECISION),
                       mask=kv_rows & kv_mask_d)
+    tl.atomic_add(DZ + bh * seq * npos + offs_m * npos + last_pos, far, mask=row_ok)
     tl.store(DQ + bh * seq * head_dim + offs_m[:, None] * head_dim + offs_d[None, :], dq,
              mask=row_ok[:, None] & kv_mask_d)
     tl.store(DpSum + bh * seq + offs_m, dp_carry, mask=row_ok)
@@ -185,22 +255,34 @@ def _launch_config(q: torch.Tensor) -> dict:
         "BLOCK_M": BLOCK_M,
         "BLOCK_N": BLOCK_N,
         "BLOCK_D": max(16, triton.next_power_of_2(d)),
+        "num_warps": NUM_WARPS,
+        "num_stages": 1,
+        "PLAIN_STAGES": PLAIN_STAGES,
         # fp32 inputs: exact fp32 products, not TF32, to match the reference.
         "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
     }
 
 
-def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal: bool):
-    """``ops.cope_chunked.chunk_forward`` in one kernel launch (q, k, v of one dtype, sq = sk;
-    z, zd, carry fp32). Returns (out, lse fp32)."""
+def forward_blocks(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal: bool):
+    """``chunk_forward``, and for each (batch·head, query block) how many of its key blocks
+    ran as plain attention because every row had clamped: (out, lse, plain [b·h, blocks])."""
     b, h, s, d = q.shape
     q, k, v, z, zd, carry = (t.contiguous() for t in (q, k, v, z, zd, carry))
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(s, BLOCK_M), b * h)
-    _cope_fwd[grid](q, k, v, z, zd, carry, out, lse, s, d, z.shape[-1], h // k.shape[1], scale,
-                    float(npos_max - 1), CAUSAL=causal, **_launch_config(q))
-    return out, lse
+    plain = torch.empty(b * h, grid[0], dtype=torch.int32, device=q.device)
+    _cope_fwd[grid](q, k, v, z, zd, carry, out, lse, plain, s, d, z.shape[-1], h // k.shape[1],
+                    scale, float(npos_max - 1), npos_max - 1, CAUSAL=causal,
+                    **_launch_config(q))
+    return out, lse, plain
+
+
+def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal: bool):
+    """``ops.cope_chunked.chunk_forward`` in one kernel launch (q, k, v of one dtype, sq = sk;
+    z, zd, carry fp32). Returns (out, lse fp32)."""
+    return forward_blocks(q, k, v, z, zd, carry, scale=scale, npos_max=npos_max,
+                          causal=causal)[:2]
 
 
 def chunk_backward(q, k, v, z, zd, carry, d_out, lse, delta, grads, *, scale: float,

@@ -1,0 +1,117 @@
+"""Training throughput of a model config for each PE: tokens/s, TFLOP/s per device, MFU,
+peak memory, and the step time relative to RoPE's, measured in the same run.
+
+    python bench/train_throughput.py configs/model/125m.yaml [--pes rope cope alibi]
+        [--steps 20] [--warmup 5] [--peak-tflops X] [-- key=value ...]
+
+Each PE trains in its own process (a clean allocator and peak-memory count): the DeepSpeed
+engine of ``cope-megatron train``, one process, on random tokens (the data pipeline is
+benchmarked apart, in ``bench/data_pipeline.py``). Steps are timed after ``--warmup``
+steps (compilation, allocator growth) with the device synchronized. Prints a table and,
+last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def measure_one(sources: list[str], steps: int, warmup: int, peak_override: float | None
+                ) -> dict:
+    from cope_megatron.config import load_config, padded_vocab_size
+    from cope_megatron.distributed.parallel import init_distributed, seed_everything
+    from cope_megatron.flops import flops_per_token, peak_tflops, throughput
+    from cope_megatron.model.gpt import lm_loss
+    from cope_megatron.trainer import build_engine
+
+    cfg = load_config(sources)
+    env = init_distributed(cfg.parallel.tensor, cfg.parallel.context)
+    seed_everything(cfg.train.seed)
+    vocab = cfg.data.vocab_size
+    engine = build_engine(cfg, vocab)
+    t = cfg.train
+    tokens = torch.randint(0, vocab, (t.micro_batch_size, cfg.model.seq_length + 1),
+                           generator=torch.Generator().manual_seed(0)).to(env.device)
+
+    def step() -> float:
+        loss = lm_loss(engine, tokens)
+        engine.backward(loss)
+        engine.step()
+        return loss.item()  # synchronizes the device
+
+    losses = [step() for _ in range(warmup)]
+    start = time.perf_counter()
+    losses += [step() for _ in range(steps)]
+    seconds = time.perf_counter() - start
+    flops = flops_per_token(cfg, padded_vocab_size(vocab, cfg.parallel.tensor))
+    peak = peak_tflops(env.device, peak_override)
+    return {"pe": cfg.model.pe, "step_s": seconds / steps, "peak_mb": peak_memory_mb(env.device),
+            "first_loss": losses[0], "last_loss": losses[-1], "flops_per_token": flops.as_dict(),
+            "peak_tflops": peak, "device": torch.cuda.get_device_name() if
+            env.device.type == "cuda" else "cpu",
+            **throughput(t.micro_batch_size * cfg.model.seq_length * steps, seconds, flops,
+                         devices=1, peak=peak)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("configs", nargs="+", help="config files, then key=value overrides")
+    parser.add_argument("--pes", nargs="+", default=["rope", "cope", "alibi"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # child: measure this PE
+    args = parser.parse_args()
+    sources = [*args.configs, "logging.wandb=disabled", "logging.progress=false"]
+    if args.one:
+        result = measure_one([*sources, f"model.pe={args.one}"], args.steps, args.warmup,
+                             args.peak_tflops)
+        print(json.dumps(result))
+        return
+    rows = []
+    for pe in args.pes:
+        cmd = [sys.executable, __file__, *args.configs, "--one", pe, "--steps", str(args.steps),
+               "--warmup", str(args.warmup)]
+        if args.peak_tflops:
+            cmd += ["--peak-tflops", str(args.peak_tflops)]
+        child = subprocess.run(cmd, capture_output=True, text=True)
+        if child.returncode != 0:
+            print(f"{pe}: failed\n{child.stderr[-3000:]}", file=sys.stderr)
+            rows.append({"pe": pe, "error": child.stderr.strip().splitlines()[-1:]})
+            continue
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    base = next((r["step_s"] for r in rows if r["pe"] == "rope" and "step_s" in r), None)
+    print(f"configs={' '.join(args.configs)} steps={args.steps} warmup={args.warmup}")
+    print(f"{'pe':>10} {'step s':>8} {'x RoPE':>7} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'peak MB':>9} {'loss':>13}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['pe']:>10} failed: {r['error']}")
+            continue
+        r["vs_rope"] = r["step_s"] / base if base else None
+        mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
+        ratio = f"{r['vs_rope']:7.2f}" if base else "    n/a"
+        print(f"{r['pe']:>10} {r['step_s']:8.3f} {ratio} {r['tokens_per_s']:9.0f} "
+              f"{r['tflops_per_device']:8.1f} {mfu} {r['peak_mb']:9.0f} "
+              f"{r['first_loss']:6.2f}>{r['last_loss']:5.2f}")
+    print(json.dumps({"configs": args.configs, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""On a CUDA device (``pytest -m gpu``; skipped without one, never in the CPU default):
+the compiled Triton CoPE kernels against the float64 reference, forward and all four
+gradients, in fp32 and bf16; a few bf16 DeepSpeed steps of the debug model for every PE;
+TP=2 against one process when two GPUs exist.
+
+Tolerances are relative errors ‖x − ref‖ / ‖ref‖: fp32 kernels use exact fp32 products
+(``input_precision="ieee"``), so they land near 1e-6 and are held to 1e-4; bf16 inputs
+and outputs carry bf16 rounding (2⁻⁸ ≈ 4e-3 per element), held to 2e-2.
+"""
+
+import math
+
+import pytest
+import torch
+
+from cope_megatron.config import load_config
+from cope_megatron.ops import cope_attention
+from cope_megatron.ops.cope_reference import cope_attention_reference
+from cope_megatron.pe import REGISTRY
+from tests.conftest import debug_overrides
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+KERNEL_CASES = {
+    # b, h, kv heads, seq, head_dim, npos, npos_max, shared table, causal
+    "gqa_per_head_odd_seq": (2, 8, 2, 333, 64, 64, 64, False, True),
+    "shared_table_clamped": (1, 4, 4, 700, 128, 16, 9, True, True),
+    "multi_query_long": (1, 4, 1, 1500, 64, 64, 64, True, True),
+    "never_saturates": (1, 2, 2, 200, 32, 256, 256, False, True),
+    "non_causal": (2, 2, 1, 129, 16, 32, 32, False, False),
+}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", KERNEL_CASES.values(), ids=KERNEL_CASES.keys())
+def test_triton_kernels_match_float64_reference(case, dtype):
+    b, h, g, s, d, npos, npos_max, shared, causal = case
+    gen = torch.Generator(device="cuda").manual_seed(s)
+
+    def randn(*shape, std=1.0):
+        return std * torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float64)
+
+    inputs = [randn(b, h, s, d), randn(b, g, s, d), randn(b, g, s, d),
+              randn(1 if shared else h, d, npos, std=0.5)]
+    # The reference sees the very inputs the kernels see (rounded to dtype, then upcast):
+    # the error measured is the kernels', not the inputs' rounding.
+    fast = [t.to(dtype).requires_grad_() for t in inputs]
+    exact = [t.detach().double().requires_grad_() for t in fast]
+    scale = 1 / math.sqrt(d)
+    ref = cope_attention_reference(*exact, npos_max=npos_max, softmax_scale=scale,
+                                   causal=causal)
+    out = cope_attention(*fast, npos_max=npos_max, softmax_scale=scale, causal=causal,
+                         impl="triton")
+    grad = randn(*ref.shape)
+    want = torch.autograd.grad(ref, exact, grad)
+    got = torch.autograd.grad(out, fast, grad.to(dtype))
+    tol = TOLERANCE[dtype]
+    errors = {"out": relative_error(out, ref)}
+    errors.update({f"d{n}": relative_error(a, w) for n, a, w in zip("qkvE", got, want)})
+    assert all(e < tol for e in errors.values()), errors
+    assert all(t.isfinite().all() for t in (out, *got))
+
+
+def test_chunked_op_on_cuda_matches_float64_reference():
+    """``auto``'s choice on CUDA: the chunked op with its torch.compile'd blocks."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs = [torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float64)
+              for shape in ((1, 4, 1100, 64), (1, 2, 1100, 64), (1, 2, 1100, 64), (1, 64, 64))]
+    fast = [t.float().requires_grad_() for t in inputs]
+    exact = [t.detach().clone().requires_grad_() for t in inputs]
+    out = cope_attention(*fast)
+    ref = cope_attention_reference(*exact, npos_max=64, softmax_scale=1 / 8)
+    grad = torch.randn(ref.shape, generator=gen, device="cuda", dtype=torch.float64)
+    got = torch.autograd.grad(out, fast, grad.float())
+    want = torch.autograd.grad(ref, exact, grad)
+    errors = [relative_error(a, w) for a, w in zip((out, *got), (ref, *want))]
+    assert max(errors) < TOLERANCE[torch.float32], errors
+
+
+TRAINING = {pe: {} for pe in sorted(REGISTRY)} | {"cope_triton": {"pe.cope.impl": "triton"}}
+
+
+@pytest.mark.parametrize("variant", TRAINING)
+def test_bf16_deepspeed_training_on_cuda(prepared, tmp_path, dist_cleanup, variant):
+    from cope_megatron.train import run_train
+
+    shards, _, _ = prepared
+    pe = variant.removesuffix("_triton")
+    cfg = load_config(debug_overrides(shards, tmp_path / "run", **{
+        "model.pe": pe, "train.precision": "bf16", "train.steps": 12, "zero.stage": 1,
+        **TRAINING[variant]}))
+    result, _ = run_train(cfg, evaluate_after=False)
+    assert all(math.isfinite(loss) for loss in result.losses), result.losses
+    assert sum(result.losses[-3:]) / 3 < result.losses[0] - 0.2, result.losses
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensor_parallel_on_two_gpus_matches_one(tmp_path):
+    from tests.test_parallel import VARIANTS, launch
+
+    variants = {k: VARIANTS[k] for k in ("cope", "rope", "alibi")}
+    one = launch(tmp_path, 1, 1, False, 0, variants)
+    two = launch(tmp_path, 2, 2, False, 0, variants)
+    for name in variants:
+        for a, b in zip(one[name]["losses"], two[name]["losses"]):
+            assert a == pytest.approx(b, abs=1e-4), name
