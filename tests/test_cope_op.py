@@ -58,6 +58,9 @@ CASES = [
     (1, 4, 2, 29, 8, 8, 5, True, True, 16),     # GQA, shared table, clamping bites
     (2, 2, 1, 21, 4, 32, 32, False, False, 8),  # non-causal, multi-query
     (1, 2, 2, 40, 8, 4, 4, True, True, 64),     # one block, strong clamping
+    (1, 4, 2, 45, 8, 4, 2, False, True, 8),     # clamps one block from the diagonal
+    (1, 2, 1, 33, 8, 64, 64, True, True, 8),    # npos_max beyond the sequence: never clamps
+    (2, 2, 2, 30, 8, 8, 3, False, False, 8),    # non-causal, clamping
 ]
 
 
@@ -242,3 +245,33 @@ def test_triton_skips_exactly_the_clamped_key_blocks(monkeypatch, regime):
                                grads["chunked"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("npos_max,regime", [(2, "clamps"), (40, "clamps"), (201, "never")])
+def test_chunked_plain_keys_are_exactly_clamped_ones(npos_max, regime):
+    """``near_band``: every key it leaves to the plain path is clamped for every row of the
+    block (float64 gate sums from the key to the row exceed npos_max − 1), the band's logits
+    are the block's, and plain keys exist exactly when positions clamp."""
+    from cope_megatron.ops.cope_chunked import near_band
+
+    q, k, _, _ = inputs(1, 2, 2, 200, 8, 64, shared=True)
+    q, k = q.detach(), k.detach()
+    scale = 1 / math.sqrt(8)
+    a = scale * q @ k.transpose(-1, -2)
+    a = a.masked_fill(torch.ones(200, 200, dtype=torch.bool).triu(1), float("-inf"))
+    positions = reverse_cumsum_rows(torch.sigmoid(a))  # [b, h, i, j]: Σ_{t=j..i} g_it
+    plain_keys = 0
+    for i0 in range(0, 200, 16):
+        i1 = min(200, i0 + 16)
+        j, band = near_band(q, k, torch.zeros(1, 2, i1 - i0, dtype=q.dtype), i0, i1,
+                            scale=scale, npos_max=npos_max, causal=True, block=16)
+        assert j <= i0
+        torch.testing.assert_close(band, a[:, :, i0:i1, j:i1])
+        if j:
+            assert bool((positions[:, :, i0:i1, :j] > npos_max - 1).all())
+        plain_keys += j
+    assert (plain_keys > 0) == (regime == "clamps")
+
+
+def reverse_cumsum_rows(g: torch.Tensor) -> torch.Tensor:
+    return g.flip(-1).cumsum(-1).flip(-1)

@@ -37,19 +37,16 @@ import shutil
 import torch
 
 from cope_megatron.ops.cope_reference import expand_kv, reverse_cumsum
+from cope_megatron.ops.plain_attention import attention_backward, attention_with_lse
 
 DEFAULT_BLOCK = 128
 COMPILE_MIN_SEQ = 1024
 
 
-def _recompute(q_blk, k_blk, z_blk, zd_blk, carry_blk, i0: int, scale: float, npos_max: int,
-               causal: bool):
-    a = scale * (q_blk @ k_blk.transpose(-1, -2))  # [b, h, B, L]
-    if causal:
-        rows = torch.arange(q_blk.shape[2], device=a.device)[:, None] + i0
-        cols = torch.arange(k_blk.shape[2], device=a.device)[None, :]
-        a = a.masked_fill(cols > rows, float("-inf"))
-    g = torch.sigmoid(a)
+def _recompute(a, z_blk, zd_blk, carry_blk, npos_max: int):
+    """From the band's logits a [b, h, B, L] (masked keys −∞): gates, raw positions,
+    interpolation terms and the full logits."""
+    g = torch.sigmoid(a)  # masked keys: σ(−∞) = 0
     p_raw = reverse_cumsum(g) + carry_blk[..., None]
     p = p_raw.clamp(max=npos_max - 1)
     lo_f = p.floor()
@@ -62,18 +59,15 @@ def _recompute(q_blk, k_blk, z_blk, zd_blk, carry_blk, i0: int, scale: float, np
     return g, p_raw, lo, frac, zd_lo, logits
 
 
-def _forward_block(q_blk, k_blk, v_blk, z_blk, zd_blk, carry_blk, i0: int, scale: float,
-                   npos_max: int, causal: bool):
-    *_, logits = _recompute(q_blk, k_blk, z_blk, zd_blk, carry_blk, i0, scale, npos_max,
-                            causal)
+def _forward_block(a, v_blk, z_blk, zd_blk, carry_blk, npos_max: int):
+    *_, logits = _recompute(a, z_blk, zd_blk, carry_blk, npos_max)
     lse = torch.logsumexp(logits, dim=-1)
     return torch.exp(logits - lse[..., None]) @ v_blk, lse
 
 
-def _backward_block(q_blk, k_blk, v_blk, z_blk, zd_blk, carry_blk, do_blk, lse_blk, delta_blk,
-                    i0: int, scale: float, npos_max: int, causal: bool):
-    g, p_raw, lo, frac, zd_lo, logits = _recompute(
-        q_blk, k_blk, z_blk, zd_blk, carry_blk, i0, scale, npos_max, causal)
+def _backward_block(a, q_blk, k_blk, v_blk, z_blk, zd_blk, carry_blk, do_blk, lse_blk, delta_blk,
+                    scale: float, npos_max: int):
+    g, p_raw, lo, frac, zd_lo, logits = _recompute(a, z_blk, zd_blk, carry_blk, npos_max)
     probs = torch.exp(logits - lse_blk[..., None])
     dv = probs.transpose(-1, -2) @ do_blk
     dlogits = probs * (do_blk @ v_blk.transpose(-1, -2) - delta_blk[..., None])
@@ -148,16 +142,23 @@ def _blocks(sq: int, sk: int, block: int, causal: bool):
         yield i0, i1, (i1 if causal else sk)
 
 
-def row_gates(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
-              causal: bool, key_start: int = 0) -> torch.Tensor:
-    """Gates σ(a_ij) of the query rows ``rows`` (indices into q's rows) for keys k, the
-    keys from ``key_start`` on; zero for keys after the row when ``causal``:
+def row_logits(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
+               causal: bool, key_start: int = 0) -> torch.Tensor:
+    """Logits of the query rows ``rows`` (indices into q's rows) for keys k, the keys from
+    ``key_start`` on; −∞ for keys after the row when ``causal``:
     q [b, h, sq, d], k [b, h, sk, d] -> [b, h, len(rows), sk]."""
-    g = torch.sigmoid(scale * (q[:, :, rows] @ k.transpose(-1, -2)))
+    a = scale * (q[:, :, rows] @ k.transpose(-1, -2))
     if causal:
         cols = torch.arange(key_start, key_start + k.shape[2], device=k.device)
-        g = g.masked_fill(cols > rows[:, None], 0.0)
-    return g
+        a = a.masked_fill(cols > rows[:, None], float("-inf"))
+    return a
+
+
+def row_gates(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
+              causal: bool, key_start: int = 0) -> torch.Tensor:
+    """Gates σ(a_ij) of ``row_logits`` (zero for keys after the row when ``causal``)."""
+    return torch.sigmoid(row_logits(q, k, rows, scale=scale, causal=causal,
+                                    key_start=key_start))
 
 
 def gate_sums(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
@@ -181,6 +182,36 @@ def gate_sums(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: fl
     return torch.cat(sums, -1) if sums else q.new_zeros(*q.shape[:2], 0)
 
 
+def near_band(q, k, carry_blk, i0: int, i1: int, *, scale: float, npos_max: int,
+              causal: bool, block: int = DEFAULT_BLOCK) -> tuple[int, torch.Tensor]:
+    """The near band of query rows i0…i1−1: (its first key j, the rows' logits for keys
+    j… [b, h, i1 − i0, keys], masked). Every key before j sits at the last position for all
+    of those rows, because the gates of the keys from j to the row (plus ``carry_blk``)
+    already exceed npos_max − 1. Key blocks are added from the last visible key back until
+    all rows have clamped, or none are left; gates are non-negative, so a clamped row stays
+    clamped. Causal: the diagonal keys are always in the band (they need the mask), so the
+    keys before it are visible to every row. From the fourth step on each step doubles:
+    rows that clamp late (sparse gates) take a few large products instead of many small
+    ones, and a band one step too wide is still exact."""
+    q_blk = q[:, :, i0:i1]
+    total = carry_blk.clone()
+    start = i1 if causal else k.shape[2]
+    band_min = i0 if causal else start
+    pieces = []
+    while start > 0 and (start > band_min or not bool((total > npos_max - 1).all())):
+        j0 = max(0, start - block * 2 ** max(0, len(pieces) - 2))
+        a = scale * (q_blk @ k[:, :, j0:start].transpose(-1, -2))
+        if causal and start > i0:  # keys after some row of the block
+            cols = torch.arange(j0, start, device=q.device)
+            rows = torch.arange(i0, i1, device=q.device)
+            a = a.masked_fill(cols > rows[:, None], float("-inf"))
+        total += torch.sigmoid(a).sum(-1)
+        pieces.append(a)
+        start = j0
+    band = torch.cat(pieces[::-1], dim=-1) if pieces else q.new_empty(*q_blk.shape[:3], 0)
+    return start, band
+
+
 def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal: bool,
                   block: int = DEFAULT_BLOCK, compile: bool | None = None):
     """Softmax-normalized CoPE attention of query rows over one key chunk.
@@ -188,14 +219,32 @@ def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal:
     q [b, h, sq, d]; k, v [b, h, sk, d] (kv heads expanded); z, zd [b, h, sq, npos];
     carry [b, h, sq]: gate total of the row's keys after this chunk. ``causal``: the
     chunk is the rows' own (sq = sk, row i sees keys ≤ i). Returns (out, lse [b, h, sq]).
+
+    Per query block, the near band (``near_band``) runs the CoPE block math; the
+    keys before it, all at the last position, are plain attention plus the row's logit
+    z[npos_max − 1], merged by log-sum-exp.
     """
     fwd = _kernel(_forward_block, compile, k.shape[2], q.device)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:3], dtype=q.dtype, device=q.device)
     for i0, i1, L in _blocks(q.shape[2], k.shape[2], block, causal):
-        out[:, :, i0:i1], lse[:, :, i0:i1] = fwd(
-            q[:, :, i0:i1], k[:, :, :L], v[:, :, :L], z[:, :, i0:i1], zd[:, :, i0:i1],
-            carry[:, :, i0:i1], i0, scale, npos_max, causal)
+        j, band = near_band(q, k, carry[:, :, i0:i1], i0, i1, scale=scale, npos_max=npos_max,
+                            causal=causal, block=block)
+        q_blk = q[:, :, i0:i1]
+        o, m = (out[:, :, i0:i1], lse[:, :, i0:i1])
+        if j < L:
+            o[...], m[...] = fwd(band, v[:, :, j:L], z[:, :, i0:i1], zd[:, :, i0:i1],
+                                 carry[:, :, i0:i1], npos_max)
+        if j > 0:
+            far_out, far_lse = attention_with_lse(q_blk, k[:, :, :j], v[:, :, :j], scale)
+            far_lse = far_lse + z[:, :, i0:i1, npos_max - 1]
+            if j == L:
+                o[...], m[...] = far_out, far_lse
+            else:
+                merged = torch.logaddexp(m, far_lse)
+                o[...] = (torch.exp(m - merged)[..., None] * o
+                          + torch.exp(far_lse - merged)[..., None] * far_out)
+                m[...] = merged
     return out, lse
 
 
@@ -204,20 +253,34 @@ def chunk_backward(q, k, v, z, zd, carry, d_out, lse, delta, grads, *, scale: fl
                    compile: bool | None = None) -> torch.Tensor:
     """Gradients of one ``chunk_forward`` given the final (merged) lse and delta =
     rowsum(dO ⊙ O), added into ``grads`` = (dq, dk, dv, dz, dzd) (dq without the table
-    term; dk, dv over the expanded heads). Returns each row's Σ_j dp_ij over the chunk."""
+    term; dk, dv over the expanded heads). Returns each row's Σ_j dp_ij over the chunk.
+    The keys before each block's near band are plain attention: their gates get no
+    gradient (clamped positions do not move) and their logits' gradient sums into dz at
+    the last position."""
     dq, dk, dv, dz, dzd = grads
     bwd = _kernel(_backward_block, compile, k.shape[2], q.device)
-    dp_sum = torch.empty_like(lse)
+    dp_sum = torch.zeros_like(lse)
     for i0, i1, L in _blocks(q.shape[2], k.shape[2], block, causal):
-        dq_b, dk_b, dv_b, dz_b, dzd_b, dp_sum[:, :, i0:i1] = bwd(
-            q[:, :, i0:i1], k[:, :, :L], v[:, :, :L], z[:, :, i0:i1], zd[:, :, i0:i1],
-            carry[:, :, i0:i1], d_out[:, :, i0:i1], lse[:, :, i0:i1], delta[:, :, i0:i1], i0,
-            scale, npos_max, causal)
-        dq[:, :, i0:i1] += dq_b
-        dz[:, :, i0:i1] += dz_b
-        dzd[:, :, i0:i1] += dzd_b
-        dk[:, :, :L] += dk_b
-        dv[:, :, :L] += dv_b
+        j, band = near_band(q, k, carry[:, :, i0:i1], i0, i1, scale=scale, npos_max=npos_max,
+                            causal=causal, block=block)
+        q_blk, do_blk, lse_blk, delta_blk = (t[:, :, i0:i1] for t in (q, d_out, lse, delta))
+        if j < L:
+            dq_b, dk_b, dv_b, dz_b, dzd_b, dp_sum[:, :, i0:i1] = bwd(
+                band, q_blk, k[:, :, j:L], v[:, :, j:L], z[:, :, i0:i1], zd[:, :, i0:i1],
+                carry[:, :, i0:i1], do_blk, lse_blk, delta_blk, scale, npos_max)
+            dq[:, :, i0:i1] += dq_b
+            dz[:, :, i0:i1] += dz_b
+            dzd[:, :, i0:i1] += dzd_b
+            dk[:, :, j:L] += dk_b
+            dv[:, :, j:L] += dv_b
+        if j > 0:
+            z_last = z[:, :, i0:i1, npos_max - 1]
+            dq_f, dk_f, dv_f, d_last = attention_backward(
+                do_blk, q_blk, k[:, :, :j], v[:, :, :j], lse_blk - z_last, delta_blk, scale)
+            dq[:, :, i0:i1] += dq_f
+            dk[:, :, :j] += dk_f
+            dv[:, :, :j] += dv_f
+            dz[:, :, i0:i1, npos_max - 1] += d_last
     return dp_sum
 
 
