@@ -66,3 +66,37 @@ def test_bad_steps_in_a_row_stop_with_a_clear_error(prepared, tmp_path, monkeypa
     message = str(err.value)
     assert message.startswith("step 5:") and "step_00000004" in message
     assert "train.lr" in message and "bf16" in message
+
+
+@pytest.mark.parametrize("layout", [{"parallel.tensor": 2}, {"parallel.context": 2}],
+                         ids=["tp2", "cp2"])
+def test_a_rank_with_a_nan_makes_every_rank_skip_the_step(prepared, tmp_path, layout):
+    """The loss is NaN on rank 1 alone at step 3: under TP=2 and CP=2 both ranks skip it,
+    count it, and continue as one process that skipped it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shards, _, _ = prepared
+    worker = Path(__file__).with_name("poisoned_train.py")
+
+    def run(procs: int, rank: int, run_dir: Path, **extra) -> list[dict]:
+        launcher = [sys.executable] if procs == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={procs}"]
+        args = debug_overrides(shards, run_dir, **{"train.steps": 5, **extra})
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parents[1])}
+        out = subprocess.run([*launcher, str(worker), str(rank), "3", *args], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
+                .splitlines()]
+
+    want = run(1, 0, tmp_path / "one")
+    got = run(2, 1, tmp_path / "two", **layout)
+    assert [r["skipped_steps"] for r in got] == [r["skipped_steps"] for r in want] == \
+        [0, 0, 1, 1, 1]
+    for a, b in zip(got, want):
+        if b["step"] != 3:  # the poisoned step's loss is NaN on one rank only
+            assert abs(a["loss"] - b["loss"]) < 1e-5, (got, want)

@@ -230,13 +230,18 @@ def test_torchrun_data_parallel_matches_accumulation_and_resumes_on_another_size
 
 
 def test_zero_checkpoint_resumes_on_another_data_parallel_size(prepared, tmp_path):
-    """ZeRO-2 optimizer states are partitioned by DP rank: DP=2 → one process converts the
-    checkpoint to a universal one and continues the uninterrupted run's losses."""
+    """ZeRO-2 optimizer states are partitioned by DP rank: DP=2 → one process, and one
+    process → DP=2, convert the checkpoint to a universal one and continue the
+    uninterrupted run's losses."""
     shards, _, _ = prepared
     two = {"train.micro_batch_size": 2, "zero.stage": 2}
+    one = {**two, "train.grad_accum": 2}
     want = train_losses(shards, tmp_path / "straight", 2, 6, **two)
-    train_losses(shards, tmp_path / "resized", 2, 3, **two)
-    got = train_losses(shards, tmp_path / "resized", 1, 6, **two, **{"train.grad_accum": 2})
-    assert len(got) == 6 and all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (got, want)
-    names = sorted(p.name for p in (tmp_path / "resized" / "checkpoints").iterdir())
+    train_losses(shards, tmp_path / "shrunk", 2, 3, **two)
+    shrunk = train_losses(shards, tmp_path / "shrunk", 1, 6, **one)
+    train_losses(shards, tmp_path / "grown", 1, 3, **one)
+    grown = train_losses(shards, tmp_path / "grown", 2, 6, **two)
+    for got in (shrunk, grown):
+        assert len(got) == 6 and all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (got, want)
+    names = sorted(p.name for p in (tmp_path / "shrunk" / "checkpoints").iterdir())
     assert "step_00000003_universal" not in names and "step_00000006" in names
