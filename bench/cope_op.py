@@ -106,6 +106,13 @@ def make_case(impl: str, seq: int, gates: str, args, device):
     return run
 
 
+def add_shape_args(parser: argparse.ArgumentParser, *, heads: int, head_dim: int) -> None:
+    """--heads, --head-dim, --npos: the attention shape every CoPE benchmark takes."""
+    parser.add_argument("--heads", type=int, default=heads)
+    parser.add_argument("--head-dim", type=int, default=head_dim)
+    parser.add_argument("--npos", type=int, default=64)
+
+
 def run_cases(args, device, reps: int):
     """{(gates, seq, impl): [seconds]}, {(gates, seq, impl): [peak MB]} over interleaved
     rounds."""
@@ -132,9 +139,7 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--impls", nargs="+", default=["chunked", "reference"])
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--npos", type=int, default=64)
+    add_shape_args(parser, heads=8, head_dim=64)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--gates", nargs="+", default=["dense"], choices=["dense", "sparse"])
     parser.add_argument("--max-reference-seq", type=int, default=4096)

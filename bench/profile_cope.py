@@ -16,16 +16,14 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.cope_op import gate_inputs, sdpa
+from bench.cope_op import add_shape_args, gate_inputs, sdpa
 from cope_megatron.ops import cope_attention
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq", type=int, default=8192)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--npos", type=int, default=64)
+    add_shape_args(parser, heads=16, head_dim=128)
     parser.add_argument("--impl", default="triton")
     parser.add_argument("--gates", default="dense", choices=["dense", "sparse"])
     parser.add_argument("--dtype", default="bfloat16")

@@ -16,16 +16,14 @@ import json
 import torch
 import triton.testing
 
-from bench.cope_op import make_case
+from bench.cope_op import add_shape_args, make_case
 from cope_megatron.ops import cope_triton as kernels
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq", type=int, default=8192)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--npos", type=int, default=64)
+    add_shape_args(parser, heads=16, head_dim=128)
     parser.add_argument("--blocks", nargs="+", default=["128,64", "64,32", "64,64"])
     parser.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3])
