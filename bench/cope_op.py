@@ -6,7 +6,10 @@ peak working memory per implementation and sequence length.
 
 Gate regimes: ``dense`` draws q, k at random (gates ≈ 0.5, rows saturate npos within a few
 hundred keys); ``sparse`` adds a shared direction with opposite signs to q and k, which
-shifts every logit by about −4 (gates ≈ 0.03, rows saturate only after thousands of keys).
+shifts every logit by about −4 (gates ≈ 0.03, rows saturate only after thousands of keys);
+``trained`` takes q, k, v and the table of one layer of a trained CoPE run (``--run DIR``,
+``--layer``) on held-out text of each length (``bench/trained_gates.py``), in that
+model's own shape.
 On CUDA, SDPA is pinned to its FlashAttention backend.
 
 Times are medians over interleaved repetitions (every impl once per round), so ratios to
@@ -84,21 +87,32 @@ def sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def make_case(impl: str, seq: int, gates: str, args, device):
-    dtype = getattr(torch, args.dtype)
+def case_inputs(seq: int, gates: str, args) -> tuple[list[torch.Tensor], dict]:
+    """(q, k, v, table) in fp32 and the op's keyword arguments for a gate regime."""
+    if gates == "trained":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too
+        from bench.trained_gates import capture
+
+        c = capture(args.run, seq, args.layer)
+        return [c["q"], c["k"], c["v"], c["table"]], {"npos_max": c["npos_max"],
+                                                      "softmax_scale": c["scale"]}
     gen = torch.Generator(device="cpu").manual_seed(0)
-    shape = (1, args.heads, seq, args.head_dim)
-    q, k, v = (t.to(device, dtype).requires_grad_() for t in gate_inputs(shape, gates, gen))
-    table = (0.1 * torch.randn(1, args.head_dim, args.npos, generator=gen)).to(device, dtype)
-    table.requires_grad_()
-    grad = torch.randn(shape, generator=gen).to(device, dtype)
+    q, k, v = gate_inputs((1, args.heads, seq, args.head_dim), gates, gen)
+    return [q, k, v, 0.1 * torch.randn(1, args.head_dim, args.npos, generator=gen)], {}
+
+
+def make_case(impl: str, seq: int, gates: str, args, device, inputs=None):
+    dtype = getattr(torch, args.dtype)
+    tensors, options = inputs or case_inputs(seq, gates, args)
+    q, k, v, table = (t.to(device, dtype).requires_grad_() for t in tensors)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
 
     def run():
         if impl == "sdpa":
             out = sdpa(q, k, v)
             out.backward(grad)
         else:
-            out = cope_attention(q, k, v, table, impl=impl)
+            out = cope_attention(q, k, v, table, impl=impl, **options)
             out.backward(grad)
         for t in (q, k, v, table):
             t.grad = None
@@ -121,7 +135,8 @@ def run_cases(args, device, reps: int):
         for seq in args.seqs:
             impls = ["sdpa"] + [i for i in args.impls
                                 if i != "reference" or seq <= args.max_reference_seq]
-            cases = {impl: make_case(impl, seq, gates, args, device) for impl in impls}
+            inputs = case_inputs(seq, gates, args)
+            cases = {impl: make_case(impl, seq, gates, args, device, inputs) for impl in impls}
             for fn in cases.values():  # warm-up (compilation, allocator)
                 fn()
             for _ in range(reps):
@@ -141,10 +156,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     add_shape_args(parser, heads=8, head_dim=64)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--gates", nargs="+", default=["dense"], choices=["dense", "sparse"])
+    parser.add_argument("--gates", nargs="+", default=["dense"],
+                        choices=["dense", "sparse", "trained"])
+    parser.add_argument("--run", help="a trained CoPE run directory, for --gates trained")
+    parser.add_argument("--layer", type=int, default=0, help="its layer, for --gates trained")
     parser.add_argument("--max-reference-seq", type=int, default=4096)
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if "trained" in args.gates and not args.run:
+        parser.error("--gates trained needs --run RUN_DIR (a trained CoPE run)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.memory_only:
         print(json.dumps(run_cases(args, device, reps=1)[1]))
@@ -163,7 +183,8 @@ def main() -> None:
                      "vs_sdpa": round(t / base, 2),
                      "peak_mb": round(max(mems[gates, seq, impl]), 1)})
     print(f"device={device} threads={torch.get_num_threads()} dtype={args.dtype} "
-          f"heads={args.heads} head_dim={args.head_dim} npos={args.npos} reps={args.reps}")
+          f"heads={args.heads} head_dim={args.head_dim} npos={args.npos} reps={args.reps}"
+          + (f" (trained: {args.run} layer {args.layer}, in its own shape)" if args.run else ""))
     print(f"{'gates':>6} {'seq':>6} {'impl':>10} {'fwd+bwd s':>10} {'x SDPA':>7} "
           f"{'peak MB':>9}")
     for r in rows:

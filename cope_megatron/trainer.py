@@ -111,7 +111,8 @@ class Trainer:
         spec = self._stream_spec()
         if state is not None:
             self.step = state["step"]
-            start_steps = ResumableLoader.check_state(state["data"], spec)
+            if not eval_only:  # evaluation reads no training data
+                start_steps = ResumableLoader.check_state(state["data"], spec)
         self.data = ResumableLoader(spec, start_steps)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_main and not eval_only)
         self.metrics.truncate_after(self.step)
