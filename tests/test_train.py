@@ -61,6 +61,14 @@ def test_eval_restores_checkpoint_and_marks_learned_not_applicable(prepared, tmp
     from cope_megatron.distributed.parallel import destroy_distributed
 
     destroy_distributed()
+    # Evaluation reads no training data: a loader state from an older version (here one
+    # from before virtual streams) does not stop it.
+    import torch
+
+    states = next((tmp_path / "run" / "checkpoints" / "step_00000002").glob("*model_states.pt"))
+    saved = torch.load(states, weights_only=False)
+    saved["data"] = {"epoch": 0, "offset": 8}
+    torch.save(saved, states)
     report = run_eval(cfg)
     assert report["lengths"][32]["loss"] == trained["lengths"][32]["loss"]
     assert report["lengths"][64]["status"] == "not applicable"
