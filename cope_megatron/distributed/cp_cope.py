@@ -42,7 +42,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from cope_megatron.distributed.ring import ContextParallel, merge_softmax, rows
+from cope_megatron.distributed.ring import ContextParallel, rows
 from cope_megatron.ops import cope_chunked
 from cope_megatron.ops.cope import resolve_impl
 from cope_megatron.ops.cope_chunked import (
@@ -55,6 +55,7 @@ from cope_megatron.ops.cope_chunked import (
     work_dtype,
 )
 from cope_megatron.ops.cope_reference import expand_kv
+from cope_megatron.ops.plain_attention import merge_softmax
 
 
 def _kernels(impl: str):

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import torch
 
-from cope_megatron.distributed.ring import ContextParallel, merge_softmax, rows
+from cope_megatron.distributed.ring import ContextParallel, rows
 from cope_megatron.ops.cope_chunked import reduce_kv_heads, work_dtype
 from cope_megatron.ops.cope_reference import expand_kv
+from cope_megatron.ops.plain_attention import merge_softmax
 
 
 class _PairLogits:

@@ -103,12 +103,3 @@ class ContextParallel:
 def rows(t: torch.Tensor, chunk: int, c: int) -> torch.Tensor:
     """Local chunk ``chunk`` (0 head, 1 tail) of a [b, h, 2c, ...] tensor, as a view."""
     return t[:, :, chunk * c:(chunk + 1) * c]
-
-
-def merge_softmax(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor,
-                  part_lse: torch.Tensor) -> None:
-    """Fold a partial softmax result over other keys into (out, lse), in place:
-    both are normalized over their own keys, so each is weighted by its share of the total."""
-    new = torch.logaddexp(lse, part_lse)
-    out.mul_(torch.exp(lse - new)[..., None]).add_(part_out * torch.exp(part_lse - new)[..., None])
-    lse.copy_(new)

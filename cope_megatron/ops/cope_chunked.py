@@ -37,7 +37,11 @@ import shutil
 import torch
 
 from cope_megatron.ops.cope_reference import expand_kv, reverse_cumsum
-from cope_megatron.ops.plain_attention import attention_backward, attention_with_lse
+from cope_megatron.ops.plain_attention import (
+    attention_backward,
+    attention_with_lse,
+    merge_softmax,
+)
 
 DEFAULT_BLOCK = 128
 COMPILE_MIN_SEQ = 1024
@@ -142,23 +146,16 @@ def _blocks(sq: int, sk: int, block: int, causal: bool):
         yield i0, i1, (i1 if causal else sk)
 
 
-def row_logits(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
-               causal: bool, key_start: int = 0) -> torch.Tensor:
-    """Logits of the query rows ``rows`` (indices into q's rows) for keys k, the keys from
-    ``key_start`` on; −∞ for keys after the row when ``causal``:
-    q [b, h, sq, d], k [b, h, sk, d] -> [b, h, len(rows), sk]."""
-    a = scale * (q[:, :, rows] @ k.transpose(-1, -2))
-    if causal:
-        cols = torch.arange(key_start, key_start + k.shape[2], device=k.device)
-        a = a.masked_fill(cols > rows[:, None], float("-inf"))
-    return a
-
-
 def row_gates(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
               causal: bool, key_start: int = 0) -> torch.Tensor:
-    """Gates σ(a_ij) of ``row_logits`` (zero for keys after the row when ``causal``)."""
-    return torch.sigmoid(row_logits(q, k, rows, scale=scale, causal=causal,
-                                    key_start=key_start))
+    """Gates σ(a_ij) of the query rows ``rows`` (indices into q's rows) for keys k, the
+    keys from ``key_start`` on; zero for keys after the row when ``causal``:
+    q [b, h, sq, d], k [b, h, sk, d] -> [b, h, len(rows), sk]."""
+    g = torch.sigmoid(scale * (q[:, :, rows] @ k.transpose(-1, -2)))
+    if causal:
+        cols = torch.arange(key_start, key_start + k.shape[2], device=k.device)
+        g = g.masked_fill(cols > rows[:, None], 0.0)
+    return g
 
 
 def gate_sums(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
@@ -225,26 +222,20 @@ def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal:
     z[npos_max − 1], merged by log-sum-exp.
     """
     fwd = _kernel(_forward_block, compile, k.shape[2], q.device)
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:3], dtype=q.dtype, device=q.device)
+    out = torch.zeros_like(q)  # an empty softmax, for blocks with no near band
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=q.dtype, device=q.device)
     for i0, i1, L in _blocks(q.shape[2], k.shape[2], block, causal):
         j, band = near_band(q, k, carry[:, :, i0:i1], i0, i1, scale=scale, npos_max=npos_max,
                             causal=causal, block=block)
-        q_blk = q[:, :, i0:i1]
-        o, m = (out[:, :, i0:i1], lse[:, :, i0:i1])
         if j < L:
-            o[...], m[...] = fwd(band, v[:, :, j:L], z[:, :, i0:i1], zd[:, :, i0:i1],
-                                 carry[:, :, i0:i1], npos_max)
+            out[:, :, i0:i1], lse[:, :, i0:i1] = fwd(
+                band, v[:, :, j:L], z[:, :, i0:i1], zd[:, :, i0:i1], carry[:, :, i0:i1],
+                npos_max)
         if j > 0:
-            far_out, far_lse = attention_with_lse(q_blk, k[:, :, :j], v[:, :, :j], scale)
-            far_lse = far_lse + z[:, :, i0:i1, npos_max - 1]
-            if j == L:
-                o[...], m[...] = far_out, far_lse
-            else:
-                merged = torch.logaddexp(m, far_lse)
-                o[...] = (torch.exp(m - merged)[..., None] * o
-                          + torch.exp(far_lse - merged)[..., None] * far_out)
-                m[...] = merged
+            far_out, far_lse = attention_with_lse(q[:, :, i0:i1], k[:, :, :j], v[:, :, :j],
+                                                  scale)
+            merge_softmax(out[:, :, i0:i1], lse[:, :, i0:i1], far_out,
+                          far_lse + z[:, :, i0:i1, npos_max - 1])
     return out, lse
 
 

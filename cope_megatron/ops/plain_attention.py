@@ -1,5 +1,7 @@
 """Softmax attention over keys that all share one position logit per row, with its
-log-sum-exp: the part of a CoPE row beyond the clamp, where the op is plain attention.
+log-sum-exp: the part of a CoPE row beyond the clamp, where the op is plain attention;
+and the log-sum-exp merge of partial softmax results (also what context parallelism folds
+its key chunks with).
 
 Forward returns (out, lse) so the caller merges it with the near keys by log-sum-exp;
 backward takes the merged row's lse and Δ = rowsum(dO ⊙ O) and also returns each row's
@@ -51,3 +53,12 @@ def attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         _with_column(v, 0.0), _with_column(torch.zeros_like(d_out), delta),
         lse.to(q.dtype), 0.0, False, scale=scale)
     return dq[..., :-1], dk[..., :-1], dv[..., :-1], dq[..., -1] / scale
+
+
+def merge_softmax(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor,
+                  part_lse: torch.Tensor) -> None:
+    """Fold a partial softmax result over other keys into (out, lse), in place:
+    both are normalized over their own keys, so each is weighted by its share of the total."""
+    new = torch.logaddexp(lse, part_lse)
+    out.mul_(torch.exp(lse - new)[..., None]).add_(part_out * torch.exp(part_lse - new)[..., None])
+    lse.copy_(new)
