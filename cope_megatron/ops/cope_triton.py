@@ -51,6 +51,14 @@ def _load_block(ptr, rows, cols, n_rows, n_cols, stride):
 
 
 @triton.jit
+def _add_block(ptr, rows, cols, n_rows, n_cols, stride, tile):
+    """Atomically add ``tile`` into the (rows, cols) block: other query blocks add into the
+    same key rows."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.atomic_add(ptr + rows[:, None] * stride + cols[None, :], tile, mask=mask)
+
+
+@triton.jit
 def _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim, scale,
                   CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Logits a, validity mask, gates g for one (query block, key block) tile."""
@@ -166,13 +174,13 @@ def _cope_bwd(Q, K, V, Z, ZD, Carry, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, DpSum,
               PLAIN_STAGES: tl.constexpr):
     bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = _program(
         Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL)
-    bg = bh // rep
+    bg = bh // rep  # dK, dV are over key heads, like K and V
+    dk_ptr, dv_ptr = DK + bg * seq * head_dim, DV + bg * seq * head_dim
     q = _load_block(q_ptr, offs_m, offs_d, seq, head_dim, head_dim)
     do = _load_block(DO + bh * seq * head_dim, offs_m, offs_d, seq, head_dim, head_dim)
     row_ok = offs_m < seq
     lse = tl.load(Lse + bh * seq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + bh * seq + offs_m, mask=row_ok, other=0.0)
-    kv_mask_d = offs_d[None, :] < head_dim
 
     # The forward's gate sweep again, gates only: it finds the same near band (key blocks
     # with unclamped positions) and totals its gates in fp64 as the forward carried them.
@@ -201,14 +209,12 @@ def _cope_bwd(Q, K, V, Z, ZD, Carry, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, DpSum,
         v = _load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
         dlogits = probs * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         far += tl.sum(dlogits, axis=1)
-        kv_rows = offs_n[:, None] < seq
-        kv_off = bg * seq * head_dim + offs_n[:, None] * head_dim + offs_d[None, :]
-        tl.atomic_add(DV + kv_off, tl.dot(tl.trans(probs.to(do.dtype)), do,
-                                          input_precision=PRECISION), mask=kv_rows & kv_mask_d)
+        _add_block(dv_ptr, offs_n, offs_d, seq, head_dim, head_dim,
+                   tl.dot(tl.trans(probs.to(do.dtype)), do, input_precision=PRECISION))
         da = dlogits * scale
         dq += tl.dot(da.to(k.dtype), k, input_precision=PRECISION)
-        tl.atomic_add(DK + kv_off, tl.dot(tl.trans(da.to(q.dtype)), q, input_precision=PRECISION),
-                      mask=kv_rows & kv_mask_d)
+        _add_block(dk_ptr, offs_n, offs_d, seq, head_dim, head_dim,
+                   tl.dot(tl.trans(da.to(q.dtype)), q, input_precision=PRECISION))
 
     # The near band, from its far end towards the diagonal: a forward cumsum of dp (the
     # adjoint of the positions' reverse cumsum), with the reverse carries as total − prefix
@@ -228,10 +234,8 @@ def _cope_bwd(Q, K, V, Z, ZD, Carry, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, DpSum,
         probs = tl.where(valid, tl.exp(a + bias - lse[:, None]), 0.0)
         v = _load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
         dlogits = probs * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
-        kv_rows = offs_n[:, None] < seq
-        kv_off = bg * seq * head_dim + offs_n[:, None] * head_dim + offs_d[None, :]
-        tl.atomic_add(DV + kv_off, tl.dot(tl.trans(probs.to(do.dtype)), do,
-                                          input_precision=PRECISION), mask=kv_rows & kv_mask_d)
+        _add_block(dv_ptr, offs_n, offs_d, seq, head_dim, head_dim,
+                   tl.dot(tl.trans(probs.to(do.dtype)), do, input_precision=PRECISION))
         near = valid & (p_raw < npos_max_m1)
         tl.atomic_add(DZ + bh * seq * npos + idx, dlogits, mask=near)
         tl.atomic_add(DZD + bh * seq * npos + idx, dlogits * frac, mask=near)
@@ -241,11 +245,11 @@ def _cope_bwd(Q, K, V, Z, ZD, Carry, DO, Lse, Delta, DQ, DK, DV, DZ, DZD, DpSum,
         dp_carry += tl.sum(dp, axis=1)
         da = tl.where(valid, dlogits + dg * g * (1.0 - g), 0.0) * scale
         dq += tl.dot(da.to(k.dtype), k, input_precision=PRECISION)
-        tl.atomic_add(DK + kv_off, tl.dot(tl.trans(da.to(q.dtype)), q, input_precision=PRECISION),
-                      mask=kv_rows & kv_mask_d)
+        _add_block(dk_ptr, offs_n, offs_d, seq, head_dim, head_dim,
+                   tl.dot(tl.trans(da.to(q.dtype)), q, input_precision=PRECISION))
     tl.atomic_add(DZ + bh * seq * npos + offs_m * npos + last_pos, far, mask=row_ok)
     tl.store(DQ + bh * seq * head_dim + offs_m[:, None] * head_dim + offs_d[None, :], dq,
-             mask=row_ok[:, None] & kv_mask_d)
+             mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
     tl.store(DpSum + bh * seq + offs_m, dp_carry, mask=row_ok)
 
 
