@@ -1,7 +1,7 @@
 """Where the CoPE op's time goes: device time per kernel over forward+backward, from
 torch.profiler, beside SDPA for scale.
 
-    python bench/profile_cope.py [--seq 8192] [--heads 16] [--head-dim 128] [--impl triton]
+    python -m bench.profile_cope [--seq 8192] [--heads 16] [--head-dim 128] [--impl triton]
         [--gates dense]
 
 Prints the profiler's kernel table (sorted by total device time) and, last, a JSON line
@@ -16,8 +16,7 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.cope_op import add_shape_args, gate_inputs, sdpa
-from cope_megatron.ops import cope_attention
+from bench.cope_op import add_shape_args, case_inputs, make_case
 
 
 def main() -> None:
@@ -30,17 +29,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
-    gen = torch.Generator().manual_seed(0)
-    shape = (1, args.heads, args.seq, args.head_dim)
-    q, k, v = (t.to(device, dtype).requires_grad_() for t in gate_inputs(shape, args.gates, gen))
-    table = (0.1 * torch.randn(1, args.head_dim, args.npos, generator=gen)).to(device, dtype)
-    table.requires_grad_()
-    grad = torch.randn(shape, generator=gen).to(device, dtype)
+    inputs = case_inputs(args.seq, args.gates, args)
+    runs = [make_case(impl, args.seq, args.gates, args, device, inputs)
+            for impl in (args.impl, "sdpa")]
 
     def both():
-        cope_attention(q, k, v, table, impl=args.impl).backward(grad)
-        sdpa(q, k, v).backward(grad)
+        for run in runs:
+            run()
 
     both()  # compile
     activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
