@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from cope_megatron.config import load_config
+from cope_megatron.ops.cope_reference import expand_kv
 
 
 def capture(run_dir: str, seq: int, layer: int) -> dict:
@@ -62,9 +63,8 @@ def capture(run_dir: str, seq: int, layer: int) -> dict:
 def summary(c: dict) -> list[dict]:
     """Per head: mean gate over visible keys, and the median and largest number of keys a
     row needs before its gate sum exceeds npos_max − 1 (None: it never does)."""
-    q, k = c["q"][0], c["k"][0]
-    heads, s = q.shape[0], q.shape[1]
-    k = k.repeat_interleave(heads // k.shape[0], dim=0)
+    heads, s = c["q"].shape[1], c["q"].shape[2]
+    q, k = c["q"][0], expand_kv(c["k"], heads)[0]
     gates = torch.sigmoid(c["scale"] * q @ k.transpose(-1, -2)).tril()
     rows = []
     for h in range(heads):
