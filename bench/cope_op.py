@@ -39,7 +39,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cope_megatron.ops import cope_attention
 
 
-def _rss_kb(field: str) -> int:
+def proc_status_kb(field: str) -> int:
+    """A kB field of /proc/self/status (``VmRSS:``, ``VmHWM:``)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field):
             return int(line.split()[1])
@@ -56,12 +57,12 @@ def measure(fn, device: torch.device) -> tuple[float, float]:
         fn()
         torch.cuda.synchronize()
         return time.perf_counter() - t, (torch.cuda.max_memory_allocated() - base) / 2**20
-    base = _rss_kb("VmRSS:")
+    base = proc_status_kb("VmRSS:")
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     t = time.perf_counter()
     fn()
     elapsed = time.perf_counter() - t
-    return elapsed, (_rss_kb("VmHWM:") - base) / 1024
+    return elapsed, (proc_status_kb("VmHWM:") - base) / 1024
 
 
 SPARSE_LOGIT_SHIFT = 4.0

@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cope_op import proc_status_kb  # noqa: E402
 
 
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return proc_status_kb("VmHWM:") / 1024
 
 
 def measure_one(sources: list[str], steps: int, warmup: int, peak_override: float | None
