@@ -72,11 +72,13 @@ def load(engine, run_dir: str | Path, tag: str | None = None) -> dict | None:
         path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag)
     except Exception as e:  # DeepSpeed/torch.load errors: name the checkpoint and the way out
         if "world size" in str(e):  # ZeRO >= 1 partitions optimizer states by DP size
+            # Checkpoints with a layout.json are converted before this; this one has none.
             raise CheckpointError(
                 f"checkpoint {checkpoint_dir(run_dir) / tag} was written with another "
-                "data-parallel size and its ZeRO optimizer states are partitioned by it; "
-                "resume on the same number of data-parallel ranks (runs with zero.stage=0 "
-                "resume on any)") from e
+                "data-parallel size and its ZeRO optimizer states are partitioned by it; it "
+                "records no layout (written before layout.json), so it is not converted "
+                "automatically: resume on the same number of data-parallel ranks (runs with "
+                "zero.stage=0 resume on any)") from e
         raise CheckpointError(
             f"checkpoint {checkpoint_dir(run_dir) / tag} is unreadable ({type(e).__name__}: "
             f"{e}); point {checkpoint_dir(run_dir) / LATEST} at an earlier step_* tag, or set "
