@@ -141,7 +141,6 @@ class _CoPEContextParallel(torch.autograd.Function):
         z = q @ pos_emb
         zd = differences(z)
         d_out = d_out.to(work).contiguous()
-        delta = (d_out * out).sum(-1)  # [b, h, 2c]
         dq, dz, dzd = torch.zeros_like(q), torch.zeros_like(z), torch.zeros_like(z)
         dp_sums = torch.zeros_like(carries)
 
@@ -149,12 +148,12 @@ class _CoPEContextParallel(torch.autograd.Function):
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
             dke, dve = torch.zeros_like(ke), torch.zeros_like(ve)
             for pair in cp.pairs(owner):
-                q_c, z_c, zd_c, do_c, lse_c, delta_c, dq_c, dz_c, dzd_c = (
-                    rows(t, pair.q, c) for t in (q, z, zd, d_out, lse, delta, dq, dz, dzd))
+                q_c, z_c, zd_c, do_c, out_c, lse_c, dq_c, dz_c, dzd_c = (
+                    rows(t, pair.q, c) for t in (q, z, zd, d_out, out, lse, dq, dz, dzd))
                 k_c, v_c, dk_c, dv_c = (rows(t, pair.k, c) for t in (ke, ve, dke, dve))
                 dp_sums[pair.q, pair.k_global] = ops.chunk_backward(
-                    q_c, k_c, v_c, z_c, zd_c, carries[pair.q, pair.k_global], do_c, lse_c,
-                    delta_c, (dq_c, dk_c, dv_c, dz_c, dzd_c), scale=scale, npos_max=npos_max,
+                    q_c, k_c, v_c, z_c, zd_c, carries[pair.q, pair.k_global], do_c, out_c,
+                    lse_c, (dq_c, dk_c, dv_c, dz_c, dzd_c), scale=scale, npos_max=npos_max,
                     causal=pair.diagonal)
             return [reduce_kv_heads(dke, kv_heads), reduce_kv_heads(dve, kv_heads)]
 

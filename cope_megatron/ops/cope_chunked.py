@@ -81,6 +81,9 @@ def _backward_block(a, q_blk, k_blk, v_blk, z_blk, zd_blk, carry_blk, do_blk, ls
     dp_cum = dp.cumsum(-1)
     # Masked keys have P = 0 and g = 0, so their da is exactly 0.
     da = dlogits + dp_cum * g * (1 - g)
+    # A row's logit gradients sum to zero over all its keys (softmax), so the keys beyond
+    # the band, all at the last position, add −Σ_band to dz there (see chunk_backward).
+    dz[..., npos_max - 1] -= dlogits.sum(-1)
     return (scale * (da @ k_blk), scale * (da.transpose(-1, -2) @ q_blk), dv, dz, dzd,
             dp_cum[..., -1])
 
@@ -179,6 +182,18 @@ def gate_sums(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: fl
     return torch.cat(sums, -1) if sums else q.new_zeros(*q.shape[:2], 0)
 
 
+def band_logits(q_blk, k, i0: int, j0: int, j1: int, *, scale: float, causal: bool
+                ) -> torch.Tensor:
+    """Logits of query rows i0… (``q_blk``) for keys j0…j1−1, −∞ for keys after the row when
+    ``causal``."""
+    a = scale * (q_blk @ k[:, :, j0:j1].transpose(-1, -2))
+    if causal and j1 > i0:  # keys after some row of the block
+        cols = torch.arange(j0, j1, device=q_blk.device)
+        rows = torch.arange(i0, i0 + q_blk.shape[2], device=q_blk.device)
+        a = a.masked_fill(cols > rows[:, None], float("-inf"))
+    return a
+
+
 def near_band(q, k, carry_blk, i0: int, i1: int, *, scale: float, npos_max: int,
               causal: bool, block: int = DEFAULT_BLOCK) -> tuple[int, torch.Tensor]:
     """The near band of query rows i0…i1−1: (its first key j, the rows' logits for keys
@@ -197,11 +212,7 @@ def near_band(q, k, carry_blk, i0: int, i1: int, *, scale: float, npos_max: int,
     pieces = []
     while start > 0 and (start > band_min or not bool((total > npos_max - 1).all())):
         j0 = max(0, start - block * 2 ** max(0, len(pieces) - 2))
-        a = scale * (q_blk @ k[:, :, j0:start].transpose(-1, -2))
-        if causal and start > i0:  # keys after some row of the block
-            cols = torch.arange(j0, start, device=q.device)
-            rows = torch.arange(i0, i1, device=q.device)
-            a = a.masked_fill(cols > rows[:, None], float("-inf"))
+        a = band_logits(q_blk, k, i0, j0, start, scale=scale, causal=causal)
         total += torch.sigmoid(a).sum(-1)
         pieces.append(a)
         start = j0
@@ -210,7 +221,8 @@ def near_band(q, k, carry_blk, i0: int, i1: int, *, scale: float, npos_max: int,
 
 
 def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal: bool,
-                  block: int = DEFAULT_BLOCK, compile: bool | None = None):
+                  block: int = DEFAULT_BLOCK, compile: bool | None = None,
+                  bands: list[int] | None = None):
     """Softmax-normalized CoPE attention of query rows over one key chunk.
 
     q [b, h, sq, d]; k, v [b, h, sk, d] (kv heads expanded); z, zd [b, h, sq, npos];
@@ -219,7 +231,8 @@ def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal:
 
     Per query block, the near band (``near_band``) runs the CoPE block math; the
     keys before it, all at the last position, are plain attention plus the row's logit
-    z[npos_max − 1], merged by log-sum-exp.
+    z[npos_max − 1], merged by log-sum-exp. ``bands``: a list to append each block's band
+    start to, so that ``chunk_backward`` need not search for it again.
     """
     fwd = _kernel(_forward_block, compile, k.shape[2], q.device)
     out = torch.zeros_like(q)  # an empty softmax, for blocks with no near band
@@ -227,6 +240,8 @@ def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal:
     for i0, i1, L in _blocks(q.shape[2], k.shape[2], block, causal):
         j, band = near_band(q, k, carry[:, :, i0:i1], i0, i1, scale=scale, npos_max=npos_max,
                             causal=causal, block=block)
+        if bands is not None:
+            bands.append(j)
         if j < L:
             out[:, :, i0:i1], lse[:, :, i0:i1] = fwd(
                 band, v[:, :, j:L], z[:, :, i0:i1], zd[:, :, i0:i1], carry[:, :, i0:i1],
@@ -239,39 +254,48 @@ def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal:
     return out, lse
 
 
-def chunk_backward(q, k, v, z, zd, carry, d_out, lse, delta, grads, *, scale: float,
+def chunk_backward(q, k, v, z, zd, carry, d_out, out, lse, grads, *, scale: float,
                    npos_max: int, causal: bool, block: int = DEFAULT_BLOCK,
-                   compile: bool | None = None) -> torch.Tensor:
-    """Gradients of one ``chunk_forward`` given the final (merged) lse and delta =
-    rowsum(dO ⊙ O), added into ``grads`` = (dq, dk, dv, dz, dzd) (dq without the table
-    term; dk, dv over the expanded heads). Returns each row's Σ_j dp_ij over the chunk.
+                   compile: bool | None = None, bands: list[int] | None = None) -> torch.Tensor:
+    """Gradients of one ``chunk_forward`` given the rows' final (merged) output and lse,
+    added into ``grads`` = (dq, dk, dv, dz, dzd) (dq without the table term; dk, dv over
+    the expanded heads). Returns each row's Σ_j dp_ij over the chunk.
+
     The keys before each block's near band are plain attention: their gates get no
-    gradient (clamped positions do not move) and their logits' gradient sums into dz at
-    the last position."""
+    gradient (clamped positions do not move), and their logits' gradients, which all go to
+    dz at the last position, need not be summed here: a softmax row's logit gradients add
+    up to zero over all its keys, so each chunk subtracts its bands' sum there instead
+    (``_backward_block``), and over all of a row's chunks that leaves exactly the sum over
+    the keys beyond the bands. ``bands``: the band starts ``chunk_forward`` recorded (None:
+    search again)."""
     dq, dk, dv, dz, dzd = grads
     bwd = _kernel(_backward_block, compile, k.shape[2], q.device)
+    delta = (d_out * out).sum(-1)
     dp_sum = torch.zeros_like(lse)
-    for i0, i1, L in _blocks(q.shape[2], k.shape[2], block, causal):
-        j, band = near_band(q, k, carry[:, :, i0:i1], i0, i1, scale=scale, npos_max=npos_max,
-                            causal=causal, block=block)
-        q_blk, do_blk, lse_blk, delta_blk = (t[:, :, i0:i1] for t in (q, d_out, lse, delta))
+    for n, (i0, i1, L) in enumerate(_blocks(q.shape[2], k.shape[2], block, causal)):
+        q_blk, do_blk, out_blk, lse_blk = (t[:, :, i0:i1] for t in (q, d_out, out, lse))
+        if bands is None:
+            j, band = near_band(q, k, carry[:, :, i0:i1], i0, i1, scale=scale,
+                                npos_max=npos_max, causal=causal, block=block)
+        else:
+            j = bands[n]
+            band = band_logits(q_blk, k, i0, j, L, scale=scale, causal=causal)
         if j < L:
             dq_b, dk_b, dv_b, dz_b, dzd_b, dp_sum[:, :, i0:i1] = bwd(
                 band, q_blk, k[:, :, j:L], v[:, :, j:L], z[:, :, i0:i1], zd[:, :, i0:i1],
-                carry[:, :, i0:i1], do_blk, lse_blk, delta_blk, scale, npos_max)
+                carry[:, :, i0:i1], do_blk, lse_blk, delta[:, :, i0:i1], scale, npos_max)
             dq[:, :, i0:i1] += dq_b
             dz[:, :, i0:i1] += dz_b
             dzd[:, :, i0:i1] += dzd_b
             dk[:, :, j:L] += dk_b
             dv[:, :, j:L] += dv_b
         if j > 0:
-            z_last = z[:, :, i0:i1, npos_max - 1]
-            dq_f, dk_f, dv_f, d_last = attention_backward(
-                do_blk, q_blk, k[:, :, :j], v[:, :, :j], lse_blk - z_last, delta_blk, scale)
+            dq_f, dk_f, dv_f = attention_backward(
+                do_blk, q_blk, k[:, :, :j], v[:, :, :j], out_blk,
+                lse_blk - z[:, :, i0:i1, npos_max - 1], scale)
             dq[:, :, i0:i1] += dq_f
             dk[:, :, :j] += dk_f
             dv[:, :, :j] += dv_f
-            dz[:, :, i0:i1, npos_max - 1] += d_last
     return dp_sum
 
 
@@ -290,26 +314,26 @@ class _CoPEChunked(torch.autograd.Function):
         h = q.shape[1]
         z = q @ pos_emb  # [b, h, s, npos]
         carry = torch.zeros(q.shape[:3], dtype=work, device=q.device)
+        bands: list[int] = []
         out, lse = chunk_forward(q, expand_kv(k, h), expand_kv(v, h), z, differences(z),
                                  carry, scale=scale, npos_max=npos_max, causal=causal,
-                                 block=block, compile=compile)
+                                 block=block, compile=compile, bands=bands)
         ctx.save_for_backward(q, k, v, pos_emb, out, lse)
-        ctx.cfg = (npos_max, scale, causal, block, compile, dtype)
+        ctx.cfg = (npos_max, scale, causal, block, compile, dtype, bands)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, pos_emb, out, lse = ctx.saved_tensors
-        npos_max, scale, causal, block, compile, dtype = ctx.cfg
+        npos_max, scale, causal, block, compile, dtype, bands = ctx.cfg
         h, kv_heads = q.shape[1], k.shape[1]
         z = q @ pos_emb
         d_out = d_out.to(q.dtype).contiguous()
-        delta = (d_out * out).sum(-1)  # [b, h, s]
         ke, ve = expand_kv(k, h), expand_kv(v, h)
         dq, dk, dv, dz, dzd = (torch.zeros_like(t) for t in (q, ke, ve, z, z))
-        chunk_backward(q, ke, ve, z, differences(z), torch.zeros_like(lse), d_out, lse, delta,
+        chunk_backward(q, ke, ve, z, differences(z), torch.zeros_like(lse), d_out, out, lse,
                        (dq, dk, dv, dz, dzd), scale=scale, npos_max=npos_max, causal=causal,
-                       block=block, compile=compile)
+                       block=block, compile=compile, bands=bands)
         dq_table, d_emb = table_backward(q, pos_emb, dz, dzd)
         dq += dq_table
         dk, dv = reduce_kv_heads(dk, kv_heads), reduce_kv_heads(dv, kv_heads)

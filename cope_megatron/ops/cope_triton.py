@@ -289,11 +289,12 @@ def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal:
                           causal=causal)[:2]
 
 
-def chunk_backward(q, k, v, z, zd, carry, d_out, lse, delta, grads, *, scale: float,
+def chunk_backward(q, k, v, z, zd, carry, d_out, out, lse, grads, *, scale: float,
                    npos_max: int, causal: bool) -> torch.Tensor:
     """``ops.cope_chunked.chunk_backward`` in one kernel launch: gradients (fp32) added into
     ``grads`` = (dq, dk, dv, dz, dzd), dk and dv over k's heads; returns each row's Σ dp."""
     b, h, s, d = q.shape
+    delta = (d_out.float() * out.float()).sum(-1)
     q, k, v, z, zd, carry, d_out, lse, delta = (
         t.contiguous() for t in (q, k, v, z, zd, carry, d_out, lse, delta))
     dq = torch.empty(b, h, s, d, dtype=torch.float32, device=q.device)
@@ -326,11 +327,10 @@ class _CoPETriton(torch.autograd.Function):
         q, k, v, pos_emb, out, lse = ctx.saved_tensors
         npos_max, scale, causal = ctx.cfg
         z = q.float() @ pos_emb.float()
-        delta = (d_out.float() * out.float()).sum(-1)
         dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device)
                       for t in (q, k, v))
         dz, dzd = torch.zeros_like(z), torch.zeros_like(z)
-        chunk_backward(q, k, v, z, differences(z), torch.zeros_like(lse), d_out, lse, delta,
+        chunk_backward(q, k, v, z, differences(z), torch.zeros_like(lse), d_out, out, lse,
                        (dq, dk, dv, dz, dzd), scale=scale, npos_max=npos_max, causal=causal)
         dq_table, d_emb = table_backward(q.float(), pos_emb.float(), dz, dzd)
         dq += dq_table

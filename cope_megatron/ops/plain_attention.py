@@ -4,8 +4,7 @@ and the log-sum-exp merge of partial softmax results (also what context parallel
 its key chunks with).
 
 Forward returns (out, lse) so the caller merges it with the near keys by log-sum-exp;
-backward takes the merged row's lse and Δ = rowsum(dO ⊙ O) and also returns each row's
-Σ_j dL/dlogit_ij, the gradient of the shared position logit. On the CPU this runs
+backward takes the merged row's output and lse. On the CPU this runs
 PyTorch's fused flash kernel (``aten::_scaled_dot_product_flash_attention_for_cpu`` and
 its backward: public SDPA returns no lse and takes no outside normalizer); elsewhere it is
 the same math in matrix products.
@@ -29,30 +28,18 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     return torch.exp(logits - lse[..., None]) @ v, lse
 
 
-def _with_column(t: torch.Tensor, value) -> torch.Tensor:
-    column = value[..., None] if isinstance(value, torch.Tensor) else t.new_full((), value)
-    return torch.cat([t, column.expand(*t.shape[:-1], 1).to(t.dtype)], dim=-1)
-
-
 def attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       lse: torch.Tensor, delta: torch.Tensor, scale: float
-                       ) -> tuple[torch.Tensor, ...]:
-    """Gradients of rows whose probabilities are exp(scale·q·kᵀ − lse) (lse from the whole
-    row, so these keys may hold only part of its mass): (dq, dk, dv, Σ_j ds_ij) with
-    ds = P ⊙ (dO·vᵀ − Δ)."""
-    if q.device.type != "cpu":
-        probs = torch.exp(scale * (q @ k.transpose(-1, -2)) - lse[..., None])
-        ds = probs * (d_out @ v.transpose(-1, -2) - delta[..., None])
-        return (scale * (ds @ k), scale * (ds.transpose(-1, -2) @ q),
-                probs.transpose(-1, -2) @ d_out, ds.sum(-1))
-    # The kernel recomputes Δ from (dO, O) and returns no Σ ds; one extra column carries
-    # both: q' = [q, 0], k' = [k, 1] keep the logits and make dq' end in scale·Σ_j ds_ij;
-    # v' = [v, 0], dO' = [dO, 1], O' = [0, Δ] make dO'·v' = dO·v and dO'·O' = Δ.
-    dq, dk, dv = _flash_backward(
-        _with_column(d_out, 1.0), _with_column(q, 0.0), _with_column(k, 1.0),
-        _with_column(v, 0.0), _with_column(torch.zeros_like(d_out), delta),
-        lse.to(q.dtype), 0.0, False, scale=scale)
-    return dq[..., :-1], dk[..., :-1], dv[..., :-1], dq[..., -1] / scale
+                       out: torch.Tensor, lse: torch.Tensor, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of rows whose probabilities are exp(scale·q·kᵀ − lse) (lse from the
+    whole row, so these keys may hold only part of its mass; ``out`` is the whole row's
+    output): ds = P ⊙ (dO·vᵀ − Δ), Δ = rowsum(dO ⊙ out)."""
+    if q.device.type == "cpu":
+        # The kernel takes O only for Δ, so the whole row's output gives the right one.
+        return _flash_backward(d_out, q, k, v, out, lse.to(q.dtype), 0.0, False, scale=scale)
+    probs = torch.exp(scale * (q @ k.transpose(-1, -2)) - lse[..., None])
+    ds = probs * (d_out @ v.transpose(-1, -2) - (d_out * out).sum(-1, keepdim=True))
+    return scale * (ds @ k), scale * (ds.transpose(-1, -2) @ q), probs.transpose(-1, -2) @ d_out
 
 
 def merge_softmax(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor,
