@@ -5,6 +5,8 @@
     cope-megatron eval  [--json] [CONFIG.yaml ...] [key.sub=value ...]   (plain or torchrun)
     cope-megatron demo  [key.sub=value ...]
     cope-megatron report RUN_DIR... [--out DIR]   (tables and plots from finished runs)
+    cope-megatron estimate [CONFIG.yaml ...] [key.sub=value ...] [--gpus N] [--gpu-memory GB]
+        (parameters, FLOPs per token, memory per GPU, and whether the run fits)
 
 With ``task.name`` set (configs/tasks/), prep generates that synthetic task instead.
 """
@@ -86,13 +88,18 @@ def logs_to_stderr(enabled: bool):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cope-megatron", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["prep", "train", "eval", "demo", "report"])
+    parser.add_argument("command",
+                        choices=["prep", "train", "eval", "demo", "report", "estimate"])
     parser.add_argument("sources", nargs="*", help="YAML config files and key.sub=value "
                         "overrides (report: run directories)")
     parser.add_argument("--json", action="store_true",
                         help="eval: stdout holds only the report's JSON; every log goes to stderr")
     parser.add_argument("--out", default=None,
                         help="report: directory to write into (default reports/<time>)")
+    parser.add_argument("--gpus", type=int, default=8,
+                        help="estimate: GPUs in the run (default 8)")
+    parser.add_argument("--gpu-memory", type=float, default=80.0,
+                        help="estimate: memory per GPU in GiB (default 80)")
     args = parser.parse_intermixed_args(argv)
     # Known-harmless start-up noise (no Apex/TE on this machine, deprecated collectives
     # inside DeepSpeed); the run's own warnings still show.
@@ -127,7 +134,14 @@ def run(args: argparse.Namespace) -> dict | Path | None:
         return write_report(args.sources, out)
     sources = (DEMO_CONFIGS if args.command == "demo" else []) + args.sources
     cfg = load_config(sources)
-    if args.command == "prep":
+    if args.command == "estimate":
+        from cope_megatron.config import validate
+        from cope_megatron.estimate import estimate, summary
+
+        validate(cfg, args.gpus)
+        est = estimate(cfg, args.gpus, args.gpu_memory)
+        print(summary(est, peak_tflops=cfg.train.peak_tflops or 989.0))
+    elif args.command == "prep":
         manifest = prep(cfg)
         print(f"prepared {cfg.data.shards}: " + ", ".join(
             f"{s}: {v['samples']} samples" for s, v in manifest["splits"].items()))

@@ -174,6 +174,11 @@ class TrainConfig:
     lr_decay: Literal["cosine", "linear"] = "cosine"
     """Shape of the decay from lr to min_lr after warmup."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (Megatron-Core's): ``selective`` stores no core-attention
+    state and recomputes it in backward; ``full`` keeps only each layer's input."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s per device for MFU; None: looked up from the GPU's name."""
     log_interval: int = 1
     save_interval: int = 0
     """Checkpoint every N steps (0: only at the end, on a stop signal, and by time)."""

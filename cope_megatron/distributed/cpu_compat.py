@@ -61,7 +61,8 @@ def apply_cpu_compat() -> bool:
 
     - ``torch.cuda.current_device()`` is called for buffer/RoPE placement: answer "cpu".
     - the CUDA RNG tracker (``model_parallel_cuda_manual_seed``, attention dropout) is
-      replaced by :class:`CPURNGStatesTracker`.
+      replaced by :class:`CPURNGStatesTracker`; activation recomputation's save and
+      restore of the CUDA generator becomes a no-op (it restores the CPU one as well).
     - RoPE under context parallelism slices its table with a pinned CUDA index: the
       modules that imported it by name get :func:`pos_emb_on_this_cp_rank`.
     """
@@ -70,6 +71,8 @@ def apply_cpu_compat() -> bool:
     torch.cuda.current_device = lambda: torch.device("cpu")
     for module in (rotary_pos_embedding, yarn_rotary_pos_embedding):
         module.get_pos_emb_on_this_cp_rank = pos_emb_on_this_cp_rank
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    mp_random._set_cuda_rng_state = lambda *args, **kwargs: None
     if not isinstance(mp_random._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
         mp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
         mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True

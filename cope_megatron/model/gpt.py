@@ -14,11 +14,20 @@ from cope_megatron.config import Config, padded_vocab_size
 from cope_megatron.model.layer_spec import get_layer_spec
 from cope_megatron.pe import get_pe
 
+RECOMPUTE = {
+    "none": {},
+    "selective": {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]},
+    "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+             "recompute_num_layers": 1},
+}
+"""``train.recompute`` -> Megatron-Core's recomputation settings."""
+
 
 def transformer_config(cfg: Config) -> TransformerConfig:
     m, p = cfg.model, cfg.parallel
     bf16 = cfg.train.precision == "bf16"
     return TransformerConfig(
+        **RECOMPUTE[cfg.train.recompute],
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
