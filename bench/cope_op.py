@@ -36,15 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cope_megatron.metrics import proc_status_kb
 from cope_megatron.ops import cope_attention
-
-
-def proc_status_kb(field: str) -> int:
-    """A kB field of /proc/self/status (``VmRSS:``, ``VmHWM:``)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    raise RuntimeError(field)
 
 
 def measure(fn, device: torch.device) -> tuple[float, float]:

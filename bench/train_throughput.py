@@ -15,21 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from cope_op import proc_status_kb  # noqa: E402
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return proc_status_kb("VmHWM:") / 1024
+from cope_megatron.metrics import peak_memory_gib
 
 
 def measure_one(sources: list[str], steps: int, warmup: int, peak_override: float | None
@@ -61,7 +53,8 @@ def measure_one(sources: list[str], steps: int, warmup: int, peak_override: floa
     seconds = time.perf_counter() - start
     flops = flops_per_token(cfg, padded_vocab_size(vocab, cfg.parallel.tensor))
     peak = peak_tflops(env.device, peak_override)
-    return {"pe": cfg.model.pe, "step_s": seconds / steps, "peak_mb": peak_memory_mb(env.device),
+    return {"pe": cfg.model.pe, "step_s": seconds / steps,
+            "peak_mb": 1024 * peak_memory_gib(env.device),
             "first_loss": losses[0], "last_loss": losses[-1], "flops_per_token": flops.as_dict(),
             "peak_tflops": peak, "device": torch.cuda.get_device_name() if
             env.device.type == "cuda" else "cpu",

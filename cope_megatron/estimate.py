@@ -150,7 +150,7 @@ def _biased(pe_name: str) -> bool:
 
 
 def activation_bytes(cfg: Config, layout: Layout, recompute: str | None = None, *,
-                     device: str = "cuda") -> dict[str, float]:
+                     vocab_size: int | None = None, device: str = "cuda") -> dict[str, float]:
     """Activation memory of one micro batch on one GPU: ``saved``, what stays alive for
     backward at the end of the forward, and ``working``, what backward recomputes for one
     layer at a time on top of it (``recompute`` defaults to the config's).
@@ -172,7 +172,7 @@ def activation_bytes(cfg: Config, layout: Layout, recompute: str | None = None, 
             square = heads * seq**2 * e * (1 + (b if device == "cpu" else 0))
         return tokens * (saved * e + fp32 * 4) + square
 
-    vocab = padded_vocab_size(cfg.data.vocab_size, layout.tensor) / layout.tensor
+    vocab = padded_vocab_size(vocab_size or cfg.data.vocab_size, layout.tensor) / layout.tensor
     # The final norm's input and output, and the fp32 logits of the cross-entropy.
     ends = tokens * (2 * m.hidden_size * e + vocab * 4)
     working = {"none": 0.0, "selective": layer("none") - layer("selective"),
@@ -195,6 +195,8 @@ class Estimate:
     activations: dict[str, float]
     """Activation bytes per GPU under each recomputation mode."""
     gpu_memory_gib: float
+    vocab_size: int
+    device: str
 
     @property
     def total_gib(self) -> float:
@@ -206,17 +208,21 @@ class Estimate:
 
 
 def estimate(cfg: Config, gpus: int, gpu_memory_gib: float = 80.0, *,
-             device: str = "cuda") -> Estimate:
+             vocab_size: int | None = None, device: str = "cuda") -> Estimate:
+    """The estimate for ``cfg`` on ``gpus`` GPUs of ``gpu_memory_gib`` each; the vocabulary
+    defaults to ``data.vocab_size``."""
     layout = layout_of(cfg, gpus)
-    vocab = cfg.data.vocab_size
+    vocab = vocab_size or cfg.data.vocab_size
     per_rank = parameters(cfg, vocab, layout.tensor)
-    acts = {mode: sum(activation_bytes(cfg, layout, mode, device=device).values())
+    acts = {mode: sum(activation_bytes(cfg, layout, mode, vocab_size=vocab,
+                                       device=device).values())
             for mode in RECOMPUTE_MODES}
     memory = {**model_state_bytes(cfg, per_rank, layout),
               "activations": acts[cfg.train.recompute]}
     return Estimate(cfg=cfg, layout=layout, params=parameters(cfg, vocab), params_per_rank=per_rank,
                     flops=flops_per_token(cfg, padded_vocab_size(vocab, 1)), memory=memory,
-                    activations=acts, gpu_memory_gib=gpu_memory_gib)
+                    activations=acts, gpu_memory_gib=gpu_memory_gib, vocab_size=vocab,
+                    device=device)
 
 
 def _changes(cfg: Config, gpus: int) -> list[tuple[str, Config]]:
@@ -249,18 +255,20 @@ def _changes(cfg: Config, gpus: int) -> list[tuple[str, Config]]:
     return out
 
 
-def smallest_fitting_change(cfg: Config, gpus: int, gpu_memory_gib: float,
-                            max_changes: int = 3) -> tuple[str, Estimate] | None:
+def smallest_fitting_change(est: Estimate, max_changes: int = 3
+                            ) -> tuple[str, Estimate] | None:
     """The fewest changes (cheapest first at each count) after which the run fits, as the
     overrides to add, with the estimate it gives; None when nothing up to ``max_changes``
     does."""
-    frontier = [("", cfg)]
+    gpus = est.layout.gpus
+    frontier = [("", est.cfg)]
     for _ in range(max_changes):
         next_frontier = []
         for overrides, base in frontier:
             for change, new in _changes(base, gpus):
                 done = f"{overrides} {change}".strip()
-                result = estimate(new, gpus, gpu_memory_gib)
+                result = estimate(new, gpus, est.gpu_memory_gib, vocab_size=est.vocab_size,
+                                  device=est.device)
                 if result.fits:
                     return done, result
                 next_frontier.append((done, new))
@@ -307,7 +315,7 @@ def fit_line(est: Estimate) -> str:
               f"{est.gpu_memory_gib:.0f} GiB GPUs")
     if est.fits:
         return f"fits: yes, {est.total_gib:.1f} GiB of {budget}"
-    change = smallest_fitting_change(est.cfg, est.layout.gpus, est.gpu_memory_gib)
+    change = smallest_fitting_change(est)
     fix = (f"smallest change that fits: {change[0]} ({change[1].total_gib:.1f} GiB)" if change
            else "no change of ZeRO stage, recomputation, micro batch, TP or CP (up to 3 at "
            "once) fits: use more GPUs or larger ones")

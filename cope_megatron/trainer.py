@@ -22,7 +22,11 @@ from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import Config, dump_yaml, to_dict
 from cope_megatron.data.loader import ResumableLoader
 from cope_megatron.data.source import StreamSpec, read_manifest, split_spec
-from cope_megatron.distributed.deepspeed_glue import MegatronMPU, deepspeed_config
+from cope_megatron.distributed.deepspeed_glue import (
+    MegatronMPU,
+    deepspeed_config,
+    keep_fp32_grad_norm,
+)
 from cope_megatron.distributed.parallel import (
     DistEnv,
     any_rank,
@@ -40,10 +44,11 @@ from cope_megatron.distributed.universal import (
     read_layout,
     stage_family,
 )
+from cope_megatron.estimate import estimate, summary
 from cope_megatron.eval.passkey import passkey_accuracy
 from cope_megatron.eval.perplexity import evaluate, evaluation_text, score
 from cope_megatron.eval.tasks import task_errors
-from cope_megatron.metrics import MetricsLogger
+from cope_megatron.metrics import MetricsLogger, StepMetrics
 from cope_megatron.model.gpt import build_gpt, eval_mode, loss_sum
 from cope_megatron.nonfinite import BadStepCounter, SkipNonFiniteAdamW
 from cope_megatron.preemption import PreemptionHandler
@@ -77,6 +82,7 @@ def build_engine(cfg: Config, vocab_size: int, load_universal: bool = False):
         mpu=MegatronMPU(),
         dist_init_required=False,
     )
+    keep_fp32_grad_norm(engine)
     return engine
 
 
@@ -116,6 +122,10 @@ class Trainer:
         self.data = ResumableLoader(spec, start_steps)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_main and not eval_only)
         self.metrics.truncate_after(self.step)
+        self.step_metrics = StepMetrics(cfg, self.manifest["vocab_size"], self.env.world_size,
+                                        self.env.dp_size, self.env.device)
+        if self.env.is_main and not eval_only and cfg.logging.progress:
+            print(self.estimate_summary(), flush=True)
         self.preemption = None if eval_only else PreemptionHandler()
         self._last_save = time.monotonic()
         self._val_text: torch.Tensor | None = None
@@ -129,6 +139,18 @@ class Trainer:
         p = self.cfg.parallel
         return {"data_parallel": dist.get_world_size(replica_group()), "tensor": p.tensor,
                 "context": p.context, "zero_stage": self.cfg.zero.stage}
+
+    def estimate_summary(self) -> str:
+        """The run's estimate (``cope-megatron estimate``) for its start-up log; on a GPU,
+        against the device's memory."""
+        device = self.env.device
+        gib = (torch.cuda.get_device_properties(device).total_memory / 2**30
+               if device.type == "cuda" else 80.0)
+        est = estimate(self.cfg, self.env.world_size, gib,
+                       vocab_size=self.manifest["vocab_size"], device=device.type)
+        peak = self.step_metrics.peak or 989.0
+        return "[estimate] " + summary(est, peak_tflops=peak, fit=device.type == "cuda"
+                                       ).replace("\n", "\n[estimate] ")
 
     def _loadable(self, tag: str) -> str:
         """``tag``, or its universal conversion when its ZeRO states were partitioned for
@@ -190,8 +212,6 @@ class Trainer:
 
     def train(self) -> TrainResult:
         cfg = self.cfg
-        tokens_per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum * self.env.dp_size
-                           * cfg.model.seq_length)
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.env.is_main and cfg.logging.progress))
         losses, stopped_by = [], None
@@ -205,7 +225,7 @@ class Trainer:
             self.bad_steps.update(self.step, skipped,
                                   lambda: checkpoint.latest_tag(self.run_dir))
             record = {"step": self.step, "loss": loss, "lr": self.engine.get_lr()[0],
-                      "tokens_per_s": tokens_per_step / elapsed, "epoch": self.data.epoch,
+                      **self.step_metrics(elapsed, self.engine), "epoch": self.data.epoch,
                       "skipped_shards": self.data.skipped_shards,
                       "skipped_steps": self.bad_steps.total}
             validated = bool(cfg.eval.interval) and self.step % cfg.eval.interval == 0
@@ -214,7 +234,9 @@ class Trainer:
             if validated or self.step % cfg.train.log_interval == 0 or \
                     self.step == cfg.train.steps:
                 self.metrics.log(record)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            **({"mfu": f"{record['mfu']:.1%}"} if record["mfu"] is not None
+                               else {"tflops": f"{record['tflops_per_device']:.2f}"}))
             bar.update(1)
             signalled, save_due = any_rank(self.preemption.received is not None,
                                            self._save_due())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from deepspeed.runtime.utils import clip_grad_norm_
 from megatron.core import parallel_state as ps
 
 from cope_megatron.config import Config, merge_dicts
@@ -57,3 +58,15 @@ def deepspeed_config(cfg: Config, dp_size: int) -> dict:
         "wall_clock_breakdown": False,
     }
     return merge_dicts(ds, cfg.zero.deepspeed)
+
+
+def keep_fp32_grad_norm(engine) -> None:
+    """Make ``engine.get_global_grad_norm()`` answer at ZeRO-0 in fp32 too: there DeepSpeed
+    clips through ``clip_fp32_gradients``, which computes the global norm and drops it (its
+    ZeRO and bf16 optimizers keep theirs)."""
+    def clip_and_keep() -> None:
+        engine._global_grad_norm = float(clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(),
+            mpu=engine.mpu))
+
+    engine.clip_fp32_gradients = clip_and_keep
