@@ -96,7 +96,10 @@ def parameters(cfg: Config, vocab_size: int, tensor: int = 1) -> int:
         + pe_parameters(cfg, t)
     )
     vocab = padded_vocab_size(vocab_size, t) // t * h
-    learned = m.seq_length * h if get_pe(m.pe).gpt_position_embedding == "learned_absolute" else 0
+    pe = get_pe(m.pe)
+    # A fixed encoding replaces GPTModel's learned table with a module without parameters.
+    learned = (m.seq_length * h if pe.gpt_position_embedding == "learned_absolute"
+               and pe.position_embedding is None else 0)
     return (m.num_layers * layer + norm + vocab * (1 if not m.untie_embeddings else 2)
             + learned)
 
@@ -174,7 +177,8 @@ def activation_bytes(cfg: Config, layout: Layout, recompute: str | None = None, 
 
     vocab = padded_vocab_size(vocab_size or cfg.data.vocab_size, layout.tensor) / layout.tensor
     # The final norm's input and output, and the fp32 logits of the cross-entropy.
-    ends = tokens * (2 * m.hidden_size * e + vocab * 4)
+    sp = layout.tensor if cfg.parallel.sequence else 1
+    ends = tokens * (2 * m.hidden_size / sp * e + vocab * 4)
     working = {"none": 0.0, "selective": layer("none") - layer("selective"),
                "full": layer("none")}[recompute]
     return {"saved": m.num_layers * layer(recompute) + ends, "working": working}

@@ -71,8 +71,9 @@ def run_variant(overrides: list[str], layout: dict) -> dict:
                           for n, p in pe_parameters(engine.module).items()})
         engine.step()
         losses.append(mean_over_replicas(loss))
+    params = sum(p.numel() for p in engine.module.parameters()) if layout["zero"] < 3 else None
     parallel_state.destroy_model_parallel()
-    return {"losses": losses, "grads": grads, "init": init}
+    return {"losses": losses, "grads": grads, "init": init, "params_per_rank": params}
 
 
 def main() -> None:

@@ -63,7 +63,17 @@ def assert_matches(reference: dict, got: dict, full: bool = True) -> None:
 
 @pytest.mark.parametrize("sequence", [False, True], ids=["tp2", "tp2_sp"])
 def test_tensor_parallel_matches_one_process(reference, tmp_path, sequence):
-    assert_matches(reference, launch(tmp_path, 2, 2, sequence, 0))
+    got = launch(tmp_path, 2, 2, sequence, 0)
+    assert_matches(reference, got)
+    # ``cope-megatron estimate`` counts what one TP rank holds.
+    from cope_megatron.config import load_config
+    from cope_megatron.estimate import parameters
+    from tests.parallel_worker import BASE, VOCAB
+
+    for name, overrides in VARIANTS.items():
+        cfg = load_config(BASE + overrides)
+        assert parameters(cfg, VOCAB, tensor=2) == got[name]["params_per_rank"], name
+        assert parameters(cfg, VOCAB) == reference[name]["params_per_rank"], name
 
 
 def test_context_parallel_matches_one_process(reference, tmp_path):

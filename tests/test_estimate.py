@@ -1,0 +1,163 @@
+"""``cope-megatron estimate`` against the model itself: parameter counts against the GPT
+built on the meta device (every model config, every PE), activation memory against what
+autograd actually keeps for backward, recomputation's identical losses and lower memory,
+the fitting advice, and the MFU arithmetic."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cope_megatron.config import load_config
+from cope_megatron.estimate import (
+    activation_bytes,
+    estimate,
+    layout_of,
+    parameters,
+    smallest_fitting_change,
+)
+from cope_megatron.flops import flops_per_token, throughput
+from cope_megatron.pe import REGISTRY
+from tests.conftest import debug_overrides
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
+VARIANTS = {pe: [f"model.pe={pe}"] for pe in sorted(REGISTRY)}
+VARIANTS["cope_per_head"] = ["model.pe=cope", "pe.cope.shared_table=false"]
+
+
+@pytest.fixture
+def one_process(dist_cleanup):
+    from cope_megatron.distributed.parallel import init_distributed
+
+    init_distributed(1)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_parameter_count_matches_the_model_built_on_meta(model, one_process):
+    from cope_megatron.model.gpt import build_gpt
+
+    for name, overrides in VARIANTS.items():
+        cfg = load_config([str(CONFIGS / "model" / f"{model}.yaml"), *overrides])
+        with torch.device("meta"):
+            gpt = build_gpt(cfg, cfg.data.vocab_size)
+        built = sum(p.numel() for p in gpt.parameters())
+        assert parameters(cfg, cfg.data.vocab_size) == built, (model, name)
+
+
+def saved_for_backward(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward in the model's loss on
+    ``tokens``, parameters excluded: the activation memory a forward leaves for its
+    backward."""
+    from cope_megatron.model.gpt import loss_sum
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum(model, tokens)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("model", ["debug", "tiny"])
+def test_activation_estimate_matches_what_autograd_keeps(model, one_process):
+    """Within 20% for every PE and recomputation mode (the estimate's ``saved`` part; the
+    ``working`` part is the one layer that backward recomputes at a time), and
+    recomputation keeps less: selective at most what none keeps, full far less."""
+    from cope_megatron.model.gpt import build_gpt
+
+    for name, overrides in VARIANTS.items():
+        measured = {}
+        for mode in ("none", "selective", "full"):
+            cfg = load_config([str(CONFIGS / "model" / f"{model}.yaml"), *overrides,
+                               f"train.recompute={mode}"])
+            gpt = build_gpt(cfg, cfg.data.vocab_size)
+            tokens = torch.randint(0, cfg.data.vocab_size,
+                                   (cfg.train.micro_batch_size, cfg.model.seq_length + 1))
+            measured[mode] = saved_for_backward(gpt, tokens)
+            estimated = activation_bytes(cfg, layout_of(cfg, 1), device="cpu")["saved"]
+            assert estimated == pytest.approx(measured[mode], rel=0.2), (model, name, mode)
+        assert measured["selective"] <= measured["none"], name
+        assert measured["full"] < measured["none"] / 2, name
+
+
+def test_recomputation_gives_identical_losses(prepared, tmp_path, dist_cleanup):
+    """With dropout, so recomputation must also replay the random streams."""
+    from cope_megatron.distributed.parallel import destroy_distributed
+    from cope_megatron.train import run_train
+
+    shards, _, _ = prepared
+    for pe in ("rope", "cope"):
+        losses = {}
+        for mode in ("none", "selective", "full"):
+            cfg = load_config(debug_overrides(shards, tmp_path / f"{pe}_{mode}", **{
+                "model.pe": pe, "train.recompute": mode, "model.hidden_dropout": 0.1}))
+            losses[mode] = run_train(cfg, evaluate_after=False)[0].losses
+            destroy_distributed()
+        assert losses["selective"] == losses["none"] == losses["full"], (pe, losses)
+
+
+def test_a_run_that_does_not_fit_gets_the_smallest_change_that_does():
+    cfg = load_config([str(CONFIGS / "model" / "2.7b.yaml"), "model.pe=cope"])
+    est = estimate(cfg, gpus=8, gpu_memory_gib=80)
+    assert not est.fits
+    overrides, fixed = smallest_fitting_change(est)
+    assert overrides == "zero.stage=1" and fixed.fits
+    # ZeRO-1 splits exactly the optimizer state over the 8 replicas.
+    assert fixed.memory["optimizer"] == pytest.approx(est.memory["optimizer"] / 8)
+    assert fixed.memory["weights"] == est.memory["weights"]
+    # On 24 GiB GPUs one change is not enough; what is suggested fits.
+    small = estimate(cfg, gpus=8, gpu_memory_gib=24)
+    overrides, fixed = smallest_fitting_change(small)
+    assert len(overrides.split()) >= 2 and fixed.fits, overrides
+    tiny_gpu = estimate(cfg, gpus=1, gpu_memory_gib=4)
+    assert smallest_fitting_change(tiny_gpu) is None
+
+
+def test_tensor_parallel_splits_memory_per_gpu():
+    cfg = load_config([str(CONFIGS / "model" / "1.3b.yaml"), "model.pe=rope"])
+    tp2 = load_config([str(CONFIGS / "model" / "1.3b.yaml"), "model.pe=rope",
+                       "parallel.tensor=2", "parallel.sequence=true"])
+    one, two = estimate(cfg, 8), estimate(tp2, 8)
+    assert two.params == one.params
+    assert one.params / 2 < two.params_per_rank < one.params / 2 * 1.01  # norms replicated
+    assert two.activations["none"] == pytest.approx(one.activations["none"] / 2, rel=0.01)
+
+
+def test_mfu_arithmetic_on_a_known_case():
+    """A 2-layer model, hidden 64, 4 heads, seq 127 (64 visible keys on average), vocab
+    128: by hand, 6 × 2 × weights + 3 × attention FLOPs per token."""
+    cfg = load_config(["model.num_layers=2", "model.hidden_size=64",
+                       "model.num_attention_heads=4", "model.seq_length=128", "model.pe=rope"])
+    weights = 2 * (3 * 64 * 64 + 64 * 64 + 2 * 64 * 256) + 128 * 64
+    f = flops_per_token(cfg, 128, seq_length=127)
+    assert f.dense == 6 * weights
+    assert f.attention == 3 * 2 * 4 * (2 * 2 * 16) * 64
+    assert f.cope_matmul == 0
+    got = throughput(tokens=1000, seconds=2.0, flops=f, devices=2, peak=1e-3)
+    tflops = 500 * f.model / 2 / 1e12
+    assert got["tokens_per_s"] == 500 and math.isclose(got["tflops_per_device"], tflops)
+    assert math.isclose(got["mfu"], tflops / 1e-3)
+
+
+def test_estimate_command_prints_the_summary():
+    out = subprocess.run(
+        [sys.executable, "-m", "cope_megatron", "estimate", str(CONFIGS / "model" / "2.7b.yaml"),
+         str(CONFIGS / "pe" / "cope.yaml"), "--gpus", "8", "--gpu-memory", "80"],
+        capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2,599.7M parameters" in out.stdout
+    assert "fits: NO" in out.stdout and "smallest change that fits: zero.stage=1" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "cope_megatron", "estimate", str(CONFIGS / "model" / "1.3b.yaml"),
+         "parallel.tensor=3"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "parallel.tensor" in bad.stderr
