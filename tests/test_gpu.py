@@ -1,7 +1,8 @@
 """On a CUDA device (``pytest -m gpu``; skipped without one, never in the CPU default):
 the compiled Triton CoPE kernels against the float64 reference, forward and all four
 gradients, in fp32 and bf16; a few bf16 DeepSpeed steps of the debug model for every PE;
-TP=2 against one process when two GPUs exist.
+the activation estimate for 125M against the allocator; TP=2 against one process when two
+GPUs exist.
 
 Tolerances are relative errors ‖x − ref‖ / ‖ref‖: fp32 kernels use exact fp32 products
 (``input_precision="ieee"``), so they land near 1e-6 and are held to 1e-4; bf16 inputs
@@ -113,3 +114,24 @@ def test_tensor_parallel_on_two_gpus_matches_one(tmp_path):
     for name in variants:
         for a, b in zip(one[name]["losses"], two[name]["losses"]):
             assert a == pytest.approx(b, abs=1e-4), name
+
+
+@pytest.mark.parametrize("pe", ["rope", "alibi", "cope"])
+def test_activation_estimate_for_125m_on_cuda(pe, dist_cleanup):
+    """``cope-megatron estimate``'s activations against the allocator: the memory a bf16
+    forward of the 125M model leaves allocated for its backward, within 20%."""
+    from cope_megatron.distributed.parallel import init_distributed
+    from cope_megatron.estimate import activation_bytes, layout_of
+    from cope_megatron.model.gpt import build_gpt, loss_sum
+
+    init_distributed(1)
+    cfg = load_config(["configs/model/125m.yaml", f"model.pe={pe}", "train.micro_batch_size=2"])
+    model = build_gpt(cfg, cfg.data.vocab_size).cuda().bfloat16()
+    tokens = torch.randint(0, cfg.data.vocab_size, (2, cfg.model.seq_length + 1), device="cuda")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    loss = loss_sum(model, tokens)
+    held = torch.cuda.memory_allocated() - base
+    estimated = activation_bytes(cfg, layout_of(cfg, 1))["saved"]
+    assert estimated == pytest.approx(held, rel=0.2), (pe, estimated / 2**30, held / 2**30)
+    loss.backward()
