@@ -7,6 +7,8 @@
     cope-megatron report RUN_DIR... [--out DIR]   (tables and plots from finished runs)
     cope-megatron estimate [CONFIG.yaml ...] [key.sub=value ...] [--gpus N] [--gpu-memory GB]
         (parameters, FLOPs per token, memory per GPU, and whether the run fits)
+    cope-megatron sweep SPEC.yaml [--run local|slurm]   (create the runs; run or submit them)
+    cope-megatron sweep status SPEC.yaml | sweep report SPEC.yaml [--out DIR]
 
 With ``task.name`` set (configs/tasks/), prep generates that synthetic task instead.
 """
@@ -67,6 +69,35 @@ def demo(cfg: Config) -> dict:
     return {"wall_s": wall, "first_loss": first, "final_loss": last, "eval": report}
 
 
+def sweep(args: argparse.Namespace) -> Path | None:
+    """``sweep SPEC``, ``sweep status SPEC``, ``sweep report SPEC``."""
+    from cope_megatron import sweep as sw
+
+    action, *spec_path = args.sources if args.sources[:1] in (["status"], ["report"]) \
+        else ["create", *args.sources]
+    if len(spec_path) != 1:
+        raise ConfigError("sweep: give one spec file (sweep [status|report] SPEC.yaml)")
+    spec = sw.load_spec(spec_path[0])
+    if action == "status":
+        print(sw.status_table(sw.runs(spec)))
+        return None
+    if action == "report":
+        from cope_megatron.report import write_report
+
+        done = [r.dir for r in sw.runs(spec) if sw.status(r)[0] == "done"]
+        return write_report(done, args.out or Path(spec.out) / "report")
+    runs = sw.create(spec)
+    if args.run == "local":
+        sw.run_local(spec, runs)
+    elif args.run == "slurm":
+        sw.submit_slurm(spec, runs)
+    else:
+        for run in runs:
+            print((run.dir / "command.sh").read_text(), end="")
+    print(sw.status_table(runs))
+    return None
+
+
 @contextlib.contextmanager
 def logs_to_stderr(enabled: bool):
     """Point file descriptor 1 at stderr: DeepSpeed and Megatron log through handlers that
@@ -89,13 +120,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cope-megatron", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command",
-                        choices=["prep", "train", "eval", "demo", "report", "estimate"])
+                        choices=["prep", "train", "eval", "demo", "report", "estimate",
+                                 "sweep"])
     parser.add_argument("sources", nargs="*", help="YAML config files and key.sub=value "
                         "overrides (report: run directories)")
     parser.add_argument("--json", action="store_true",
                         help="eval: stdout holds only the report's JSON; every log goes to stderr")
     parser.add_argument("--out", default=None,
                         help="report: directory to write into (default reports/<time>)")
+    parser.add_argument("--run", choices=["local", "slurm"], default=None,
+                        help="sweep: train the runs here one after another, or sbatch them "
+                        "(default: only create them)")
     parser.add_argument("--gpus", type=int, default=8,
                         help="estimate: GPUs in the run (default 8)")
     parser.add_argument("--gpu-memory", type=float, default=80.0,
@@ -132,6 +167,8 @@ def run(args: argparse.Namespace) -> dict | Path | None:
 
         out = args.out or f"reports/{time.strftime('%Y%m%d-%H%M%S')}"
         return write_report(args.sources, out)
+    if args.command == "sweep":
+        return sweep(args)
     sources = (DEMO_CONFIGS if args.command == "demo" else []) + args.sources
     cfg = load_config(sources)
     if args.command == "estimate":

@@ -48,6 +48,7 @@ from cope_megatron.estimate import estimate, summary
 from cope_megatron.eval.passkey import passkey_accuracy
 from cope_megatron.eval.perplexity import evaluate, evaluation_text, score
 from cope_megatron.eval.tasks import task_errors
+from cope_megatron.launch import check_same_everywhere
 from cope_megatron.metrics import MetricsLogger, StepMetrics
 from cope_megatron.model.gpt import build_gpt, eval_mode, loss_sum
 from cope_megatron.nonfinite import BadStepCounter, SkipNonFiniteAdamW
@@ -106,6 +107,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, self.run_dir / "config.yaml")
         self.manifest = read_manifest(cfg.data.shards)
+        check_same_everywhere(cfg, self.manifest)
         tag = checkpoint.latest_tag(self.run_dir) if cfg.run.resume or eval_only else None
         if tag is not None:
             tag = self._loadable(tag)

@@ -1,0 +1,232 @@
+"""The launch scripts and sweeps, on CPU with gloo on localhost: two simulated nodes
+against one process, SLURM under a fake SLURM (shims for srun, scontrol, sbatch), the
+hostfile launcher's dry run, and a sweep with a planted failure."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import debug_overrides
+from tests.test_train import read_metrics, train_losses
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+
+
+def script_env(**extra) -> dict:
+    return {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT), **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_simulated_nodes_match_one_process(prepared, tmp_path):
+    """Two launch/multinode.sh processes (nodes 0 and 1 on 127.0.0.1), 2 processes each:
+    TP=2 within a node, DP=2 across nodes; the losses of one process with the same global
+    batch (2 accumulation steps)."""
+    shards, _, _ = prepared
+    want = train_losses(shards, tmp_path / "one", 1, 3, **{
+        "train.micro_batch_size": 2, "train.grad_accum": 2, "data.shuffle_buffer": 8})
+    args = debug_overrides(shards, tmp_path / "two_nodes", **{
+        "train.steps": 3, "data.streams": 2, "train.micro_batch_size": 2,
+        "data.shuffle_buffer": 8, "parallel.tensor": 2})
+    port = str(free_port())
+    nodes = [subprocess.Popen(
+        ["bash", str(LAUNCH / "multinode.sh"), *args], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=script_env(NNODES="2", NODE_RANK=str(rank), NGPU="2", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port)) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    got = [r["loss"] for r in read_metrics(tmp_path / "two_nodes")]
+    assert len(got) == 3 and all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (got, want)
+
+
+def test_launchers_check_the_layout_and_dry_run_prints_config_and_command(prepared,
+                                                                          tmp_path):
+    shards, _, _ = prepared
+    args = debug_overrides(shards, tmp_path / "run", **{"parallel.tensor": 2})
+    dry = subprocess.run(["bash", str(LAUNCH / "train.sh"), *args], cwd=ROOT, text=True,
+                         capture_output=True, env=script_env(NGPU="4", DRY_RUN="1"))
+    assert dry.returncode == 0, dry.stderr
+    config = yaml.safe_load(dry.stdout.rsplit("\n", 2)[0])
+    assert config["parallel"]["tensor"] == 2 and config["run"]["dir"] == str(tmp_path / "run")
+    assert "--nproc-per-node 4 -m cope_megatron train" in dry.stdout
+    assert "world 4 = TP 2 x CP 1 x DP 2" in dry.stderr
+    assert not (tmp_path / "run").exists()  # nothing started
+    bad = subprocess.run(["bash", str(LAUNCH / "multinode.sh"), *args], cwd=ROOT, text=True,
+                         capture_output=True,
+                         env=script_env(NGPU="3", NNODES="1", NODE_RANK="0",
+                                        MASTER_ADDR="127.0.0.1", DRY_RUN="1"))
+    assert bad.returncode == 2
+    assert "parallel.tensor: world size 3 is not a multiple" in bad.stderr
+
+
+def test_hostfile_dry_run_names_every_host_and_slot(prepared, tmp_path):
+    shards, _, _ = prepared
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\ngpu-a slots=2\ngpu-b slots=2\n")
+    args = debug_overrides(shards, tmp_path / "run", **{"parallel.tensor": 2})
+    out = subprocess.run(["bash", str(LAUNCH / "deepspeed_hostfile.sh"), *args], cwd=ROOT,
+                         text=True, capture_output=True,
+                         env=script_env(HOSTFILE=str(hostfile), DRY_RUN="1"))
+    assert out.returncode == 0, out.stderr
+    assert "host gpu-a: slots 0-1" in out.stdout and "host gpu-b: slots 0-1" in out.stdout
+    assert f"deepspeed --hostfile {hostfile} --no_local_rank --module cope_megatron train" \
+        in out.stdout
+    assert "world 4 = TP 2 x CP 1 x DP 2" in out.stderr
+    hostfile.write_text("gpu-a 2\n")
+    bad = subprocess.run(["bash", str(LAUNCH / "deepspeed_hostfile.sh"), *args], cwd=ROOT,
+                         text=True, capture_output=True,
+                         env=script_env(HOSTFILE=str(hostfile), DRY_RUN="1"))
+    assert bad.returncode == 2 and "is not 'host slots=N'" in bad.stderr
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Fake srun: records the command each node would run; FAKE_SRUN_BLOCK: then waits for a
+# signal, like a running job step, and records it.
+for node in $(seq 0 $((SLURM_NNODES - 1))); do echo "node $node: $*" >> "$FAKE_LOG"; done
+if [ -n "${FAKE_SRUN_BLOCK:-}" ]; then
+  trap 'echo "srun got TERM" >> "$FAKE_LOG"; exit 143' TERM
+  while true; do sleep 0.1; done
+fi
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+case "$1" in
+  show) echo "$3" | tr ',' '\\n' ;;
+  requeue) echo "requeue $2" >> "$FAKE_LOG" ;;
+esac
+"""
+FAKE_SBATCH = """#!/usr/bin/env bash
+echo "sbatch $*" >> "$FAKE_LOG"; echo "77$RANDOM"
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL),
+                       ("sbatch", FAKE_SBATCH)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "slurm.log"
+    env = script_env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log),
+                     SLURM_NNODES="2", SLURM_JOB_NODELIST="node001,node002",
+                     SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="2")
+    return env, log
+
+
+def test_slurm_script_runs_torchrun_on_every_node_and_requeues_on_signal(prepared, tmp_path,
+                                                                          fake_slurm):
+    env, log = fake_slurm
+    shards, _, _ = prepared
+    args = debug_overrides(shards, tmp_path / "run", **{"parallel.tensor": 2})
+    out = subprocess.run(["bash", str(LAUNCH / "slurm.sbatch"), *args], cwd=tmp_path,
+                         text=True, capture_output=True, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = log.read_text().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["node 0", "node 1"]
+    for line in lines:
+        assert (f"--kill-on-bad-exit=1 {sys.executable} -m torch.distributed.run --nnodes 2 "
+                "--nproc-per-node 2 --rdzv-backend c10d --rdzv-endpoint node001:29500 "
+                "--rdzv-id 4242 -m cope_megatron train") in line
+        assert line.endswith(" ".join(args))
+
+    # The time-limit warning (USR1 to the batch script): the job step is told to stop
+    # (TERM, which the trainer answers with a checkpoint), then the job is requeued.
+    log.unlink()
+    job = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), *args], cwd=tmp_path,
+                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env={**env, "FAKE_SRUN_BLOCK": "1"})
+    deadline = time.monotonic() + 60
+    while not (log.exists() and "node 1" in log.read_text()):
+        assert time.monotonic() < deadline and job.poll() is None, job.communicate()
+        time.sleep(0.1)
+    job.send_signal(signal.SIGUSR1)
+    stdout, stderr = job.communicate(timeout=60)
+    assert job.returncode == 0, stderr
+    assert log.read_text().splitlines()[-2:] == ["srun got TERM", "requeue 4242"]
+    assert "time limit near (USR1)" in stdout
+
+
+def write_spec(tmp_path, shards) -> Path:
+    overrides = dict(o.split("=", 1) for o in debug_overrides(shards, "unused"))
+    del overrides["run.dir"]
+    overrides["train.steps"] = 3
+    spec = {"name": "tiny_sweep", "out": str(tmp_path / "sweep"), "base": [],
+            "overrides": overrides, "axes": {"model.pe": ["rope", "cope"], "train.seed": [1, 2]}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sweep(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cope_megatron", "sweep", *args], cwd=ROOT,
+                          text=True, capture_output=True, env=script_env(), timeout=900)
+
+
+def test_sweep_runs_skips_finished_and_reports_failures(prepared, tmp_path, fake_slurm):
+    """2 PEs × 2 seeds of the debug model; one run's config is planted broken after
+    creation: it fails with its error in the status table, the other three finish, and a
+    second call skips them and retries only the failed one."""
+    shards, _, _ = prepared
+    spec = write_spec(tmp_path, shards)
+    created = sweep(str(spec))
+    assert created.returncode == 0, created.stderr
+    names = ["pe-rope_seed-1", "pe-rope_seed-2", "pe-cope_seed-1", "pe-cope_seed-2"]
+    runs = tmp_path / "sweep"
+    assert sorted(p.name for p in runs.iterdir()) == sorted(names)
+    assert "4 pending" in created.stdout
+    config = yaml.safe_load((runs / "pe-cope_seed-2" / "config.yaml").read_text())
+    assert config["model"]["pe"] == "cope" and config["train"]["seed"] == 2
+    assert config["run"]["dir"] == str(runs / "pe-cope_seed-2")
+
+    planted = runs / "pe-rope_seed-2" / "config.yaml"
+    broken = yaml.safe_load(planted.read_text())
+    broken["data"]["shards"] = str(tmp_path / "missing")
+    planted.write_text(yaml.safe_dump(broken))
+    first = sweep(str(spec), "--run", "local")
+    assert first.returncode == 0, first.stderr
+    table = sweep("status", str(spec)).stdout
+    rows = {line.split()[0]: line.split(None, 2)[1:] for line in table.splitlines()[1:-1]}
+    assert rows["pe-rope_seed-2"][0] == "failed"
+    assert "data.shards: no manifest" in rows["pe-rope_seed-2"][1]
+    assert all(rows[n][0] == "done" for n in names if n != "pe-rope_seed-2"), table
+    assert table.splitlines()[-1] == "3 done, 1 failed"
+    assert "keeps its config.yaml" in first.stderr  # the planted change is not overwritten
+
+    finished = {n: (runs / n / "eval.json").stat().st_mtime for n in names
+                if n != "pe-rope_seed-2"}
+    second = sweep(str(spec), "--run", "local")
+    assert second.returncode == 0, second.stderr
+    assert second.stderr.count("done, skipped") == 3
+    assert "pe-rope_seed-2: training" in second.stderr
+    assert {n: (runs / n / "eval.json").stat().st_mtime for n in finished} == finished
+
+    report = sweep("report", str(spec))
+    assert report.returncode == 0, report.stderr
+    assert (runs / "report" / "report.md").exists()
+
+    # --run slurm submits only what is not done, each with its own config and log.
+    env, log = fake_slurm
+    submitted = subprocess.run([sys.executable, "-m", "cope_megatron", "sweep", str(spec),
+                                "--run", "slurm"], cwd=ROOT, text=True, capture_output=True,
+                               env=env, timeout=300)
+    assert submitted.returncode == 0, submitted.stderr
+    (line,) = log.read_text().splitlines()
+    assert "--job-name=tiny_sweep-pe-rope_seed-2" in line
+    assert line.endswith(f"slurm.sbatch {planted}")
+    assert json.loads((runs / "pe-rope_seed-2" / "sweep.json").read_text())["job"]
