@@ -32,6 +32,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_nodes(args_per_node: list[list[str]]) -> list[tuple[str, int]]:
+    """launch/multinode.sh once per node (2 processes each) on 127.0.0.1, node i with
+    ``args_per_node[i]``: (output, exit code) of each."""
+    port = str(free_port())
+    nodes = [subprocess.Popen(
+        ["bash", str(LAUNCH / "multinode.sh"), *args], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=script_env(NNODES=str(len(args_per_node)), NODE_RANK=str(rank), NGPU="2",
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        for rank, args in enumerate(args_per_node)]
+    return [(node.communicate(timeout=600)[0], node.returncode) for node in nodes]
+
+
 def test_two_simulated_nodes_match_one_process(prepared, tmp_path):
     """Two launch/multinode.sh processes (nodes 0 and 1 on 127.0.0.1), 2 processes each:
     TP=2 within a node, DP=2 across nodes; the losses of one process with the same global
@@ -42,16 +55,19 @@ def test_two_simulated_nodes_match_one_process(prepared, tmp_path):
     args = debug_overrides(shards, tmp_path / "two_nodes", **{
         "train.steps": 3, "data.streams": 2, "train.micro_batch_size": 2,
         "data.shuffle_buffer": 8, "parallel.tensor": 2})
-    port = str(free_port())
-    nodes = [subprocess.Popen(
-        ["bash", str(LAUNCH / "multinode.sh"), *args], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=script_env(NNODES="2", NODE_RANK=str(rank), NGPU="2", MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=port)) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
-    assert [n.returncode for n in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    (out0, code0), (out1, code1) = start_nodes([args, args])
+    assert (code0, code1) == (0, 0), out0[-3000:] + out1[-3000:]
     got = [r["loss"] for r in read_metrics(tmp_path / "two_nodes")]
     assert len(got) == 3 and all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (got, want)
+
+
+def test_nodes_with_different_configs_refuse_to_train(prepared, tmp_path):
+    shards, _, _ = prepared
+    args = debug_overrides(shards, tmp_path / "run", **{"parallel.tensor": 2})
+    results = start_nodes([args, [*args, "train.lr=0.01"]])
+    assert all(code != 0 for _, code in results)
+    assert "run config or data manifest differ between nodes" in results[0][0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_launchers_check_the_layout_and_dry_run_prints_config_and_command(prepared,
