@@ -2,7 +2,7 @@
 peak memory, and the step time relative to RoPE's, measured in the same run.
 
     python bench/train_throughput.py configs/model/125m.yaml [--pes rope cope alibi]
-        [--steps 20] [--warmup 5] [--peak-tflops X] [-- key=value ...]
+        [key=value ...] [--steps 20] [--warmup 5] [--peak-tflops X]
 
 Each PE trains in its own process (a clean allocator and peak-memory count): the DeepSpeed
 engine of ``cope-megatron train``, one process, on random tokens (the data pipeline is
