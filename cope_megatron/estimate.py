@@ -138,10 +138,11 @@ def _layer_elements(cfg: Config, tensor: int, recompute: str) -> tuple[float, fl
     if get_pe(m.pe).gpt_position_embedding == "rope":
         saved += q + kv / 2  # rotated queries and keys
     fp32 = 0.0
-    if recompute == "none":  # the core attention's own state: the row log-sum-exp, and the
-        fp32 = 1.0 / head_dim * q  # CoPE op's fp32 copies of bf16 q, k, v and output
-        if m.pe.startswith("cope") and cfg.train.precision == "bf16":
-            fp32 += 2 * q + kv
+    if recompute == "none":  # the core attention's own state
+        fp32 = q / head_dim  # the row log-sum-exp, one per head
+        if (m.pe.startswith("cope") and cfg.train.precision == "bf16"
+                and cfg.pe.cope.impl != "triton"):
+            fp32 += 2 * q + kv  # the chunked op's fp32 copies of q, k, v and its output
     return saved, fp32
 
 

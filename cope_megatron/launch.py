@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -39,7 +40,7 @@ def fingerprint(cfg: Config, manifest: dict) -> str:
 def check_same_everywhere(cfg: Config, manifest: dict) -> None:
     """Raise ConfigError on every rank unless all ranks have the same config and manifest,
     naming the hosts that differ from rank 0."""
-    mine = {"fingerprint": fingerprint(cfg, manifest), "host": _host()}
+    mine = {"fingerprint": fingerprint(cfg, manifest), "host": socket.gethostname()}
     everyone: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(everyone, mine)
     differ = sorted({e["host"] for e in everyone
@@ -50,12 +51,6 @@ def check_same_everywhere(cfg: Config, manifest: dict) -> None:
             f"another config or read another {cfg.data.shards}/manifest.json than rank 0 on "
             f"{everyone[0]['host']}; give every node the same checkout, configs, overrides "
             "and prepared data (a shared file system, or the same prep on each)")
-
-
-def _host() -> str:
-    import socket
-
-    return socket.gethostname()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -132,7 +132,7 @@ PUBLIC_KEYS = """
     train.seed
     train.micro_batch_size train.grad_accum train.lr train.min_lr train.warmup_steps
     train.weight_decay train.beta1 train.beta2 train.grad_clip train.max_bad_steps
-    train.lr_decay train.precision
+    train.lr_decay train.precision train.recompute train.peak_tflops
     train.log_interval train.save_interval train.save_interval_minutes train.keep_checkpoints
     eval.interval eval.tokens eval.batch_size
     eval.length_multipliers eval.stride eval.data eval.passkey_samples
@@ -153,13 +153,20 @@ def test_public_flag_surface_is_frozen():
 def test_every_config_file_in_repo_loads_and_validates():
     from pathlib import Path
 
+    from cope_megatron.sweep import load_spec, runs
+
     root = Path(__file__).resolve().parents[1] / "configs"
-    files = sorted(root.rglob("*.yaml"))
-    assert len(files) >= 10
+    sweeps = sorted((root / "sweeps").glob("*.yaml"))
+    files = sorted(set(root.rglob("*.yaml")) - set(sweeps))
+    assert len(files) >= 10 and len(sweeps) >= 2
     for f in files:
         cfg = load_config([str(f)])
         validate(cfg, cfg.parallel.tensor * cfg.parallel.context)
         assert dataclasses.is_dataclass(cfg)
+    for f in sweeps:  # every run of every shipped sweep is a valid config on its world
+        spec = load_spec(f)
+        for run in runs(spec):
+            validate(load_config(run.overrides), spec.nodes * spec.gpus_per_node)
 
 
 def test_deepspeed_config_is_derived_and_passthrough_merges():
