@@ -9,6 +9,7 @@
         (parameters, FLOPs per token, memory per GPU, and whether the run fits)
     cope-megatron sweep SPEC.yaml [--run local|slurm]   (create the runs; run or submit them)
     cope-megatron sweep status SPEC.yaml | sweep report SPEC.yaml [--out DIR]
+    cope-megatron export RUN_DIR OUT_DIR   (a Hugging Face transformers model directory)
 
 With ``task.name`` set (configs/tasks/), prep generates that synthetic task instead.
 """
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command",
                         choices=["prep", "train", "eval", "demo", "report", "estimate",
-                                 "sweep"])
+                                 "sweep", "export"])
     parser.add_argument("sources", nargs="*", help="YAML config files and key.sub=value "
                         "overrides (report: run directories)")
     parser.add_argument("--json", action="store_true",
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     with logs_to_stderr(args.json):  # from the first import: DeepSpeed logs on import
         from cope_megatron.checkpoint import CheckpointError
         from cope_megatron.data.source import DataError
+        from cope_megatron.hf.export import ExportError
+        from cope_megatron.hf.harness import HarnessError
         from cope_megatron.nonfinite import NonFiniteError
         from cope_megatron.report import ReportError
         from data_prep.corpus import PrepError
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = run(args)
         except (ConfigError, PrepError, DataError, CheckpointError, ReportError,
-                NonFiniteError, FileNotFoundError) as e:
+                NonFiniteError, ExportError, HarnessError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if isinstance(report, Path):
@@ -169,6 +172,12 @@ def run(args: argparse.Namespace) -> dict | Path | None:
         return write_report(args.sources, out)
     if args.command == "sweep":
         return sweep(args)
+    if args.command == "export":
+        from cope_megatron.hf.export import export
+
+        if len(args.sources) != 2:
+            raise ConfigError("export: give RUN_DIR OUT_DIR")
+        return export(*args.sources)
     sources = (DEMO_CONFIGS if args.command == "demo" else []) + args.sources
     cfg = load_config(sources)
     if args.command == "estimate":

@@ -214,6 +214,13 @@ class EvalConfig:
     """Passkey-retrieval prompts per length and depth (0: skip passkey retrieval)."""
     passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     """Where the key sits between the intro (0) and the question (1)."""
+    harness_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run by ``cope-megatron eval`` on the exported model
+    (``cope_megatron.hf.harness``); results under "harness" in eval.json."""
+    harness_include: str | None = None
+    """A directory of local harness task YAMLs (offline tasks)."""
+    harness_limit: int | None = None
+    """At most this many documents per harness task (None: all)."""
 
 
 @dataclass(kw_only=True, slots=True)

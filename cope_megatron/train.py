@@ -40,7 +40,8 @@ def run_eval(cfg: Config) -> dict:
     try:
         if trainer.step == 0:
             raise FileNotFoundError(f"no checkpoint in {cfg.run.dir}/checkpoints; train first")
-        return trainer.evaluate()
+        report = trainer.evaluate()
+        return trainer.harness(report) if cfg.eval.harness_tasks else report
     finally:
         trainer.close()
 

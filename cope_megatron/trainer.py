@@ -297,6 +297,20 @@ class Trainer:
             write_text_atomic(self.run_dir / "eval.json", json.dumps(report, indent=1))
         return report
 
+    def harness(self, report: dict) -> dict:
+        """``eval.harness_tasks`` through lm-evaluation-harness on the main rank, added to
+        ``report`` (an ``evaluate`` result) and to eval.json."""
+        e = self.cfg.eval
+        if self.env.is_main:
+            from cope_megatron.hf.harness import run_harness
+
+            report["harness"] = run_harness(
+                self.run_dir, self.step, e.harness_tasks, include=e.harness_include,
+                limit=e.harness_limit, batch_size=e.batch_size, device=str(self.env.device))
+            write_text_atomic(self.run_dir / "eval.json", json.dumps(report, indent=1))
+        dist.barrier()
+        return report
+
     def save(self) -> str:
         state = {"step": self.step, "data": self.data.state_dict(), "config": to_dict(self.cfg),
                  "skipped_steps": self.bad_steps.total}

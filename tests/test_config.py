@@ -136,7 +136,8 @@ PUBLIC_KEYS = """
     train.log_interval train.save_interval train.save_interval_minutes train.keep_checkpoints
     eval.interval eval.tokens eval.batch_size
     eval.length_multipliers eval.stride eval.data eval.passkey_samples
-    eval.passkey_depths logging.wandb logging.project logging.progress
+    eval.passkey_depths eval.harness_tasks eval.harness_include eval.harness_limit
+    logging.wandb logging.project logging.progress
     run.dir run.name run.resume
 """.split()
 

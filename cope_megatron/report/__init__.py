@@ -30,6 +30,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
             groups, out / "perplexity_vs_length.png"),
         "Passkey retrieval": plots.passkey_plot(groups, out / "passkey.png"),
         "Task error": plots.task_plot(groups, out / "task_error.png"),
+        "Downstream tasks": None,
         "Training loss": plots.loss_plot(group(runs), out / "training_loss.png"),
     }
     blocks = {
@@ -38,6 +39,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
             ("Sliding window", tables.perplexity_table(groups, "sliding"))],
         "Passkey retrieval": [("Accuracy, mean over depths", tables.passkey_table(groups))],
         "Task error": [("Error % on answer tokens", tables.task_table(groups))],
+        "Downstream tasks": [("lm-evaluation-harness", tables.harness_table(groups))],
         "Training loss": [("Last logged step", tables.training_table(group(runs)))],
     }
     for title, parts in blocks.items():

@@ -71,6 +71,20 @@ def task_table(groups: dict[str, list[Run]]) -> str | None:
     return _table(["setting", "seeds", *(f"{c} error %" for c in columns)], rows)
 
 
+def harness_table(groups: dict[str, list[Run]]) -> str | None:
+    """lm-evaluation-harness scores (``eval.harness_tasks``): one column per task and
+    metric."""
+    columns = sorted({(task, metric) for runs in groups.values() for r in runs if r.eval
+                      for task, metrics in r.eval.get("harness", {}).get("tasks", {}).items()
+                      for metric in metrics if not metric.endswith("_stderr,none")})
+    if not columns:
+        return None
+    rows = [[label, str(len(runs))] + [
+        str(stat(gather(runs, "harness", "tasks", task, metric)) or "–")
+        for task, metric in columns] for label, runs in groups.items()]
+    return _table(["setting", "seeds", *(f"{t} {m}" for t, m in columns)], rows)
+
+
 def training_table(groups: dict[str, list[Run]]) -> str:
     rows = []
     for label, runs in groups.items():

@@ -1,0 +1,1 @@
+"""Hugging Face interop: export to a transformers model directory, downstream evaluation."""

@@ -1,0 +1,132 @@
+"""``cope-megatron export RUN_DIR OUT_DIR``: a run's latest checkpoint as a Hugging Face
+model directory (config.json, model.safetensors, generation config, the tokenizer from the
+run's SentencePiece model, and the modeling and tokenizer files, loaded with
+``trust_remote_code=True``).
+
+Weights come from DeepSpeed's per-TP-rank model-states files, which hold every parameter
+whole under ZeRO 0–2; tensor-parallel shards are concatenated along the dimension
+Megatron splits (rows for row-parallel weights, the output dimension for the rest; norms,
+row-parallel biases, learned positions and a shared CoPE table are replicated). ZeRO-3
+partitions the weights themselves: they are gathered through a universal checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from cope_megatron import checkpoint
+from cope_megatron.config import Config, load_config, padded_vocab_size
+from cope_megatron.distributed.universal import REPLICATED, ROW_PARALLEL, convert, read_layout
+
+HERE = Path(__file__).resolve().parent
+
+NAMES = [  # Megatron name -> ours, by regular expression
+    (r"^embedding\.word_embeddings\.", "word_embeddings."),
+    (r"^embedding\.position_embeddings\.", "position_embeddings."),
+    (r"^decoder\.final_layernorm\.", "final_layernorm."),
+    (r"^decoder\.layers\.(\d+)\.mlp\.", r"layers.\1."),
+    (r"^decoder\.layers\.(\d+)\.self_attention\.core_attention\.attention\.table$",
+     r"layers.\1.self_attention.cope_table"),
+    (r"^decoder\.layers\.(\d+)\.self_attention\.core_attention\.attention\.bias$",
+     r"layers.\1.self_attention.t5_bias"),
+    (r"^decoder\.layers\.(\d+)\.", r"layers.\1."),
+    (r"^output_layer\.", "output_layer."),
+]
+REPLICATED_TOO = [r"embedding\.position_embeddings\.weight"]
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported; the message says why and what to do."""
+
+
+def hf_name(name: str) -> str:
+    for pattern, replacement in NAMES:
+        if re.match(pattern, name):
+            return re.sub(pattern, replacement, name)
+    raise ExportError(f"no Hugging Face name for parameter {name!r}")
+
+
+def _merge(name: str, shards: list[torch.Tensor], shared_table: bool) -> torch.Tensor:
+    replicated = REPLICATED + REPLICATED_TOO + ([r".*core_attention\.attention\.table$"]
+                                                if shared_table else [])
+    if len(shards) == 1 or any(re.match(p, name) for p in replicated):
+        return shards[0]
+    dim = 1 if any(re.match(p, name) for p in ROW_PARALLEL) else 0
+    return torch.cat(shards, dim=dim)
+
+
+def megatron_state_dict(run_dir: Path, cfg: Config) -> tuple[dict[str, torch.Tensor], int]:
+    """The latest checkpoint's full parameters by Megatron name, fp32, and its step."""
+    tag = checkpoint.latest_tag(run_dir)
+    if tag is None:
+        raise ExportError(f"no checkpoint in {checkpoint.checkpoint_dir(run_dir)}; train first")
+    root = checkpoint.checkpoint_dir(run_dir)
+    layout = read_layout(root / tag) or {"zero_stage": cfg.zero.stage}
+    if layout["zero_stage"] == 3:
+        universal = root / f"{tag}_universal"
+        if not universal.exists():
+            convert(root, tag)
+        params = {p.name: torch.load(p / "fp32.pt", weights_only=False)["param"]
+                  for p in (universal / "zero").iterdir() if (p / "fp32.pt").exists()}
+        step = torch.load(root / tag / "mp_rank_00_model_states.pt",
+                          weights_only=False).get("step", 0)
+        return {k: v.float() for k, v in params.items()}, step
+    files = [root / tag / f"mp_rank_{r:02d}_model_states.pt" for r in range(cfg.parallel.tensor)]
+    states = [torch.load(f, weights_only=False, map_location="cpu") for f in files]
+    modules = [s["module"] for s in states]
+    params = {name: _merge(name, [m[name] for m in modules], cfg.pe.cope.shared_table).float()
+              for name in modules[0] if not name.endswith("_extra_state")}
+    return params, states[0].get("step", 0)
+
+
+def hf_config(cfg: Config, vocab_size: int):
+    from cope_megatron.hf.modeling_cope_megatron import CopeMegatronConfig
+
+    m = cfg.model
+    return CopeMegatronConfig(
+        vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tensor),
+        hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
+        intermediate_size=m.ffn_hidden_size, normalization=m.normalization, pe=m.pe,
+        max_position_embeddings=m.seq_length, rope_theta=cfg.pe.rope.base,
+        cope_npos_max=cfg.pe.cope.npos_max, cope_shared_table=cfg.pe.cope.shared_table,
+        t5_num_buckets=cfg.pe.t5.num_buckets, t5_max_distance=cfg.pe.t5.max_distance,
+        tie_word_embeddings=not m.untie_embeddings, eos_token_id=2)
+
+
+def export(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write the Hugging Face model directory for the run's latest checkpoint."""
+    from cope_megatron.hf.modeling_cope_megatron import CopeMegatronForCausalLM
+    from cope_megatron.hf.tokenization_cope_megatron import CopeMegatronTokenizer
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ExportError(f"{run_dir} has no config.yaml: give a run directory")
+    cfg = load_config([str(run_dir / "config.yaml")])
+    shards = Path(cfg.data.shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    params, step = megatron_state_dict(run_dir, cfg)
+    model = CopeMegatronForCausalLM(hf_config(cfg, manifest["vocab_size"]))
+    state = {hf_name(k): v for k, v in params.items()}
+    if model.config.tie_word_embeddings:
+        state["output_layer.weight"] = state["word_embeddings.weight"]
+    model.load_state_dict(state, strict=True)
+    CopeMegatronForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+    model.config.register_for_auto_class()
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(out_dir)
+    for name in ("modeling_cope_megatron.py", "tokenization_cope_megatron.py"):
+        shutil.copyfile(HERE / name, out_dir / name)
+    tokenizer_file = shards / "tokenizer.model"
+    if tokenizer_file.is_file():
+        tokenizer = CopeMegatronTokenizer(str(tokenizer_file))
+        CopeMegatronTokenizer.register_for_auto_class("AutoTokenizer")
+        tokenizer.save_pretrained(out_dir)
+    (out_dir / "cope_megatron.json").write_text(json.dumps(
+        {"run_dir": str(run_dir), "step": step, "pe": cfg.model.pe}, indent=1))
+    return out_dir

@@ -1,0 +1,192 @@
+"""``cope-megatron export``: for every PE, a 2-step debug checkpoint loads with
+``AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`` and gives our model's
+logits (fp32, 1e-5) at the training length and at 2× where the PE extrapolates; greedy
+generation equals ours; the tokenizer round-trips as the SentencePiece model does; a TP=2
+checkpoint exports to the model that TP=1 trains."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import sentencepiece as spm
+import torch
+
+from cope_megatron.config import load_config
+from cope_megatron.data.source import read_manifest
+from cope_megatron.pe import REGISTRY, get_pe
+from tests.conftest import debug_overrides
+
+transformers = pytest.importorskip("transformers")
+
+VARIANTS = {pe: {"model.pe": pe} for pe in sorted(REGISTRY)}
+VARIANTS["cope_per_head"] = {"model.pe": "cope", "pe.cope.shared_table": "false"}
+VARIANTS["gqa_rmsnorm_untied"] = {"model.pe": "cope_rope", "model.num_query_groups": 2,
+                                  "model.normalization": "RMSNorm",
+                                  "model.untie_embeddings": "true"}
+
+
+class Ours:
+    """The run's latest checkpoint in our Megatron model, in one process."""
+
+    def __init__(self, run_dir) -> None:
+        from cope_megatron.distributed.parallel import init_distributed
+        from cope_megatron.hf.export import megatron_state_dict
+        from cope_megatron.model.gpt import build_gpt
+
+        cfg = load_config([str(run_dir / "config.yaml")])
+        params, _ = megatron_state_dict(run_dir, cfg)
+        one = load_config([str(run_dir / "config.yaml"), "parallel.tensor=1",
+                           "parallel.sequence=false"])
+        init_distributed(1)
+        self.model = build_gpt(one, read_manifest(one.data.shards)["vocab_size"]).eval()
+        missing, unexpected = self.model.load_state_dict(params, strict=False)
+        assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        return self.model(tokens, positions, None).float()
+
+    def greedy(self, tokens: torch.Tensor, new: int) -> torch.Tensor:
+        for _ in range(new):
+            tokens = torch.cat([tokens, self.logits(tokens)[:, -1:].argmax(-1)], dim=1)
+        return tokens
+
+
+def export(run_dir, out_dir) -> None:
+    out = subprocess.run([sys.executable, "-m", "cope_megatron", "export", str(run_dir),
+                          str(out_dir)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def load_hf(out_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=True,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_exported_model_computes_ours(prepared, tmp_path, dist_cleanup, variant):
+    from cope_megatron.train import run_train
+
+    shards, manifest, _ = prepared
+    cfg = load_config(debug_overrides(shards, tmp_path / "run", **{
+        "train.steps": 2, **VARIANTS[variant]}))
+    run_train(cfg, evaluate_after=False)
+    export(tmp_path / "run", tmp_path / "hf")
+    hf, ours = load_hf(tmp_path / "hf"), Ours(tmp_path / "run")
+
+    gen = torch.Generator().manual_seed(0)
+    seq = cfg.model.seq_length
+    lengths = [seq, 2 * seq] if get_pe(cfg.model.pe).extrapolates else [seq]
+    for length in lengths:
+        tokens = torch.randint(0, manifest["vocab_size"], (2, length), generator=gen)
+        with torch.no_grad():
+            got = hf(input_ids=tokens).logits
+        torch.testing.assert_close(got, ours.logits(tokens), rtol=1e-5, atol=1e-5)
+
+    prompt = torch.randint(0, manifest["vocab_size"], (1, 8), generator=gen)
+    generated = hf.generate(prompt, max_new_tokens=20, do_sample=False, use_cache=False,
+                            eos_token_id=None, pad_token_id=0)
+    assert torch.equal(generated, ours.greedy(prompt, 20))
+
+
+def test_tokenizer_round_trips_as_sentencepiece(prepared, tmp_path, dist_cleanup):
+    from transformers import AutoTokenizer
+
+    from cope_megatron.train import run_train
+
+    shards, _, _ = prepared
+    run_train(load_config(debug_overrides(shards, tmp_path / "run", **{"train.steps": 1})),
+              evaluate_after=False)
+    export(tmp_path / "run", tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
+    sp = spm.SentencePieceProcessor(model_file=str(shards / "tokenizer.model"))
+    for text in ["Another know while last might us great old year.",
+                 "  spaces  and\nnewlines, digits 12345 and unknown ∑ symbols ✓"]:
+        ids = tokenizer.encode(text)
+        assert ids == sp.encode(text)
+        assert tokenizer.decode(ids) == sp.decode(ids)
+
+
+def test_tensor_parallel_checkpoint_exports_the_model_tp1_trains(prepared, tmp_path):
+    """The same seed trains the same model under TP=1 and TP=2 (to round-off): their
+    exports hold the same weights, gathered from the two TP shards. Adam turns round-off
+    in near-zero gradients (the key bias's) into steps of up to lr, hence an absolute
+    1e-4 after one step at lr 3e-3, far below what a misplaced shard gives (weights ~5e-2)."""
+    from safetensors.torch import load_file
+
+    shards, _, _ = prepared
+    for name, procs, extra in (("tp1", 1, {}), ("tp2", 2, {"parallel.tensor": 2})):
+        args = debug_overrides(shards, tmp_path / name, **{
+            "train.steps": 1, "model.pe": "cope", "pe.cope.shared_table": "false", **extra})
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={procs}", "-m", "cope_megatron", "train"]
+        out = subprocess.run(launcher + args, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        export(tmp_path / name, tmp_path / f"hf_{name}")
+    one, two = (load_file(tmp_path / f"hf_{n}" / "model.safetensors") for n in ("tp1", "tp2"))
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-4, msg=key)
+
+
+TINY_TASK = """task: tiny_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_local_harness_task_runs_offline_and_reaches_the_report(prepared, tmp_path,
+                                                                dist_cleanup):
+    """A tiny local lm-evaluation-harness task on the exported model, offline, through
+    ``cope-megatron eval``; a registry task offline says that it needs a download."""
+    import json
+
+    pytest.importorskip("lm_eval")
+    from cope_megatron.report import write_report
+    from cope_megatron.train import run_train
+
+    shards, _, _ = prepared
+    args = debug_overrides(shards, tmp_path / "run", **{"train.steps": 2})
+    run_train(load_config(args))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    docs = [{"question": f"Word {i}: another know while", "choices": ["last", "great old"],
+             "answer": i % 2} for i in range(6)]
+    (tasks / "tiny.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tasks / "tiny_local.yaml").write_text(TINY_TASK.format(data=tasks / "tiny.jsonl"))
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "OMP_NUM_THREADS": "1"}
+
+    def evaluate(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cope_megatron", "eval", "--json", *args,
+                               f"eval.harness_include={tasks}", *extra], capture_output=True,
+                              text=True, timeout=600, env=offline)
+
+    out = evaluate("eval.harness_tasks=[tiny_local]")
+    assert out.returncode == 0, out.stderr[-3000:]
+    scores = json.loads(out.stdout)["harness"]["tasks"]["tiny_local"]
+    assert 0 <= scores["acc,none"] <= 1
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["harness"]["tasks"]["tiny_local"] == scores and "lengths" in saved
+    report = write_report([tmp_path / "run"], tmp_path / "report").read_text()
+    assert "tiny_local acc,none" in report
+
+    unknown = evaluate("eval.harness_tasks=[no_such_task]")
+    assert unknown.returncode == 2 and "are not lm-evaluation-harness tasks" in unknown.stderr
+    registry = evaluate("eval.harness_tasks=[lambada_openai]")
+    assert registry.returncode == 2 and "download from the Hugging Face Hub" in registry.stderr
