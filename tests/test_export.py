@@ -190,3 +190,24 @@ def test_local_harness_task_runs_offline_and_reaches_the_report(prepared, tmp_pa
     assert unknown.returncode == 2 and "are not lm-evaluation-harness tasks" in unknown.stderr
     registry = evaluate("eval.harness_tasks=[lambada_openai]")
     assert registry.returncode == 2 and "download from the Hugging Face Hub" in registry.stderr
+
+
+def test_zero3_checkpoint_exports_the_same_model(prepared, tmp_path, dist_cleanup):
+    """ZeRO-3 partitions the weights themselves: gathered, they equal a ZeRO-0 run's."""
+    from safetensors.torch import load_file
+
+    from cope_megatron.distributed.parallel import destroy_distributed
+    from cope_megatron.hf.export import export as export_run
+    from cope_megatron.train import run_train
+
+    shards, _, _ = prepared
+    for stage in (0, 3):
+        run = tmp_path / f"z{stage}"
+        run_train(load_config(debug_overrides(shards, run, **{
+            "train.steps": 1, "zero.stage": stage, "model.pe": "cope"})), evaluate_after=False)
+        destroy_distributed()
+        export_run(run, tmp_path / f"hf{stage}")
+    zero0, zero3 = (load_file(tmp_path / f"hf{s}" / "model.safetensors") for s in (0, 3))
+    assert zero0.keys() == zero3.keys()
+    for key in zero0:
+        torch.testing.assert_close(zero3[key], zero0[key], rtol=0, atol=1e-6, msg=key)

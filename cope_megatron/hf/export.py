@@ -7,7 +7,7 @@ Weights come from DeepSpeed's per-TP-rank model-states files, which hold every p
 whole under ZeRO 0–2; tensor-parallel shards are concatenated along the dimension
 Megatron splits (rows for row-parallel weights, the output dimension for the rest; norms,
 row-parallel biases, learned positions and a shared CoPE table are replicated). ZeRO-3
-partitions the weights themselves: they are gathered through a universal checkpoint.
+partitions the weights themselves: DeepSpeed's ``zero_to_fp32`` gathers them (at TP=1).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from cope_megatron import checkpoint
 from cope_megatron.config import Config, load_config, padded_vocab_size
-from cope_megatron.distributed.universal import REPLICATED, ROW_PARALLEL, convert, read_layout
+from cope_megatron.distributed.universal import REPLICATED, ROW_PARALLEL, read_layout
 
 HERE = Path(__file__).resolve().parent
 
@@ -68,14 +68,18 @@ def megatron_state_dict(run_dir: Path, cfg: Config) -> tuple[dict[str, torch.Ten
     root = checkpoint.checkpoint_dir(run_dir)
     layout = read_layout(root / tag) or {"zero_stage": cfg.zero.stage}
     if layout["zero_stage"] == 3:
-        universal = root / f"{tag}_universal"
-        if not universal.exists():
-            convert(root, tag)
-        params = {p.name: torch.load(p / "fp32.pt", weights_only=False)["param"]
-                  for p in (universal / "zero").iterdir() if (p / "fp32.pt").exists()}
-        step = torch.load(root / tag / "mp_rank_00_model_states.pt",
+        if cfg.parallel.tensor > 1:
+            raise ExportError(
+                f"{root / tag}: ZeRO-3 with tensor parallelism partitions every TP shard "
+                "over the data-parallel ranks; export gathers ZeRO-3 at TP=1 only. Resume "
+                "the run for one step with zero.stage=2 (its checkpoint is converted) and "
+                "export that")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        params = get_fp32_state_dict_from_zero_checkpoint(str(root), tag)
+        step = torch.load(root / tag / "zero_pp_rank_0_mp_rank_00_model_states.pt",
                           weights_only=False).get("step", 0)
-        return {k: v.float() for k, v in params.items()}, step
+        return {k: v.float() for k, v in params.items() if not k.endswith("_extra_state")}, step
     files = [root / tag / f"mp_rank_{r:02d}_model_states.pt" for r in range(cfg.parallel.tensor)]
     states = [torch.load(f, weights_only=False, map_location="cpu") for f in files]
     modules = [s["module"] for s in states]
