@@ -116,7 +116,8 @@ def command(spec: SweepSpec, run: Run) -> list[str]:
 
 
 def sbatch_command(spec: SweepSpec, run: Run) -> list[str]:
-    return ["sbatch", "--parsable", f"--nodes={spec.nodes}",
+    # The batch script runs from a spool copy: --chdir gives it the checkout.
+    return ["sbatch", "--parsable", f"--chdir={LAUNCH_DIR.parent}", f"--nodes={spec.nodes}",
             f"--gpus-per-node={spec.gpus_per_node}", f"--job-name={spec.name}-{run.name}",
             f"--output={run.dir}/slurm-%j.out", *spec.sbatch,
             str(LAUNCH_DIR / "slurm.sbatch"), str(run.dir / "config.yaml")]
