@@ -78,6 +78,9 @@ def test_exported_model_computes_ours(prepared, tmp_path, dist_cleanup, variant)
     run_train(cfg, evaluate_after=False)
     export(tmp_path / "run", tmp_path / "hf")
     hf, ours = load_hf(tmp_path / "hf"), Ours(tmp_path / "run")
+    # Standard architectures where one computes our function (hf/standard.py).
+    assert hf.config.model_type == {"rope": "gpt_neox", "learned": "gpt2"}.get(
+        variant, "cope_megatron")
 
     gen = torch.Generator().manual_seed(0)
     seq = cfg.model.seq_length

@@ -1,7 +1,8 @@
 """``cope-megatron export RUN_DIR OUT_DIR``: a run's latest checkpoint as a Hugging Face
 model directory (config.json, model.safetensors, generation config, the tokenizer from the
-run's SentencePiece model, and the modeling and tokenizer files, loaded with
-``trust_remote_code=True``).
+run's SentencePiece model, loaded with ``trust_remote_code=True``). The model is a standard
+architecture where one computes exactly ours (``hf.standard``: GPT-NeoX for RoPE, GPT-2 for
+learned positions), else ``modeling_cope_megatron.py``, shipped beside the weights.
 
 Weights come from DeepSpeed's per-TP-rank model-states files, which hold every parameter
 whole under ZeRO 0–2; tensor-parallel shards are concatenated along the dimension
@@ -22,6 +23,7 @@ import torch
 from cope_megatron import checkpoint
 from cope_megatron.config import Config, load_config, padded_vocab_size
 from cope_megatron.distributed.universal import REPLICATED, ROW_PARALLEL, read_layout
+from cope_megatron.hf.standard import BUILDERS, standard_architecture
 
 HERE = Path(__file__).resolve().parent
 
@@ -115,22 +117,30 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     shards = Path(cfg.data.shards)
     manifest = json.loads((shards / "manifest.json").read_text())
     params, step = megatron_state_dict(run_dir, cfg)
-    model = CopeMegatronForCausalLM(hf_config(cfg, manifest["vocab_size"]))
     state = {hf_name(k): v for k, v in params.items()}
-    if model.config.tie_word_embeddings:
-        state["output_layer.weight"] = state["word_embeddings.weight"]
-    model.load_state_dict(state, strict=True)
-    CopeMegatronForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-    model.config.register_for_auto_class()
+    config = hf_config(cfg, manifest["vocab_size"])
+    standard = standard_architecture(cfg)
+    if standard:
+        model = BUILDERS[standard](cfg, config.vocab_size, state)
+    else:
+        model = CopeMegatronForCausalLM(config)
+        if config.tie_word_embeddings:
+            state["output_layer.weight"] = state["word_embeddings.weight"]
+        model.load_state_dict(state, strict=True)
+        CopeMegatronForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+        model.config.register_for_auto_class()
     model.generation_config.eos_token_id = 2
     model.save_pretrained(out_dir)
-    for name in ("modeling_cope_megatron.py", "tokenization_cope_megatron.py"):
-        shutil.copyfile(HERE / name, out_dir / name)
+    if not standard:
+        shutil.copyfile(HERE / "modeling_cope_megatron.py", out_dir / "modeling_cope_megatron.py")
+    shutil.copyfile(HERE / "tokenization_cope_megatron.py",
+                    out_dir / "tokenization_cope_megatron.py")
     tokenizer_file = shards / "tokenizer.model"
     if tokenizer_file.is_file():
         tokenizer = CopeMegatronTokenizer(str(tokenizer_file))
         CopeMegatronTokenizer.register_for_auto_class("AutoTokenizer")
         tokenizer.save_pretrained(out_dir)
     (out_dir / "cope_megatron.json").write_text(json.dumps(
-        {"run_dir": str(run_dir), "step": step, "pe": cfg.model.pe}, indent=1))
+        {"run_dir": str(run_dir), "step": step, "pe": cfg.model.pe,
+         "architecture": standard or "cope_megatron"}, indent=1))
     return out_dir

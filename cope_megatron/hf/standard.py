@@ -1,0 +1,114 @@
+"""Standard ``transformers`` architectures that compute exactly our function, for the runs
+where one exists: then the export needs no remote code for the model.
+
+- RoPE → GPT-NeoX with sequential residuals, full rotary dimension and exact GELU: its
+  fused QKV is laid out per head as [q, k, v], which is Megatron's layout with one query
+  head per group, and it rotates halves (not pairs) as Megatron does.
+- learned absolute positions → GPT-2 with exact GELU: its Conv1D weights are our linear
+  weights transposed, and its QKV is [all q, all k, all v].
+
+Both need LayerNorm and one key/value head per query head; GPT-2 also ties its output
+layer to the embeddings. Any other run uses ``modeling_cope_megatron``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from cope_megatron.config import Config
+
+
+def standard_architecture(cfg: Config) -> str | None:
+    """"gpt_neox", "gpt2", or None when no standard architecture computes the run's model."""
+    m = cfg.model
+    if m.normalization != "LayerNorm" or m.num_query_groups not in (None, m.num_attention_heads):
+        return None
+    if m.pe == "rope":
+        return "gpt_neox"
+    if m.pe == "learned" and not m.untie_embeddings:
+        return "gpt2"
+    return None
+
+
+def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict:
+    out = {}
+    for name, tensor in state.items():
+        for pattern, replacement in rules:
+            if re.match(pattern, name):
+                out[re.sub(pattern, replacement, name)] = tensor
+                break
+    return out
+
+
+def gpt_neox(cfg: Config, vocab_size: int, state: dict[str, torch.Tensor]):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    m = cfg.model
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        intermediate_size=m.ffn_hidden_size or 4 * m.hidden_size, hidden_act="gelu",
+        max_position_embeddings=m.seq_length, layer_norm_eps=1e-5,
+        use_parallel_residual=False, attention_bias=True,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.pe.rope.base,
+                         "partial_rotary_factor": 1.0},
+        tie_word_embeddings=not m.untie_embeddings, bos_token_id=1, eos_token_id=2)
+    model = GPTNeoXForCausalLM(config)
+    weights = _rename(state, [
+        (r"^word_embeddings\.", "gpt_neox.embed_in."),
+        (r"^final_layernorm\.", "gpt_neox.final_layer_norm."),
+        (r"^output_layer\.", "lm_head."),
+        (r"^layers\.(\d+)\.input_layernorm\.", r"gpt_neox.layers.\1.input_layernorm."),
+        (r"^layers\.(\d+)\.pre_mlp_layernorm\.", r"gpt_neox.layers.\1.post_attention_layernorm."),
+        (r"^layers\.(\d+)\.self_attention\.linear_qkv\.",
+         r"gpt_neox.layers.\1.attention.query_key_value."),
+        (r"^layers\.(\d+)\.self_attention\.linear_proj\.", r"gpt_neox.layers.\1.attention.dense."),
+        (r"^layers\.(\d+)\.linear_fc1\.", r"gpt_neox.layers.\1.mlp.dense_h_to_4h."),
+        (r"^layers\.(\d+)\.linear_fc2\.", r"gpt_neox.layers.\1.mlp.dense_4h_to_h."),
+    ])
+    weights.setdefault("lm_head.weight", weights["gpt_neox.embed_in.weight"])  # tied
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def _qkv_heads_to_blocks(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """Megatron's [heads, (q, k, v), d] rows -> GPT-2's [(q, k, v), heads, d]."""
+    return t.reshape(heads, 3, -1, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+
+def gpt2(cfg: Config, vocab_size: int, state: dict[str, torch.Tensor]):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    m = cfg.model
+    config = GPT2Config(
+        vocab_size=vocab_size, n_embd=m.hidden_size, n_layer=m.num_layers,
+        n_head=m.num_attention_heads, n_inner=m.ffn_hidden_size or 4 * m.hidden_size,
+        n_positions=m.seq_length, activation_function="gelu", layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+    model = GPT2LMHeadModel(config)
+    state = dict(state)
+    for name in [n for n in state if "linear_qkv" in n]:
+        state[name] = _qkv_heads_to_blocks(state[name], m.num_attention_heads)
+    weights = _rename(state, [
+        (r"^word_embeddings\.", "transformer.wte."),
+        (r"^position_embeddings\.", "transformer.wpe."),
+        (r"^final_layernorm\.", "transformer.ln_f."),
+        (r"^layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
+        (r"^layers\.(\d+)\.pre_mlp_layernorm\.", r"transformer.h.\1.ln_2."),
+        (r"^layers\.(\d+)\.self_attention\.linear_qkv\.", r"transformer.h.\1.attn.c_attn."),
+        (r"^layers\.(\d+)\.self_attention\.linear_proj\.", r"transformer.h.\1.attn.c_proj."),
+        (r"^layers\.(\d+)\.linear_fc1\.", r"transformer.h.\1.mlp.c_fc."),
+        (r"^layers\.(\d+)\.linear_fc2\.", r"transformer.h.\1.mlp.c_proj."),
+    ])
+    # Conv1D stores [in, out]: our linear weights transposed.
+    weights = {k: v.t().contiguous() if k.endswith(".weight") and v.dim() == 2
+               and not k.startswith(("transformer.wte", "transformer.wpe")) else v
+               for k, v in weights.items()}
+    weights["lm_head.weight"] = weights["transformer.wte.weight"]
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+BUILDERS = {"gpt_neox": gpt_neox, "gpt2": gpt2}
