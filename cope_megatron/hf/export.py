@@ -22,8 +22,9 @@ import torch
 
 from cope_megatron import checkpoint
 from cope_megatron.config import Config, load_config, padded_vocab_size
+from cope_megatron.data.source import read_manifest
 from cope_megatron.distributed.universal import REPLICATED, ROW_PARALLEL, read_layout
-from cope_megatron.hf.standard import BUILDERS, standard_architecture
+from cope_megatron.hf.standard import BUILDERS, rename, standard_architecture
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,13 +45,6 @@ REPLICATED_TOO = [r"embedding\.position_embeddings\.weight"]
 
 class ExportError(ValueError):
     """A run that cannot be exported; the message says why and what to do."""
-
-
-def hf_name(name: str) -> str:
-    for pattern, replacement in NAMES:
-        if re.match(pattern, name):
-            return re.sub(pattern, replacement, name)
-    raise ExportError(f"no Hugging Face name for parameter {name!r}")
 
 
 def _merge(name: str, shards: list[torch.Tensor], shared_table: bool) -> torch.Tensor:
@@ -115,9 +109,12 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise ExportError(f"{run_dir} has no config.yaml: give a run directory")
     cfg = load_config([str(run_dir / "config.yaml")])
     shards = Path(cfg.data.shards)
-    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest = read_manifest(shards)
     params, step = megatron_state_dict(run_dir, cfg)
-    state = {hf_name(k): v for k, v in params.items()}
+    try:
+        state = rename(params, NAMES)
+    except ValueError as e:
+        raise ExportError(str(e)) from e
     config = hf_config(cfg, manifest["vocab_size"])
     standard = standard_architecture(cfg)
     if standard:

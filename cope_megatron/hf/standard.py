@@ -32,13 +32,15 @@ def standard_architecture(cfg: Config) -> str | None:
     return None
 
 
-def _rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict:
+def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict:
+    """``state`` with each name rewritten by the first (pattern, replacement) rule whose
+    pattern matches it; ValueError for a name no rule matches."""
     out = {}
     for name, tensor in state.items():
-        for pattern, replacement in rules:
-            if re.match(pattern, name):
-                out[re.sub(pattern, replacement, name)] = tensor
-                break
+        rule = next((r for r in rules if re.match(r[0], name)), None)
+        if rule is None:
+            raise ValueError(f"no Hugging Face name for parameter {name!r}")
+        out[re.sub(*rule, name)] = tensor
     return out
 
 
@@ -56,7 +58,7 @@ def gpt_neox(cfg: Config, vocab_size: int, state: dict[str, torch.Tensor]):
                          "partial_rotary_factor": 1.0},
         tie_word_embeddings=not m.untie_embeddings, bos_token_id=1, eos_token_id=2)
     model = GPTNeoXForCausalLM(config)
-    weights = _rename(state, [
+    weights = rename(state, [
         (r"^word_embeddings\.", "gpt_neox.embed_in."),
         (r"^final_layernorm\.", "gpt_neox.final_layer_norm."),
         (r"^output_layer\.", "lm_head."),
@@ -91,7 +93,7 @@ def gpt2(cfg: Config, vocab_size: int, state: dict[str, torch.Tensor]):
     state = dict(state)
     for name in [n for n in state if "linear_qkv" in n]:
         state[name] = _qkv_heads_to_blocks(state[name], m.num_attention_heads)
-    weights = _rename(state, [
+    weights = rename(state, [
         (r"^word_embeddings\.", "transformer.wte."),
         (r"^position_embeddings\.", "transformer.wpe."),
         (r"^final_layernorm\.", "transformer.ln_f."),
