@@ -213,8 +213,7 @@ def test_triton_skips_exactly_the_clamped_key_blocks(monkeypatch, regime):
         carry += npos_max - 0.5
     scale = 1 / math.sqrt(d)
     z = q @ E
-    zd = cope_chunked.differences(z)
-    out, lse, plain = triton_op.forward_blocks(q, k, v, z, zd, carry, scale=scale,
+    out, lse, plain = triton_op.forward_blocks(q, k, v, z, carry, scale=scale,
                                                npos_max=npos_max, causal=True)
     expected = _expected_plain_blocks(q, k, carry, npos_max, block)
     assert torch.equal(plain, expected)
@@ -227,49 +226,98 @@ def test_triton_skips_exactly_the_clamped_key_blocks(monkeypatch, regime):
     else:  # some blocks plain, some not
         assert plain.any() and (plain < n_blocks).any()
 
-    want_out, want_lse = cope_chunked.chunk_forward(q, k, v, z, zd, carry, scale=scale,
+    want_out, want_lse = cope_chunked.chunk_forward(q, k, v, z, carry, scale=scale,
                                                     npos_max=npos_max, causal=True)
     torch.testing.assert_close(out, want_out, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(lse, want_lse, rtol=2e-5, atol=2e-5)
     d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     grads = {}
     for name, mod in (("triton", triton_op), ("chunked", cope_chunked)):
-        acc = tuple(torch.zeros_like(t) for t in (q, k, v, z, z))
-        dp_sum = mod.chunk_backward(q, k, v, z, zd, carry, d_out, want_out, want_lse, acc,
+        acc = tuple(torch.zeros_like(t) for t in (q, k, v, z))
+        dp_sum = mod.chunk_backward(q, k, v, z, carry, d_out, want_out, want_lse, acc,
                                     scale=scale, npos_max=npos_max, causal=True)
         grads[name] = (*acc, dp_sum)
     # dz at the last position and Σ dp are sums of signed terms that cancel (the former to
     # 0 exactly, as Σ_j softmax_ij·(dO_i·v_j − Δ_i) = 0): an absolute floor, not relative.
-    for name, got, want in zip("dq dk dv dz dzd dp_sum".split(), grads["triton"],
+    for name, got, want in zip("dq dk dv dz dp_sum".split(), grads["triton"],
                                grads["chunked"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4,
                                    msg=lambda m, n=name: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("npos_max,regime", [(2, "clamps"), (40, "clamps"), (201, "never")])
-def test_chunked_plain_keys_are_exactly_clamped_ones(npos_max, regime):
-    """``near_band``: every key it leaves to the plain path is clamped for every row of the
-    block (float64 gate sums from the key to the row exceed npos_max − 1), the band's logits
-    are the block's, and plain keys exist exactly when positions clamp."""
-    from cope_megatron.ops.cope_chunked import near_band
+def _positions(q, k, scale, causal, carry):
+    """float64 raw positions Σ_{t=j..i} g_it (+ carry) for every (row, key)."""
+    a = scale * q.double() @ k.double().transpose(-1, -2)
+    if causal:
+        a = a.masked_fill(torch.ones(a.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return reverse_cumsum_rows(torch.sigmoid(a)) + carry.double()[..., None]
 
-    q, k, _, _ = inputs(1, 2, 2, 200, 8, 64, shared=True)
-    q, k = q.detach(), k.detach()
-    scale = 1 / math.sqrt(8)
-    a = scale * q @ k.transpose(-1, -2)
-    a = a.masked_fill(torch.ones(200, 200, dtype=torch.bool).triu(1), float("-inf"))
-    positions = reverse_cumsum_rows(torch.sigmoid(a))  # [b, h, i, j]: Σ_{t=j..i} g_it
-    plain_keys = 0
-    for i0 in range(0, 200, 16):
-        i1 = min(200, i0 + 16)
-        j, band = near_band(q, k, torch.zeros(1, 2, i1 - i0, dtype=q.dtype), i0, i1,
-                            scale=scale, npos_max=npos_max, causal=True, block=16)
-        assert j <= i0
-        torch.testing.assert_close(band, a[:, :, i0:i1, j:i1])
-        if j:
-            assert bool((positions[:, :, i0:i1, :j] > npos_max - 1).all())
-        plain_keys += j
-    assert (plain_keys > 0) == (regime == "clamps")
+
+@pytest.mark.parametrize("regime", ["dense", "sparse", "never", "carried", "noncausal"])
+def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, regime):
+    """Each group's band width W (``bands``) is the smallest that leaves to plain attention
+    only keys whose float64 positions exceed npos_max − 1 for their row (causal: keys
+    j ≤ i − W; a key chunk before the rows: keys before its last W), plain keys exist
+    exactly when positions clamp, and the result is the reference's, forward and backward.
+    Small groups, batches and wide-band rows make every path run: several groups, widths
+    retried and carried over, blocks batched, heads split."""
+    from cope_megatron.ops import cope_chunked
+
+    monkeypatch.setattr(cope_chunked, "FAR_ROWS", 48)
+    monkeypatch.setattr(cope_chunked, "BAND_ELEMENTS", 3000)
+    monkeypatch.setattr(cope_chunked, "MIN_BAND_ROWS", 8)
+    seq, d, npos = 150, 16, 40
+    causal = regime != "noncausal"
+    npos_max = {"dense": 8, "sparse": 3, "never": 40, "carried": 8, "noncausal": 5}[regime]
+    q, k, v, E = (t.double() for t in _triton_case(seq, d, npos, npos,
+                                                    sparse=regime == "sparse"))
+    if regime == "never":
+        q, k, v, E = (t[:, :, :32] if t.dim() == 4 else t for t in (q, k, v, E))
+    carry = torch.zeros(q.shape[:3], dtype=torch.float64)
+    if regime == "carried":
+        carry[:, :, :60] += npos_max  # the first rows clamped by later chunks, not the rest
+    scale = 1 / math.sqrt(d)
+    z = q @ E
+    bands: list[int] = []
+    out, lse = cope_chunked.chunk_forward(q, k, v, z, carry, scale=scale, npos_max=npos_max,
+                                          causal=causal, block=8, bands=bands)
+    s = q.shape[2]
+    pos = _positions(q, k, scale, causal, carry)
+    rows = torch.arange(s)[:, None]
+    keys = torch.arange(s)[None, :]
+    widths = []
+    for (r0, r1), width in zip(cope_chunked._groups(s), bands):
+        plain = (keys <= rows - width if causal else keys < s - width).expand(s, s)[r0:r1]
+        seen = keys <= rows if causal else torch.ones(s, s, dtype=torch.bool)
+        assert bool((pos[:, :, r0:r1][..., plain] > npos_max - 1).all())
+        if width:  # one key less would leave an unclamped key to the plain path
+            narrower = (keys == rows - width + 1) if causal else (keys == s - width)
+            edge = (narrower & seen).expand(s, s)[r0:r1]
+            assert bool((pos[:, :, r0:r1][..., edge] <= npos_max - 1).any())
+        widths.append(width)
+    plain_keys = sum((max(0, min(r1, s) - width) if not causal else
+                      sum(max(0, i - width + 1) for i in range(r0, r1)))
+                     for (r0, r1), width in zip(cope_chunked._groups(s), widths))
+    assert (plain_keys > 0) == (regime != "never"), widths
+    if regime == "carried":
+        assert widths[0] < widths[-1]  # clamped rows need no band
+
+    if regime == "carried":
+        return  # a carry has no single-rank reference: the context-parallel tests cover it
+    params = [t.clone().requires_grad_() for t in (q, k, v, E)]
+    ref_params = [t.clone().requires_grad_() for t in (q, k, v, E)]
+    got = cope_attention_chunked(*params, npos_max=npos_max, softmax_scale=scale,
+                                 causal=causal, block=8, compile=False)
+    want = cope_attention_reference(*ref_params, npos_max=npos_max, softmax_scale=scale,
+                                    causal=causal)
+    torch.testing.assert_close(out, want.detach(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad = torch.randn(got.shape, generator=torch.Generator().manual_seed(2),
+                       dtype=torch.float64)
+    for name, a, w in zip("q k v pos_emb".split(), torch.autograd.grad(got, params, grad),
+                          torch.autograd.grad(want, ref_params, grad)):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-9,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def reverse_cumsum_rows(g: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,6 @@ from cope_megatron.distributed.ring import ContextParallel, rows
 from cope_megatron.ops import cope_chunked
 from cope_megatron.ops.cope import resolve_impl
 from cope_megatron.ops.cope_chunked import (
-    DEFAULT_BLOCK,
-    differences,
     gate_sums,
     reduce_kv_heads,
     row_gates,
@@ -71,11 +69,14 @@ def _active_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask.flatten(0, 1).any(0).nonzero().squeeze(1)
 
 
+CORRECTION_ROWS = 128
+
+
 def _correction(q, k, dq, dk, b_carry, scale: float, diagonal: bool) -> None:
     """Step 5 for one pair, in place: rows with a nonzero carried Σ dp, in blocks."""
     active = _active_rows(b_carry != 0)
-    for start in range(0, active.numel(), DEFAULT_BLOCK):
-        idx = active[start:start + DEFAULT_BLOCK]
+    for start in range(0, active.numel(), CORRECTION_ROWS):
+        idx = active[start:start + CORRECTION_ROWS]
         g = row_gates(q, k, idx, scale=scale, causal=diagonal)  # [b, h, n, c]
         w = (scale * b_carry[:, :, idx, None]) * g * (1 - g)
         dq[:, :, idx] += w @ k
@@ -91,7 +92,6 @@ class _CoPEContextParallel(torch.autograd.Function):
         h, c = q.shape[1], q.shape[2] // 2
         ops = _kernels(impl)
         z = q @ pos_emb  # [b, h, 2c, npos]
-        zd = differences(z)
 
         totals: dict[tuple[int, int], torch.Tensor] = {}  # (local q chunk, global K) -> G
 
@@ -123,7 +123,7 @@ class _CoPEContextParallel(torch.autograd.Function):
             for pair in cp.pairs(owner):
                 part = ops.chunk_forward(
                     rows(q, pair.q, c), rows(ke, pair.k, c), rows(ve, pair.k, c),
-                    rows(z, pair.q, c), rows(zd, pair.q, c), carries[pair.q, pair.k_global],
+                    rows(z, pair.q, c), carries[pair.q, pair.k_global],
                     scale=scale, npos_max=npos_max, causal=pair.diagonal)
                 merge_softmax(rows(out, pair.q, c), rows(lse, pair.q, c), *part)
 
@@ -139,21 +139,20 @@ class _CoPEContextParallel(torch.autograd.Function):
         work = q.dtype
         h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
         z = q @ pos_emb
-        zd = differences(z)
         d_out = d_out.to(work).contiguous()
-        dq, dz, dzd = torch.zeros_like(q), torch.zeros_like(z), torch.zeros_like(z)
+        dq, dz = torch.zeros_like(q), torch.zeros_like(z)
         dp_sums = torch.zeros_like(carries)
 
         def pair_pass(owner: int, kv: list[torch.Tensor]) -> list[torch.Tensor]:
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
             dke, dve = torch.zeros_like(ke), torch.zeros_like(ve)
             for pair in cp.pairs(owner):
-                q_c, z_c, zd_c, do_c, out_c, lse_c, dq_c, dz_c, dzd_c = (
-                    rows(t, pair.q, c) for t in (q, z, zd, d_out, out, lse, dq, dz, dzd))
+                q_c, z_c, do_c, out_c, lse_c, dq_c, dz_c = (
+                    rows(t, pair.q, c) for t in (q, z, d_out, out, lse, dq, dz))
                 k_c, v_c, dk_c, dv_c = (rows(t, pair.k, c) for t in (ke, ve, dke, dve))
                 dp_sums[pair.q, pair.k_global] = ops.chunk_backward(
-                    q_c, k_c, v_c, z_c, zd_c, carries[pair.q, pair.k_global], do_c, out_c,
-                    lse_c, (dq_c, dk_c, dv_c, dz_c, dzd_c), scale=scale, npos_max=npos_max,
+                    q_c, k_c, v_c, z_c, carries[pair.q, pair.k_global], do_c, out_c,
+                    lse_c, (dq_c, dk_c, dv_c, dz_c), scale=scale, npos_max=npos_max,
                     causal=pair.diagonal)
             return [reduce_kv_heads(dke, kv_heads), reduce_kv_heads(dve, kv_heads)]
 
@@ -176,7 +175,7 @@ class _CoPEContextParallel(torch.autograd.Function):
             (dk_b,) = cp.ring([k], correction_pass)
             dk = dk + dk_b
 
-        dq_table, d_emb = table_backward(q, pos_emb, dz, dzd)
+        dq_table, d_emb = table_backward(q, pos_emb, dz)
         dq += dq_table
         return (dq.to(dtype), dk.to(k.dtype), dv.to(v.dtype), d_emb.to(pos_emb.dtype),
                 None, None, None, None)

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from cope_megatron.ops.cope_chunked import differences, table_backward
+from cope_megatron.ops.cope_blocks import differences, undo_differences
+from cope_megatron.ops.cope_chunked import table_backward
 
 BLOCK_M = 128
 BLOCK_N = 64
@@ -267,10 +268,11 @@ def _launch_config(q: torch.Tensor) -> dict:
     }
 
 
-def forward_blocks(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal: bool):
+def forward_blocks(q, k, v, z, carry, *, scale: float, npos_max: int, causal: bool):
     """``chunk_forward``, and for each (batch·head, query block) how many of its key blocks
     ran as plain attention because every row had clamped: (out, lse, plain [b·h, blocks])."""
     b, h, s, d = q.shape
+    zd = differences(z)
     q, k, v, z, zd, carry = (t.contiguous() for t in (q, k, v, z, zd, carry))
     out = torch.empty_like(q)
     lse = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
@@ -282,18 +284,18 @@ def forward_blocks(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal
     return out, lse, plain
 
 
-def chunk_forward(q, k, v, z, zd, carry, *, scale: float, npos_max: int, causal: bool):
+def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: bool):
     """``ops.cope_chunked.chunk_forward`` in one kernel launch (q, k, v of one dtype, sq = sk;
-    z, zd, carry fp32). Returns (out, lse fp32)."""
-    return forward_blocks(q, k, v, z, zd, carry, scale=scale, npos_max=npos_max,
-                          causal=causal)[:2]
+    z, carry fp32). Returns (out, lse fp32)."""
+    return forward_blocks(q, k, v, z, carry, scale=scale, npos_max=npos_max, causal=causal)[:2]
 
 
-def chunk_backward(q, k, v, z, zd, carry, d_out, out, lse, grads, *, scale: float,
+def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
                    npos_max: int, causal: bool) -> torch.Tensor:
     """``ops.cope_chunked.chunk_backward`` in one kernel launch: gradients (fp32) added into
-    ``grads`` = (dq, dk, dv, dz, dzd), dk and dv over k's heads; returns each row's Σ dp."""
+    ``grads`` = (dq, dk, dv, dz), dk and dv over k's heads; returns each row's Σ dp."""
     b, h, s, d = q.shape
+    zd = differences(z)
     delta = (d_out.float() * out.float()).sum(-1)
     q, k, v, z, zd, carry, d_out, lse, delta = (
         t.contiguous() for t in (q, k, v, z, zd, carry, d_out, lse, delta))
@@ -306,7 +308,7 @@ def chunk_backward(q, k, v, z, zd, carry, d_out, out, lse, grads, *, scale: floa
     _cope_bwd[grid](q, k, v, z, zd, carry, d_out, lse, delta, dq, dk, dv, dz, dzd, dp_sum, s, d,
                     z.shape[-1], h // k.shape[1], scale, float(npos_max - 1), npos_max - 1,
                     CAUSAL=causal, **_launch_config(q))
-    for acc, grad in zip(grads, (dq, dk, dv, dz, dzd)):
+    for acc, grad in zip(grads, (dq, dk, dv, undo_differences(dz, dzd))):
         acc += grad
     return dp_sum
 
@@ -316,8 +318,8 @@ class _CoPETriton(torch.autograd.Function):
     def forward(ctx, q, k, v, pos_emb, npos_max, scale, causal):
         z = q.float() @ pos_emb.float()  # [b, h, s, npos]
         carry = torch.zeros(z.shape[:3], dtype=torch.float32, device=q.device)
-        out, lse = chunk_forward(q, k, v, z, differences(z), carry, scale=scale,
-                                 npos_max=npos_max, causal=causal)
+        out, lse = chunk_forward(q, k, v, z, carry, scale=scale, npos_max=npos_max,
+                                 causal=causal)
         ctx.save_for_backward(q, k, v, pos_emb, out, lse)
         ctx.cfg = (npos_max, scale, causal)
         return out
@@ -329,10 +331,10 @@ class _CoPETriton(torch.autograd.Function):
         z = q.float() @ pos_emb.float()
         dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float32, device=t.device)
                       for t in (q, k, v))
-        dz, dzd = torch.zeros_like(z), torch.zeros_like(z)
-        chunk_backward(q, k, v, z, differences(z), torch.zeros_like(lse), d_out, out, lse,
-                       (dq, dk, dv, dz, dzd), scale=scale, npos_max=npos_max, causal=causal)
-        dq_table, d_emb = table_backward(q.float(), pos_emb.float(), dz, dzd)
+        dz = torch.zeros_like(z)
+        chunk_backward(q, k, v, z, torch.zeros_like(lse), d_out, out, lse, (dq, dk, dv, dz),
+                       scale=scale, npos_max=npos_max, causal=causal)
+        dq_table, d_emb = table_backward(q.float(), pos_emb.float(), dz)
         dq += dq_table
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_emb.to(pos_emb.dtype),
                 None, None, None)
