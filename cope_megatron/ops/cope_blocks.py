@@ -2,10 +2,11 @@
 the part of exact CoPE that is not plain attention (``ops.cope_chunked`` decides which
 keys that is).
 
-Shapes: q blocks [..., B, d] for B rows, k and v windows [..., L, d] of L keys each,
-``keep`` [..., B, L] (False: not the row's key; None: all are), per-row z [..., B, npos]
-and carry [..., B]; the leading dims batch blocks. With a = scale·q·kᵀ, g = σ(a),
-p = revcumsum(g) + carry, b the position logits and P = softmax(a + b):
+Shapes: q blocks [..., n, B, d] for B rows, k and v windows [..., n, L, d] of L keys
+each, per-row z [..., n, B, npos] and carry [..., n, B]; ``band`` = (row indices [n, B],
+key indices [n, L], W): key j is row i's if i − W < j ≤ i (None: every key is).
+With a = scale·q·kᵀ, g = σ(a), p = revcumsum(g) + carry, b the position logits and
+P = softmax(a + b):
     dL/d(a+b) = P ⊙ (dP − Δ),  Δ = rowsum(dO ⊙ O)                     (softmax)
     db  → dz at ⌊p⌋, ⌈p⌉ with weights 1−frac, frac;  dfrac = db ⊙ (z⌈p⌉ − z⌊p⌋)
           (computed as b = z[⌊p⌋] + frac·zd[⌊p⌋] with zd the differences of z: one
@@ -44,11 +45,19 @@ def _(x: torch.Tensor) -> torch.Tensor:
 
 
 
-def _recompute(q_blk, k_win, keep, z_blk, carry_blk, scale: float, npos_max: int):
+def _keep(band):
+    """[n, B, L]: which keys are each row's. Built here, inside the fused code, from the
+    indices: a mask tensor read alongside costs about a third of the forward on CPU."""
+    rows, keys, width = band
+    rows, keys = rows[..., None], keys[:, None, :]
+    return (keys <= rows) & (keys > rows - width)
+
+
+def _recompute(q_blk, k_win, band, z_blk, carry_blk, scale: float, npos_max: int):
     """Logits, gates, raw positions, interpolation terms and the full logits of a band."""
     a = scale * (q_blk @ k_win.transpose(-1, -2))
-    if keep is not None:
-        a = a.masked_fill(~keep, float("-inf"))
+    if band is not None:
+        a = a.masked_fill(~_keep(band), float("-inf"))
     g = torch.sigmoid(a)  # masked keys: σ(−∞) = 0
     p_raw = reverse_cumsum(g) + carry_blk[..., None]
     p = p_raw.clamp(max=npos_max - 1)
@@ -60,24 +69,24 @@ def _recompute(q_blk, k_win, keep, z_blk, carry_blk, scale: float, npos_max: int
     return g, p_raw, lo, frac, zd_lo, logits
 
 
-def forward_block(q_blk, k_win, v_win, keep, z_blk, carry_blk, scale: float, npos_max: int):
+def forward_block(q_blk, k_win, v_win, band, z_blk, carry_blk, scale: float, npos_max: int):
     """(out [..., B, d], lse [..., B], unclamped [..., B], total [..., B]): the band's
     softmax, how many of each row's keys have positions at or below npos_max − 1, and the
     row's gate total over the window plus its carry."""
-    _, p_raw, *_, logits = _recompute(q_blk, k_win, keep, z_blk, carry_blk, scale, npos_max)
+    _, p_raw, *_, logits = _recompute(q_blk, k_win, band, z_blk, carry_blk, scale, npos_max)
     lse = torch.logsumexp(logits, dim=-1)
     unclamped = p_raw <= npos_max - 1
-    if keep is not None:
-        unclamped = unclamped & keep
+    if band is not None:
+        unclamped = unclamped & _keep(band)
     # Masked keys add no gate, so the first key's raw position is the row's total.
     return torch.exp(logits - lse[..., None]) @ v_win, lse, unclamped.sum(-1), p_raw[..., 0]
 
 
-def backward_block(q_blk, k_win, v_win, keep, z_blk, carry_blk, do_blk, lse_blk, delta_blk,
+def backward_block(q_blk, k_win, v_win, band, z_blk, carry_blk, do_blk, lse_blk, delta_blk,
                    scale: float, npos_max: int):
     """(dq, dk_win, dv_win, dz, Σ dp per row) of a band, given the rows' lse and Δ over
     all their keys."""
-    g, p_raw, lo, frac, zd_lo, logits = _recompute(q_blk, k_win, keep, z_blk, carry_blk,
+    g, p_raw, lo, frac, zd_lo, logits = _recompute(q_blk, k_win, band, z_blk, carry_blk,
                                                    scale, npos_max)
     probs = torch.exp(logits - lse_blk[..., None])
     dv = probs.transpose(-1, -2) @ do_blk

@@ -111,12 +111,9 @@ class _Band:
         ids = torch.arange(self.count * self.rows_per, device=self.key.device) + self.r0
         return ids.view(self.count, self.rows_per)
 
-    def keep(self) -> torch.Tensor | None:
-        """[n, B, L]: key t of block row r is in the row's band (None: all are)."""
-        if not self.causal:
-            return None
-        row, key = self.row_ids()[..., None], self.key[:, None, :]
-        return (key <= row) & (key > row - self.width)
+    def mask(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """``cope_blocks``' band: row and key indices and W (None: every key is the row's)."""
+        return (self.row_ids(), self.key, self.width) if self.causal else None
 
 
 def _bands(r0: int, r1: int, width: int, block: int, causal: bool, keys: int, shape,
@@ -177,7 +174,7 @@ def _band_forward(fwd, q, k, v, z, carry, out, lse, r0, r1, width, *, scale, npo
     need, guess = 0, width
     for band in _bands(r0, r1, width, block, causal, k.shape[2], q.shape, q.device):
         o, o_lse, unclamped, total = fwd(band.rows(q), band.windows(k), band.windows(v),
-                                         band.keep(), band.rows(z), band.rows(carry), scale,
+                                         band.mask(), band.rows(z), band.rows(carry), scale,
                                          npos_max)
         band.put(out, o)
         band.put(lse, o_lse)
@@ -259,7 +256,7 @@ def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
                             q.device) if width else ()
         for band in bands_here:
             dq_b, dk_w, dv_w, dz_b, dps = bwd(
-                band.rows(q), band.windows(k), band.windows(v), band.keep(), band.rows(z),
+                band.rows(q), band.windows(k), band.windows(v), band.mask(), band.rows(z),
                 band.rows(carry), band.rows(d_out), band.rows(lse), band.rows(delta), scale,
                 npos_max)
             band.put(dq, dq_b, add=True)
