@@ -259,13 +259,15 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, regime):
     only keys whose float64 positions exceed npos_max − 1 for their row (causal: keys
     j ≤ i − W; a key chunk before the rows: keys before its last W), plain keys exist
     exactly when positions clamp, and the result is the reference's, forward and backward.
-    Small groups, batches and wide-band rows make every path run: several groups, widths
-    retried and carried over, blocks batched, heads split."""
+    Small groups, batches and wide-band sizes make every path run: several groups, widths
+    retried and carried over, narrow bands' blocks batched, wide bands' heads split; the
+    gradients of two regimes go through the compiled code."""
     from cope_megatron.ops import cope_chunked
 
     monkeypatch.setattr(cope_chunked, "FAR_ROWS", 48)
-    monkeypatch.setattr(cope_chunked, "BAND_ELEMENTS", 3000)
-    monkeypatch.setattr(cope_chunked, "MIN_BAND_ROWS", 8)
+    monkeypatch.setattr(cope_chunked, "BAND_ELEMENTS", 6000)
+    monkeypatch.setattr(cope_chunked, "MIN_BAND_ROWS", 40)
+    monkeypatch.setattr(cope_chunked, "WIDE_BAND", 24)
     seq, d, npos = 150, 16, 40
     causal = regime != "noncausal"
     npos_max = {"dense": 8, "sparse": 3, "never": 40, "carried": 8, "noncausal": 5}[regime]
@@ -307,7 +309,7 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, regime):
     params = [t.clone().requires_grad_() for t in (q, k, v, E)]
     ref_params = [t.clone().requires_grad_() for t in (q, k, v, E)]
     got = cope_attention_chunked(*params, npos_max=npos_max, softmax_scale=scale,
-                                 causal=causal, block=8, compile=False)
+                                 causal=causal, block=8, compile=regime in ("dense", "sparse"))
     want = cope_attention_reference(*ref_params, npos_max=npos_max, softmax_scale=scale,
                                     causal=causal)
     torch.testing.assert_close(out, want.detach(), rtol=1e-10, atol=1e-10)

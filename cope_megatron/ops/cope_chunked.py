@@ -45,8 +45,9 @@ from cope_megatron.ops.plain_attention import (
 
 DEFAULT_BLOCK = 32
 FAR_ROWS = 1024  # the CPU flash kernel tiles queries by 256 from 768 rows on
-BAND_ELEMENTS = 2**20
+BAND_ELEMENTS = 3 * 2**18
 MIN_BAND_ROWS = 128
+WIDE_BAND = 512
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -118,20 +119,20 @@ class _Band:
 
 def _bands(r0: int, r1: int, width: int, block: int, causal: bool, keys: int, shape,
            device: torch.device):
-    """The group's band in batches of at most about ``BAND_ELEMENTS`` logits and copied
-    window elements: narrow bands as many blocks of all heads, each block's window a copy;
-    wide ones (sparse gates) as one block of at least ``MIN_BAND_ROWS`` rows of fewer
-    heads, whose window is a view and whose products are not too thin to run at speed."""
+    """The group's band in batches of about ``BAND_ELEMENTS`` logits and copied window
+    elements. Narrow bands: blocks of ``block`` rows and all heads, each window a copy;
+    wide ones (sparse gates, W ≥ ``WIDE_BAND``): one block of at least ``MIN_BAND_ROWS``
+    rows of fewer heads, whose window is a view and whose extra masked keys are few
+    beside W."""
     batch, heads, _, dim = shape
-    span = width + block - 1 if causal else width
-    per_row = span * (1 + 2 * dim / block)  # logits, and k and v windows
-    if causal and BAND_ELEMENTS // (batch * per_row) >= heads * MIN_BAND_ROWS:
+    if causal and width < WIDE_BAND:
+        per_row = (width + block - 1) * (1 + 2 * dim / block)  # logits, k and v windows
         head_step = heads
         rows = max(block, int(BAND_ELEMENTS // (batch * heads * per_row)) // block * block)
-    else:  # one block a batch
-        budget = max(1, BAND_ELEMENTS // (batch * span))
-        head_step = heads if not causal else max(1, min(heads, budget // MIN_BAND_ROWS))
-        rows = block = max(1 if not causal else MIN_BAND_ROWS, budget // head_step)
+    else:
+        budget = max(1, BAND_ELEMENTS // (batch * width))
+        head_step = max(1, min(heads, budget // MIN_BAND_ROWS)) if causal else heads
+        rows = block = max(MIN_BAND_ROWS if causal else 1, budget // head_step)
     for h0 in range(0, heads, head_step):
         for s0 in range(r0, r1, rows):
             yield _Band(slice(h0, h0 + head_step), s0, min(r1, s0 + rows), width, block,
@@ -328,7 +329,8 @@ class _CoPEChunked(torch.autograd.Function):
     def forward(ctx, q, k, v, pos_emb, npos_max, scale, causal, block, compile):
         dtype = q.dtype
         work = work_dtype(dtype)
-        q, k, v, pos_emb = (t.to(work) for t in (q, k, v, pos_emb))
+        # Detached: the compiled band code is specialized on requires_grad.
+        q, k, v, pos_emb = (t.detach().to(work) for t in (q, k, v, pos_emb))
         h = q.shape[1]
         z = q @ pos_emb  # [b, h, s, npos]
         carry = torch.zeros(q.shape[:3], dtype=work, device=q.device)
