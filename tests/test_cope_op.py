@@ -226,16 +226,18 @@ def test_triton_skips_exactly_the_clamped_key_blocks(monkeypatch, regime):
     else:  # some blocks plain, some not
         assert plain.any() and (plain < n_blocks).any()
 
+    bands: list[tuple[int, int, int]] = []
     want_out, want_lse = cope_chunked.chunk_forward(q, k, v, z, carry, scale=scale,
-                                                    npos_max=npos_max, causal=True)
+                                                    npos_max=npos_max, causal=True,
+                                                    bands=bands)
     torch.testing.assert_close(out, want_out, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(lse, want_lse, rtol=2e-5, atol=2e-5)
     d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     grads = {}
-    for name, mod in (("triton", triton_op), ("chunked", cope_chunked)):
+    for name, mod, kw in (("triton", triton_op, {}), ("chunked", cope_chunked, {"bands": bands})):
         acc = tuple(torch.zeros_like(t) for t in (q, k, v, z))
         dp_sum = mod.chunk_backward(q, k, v, z, carry, d_out, want_out, want_lse, acc,
-                                    scale=scale, npos_max=npos_max, causal=True)
+                                    scale=scale, npos_max=npos_max, causal=True, **kw)
         grads[name] = (*acc, dp_sum)
     # dz at the last position and Σ dp are sums of signed terms that cancel (the former to
     # 0 exactly, as Σ_j softmax_ij·(dO_i·v_j − Δ_i) = 0): an absolute floor, not relative.
@@ -259,15 +261,16 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, regime):
     only keys whose float64 positions exceed npos_max − 1 for their row (causal: keys
     j ≤ i − W; a key chunk before the rows: keys before its last W), plain keys exist
     exactly when positions clamp, and the result is the reference's, forward and backward.
-    Small groups, batches and wide-band sizes make every path run: several groups, widths
-    retried and carried over, narrow bands' blocks batched, wide bands' heads split; the
-    gradients of two regimes go through the compiled code."""
+    Small groups, batches and wide-band sizes make every path run: several groups (smaller
+    once bands are wide), widths retried and carried over, narrow bands' blocks batched,
+    wide bands' heads split; the gradients of two regimes go through the compiled code."""
     from cope_megatron.ops import cope_chunked
 
     monkeypatch.setattr(cope_chunked, "FAR_ROWS", 48)
     monkeypatch.setattr(cope_chunked, "BAND_ELEMENTS", 6000)
     monkeypatch.setattr(cope_chunked, "MIN_BAND_ROWS", 40)
     monkeypatch.setattr(cope_chunked, "WIDE_BAND", 24)
+    monkeypatch.setattr(cope_chunked, "WIDE_ROWS", 16)
     seq, d, npos = 150, 16, 40
     causal = regime != "noncausal"
     npos_max = {"dense": 8, "sparse": 3, "never": 40, "carried": 8, "noncausal": 5}[regime]
@@ -280,15 +283,17 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, regime):
         carry[:, :, :60] += npos_max  # the first rows clamped by later chunks, not the rest
     scale = 1 / math.sqrt(d)
     z = q @ E
-    bands: list[int] = []
+    bands: list[tuple[int, int, int]] = []
     out, lse = cope_chunked.chunk_forward(q, k, v, z, carry, scale=scale, npos_max=npos_max,
                                           causal=causal, block=8, bands=bands)
     s = q.shape[2]
     pos = _positions(q, k, scale, causal, carry)
     rows = torch.arange(s)[:, None]
     keys = torch.arange(s)[None, :]
-    widths = []
-    for (r0, r1), width in zip(cope_chunked._groups(s), bands):
+    starts, ends, widths = zip(*bands)
+    assert starts == (0, *ends[:-1]) and ends[-1] == s  # the groups tile the rows
+    assert len(set(e - r for r, e in zip(starts, ends))) > 1 or regime == "never"
+    for r0, r1, width in bands:
         plain = (keys <= rows - width if causal else keys < s - width).expand(s, s)[r0:r1]
         seen = keys <= rows if causal else torch.ones(s, s, dtype=torch.bool)
         assert bool((pos[:, :, r0:r1][..., plain] > npos_max - 1).all())
@@ -296,10 +301,8 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, regime):
             narrower = (keys == rows - width + 1) if causal else (keys == s - width)
             edge = (narrower & seen).expand(s, s)[r0:r1]
             assert bool((pos[:, :, r0:r1][..., edge] <= npos_max - 1).any())
-        widths.append(width)
-    plain_keys = sum((max(0, min(r1, s) - width) if not causal else
-                      sum(max(0, i - width + 1) for i in range(r0, r1)))
-                     for (r0, r1), width in zip(cope_chunked._groups(s), widths))
+    plain_keys = sum(sum(max(0, i - width + 1) for i in range(r0, r1)) if causal
+                     else (r1 - r0) * (s - width) for r0, r1, width in bands)
     assert (plain_keys > 0) == (regime != "never"), widths
     if regime == "carried":
         assert widths[0] < widths[-1]  # clamped rows need no band

@@ -64,6 +64,14 @@ def _kernels(impl: str):
     return cope_chunked
 
 
+def _widths(ops, widths: dict, pair) -> dict:
+    """The chunked op records each pair's band widths in the forward for its backward;
+    the Triton kernels find theirs in-kernel."""
+    if ops is not cope_chunked:
+        return {}
+    return {"bands": widths.setdefault((pair.q, pair.k_global), [])}
+
+
 def _active_rows(mask: torch.Tensor) -> torch.Tensor:
     """Indices of the rows (dim 2 of [b, h, c]) where ``mask`` holds for any batch or head."""
     return mask.flatten(0, 1).any(0).nonzero().squeeze(1)
@@ -117,6 +125,7 @@ class _CoPEContextParallel(torch.autograd.Function):
 
         out = torch.zeros_like(q)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
+        widths: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
 
         def attention_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
@@ -124,18 +133,19 @@ class _CoPEContextParallel(torch.autograd.Function):
                 part = ops.chunk_forward(
                     rows(q, pair.q, c), rows(ke, pair.k, c), rows(ve, pair.k, c),
                     rows(z, pair.q, c), carries[pair.q, pair.k_global],
-                    scale=scale, npos_max=npos_max, causal=pair.diagonal)
+                    scale=scale, npos_max=npos_max, causal=pair.diagonal,
+                    **_widths(ops, widths, pair))
                 merge_softmax(rows(out, pair.q, c), rows(lse, pair.q, c), *part)
 
         cp.ring([k, v], attention_pass)
         ctx.save_for_backward(q, k, v, pos_emb, out, lse, carries)
-        ctx.cfg = (cp, npos_max, scale, ops, dtype)
+        ctx.cfg = (cp, npos_max, scale, ops, dtype, widths)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, pos_emb, out, lse, carries = ctx.saved_tensors
-        cp, npos_max, scale, ops, dtype = ctx.cfg
+        cp, npos_max, scale, ops, dtype, widths = ctx.cfg
         work = q.dtype
         h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
         z = q @ pos_emb
@@ -153,7 +163,7 @@ class _CoPEContextParallel(torch.autograd.Function):
                 dp_sums[pair.q, pair.k_global] = ops.chunk_backward(
                     q_c, k_c, v_c, z_c, carries[pair.q, pair.k_global], do_c, out_c,
                     lse_c, (dq_c, dk_c, dv_c, dz_c), scale=scale, npos_max=npos_max,
-                    causal=pair.diagonal)
+                    causal=pair.diagonal, **_widths(ops, widths, pair))
             return [reduce_kv_heads(dke, kv_heads), reduce_kv_heads(dve, kv_heads)]
 
         dk, dv = cp.ring([k, v], pair_pass)

@@ -9,18 +9,20 @@ the row's constant z_i[npos_max − 1] and its gate gets no gradient. Those keys
 attention with one logit added per row, which PyTorch's fused flash kernel does at its own
 speed (``ops.plain_attention``); the two parts merge by log-sum-exp.
 
-The split is one width W per group of ``FAR_ROWS`` rows: row i runs CoPE's math over keys
+The split is one width W per group of ``FAR_ROWS`` rows (``WIDE_ROWS`` once bands are
+wide): row i runs CoPE's math over keys
 i − W < j ≤ i (its band) and plain attention over j ≤ i − W, so the plain part of a group
 is one rectangle and one top-left causal triangle, two large flash calls. W is the widest
 band any row of the group needs, found at run time: the forward tries the previous group's
-width (plus an eighth), doubles it for the rare group where some row has not clamped, and
-records the exact need, with which the backward recomputes. Sparse gates widen W up to
-the whole row; then no plain part is left and the op is CoPE's math throughout.
+need plus an eighth; where some row has not clamped within it, it tries again at least
+twice as wide, as far as that row's gates so far extrapolate. It records each group's
+exact need, with which the backward recomputes. Sparse gates widen W up to the whole row;
+then no plain part is left and the op is CoPE's math throughout.
 
-The band runs in batches of query blocks of ``block`` rows, each against a key window of
-W + block − 1 keys masked to the rows' bands, at most ``BAND_ELEMENTS`` logits a batch
-(``ops.cope_blocks`` has their math). Only q, k, v, the table, the output and one
-log-sum-exp per row are saved.
+The band runs in batches (``_bands``): narrow bands as query blocks of ``block`` rows, each
+against a copied window of W + block − 1 keys masked to its rows' bands; wide ones as one
+larger block whose window is a view. ``ops.cope_blocks`` has their math. Only q, k, v,
+the table, the output and one log-sum-exp per row are saved.
 
 The same code serves one (query chunk, key chunk) pair of a sequence split across ranks
 (``chunk_forward``/``chunk_backward``, used by ``distributed.cp_cope``): ``carry`` adds to
@@ -31,6 +33,8 @@ its band is its last W keys for every row (W = 0 when the carry has clamped ever
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +52,7 @@ FAR_ROWS = 1024  # the CPU flash kernel tiles queries by 256 from 768 rows on
 BAND_ELEMENTS = 3 * 2**18
 MIN_BAND_ROWS = 128
 WIDE_BAND = 512
+WIDE_ROWS = 256
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -155,15 +160,10 @@ def _far_parts(r0: int, r1: int, width: int, keys: int, causal: bool):
         yield first, r1, c, r1 - width, True
 
 
-def _groups(rows: int):
-    for r0 in range(0, rows, FAR_ROWS):
-        yield r0, min(rows, r0 + FAR_ROWS)
-
-
-def _next_width(need: int, limit: int, next_limit: int) -> int:
-    """The next group's first try: this one's need and an eighth, in steps of 8; all of its
+def _next_width(need: int, limit: int) -> float:
+    """The next group's first try: this one's need and an eighth, in steps of 8; all its
     keys if a row here never clamped (sparse gates)."""
-    return next_limit if need >= limit else -(-(need + need // 8 + 1) // 8) * 8
+    return math.inf if need >= limit else -(-(need + need // 8 + 1) // 8) * 8
 
 
 def _band_forward(fwd, q, k, v, z, carry, out, lse, r0, r1, width, *, scale, npos_max,
@@ -196,19 +196,23 @@ def _band_forward(fwd, q, k, v, z, carry, out, lse, r0, r1, width, *, scale, npo
 
 def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: bool,
                   block: int = DEFAULT_BLOCK, compile: bool | None = None,
-                  bands: list[int] | None = None):
+                  bands: list[tuple[int, int, int]] | None = None):
     """Softmax-normalized CoPE attention of query rows over one key chunk.
 
     q [b, h, sq, d]; k, v [b, h, sk, d] (kv heads expanded); z = q·E [b, h, sq, npos];
     carry [b, h, sq]: gate total of the row's keys after this chunk. ``causal``: the
     chunk is the rows' own (sq = sk, row i sees keys ≤ i). Returns (out, lse [b, h, sq]).
-    ``bands``: a list to append each group's band width to, for ``chunk_backward``.
+    ``bands``: a list to append each group's (first row, end row, band width) to, for
+    ``chunk_backward``.
     """
     fwd = kernel(forward_block, compile, k.shape[2], q.device)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=q.dtype, device=q.device)
     width = 2 * npos_max + npos_max // 2  # gates about one half clamp within 2·npos_max
-    for r0, r1 in _groups(q.shape[2]):
+    r0 = 0
+    while r0 < q.shape[2]:
+        # Wide bands in smaller groups: one row that never clamps widens only its own.
+        r1 = min(q.shape[2], r0 + (FAR_ROWS if width < WIDE_BAND else WIDE_ROWS))
         limit = r1 if causal else k.shape[2]
         width = min(width, limit)
         if bool((carry[:, :, r0:r1] > npos_max - 1).all()):
@@ -226,14 +230,15 @@ def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: boo
             merge_softmax(out[:, :, i0:i1], lse[:, :, i0:i1], far_out,
                           far_lse + z[:, :, i0:i1, npos_max - 1])
         if bands is not None:
-            bands.append(need)
-        width = _next_width(need, limit, min(r1 + FAR_ROWS, q.shape[2]) if causal else limit)
+            bands.append((r0, r1, need))
+        width, r0 = _next_width(need, limit), r1
     return out, lse
 
 
 def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
-                   npos_max: int, causal: bool, block: int = DEFAULT_BLOCK,
-                   compile: bool | None = None, bands: list[int] | None = None) -> torch.Tensor:
+                   npos_max: int, causal: bool, bands: list[tuple[int, int, int]],
+                   block: int = DEFAULT_BLOCK,
+                   compile: bool | None = None) -> torch.Tensor:
     """Gradients of one ``chunk_forward`` given the rows' final (merged) output and lse,
     added into ``grads`` = (dq, dk, dv, dz) (dq without the table term; dk, dv over
     the expanded heads). Returns each row's Σ_j dp_ij over the chunk.
@@ -243,16 +248,12 @@ def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
     softmax row's logit gradients add up to zero over all its keys, so each band subtracts
     its own sum there instead (``cope_blocks.backward_block``), and over all of a row's
     chunks that leaves exactly the sum over its plain keys. ``bands``: the widths
-    ``chunk_forward`` recorded (None: find them again)."""
+    ``chunk_forward`` recorded."""
     dq, dk, dv, dz = grads
-    if bands is None:
-        bands = []
-        chunk_forward(q, k, v, z, carry, scale=scale, npos_max=npos_max, causal=causal,
-                      block=block, compile=compile, bands=bands)
     bwd = kernel(backward_block, compile, k.shape[2], q.device)
     delta = (d_out * out).sum(-1)
     dp_sum = torch.zeros_like(lse)
-    for (r0, r1), width in zip(_groups(q.shape[2]), bands):
+    for r0, r1, width in bands:
         bands_here = _bands(r0, r1, width, block, causal, k.shape[2], q.shape,
                             q.device) if width else ()
         for band in bands_here:
@@ -334,7 +335,7 @@ class _CoPEChunked(torch.autograd.Function):
         h = q.shape[1]
         z = q @ pos_emb  # [b, h, s, npos]
         carry = torch.zeros(q.shape[:3], dtype=work, device=q.device)
-        bands: list[int] = []
+        bands: list[tuple[int, int, int]] = []
         out, lse = chunk_forward(q, expand_kv(k, h), expand_kv(v, h), z, carry, scale=scale,
                                  npos_max=npos_max, causal=causal, block=block,
                                  compile=compile, bands=bands)
