@@ -9,8 +9,8 @@ the row's constant z_i[npos_max − 1] and its gate gets no gradient. Those keys
 attention with one logit added per row, which PyTorch's fused flash kernel does at its own
 speed (``ops.plain_attention``); the two parts merge by log-sum-exp.
 
-The split is one width W per group of ``FAR_ROWS`` rows (``WIDE_ROWS`` once bands are
-wide): row i runs CoPE's math over keys
+The split is one width W per group of ``FAR_ROWS`` rows (``WIDE_ROWS`` for the first group
+and once bands are wide): row i runs CoPE's math over keys
 i − W < j ≤ i (its band) and plain attention over j ≤ i − W, so the plain part of a group
 is one rectangle and one top-left causal triangle, two large flash calls. W is the widest
 band any row of the group needs, found at run time: the forward tries the previous group's
@@ -211,8 +211,10 @@ def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: boo
     width = 2 * npos_max + npos_max // 2  # gates about one half clamp within 2·npos_max
     r0 = 0
     while r0 < q.shape[2]:
-        # Wide bands in smaller groups: one row that never clamps widens only its own.
-        r1 = min(q.shape[2], r0 + (FAR_ROWS if width < WIDE_BAND else WIDE_ROWS))
+        # The first group finds the width, so a second try there is cheap; wide bands also
+        # in small groups: one row that never clamps widens only its own.
+        small = r0 == 0 or width >= WIDE_BAND
+        r1 = min(q.shape[2], r0 + (WIDE_ROWS if small else FAR_ROWS))
         limit = r1 if causal else k.shape[2]
         width = min(width, limit)
         if bool((carry[:, :, r0:r1] > npos_max - 1).all()):
