@@ -55,6 +55,8 @@ from cope_megatron.ops.cope_chunked import (
 from cope_megatron.ops.cope_reference import expand_kv
 from cope_megatron.ops.plain_attention import merge_softmax
 
+CORRECTION_ROWS = 128  # rows of step 5 at a time
+
 
 def _kernels(impl: str):
     """The module whose chunk_forward/chunk_backward run the pairs."""
@@ -75,9 +77,6 @@ def _widths(ops, widths: dict, pair) -> dict:
 def _active_rows(mask: torch.Tensor) -> torch.Tensor:
     """Indices of the rows (dim 2 of [b, h, c]) where ``mask`` holds for any batch or head."""
     return mask.flatten(0, 1).any(0).nonzero().squeeze(1)
-
-
-CORRECTION_ROWS = 128
 
 
 def _correction(q, k, dq, dk, b_carry, scale: float, diagonal: bool) -> None:
