@@ -7,7 +7,8 @@ Forward returns (out, lse) so the caller merges it with the near keys by log-sum
 backward takes the merged row's output and lse. On the CPU this runs
 PyTorch's fused flash kernel (``aten::_scaled_dot_product_flash_attention_for_cpu`` and
 its backward: public SDPA returns no lse and takes no outside normalizer); elsewhere it is
-the same math in matrix products.
+the same math in matrix products, ``MATH_ROWS`` query rows at a time so that the logits
+held stay [MATH_ROWS, keys] per head.
 """
 
 from __future__ import annotations
@@ -16,12 +17,17 @@ import torch
 
 _flash_forward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+MATH_ROWS = 128
 
 
-def _logits(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+def _logits(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, row0: int
+            ) -> torch.Tensor:
+    """Logits of rows row0… of the call; causal as the fused kernel, aligned at the top
+    left: row r sees keys 0…r."""
     logits = scale * (q @ k.transpose(-1, -2))
-    if causal:  # top-left aligned, as the fused kernel: row r sees keys 0…r
-        later = torch.ones(logits.shape[-2:], dtype=torch.bool, device=q.device).triu(1)
+    if causal:
+        rows = torch.arange(row0, row0 + q.shape[2], device=q.device)
+        later = torch.arange(k.shape[2], device=q.device) > rows[:, None]
         logits = logits.masked_fill(later, float("-inf"))
     return logits
 
@@ -32,9 +38,17 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     row r sees keys 0…r only (aligned at the top left, also when m differs from the keys)."""
     if q.device.type == "cpu":
         return _flash_forward(q, k, v, 0.0, causal, scale=scale)
-    logits = _logits(q, k, scale, causal)
-    lse = torch.logsumexp(logits, dim=-1)
-    return torch.exp(logits - lse[..., None]) @ v, lse
+    return _math_forward(q, k, v, scale, causal)
+
+
+def _math_forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.empty_like(q), q.new_empty(q.shape[:3])
+    for r0 in range(0, q.shape[2], MATH_ROWS):
+        rows = slice(r0, r0 + MATH_ROWS)
+        logits = _logits(q[:, :, rows], k, scale, causal, r0)
+        lse[:, :, rows] = torch.logsumexp(logits, dim=-1)
+        out[:, :, rows] = torch.exp(logits - lse[:, :, rows, None]) @ v
+    return out, lse
 
 
 def attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -46,9 +60,21 @@ def attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     if q.device.type == "cpu":
         # The kernel takes O only for Δ, so the whole row's output gives the right one.
         return _flash_backward(d_out, q, k, v, out, lse.to(q.dtype), 0.0, causal, scale=scale)
-    probs = torch.exp(_logits(q, k, scale, causal) - lse[..., None])
-    ds = probs * (d_out @ v.transpose(-1, -2) - (d_out * out).sum(-1, keepdim=True))
-    return scale * (ds @ k), scale * (ds.transpose(-1, -2) @ q), probs.transpose(-1, -2) @ d_out
+    return _math_backward(d_out, q, k, v, out, lse, scale, causal)
+
+
+def _math_backward(d_out, q, k, v, out, lse, scale: float, causal: bool):
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    delta = (d_out * out).sum(-1, keepdim=True)
+    for r0 in range(0, q.shape[2], MATH_ROWS):
+        rows = slice(r0, r0 + MATH_ROWS)
+        probs = torch.exp(_logits(q[:, :, rows], k, scale, causal, r0)
+                          - lse[:, :, rows, None])
+        ds = probs * (d_out[:, :, rows] @ v.transpose(-1, -2) - delta[:, :, rows])
+        dq[:, :, rows] = scale * (ds @ k)
+        dk += scale * (ds.transpose(-1, -2) @ q[:, :, rows])
+        dv += probs.transpose(-1, -2) @ d_out[:, :, rows]
+    return dq, dk, dv
 
 
 def merge_softmax(out: torch.Tensor, lse: torch.Tensor, part_out: torch.Tensor,
