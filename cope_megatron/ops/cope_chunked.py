@@ -73,15 +73,17 @@ class _Band:
             block = r1 - r0
         self.rows_per, self.count = min(block, r1 - r0), -(-(r1 - r0) // block)
         if causal:
+            first = max(0, r0 - width + 1)
+            span = min(width + self.rows_per - 1, r0 + self.rows_per * self.count)
             ends = r0 + self.rows_per * torch.arange(1, self.count + 1, device=device)
             starts = (ends - self.rows_per - width + 1).clamp(min=0)
-            span = min(width + self.rows_per - 1, int(ends[-1]))
         else:
-            starts, span = torch.tensor([keys - width], device=device), width
+            first, span = keys - width, width
+            starts = torch.tensor([first], device=device)
         self.key = starts[:, None] + torch.arange(span, device=device)  # [n, L]
         self.index = self.key.clamp(max=keys - 1).flatten()  # keys past the end are masked
         # One block's window is a range of keys: a view, not a copy.
-        self.range = slice(int(starts[0]), int(starts[0]) + span) if self.count == 1 else None
+        self.range = slice(first, first + span) if self.count == 1 else None
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """[b, h, s, ...] -> [b, h', n, B, ...], rows past r1 zero."""
