@@ -44,6 +44,17 @@ def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict
     return out
 
 
+LAYER_PARAMETERS = ("input_layernorm", "pre_mlp_layernorm", "self_attention.linear_qkv",
+                    "self_attention.linear_proj", "linear_fc1", "linear_fc2")
+"""Our per-layer module names, in the order each architecture's table lists its own."""
+
+
+def _layer_rules(prefix: str, names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """``rename`` rules from our layer modules to ``prefix``.N.<name>, one name each."""
+    return [(rf"^layers\.(\d+)\.{re.escape(ours)}\.", rf"{prefix}.\1.{theirs}.")
+            for ours, theirs in zip(LAYER_PARAMETERS, names, strict=True)]
+
+
 def gpt_neox(cfg: Config, vocab_size: int, state: dict[str, torch.Tensor]):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -62,13 +73,9 @@ def gpt_neox(cfg: Config, vocab_size: int, state: dict[str, torch.Tensor]):
         (r"^word_embeddings\.", "gpt_neox.embed_in."),
         (r"^final_layernorm\.", "gpt_neox.final_layer_norm."),
         (r"^output_layer\.", "lm_head."),
-        (r"^layers\.(\d+)\.input_layernorm\.", r"gpt_neox.layers.\1.input_layernorm."),
-        (r"^layers\.(\d+)\.pre_mlp_layernorm\.", r"gpt_neox.layers.\1.post_attention_layernorm."),
-        (r"^layers\.(\d+)\.self_attention\.linear_qkv\.",
-         r"gpt_neox.layers.\1.attention.query_key_value."),
-        (r"^layers\.(\d+)\.self_attention\.linear_proj\.", r"gpt_neox.layers.\1.attention.dense."),
-        (r"^layers\.(\d+)\.linear_fc1\.", r"gpt_neox.layers.\1.mlp.dense_h_to_4h."),
-        (r"^layers\.(\d+)\.linear_fc2\.", r"gpt_neox.layers.\1.mlp.dense_4h_to_h."),
+        *_layer_rules("gpt_neox.layers", (
+            "input_layernorm", "post_attention_layernorm", "attention.query_key_value",
+            "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
     ])
     weights.setdefault("lm_head.weight", weights["gpt_neox.embed_in.weight"])  # tied
     model.load_state_dict(weights, strict=True)
@@ -97,12 +104,8 @@ def gpt2(cfg: Config, vocab_size: int, state: dict[str, torch.Tensor]):
         (r"^word_embeddings\.", "transformer.wte."),
         (r"^position_embeddings\.", "transformer.wpe."),
         (r"^final_layernorm\.", "transformer.ln_f."),
-        (r"^layers\.(\d+)\.input_layernorm\.", r"transformer.h.\1.ln_1."),
-        (r"^layers\.(\d+)\.pre_mlp_layernorm\.", r"transformer.h.\1.ln_2."),
-        (r"^layers\.(\d+)\.self_attention\.linear_qkv\.", r"transformer.h.\1.attn.c_attn."),
-        (r"^layers\.(\d+)\.self_attention\.linear_proj\.", r"transformer.h.\1.attn.c_proj."),
-        (r"^layers\.(\d+)\.linear_fc1\.", r"transformer.h.\1.mlp.c_fc."),
-        (r"^layers\.(\d+)\.linear_fc2\.", r"transformer.h.\1.mlp.c_proj."),
+        *_layer_rules("transformer.h", (
+            "ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")),
     ])
     # Conv1D stores [in, out]: our linear weights transposed.
     weights = {k: v.t().contiguous() if k.endswith(".weight") and v.dim() == 2
