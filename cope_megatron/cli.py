@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: only create them)")
     parser.add_argument("--gpus", type=int, default=8,
                         help="estimate: GPUs in the run (default 8)")
-    parser.add_argument("--gpu-memory", type=float, default=80.0,
+    parser.add_argument("--gpu-memory", type=float, default=None,
                         help="estimate: memory per GPU in GiB (default 80)")
     args = parser.parse_intermixed_args(argv)
     # Known-harmless start-up noise (no Apex/TE on this machine, deprecated collectives
@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> dict | Path | None:
 
         validate(cfg, args.gpus)
         est = estimate(cfg, args.gpus, args.gpu_memory)
-        print(summary(est, peak_tflops=cfg.train.peak_tflops or 989.0))
+        print(summary(est, peak_tflops=cfg.train.peak_tflops))
     elif args.command == "prep":
         manifest = prep(cfg)
         print(f"prepared {cfg.data.shards}: " + ", ".join(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from cope_megatron.config import Config, padded_vocab_size
-from cope_megatron.flops import FlopsPerToken, flops_per_token
+from cope_megatron.flops import PEAK_TFLOPS, FlopsPerToken, flops_per_token
 from cope_megatron.pe import get_pe
 from cope_megatron.pe.base import AttentionShape, CausalAttention, default_softmax_scale
 
@@ -35,6 +35,9 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 RESERVED_GIB = 3.0
 """Held back from the device's memory: CUDA context, NCCL buffers, allocator
 fragmentation, kernel workspaces."""
+REFERENCE_GPU_GIB = 80.0
+REFERENCE_PEAK_TFLOPS = PEAK_TFLOPS["H100"]
+"""What an estimate assumes without a GPU to ask: an 80 GiB H100 (dense bf16 peak)."""
 
 
 @dataclass(frozen=True)
@@ -212,10 +215,12 @@ class Estimate:
         return self.total_gib <= self.gpu_memory_gib - RESERVED_GIB
 
 
-def estimate(cfg: Config, gpus: int, gpu_memory_gib: float = 80.0, *,
+def estimate(cfg: Config, gpus: int, gpu_memory_gib: float | None = None, *,
              vocab_size: int | None = None, device: str = "cuda") -> Estimate:
-    """The estimate for ``cfg`` on ``gpus`` GPUs of ``gpu_memory_gib`` each; the vocabulary
-    defaults to ``data.vocab_size``."""
+    """The estimate for ``cfg`` on ``gpus`` GPUs of ``gpu_memory_gib`` each (None:
+    ``REFERENCE_GPU_GIB``); the vocabulary defaults to ``data.vocab_size``."""
+    if gpu_memory_gib is None:
+        gpu_memory_gib = REFERENCE_GPU_GIB
     layout = layout_of(cfg, gpus)
     vocab = vocab_size or cfg.data.vocab_size
     per_rank = parameters(cfg, vocab, layout.tensor)
@@ -285,11 +290,14 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB"
 
 
-def summary(est: Estimate, *, mfu: float = 0.4, peak_tflops: float = 989.0,
+def summary(est: Estimate, *, mfu: float = 0.4, peak_tflops: float | None = None,
             fit: bool = True) -> str:
     """The estimate for a reader: counts, memory per GPU, training time at an assumed MFU
-    and (``fit``) whether it fits, or the smallest change that makes it fit."""
+    of ``peak_tflops`` (None: ``REFERENCE_PEAK_TFLOPS``) and (``fit``) whether it fits, or
+    the smallest change that makes it fit."""
     cfg, lay, f = est.cfg, est.layout, est.flops
+    if peak_tflops is None:
+        peak_tflops = REFERENCE_PEAK_TFLOPS
     t = cfg.train
     tokens = t.steps * t.micro_batch_size * t.grad_accum * lay.data * cfg.model.seq_length
     hours = tokens * f.model / (lay.gpus * peak_tflops * 1e12 * mfu) / 3600

@@ -147,12 +147,11 @@ class Trainer:
         against the device's memory."""
         device = self.env.device
         gib = (torch.cuda.get_device_properties(device).total_memory / 2**30
-               if device.type == "cuda" else 80.0)
+               if device.type == "cuda" else None)
         est = estimate(self.cfg, self.env.world_size, gib,
                        vocab_size=self.manifest["vocab_size"], device=device.type)
-        peak = self.step_metrics.peak or 989.0
-        return "[estimate] " + summary(est, peak_tflops=peak, fit=device.type == "cuda"
-                                       ).replace("\n", "\n[estimate] ")
+        return "[estimate] " + summary(est, peak_tflops=self.step_metrics.peak,
+                                       fit=device.type == "cuda").replace("\n", "\n[estimate] ")
 
     def _loadable(self, tag: str) -> str:
         """``tag``, or its universal conversion when its ZeRO states were partitioned for
