@@ -44,7 +44,6 @@ def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-
 def _keep(band):
     """[n, B, L]: which keys are each row's. Built here, inside the fused code, from the
     indices: a mask tensor read alongside costs about a third of the forward on CPU."""

@@ -84,6 +84,8 @@ class _Band:
         self.index = self.key.clamp(max=keys - 1).flatten()  # keys past the end are masked
         # One block's window is a range of keys: a view, not a copy.
         self.range = slice(first, first + span) if self.count == 1 else None
+        self.ids = (torch.arange(self.count * self.rows_per, device=device) + r0).view(
+            self.count, self.rows_per)  # each block row's index (past r1: padding)
 
     def rows(self, t: torch.Tensor) -> torch.Tensor:
         """[b, h, s, ...] -> [b, h', n, B, ...], rows past r1 zero."""
@@ -114,14 +116,9 @@ class _Band:
         else:
             acc[:, self.heads].index_add_(2, self.index, win.flatten(2, 3))
 
-    def row_ids(self) -> torch.Tensor:
-        """[n, B]: each block row's index (past r1: padding)."""
-        ids = torch.arange(self.count * self.rows_per, device=self.key.device) + self.r0
-        return ids.view(self.count, self.rows_per)
-
     def mask(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """``cope_blocks``' band: row and key indices and W (None: every key is the row's)."""
-        return (self.row_ids(), self.key, self.width) if self.causal else None
+        return (self.ids, self.key, self.width) if self.causal else None
 
 
 def _bands(r0: int, r1: int, width: int, block: int, causal: bool, keys: int, shape,
@@ -176,12 +173,12 @@ def _band_forward(fwd, q, k, v, z, carry, out, lse, r0, r1, width, *, scale, npo
     row has not clamped, its gates so far, extrapolated."""
     need, guess = 0, width
     for band in _bands(r0, r1, width, block, causal, k.shape[2], q.shape, q.device):
+        carry_rows, ids = band.rows(carry), band.ids
         o, o_lse, unclamped, total = fwd(band.rows(q), band.windows(k), band.windows(v),
-                                         band.mask(), band.rows(z), band.rows(carry), scale,
+                                         band.mask(), band.rows(z), carry_rows, scale,
                                          npos_max)
         band.put(out, o)
         band.put(lse, o_lse)
-        carry_rows, ids = band.rows(carry), band.row_ids()
         # Keys past npos_max − 1 are the far ones, so a row needs its unclamped keys; if
         # all of its band is unclamped and it has keys beyond, it needs more than W.
         more = ids + 1 > width if causal else k.shape[2] > width
