@@ -14,10 +14,15 @@ check_run() {
   fi
 }
 
-# run_or_print COMMAND...: run it, or with DRY_RUN=1 print it (one line, shell-quoted).
+# print_command COMMAND...: one line, shell-quoted (what DRY_RUN=1 shows).
+print_command() {
+  printf '%q ' "$@"; printf '\n'
+}
+
+# run_or_print COMMAND...: run it, or with DRY_RUN=1 print it.
 run_or_print() {
   if [ "${DRY_RUN:-0}" = 1 ]; then
-    printf '%q ' "$@"; printf '\n'
+    print_command "$@"
   else
     exec "$@"
   fi
