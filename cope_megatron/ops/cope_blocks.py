@@ -117,13 +117,14 @@ def undo_differences(dz: torch.Tensor, dzd: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _compiled(fn):
     compiled = torch.compile(fn, dynamic=True)
+    # Without this, dynamo equates sizes that merely coincide in the first call (block
+    # rows = window keys, offsets = sizes) and recompiles whenever they differ later,
+    # until it gives up and runs eagerly. Made once: each patch() builds a class.
+    distinct_sizes = torch.fx.experimental._config.patch(use_duck_shape=False)
 
     @functools.wraps(fn)
     def call(*args):
-        # Without this, dynamo equates sizes that merely coincide in the first call
-        # (block rows = window keys, offsets = sizes) and recompiles whenever they differ
-        # later, until it gives up and runs eagerly.
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
+        with distinct_sizes:
             return compiled(*args)
 
     return call
