@@ -154,14 +154,14 @@ def test_open_gates_count_tokens():
     assert p.clamp(max=2)[4].tolist() == [2, 2, 2, 2, 1]
 
 
-def _triton_case(seq, d, npos, npos_max, *, sparse, seed=0):
+def _triton_case(seq, d, npos, npos_max, *, sparse, seed=0, heads=2):
     gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, 2, seq, d, generator=gen) for _ in range(3))
+    q, k, v = (torch.randn(1, heads, seq, d, generator=gen) for _ in range(3))
     if sparse:  # a shared direction with opposite signs: logits about −4, gates about 0.02
         u = torch.nn.functional.normalize(torch.randn(d, generator=gen), dim=0)
         shift = math.sqrt(4 * math.sqrt(d)) * u
         q, k = q + shift, k - shift
-    E = torch.randn(2, d, npos, generator=gen)
+    E = torch.randn(heads, d, npos, generator=gen)
     return q, k, v, E
 
 
@@ -256,16 +256,28 @@ def _positions(q, k, scale, causal, carry):
 
 
 @pytest.mark.parametrize("regime", ["dense", "sparse", "never", "carried", "noncausal"])
-def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, regime):
+def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regime):
     """Each group's band width W (``bands``) is the smallest that leaves to plain attention
     only keys whose float64 positions exceed npos_max − 1 for their row (causal: keys
     j ≤ i − W; a key chunk before the rows: keys before its last W), plain keys exist
     exactly when positions clamp, and the result is the reference's, forward and backward.
     Small groups, batches and wide-band sizes make every path run: several groups (smaller
     once bands are wide), widths retried and carried over, narrow bands' blocks batched,
-    wide bands' heads split; the gradients of two regimes go through the compiled code."""
+    wide bands' heads split (two at a time, the threads); the gradients of two regimes go
+    through the compiled code."""
     from cope_megatron.ops import cope_chunked
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    head_batches = []
+
+    class Band(cope_chunked._Band):
+        def __init__(self, heads, *args, **kwargs):
+            head_batches.append(heads.stop - heads.start)
+            super().__init__(heads, *args, **kwargs)
+
+    monkeypatch.setattr(cope_chunked, "_Band", Band)
     monkeypatch.setattr(cope_chunked, "FAR_ROWS", 48)
     monkeypatch.setattr(cope_chunked, "BAND_ELEMENTS", 6000)
     monkeypatch.setattr(cope_chunked, "MIN_BAND_ROWS", 40)
@@ -274,7 +286,7 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, regime):
     seq, d, npos = 151, 16, 40  # odd: the last band blocks are padded
     causal = regime != "noncausal"
     npos_max = {"dense": 8, "sparse": 3, "never": 40, "carried": 8, "noncausal": 5}[regime]
-    q, k, v, E = (t.double() for t in _triton_case(seq, d, npos, npos,
+    q, k, v, E = (t.double() for t in _triton_case(seq, d, npos, npos, heads=4,
                                                     sparse=regime == "sparse"))
     if regime == "never":
         q, k, v, E = (t[:, :, :32] if t.dim() == 4 else t for t in (q, k, v, E))
@@ -304,6 +316,7 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, regime):
     plain_keys = sum(sum(max(0, i - width + 1) for i in range(r0, r1)) if causal
                      else (r1 - r0) * (s - width) for r0, r1, width in bands)
     assert (plain_keys > 0) == (regime != "never"), widths
+    assert set(head_batches) == ({2, 4} if regime == "sparse" else {4})
     if regime == "carried":
         assert widths[0] < widths[-1]  # clamped rows need no band
         return  # a carry has no single-rank reference: the context-parallel tests cover it
