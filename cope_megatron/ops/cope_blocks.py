@@ -28,6 +28,8 @@ import shutil
 
 import torch
 
+from cope_megatron.ops import cope_native
+
 COMPILE_MIN_SEQ = 1024
 
 
@@ -138,8 +140,17 @@ def _can_compile(device: torch.device) -> bool:
     return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
 
 
-def kernel(fn, compile: bool | None, keys: int, device: torch.device):
-    """``fn`` compiled or not: ``compile`` None decides by the number of keys."""
+def kernels(compile: bool | None, keys: int, device: torch.device):
+    """(forward, backward) band functions. ``compile`` False: these, eagerly. Otherwise
+    fused: on CPU the C++ kernel of ``ops.cope_native`` (built in a second, once per
+    machine, so at any length), elsewhere these through torch.compile, which costs seconds
+    once per process, so that ``compile`` None uses it from ``COMPILE_MIN_SEQ`` keys on."""
+    if compile is False:
+        return forward_block, backward_block
+    if device.type == "cpu" and cope_native.library() is not None:
+        return cope_native.forward_block, cope_native.backward_block
     if compile is None:
         compile = keys >= COMPILE_MIN_SEQ and _can_compile(device)
-    return _compiled(fn) if compile else fn
+    if compile:
+        return _compiled(forward_block), _compiled(backward_block)
+    return forward_block, backward_block

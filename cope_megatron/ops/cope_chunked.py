@@ -39,7 +39,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cope_megatron.ops.cope_blocks import backward_block, forward_block, kernel
+from cope_megatron.ops.cope_blocks import kernels
 from cope_megatron.ops.cope_reference import expand_kv
 from cope_megatron.ops.plain_attention import (
     attention_backward,
@@ -210,7 +210,7 @@ def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: boo
     ``bands``: a list to append each group's (first row, end row, band width) to, for
     ``chunk_backward``.
     """
-    fwd = kernel(forward_block, compile, k.shape[2], q.device)
+    fwd, _ = kernels(compile, k.shape[2], q.device)
     out = torch.zeros_like(q)
     lse = torch.full(q.shape[:3], float("-inf"), dtype=q.dtype, device=q.device)
     width = 2 * npos_max + npos_max // 2  # gates about one half clamp within 2·npos_max
@@ -257,7 +257,7 @@ def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
     chunks that leaves exactly the sum over its plain keys. ``bands``: the widths
     ``chunk_forward`` recorded."""
     dq, dk, dv, dz = grads
-    bwd = kernel(backward_block, compile, k.shape[2], q.device)
+    _, bwd = kernels(compile, k.shape[2], q.device)
     delta = (d_out * out).sum(-1)
     dp_sum = torch.zeros_like(lse)
     for r0, r1, width in bands:

@@ -1,0 +1,278 @@
+// CoPE's band math on CPU: the gate, reverse-cumulative-sum, interpolation and softmax
+// passes of ops/cope_blocks.py fused into one sweep down the keys (two in the backward),
+// the matmuls left to torch. Logits arrive transposed, [keys][rows], so that SIMD lanes
+// are rows: each lane keeps its own running gate sum, and one key step is one vector op.
+// ops/cope_native.py builds and calls it.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;
+
+// libm's expf is a call the vectorizer cannot inline; this is Cephes' expf (≤ 2 ulp),
+// written so that it vectorizes. Doubles (tests, float64 runs) use libm.
+__attribute__((always_inline)) inline float exp_(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+inline double exp_(double x) { return std::exp(x); }
+
+// One band batch: `problems` = batch·heads·blocks matrices of `keys` × `rows` logits.
+// Block n of a problem (n = problem % blocks) holds rows row0[n] + r against keys
+// key0[n] + j; causal: key j is row i's iff i − width < j ≤ i (else all are).
+struct Band {
+  int64_t problems, blocks, rows, keys, npos, npos_max, width, causal;
+  double scale;
+  const int64_t* row0;
+  const int64_t* key0;
+  const void* z;      // [problems][rows][npos]
+  const void* carry;  // [problems][rows]
+};
+
+// One work item: up to kLanes rows of one problem.
+template <typename T>
+struct Group {
+  int64_t problem, first_row, lanes, offset;  // offset: its lane 0 in [problems][keys][rows]
+  int64_t key0, row;  // its block's first key, its first row's index
+  const T* z;
+  const T* carry;
+  int npos;
+  T scale, last;  // last: npos_max − 1, where positions clamp
+
+  Group(const Band& b, int64_t item) {
+    const int64_t groups = (b.rows + kLanes - 1) / kLanes;
+    problem = item / groups, first_row = item % groups * kLanes;
+    lanes = std::min<int64_t>(kLanes, b.rows - first_row);
+    offset = problem * b.keys * b.rows + first_row;
+    key0 = b.key0[problem % b.blocks];
+    row = b.row0[problem % b.blocks] + first_row;
+    z = static_cast<const T*>(b.z) + (problem * b.rows + first_row) * b.npos;
+    carry = static_cast<const T*>(b.carry) + problem * b.rows + first_row;
+    npos = static_cast<int>(b.npos), scale = static_cast<T>(b.scale);
+    last = static_cast<T>(b.npos_max - 1);
+  }
+
+  // Lanes first ≤ l < end have key j in their band (int32, so that lanes stay 16 wide).
+  void band(const Band& b, int64_t j, int& first, int& end) const {
+    if (!b.causal) {
+      first = 0, end = kLanes;
+      return;
+    }
+    const int64_t rel = key0 + j - row;  // lane l's row sees the key iff rel ≤ l < rel + W
+    first = static_cast<int>(std::clamp<int64_t>(rel, 0, kLanes));
+    end = static_cast<int>(std::clamp<int64_t>(rel + b.width, 0, kLanes));
+  }
+};
+
+// What every sweep computes for one (key, lane) from the raw logit and the lane's running
+// gate sum: the same code in each, so every sweep sees the same positions.
+template <typename T>
+struct Step {
+  T x, g;      // scaled logit, gate (0 outside the band)
+  bool valid;  // the key is in the row's band
+  int lo;      // ⌊position⌋
+  T frac;      // position − lo
+  T zl, zd;    // z[lo], z[lo + 1] − z[lo] (0 at the table's end)
+};
+
+template <typename T>
+__attribute__((always_inline)) inline Step<T> step(const Group<T>& c, T a, T& sum, int l,
+                                                   int first, int end) {
+  Step<T> s;
+  s.valid = (l >= first) & (l < end);
+  s.x = c.scale * a;
+  s.g = s.valid ? T(1) / (T(1) + exp_(-s.x)) : T(0);
+  sum += s.g;
+  const T p = std::min(sum, c.last);
+  s.lo = static_cast<int>(p);
+  s.frac = p - static_cast<T>(s.lo);
+  const int at = l * c.npos + s.lo;
+  s.zl = c.z[at];
+  s.zd = c.z[at + (s.lo < c.npos - 1)] - s.zl;
+  return s;
+}
+
+// Full groups have a constant lane count, so their per-lane state fits vector registers.
+template <typename T, bool Full>
+void forward_group(const Band& b, const Group<T>& c, T* a, T* max_out, T* norm_out,
+                   T* unclamped, T* total) {
+  const int lanes = Full ? kLanes : static_cast<int>(c.lanes);
+  const T inf = std::numeric_limits<T>::infinity();
+  T sum[kLanes], hi[kLanes], norm[kLanes], count[kLanes];
+  for (int l = 0; l < lanes; ++l) sum[l] = c.carry[l], hi[l] = -inf, norm[l] = 0, count[l] = 0;
+  for (int64_t j = b.keys - 1; j >= 0; --j) {
+    T* row_a = a + c.offset + j * b.rows;
+    int first, end;
+    c.band(b, j, first, end);
+#pragma omp simd
+    for (int l = 0; l < lanes; ++l) {
+      const Step<T> s = step(c, row_a[l], sum[l], l, first, end);
+      const T logit = s.x + s.zl + s.frac * s.zd;
+      const T kept = s.valid ? logit : -inf;
+      count[l] += s.valid & (sum[l] <= c.last) ? T(1) : T(0);
+      hi[l] = kept > hi[l] ? kept : hi[l];  // (std::max would not vectorize)
+      row_a[l] = kept;
+    }
+  }
+  for (int64_t j = 0; j < b.keys; ++j) {
+    T* row_a = a + c.offset + j * b.rows;
+#pragma omp simd
+    for (int l = 0; l < lanes; ++l) {
+      const T e = row_a[l] == -inf ? T(0) : exp_(row_a[l] - hi[l]);
+      row_a[l] = e;
+      norm[l] += e;
+    }
+  }
+  const int64_t r = c.problem * b.rows + c.first_row;
+  for (int l = 0; l < lanes; ++l) {
+    max_out[r + l] = hi[l], norm_out[r + l] = norm[l], unclamped[r + l] = count[l];
+    total[r + l] = sum[l];
+  }
+}
+
+template <typename T, bool Full>
+void backward_group(const Band& b, const Group<T>& c, const T* a, T* d, T* p, const T* lse,
+                    const T* delta, T* dz, T* dp_sum) {
+  const int lanes = Full ? kLanes : static_cast<int>(c.lanes);
+  const int64_t r = c.problem * b.rows + c.first_row;
+  T* dz_rows = dz + r * c.npos;
+  std::vector<T> dzd(lanes * c.npos, T(0));
+  std::fill(dz_rows, dz_rows + lanes * c.npos, T(0));
+  // Positions only grow down the sweep, so each lane's ⌊p⌋ moves up through the table:
+  // its dz entries are sums over runs of keys, kept in registers and written when the
+  // run ends (a scatter per key would not vectorize).
+  T sum[kLanes], dl_sum[kLanes], run_dz[kLanes], run_dzd[kLanes], out_dz[kLanes],
+      out_dzd[kLanes];
+  double dp_total[kLanes], dp_after[kLanes];
+  int run[kLanes], out_at[kLanes];
+  for (int l = 0; l < lanes; ++l) {
+    sum[l] = c.carry[l], dl_sum[l] = run_dz[l] = run_dzd[l] = 0, dp_total[l] = 0, run[l] = 0;
+  }
+  for (int64_t j = b.keys - 1; j >= 0; --j) {
+    const int64_t at = c.offset + j * b.rows;
+    int first, end, ended = 0;
+    c.band(b, j, first, end);
+#pragma omp simd reduction(+ : ended)
+    for (int l = 0; l < lanes; ++l) {
+      const Step<T> s = step(c, a[at + l], sum[l], l, first, end);
+      const T logit = s.x + s.zl + s.frac * s.zd;
+      const T prob = s.valid ? exp_(logit - lse[r + l]) : T(0);
+      const T dl = prob * (d[at + l] - delta[r + l]);
+      p[at + l] = prob;
+      d[at + l] = dl;
+      dl_sum[l] += dl;
+      dp_total[l] += sum[l] <= c.last ? dl * s.zd : T(0);
+      const bool moved = s.lo != run[l];
+      out_at[l] = run[l];
+      out_dz[l] = moved ? run_dz[l] : T(0);
+      out_dzd[l] = moved ? run_dzd[l] : T(0);
+      run_dz[l] = (moved ? T(0) : run_dz[l]) + dl;
+      run_dzd[l] = (moved ? T(0) : run_dzd[l]) + dl * s.frac;
+      run[l] = s.lo;
+      ended += moved;
+    }
+    if (ended)
+      for (int l = 0; l < lanes; ++l) {
+        dz_rows[l * c.npos + out_at[l]] += out_dz[l];
+        dzd[l * c.npos + out_at[l]] += out_dzd[l];
+      }
+  }
+  for (int l = 0; l < lanes; ++l) {
+    dz_rows[l * c.npos + run[l]] += run_dz[l];
+    dzd[l * c.npos + run[l]] += run_dzd[l];
+  }
+  // dL/dg_t = Σ_{j ≤ t} dp_j: the total less the keys after t, in double so that the
+  // subtraction loses nothing of T's precision.
+  for (int l = 0; l < lanes; ++l) sum[l] = c.carry[l], dp_after[l] = 0;
+  for (int64_t j = b.keys - 1; j >= 0; --j) {
+    const int64_t at = c.offset + j * b.rows;
+    int first, end;
+    c.band(b, j, first, end);
+#pragma omp simd
+    for (int l = 0; l < lanes; ++l) {
+      const Step<T> s = step(c, a[at + l], sum[l], l, first, end);
+      const T dl = d[at + l];
+      const T dg = static_cast<T>(dp_total[l] - dp_after[l]);
+      dp_after[l] += sum[l] <= c.last ? dl * s.zd : T(0);
+      d[at + l] = dl + dg * s.g * (T(1) - s.g);
+    }
+  }
+  // dz from the interpolation's (z, zd) form back to z's entries; the keys beyond the
+  // band, all at the last position, get the rest of the row's logit gradients, which sum
+  // to zero.
+  for (int l = 0; l < lanes; ++l) {
+    T* row_dz = dz_rows + l * c.npos;
+    const T* row_dzd = dzd.data() + l * c.npos;
+    for (int n = c.npos - 1; n >= 1; --n) row_dz[n] += row_dzd[n - 1];
+    for (int n = 0; n + 1 < c.npos; ++n) row_dz[n] -= row_dzd[n];
+    row_dz[b.npos_max - 1] -= dl_sum[l];
+    dp_sum[r + l] = static_cast<T>(dp_total[l]);
+  }
+}
+
+template <typename T>
+void forward(const Band& b, T* a, T* max_out, T* norm_out, T* unclamped, T* total) {
+  const int64_t items = b.problems * ((b.rows + kLanes - 1) / kLanes);
+#pragma omp parallel for schedule(static)
+  for (int64_t item = 0; item < items; ++item) {
+    const Group<T> c(b, item);
+    if (c.lanes == kLanes)
+      forward_group<T, true>(b, c, a, max_out, norm_out, unclamped, total);
+    else
+      forward_group<T, false>(b, c, a, max_out, norm_out, unclamped, total);
+  }
+}
+
+// In: a, the logits' raw products q·k; d = dO·vᵀ. Out: probs in p, dL/da in d (unscaled),
+// dz per row, Σ dp per row.
+template <typename T>
+void backward(const Band& b, const T* a, T* d, T* p, const T* lse, const T* delta, T* dz,
+              T* dp_sum) {
+  const int64_t items = b.problems * ((b.rows + kLanes - 1) / kLanes);
+#pragma omp parallel for schedule(static)
+  for (int64_t item = 0; item < items; ++item) {
+    const Group<T> c(b, item);
+    if (c.lanes == kLanes)
+      backward_group<T, true>(b, c, a, d, p, lse, delta, dz, dp_sum);
+    else
+      backward_group<T, false>(b, c, a, d, p, lse, delta, dz, dp_sum);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+void cope_band_forward_f32(const Band* b, float* a, float* m, float* s, float* u, float* t) {
+  forward<float>(*b, a, m, s, u, t);
+}
+void cope_band_forward_f64(const Band* b, double* a, double* m, double* s, double* u,
+                           double* t) {
+  forward<double>(*b, a, m, s, u, t);
+}
+void cope_band_backward_f32(const Band* b, const float* a, float* d, float* p,
+                            const float* lse, const float* delta, float* dz, float* dps) {
+  backward<float>(*b, a, d, p, lse, delta, dz, dps);
+}
+void cope_band_backward_f64(const Band* b, const double* a, double* d, double* p,
+                            const double* lse, const double* delta, double* dz,
+                            double* dps) {
+  backward<double>(*b, a, d, p, lse, delta, dz, dps);
+}
+}
