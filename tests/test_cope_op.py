@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cope_megatron.ops import cope_attention
+from cope_megatron.ops import cope_attention, cope_blocks, cope_native
 from cope_megatron.ops.cope_chunked import cope_attention_chunked
 from cope_megatron.ops.cope_reference import cope_attention_reference
 
@@ -84,22 +84,60 @@ def _compare(impl_fn, case, rtol, atol, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("compile", [False, True])
-def test_chunked_matches_reference(case, compile):
+@pytest.mark.parametrize("band_code", ["eager", "native", "compiled"])
+def test_chunked_matches_reference(monkeypatch, case, band_code):
+    """Every way the band math runs: eagerly, as the C++ kernel (the CPU's fused code) and
+    through torch.compile (other devices' fused code, here compiled for the CPU)."""
+    if band_code == "compiled":
+        monkeypatch.setattr(cope_native, "library", lambda: None)
+
     def fn(*args, block, **kw):
-        return cope_attention_chunked(*args, block=block, compile=compile, **kw)
+        return cope_attention_chunked(*args, block=block, compile=band_code != "eager", **kw)
 
     _compare(fn, case, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("case", CASES[:2])
-def test_chunked_float32_and_bfloat16(case):
+@pytest.mark.parametrize("compile", [False, True])
+def test_chunked_float32_and_bfloat16(case, compile):
+    """Eager and the C++ kernel, whose float32 exp is its own polynomial."""
     def fn(*args, block, **kw):
-        return cope_attention_chunked(*args, block=block, compile=False, **kw)
+        return cope_attention_chunked(*args, block=block, compile=compile, **kw)
 
     _compare(fn, case, rtol=1e-4, atol=1e-4, dtype=torch.float32)
     # bf16 inputs are computed in fp32; the error is bf16 rounding of inputs and outputs.
     _compare(fn, case, rtol=5e-2, atol=5e-2, dtype=torch.bfloat16)
+
+
+def test_cpu_band_code_is_the_native_kernel_built_once(monkeypatch, request, tmp_path):
+    """On CPU the fused band code is the C++ kernel, at any length; it is built once per
+    machine into the cache, and where it cannot be built (no compiler, or one that fails)
+    the band runs in torch, with a warning that says so."""
+    cpu = torch.device("cpu")
+    native = (cope_native.forward_block, cope_native.backward_block)
+    eager = (cope_blocks.forward_block, cope_blocks.backward_block)
+    assert cope_blocks.kernels(None, 16, cpu) == cope_blocks.kernels(True, 16, cpu) == native
+    assert cope_blocks.kernels(False, 16, cpu) == eager
+
+    request.addfinalizer(cope_native.library.cache_clear)
+    monkeypatch.setenv("COPE_MEGATRON_CACHE", str(tmp_path))
+    cope_native.library.cache_clear()
+    assert cope_native.library() is not None
+    built, = tmp_path.glob("cope_band-*.so")
+    stamp = built.stat().st_mtime_ns
+    cope_native.library.cache_clear()
+    assert cope_native.library() is not None and built.stat().st_mtime_ns == stamp
+
+    monkeypatch.setenv("COPE_MEGATRON_CACHE", str(tmp_path / "failing"))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that exits 1
+    cope_native.library.cache_clear()
+    with pytest.warns(UserWarning, match="cope_band.cpp did not build"):
+        assert cope_native.library() is None
+    assert cope_blocks.kernels(None, 16, cpu) == eager  # below torch.compile's length
+    monkeypatch.setattr(cope_native.shutil, "which", lambda name: None)
+    cope_native.library.cache_clear()
+    with pytest.warns(UserWarning, match="no C.. compiler"):
+        assert cope_native.library() is None
 
 
 def test_chunked_gradcheck():
@@ -263,8 +301,8 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regim
     exactly when positions clamp, and the result is the reference's, forward and backward.
     Small groups, batches and wide-band sizes make every path run: several groups (smaller
     once bands are wide), widths retried and carried over, narrow bands' blocks batched,
-    wide bands' heads split (two at a time, the threads); the gradients of two regimes go
-    through the compiled code."""
+    wide bands' heads split (two at a time, the threads); two regimes run the C++ kernel,
+    on two threads."""
     from cope_megatron.ops import cope_chunked
 
     threads = torch.get_num_threads()
