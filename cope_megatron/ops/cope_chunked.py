@@ -21,8 +21,9 @@ then no plain part is left and the op is CoPE's math throughout.
 
 The band runs in batches (``_bands``): narrow bands as query blocks of ``block`` rows, each
 against a copied window of W + block − 1 keys masked to its rows' bands; wide ones as one
-larger block whose window is a view. ``ops.cope_blocks`` has their math. Only q, k, v,
-the table, the output and one log-sum-exp per row are saved.
+larger block whose window is a view. ``ops.cope_blocks`` has their math in torch,
+``ops.cope_native`` as the CPU's C++ kernel. Only q, k, v, the table, the output and one
+log-sum-exp per row are saved.
 
 The same code serves one (query chunk, key chunk) pair of a sequence split across ranks
 (``chunk_forward``/``chunk_backward``, used by ``distributed.cp_cope``): ``carry`` adds to
@@ -383,8 +384,9 @@ def cope_attention_chunked(
 ) -> torch.Tensor:
     """q [b, h, s, d]; k, v [b, g, s, d]; pos_emb [h or 1, d, npos] -> [b, h, s, d].
 
-    ``block``: query rows per band block. ``compile``: fuse the band math with
-    torch.compile; None: from ``cope_blocks.COMPILE_MIN_SEQ`` tokens on, when the compiler
-    toolchain is present.
+    ``block``: query rows per band block. ``compile``: run the band math fused (False:
+    eagerly in torch) -- on CPU as a C++ kernel, at any length (``ops.cope_native``),
+    elsewhere through torch.compile; None: the same, but torch.compile only from
+    ``cope_blocks.COMPILE_MIN_SEQ`` tokens on.
     """
     return _CoPEChunked.apply(q, k, v, pos_emb, npos_max, softmax_scale, causal, block, compile)

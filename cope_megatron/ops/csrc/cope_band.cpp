@@ -81,33 +81,54 @@ struct Group {
   }
 };
 
-// What every sweep computes for one (key, lane) from the raw logit and the lane's running
-// gate sum: the same code in each, so every sweep sees the same positions.
+// A sweep's per-lane state at one key: what every sweep derives from the raw logits and
+// the lanes' running gate sums, by the same code in each, so all see the same positions.
 template <typename T>
-struct Step {
-  T x, g;      // scaled logit, gate (0 outside the band)
-  bool valid;  // the key is in the row's band
-  int lo;      // ⌊position⌋
-  T frac;      // position − lo
-  T zl, zd;    // z[lo], z[lo + 1] − z[lo] (0 at the table's end)
-};
+struct Sweep {
+  T sum[kLanes];                 // gate sum from the key to the row, plus the carry
+  T x[kLanes], g[kLanes];        // scaled logit, gate (0 off the band)
+  T frac[kLanes];                // position − ⌊position⌋
+  T unclamped[kLanes];           // keys so far in the band at or below npos_max − 1
+  int lo[kLanes], next[kLanes];  // ⌊position⌋ at the previous key, at this one
+  T zl[kLanes], zd[kLanes];      // z[lo], z[lo + 1] − z[lo] (0 at the table's end)
 
-template <typename T>
-__attribute__((always_inline)) inline Step<T> step(const Group<T>& c, T a, T& sum, int l,
-                                                   int first, int end) {
-  Step<T> s;
-  s.valid = (l >= first) & (l < end);
-  s.x = c.scale * a;
-  s.g = s.valid ? T(1) / (T(1) + exp_(-s.x)) : T(0);
-  sum += s.g;
-  const T p = std::min(sum, c.last);
-  s.lo = static_cast<int>(p);
-  s.frac = p - static_cast<T>(s.lo);
-  const int at = l * c.npos + s.lo;
-  s.zl = c.z[at];
-  s.zd = c.z[at + (s.lo < c.npos - 1)] - s.zl;
-  return s;
-}
+  __attribute__((always_inline)) Sweep(const Group<T>& c, int lanes) {
+    for (int l = 0; l < lanes; ++l) sum[l] = c.carry[l], unclamped[l] = 0, next[l] = 0;
+    refresh(c, lanes);
+  }
+
+  // Moves to the key whose raw logits are a; returns how many lanes' ⌊position⌋ moved
+  // (`next` then differs from `lo` until `refresh`).
+  __attribute__((always_inline)) int step(const Group<T>& c, const T* a, int lanes, int first,
+                                          int end) {
+    int moved = 0;
+#pragma omp simd reduction(+ : moved)
+    for (int l = 0; l < lanes; ++l) {
+      x[l] = c.scale * a[l];
+      const bool valid = (l >= first) & (l < end);
+      g[l] = valid ? T(1) / (T(1) + exp_(-x[l])) : T(0);
+      sum[l] += g[l];
+      unclamped[l] += valid & (sum[l] <= c.last) ? T(1) : T(0);
+      const T p = std::min(sum[l], c.last);
+      next[l] = static_cast<int>(p);
+      frac[l] = p - static_cast<T>(next[l]);
+      moved += next[l] != lo[l];
+    }
+    return moved;
+  }
+
+  // Positions only grow down the sweep, so a lane's ⌊position⌋ moves at most npos_max
+  // times: the table is read (a gather, the costliest load) only then.
+  __attribute__((always_inline)) void refresh(const Group<T>& c, int lanes) {
+#pragma omp simd
+    for (int l = 0; l < lanes; ++l) {
+      const int at = l * c.npos + next[l];
+      lo[l] = next[l];
+      zl[l] = c.z[at];
+      zd[l] = c.z[at + (next[l] < c.npos - 1)] - zl[l];
+    }
+  }
+};
 
 // Full groups have a constant lane count, so their per-lane state fits vector registers.
 template <typename T, bool Full>
@@ -115,18 +136,19 @@ void forward_group(const Band& b, const Group<T>& c, T* a, T* max_out, T* norm_o
                    T* unclamped, T* total) {
   const int lanes = Full ? kLanes : static_cast<int>(c.lanes);
   const T inf = std::numeric_limits<T>::infinity();
-  T sum[kLanes], hi[kLanes], norm[kLanes], count[kLanes];
-  for (int l = 0; l < lanes; ++l) sum[l] = c.carry[l], hi[l] = -inf, norm[l] = 0, count[l] = 0;
+  T hi[kLanes], norm[kLanes];
+  for (int l = 0; l < lanes; ++l) hi[l] = -inf, norm[l] = 0;
+  Sweep<T> s(c, lanes);
   for (int64_t j = b.keys - 1; j >= 0; --j) {
     T* row_a = a + c.offset + j * b.rows;
     int first, end;
     c.band(b, j, first, end);
+    if (s.step(c, row_a, lanes, first, end)) s.refresh(c, lanes);
 #pragma omp simd
     for (int l = 0; l < lanes; ++l) {
-      const Step<T> s = step(c, row_a[l], sum[l], l, first, end);
-      const T logit = s.x + s.zl + s.frac * s.zd;
-      const T kept = s.valid ? logit : -inf;
-      count[l] += s.valid & (sum[l] <= c.last) ? T(1) : T(0);
+      const bool valid = (l >= first) & (l < end);
+      const T logit = s.x[l] + s.zl[l] + s.frac[l] * s.zd[l];
+      const T kept = valid ? logit : -inf;
       hi[l] = kept > hi[l] ? kept : hi[l];  // (std::max would not vectorize)
       row_a[l] = kept;
     }
@@ -142,8 +164,8 @@ void forward_group(const Band& b, const Group<T>& c, T* a, T* max_out, T* norm_o
   }
   const int64_t r = c.problem * b.rows + c.first_row;
   for (int l = 0; l < lanes; ++l) {
-    max_out[r + l] = hi[l], norm_out[r + l] = norm[l], unclamped[r + l] = count[l];
-    total[r + l] = sum[l];
+    max_out[r + l] = hi[l], norm_out[r + l] = norm[l], unclamped[r + l] = s.unclamped[l];
+    total[r + l] = s.sum[l];
   }
 }
 
@@ -155,63 +177,58 @@ void backward_group(const Band& b, const Group<T>& c, const T* a, T* d, T* p, co
   T* dz_rows = dz + r * c.npos;
   std::vector<T> dzd(lanes * c.npos, T(0));
   std::fill(dz_rows, dz_rows + lanes * c.npos, T(0));
-  // Positions only grow down the sweep, so each lane's ⌊p⌋ moves up through the table:
-  // its dz entries are sums over runs of keys, kept in registers and written when the
-  // run ends (a scatter per key would not vectorize).
-  T sum[kLanes], dl_sum[kLanes], run_dz[kLanes], run_dzd[kLanes], out_dz[kLanes],
-      out_dzd[kLanes];
+  // A lane's dz entries are sums over the runs of keys at one ⌊position⌋: summed in
+  // registers and written when the run ends (a scatter per key would not vectorize).
+  T dl_sum[kLanes], run_dz[kLanes], run_dzd[kLanes];
   double dp_total[kLanes], dp_after[kLanes];
-  int run[kLanes], out_at[kLanes];
-  for (int l = 0; l < lanes; ++l) {
-    sum[l] = c.carry[l], dl_sum[l] = run_dz[l] = run_dzd[l] = 0, dp_total[l] = 0, run[l] = 0;
-  }
-  for (int64_t j = b.keys - 1; j >= 0; --j) {
-    const int64_t at = c.offset + j * b.rows;
-    int first, end, ended = 0;
-    c.band(b, j, first, end);
-#pragma omp simd reduction(+ : ended)
-    for (int l = 0; l < lanes; ++l) {
-      const Step<T> s = step(c, a[at + l], sum[l], l, first, end);
-      const T logit = s.x + s.zl + s.frac * s.zd;
-      const T prob = s.valid ? exp_(logit - lse[r + l]) : T(0);
-      const T dl = prob * (d[at + l] - delta[r + l]);
-      p[at + l] = prob;
-      d[at + l] = dl;
-      dl_sum[l] += dl;
-      dp_total[l] += sum[l] <= c.last ? dl * s.zd : T(0);
-      const bool moved = s.lo != run[l];
-      out_at[l] = run[l];
-      out_dz[l] = moved ? run_dz[l] : T(0);
-      out_dzd[l] = moved ? run_dzd[l] : T(0);
-      run_dz[l] = (moved ? T(0) : run_dz[l]) + dl;
-      run_dzd[l] = (moved ? T(0) : run_dzd[l]) + dl * s.frac;
-      run[l] = s.lo;
-      ended += moved;
-    }
-    if (ended)
-      for (int l = 0; l < lanes; ++l) {
-        dz_rows[l * c.npos + out_at[l]] += out_dz[l];
-        dzd[l * c.npos + out_at[l]] += out_dzd[l];
-      }
-  }
-  for (int l = 0; l < lanes; ++l) {
-    dz_rows[l * c.npos + run[l]] += run_dz[l];
-    dzd[l * c.npos + run[l]] += run_dzd[l];
-  }
-  // dL/dg_t = Σ_{j ≤ t} dp_j: the total less the keys after t, in double so that the
-  // subtraction loses nothing of T's precision.
-  for (int l = 0; l < lanes; ++l) sum[l] = c.carry[l], dp_after[l] = 0;
+  for (int l = 0; l < lanes; ++l) dl_sum[l] = run_dz[l] = run_dzd[l] = 0, dp_total[l] = 0;
+  Sweep<T> s(c, lanes);
   for (int64_t j = b.keys - 1; j >= 0; --j) {
     const int64_t at = c.offset + j * b.rows;
     int first, end;
     c.band(b, j, first, end);
+    if (s.step(c, a + at, lanes, first, end)) {
+      for (int l = 0; l < lanes; ++l)
+        if (s.next[l] != s.lo[l]) {
+          dz_rows[l * c.npos + s.lo[l]] += run_dz[l];
+          dzd[l * c.npos + s.lo[l]] += run_dzd[l];
+          run_dz[l] = run_dzd[l] = 0;
+        }
+      s.refresh(c, lanes);
+    }
 #pragma omp simd
     for (int l = 0; l < lanes; ++l) {
-      const Step<T> s = step(c, a[at + l], sum[l], l, first, end);
+      const bool valid = (l >= first) & (l < end);
+      const T logit = s.x[l] + s.zl[l] + s.frac[l] * s.zd[l];
+      const T prob = valid ? exp_(logit - lse[r + l]) : T(0);
+      const T dl = prob * (d[at + l] - delta[r + l]);
+      p[at + l] = prob;
+      d[at + l] = dl;
+      dl_sum[l] += dl;
+      dp_total[l] += s.sum[l] <= c.last ? dl * s.zd[l] : T(0);
+      run_dz[l] += dl;
+      run_dzd[l] += dl * s.frac[l];
+    }
+  }
+  for (int l = 0; l < lanes; ++l) {
+    dz_rows[l * c.npos + s.lo[l]] += run_dz[l];
+    dzd[l * c.npos + s.lo[l]] += run_dzd[l];
+  }
+  // dL/dg_t = Σ_{j ≤ t} dp_j: the total less the keys after t, in double so that the
+  // subtraction loses nothing of T's precision.
+  for (int l = 0; l < lanes; ++l) dp_after[l] = 0;
+  Sweep<T> again(c, lanes);
+  for (int64_t j = b.keys - 1; j >= 0; --j) {
+    const int64_t at = c.offset + j * b.rows;
+    int first, end;
+    c.band(b, j, first, end);
+    if (again.step(c, a + at, lanes, first, end)) again.refresh(c, lanes);
+#pragma omp simd
+    for (int l = 0; l < lanes; ++l) {
       const T dl = d[at + l];
       const T dg = static_cast<T>(dp_total[l] - dp_after[l]);
-      dp_after[l] += sum[l] <= c.last ? dl * s.zd : T(0);
-      d[at + l] = dl + dg * s.g * (T(1) - s.g);
+      dp_after[l] += again.sum[l] <= c.last ? dl * again.zd[l] : T(0);
+      d[at + l] = dl + dg * again.g[l] * (T(1) - again.g[l]);
     }
   }
   // dz from the interpolation's (z, zd) form back to z's entries; the keys beyond the
