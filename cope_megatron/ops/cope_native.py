@@ -7,10 +7,11 @@ backward, a scatter into the table and a cumulative sum of the position gradient
 and scatters run along the keys, so torch does each as its own pass over a logit-sized
 buffer, and torch.compile fuses only the elementwise ones between them. With the logits
 transposed ([keys, rows]: rows are SIMD lanes and each lane keeps its own running sum),
-the C++ does all of it in one sweep down the keys (two in the backward) and keeps three
-logit-sized buffers where the fused torch code keeps about ten. No library has such a
-kernel; a torch C++ extension would compile torch's headers for a minute per machine,
-while this one includes none (raw pointers) and builds in about a second.
+the C++ does all of it in one sweep down the keys (the backward adds a cheap one back up)
+and keeps one logit-sized buffer in the forward and four in the backward, where the fused
+torch code keeps about ten. No library has such a kernel; a torch C++ extension would
+compile torch's headers for a minute per machine, while this one includes none (raw
+pointers) and builds in about a second.
 
 ``forward_block`` and ``backward_block`` take and return what ``cope_blocks``' functions
 do, so ``cope_blocks.kernels`` can hand out either.
@@ -97,7 +98,7 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"the CoPE CPU kernel {SOURCE.name} did not build with {compiler} "
                       f"({detail}): the band math runs in torch, 1.5-3x slower", stacklevel=2)
         return None
-    for name, arity in (("forward", 6), ("backward", 8)):
+    for name, arity in (("forward", 6), ("backward", 9)):
         for suffix in ("f32", "f64"):
             getattr(lib, f"cope_band_{name}_{suffix}").argtypes = [ctypes.c_void_p] * arity
             getattr(lib, f"cope_band_{name}_{suffix}").restype = None
@@ -138,10 +139,10 @@ def backward_block(q_blk, k_win, v_win, band, z_blk, carry_blk, do_blk, lse_blk,
     """As ``cope_blocks.backward_block``."""
     a = k_win @ q_blk.transpose(-1, -2)
     d = v_win @ do_blk.transpose(-1, -2)  # dO·vᵀ, transposed alike; becomes dL/da
-    probs = torch.empty_like(a)
+    probs, dp = torch.empty_like(a), torch.empty_like(a)
     z, carry = z_blk.contiguous(), carry_blk.contiguous()
     dz, dp_sum = torch.empty_like(z), torch.empty_like(carry)
-    _call("backward", band, a, z, carry, scale, npos_max, a, d, probs,
+    _call("backward", band, a, z, carry, scale, npos_max, a, d, probs, dp,
           lse_blk.contiguous(), delta_blk.contiguous(), dz, dp_sum)
     return (scale * (d.transpose(-1, -2) @ k_win), scale * (d @ q_blk), probs @ do_blk, dz,
             dp_sum)

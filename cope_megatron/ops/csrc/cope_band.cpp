@@ -1,8 +1,8 @@
 // CoPE's band math on CPU: the gate, reverse-cumulative-sum, interpolation and softmax
-// passes of ops/cope_blocks.py fused into one sweep down the keys (two in the backward),
-// the matmuls left to torch. Logits arrive transposed, [keys][rows], so that SIMD lanes
-// are rows: each lane keeps its own running gate sum, and one key step is one vector op.
-// ops/cope_native.py builds and calls it.
+// passes of ops/cope_blocks.py fused into one sweep down the keys (the backward adds a
+// cumulative sum back up), the matmuls left to torch. Logits arrive transposed,
+// [keys][rows], so that SIMD lanes are rows: each lane keeps its own running gate sum, and
+// one key step is one vector op. ops/cope_native.py builds and calls it.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -170,7 +170,7 @@ void forward_group(const Band& b, const Group<T>& c, T* a, T* max_out, T* norm_o
 }
 
 template <typename T, bool Full>
-void backward_group(const Band& b, const Group<T>& c, const T* a, T* d, T* p, const T* lse,
+void backward_group(const Band& b, const Group<T>& c, T* a, T* d, T* p, T* dp, const T* lse,
                     const T* delta, T* dz, T* dp_sum) {
   const int lanes = Full ? kLanes : static_cast<int>(c.lanes);
   const int64_t r = c.problem * b.rows + c.first_row;
@@ -180,8 +180,7 @@ void backward_group(const Band& b, const Group<T>& c, const T* a, T* d, T* p, co
   // A lane's dz entries are sums over the runs of keys at one ⌊position⌋: summed in
   // registers and written when the run ends (a scatter per key would not vectorize).
   T dl_sum[kLanes], run_dz[kLanes], run_dzd[kLanes];
-  double dp_total[kLanes], dp_after[kLanes];
-  for (int l = 0; l < lanes; ++l) dl_sum[l] = run_dz[l] = run_dzd[l] = 0, dp_total[l] = 0;
+  for (int l = 0; l < lanes; ++l) dl_sum[l] = run_dz[l] = run_dzd[l] = 0;
   Sweep<T> s(c, lanes);
   for (int64_t j = b.keys - 1; j >= 0; --j) {
     const int64_t at = c.offset + j * b.rows;
@@ -205,7 +204,8 @@ void backward_group(const Band& b, const Group<T>& c, const T* a, T* d, T* p, co
       p[at + l] = prob;
       d[at + l] = dl;
       dl_sum[l] += dl;
-      dp_total[l] += s.sum[l] <= c.last ? dl * s.zd[l] : T(0);
+      dp[at + l] = s.sum[l] <= c.last ? dl * s.zd[l] : T(0);
+      a[at + l] = s.g[l] * (T(1) - s.g[l]);  // a is spent: keep dg/da for the sum back
       run_dz[l] += dl;
       run_dzd[l] += dl * s.frac[l];
     }
@@ -214,21 +214,15 @@ void backward_group(const Band& b, const Group<T>& c, const T* a, T* d, T* p, co
     dz_rows[l * c.npos + s.lo[l]] += run_dz[l];
     dzd[l * c.npos + s.lo[l]] += run_dzd[l];
   }
-  // dL/dg_t = Σ_{j ≤ t} dp_j: the total less the keys after t, in double so that the
-  // subtraction loses nothing of T's precision.
-  for (int l = 0; l < lanes; ++l) dp_after[l] = 0;
-  Sweep<T> again(c, lanes);
-  for (int64_t j = b.keys - 1; j >= 0; --j) {
+  // dL/dg_t = Σ_{j ≤ t} dp_j: a cumulative sum up the keys, the other way from the sweep.
+  T dg[kLanes];
+  for (int l = 0; l < lanes; ++l) dg[l] = 0;
+  for (int64_t j = 0; j < b.keys; ++j) {
     const int64_t at = c.offset + j * b.rows;
-    int first, end;
-    c.band(b, j, first, end);
-    if (again.step(c, a + at, lanes, first, end)) again.refresh(c, lanes);
 #pragma omp simd
     for (int l = 0; l < lanes; ++l) {
-      const T dl = d[at + l];
-      const T dg = static_cast<T>(dp_total[l] - dp_after[l]);
-      dp_after[l] += again.sum[l] <= c.last ? dl * again.zd[l] : T(0);
-      d[at + l] = dl + dg * again.g[l] * (T(1) - again.g[l]);
+      dg[l] += dp[at + l];
+      d[at + l] += dg[l] * a[at + l];
     }
   }
   // dz from the interpolation's (z, zd) form back to z's entries; the keys beyond the
@@ -240,10 +234,12 @@ void backward_group(const Band& b, const Group<T>& c, const T* a, T* d, T* p, co
     for (int n = c.npos - 1; n >= 1; --n) row_dz[n] += row_dzd[n - 1];
     for (int n = 0; n + 1 < c.npos; ++n) row_dz[n] -= row_dzd[n];
     row_dz[b.npos_max - 1] -= dl_sum[l];
-    dp_sum[r + l] = static_cast<T>(dp_total[l]);
+    dp_sum[r + l] = dg[l];
   }
 }
 
+// In: a, the logits' raw products q·k. Out: exp(logit − row max) in a (0 off the band),
+// the row max and Σ of those, the keys at or below npos_max − 1, the gate total + carry.
 template <typename T>
 void forward(const Band& b, T* a, T* max_out, T* norm_out, T* unclamped, T* total) {
   const int64_t items = b.problems * ((b.rows + kLanes - 1) / kLanes);
@@ -258,18 +254,18 @@ void forward(const Band& b, T* a, T* max_out, T* norm_out, T* unclamped, T* tota
 }
 
 // In: a, the logits' raw products q·k; d = dO·vᵀ. Out: probs in p, dL/da in d (unscaled),
-// dz per row, Σ dp per row.
+// dz per row, Σ dp per row; a and dp are scratch.
 template <typename T>
-void backward(const Band& b, const T* a, T* d, T* p, const T* lse, const T* delta, T* dz,
+void backward(const Band& b, T* a, T* d, T* p, T* dp, const T* lse, const T* delta, T* dz,
               T* dp_sum) {
   const int64_t items = b.problems * ((b.rows + kLanes - 1) / kLanes);
 #pragma omp parallel for schedule(static)
   for (int64_t item = 0; item < items; ++item) {
     const Group<T> c(b, item);
     if (c.lanes == kLanes)
-      backward_group<T, true>(b, c, a, d, p, lse, delta, dz, dp_sum);
+      backward_group<T, true>(b, c, a, d, p, dp, lse, delta, dz, dp_sum);
     else
-      backward_group<T, false>(b, c, a, d, p, lse, delta, dz, dp_sum);
+      backward_group<T, false>(b, c, a, d, p, dp, lse, delta, dz, dp_sum);
   }
 }
 
@@ -283,13 +279,13 @@ void cope_band_forward_f64(const Band* b, double* a, double* m, double* s, doubl
                            double* t) {
   forward<double>(*b, a, m, s, u, t);
 }
-void cope_band_backward_f32(const Band* b, const float* a, float* d, float* p,
+void cope_band_backward_f32(const Band* b, float* a, float* d, float* p, float* dp,
                             const float* lse, const float* delta, float* dz, float* dps) {
-  backward<float>(*b, a, d, p, lse, delta, dz, dps);
+  backward<float>(*b, a, d, p, dp, lse, delta, dz, dps);
 }
-void cope_band_backward_f64(const Band* b, const double* a, double* d, double* p,
+void cope_band_backward_f64(const Band* b, double* a, double* d, double* p, double* dp,
                             const double* lse, const double* delta, double* dz,
                             double* dps) {
-  backward<double>(*b, a, d, p, lse, delta, dz, dps);
+  backward<double>(*b, a, d, p, dp, lse, delta, dz, dps);
 }
 }
