@@ -75,9 +75,12 @@ def _build(compiler: str) -> Path:
             continue
         # Ranks of one node may build at once: each writes its own file, renamed atomically.
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
-                       capture_output=True, text=True)
-        os.replace(tmp, path)
+        try:
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
+                           capture_output=True, text=True)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
     raise OSError("no writable cache folder for the CoPE kernel (set COPE_MEGATRON_CACHE)")
 
@@ -85,18 +88,18 @@ def _build(compiler: str) -> Path:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built kernel, or None, with a warning, where it cannot be built (the band math
-    then runs in torch, about 1.5x slower with dense gates and 3x with sparse ones)."""
+    then runs in torch, slower: see ``cope_blocks.kernels``)."""
     compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if compiler is None:
         warnings.warn("no C++ compiler (g++, c++ or $CXX) for the CoPE CPU kernel: the band "
-                      "math runs in torch, 1.5-3x slower", stacklevel=2)
+                      "math runs in torch, eagerly and several times slower", stacklevel=2)
         return None
     try:
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = (getattr(err, "stderr", "") or str(err)).strip()[-500:]
         warnings.warn(f"the CoPE CPU kernel {SOURCE.name} did not build with {compiler} "
-                      f"({detail}): the band math runs in torch, 1.5-3x slower", stacklevel=2)
+                      f"({detail}): the band math runs in torch, slower", stacklevel=2)
         return None
     for name, arity in (("forward", 6), ("backward", 9)):
         for suffix in ("f32", "f64"):
@@ -118,6 +121,8 @@ def _call(name: str, band, a, z, carry, scale: float, npos_max: int, *tensors) -
                  keys=keys, npos=z.shape[-1], npos_max=npos_max, width=width,
                  causal=causal, scale=scale, row0=row0.data_ptr(), key0=key0.data_ptr(),
                  z=z.data_ptr(), carry=carry.data_ptr())
+    # The kernel walks raw pointers: every tensor dense, of one dtype.
+    assert all(t.is_contiguous() and t.dtype == a.dtype for t in (z, carry, *tensors))
     suffix = {torch.float32: "f32", torch.float64: "f64"}[a.dtype]
     getattr(library(), f"cope_band_{name}_{suffix}")(
         ctypes.byref(args), *(t.data_ptr() for t in tensors))

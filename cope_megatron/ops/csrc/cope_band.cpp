@@ -110,7 +110,8 @@ struct Sweep {
       sum[l] += g[l];
       unclamped[l] += valid & (sum[l] <= c.last) ? T(1) : T(0);
       const T p = std::min(sum[l], c.last);
-      next[l] = static_cast<int>(p);
+      const int floor_p = static_cast<int>(p);
+      next[l] = floor_p > 0 ? floor_p : 0;  // a NaN gate sum must not index out of the table
       frac[l] = p - static_cast<T>(next[l]);
       moved += next[l] != lo[l];
     }
