@@ -65,7 +65,7 @@ def _recompute(q_blk, k_win, band, z_blk, carry_blk, scale: float, npos_max: int
     p = p_raw.clamp(max=npos_max - 1)
     lo_f = p.floor()
     frac = p - lo_f
-    lo = lo_f.long()
+    lo = lo_f.long().clamp(min=0)  # NaN (a diverged run): entry 0, and the row is NaN
     zd_lo = differences(z_blk).gather(-1, lo)
     logits = a + z_blk.gather(-1, lo) + frac * zd_lo
     return g, p_raw, lo, frac, zd_lo, logits
