@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
-import shutil
 
 import torch
 
@@ -138,7 +136,7 @@ def _can_compile(device: torch.device) -> bool:
     """Inductor emits C++ on CPU and Triton on GPU; without the toolchain, stay eager."""
     if device.type == "cuda":
         return importlib.util.find_spec("triton") is not None
-    return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
+    return cope_native.compiler() is not None
 
 
 def kernels(compile: bool | None, keys: int, device: torch.device):

@@ -62,8 +62,8 @@ def _machine() -> bytes:
     return f"{platform.machine()} {flags}".encode()
 
 
-def _build(compiler: str) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()
+def _build(cxx: str) -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *FLAGS]).encode()
                          + _machine()).hexdigest()[:16]
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "cope_megatron"):
         path = folder / f"cope_band-{key}.so"
@@ -76,7 +76,7 @@ def _build(compiler: str) -> Path:
         # Ranks of one node may build at once: each writes its own file, renamed atomically.
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
+            subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
                            capture_output=True, text=True)
             os.replace(tmp, path)
         finally:
@@ -85,20 +85,25 @@ def _build(compiler: str) -> Path:
     raise OSError("no writable cache folder for the CoPE kernel (set COPE_MEGATRON_CACHE)")
 
 
+def compiler() -> str | None:
+    """The C++ compiler on PATH: $CXX, else g++, else c++ (None: none)."""
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built kernel, or None, with a warning, where it cannot be built (the band math
     then runs in torch, slower: see ``cope_blocks.kernels``)."""
-    compiler = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if compiler is None:
+    cxx = compiler()
+    if cxx is None:
         warnings.warn("no C++ compiler (g++, c++ or $CXX) for the CoPE CPU kernel: the band "
                       "math runs in torch, eagerly and several times slower", stacklevel=2)
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        lib = ctypes.CDLL(str(_build(cxx)))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = (getattr(err, "stderr", "") or str(err)).strip()[-500:]
-        warnings.warn(f"the CoPE CPU kernel {SOURCE.name} did not build with {compiler} "
+        warnings.warn(f"the CoPE CPU kernel {SOURCE.name} did not build with {cxx} "
                       f"({detail}): the band math runs in torch, slower", stacklevel=2)
         return None
     for name, arity in (("forward", 6), ("backward", 9)):
