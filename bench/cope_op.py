@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from cope_megatron.metrics import proc_status_kb
 from cope_megatron.ops import cope_attention
+from cope_megatron.training.metrics import proc_status_kb
 
 
 def measure(fn, device: torch.device) -> tuple[float, float]:

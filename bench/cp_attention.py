@@ -5,7 +5,7 @@ sequence, for CP = 1, 2, 4 ranks.
     python bench/cp_attention.py [--seq 8192] [--cps 1 2 4] [--reps 3]
 
 CP = 1 is the single-rank op (``cope_attention``, the path a model without CP takes); CP > 1
-is ``distributed.cp_cope`` over gloo processes (NCCL, one GPU each, when as many GPUs as
+is ``ops.context_parallel.cope`` over gloo processes (NCCL, one GPU each, when as many GPUs as
 ranks exist). Each rank runs one thread, so summed CPU time is the total compute, exchange
 included, whatever the machine's core count. Memory is the peak growth during one
 fwd+bwd above the inputs (CPU: VmHWM with glibc returning large blocks at free, measured
@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cope_megatron.distributed.cp_cope import cope_attention_context_parallel
-from cope_megatron.distributed.ring import ContextParallel
 from cope_megatron.ops import cope_attention
+from cope_megatron.ops.context_parallel.cope import cope_attention_context_parallel
+from cope_megatron.ops.context_parallel.ring import ContextParallel
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cope_op import measure  # noqa: E402

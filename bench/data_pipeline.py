@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from cope_megatron.config import DataConfig
+from cope_megatron.pe import get_pe
 
 
 def bench_prep(corpus: list[str], cache: str, seq: int, workers: int, repeat: int) -> dict:
-    from data_prep.corpus import iter_pieces, resolve_sources
-    from data_prep.prep import prepare
-    from data_prep.tokenizer import load_tokenizer, train_tokenizer
+    from cope_megatron.data.corpus import iter_pieces, resolve_sources
+    from cope_megatron.data.prep.prep import prepare
+    from cope_megatron.data.tokenizer import load_tokenizer, train_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         # ``repeat`` copies of the corpus: enough text that pool start-up is amortized.
@@ -60,8 +61,9 @@ def bench_prep(corpus: list[str], cache: str, seq: int, workers: int, repeat: in
 
 
 def bench_loader(shard_dir: str, seq: int, workers: int, batches: int) -> dict:
+    from cope_megatron.data.format import read_manifest
     from cope_megatron.data.loader import ResumableLoader
-    from cope_megatron.data.source import read_manifest, split_spec
+    from cope_megatron.data.source import split_spec
 
     spec = split_spec(shard_dir, read_manifest(shard_dir), "train", seed=1,
                       micro_batch_size=16, num_workers=workers)
@@ -85,7 +87,7 @@ def model_rate(config: str, seq: int, micro_batch: int) -> dict:
     cfg = load_config([str(CONFIG_DIR / "model" / config), f"model.seq_length={seq}",
                        "train.precision=fp32"])
     init_distributed(1)
-    model = build_gpt(cfg, cfg.data.vocab_size)
+    model = build_gpt(cfg, get_pe(cfg.model.pe), cfg.data.vocab_size)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     tokens = torch.randint(0, cfg.data.vocab_size, (micro_batch, seq + 1))
     times = []
@@ -113,7 +115,7 @@ def main() -> None:
     args = parser.parse_args()
     prep = bench_prep(args.corpus, args.cache, args.seq, args.workers, args.repeat)
     with tempfile.TemporaryDirectory() as tmp:
-        from data_prep.prep import prepare
+        from cope_megatron.data.prep.prep import prepare
 
         prepare(DataConfig(corpus=args.corpus, shards=tmp, cache_dir=args.cache,
                            prep_workers=args.workers), seq_len=args.seq, seed=1, progress=False)

@@ -58,7 +58,7 @@ def measure_all(args) -> list[dict]:
         cfg = load_config([args.model, f"model.pe={pe}"])
         env = init_distributed(1)
         torch.manual_seed(0)
-        model = build_gpt(cfg, VOCAB).to(env.device).eval()
+        model = build_gpt(cfg, get_pe(cfg.model.pe), VOCAB).to(env.device).eval()
         train_len = cfg.model.seq_length
         for mult in args.multipliers:
             length = mult * train_len

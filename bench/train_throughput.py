@@ -21,14 +21,15 @@ import time
 
 import torch
 
-from cope_megatron.metrics import peak_memory_gib
+from cope_megatron.pe import get_pe
+from cope_megatron.training.metrics import peak_memory_gib
 
 
 def measure_one(sources: list[str], steps: int, warmup: int, peak_override: float | None
                 ) -> dict:
     from cope_megatron.config import load_config, padded_vocab_size
     from cope_megatron.distributed.parallel import init_distributed, seed_everything
-    from cope_megatron.flops import flops_per_token, peak_tflops, throughput
+    from cope_megatron.estimate.flops import flops_per_token, peak_tflops, throughput
     from cope_megatron.model.gpt import lm_loss
     from cope_megatron.trainer import build_engine
 
@@ -36,7 +37,7 @@ def measure_one(sources: list[str], steps: int, warmup: int, peak_override: floa
     env = init_distributed(cfg.parallel.tensor, cfg.parallel.context)
     seed_everything(cfg.train.seed)
     vocab = cfg.data.vocab_size
-    engine = build_engine(cfg, vocab)
+    engine = build_engine(cfg, get_pe(cfg.model.pe), vocab)
     t = cfg.train
     tokens = torch.randint(0, vocab, (t.micro_batch_size, cfg.model.seq_length + 1),
                            generator=torch.Generator().manual_seed(0)).to(env.device)
@@ -51,7 +52,8 @@ def measure_one(sources: list[str], steps: int, warmup: int, peak_override: floa
     start = time.perf_counter()
     losses += [step() for _ in range(steps)]
     seconds = time.perf_counter() - start
-    flops = flops_per_token(cfg, padded_vocab_size(vocab, cfg.parallel.tensor))
+    flops = flops_per_token(cfg, get_pe(cfg.model.pe),
+                            padded_vocab_size(vocab, cfg.parallel.tensor))
     peak = peak_tflops(env.device, peak_override)
     return {"pe": cfg.model.pe, "step_s": seconds / steps,
             "peak_mb": 1024 * peak_memory_gib(env.device),

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from cope_megatron.config import load_config
-from cope_megatron.ops.cope_reference import expand_kv
+from cope_megatron.ops.heads import expand_kv
 
 
 def capture(run_dir: str, seq: int, layer: int) -> dict:
@@ -26,7 +26,9 @@ def capture(run_dir: str, seq: int, layer: int) -> dict:
     ``seq`` held-out tokens, fp32, on the CPU."""
     from cope_megatron.eval.perplexity import evaluation_text
     from cope_megatron.model.gpt import eval_mode
-    from cope_megatron.trainer import Trainer
+    from cope_megatron.pe import get_pe
+    from cope_megatron.trainer import start
+    from cope_megatron.training.engine import restore
 
     config = Path(run_dir) / "config.yaml"
     if not config.is_file():
@@ -34,29 +36,28 @@ def capture(run_dir: str, seq: int, layer: int) -> dict:
     cfg = load_config([str(config), "logging.wandb=disabled",
                        f"eval.tokens={seq}", "eval.length_multipliers=[1]",
                        f"model.seq_length={seq}"])
-    if cfg.model.pe not in ("cope", "cope_rope"):
+    pe = get_pe(cfg.model.pe)
+    if not pe.uses_cope_op:
         raise ValueError(f"{run_dir} trained model.pe={cfg.model.pe}; the trained gate regime "
                          "needs a CoPE run")
-    trainer = Trainer(cfg, eval_only=True)
-    try:
-        model = trainer.engine.module
-        attention = model.decoder.layers[layer].self_attention.core_attention.attention
-        got = {}
+    env, manifest = start(cfg)
+    engine, _ = restore(cfg, pe, env, manifest["vocab_size"])
+    model = engine.module
+    attention = model.decoder.layers[layer].self_attention.core_attention.attention
+    got = {}
 
-        def hook(module, args):
-            q, k, v = args[:3]
-            got.update(q=q.detach().float(), k=k.detach().float(), v=v.detach().float(),
-                       table=module.table.detach().float(), npos_max=module.npos_max,
-                       scale=module.shape.softmax_scale)
+    def hook(module, args):
+        q, k, v = args[:3]
+        got.update(q=q.detach().float(), k=k.detach().float(), v=v.detach().float(),
+                   table=module.table.detach().float(), npos_max=module.npos_max,
+                   scale=module.shape.softmax_scale)
 
-        handle = attention.register_forward_pre_hook(hook)
-        tokens = evaluation_text(cfg, trainer.manifest)[: seq + 1]
-        with torch.no_grad(), eval_mode(model):
-            model(tokens[None, :-1].to(trainer.env.device),
-                  torch.arange(seq, device=trainer.env.device)[None], None)
-        handle.remove()
-    finally:
-        trainer.close()
+    handle = attention.register_forward_pre_hook(hook)
+    tokens = evaluation_text(cfg, manifest)[: seq + 1]
+    with torch.no_grad(), eval_mode(model):
+        model(tokens[None, :-1].to(env.device), torch.arange(seq, device=env.device)[None],
+              None)
+    handle.remove()
     return got
 
 

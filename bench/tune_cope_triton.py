@@ -3,7 +3,7 @@
 
     python bench/tune_cope_triton.py [--seq 8192] [--heads 16] [--head-dim 128]
 
-The winner goes into ``cope_megatron/ops/cope_triton.py``'s defaults. Prints a table and,
+The winner goes into ``cope_megatron/ops/cope/triton_kernels.py``'s defaults. Prints a table and,
 last, one JSON line.
 """
 
@@ -17,7 +17,7 @@ import torch
 import triton.testing
 
 from bench.cope_op import add_shape_args, make_case
-from cope_megatron.ops import cope_triton as kernels
+from cope_megatron.ops.cope import triton_kernels as kernels
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 from cope_megatron.config import Config, ConfigError, load_config
+from cope_megatron.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIGS = [str(CONFIG_DIR / "demo.yaml")]
@@ -34,10 +35,10 @@ DEMO_CONFIGS = [str(CONFIG_DIR / "demo.yaml")]
 def prep(cfg: Config) -> dict:
     """Tokenize and pack ``data.corpus``, or generate the task ``task.name``."""
     if cfg.task.name:
-        from data_prep.tasks import prepare_task
+        from cope_megatron.data.prep.tasks import prepare_task
 
         return prepare_task(cfg.task, cfg.data.shards, progress=cfg.logging.progress)
-    from data_prep.prep import prepare
+    from cope_megatron.data.prep.prep import prepare
 
     return prepare(cfg.data, seq_len=cfg.model.seq_length, seed=cfg.train.seed,
                    progress=cfg.logging.progress)
@@ -72,7 +73,7 @@ def demo(cfg: Config) -> dict:
 
 def sweep(args: argparse.Namespace) -> Path | None:
     """``sweep SPEC``, ``sweep status SPEC``, ``sweep report SPEC``."""
-    from cope_megatron import sweep as sw
+    from cope_megatron.launch import sweep as sw
 
     action, *spec_path = args.sources if args.sources[:1] in (["status"], ["report"]) \
         else ["create", *args.sources]
@@ -142,18 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(deepspeed|torch)\.")
     with logs_to_stderr(args.json):  # from the first import: DeepSpeed logs on import
-        from cope_megatron.checkpoint import CheckpointError
-        from cope_megatron.data.source import DataError
-        from cope_megatron.hf.export import ExportError
-        from cope_megatron.hf.harness import HarnessError
-        from cope_megatron.nonfinite import NonFiniteError
-        from cope_megatron.report import ReportError
-        from data_prep.corpus import PrepError
-
         try:
             report = run(args)
-        except (ConfigError, PrepError, DataError, CheckpointError, ReportError,
-                NonFiniteError, ExportError, HarnessError, FileNotFoundError) as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if isinstance(report, Path):
@@ -181,20 +173,19 @@ def run(args: argparse.Namespace) -> dict | Path | None:
     sources = (DEMO_CONFIGS if args.command == "demo" else []) + args.sources
     cfg = load_config(sources)
     if args.command == "estimate":
-        from cope_megatron.config import validate
         from cope_megatron.estimate import estimate, summary
+        from cope_megatron.startup import check
 
-        validate(cfg, args.gpus)
-        est = estimate(cfg, args.gpus, args.gpu_memory)
+        est = estimate(cfg, check(cfg, args.gpus, data=False), args.gpus, args.gpu_memory)
         print(summary(est, peak_tflops=cfg.train.peak_tflops))
     elif args.command == "prep":
         manifest = prep(cfg)
         print(f"prepared {cfg.data.shards}: " + ", ".join(
             f"{s}: {v['samples']} samples" for s, v in manifest["splits"].items()))
     elif args.command == "train":
-        from cope_megatron.train import main as train_main
+        from cope_megatron.train import train
 
-        train_main(args.sources)
+        train(cfg)
     elif args.command == "eval":
         from cope_megatron.distributed.parallel import destroy_distributed
         from cope_megatron.train import run_eval

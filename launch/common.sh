@@ -8,9 +8,9 @@ PYTHON=${PYTHON:-python}
 check_run() {
   local world=$1; shift
   if [ "${DRY_RUN:-0}" = 1 ]; then
-    "$PYTHON" -m cope_megatron.launch --world "$world" --print-config "$@" || exit 2
+    "$PYTHON" -m cope_megatron.launch.precheck --world "$world" --print-config "$@" || exit 2
   else
-    "$PYTHON" -m cope_megatron.launch --world "$world" "$@" || exit 2
+    "$PYTHON" -m cope_megatron.launch.precheck --world "$world" "$@" || exit 2
   fi
 }
 

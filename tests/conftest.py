@@ -53,7 +53,7 @@ def small_data(root, **changes):
 @pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
     """A prepared data set: (shard dir, manifest, corpus dir)."""
-    from data_prep.prep import prepare
+    from cope_megatron.data.prep.prep import prepare
 
     root = tmp_path_factory.mktemp("data")
     write_corpus(root / "corpus")

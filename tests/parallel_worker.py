@@ -20,7 +20,8 @@ from cope_megatron.distributed.parallel import (
     seed_everything,
 )
 from cope_megatron.model.gpt import lm_loss
-from cope_megatron.trainer import build_engine
+from cope_megatron.pe import get_pe
+from cope_megatron.training.engine import build_engine
 
 VOCAB, SEQ, GLOBAL_BATCH, STEPS = 128, 32, 4, 3
 BASE = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
@@ -55,7 +56,7 @@ def run_variant(overrides: list[str], layout: dict) -> dict:
     env = init_distributed(cfg.parallel.tensor, cfg.parallel.context)
     seed_everything(cfg.train.seed)
     cfg.train.micro_batch_size = GLOBAL_BATCH // env.dp_size
-    engine = build_engine(cfg, VOCAB)
+    engine = build_engine(cfg, get_pe(cfg.model.pe), VOCAB)
     # A checksum per whole parameter: equal across layouts iff initialization is.
     init = {n: unshard(p, p).double().sum().item() + unshard(p, p).double().abs().sum().item()
             for n, p in engine.module.named_parameters()}

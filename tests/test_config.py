@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import yaml
 
 from cope_megatron.config import (
     Config,
@@ -9,8 +10,8 @@ from cope_megatron.config import (
     load_config,
     padded_vocab_size,
     validate,
-    validate_data_path,
 )
+from cope_megatron.startup import check
 
 
 def test_yaml_files_compose_left_to_right_then_overrides(tmp_path):
@@ -67,6 +68,9 @@ def test_missing_config_file_is_an_error(tmp_path):
       "model.num_attention_heads=8"], 16, "parallel.sequence"),
     (["parallel.context=2", "model.attention_dropout=0.1"], 2, "parallel.context"),
     (["parallel.context=2", "model.pe=cope", "pe.cope.impl=reference"], 2, "pe.cope.impl"),
+    (["model.pe=cope_rope", "pe.cope.npos_max=1"], 1, "pe.cope.npos_max"),
+    (["model.pe=cope", "model.attention_dropout=0.1"], 1, "model.attention_dropout"),
+    (["model.pe=fancy"], 1, "model.pe"),
     (["parallel.sequence=true"], 1, "parallel.sequence"),
     (["zero.stage=4"], 1, "zero.stage"),
     (["data.tokenizer=/no/such/tok.model"], 1, "data.tokenizer"),
@@ -78,18 +82,48 @@ def test_missing_config_file_is_an_error(tmp_path):
     (["eval.passkey_depths=[0.5, 2]"], 1, "eval.passkey_depths"),
 ])
 def test_validation_names_the_key(overrides, world, key):
+    """The start-up check: the config's own fields, and what the PE's entry checks."""
     cfg = load_config(overrides)
     with pytest.raises(ConfigError) as err:
-        validate(cfg, world)
+        check(cfg, world, data=False)
     assert str(err.value).startswith(key + ":")
 
 
-def test_unknown_pe_is_named_at_start(tmp_path):
-    """The registry, not the schema, knows the PEs; the start-up check asks it first."""
-    from cope_megatron.train import check
+def test_pe_options_are_checked_only_for_their_pe():
+    check(load_config(["model.pe=rope", "pe.cope.npos_max=1", "model.attention_dropout=0.1"]),
+          1, data=False)
 
-    with pytest.raises(ConfigError, match="^model.pe: unknown position encoding 'fancy'"):
-        check(load_config(["model.pe=fancy", f"data.shards={tmp_path}"]))
+
+def test_every_entry_point_refuses_an_unknown_pe_before_starting(prepared, tmp_path, capsys):
+    """train, the launch scripts' pre-check, estimate and sweep all go through one check:
+    an unknown PE is one line naming model.pe, exit 2, nothing created."""
+    from cope_megatron.cli import main as cli
+    from cope_megatron.launch import precheck, sweep
+
+    shards, _, _ = prepared
+    bad = ["model.pe=fancy", f"data.shards={shards}", "model.seq_length=32",
+           f"run.dir={tmp_path / 'run'}"]
+    for entry in (lambda: cli(["train", *bad]), lambda: cli(["estimate", *bad]),
+                  lambda: precheck.main(["--world", "1", *bad])):
+        assert entry() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [err[0]] and err[0].startswith("error: model.pe: unknown position "
+                                                     "encoding 'fancy'"), err
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"name": "s", "out": str(tmp_path / "sweep"),
+                                    "base": bad, "axes": {"train.lr": [1e-3]}}))
+    with pytest.raises(ConfigError, match="^model.pe: unknown"):
+        sweep.create(sweep.load_spec(spec))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "sweep").exists()
+
+
+def test_run_dir_that_is_a_file_is_refused(prepared, tmp_path):
+    shards, _, _ = prepared
+    (tmp_path / "run").write_text("")
+    cfg = load_config([f"data.shards={shards}", "model.seq_length=32",
+                       f"run.dir={tmp_path / 'run'}"])
+    with pytest.raises(ConfigError, match="^run.dir: .* is a file"):
+        check(cfg, 1)
 
 
 def test_valid_layouts_pass():
@@ -102,15 +136,16 @@ def test_valid_layouts_pass():
 def test_missing_data_path_says_to_run_prep(tmp_path):
     cfg = load_config([f"data.shards={tmp_path / 'none'}"])
     with pytest.raises(ConfigError, match="cope-megatron prep"):
-        validate_data_path(cfg)
+        check(cfg, 1)
 
 
-def test_shards_packed_for_another_length_are_refused(prepared):
+def test_shards_packed_for_another_length_are_refused(prepared, tmp_path):
     shards, _, _ = prepared
     cfg = load_config([f"data.shards={shards}", "model.seq_length=64"])
     with pytest.raises(ConfigError, match="model.seq_length: 64.*packed for 32"):
-        validate_data_path(cfg)
-    validate_data_path(load_config([f"data.shards={shards}", "model.seq_length=32"]))
+        check(cfg, 1)
+    check(load_config([f"data.shards={shards}", "model.seq_length=32",
+                       f"run.dir={tmp_path / 'run'}"]), 1)
 
 
 def test_vocab_padding_is_layout_independent():
@@ -154,7 +189,7 @@ def test_public_flag_surface_is_frozen():
 def test_every_config_file_in_repo_loads_and_validates():
     from pathlib import Path
 
-    from cope_megatron.sweep import load_spec, runs
+    from cope_megatron.launch.sweep import load_spec, runs
 
     root = Path(__file__).resolve().parents[1] / "configs"
     sweeps = sorted((root / "sweeps").glob("*.yaml"))
@@ -162,12 +197,12 @@ def test_every_config_file_in_repo_loads_and_validates():
     assert len(files) >= 10 and len(sweeps) >= 2
     for f in files:
         cfg = load_config([str(f)])
-        validate(cfg, cfg.parallel.tensor * cfg.parallel.context)
+        check(cfg, cfg.parallel.tensor * cfg.parallel.context, data=False)
         assert dataclasses.is_dataclass(cfg)
     for f in sweeps:  # every run of every shipped sweep is a valid config on its world
         spec = load_spec(f)
         for run in runs(spec):
-            validate(load_config(run.overrides), spec.nodes * spec.gpus_per_node)
+            check(load_config(run.overrides), spec.nodes * spec.gpus_per_node, data=False)
 
 
 def test_deepspeed_config_is_derived_and_passthrough_merges():
@@ -191,7 +226,7 @@ def test_every_config_key_used_in_code_exists():
     keys = set(flat_keys())
     sections = {k.split(".")[0] for k in keys}
     used = set()
-    for path in [*root.glob("cope_megatron/**/*.py"), *root.glob("data_prep/*.py")]:
+    for path in root.glob("cope_megatron/**/*.py"):
         for match in re.finditer(r"\bcfg\.(\w+)\.(\w+)(?:\.(\w+))?", path.read_text()):
             if match.group(1) in sections:
                 used.add(".".join(g for g in match.groups() if g))

@@ -6,9 +6,11 @@ import math
 import pytest
 import torch
 
-from cope_megatron.ops import cope_attention, cope_blocks, cope_native
-from cope_megatron.ops.cope_chunked import cope_attention_chunked
-from cope_megatron.ops.cope_reference import cope_attention_reference
+from cope_megatron.ops import cope_attention
+from cope_megatron.ops.cope import blocks as cope_blocks
+from cope_megatron.ops.cope import native as cope_native
+from cope_megatron.ops.cope.chunked import cope_attention_chunked
+from cope_megatron.ops.cope.reference import cope_attention_reference
 
 
 def paper_loops(q, k, v, E, npos_max, scale, causal):
@@ -166,7 +168,7 @@ def test_triton_matches_reference_in_interpreter(monkeypatch, blocks):
     make every case span several query and key blocks, so the carried gate sums cross block
     boundaries."""
     pytest.importorskip("triton")
-    from cope_megatron.ops import cope_triton as triton_op
+    from cope_megatron.ops.cope import triton_kernels as triton_op
 
     monkeypatch.setattr(triton_op, "BLOCK_M", blocks)
     monkeypatch.setattr(triton_op, "BLOCK_N", blocks)
@@ -196,7 +198,7 @@ def test_public_api_defaults_and_errors():
 def test_open_gates_count_tokens():
     """With every gate open, the CoPE position of key j for query i is i − j + 1 (the
     relative position, counted in tokens), clamped at npos_max − 1."""
-    from cope_megatron.ops.cope_reference import reverse_cumsum
+    from cope_megatron.ops.cope.reference import reverse_cumsum
 
     g = torch.ones(5, 5).tril()
     p = reverse_cumsum(g)
@@ -247,8 +249,8 @@ def test_triton_skips_exactly_the_clamped_key_blocks(monkeypatch, regime):
     npos_max beyond the sequence (never), and a carry from later chunks that has clamped
     every row already (all blocks plain, the diagonal one too)."""
     pytest.importorskip("triton")
-    from cope_megatron.ops import cope_chunked
-    from cope_megatron.ops import cope_triton as triton_op
+    from cope_megatron.ops.cope import chunked as cope_chunked
+    from cope_megatron.ops.cope import triton_kernels as triton_op
 
     block = 16
     monkeypatch.setattr(triton_op, "BLOCK_M", block)
@@ -315,7 +317,7 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regim
     once bands are wide), widths retried and carried over, narrow bands' blocks batched,
     wide bands' heads split (two at a time, the threads); two regimes run the C++ kernel,
     on two threads."""
-    from cope_megatron.ops import cope_chunked
+    from cope_megatron.ops.cope import chunked as cope_chunked
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cope_megatron.distributed.cp_cope import cope_attention_context_parallel
-from cope_megatron.distributed.cp_softmax import ring_attention
-from cope_megatron.distributed.ring import ContextParallel
-from cope_megatron.ops.cope_reference import cope_attention_reference, expand_kv
+from cope_megatron.ops.context_parallel.cope import cope_attention_context_parallel
+from cope_megatron.ops.context_parallel.ring import ContextParallel
+from cope_megatron.ops.context_parallel.softmax import ring_attention
+from cope_megatron.ops.cope.reference import cope_attention_reference
+from cope_megatron.ops.heads import expand_kv
 
 
 def spawn(tmp_path, world: int, fn, *args) -> None:
@@ -102,7 +103,7 @@ def test_cope_context_parallel_triton_kernels(tmp_path):
 
 
 def _triton_worker(rank: int, world: int, store: str, case: dict) -> None:
-    from cope_megatron.ops import cope_triton
+    from cope_megatron.ops.cope import triton_kernels as cope_triton
 
     cope_triton.BLOCK_M = cope_triton.BLOCK_N = 4  # several blocks per chunk
     _cope_worker(rank, world, store, case)

@@ -9,18 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cope_megatron.data.corpus import PrepError
 from cope_megatron.data.loader import ResumableLoader
-from cope_megatron.data.source import (
-    DataError,
-    StreamSpec,
-    ordered_samples,
-    read_manifest,
-    split_shards,
-)
+from cope_megatron.data.prep.prep import is_validation, prepare
+from cope_megatron.data.format import DataError, read_manifest
+from cope_megatron.data.source import StreamSpec, ordered_samples, split_shards
 from cope_megatron.data.streams import StreamReader, stream_bounds
-from data_prep.corpus import PrepError
-from data_prep.prep import is_validation, prepare
-from data_prep.tokenizer import EOS_ID, load_tokenizer
+from cope_megatron.data.tokenizer import EOS_ID, load_tokenizer
 from tests.conftest import small_data
 
 
@@ -244,7 +239,7 @@ def test_shard_from_another_prep_is_rejected(prepared, tmp_path, key, value):
 
 
 def test_unigram_tokenizer_keeps_user_symbols(prepared, tmp_path):
-    from data_prep.tokenizer import load_tokenizer, train_tokenizer
+    from cope_megatron.data.tokenizer import load_tokenizer, train_tokenizer
 
     _, _, corpus = prepared
     path = train_tokenizer(sorted(corpus.glob("*.txt")), tmp_path, vocab_size=400,
@@ -259,7 +254,7 @@ def test_unigram_tokenizer_keeps_user_symbols(prepared, tmp_path):
 def test_shard_without_header_is_rejected(prepared, tmp_path):
     import webdataset as wds
 
-    from data_prep.shards import encode_tokens
+    from cope_megatron.data.prep.shards import encode_tokens
 
     dst = copy_shards(prepared, tmp_path)
     with wds.TarWriter(str(dst / "train-000000.tar")) as tar:
@@ -331,7 +326,7 @@ def test_prep_refuses_a_directory_prepared_from_other_inputs(prepared, tmp_path)
 
 
 def test_missing_corpus_path_is_named(tmp_path):
-    from data_prep.corpus import CorpusError
+    from cope_megatron.data.corpus import CorpusError
 
     with pytest.raises(CorpusError, match="no/such/dir"):
         prepare(small_data(tmp_path, corpus=[str(tmp_path / "no/such/dir")]), seq_len=32,
@@ -343,7 +338,7 @@ def test_jsonl_and_compressed_inputs(tmp_path):
 
     import zstandard
 
-    from data_prep.corpus import iter_pieces
+    from cope_megatron.data.corpus import iter_pieces
 
     rows = [{"text": f"document number {i}\nwith two lines"} for i in range(3)]
     jsonl = "\n".join(json.dumps(r) for r in rows) + "\n"
@@ -353,7 +348,7 @@ def test_jsonl_and_compressed_inputs(tmp_path):
     assert docs == [r["text"] for r in rows]
     assert [p.text for p in iter_pieces(tmp_path / "b.txt.zst")] == ["plain text\n"]
     (tmp_path / "bad.jsonl").write_text('{"body": 1}\n')
-    from data_prep.corpus import CorpusError
+    from cope_megatron.data.corpus import CorpusError
 
     with pytest.raises(CorpusError, match="bad.jsonl:1"):
         list(iter_pieces(tmp_path / "bad.jsonl"))

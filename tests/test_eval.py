@@ -14,6 +14,7 @@ import pytest
 
 from cope_megatron.config import load_config
 from cope_megatron.eval.perplexity import window_plan
+from cope_megatron.pe import get_pe
 from cope_megatron.train import run_eval, run_train
 from tests.conftest import debug_overrides
 
@@ -95,7 +96,7 @@ MEMORY_CHILD = textwrap.dedent("""
     resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))
     s, h = 16384, 4  # a [h, s, s] fp32 bias alone is 4 GiB
     shape = AttentionShape(num_heads=h, num_kv_heads=h, head_dim=8, total_heads=h,
-                           head_offset=0, softmax_scale=0.35, dropout=0.0, train_length=128,
+                           head_offset=0, softmax_scale=0.35, dropout=0.0,
                            init_std=0.02)
     attn = AlibiAttention(shape, PEConfig())
     q, k, v = (torch.randn(1, h, s, 8) for _ in range(3))
@@ -154,7 +155,7 @@ def test_answer_errors_is_teacher_forced_greedy_decoding(dist_cleanup):
                        "model.num_attention_heads=4", "model.seq_length=16"])
     init_distributed(1)
     seed_everything(0)
-    model = build_gpt(cfg, 100).eval()
+    model = build_gpt(cfg, get_pe(cfg.model.pe), 100).eval()
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 100, (3, 17), generator=gen)
     with torch.no_grad():

@@ -13,7 +13,7 @@ import sentencepiece as spm
 import torch
 
 from cope_megatron.config import load_config
-from cope_megatron.data.source import read_manifest
+from cope_megatron.data.format import read_manifest
 from cope_megatron.pe import REGISTRY, get_pe
 from tests.conftest import debug_overrides
 
@@ -39,7 +39,8 @@ class Ours:
         one = load_config([str(run_dir / "config.yaml"), "parallel.tensor=1",
                            "parallel.sequence=false"])
         init_distributed(1)
-        self.model = build_gpt(one, read_manifest(one.data.shards)["vocab_size"]).eval()
+        vocab = read_manifest(one.data.shards)["vocab_size"]
+        self.model = build_gpt(one, get_pe(one.model.pe), vocab).eval()
         missing, unexpected = self.model.load_state_dict(params, strict=False)
         assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
 

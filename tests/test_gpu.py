@@ -16,8 +16,8 @@ import torch
 
 from cope_megatron.config import load_config
 from cope_megatron.ops import cope_attention
-from cope_megatron.ops.cope_reference import cope_attention_reference
-from cope_megatron.pe import REGISTRY
+from cope_megatron.ops.cope.reference import cope_attention_reference
+from cope_megatron.pe import REGISTRY, get_pe
 from tests.conftest import debug_overrides
 
 pytestmark = [
@@ -126,12 +126,12 @@ def test_activation_estimate_for_125m_on_cuda(pe, dist_cleanup):
 
     init_distributed(1)
     cfg = load_config(["configs/model/125m.yaml", f"model.pe={pe}", "train.micro_batch_size=2"])
-    model = build_gpt(cfg, cfg.data.vocab_size).cuda().bfloat16()
+    model = build_gpt(cfg, get_pe(cfg.model.pe), cfg.data.vocab_size).cuda().bfloat16()
     tokens = torch.randint(0, cfg.data.vocab_size, (2, cfg.model.seq_length + 1), device="cuda")
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     loss = loss_sum(model, tokens)
     held = torch.cuda.memory_allocated() - base
-    estimated = activation_bytes(cfg, layout_of(cfg, 1))["saved"]
+    estimated = activation_bytes(cfg, get_pe(cfg.model.pe), layout_of(cfg, 1))["saved"]
     assert estimated == pytest.approx(held, rel=0.2), (pe, estimated / 2**30, held / 2**30)
     loss.backward()

@@ -10,8 +10,8 @@ import torch
 
 import cope_megatron.trainer as trainer_module
 from cope_megatron.config import load_config
-from cope_megatron.nonfinite import NonFiniteError
 from cope_megatron.train import run_train
+from cope_megatron.training.nonfinite import NonFiniteError
 from tests.conftest import debug_overrides
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cope_megatron.pe import REGISTRY
+from cope_megatron.pe import REGISTRY, get_pe
 
 VARIANTS = {pe: [f"model.pe={pe}"] for pe in sorted(REGISTRY)}
 VARIANTS["cope_per_head"] = ["model.pe=cope", "pe.cope.shared_table=false"]
@@ -72,8 +72,9 @@ def test_tensor_parallel_matches_one_process(reference, tmp_path, sequence):
 
     for name, overrides in VARIANTS.items():
         cfg = load_config(BASE + overrides)
-        assert parameters(cfg, VOCAB, tensor=2) == got[name]["params_per_rank"], name
-        assert parameters(cfg, VOCAB) == reference[name]["params_per_rank"], name
+        pe = get_pe(cfg.model.pe)
+        assert parameters(cfg, pe, VOCAB, tensor=2) == got[name]["params_per_rank"], name
+        assert parameters(cfg, pe, VOCAB) == reference[name]["params_per_rank"], name
 
 
 def test_context_parallel_matches_one_process(reference, tmp_path):

@@ -19,7 +19,7 @@ def tiny_model(pe: str):
                        "pe.cope.npos_max=8"])
     init_distributed(1)
     seed_everything(0)
-    return build_gpt(cfg, VOCAB)
+    return build_gpt(cfg, get_pe(cfg.model.pe), VOCAB)
 
 
 @pytest.mark.parametrize("pe", sorted(REGISTRY))

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from cope_megatron.config import TaskConfig, load_config
+from cope_megatron.data.corpus import PrepError
+from cope_megatron.data.format import read_manifest
 from cope_megatron.data.loader import ResumableLoader
-from cope_megatron.data.source import ordered_samples, read_manifest, split_spec
-from data_prep.corpus import PrepError
-from data_prep.tasks import TASKS, prepare_task, sample_arrays
+from cope_megatron.data.prep.tasks import TASKS, prepare_task, sample_arrays
+from cope_megatron.data.source import ordered_samples, split_spec
+from cope_megatron.pe import get_pe
 
 FLIPFLOP, COPY, COUNTING = TASKS["flipflop"], TASKS["selective_copy"], TASKS["counting"]
 
@@ -174,7 +176,7 @@ def test_masked_positions_change_nothing(dist_cleanup):
                        "model.pe=cope"])
     init_distributed(1)
     seed_everything(0)
-    model = build_gpt(cfg, 16)
+    model = build_gpt(cfg, get_pe(cfg.model.pe), 16)
     tokens = torch.randint(0, 16, (2, 17))
     mask = torch.ones(2, 16)
     mask[:, -1] = 0

@@ -64,15 +64,18 @@ def test_eval_restores_checkpoint_and_marks_learned_not_applicable(prepared, tmp
     from cope_megatron.distributed.parallel import destroy_distributed
 
     destroy_distributed()
-    # Evaluation reads no training data: a loader state from an older version (here one
-    # from before virtual streams) does not stop it.
+    # Evaluation builds no training loader: a data position that training would refuse
+    # (another data order) does not stop it, and the run's files stay as they were.
     import torch
 
     states = next((tmp_path / "run" / "checkpoints" / "step_00000002").glob("*model_states.pt"))
     saved = torch.load(states, weights_only=False)
-    saved["data"] = {"epoch": 0, "offset": 8}
+    saved["data"]["seed"] += 1
     torch.save(saved, states)
+    kept = {name: (tmp_path / "run" / name).read_text() for name in ("config.yaml",
+                                                                       "metrics.jsonl")}
     report = run_eval(cfg)
+    assert kept == {name: (tmp_path / "run" / name).read_text() for name in kept}
     assert report["lengths"][32]["loss"] == trained["lengths"][32]["loss"]
     assert report["lengths"][64]["status"] == "not applicable"
 
@@ -241,15 +244,18 @@ def test_torchrun_data_parallel_matches_accumulation_and_resumes_on_another_size
 
 
 def test_zero_checkpoint_resumes_on_another_data_parallel_size(prepared, tmp_path):
-    """ZeRO-2 optimizer states are partitioned by DP rank: DP=2 → one process, and one
-    process → DP=2, convert the checkpoint to a universal one and continue the
-    uninterrupted run's losses."""
+    """ZeRO-2 optimizer states are partitioned by DP rank: TP=2 × DP=2 → TP=2 × DP=1 and
+    one process → DP=2 convert the checkpoint to a universal one and continue the
+    uninterrupted run's losses. Per-head CoPE tables are split over TP ranks by head, so
+    the conversion must merge them as such (replicated slices must be equal)."""
     shards, _, _ = prepared
-    two = {"train.micro_batch_size": 2, "zero.stage": 2}
+    two = {"train.micro_batch_size": 2, "zero.stage": 2, "model.pe": "cope",
+           "pe.cope.shared_table": "false"}
     one = {**two, "train.grad_accum": 2}
-    want = train_losses(shards, tmp_path / "straight", 2, 6, **two)
-    train_losses(shards, tmp_path / "shrunk", 2, 3, **two)
-    shrunk = train_losses(shards, tmp_path / "shrunk", 1, 6, **one)
+    tp2 = {"parallel.tensor": 2}
+    want = train_losses(shards, tmp_path / "straight", 1, 6, **one)
+    train_losses(shards, tmp_path / "shrunk", 4, 3, **two, **tp2)
+    shrunk = train_losses(shards, tmp_path / "shrunk", 2, 6, **one, **tp2)
     train_losses(shards, tmp_path / "grown", 1, 3, **one)
     grown = train_losses(shards, tmp_path / "grown", 2, 6, **two)
     for got in (shrunk, grown):

@@ -29,12 +29,11 @@ from cope_megatron.config.schema import (
     TrainConfig,
     ZeroConfig,
 )
-from cope_megatron.config.validation import padded_vocab_size, validate, validate_data_path
+from cope_megatron.config.validation import padded_vocab_size, validate
 
 __all__ = [
     "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig",
     "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions", "RunConfig",
     "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys",
     "load_config", "merge_dicts", "padded_vocab_size", "to_dict", "validate",
-    "validate_data_path",
 ]

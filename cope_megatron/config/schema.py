@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cope_megatron.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
@@ -29,6 +31,19 @@ class ModelConfig:
     init_method_std: float = 0.02
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     untie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads: ``num_query_groups``, or one per query head."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
 
 
 @dataclass(kw_only=True, slots=True)
@@ -123,7 +138,7 @@ class DataConfig:
 class TaskConfig:
     name: str | None = None
     """A synthetic task of the CoPE paper (flipflop, selective_copy, counting; formats in
-    data_prep/tasks): prep then writes its splits into data.shards instead of tokenizing
+    data/prep/tasks): prep then writes its splits into data.shards instead of tokenizing
     data.corpus, training counts only answer predictions, and eval reports error % per
     test split. None: language modelling on data.corpus."""
     seed: int = 0

@@ -3,7 +3,6 @@ exists, and the values derived from it."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -18,8 +17,8 @@ def padded_vocab_size(vocab_size: int, tensor_parallel: int) -> int:
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
-    """Raise ConfigError for a setting that cannot run, before anything is built. (The PE
-    name is checked by its registry, ``cope_megatron.pe.get_pe``: the schema knows no PE.)"""
+    """Raise ConfigError for a setting that cannot run, before anything is built. What a PE
+    needs is checked by its registry entry (``cope_megatron.startup.check`` calls both)."""
     m, p = cfg.model, cfg.parallel
 
     def fail(key: str, msg: str) -> None:
@@ -42,7 +41,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if m.hidden_size % m.num_attention_heads:
         fail("model.hidden_size", f"{m.hidden_size} is not divisible by "
              f"model.num_attention_heads={m.num_attention_heads}")
-    groups = m.num_query_groups or m.num_attention_heads
+    groups = m.query_groups
     if m.num_attention_heads % groups:
         fail("model.num_query_groups", f"{groups} must divide num_attention_heads="
              f"{m.num_attention_heads}")
@@ -62,9 +61,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if p.context > 1 and m.attention_dropout > 0:
         fail("parallel.context", "attention dropout is not supported under context "
              "parallelism; set model.attention_dropout=0 or parallel.context=1")
-    if p.context > 1 and m.pe.startswith("cope") and cfg.pe.cope.impl == "reference":
-        fail("pe.cope.impl", "the reference CoPE op materializes [s, s] logits and cannot be "
-             "split across context-parallel ranks; use auto, chunked or triton")
     if world_size % (p.tensor * p.context):
         fail("parallel.tensor", f"world size {world_size} is not a multiple of "
              f"parallel.tensor × parallel.context = {p.tensor * p.context}; launch a multiple "
@@ -76,11 +72,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.data.tokenizer is not None and not Path(cfg.data.tokenizer).is_file():
         fail("data.tokenizer", f"file {cfg.data.tokenizer!r} does not exist; point it at a "
              "SentencePiece .model or leave it unset to train one")
-    if m.pe.startswith("cope") and m.attention_dropout > 0:
-        fail("model.attention_dropout", "the CoPE op has no attention dropout; set "
-             "model.attention_dropout=0")
-    if cfg.pe.cope.npos_max < 2:
-        fail("pe.cope.npos_max", f"must be at least 2, got {cfg.pe.cope.npos_max}")
     if not cfg.eval.length_multipliers or min(cfg.eval.length_multipliers) < 1:
         fail("eval.length_multipliers", "give a non-empty list of integers >= 1")
     stride = cfg.eval.stride
@@ -110,19 +101,3 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if not all(0 <= d <= 1 for d in cfg.eval.passkey_depths):
         fail("eval.passkey_depths", "depths are fractions in [0, 1]")
 
-
-def validate_data_path(cfg: Config) -> None:
-    """Training needs prepared shards: say how to make them when they are missing."""
-    manifest = Path(cfg.data.shards) / "manifest.json"
-    if not manifest.is_file():
-        raise ConfigError(
-            f"data.shards: no manifest at {manifest}; run `cope-megatron prep` with the same "
-            "configs first, or point data.shards at a prepared directory"
-        )
-    packed = json.loads(manifest.read_text())["seq_len"]
-    if packed != cfg.model.seq_length:
-        raise ConfigError(
-            f"model.seq_length: {cfg.model.seq_length}, but the shards in {cfg.data.shards} "
-            f"were packed for {packed}; set model.seq_length={packed} or re-run prep into "
-            "another data.shards"
-        )

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cope_megatron.data.source import DataError, StreamSpec
+from cope_megatron.data.format import DataError
+from cope_megatron.data.source import StreamSpec
 from cope_megatron.data.streams import StreamReader
 
 # Workers start from a fork server, never by forking the trainer: by the time a loader
@@ -130,9 +131,6 @@ class ResumableLoader:
     def check_state(state: dict, spec: StreamSpec) -> int:
         """Steps to start from on resume; refuses a change of the data order (any layout
         with the same global batch continues it)."""
-        if "steps" not in state:
-            raise DataError("the checkpoint's data position predates virtual streams; resume "
-                            "it with the version that wrote it, or start a new run")
         now = {"streams": spec.num_streams, "global_batch": spec.global_batch,
                "shuffle_buffer": spec.shuffle_buffer, "seed": spec.seed}
         for key, value in now.items():

@@ -19,11 +19,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from data_prep.shards import SHARD_META_KEY
-
-
-class DataError(RuntimeError):
-    """Bad training data; the message names the shard and the fix."""
+from cope_megatron.data.format import SHARD_META_KEY, DataError
 
 
 @dataclass(frozen=True)
@@ -64,16 +60,6 @@ class StreamSpec:
     @property
     def num_streams(self) -> int:
         return self.streams or math.gcd(self.global_batch, 64)
-
-
-def read_manifest(shard_dir: str | Path) -> dict:
-    path = Path(shard_dir) / "manifest.json"
-    if not path.is_file():
-        raise DataError(
-            f"{path} does not exist: run `cope-megatron prep` first, or point data.shards at a "
-            "prepared directory"
-        )
-    return json.loads(path.read_text())
 
 
 def split_shards(shard_dir: str | Path, manifest: dict, split: str) -> tuple[ShardInfo, ...]:

@@ -56,8 +56,8 @@ def pos_emb_on_this_cp_rank(pos_emb: torch.Tensor, seq_dim: int, cp_group) -> to
     return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[seq_dim + 2:])
 
 
-def apply_cpu_compat() -> bool:
-    """Patch Megatron-Core's CUDA assumptions when CUDA is absent; returns True if applied.
+def apply_cpu_compat() -> None:
+    """Patch Megatron-Core's CUDA assumptions when CUDA is absent.
 
     - ``torch.cuda.current_device()`` is called for buffer/RoPE placement: answer "cpu".
     - the CUDA RNG tracker (``model_parallel_cuda_manual_seed``, attention dropout) is
@@ -67,7 +67,7 @@ def apply_cpu_compat() -> bool:
       modules that imported it by name get :func:`pos_emb_on_this_cp_rank`.
     """
     if torch.cuda.is_available():
-        return False
+        return
     torch.cuda.current_device = lambda: torch.device("cpu")
     for module in (rotary_pos_embedding, yarn_rotary_pos_embedding):
         module.get_pos_emb_on_this_cp_rank = pos_emb_on_this_cp_rank
@@ -76,4 +76,3 @@ def apply_cpu_compat() -> bool:
     if not isinstance(mp_random._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
         mp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
         mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    return True

@@ -15,10 +15,10 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 
-def register_sequence_parallel_grad_hooks(model: torch.nn.Module) -> int:
-    """Hook every parameter tagged ``sequence_parallel``; returns how many were hooked."""
+def register_sequence_parallel_grad_hooks(model: torch.nn.Module) -> None:
+    """Hook every parameter tagged ``sequence_parallel``."""
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return 0
+        return
     group = parallel_state.get_tensor_model_parallel_group()
 
     def all_reduce(grad: torch.Tensor) -> torch.Tensor:
@@ -26,9 +26,6 @@ def register_sequence_parallel_grad_hooks(model: torch.nn.Module) -> int:
         dist.all_reduce(grad, group=group)
         return grad
 
-    hooked = 0
     for param in model.parameters():
         if getattr(param, "sequence_parallel", False) and param.requires_grad:
             param.register_hook(all_reduce)
-            hooked += 1
-    return hooked

@@ -24,11 +24,12 @@ import torch
 import torch.distributed as dist
 
 from cope_megatron.config import Config, ConfigError
-from cope_megatron.data.source import read_manifest, sequential_windows, split_spec
+from cope_megatron.data.corpus import iter_pieces, resolve_sources
+from cope_megatron.data.format import has_manifest, read_manifest
+from cope_megatron.data.source import sequential_windows, split_spec
+from cope_megatron.data.tokenizer import load_tokenizer
 from cope_megatron.distributed.parallel import replica_group
 from cope_megatron.model.gpt import eval_mode, max_positions, token_losses
-from data_prep.corpus import iter_pieces, resolve_sources
-from data_prep.tokenizer import load_tokenizer
 
 PROTOCOLS = ("windows", "sliding")
 
@@ -50,7 +51,7 @@ def evaluation_text(cfg: Config, manifest: dict) -> torch.Tensor:
     longest = max(cfg.eval.length_multipliers) * cfg.model.seq_length
     n_tokens = -(-cfg.eval.tokens // longest) * longest
     source = cfg.eval.data or cfg.data.shards
-    if (Path(source) / "manifest.json").is_file():
+    if has_manifest(source):
         text = _shard_text(cfg, manifest, source, n_tokens + 1)
     else:
         text = _raw_text(cfg, manifest, source, n_tokens + 1)

@@ -5,26 +5,27 @@ architecture where one computes exactly ours (``hf.standard``: GPT-NeoX for RoPE
 learned positions), else ``modeling_cope_megatron.py``, shipped beside the weights.
 
 Weights come from DeepSpeed's per-TP-rank model-states files, which hold every parameter
-whole under ZeRO 0–2; tensor-parallel shards are concatenated along the dimension
-Megatron splits (rows for row-parallel weights, the output dimension for the rest; norms,
-row-parallel biases, learned positions and a shared CoPE table are replicated). ZeRO-3
+whole under ZeRO 0–2; tensor-parallel shards are concatenated along the dimension the
+checkpoint's own TP layout names (``checkpoint.universal.checkpoint_info``, the record
+resumes on another DP size use too). ZeRO-3
 partitions the weights themselves: DeepSpeed's ``zero_to_fp32`` gathers them (at TP=1).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from cope_megatron import checkpoint
+from cope_megatron.checkpoint.universal import INFO, read_layout, tp_merge_dim
 from cope_megatron.config import Config, load_config, padded_vocab_size
-from cope_megatron.data.source import read_manifest
-from cope_megatron.distributed.universal import REPLICATED, ROW_PARALLEL, read_layout
+from cope_megatron.data.format import read_manifest
+from cope_megatron.errors import UserError
 from cope_megatron.hf.standard import BUILDERS, rename, standard_architecture
+from cope_megatron.startup import check
 
 HERE = Path(__file__).resolve().parent
 
@@ -40,20 +41,15 @@ NAMES = [  # Megatron name -> ours, by regular expression
     (r"^decoder\.layers\.(\d+)\.", r"layers.\1."),
     (r"^output_layer\.", "output_layer."),
 ]
-REPLICATED_TOO = [r"embedding\.position_embeddings\.weight"]
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """A run that cannot be exported; the message says why and what to do."""
 
 
-def _merge(name: str, shards: list[torch.Tensor], shared_table: bool) -> torch.Tensor:
-    replicated = REPLICATED + REPLICATED_TOO + ([r".*core_attention\.attention\.table$"]
-                                                if shared_table else [])
-    if len(shards) == 1 or any(re.match(p, name) for p in replicated):
-        return shards[0]
-    dim = 1 if any(re.match(p, name) for p in ROW_PARALLEL) else 0
-    return torch.cat(shards, dim=dim)
+def _merge(name: str, shards: list[torch.Tensor], info: dict) -> torch.Tensor:
+    dim = tp_merge_dim(name, info) if len(shards) > 1 else None
+    return shards[0] if dim is None else torch.cat(shards, dim=dim)
 
 
 def megatron_state_dict(run_dir: Path, cfg: Config) -> tuple[dict[str, torch.Tensor], int]:
@@ -62,8 +58,7 @@ def megatron_state_dict(run_dir: Path, cfg: Config) -> tuple[dict[str, torch.Ten
     if tag is None:
         raise ExportError(f"no checkpoint in {checkpoint.checkpoint_dir(run_dir)}; train first")
     root = checkpoint.checkpoint_dir(run_dir)
-    layout = read_layout(root / tag) or {"zero_stage": cfg.zero.stage}
-    if layout["zero_stage"] == 3:
+    if read_layout(root / tag)["zero_stage"] == 3:
         if cfg.parallel.tensor > 1:
             raise ExportError(
                 f"{root / tag}: ZeRO-3 with tensor parallelism partitions every TP shard "
@@ -79,7 +74,8 @@ def megatron_state_dict(run_dir: Path, cfg: Config) -> tuple[dict[str, torch.Ten
     files = [root / tag / f"mp_rank_{r:02d}_model_states.pt" for r in range(cfg.parallel.tensor)]
     states = [torch.load(f, weights_only=False, map_location="cpu") for f in files]
     modules = [s["module"] for s in states]
-    params = {name: _merge(name, [m[name] for m in modules], cfg.pe.cope.shared_table).float()
+    info = states[0][INFO]  # the TP layout the run saved (checkpoint.universal)
+    params = {name: _merge(name, [m[name] for m in modules], info).float()
               for name in modules[0] if not name.endswith("_extra_state")}
     return params, states[0].get("step", 0)
 
@@ -108,6 +104,7 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} has no config.yaml: give a run directory")
     cfg = load_config([str(run_dir / "config.yaml")])
+    pe = check(cfg, cfg.parallel.tensor * cfg.parallel.context)
     shards = Path(cfg.data.shards)
     manifest = read_manifest(shards)
     params, step = megatron_state_dict(run_dir, cfg)
@@ -116,7 +113,7 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
     except ValueError as e:
         raise ExportError(str(e)) from e
     config = hf_config(cfg, manifest["vocab_size"])
-    standard = standard_architecture(cfg)
+    standard = standard_architecture(cfg, pe)
     if standard:
         model = BUILDERS[standard](cfg, config.vocab_size, state)
     else:

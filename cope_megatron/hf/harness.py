@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 
 from cope_megatron.atomic_io import write_text_atomic
+from cope_megatron.errors import UserError
 from cope_megatron.hf.export import export
 
 HARNESS_FILE = "harness.json"
 
 
-class HarnessError(RuntimeError):
+class HarnessError(UserError, RuntimeError):
     """A harness task that cannot run; the message says which and what to do."""
 
 

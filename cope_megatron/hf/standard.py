@@ -18,18 +18,18 @@ import re
 import torch
 
 from cope_megatron.config import Config
+from cope_megatron.pe import PositionEncoding
 
 
-def standard_architecture(cfg: Config) -> str | None:
-    """"gpt_neox", "gpt2", or None when no standard architecture computes the run's model."""
+def standard_architecture(cfg: Config, pe: PositionEncoding) -> str | None:
+    """The PE's ``hf_architecture`` where the rest of the model fits it (LayerNorm, one
+    key/value head per query head, and for GPT-2 tied embeddings), else None."""
     m = cfg.model
-    if m.normalization != "LayerNorm" or m.num_query_groups not in (None, m.num_attention_heads):
+    if m.normalization != "LayerNorm" or m.query_groups != m.num_attention_heads:
         return None
-    if m.pe == "rope":
-        return "gpt_neox"
-    if m.pe == "learned" and not m.untie_embeddings:
-        return "gpt2"
-    return None
+    if pe.hf_architecture == "gpt2" and m.untie_embeddings:
+        return None
+    return pe.hf_architecture
 
 
 def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict:
@@ -62,7 +62,7 @@ def gpt_neox(cfg: Config, vocab_size: int, state: dict[str, torch.Tensor]):
     config = GPTNeoXConfig(
         vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads,
-        intermediate_size=m.ffn_hidden_size or 4 * m.hidden_size, hidden_act="gelu",
+        intermediate_size=m.ffn_size, hidden_act="gelu",
         max_position_embeddings=m.seq_length, layer_norm_eps=1e-5,
         use_parallel_residual=False, attention_bias=True,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.pe.rope.base,
@@ -93,7 +93,7 @@ def gpt2(cfg: Config, vocab_size: int, state: dict[str, torch.Tensor]):
     m = cfg.model
     config = GPT2Config(
         vocab_size=vocab_size, n_embd=m.hidden_size, n_layer=m.num_layers,
-        n_head=m.num_attention_heads, n_inner=m.ffn_hidden_size or 4 * m.hidden_size,
+        n_head=m.num_attention_heads, n_inner=m.ffn_size,
         n_positions=m.seq_length, activation_function="gelu", layer_norm_epsilon=1e-5,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
     model = GPT2LMHeadModel(config)

@@ -16,8 +16,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from cope_megatron.config import PEConfig
-from cope_megatron.distributed.ring import ContextParallel
-from cope_megatron.pe.base import AttentionShape, PositionEncoding, default_softmax_scale
+from cope_megatron.ops.context_parallel.ring import ContextParallel
+from cope_megatron.pe.base import AttentionShape, PositionEncoding
 
 
 class PECoreAttention(MegatronModule):
@@ -30,30 +30,20 @@ class PECoreAttention(MegatronModule):
         *,
         pe: PositionEncoding,
         pe_options: PEConfig,
-        train_length: int,
         cp_comm_type: Optional[str] = None,
         softmax_scale: Optional[float] = None,
         pg_collection=None,
     ) -> None:
         super().__init__(config=config)
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        heads = config.num_attention_heads // tp_size
-        head_dim = config.kv_channels
         self.sequence_parallel = config.sequence_parallel
         self.dropout = config.attention_dropout
-        shape = AttentionShape(
-            num_heads=heads,
-            num_kv_heads=config.num_query_groups // tp_size,
-            head_dim=head_dim,
-            total_heads=config.num_attention_heads,
-            head_offset=tp_rank * heads,
-            softmax_scale=softmax_scale or default_softmax_scale(head_dim),
-            dropout=config.attention_dropout,
-            train_length=train_length,
-            init_std=config.init_method_std,
-            tp_size=tp_size,
-        )
+        shape = AttentionShape.of_rank(
+            total_heads=config.num_attention_heads, total_kv_heads=config.num_query_groups,
+            head_dim=config.kv_channels, tp_size=tp_size,
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            softmax_scale=softmax_scale, dropout=config.attention_dropout,
+            init_std=config.init_method_std)
         self.attention = pe.attention(shape, pe_options)
         # Megatron hands its CP group to core attention; the PE runs it over the ring.
         cp_group = (pg_collection.cp if pg_collection is not None

@@ -12,7 +12,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from cope_megatron.config import Config, padded_vocab_size
 from cope_megatron.model.layer_spec import get_layer_spec
-from cope_megatron.pe import get_pe
+from cope_megatron.pe import PositionEncoding
 
 RECOMPUTE = {
     "none": {},
@@ -55,12 +55,12 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
-def build_gpt(cfg: Config, vocab_size: int) -> GPTModel:
-    """The GPT for ``cfg`` on the current device; call after ``init_distributed``."""
-    pe = get_pe(cfg.model.pe)
+def build_gpt(cfg: Config, pe: PositionEncoding, vocab_size: int) -> GPTModel:
+    """The GPT for ``cfg`` with ``pe`` (``cfg.model.pe`` resolved) on the current device;
+    call after ``init_distributed``."""
     model = GPTModel(
         config=transformer_config(cfg),
-        transformer_layer_spec=get_layer_spec(cfg),
+        transformer_layer_spec=get_layer_spec(cfg, pe),
         vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tensor),
         max_sequence_length=cfg.model.seq_length,
         position_embedding_type=pe.gpt_position_embedding,

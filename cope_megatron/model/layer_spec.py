@@ -10,10 +10,10 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from cope_megatron.config import Config
 from cope_megatron.model.attention import PECoreAttention
 from cope_megatron.model.norm import SequenceParallelNorm
-from cope_megatron.pe import get_pe
+from cope_megatron.pe import PositionEncoding
 
 
-def get_layer_spec(cfg: Config) -> TransformerBlockSubmodules:
+def get_layer_spec(cfg: Config, pe: PositionEncoding) -> TransformerBlockSubmodules:
     """Layer specs for every layer plus the final norm, as GPTModel accepts them."""
     spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
     layer = spec.submodules
@@ -21,11 +21,7 @@ def get_layer_spec(cfg: Config) -> TransformerBlockSubmodules:
     layer.pre_mlp_layernorm = SequenceParallelNorm
     layer.self_attention.submodules.core_attention = ModuleSpec(
         module=PECoreAttention,
-        params={
-            "pe": get_pe(cfg.model.pe),
-            "pe_options": cfg.pe,
-            "train_length": cfg.model.seq_length,
-        },
+        params={"pe": pe, "pe_options": cfg.pe},
     )
     return TransformerBlockSubmodules(
         layer_specs=[spec] * cfg.model.num_layers, layer_norm=SequenceParallelNorm

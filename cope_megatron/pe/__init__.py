@@ -1,6 +1,10 @@
 """Registry of position encodings: ``model.pe`` names one of these.
 
-Adding a PE is one new module that calls ``register`` and one import line below.
+Each entry (``base.PositionEncoding``) holds every fact about its PE that the model, the
+start-up check, the estimate and the export need. Adding a PE is one new module that calls
+``register``, one import line below, and its branch in the readable reference model
+``hf/modeling_cope_megatron.py`` (the whole model in plain PyTorch, checked against this
+one by tests/test_export.py).
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ def register(pe: PositionEncoding) -> PositionEncoding:
 
 
 def get_pe(name: str) -> PositionEncoding:
-    """The PE ``model.pe`` names; a ConfigError naming the key for an unknown one."""
+    """The PE ``model.pe`` names; a ConfigError naming the key for an unknown one. Resolved
+    once per start, by ``cope_megatron.startup.check``, and passed down from there."""
     if name not in REGISTRY:
         raise ConfigError(f"model.pe: unknown position encoding {name!r}; choose one of "
                           f"{sorted(REGISTRY)}")

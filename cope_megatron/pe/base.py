@@ -8,12 +8,17 @@ A PE touches a GPT in at most three places, each with a do-nothing default:
   encodings;
 - ``attention``: the core attention, on [b, heads, s, head_dim] tensors, where
   logit biases (ALiBi, T5) and CoPE live. It takes the context-parallel group when the
-  sequence is split over ranks, and hands the exchange to ``cope_megatron.distributed``.
+  sequence is split over ranks, and hands the exchange to ``ops.context_parallel``.
+
+A parameter split over TP ranks by head is made with ``head_sharded_parameter``, whose tag
+is the one record of that fact: checkpoint conversion and export read it
+(``checkpoint.universal.checkpoint_info``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,9 +27,9 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from torch import nn
 
-from cope_megatron.config import PEConfig
-from cope_megatron.distributed.cp_softmax import ring_attention
-from cope_megatron.distributed.ring import ContextParallel
+from cope_megatron.config import Config, PEConfig
+from cope_megatron.ops.context_parallel.ring import ContextParallel
+from cope_megatron.ops.context_parallel.softmax import ring_attention
 
 
 @dataclass(frozen=True)
@@ -41,9 +46,19 @@ class AttentionShape:
     """Global index of this rank's first head: per-head state is indexed by global head."""
     softmax_scale: float
     dropout: float
-    train_length: int
     init_std: float
     tp_size: int = 1
+
+    @classmethod
+    def of_rank(cls, *, total_heads: int, total_kv_heads: int, head_dim: int, tp_size: int = 1,
+                tp_rank: int = 0, softmax_scale: float | None = None, dropout: float = 0.0,
+                init_std: float = 0.02) -> AttentionShape:
+        """The shape on TP rank ``tp_rank`` of ``tp_size`` (heads split evenly)."""
+        heads = total_heads // tp_size
+        return cls(num_heads=heads, num_kv_heads=total_kv_heads // tp_size, head_dim=head_dim,
+                   total_heads=total_heads, head_offset=tp_rank * heads,
+                   softmax_scale=softmax_scale or 1.0 / math.sqrt(head_dim), dropout=dropout,
+                   init_std=init_std, tp_size=tp_size)
 
 
 class CausalAttention(nn.Module):
@@ -51,7 +66,7 @@ class CausalAttention(nn.Module):
 
     A bias is a function of the distance i − j alone (``distance_bias``), so the same
     vector serves one process and a sequence split over context-parallel ranks, where
-    ``distributed.cp_softmax`` applies it at global distances.
+    ``ops.context_parallel.softmax`` applies it at global distances.
     """
 
     def __init__(self, shape: AttentionShape, options: PEConfig) -> None:
@@ -110,19 +125,34 @@ def _causal_bias(bias: torch.Tensor, i0: int, i1: int, dtype: torch.dtype) -> to
 
 @dataclass(frozen=True)
 class PositionEncoding:
-    """One registry entry: how a PE plugs into Megatron's GPTModel."""
+    """One registry entry: how a PE plugs into Megatron's GPTModel, and every fact the rest
+    of the system asks of a PE (nothing else guesses them from its name)."""
 
     name: str
-    paper: str
     attention: type[nn.Module] = CausalAttention
     gpt_position_embedding: Literal["none", "learned_absolute", "rope"] = "none"
     position_embedding: type[nn.Module] | None = None
     extrapolates: bool = True
     """False when positions beyond the training length have no representation."""
+    uses_cope_op: bool = False
+    """Its attention runs the CoPE op (``ops.cope_attention``): ``pe.cope`` applies, and
+    the op's table product, elementwise work and fp32 copies count in FLOPs and memory."""
+    hf_architecture: Literal["gpt_neox", "gpt2"] | None = None
+    """The standard ``transformers`` architecture that computes it exactly, where the rest
+    of the model allows (``hf.standard``); None: ``hf/modeling_cope_megatron.py``."""
+    check: Callable[[Config], None] | None = None
+    """Its own start-up check of a run config (ConfigError naming the key)."""
 
+    @property
+    def rotary(self) -> bool:
+        """Queries and keys are rotated by Megatron's RoPE before the attention."""
+        return self.gpt_position_embedding == "rope"
 
-def default_softmax_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
+    @property
+    def biased(self) -> bool:
+        """The attention adds a distance bias to the logits (ALiBi, T5)."""
+        return (issubclass(self.attention, CausalAttention)
+                and self.attention.distance_bias is not CausalAttention.distance_bias)
 
 
 def head_sharded_parameter(full: torch.Tensor, shape: AttentionShape) -> nn.Parameter:

@@ -10,7 +10,7 @@ gradient: passing it through Megatron's copy-to-tensor-parallel-region (identity
 all-reduce backward) sums those parts, whatever engine drives training.
 
 Under context parallelism the gate sums are carried across ranks by
-``distributed.cp_cope`` (the same function, exactly).
+``ops.context_parallel.cope`` (the same function, exactly).
 
 ``cope_rope`` applies CoPE on top of RoPE-rotated queries and keys.
 """
@@ -21,10 +21,10 @@ import torch
 from megatron.core import tensor_parallel
 from torch import nn
 
-from cope_megatron.config import PEConfig
-from cope_megatron.distributed.cp_cope import cope_attention_context_parallel
-from cope_megatron.distributed.ring import ContextParallel
+from cope_megatron.config import Config, ConfigError, PEConfig
 from cope_megatron.ops import cope_attention
+from cope_megatron.ops.context_parallel.cope import cope_attention_context_parallel
+from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.pe import register
 from cope_megatron.pe.base import AttentionShape, PositionEncoding, head_sharded_parameter
 
@@ -55,6 +55,19 @@ class CoPEAttention(nn.Module):
                               softmax_scale=self.shape.softmax_scale, impl=self.impl)
 
 
-register(PositionEncoding(name="cope", paper="arXiv 2405.18719", attention=CoPEAttention))
-register(PositionEncoding(name="cope_rope", paper="arXiv 2405.18719 + arXiv 2104.09864",
-                          attention=CoPEAttention, gpt_position_embedding="rope"))
+def check(cfg: Config) -> None:
+    """What the CoPE op cannot run."""
+    if cfg.pe.cope.npos_max < 2:
+        raise ConfigError(f"pe.cope.npos_max: must be at least 2, got {cfg.pe.cope.npos_max}")
+    if cfg.model.attention_dropout > 0:
+        raise ConfigError("model.attention_dropout: the CoPE op has no attention dropout; set "
+                          "model.attention_dropout=0")
+    if cfg.parallel.context > 1 and cfg.pe.cope.impl == "reference":
+        raise ConfigError("pe.cope.impl: the reference CoPE op materializes [s, s] logits and "
+                          "cannot be split across context-parallel ranks; use auto, chunked or "
+                          "triton")
+
+
+register(PositionEncoding(name="cope", attention=CoPEAttention, uses_cope_op=True, check=check))
+register(PositionEncoding(name="cope_rope", attention=CoPEAttention, uses_cope_op=True,
+                          check=check, gpt_position_embedding="rope"))

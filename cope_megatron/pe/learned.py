@@ -8,8 +8,8 @@ from cope_megatron.pe.base import PositionEncoding
 register(
     PositionEncoding(
         name="learned",
-        paper="arXiv 1706.03762",
         gpt_position_embedding="learned_absolute",
         extrapolates=False,
+        hf_architecture="gpt2",
     )
 )

@@ -5,4 +5,4 @@ Positional Information", arXiv 2203.16634)."""
 from cope_megatron.pe import register
 from cope_megatron.pe.base import PositionEncoding
 
-register(PositionEncoding(name="nope", paper="arXiv 2203.16634"))
+register(PositionEncoding(name="nope"))

@@ -5,4 +5,4 @@ path, base from ``pe.rope.base``."""
 from cope_megatron.pe import register
 from cope_megatron.pe.base import PositionEncoding
 
-register(PositionEncoding(name="rope", paper="arXiv 2104.09864", gpt_position_embedding="rope"))
+register(PositionEncoding(name="rope", gpt_position_embedding="rope", hf_architecture="gpt_neox"))

@@ -34,7 +34,6 @@ class SinusoidalPositions(nn.Module):
 register(
     PositionEncoding(
         name="sinusoidal",
-        paper="arXiv 1706.03762",
         gpt_position_embedding="learned_absolute",
         position_embedding=SinusoidalPositions,
     )

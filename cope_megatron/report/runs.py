@@ -15,8 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from cope_megatron.errors import UserError
 
-class ReportError(ValueError):
+
+class ReportError(UserError, ValueError):
     """A run directory that cannot be reported; the message names it."""
 
 

@@ -1,0 +1,46 @@
+"""The prepared data set's on-disk format, read and written only here: ``manifest.json``
+(what prep made: tokenizer, packing, splits and their shards) and the header record each
+WebDataset shard starts with (its packing, so a shard mixed in from another prep is
+caught). The manifest is written last and atomically: its presence means the data set is
+complete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cope_megatron.atomic_io import write_text_atomic
+from cope_megatron.errors import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+"""The manifest's format version, written into every manifest."""
+SHARD_META_KEY = "__shard__"
+"""``__key__`` of each shard's first record, whose JSON holds the shard's packing."""
+
+
+class DataError(UserError, RuntimeError):
+    """Prepared data that cannot be read as it should; the message names the file."""
+
+
+def manifest_path(shard_dir: str | Path) -> Path:
+    return Path(shard_dir) / MANIFEST
+
+
+def has_manifest(shard_dir: str | Path) -> bool:
+    return manifest_path(shard_dir).is_file()
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    path = manifest_path(shard_dir)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: run `cope-megatron prep` first, or point "
+                        "data.shards at a prepared directory")
+    return json.loads(path.read_text())
+
+
+def write_manifest(shard_dir: str | Path, manifest: dict) -> dict:
+    """Write ``manifest`` (with the format version first) as the data set's last file."""
+    manifest = {"format": FORMAT, **manifest}
+    write_text_atomic(manifest_path(shard_dir), json.dumps(manifest, indent=1))
+    return manifest

@@ -1,0 +1,166 @@
+"""``cope-megatron prep``: corpus -> SentencePiece tokenizer -> packed WebDataset shards.
+
+Writes into ``data.shards``: ``tokenizer.model``, ``train-*.tar``, ``val-*.tar`` and
+``manifest.json`` (written last, atomically: its presence means the data set is complete).
+Rerunning after a crash keeps the shards already finished and writes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from cope_megatron.config import DataConfig
+from cope_megatron.data.corpus import Piece, PrepError, iter_pieces, resolve_sources
+from cope_megatron.data.format import has_manifest, read_manifest, write_manifest
+from cope_megatron.data.prep import encode_worker
+from cope_megatron.data.prep.shards import Packer, SplitWriter, token_dtype
+from cope_megatron.data.tokenizer import (
+    EOS_ID,
+    file_sha256,
+    install_tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+FINGERPRINT = "prep_fingerprint.json"
+
+
+def is_validation(doc: str, seed: int, fraction: float) -> bool:
+    """Split by document, by a seeded hash of its name (file name, and record number for
+    JSONL): stable whatever the order, the worker count, or where the corpus lies (hashing
+    the full path made the split of a copied corpus differ, and a test fixture in a fresh
+    temporary directory drew no validation documents about one run in 30)."""
+    digest = hashlib.sha256(f"{seed}:{Path(doc).name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+def _pieces(files: list[Path], text_field: str, max_docs: int | None) -> Iterator[Piece]:
+    docs = 0
+    for path in files:
+        for piece in iter_pieces(path, text_field):
+            yield piece
+            if piece.last:
+                docs += 1
+                if max_docs is not None and docs >= max_docs:
+                    return
+
+
+def check_fingerprint(out: Path, fingerprint: dict) -> None:
+    """Refuse a directory prepared (or being prepared) from other inputs."""
+    path = out / FINGERPRINT
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != fingerprint:
+            changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+            raise PrepError(
+                f"data.shards: {out} holds shards prepared from other inputs (changed: "
+                f"{changed}); point data.shards at another directory or delete this one"
+            )
+    else:
+        path.write_text(json.dumps(fingerprint, indent=1))
+
+
+def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True) -> dict:
+    """Run the whole prep into ``data.shards`` and return the manifest (also written there).
+
+    Samples hold ``seq_len + 1`` tokens; ``seed`` fixes the validation split.
+    """
+    out = Path(data.shards)
+    files = resolve_sources(data.corpus, data.cache_dir)
+    # Everything the shards depend on: a directory prepared from other inputs is refused,
+    # whether that prep finished or was interrupted.
+    fingerprint = {
+        "files": [[str(f), f.stat().st_size] for f in files], "seq_len": seq_len,
+        "seed": seed, "val_fraction": data.val_fraction, "max_docs": data.max_docs,
+        "text_field": data.text_field,
+        "tokenizer": file_sha256(data.tokenizer) if data.tokenizer else {
+            "vocab_size": data.vocab_size, "type": data.tokenizer_type,
+            "byte_fallback": data.byte_fallback, "user_symbols": data.user_symbols,
+            "sample_bytes": data.tokenizer_sample_bytes},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    check_fingerprint(out, fingerprint)
+    if has_manifest(out):
+        return read_manifest(out)
+    started = time.time()
+
+    if data.tokenizer:
+        tok_path = install_tokenizer(data.tokenizer, out)
+    elif (out / "tokenizer.model").exists():
+        tok_path = out / "tokenizer.model"  # trained by an interrupted earlier run
+    else:
+        tok_path = train_tokenizer(
+            files, out, vocab_size=data.vocab_size, model_type=data.tokenizer_type,
+            byte_fallback=data.byte_fallback, user_symbols=data.user_symbols,
+            sample_bytes=data.tokenizer_sample_bytes, text_field=data.text_field,
+        )
+    sp = load_tokenizer(tok_path)
+    vocab = sp.get_piece_size()
+    dtype = token_dtype(vocab)
+    tok_sha = file_sha256(tok_path)
+
+    meta = {"seq_len": seq_len, "dtype": dtype.name, "tokenizer_sha256": tok_sha}
+    packers = {
+        split: Packer(seq_len + 1, dtype,
+                      SplitWriter(out, split, meta, data.shard_max_bytes))
+        for split in ("train", "val")
+    }
+    docs = {"train": 0, "val": 0}
+    nbytes = 0
+    # Progress in input bytes, so tqdm can show an ETA (compressed inputs count their
+    # decompressed text against their compressed size: the ETA is then pessimistic).
+    bar = tqdm(desc="prep", total=sum(f.stat().st_size for f in files), unit="B",
+               unit_scale=True, disable=not progress, dynamic_ncols=True)
+    with mp.get_context("spawn").Pool(data.prep_workers, encode_worker.init,
+                                        (str(tok_path),)) as pool:
+        pieces = _pieces(files, data.text_field, data.max_docs)
+        stream = pool.imap(encode_worker.encode, pieces, chunksize=2)
+        for doc, ids, last, size in stream:
+            split = "val" if is_validation(doc, seed, data.val_fraction) else "train"
+            packers[split].add(np.append(ids, EOS_ID) if last else ids)
+            nbytes += size
+            bar.update(size)
+            if last:
+                docs[split] += 1
+                elapsed = time.time() - started
+                tokens = sum(p.tokens for p in packers.values())
+                bar.set_postfix(docs_s=f"{sum(docs.values()) / elapsed:.1f}",
+                                tok_s=f"{tokens / elapsed:.0f}")
+    bar.close()
+
+    dropped = {split: p.finish() for split, p in packers.items()}
+    for split, p in packers.items():
+        if p.writer.samples == 0:
+            raise PrepError(
+                f"prep produced no {split} samples ({docs[split]} documents, "
+                f"{dropped[split]} tokens): the corpus is too small for seq_len "
+                f"{seq_len}" + (" or data.val_fraction is too small" if split == "val" else "")
+            )
+    return write_manifest(out, {
+        **meta,
+        "vocab_size": vocab,
+        "eos_id": EOS_ID,
+        "tokenizer": tok_path.name,
+        "seed": seed,
+        "source_bytes": nbytes,
+        "seconds": round(time.time() - started, 2),
+        "splits": {
+            split: {
+                "documents": docs[split],
+                "samples": p.writer.samples,
+                "tokens": p.tokens,
+                "dropped_tokens": dropped[split],
+                "shards": [vars(s) for s in p.writer.shards],
+            }
+            for split, p in packers.items()
+        },
+    })
+

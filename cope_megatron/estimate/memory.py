@@ -1,0 +1,110 @@
+"""Memory per GPU of a run: model states by the ZeRO paper's accounting and the
+activations each layer keeps for backward (the package docstring says how)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cope_megatron.config import Config, padded_vocab_size
+from cope_megatron.pe import PositionEncoding
+
+GIB = 2**30
+RECOMPUTE_MODES = ("none", "selective", "full")
+RESERVED_GIB = 3.0
+"""Held back from the device's memory: CUDA context, NCCL buffers, allocator
+fragmentation, kernel workspaces."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    gpus: int
+    tensor: int
+    context: int
+    zero_stage: int
+
+    @property
+    def data(self) -> int:
+        return self.gpus // (self.tensor * self.context)
+
+    @property
+    def replicas(self) -> int:
+        """Ranks ZeRO partitions over: data × context parallel."""
+        return self.data * self.context
+
+
+def layout_of(cfg: Config, gpus: int) -> Layout:
+    return Layout(gpus=gpus, tensor=cfg.parallel.tensor, context=cfg.parallel.context,
+                  zero_stage=cfg.zero.stage)
+
+
+def model_state_bytes(cfg: Config, params: int, layout: Layout) -> dict[str, float]:
+    """Weights, gradients and optimizer state per GPU (module docstring)."""
+    bf16 = cfg.train.precision == "bf16"
+    weights, grads, optim = (2, 2, 12) if bf16 else (4, 4, 8)
+    n, stage = layout.replicas, layout.zero_stage
+    return {
+        "weights": params * weights / (n if stage >= 3 else 1),
+        "gradients": params * grads / (n if stage >= 2 else 1),
+        "optimizer": params * optim / (n if stage >= 1 else 1),
+    }
+
+
+def _layer_elements(cfg: Config, pe: PositionEncoding, tensor: int, recompute: str
+                    ) -> tuple[float, float]:
+    """What one layer keeps for backward per token of this rank's sequence share: (elements
+    in the training dtype, fp32 elements), besides any [s, s] logit bias."""
+    m, p = cfg.model, cfg.parallel
+    h, t = m.hidden_size, tensor
+    sp = t if p.sequence else 1
+    head_dim = m.head_dim
+    q = m.num_attention_heads * head_dim / t
+    kv = 2 * m.query_groups * head_dim / t
+    ffn = m.ffn_size / t
+    if recompute == "full":  # the layer's input only
+        return h / sp, 0.0
+    # Both norms' inputs and outputs (the outputs are the next linear's input), the QKV
+    # output, the attention output (the projection's input), the MLP's two hidden
+    # activations. SDPA's q, k, v and output are views of these.
+    saved = 4 * h / sp + q + kv + q + 2 * ffn
+    if pe.rotary:
+        saved += q + kv / 2  # rotated queries and keys
+    fp32 = 0.0
+    if recompute == "none":  # the core attention's own state
+        fp32 = q / head_dim  # the row log-sum-exp, one per head
+        if (pe.uses_cope_op and cfg.train.precision == "bf16"
+                and cfg.pe.cope.impl != "triton"):
+            fp32 += 2 * q + kv  # the chunked op's fp32 copies of q, k, v and its output
+    return saved, fp32
+
+
+def activation_bytes(cfg: Config, pe: PositionEncoding, layout: Layout,
+                     recompute: str | None = None, *,
+                     vocab_size: int | None = None, device: str = "cuda") -> dict[str, float]:
+    """Activation memory of one micro batch on one GPU: ``saved``, what stays alive for
+    backward at the end of the forward, and ``working``, what backward recomputes for one
+    layer at a time on top of it (``recompute`` defaults to the config's).
+
+    Biased attention (ALiBi, T5) keeps its [heads, s, s] bias per layer, and on the CPU,
+    where SDPA with a bias runs its math path, the [b, heads, s, s] probabilities too."""
+    m = cfg.model
+    recompute = recompute or cfg.train.recompute
+    b = cfg.train.micro_batch_size
+    seq = m.seq_length / layout.context
+    tokens = b * seq
+    e = 2 if cfg.train.precision == "bf16" else 4
+
+    def layer(mode: str) -> float:
+        saved, fp32 = _layer_elements(cfg, pe, layout.tensor, mode)
+        square = 0.0
+        if mode == "none" and pe.biased:
+            heads = m.num_attention_heads / layout.tensor
+            square = heads * seq**2 * e * (1 + (b if device == "cpu" else 0))
+        return tokens * (saved * e + fp32 * 4) + square
+
+    vocab = padded_vocab_size(vocab_size or cfg.data.vocab_size, layout.tensor) / layout.tensor
+    # The final norm's input and output, and the fp32 logits of the cross-entropy.
+    sp = layout.tensor if cfg.parallel.sequence else 1
+    ends = tokens * (2 * m.hidden_size / sp * e + vocab * 4)
+    working = {"none": 0.0, "selective": layer("none") - layer("selective"),
+               "full": layer("none")}[recompute]
+    return {"saved": m.num_layers * layer(recompute) + ends, "working": working}

@@ -1,0 +1,101 @@
+"""Evaluation of a built model, apart from training: the in-run held-out loss, the final
+report (perplexity per length and passkey, or a task's error %), and lm-evaluation-harness
+tasks. What every evaluation needs travels in one ``EvalContext``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cope_megatron.atomic_io import write_text_atomic
+from cope_megatron.config import Config
+from cope_megatron.eval.passkey import passkey_accuracy
+from cope_megatron.eval.perplexity import evaluate, evaluation_text, score
+from cope_megatron.eval.task_error import task_errors
+from cope_megatron.model.gpt import eval_mode
+
+EVAL_FILE = "eval.json"
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """The model to evaluate and where it runs: its data set's manifest, the device, and
+    this rank's share of the data-parallel ranks (which split the evaluation batches)."""
+
+    model: torch.nn.Module
+    manifest: dict
+    device: torch.device
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    @property
+    def where(self) -> tuple:
+        """(model, manifest, device, dp_rank, dp_size) as the scoring functions take them,
+        after the config."""
+        return self.model, self.manifest, self.device, self.dp_rank, self.dp_size
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, ctx: EvalContext, run_dir: str | Path, *,
+                 is_main: bool) -> None:
+        """``is_main``: this rank writes ``run_dir``'s eval.json."""
+        self.cfg, self.ctx, self.run_dir, self.is_main = cfg, ctx, Path(run_dir), is_main
+        self._val_text: torch.Tensor | None = None
+
+    @property
+    def is_task(self) -> bool:
+        return "task" in self.ctx.manifest
+
+    @torch.no_grad()
+    def held_out(self) -> dict:
+        """Held-out loss and perplexity at the training length (a task: its
+        in-distribution error), for the training metrics."""
+        model, manifest, device, dp_rank, dp_size = self.ctx.where
+        if self.is_task:
+            result = task_errors(model, self.cfg, manifest, device, dp_rank, dp_size,
+                                 splits=["test"])["splits"]["test"]
+            return {"val_error_pct": result["error_pct"]}
+        if self._val_text is None:
+            self._val_text = evaluation_text(self.cfg, manifest)
+        length = self.cfg.model.seq_length
+        with eval_mode(model):
+            result = score(model, self._val_text, length, length, self.cfg.eval.batch_size,
+                           device, dp_rank, dp_size)
+        return {"val_loss": result["loss"], "val_ppl": result["ppl"]}
+
+    def report(self, step: int) -> dict:
+        """Held-out perplexity per length and passkey accuracy, or a task's error % per
+        test split, of the model at ``step``; also written to eval.json."""
+        model, manifest, device, dp_rank, dp_size = self.ctx.where
+        if self.is_task:
+            report = task_errors(model, self.cfg, manifest, device, dp_rank, dp_size)
+        else:
+            report = evaluate(model, self.cfg, manifest, device, dp_rank, dp_size)
+            if self.cfg.eval.passkey_samples:
+                report["passkey"] = passkey_accuracy(model, self.cfg, manifest, device,
+                                                     dp_rank, dp_size)
+        report["step"] = step
+        self._write(report)
+        return report
+
+    def harness(self, report: dict) -> dict:
+        """``eval.harness_tasks`` through lm-evaluation-harness on the main rank (on the
+        run's exported latest checkpoint), added to ``report`` and to eval.json."""
+        e = self.cfg.eval
+        if self.is_main:
+            from cope_megatron.hf.harness import run_harness
+
+            report["harness"] = run_harness(
+                self.run_dir, report["step"], e.harness_tasks, include=e.harness_include,
+                limit=e.harness_limit, batch_size=e.batch_size, device=str(self.ctx.device))
+            self._write(report)
+        dist.barrier()
+        return report
+
+    def _write(self, report: dict) -> None:
+        if self.is_main:
+            write_text_atomic(self.run_dir / EVAL_FILE, json.dumps(report, indent=1))

@@ -1,0 +1,207 @@
+"""CoPE attention with the sequence split over context-parallel ranks, exactly.
+
+No public system has this: TransformerEngine's CP attention knows plain softmax only, and
+CoPE's positions do not decompose over key chunks the way softmax does. For query i and key
+j ≤ i, p_ij = min(Σ_{t=j..i} σ(a_it), npos_max − 1) sums gates over every key between j and
+i, and those keys may live on other ranks. The layout and the ring are
+``ops.context_parallel.ring``; chunks are Q (queries) and K (keys), in global order.
+
+Forward
+  1. Gate totals (ring of K). For every causal pair (Q, K ≤ Q): G[Q, K]_i = Σ_{j ∈ K, j ≤ i}
+     σ(a_ij). A row's totals per chunk are few numbers, so any arrival order will do. Once
+     the chunks between K and Q seen so far sum to npos_max − 1 for a row, every position
+     from K back clamps whatever G is, so the row is skipped; the ring brings nearer chunks
+     first (all of them for the head chunk), so usually only rows next to a chunk start,
+     and the diagonal pairs, are computed.
+  2. Carries: C[Q, K] = Σ_{K < K' ≤ Q} G[Q, K'], the gate total of the row's keys after
+     chunk K. Within a pair p_ij = C + (reverse cumsum of the pair's gates), so each pair is
+     the single-rank block math with an offset (``ops.cope.chunked.chunk_forward``, or the
+     Triton kernels on GPU).
+  3. Attention (ring of K, V): each pair's softmax over its keys gives (out, lse); partial
+     results merge by log-sum-exp. Saved: local q, k, v, E, out, lse and the carries.
+Backward (a = logits, g = σ(a), dp = the gradient reaching positions)
+  dL/da_ij gets g'_ij · Σ_{t ≤ j} dp_it: the adjoint of a reverse cumsum is a forward cumsum,
+  which crosses chunks the other way. Split it as the in-pair cumsum plus
+  B[Q, K]_i = Σ_{K' < K} Σ_{t ∈ K'} dp_it.
+  4. Pairs (ring of K, V, with dK, dV travelling home behind them): the single-rank block
+     backward with carry C and B = 0 gives dq, dk, dv, the table's dz and each row's Σ dp
+     over the pair.
+  5. Correction (ring of K, dK): the B term is linear in B, so it adds
+     dq_i += s·Σ_j B_i g'_ij k_j and dk_j += s·Σ_i B_i g'_ij q_i, only for rows with B ≠ 0.
+     Positions clamp at npos_max − 1, and p grows towards far keys, so dp is 0 beyond the
+     first clamped key: B ≠ 0 only for rows whose unclamped keys cross into an earlier
+     chunk, usually a few rows next to a chunk border. Rows with B = 0 are skipped exactly,
+     and the whole pass (its exchange too) when no rank has such a row.
+  6. The table: dq += dz·Eᵀ, dE = qᵀ·dz from the dz accumulated over all pairs.
+Memory per rank: local q, k, v, out and one key chunk in flight; no [S, S] tensor and no
+whole-sequence K/V, so it falls as 1/CP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from cope_megatron.ops.context_parallel.ring import ContextParallel, rows
+from cope_megatron.ops.cope import chunked as cope_chunked
+from cope_megatron.ops.cope import resolve_impl
+from cope_megatron.ops.cope.chunked import gate_sums, row_gates, table_backward
+from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
+from cope_megatron.ops.plain_attention import merge_softmax
+
+CORRECTION_ROWS = 128  # rows of step 5 at a time
+
+
+def _kernels(impl: str):
+    """The module whose chunk_forward/chunk_backward run the pairs."""
+    if resolve_impl(impl) == "triton":
+        from cope_megatron.ops.cope import triton_kernels as cope_triton
+        return cope_triton
+    return cope_chunked
+
+
+def _widths(ops, widths: dict, pair) -> dict:
+    """The chunked op records each pair's band widths in the forward for its backward;
+    the Triton kernels find theirs in-kernel."""
+    if ops is not cope_chunked:
+        return {}
+    return {"bands": widths.setdefault((pair.q, pair.k_global), [])}
+
+
+def _active_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Indices of the rows (dim 2 of [b, h, c]) where ``mask`` holds for any batch or head."""
+    return mask.flatten(0, 1).any(0).nonzero().squeeze(1)
+
+
+def _correction(q, k, dq, dk, b_carry, scale: float, diagonal: bool) -> None:
+    """Step 5 for one pair, in place: rows with a nonzero carried Σ dp, in blocks."""
+    active = _active_rows(b_carry != 0)
+    for start in range(0, active.numel(), CORRECTION_ROWS):
+        idx = active[start:start + CORRECTION_ROWS]
+        g = row_gates(q, k, idx, scale=scale, causal=diagonal)  # [b, h, n, c]
+        w = (scale * b_carry[:, :, idx, None]) * g * (1 - g)
+        dq[:, :, idx] += w @ k
+        dk += w.transpose(-1, -2) @ q[:, :, idx]
+
+
+class _CoPEContextParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pos_emb, cp: ContextParallel, npos_max: int, scale: float,
+                impl: str):
+        dtype, work = q.dtype, work_dtype(q.dtype)
+        q, pos_emb = q.to(work), pos_emb.to(work)
+        h, c = q.shape[1], q.shape[2] // 2
+        ops = _kernels(impl)
+        z = q @ pos_emb  # [b, h, 2c, npos]
+
+        totals: dict[tuple[int, int], torch.Tensor] = {}  # (local q chunk, global K) -> G
+
+        def gate_pass(owner: int, kv: list[torch.Tensor]) -> None:
+            ke = expand_kv(kv[0].to(work), h)
+            for pair in cp.pairs(owner):
+                # A row whose keys in nearer chunks seen so far already reach the last
+                # position clamps every key from here back: its total here is not needed.
+                total = torch.zeros(*q.shape[:2], c, dtype=work, device=q.device)
+                seen = sum((g for (qi, kg), g in totals.items()
+                            if qi == pair.q and kg > pair.k_global), total)
+                active = _active_rows(seen < npos_max - 1)
+                total[:, :, active] = gate_sums(rows(q, pair.q, c), rows(ke, pair.k, c), active,
+                                                scale=scale, causal=pair.diagonal,
+                                                limit=npos_max - 1)
+                totals[pair.q, pair.k_global] = total
+
+        cp.ring([k], gate_pass)
+        carries = torch.zeros(2, 2 * cp.size, *q.shape[:2], c, dtype=work, device=q.device)
+        for qi, qg in enumerate(cp.chunks(cp.rank)):
+            for kg in range(qg - 1, -1, -1):
+                carries[qi, kg] = carries[qi, kg + 1] + totals[qi, kg + 1]
+
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
+        widths: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+
+        def attention_pass(owner: int, kv: list[torch.Tensor]) -> None:
+            ke, ve = (expand_kv(t.to(work), h) for t in kv)
+            for pair in cp.pairs(owner):
+                part = ops.chunk_forward(
+                    rows(q, pair.q, c), rows(ke, pair.k, c), rows(ve, pair.k, c),
+                    rows(z, pair.q, c), carries[pair.q, pair.k_global],
+                    scale=scale, npos_max=npos_max, causal=pair.diagonal,
+                    **_widths(ops, widths, pair))
+                merge_softmax(rows(out, pair.q, c), rows(lse, pair.q, c), *part)
+
+        cp.ring([k, v], attention_pass)
+        ctx.save_for_backward(q, k, v, pos_emb, out, lse, carries)
+        ctx.cfg = (cp, npos_max, scale, ops, dtype, widths)
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, pos_emb, out, lse, carries = ctx.saved_tensors
+        cp, npos_max, scale, ops, dtype, widths = ctx.cfg
+        work = q.dtype
+        h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
+        z = q @ pos_emb
+        d_out = d_out.to(work).contiguous()
+        dq, dz = torch.zeros_like(q), torch.zeros_like(z)
+        dp_sums = torch.zeros_like(carries)
+
+        def pair_pass(owner: int, kv: list[torch.Tensor]) -> list[torch.Tensor]:
+            ke, ve = (expand_kv(t.to(work), h) for t in kv)
+            dke, dve = torch.zeros_like(ke), torch.zeros_like(ve)
+            for pair in cp.pairs(owner):
+                q_c, z_c, do_c, out_c, lse_c, dq_c, dz_c = (
+                    rows(t, pair.q, c) for t in (q, z, d_out, out, lse, dq, dz))
+                k_c, v_c, dk_c, dv_c = (rows(t, pair.k, c) for t in (ke, ve, dke, dve))
+                dp_sums[pair.q, pair.k_global] = ops.chunk_backward(
+                    q_c, k_c, v_c, z_c, carries[pair.q, pair.k_global], do_c, out_c,
+                    lse_c, (dq_c, dk_c, dv_c, dz_c), scale=scale, npos_max=npos_max,
+                    causal=pair.diagonal, **_widths(ops, widths, pair))
+            return [reduce_kv_heads(dke, kv_heads), reduce_kv_heads(dve, kv_heads)]
+
+        dk, dv = cp.ring([k, v], pair_pass)
+
+        # B[Q, K] = Σ_{K' < K} dp sums: an exclusive prefix over key chunks.
+        b_carry = dp_sums.cumsum(1) - dp_sums
+        needed = torch.tensor([int(bool(b_carry.any()))], device=q.device)
+        dist.all_reduce(needed, op=dist.ReduceOp.MAX, group=cp.group)
+        if needed.item():
+            def correction_pass(owner: int, kv: list[torch.Tensor]) -> list[torch.Tensor]:
+                ke = expand_kv(kv[0].to(work), h)
+                dke = torch.zeros_like(ke)
+                for pair in cp.pairs(owner):
+                    _correction(rows(q, pair.q, c), rows(ke, pair.k, c), rows(dq, pair.q, c),
+                                rows(dke, pair.k, c), b_carry[pair.q, pair.k_global], scale,
+                                pair.diagonal)
+                return [reduce_kv_heads(dke, kv_heads)]
+
+            (dk_b,) = cp.ring([k], correction_pass)
+            dk = dk + dk_b
+
+        dq_table, d_emb = table_backward(q, pos_emb, dz)
+        dq += dq_table
+        return (dq.to(dtype), dk.to(k.dtype), dv.to(v.dtype), d_emb.to(pos_emb.dtype),
+                None, None, None, None)
+
+
+def cope_attention_context_parallel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos_emb: torch.Tensor,
+    cp: ContextParallel,
+    *,
+    npos_max: int,
+    softmax_scale: float,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Causal CoPE over a sequence split across ``cp``'s ranks in the head-tail layout.
+
+    q [b, h, 2c, d]; k, v [b, g, 2c, d]: this rank's two chunks, concatenated;
+    pos_emb [h or 1, d, npos]. Returns this rank's rows of the single-rank output.
+    """
+    if impl == "reference":
+        raise ValueError("pe.cope.impl=reference materializes [s, s] logits and cannot be "
+                         "split across context-parallel ranks; use auto, chunked or triton")
+    return _CoPEContextParallel.apply(q, k, v, pos_emb.to(q.dtype), cp, npos_max,
+                                      softmax_scale, impl)
