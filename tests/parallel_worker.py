@@ -1,8 +1,11 @@
-"""Run under torchrun by tests/test_parallel.py: train every PE variant 3 steps with
-DeepSpeed under the given layout and write losses and full PE-parameter gradients (rank 0).
+"""Run under torchrun by tests/test_parallel.py: for each layout in turn, train each of its
+PE variants 3 steps with DeepSpeed and write losses and full PE-parameter gradients (rank
+0). One launch serves every layout of one world size: process start-up is most of a
+variant's cost.
 
-    torchrun --nproc-per-node 2 tests/parallel_worker.py '{"tensor": 2, "sequence": true,
-        "context": 1, "zero": 0, "variants": {"rope": ["model.pe=rope"]}, "out": "/tmp/r.json"}'
+    torchrun --nproc-per-node 2 tests/parallel_worker.py '{"out": "/tmp/r.json", "layouts":
+        {"tp2_sp": {"tensor": 2, "sequence": true, "context": 1, "zero": 0,
+                    "variants": {"rope": ["model.pe=rope"]}}}}'
 """
 
 import json
@@ -78,10 +81,12 @@ def run_variant(overrides: list[str], layout: dict) -> dict:
 
 
 def main() -> None:
-    layout = json.loads(sys.argv[1])
-    results = {name: run_variant(ov, layout) for name, ov in layout["variants"].items()}
+    job = json.loads(sys.argv[1])
+    results = {layout_name: {name: run_variant(ov, layout)
+                             for name, ov in layout["variants"].items()}
+               for layout_name, layout in job["layouts"].items()}
     if dist.get_rank() == 0:
-        with open(layout["out"], "w") as f:
+        with open(job["out"], "w") as f:
             json.dump(results, f)
     dist.destroy_process_group()
 

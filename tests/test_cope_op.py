@@ -85,9 +85,19 @@ def _compare(impl_fn, case, rtol, atol, dtype=torch.float64):
                                    msg=lambda m, name=name: f"d{name}: {m}")
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("band_code", ["eager", "native", "compiled"])
-def test_chunked_matches_reference(monkeypatch, case, band_code):
+COMPILED = {1, 2, 5}
+"""The cases the compiled band code runs by default (GQA with a shared table and clamping;
+non-causal multi-query; never clamping): each compiles its own kernels, 10-40 s apiece on
+two cores; the rest run with ``-m slow``."""
+
+
+@pytest.mark.parametrize("band_code, case", [
+    *(pytest.param(code, case, id=f"{code}-case{i}") for code in ("eager", "native")
+      for i, case in enumerate(CASES)),
+    *(pytest.param("compiled", case, id=f"compiled-case{i}",
+                   marks=() if i in COMPILED else pytest.mark.slow)
+      for i, case in enumerate(CASES))])
+def test_chunked_matches_reference(monkeypatch, band_code, case):
     """Every way the band math runs: eagerly, as the C++ kernel (the CPU's fused code) and
     through torch.compile (other devices' fused code, here compiled for the CPU)."""
     if band_code == "compiled":

@@ -88,12 +88,14 @@ COPE_CASES = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", COPE_CASES, ids=list(COPE_CASES))
 def test_cope_context_parallel_matches_one_rank(tmp_path, world, case):
     spawn(tmp_path, world, _cope_worker, COPE_CASES[case])
 
 
+@pytest.mark.integration
 @pytest.mark.triton
 def test_cope_context_parallel_triton_kernels(tmp_path):
     """The same exchange with the Triton pair kernels (interpreter on CPU; fp32 inside)."""
@@ -141,6 +143,7 @@ def _softmax_worker(rank: int, world: int, store: str, case: dict) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("bias", [False, True], ids=["plain", "distance_bias"])
 def test_ring_attention_matches_one_rank(tmp_path, world, bias):

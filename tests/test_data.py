@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from cope_megatron.data.corpus import PrepError
+from cope_megatron.data.format import DataError, read_manifest
 from cope_megatron.data.loader import ResumableLoader
 from cope_megatron.data.prep.prep import is_validation, prepare
-from cope_megatron.data.format import DataError, read_manifest
 from cope_megatron.data.source import StreamSpec, ordered_samples, split_shards
 from cope_megatron.data.streams import StreamReader, stream_bounds
 from cope_megatron.data.tokenizer import EOS_ID, load_tokenizer

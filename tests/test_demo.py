@@ -1,4 +1,5 @@
-"""The demo pipeline end to end through the CLI, on a small slice of the embedded corpus."""
+"""The demo pipeline end to end through the CLI, on a small corpus written by the test (the
+shipped demo, which downloads its corpus, is the slow test below)."""
 
 import json
 import os
@@ -7,13 +8,18 @@ import sys
 
 import pytest
 
+from cope_megatron.cli import main as cli
+from tests.conftest import write_corpus
 
-def test_demo_on_a_small_slice(tmp_path):
+
+@pytest.mark.integration
+def test_demo_on_a_small_corpus(tmp_path):
     shards = tmp_path / "shards"
     run = tmp_path / "run"
+    write_corpus(tmp_path / "corpus", docs=6)
     cmd = [sys.executable, "-m", "cope_megatron", "demo", f"data.shards={shards}",
-           f"run.dir={run}", "data.max_docs=6", "data.val_fraction=0.3", "data.vocab_size=512",
-           "data.cache_dir=data/cache", "model.num_layers=2", "model.hidden_size=64",
+           f"run.dir={run}", f"data.corpus=[{tmp_path / 'corpus'}]", "data.val_fraction=0.3",
+           "data.vocab_size=512", "model.num_layers=2", "model.hidden_size=64",
            "train.steps=40", "train.warmup_steps=4", "train.log_interval=1",
            "logging.wandb=offline", "eval.tokens=1024", "eval.length_multipliers=[1, 2]"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
@@ -30,21 +36,19 @@ def test_demo_on_a_small_slice(tmp_path):
     assert manifest["splits"]["train"]["documents"] + manifest["splits"]["val"]["documents"] == 6
 
 
-def test_cli_reports_bad_config_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "cope_megatron", "train", "model.pe=fancy",
-                          f"data.shards={tmp_path}"], capture_output=True, text=True)
-    assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1].startswith("error: model.pe: unknown position")
+def test_cli_reports_bad_config_in_one_line(tmp_path, capsys):
+    assert cli(["train", "model.pe=fancy", f"data.shards={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: model.pe: unknown position"), err
 
 
-def test_cli_reports_missing_corpus_in_one_line(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "cope_megatron", "prep",
-                          f"data.corpus={tmp_path}/none/*.txt", f"data.shards={tmp_path}/s"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2
-    assert "matches no readable files" in out.stderr.strip().splitlines()[-1]
+def test_cli_reports_missing_corpus_in_one_line(tmp_path, capsys):
+    assert cli(["prep", f"data.corpus={tmp_path}/none/*.txt", f"data.shards={tmp_path}/s"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "matches no readable files" in err[0], err
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_full_demo_reaches_known_quality(tmp_path):
     """The README's demo as shipped (~4 min on 2 cores): loss and held-out perplexity at or

@@ -150,6 +150,7 @@ def test_mfu_arithmetic_on_a_known_case():
     assert math.isclose(got["mfu"], tflops / 1e-3)
 
 
+@pytest.mark.integration
 def test_estimate_command_prints_the_summary():
     out = subprocess.run(
         [sys.executable, "-m", "cope_megatron", "estimate", str(CONFIGS / "model" / "2.7b.yaml"),

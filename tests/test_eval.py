@@ -75,6 +75,7 @@ def test_eval_scores_raw_text_files_with_the_runs_tokenizer(prepared, tmp_path, 
         run_eval(load_config(overrides + [f"eval.data={short}"]))
 
 
+@pytest.mark.integration
 def test_cli_eval_json_keeps_stdout_clean(prepared, tmp_path):
     shards, _, _ = prepared
     overrides = debug_overrides(shards, tmp_path / "run", **{"train.steps": 1})
@@ -108,6 +109,7 @@ MEMORY_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_alibi_evaluation_beyond_an_s_by_s_bias_fits(tmp_path):
     """Under a 2 GiB data limit, ALiBi evaluates 16k tokens (its [s, s] bias would be 4 GiB);
     the training path, which builds that bias, cannot."""

@@ -55,7 +55,15 @@ class Ours:
         return tokens
 
 
+def export_run(run_dir, out_dir) -> None:
+    """Export in this process (the command itself: ``export`` below)."""
+    from cope_megatron.hf.export import export as export_in_process
+
+    export_in_process(run_dir, out_dir)
+
+
 def export(run_dir, out_dir) -> None:
+    """``cope-megatron export`` as a command."""
     out = subprocess.run([sys.executable, "-m", "cope_megatron", "export", str(run_dir),
                           str(out_dir)], capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -77,7 +85,7 @@ def test_exported_model_computes_ours(prepared, tmp_path, dist_cleanup, variant)
     cfg = load_config(debug_overrides(shards, tmp_path / "run", **{
         "train.steps": 2, **VARIANTS[variant]}))
     run_train(cfg, evaluate_after=False)
-    export(tmp_path / "run", tmp_path / "hf")
+    export_run(tmp_path / "run", tmp_path / "hf")
     hf, ours = load_hf(tmp_path / "hf"), Ours(tmp_path / "run")
     # Standard architectures where one computes our function (hf/standard.py).
     assert hf.config.model_type == {"rope": "gpt_neox", "learned": "gpt2"}.get(
@@ -106,7 +114,7 @@ def test_tokenizer_round_trips_as_sentencepiece(prepared, tmp_path, dist_cleanup
     shards, _, _ = prepared
     run_train(load_config(debug_overrides(shards, tmp_path / "run", **{"train.steps": 1})),
               evaluate_after=False)
-    export(tmp_path / "run", tmp_path / "hf")
+    export_run(tmp_path / "run", tmp_path / "hf")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf", trust_remote_code=True)
     sp = spm.SentencePieceProcessor(model_file=str(shards / "tokenizer.model"))
     for text in ["Another know while last might us great old year.",
@@ -116,6 +124,7 @@ def test_tokenizer_round_trips_as_sentencepiece(prepared, tmp_path, dist_cleanup
         assert tokenizer.decode(ids) == sp.decode(ids)
 
 
+@pytest.mark.integration
 def test_tensor_parallel_checkpoint_exports_the_model_tp1_trains(prepared, tmp_path):
     """The same seed trains the same model under TP=1 and TP=2 (to round-off): their
     exports hold the same weights, gathered from the two TP shards. Adam turns round-off
@@ -154,6 +163,7 @@ metric_list:
 """
 
 
+@pytest.mark.integration
 def test_local_harness_task_runs_offline_and_reaches_the_report(prepared, tmp_path,
                                                                 dist_cleanup):
     """A tiny local lm-evaluation-harness task on the exported model, offline, through
@@ -201,7 +211,6 @@ def test_zero3_checkpoint_exports_the_same_model(prepared, tmp_path, dist_cleanu
     from safetensors.torch import load_file
 
     from cope_megatron.distributed.parallel import destroy_distributed
-    from cope_megatron.hf.export import export as export_run
     from cope_megatron.train import run_train
 
     shards, _, _ = prepared

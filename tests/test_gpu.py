@@ -106,11 +106,11 @@ def test_bf16_deepspeed_training_on_cuda(prepared, tmp_path, dist_cleanup, varia
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tensor_parallel_on_two_gpus_matches_one(tmp_path):
-    from tests.test_parallel import VARIANTS, launch
+    from tests.test_parallel import launch, layout, pick
 
-    variants = {k: VARIANTS[k] for k in ("cope", "rope", "alibi")}
-    one = launch(tmp_path, 1, 1, False, 0, variants)
-    two = launch(tmp_path, 2, 2, False, 0, variants)
+    variants = pick("cope", "rope", "alibi")
+    one = launch(tmp_path, 1, {"one": layout(1, False, 0, variants)})["one"]
+    two = launch(tmp_path, 2, {"tp2": layout(2, False, 0, variants)})["tp2"]
     for name in variants:
         for a, b in zip(one[name]["losses"], two[name]["losses"]):
             assert a == pytest.approx(b, abs=1e-4), name

@@ -45,6 +45,7 @@ def start_nodes(args_per_node: list[list[str]]) -> list[tuple[str, int]]:
     return [(node.communicate(timeout=600)[0], node.returncode) for node in nodes]
 
 
+@pytest.mark.integration
 def test_two_simulated_nodes_match_one_process(prepared, tmp_path):
     """Two launch/multinode.sh processes (nodes 0 and 1 on 127.0.0.1), 2 processes each:
     TP=2 within a node, DP=2 across nodes; the losses of one process with the same global
@@ -61,6 +62,7 @@ def test_two_simulated_nodes_match_one_process(prepared, tmp_path):
     assert len(got) == 3 and all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (got, want)
 
 
+@pytest.mark.integration
 def test_nodes_with_different_configs_refuse_to_train(prepared, tmp_path):
     shards, _, _ = prepared
     args = debug_overrides(shards, tmp_path / "run", **{"parallel.tensor": 2})
@@ -70,6 +72,7 @@ def test_nodes_with_different_configs_refuse_to_train(prepared, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.integration
 def test_launchers_check_the_layout_and_dry_run_prints_config_and_command(prepared,
                                                                           tmp_path):
     shards, _, _ = prepared
@@ -90,6 +93,7 @@ def test_launchers_check_the_layout_and_dry_run_prints_config_and_command(prepar
     assert "parallel.tensor: world size 3 is not a multiple" in bad.stderr
 
 
+@pytest.mark.integration
 def test_hostfile_dry_run_names_every_host_and_slot(prepared, tmp_path):
     shards, _, _ = prepared
     hostfile = tmp_path / "hosts"
@@ -145,6 +149,7 @@ def fake_slurm(tmp_path):
     return env, log
 
 
+@pytest.mark.integration
 def test_slurm_script_runs_torchrun_on_every_node_and_requeues_on_signal(prepared, tmp_path,
                                                                           fake_slurm):
     env, log = fake_slurm
@@ -194,6 +199,7 @@ def sweep(*args: str) -> subprocess.CompletedProcess:
                           text=True, capture_output=True, env=script_env(), timeout=900)
 
 
+@pytest.mark.integration
 def test_sweep_runs_skips_finished_and_reports_failures(prepared, tmp_path, fake_slurm):
     """2 PEs × 2 seeds of the debug model; one run's config is planted broken after
     creation: it fails with its error in the status table, the other three finish, and a

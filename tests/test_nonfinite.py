@@ -68,6 +68,7 @@ def test_bad_steps_in_a_row_stop_with_a_clear_error(prepared, tmp_path, monkeypa
     assert "train.lr" in message and "bf16" in message
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("layout", [{"parallel.tensor": 2}, {"parallel.context": 2}],
                          ids=["tp2", "cp2"])
 def test_a_rank_with_a_nan_makes_every_rank_skip_the_step(prepared, tmp_path, layout):

@@ -1,8 +1,9 @@
 """Tensor, sequence and context parallelism do not change the model's function: for every
-PE, TP=2, TP=2 with SP and CP=2 (2 processes each) match one process, loss at each of 3
+PE, TP=2, TP=2 with SP and CP=2 (2 processes) match one process, loss at each of 3
 optimizer steps within 1e-5 in fp32 and equal PE-parameter gradients; TP=2 × DP=2 under
 ZeRO-2, CP=2 × TP=2 with SP, CP=4 and CP=2 × DP=2 under ZeRO-2 and ZeRO-3 (4 processes)
-match too. Gradient clipping is active, so DeepSpeed's TP-aware norm is checked as well."""
+match too. Gradient clipping is active, so DeepSpeed's TP-aware norm is checked as well.
+Three launches in all (1, 2 and 4 processes), each looping over its layouts."""
 
 import json
 import os
@@ -20,22 +21,51 @@ VARIANTS["cope_per_head"] = ["model.pe=cope", "pe.cope.shared_table=false"]
 WORKER = Path(__file__).with_name("parallel_worker.py")
 
 
-def launch(tmp_path, nproc, tensor, sequence, zero, variants=VARIANTS, context=1) -> dict:
-    out = tmp_path / f"tp{tensor}_sp{int(sequence)}_cp{context}_z{zero}_n{nproc}.json"
-    layout = {"tensor": tensor, "sequence": sequence, "context": context, "zero": zero,
-              "variants": variants, "out": str(out)}
+def pick(*names: str) -> dict:
+    return {k: VARIANTS[k] for k in names}
+
+
+def layout(tensor, sequence, zero, variants=VARIANTS, context=1) -> dict:
+    return {"tensor": tensor, "sequence": sequence, "context": context, "zero": zero,
+            "variants": variants}
+
+
+TWO_RANKS = {"tp2": layout(2, False, 0), "tp2_sp": layout(2, True, 0),
+             "cp2": layout(1, False, 0, context=2)}
+FOUR_RANKS = {
+    "tp2_dp2_zero2": layout(2, True, 2, pick("cope", "cope_per_head", "t5", "alibi")),
+    "cp2_tp2_sp": layout(2, True, 0, pick("cope", "cope_per_head", "alibi"), context=2),
+    "cp4": layout(1, False, 0, pick("cope", "cope_rope"), context=4),
+    "cp2_dp2_zero2": layout(1, False, 2, pick("cope"), context=2),
+    "cp2_dp2_zero3": layout(1, False, 3, pick("cope"), context=2),
+}
+
+
+def launch(tmp_path, nproc: int, layouts: dict) -> dict:
+    out = tmp_path / f"n{nproc}.json"
+    job = json.dumps({"layouts": layouts, "out": str(out)})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(WORKER), json.dumps(layout)]
+           f"--nproc-per-node={nproc}", str(WORKER), job]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(WORKER.parents[1])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("tp1"), 1, 1, False, 0)
+    return launch(tmp_path_factory.mktemp("tp1"), 1, {"one": layout(1, False, 0)})["one"]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("two"), 2, TWO_RANKS)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("four"), 4, FOUR_RANKS)
 
 
 def assert_matches(reference: dict, got: dict, full: bool = True) -> None:
@@ -61,46 +91,33 @@ def assert_matches(reference: dict, got: dict, full: bool = True) -> None:
     print("max |Δloss| per PE:", report)
 
 
-@pytest.mark.parametrize("sequence", [False, True], ids=["tp2", "tp2_sp"])
-def test_tensor_parallel_matches_one_process(reference, tmp_path, sequence):
-    got = launch(tmp_path, 2, 2, sequence, 0)
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["tp2", "tp2_sp"])
+def test_tensor_parallel_matches_one_process(reference, two_ranks, name):
+    got = two_ranks[name]
     assert_matches(reference, got)
     # ``cope-megatron estimate`` counts what one TP rank holds.
     from cope_megatron.config import load_config
     from cope_megatron.estimate import parameters
     from tests.parallel_worker import BASE, VOCAB
 
-    for name, overrides in VARIANTS.items():
+    for variant, overrides in VARIANTS.items():
         cfg = load_config(BASE + overrides)
         pe = get_pe(cfg.model.pe)
-        assert parameters(cfg, pe, VOCAB, tensor=2) == got[name]["params_per_rank"], name
-        assert parameters(cfg, pe, VOCAB) == reference[name]["params_per_rank"], name
+        assert parameters(cfg, pe, VOCAB, tensor=2) == got[variant]["params_per_rank"], variant
+        assert parameters(cfg, pe, VOCAB) == reference[variant]["params_per_rank"], variant
 
 
-def test_context_parallel_matches_one_process(reference, tmp_path):
-    assert_matches(reference, launch(tmp_path, 2, 1, False, 0, context=2))
+@pytest.mark.integration
+def test_context_parallel_matches_one_process(reference, two_ranks):
+    assert_matches(reference, two_ranks["cp2"])
 
 
-def pick(*names: str) -> dict:
-    return {k: VARIANTS[k] for k in names}
-
-
-def test_tensor_times_data_parallel_zero2_matches_one_process(reference, tmp_path):
-    got = launch(tmp_path, 4, 2, True, 2, pick("cope", "cope_per_head", "t5", "alibi"))
-    assert_matches({k: reference[k] for k in got}, got, full=False)
-
-
-def test_context_times_tensor_parallel_with_sp_matches_one_process(reference, tmp_path):
-    got = launch(tmp_path, 4, 2, True, 0, pick("cope", "cope_per_head", "alibi"), context=2)
-    assert_matches({k: reference[k] for k in got}, got)
-
-
-def test_context_parallel_4_matches_one_process(reference, tmp_path):
-    got = launch(tmp_path, 4, 1, False, 0, pick("cope", "cope_rope"), context=4)
-    assert_matches({k: reference[k] for k in got}, got)
-
-
-@pytest.mark.parametrize("zero", [2, 3])
-def test_context_times_data_parallel_zero_matches_one_process(reference, tmp_path, zero):
-    got = launch(tmp_path, 4, 1, False, zero, pick("cope"), context=2)
-    assert_matches({k: reference[k] for k in got}, got, full=False)
+@pytest.mark.integration
+@pytest.mark.parametrize("name, full", [("tp2_dp2_zero2", False), ("cp2_tp2_sp", True),
+                                        ("cp4", True), ("cp2_dp2_zero2", False),
+                                        ("cp2_dp2_zero3", False)])
+def test_four_rank_layouts_match_one_process(reference, four_ranks, name, full):
+    """TP=2 × DP=2 (ZeRO-2), CP=2 × TP=2 with SP, CP=4, CP=2 × DP=2 (ZeRO-2, ZeRO-3)."""
+    got = four_ranks[name]
+    assert_matches({k: reference[k] for k in got}, got, full=full)

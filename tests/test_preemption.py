@@ -42,11 +42,20 @@ def wait_for_steps(proc, run_dir, steps: int) -> None:
     raise AssertionError(f"the run ended or stalled before step {steps}")
 
 
+@pytest.fixture(scope="module")
+def straight(prepared, tmp_path_factory):
+    """The losses of the 30-step run without a stop, which each stopped run must match."""
+    run = tmp_path_factory.mktemp("straight")
+    proc = start(prepared[0], run)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    return losses(run)
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("sig, twice", [(signal.SIGTERM, True), (signal.SIGUSR1, False)])
-def test_stop_signal_saves_exits_zero_and_resumes_exactly(prepared, tmp_path, sig, twice):
+def test_stop_signal_saves_exits_zero_and_resumes_exactly(prepared, straight, tmp_path, sig,
+                                                          twice):
     shards, _, _ = prepared
-    straight = start(shards, tmp_path / "straight")
-    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
 
     run = tmp_path / "stopped"
     proc = start(shards, run)
@@ -64,7 +73,7 @@ def test_stop_signal_saves_exits_zero_and_resumes_exactly(prepared, tmp_path, si
 
     resumed = start(shards, run)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
-    assert losses(run) == losses(tmp_path / "straight")
+    assert losses(run) == straight
     assert (run / "eval.json").exists()
 
 
