@@ -1,7 +1,7 @@
-"""Run under torchrun by tests/test_parallel.py: for each layout in turn, train each of its
-PE variants 3 steps with DeepSpeed and write losses and full PE-parameter gradients (rank
-0). One launch serves every layout of one world size: process start-up is most of a
-variant's cost.
+"""One rank of tests/test_parallel.py's launches (forked from pytest, or under torchrun on
+a GPU): for each layout in turn, train each of its PE variants 3 steps with DeepSpeed and
+write losses and full PE-parameter gradients (rank 0). One launch serves every layout of
+one world size.
 
     torchrun --nproc-per-node 2 tests/parallel_worker.py '{"out": "/tmp/r.json", "layouts":
         {"tp2_sp": {"tensor": 2, "sequence": true, "context": 1, "zero": 0,
@@ -11,6 +11,7 @@ variant's cost.
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,14 +24,38 @@ from cope_megatron.distributed.parallel import (
     seed_everything,
 )
 from cope_megatron.model.gpt import lm_loss
-from cope_megatron.pe import get_pe
+from cope_megatron.pe import REGISTRY, get_pe
 from cope_megatron.training.engine import build_engine
+from tests.helpers import forked_ranks, torchrun
 
 VOCAB, SEQ, GLOBAL_BATCH, STEPS = 128, 32, 4, 3
 BASE = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
         "model.num_query_groups=2", f"model.seq_length={SEQ}", "pe.cope.npos_max=8",
         "train.lr=1e-2", "train.min_lr=1e-2", "train.warmup_steps=1", "train.grad_clip=0.05",
         "train.seed=5"]
+VARIANTS = {pe: [f"model.pe={pe}"] for pe in sorted(REGISTRY)}
+VARIANTS["cope_per_head"] = ["model.pe=cope", "pe.cope.shared_table=false"]
+WORKER = Path(__file__)
+
+
+def pick(*names: str) -> dict:
+    return {k: VARIANTS[k] for k in names}
+
+
+def layout(tensor, sequence, zero, variants=VARIANTS, context=1) -> dict:
+    return {"tensor": tensor, "sequence": sequence, "context": context, "zero": zero,
+            "variants": variants}
+
+
+def launch(tmp_path, nproc: int, layouts: dict) -> dict:
+    """``layouts`` trained on ``nproc`` ranks: forked on the CPU, torchrun on a GPU."""
+    out = tmp_path / f"n{nproc}.json"
+    job = {"layouts": layouts, "out": str(out)}
+    if torch.cuda.is_available():
+        torchrun(nproc, [str(WORKER), json.dumps(job)])
+    else:
+        forked_ranks(nproc, main, job)
+    return json.loads(out.read_text())
 
 
 def pe_parameters(model) -> dict[str, torch.nn.Parameter]:
@@ -80,8 +105,8 @@ def run_variant(overrides: list[str], layout: dict) -> dict:
     return {"losses": losses, "grads": grads, "init": init, "params_per_rank": params}
 
 
-def main() -> None:
-    job = json.loads(sys.argv[1])
+def main(job: dict) -> None:
+    """Run ``job`` (``layouts`` to train, ``out``: where rank 0 writes the results)."""
     results = {layout_name: {name: run_variant(ov, layout)
                              for name, ov in layout["variants"].items()}
                for layout_name, layout in job["layouts"].items()}
@@ -92,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(json.loads(sys.argv[1]))

@@ -16,7 +16,7 @@ from cope_megatron.data.prep.prep import is_validation, prepare
 from cope_megatron.data.source import StreamSpec, ordered_samples, split_shards
 from cope_megatron.data.streams import StreamReader, stream_bounds
 from cope_megatron.data.tokenizer import EOS_ID, load_tokenizer
-from tests.conftest import small_data
+from tests.helpers import small_data
 
 
 def make_spec(shard_dir, split="train", **kw) -> StreamSpec:

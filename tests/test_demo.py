@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from cope_megatron.cli import main as cli
-from tests.conftest import write_corpus
+from tests.helpers import write_corpus
 
 
 @pytest.mark.integration

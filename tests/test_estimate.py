@@ -21,7 +21,7 @@ from cope_megatron.estimate import (
 )
 from cope_megatron.estimate.flops import flops_per_token, throughput
 from cope_megatron.pe import REGISTRY, get_pe
-from tests.conftest import debug_overrides
+from tests.helpers import debug_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))

@@ -16,7 +16,7 @@ from cope_megatron.config import load_config
 from cope_megatron.eval.perplexity import window_plan
 from cope_megatron.pe import get_pe
 from cope_megatron.train import run_eval, run_train
-from tests.conftest import debug_overrides
+from tests.helpers import debug_overrides
 
 
 @pytest.mark.parametrize("n, length, stride", [(64, 16, 16), (64, 16, 4), (96, 32, 8),

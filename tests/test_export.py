@@ -15,7 +15,7 @@ import torch
 from cope_megatron.config import load_config
 from cope_megatron.data.format import read_manifest
 from cope_megatron.pe import REGISTRY, get_pe
-from tests.conftest import debug_overrides
+from tests.helpers import cli_in_ranks, debug_overrides
 
 transformers = pytest.importorskip("transformers")
 
@@ -133,14 +133,10 @@ def test_tensor_parallel_checkpoint_exports_the_model_tp1_trains(prepared, tmp_p
     from safetensors.torch import load_file
 
     shards, _, _ = prepared
-    for name, procs, extra in (("tp1", 1, {}), ("tp2", 2, {"parallel.tensor": 2})):
+    for name, ranks, extra in (("tp1", 1, {}), ("tp2", 2, {"parallel.tensor": 2})):
         args = debug_overrides(shards, tmp_path / name, **{
             "train.steps": 1, "model.pe": "cope", "pe.cope.shared_table": "false", **extra})
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc-per-node={procs}", "-m", "cope_megatron", "train"]
-        out = subprocess.run(launcher + args, capture_output=True, text=True, timeout=600,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert out.returncode == 0, out.stderr[-3000:]
+        cli_in_ranks(ranks, ["train", *args])
         export(tmp_path / name, tmp_path / f"hf_{name}")
     one, two = (load_file(tmp_path / f"hf_{n}" / "model.safetensors") for n in ("tp1", "tp2"))
     assert one.keys() == two.keys()

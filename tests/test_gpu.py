@@ -18,7 +18,7 @@ from cope_megatron.config import load_config
 from cope_megatron.ops import cope_attention
 from cope_megatron.ops.cope.reference import cope_attention_reference
 from cope_megatron.pe import REGISTRY, get_pe
-from tests.conftest import debug_overrides
+from tests.helpers import debug_overrides
 
 pytestmark = [
     pytest.mark.gpu,
@@ -106,7 +106,7 @@ def test_bf16_deepspeed_training_on_cuda(prepared, tmp_path, dist_cleanup, varia
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_tensor_parallel_on_two_gpus_matches_one(tmp_path):
-    from tests.test_parallel import launch, layout, pick
+    from tests.parallel_worker import launch, layout, pick
 
     variants = pick("cope", "rope", "alibi")
     one = launch(tmp_path, 1, {"one": layout(1, False, 0, variants)})["one"]

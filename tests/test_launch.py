@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import debug_overrides
+from tests.helpers import debug_overrides
 from tests.test_train import read_metrics, train_losses
 
 ROOT = Path(__file__).resolve().parents[1]

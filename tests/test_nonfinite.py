@@ -12,7 +12,7 @@ import cope_megatron.trainer as trainer_module
 from cope_megatron.config import load_config
 from cope_megatron.train import run_train
 from cope_megatron.training.nonfinite import NonFiniteError
-from tests.conftest import debug_overrides
+from tests.helpers import debug_overrides, forked_ranks, read_metrics
 
 
 def poison(monkeypatch, steps: set[int]) -> list[list[torch.Tensor]]:
@@ -74,30 +74,36 @@ def test_bad_steps_in_a_row_stop_with_a_clear_error(prepared, tmp_path, monkeypa
 def test_a_rank_with_a_nan_makes_every_rank_skip_the_step(prepared, tmp_path, layout):
     """The loss is NaN on rank 1 alone at step 3: under TP=2 and CP=2 both ranks skip it,
     count it, and continue as one process that skipped it."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     shards, _, _ = prepared
-    worker = Path(__file__).with_name("poisoned_train.py")
 
-    def run(procs: int, rank: int, run_dir: Path, **extra) -> list[dict]:
-        launcher = [sys.executable] if procs == 1 else [
-            sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={procs}"]
+    def run(ranks: int, run_dir, **extra) -> list[dict]:
         args = debug_overrides(shards, run_dir, **{"train.steps": 5, **extra})
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(worker.parents[1])}
-        out = subprocess.run([*launcher, str(worker), str(rank), "3", *args], env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text()
-                .splitlines()]
+        forked_ranks(ranks, train_poisoned_on_last_rank, 3, args)
+        return read_metrics(run_dir)
 
-    want = run(1, 0, tmp_path / "one")
-    got = run(2, 1, tmp_path / "two", **layout)
+    want = run(1, tmp_path / "one")
+    got = run(2, tmp_path / "two", **layout)
     assert [r["skipped_steps"] for r in got] == [r["skipped_steps"] for r in want] == \
         [0, 0, 1, 1, 1]
     for a, b in zip(got, want):
         if b["step"] != 3:  # the poisoned step's loss is NaN on one rank only
             assert abs(a["loss"] - b["loss"]) < 1e-5, (got, want)
+
+
+def train_poisoned_on_last_rank(step: int, config: list[str]) -> None:
+    """``cope-megatron train CONFIG`` on a forked rank, its loss NaN at ``step`` (1-based;
+    one micro batch per step) on the last rank only."""
+    import os
+
+    from cope_megatron.train import main
+
+    last = int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1
+    calls, real_loss = [0], trainer_module.loss_sum
+
+    def loss_sum(*args, **kwargs):
+        calls[0] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if last and calls[0] == step else loss
+
+    trainer_module.loss_sum = loss_sum  # this rank's process only: it exits after
+    main(config)

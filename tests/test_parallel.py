@@ -3,32 +3,13 @@ PE, TP=2, TP=2 with SP and CP=2 (2 processes) match one process, loss at each of
 optimizer steps within 1e-5 in fp32 and equal PE-parameter gradients; TP=2 × DP=2 under
 ZeRO-2, CP=2 × TP=2 with SP, CP=4 and CP=2 × DP=2 under ZeRO-2 and ZeRO-3 (4 processes)
 match too. Gradient clipping is active, so DeepSpeed's TP-aware norm is checked as well.
-Three launches in all (1, 2 and 4 processes), each looping over its layouts."""
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+Three launches in all (1, 2 and 4 ranks), each looping over its layouts."""
 
 import numpy as np
 import pytest
 
-from cope_megatron.pe import REGISTRY, get_pe
-
-VARIANTS = {pe: [f"model.pe={pe}"] for pe in sorted(REGISTRY)}
-VARIANTS["cope_per_head"] = ["model.pe=cope", "pe.cope.shared_table=false"]
-WORKER = Path(__file__).with_name("parallel_worker.py")
-
-
-def pick(*names: str) -> dict:
-    return {k: VARIANTS[k] for k in names}
-
-
-def layout(tensor, sequence, zero, variants=VARIANTS, context=1) -> dict:
-    return {"tensor": tensor, "sequence": sequence, "context": context, "zero": zero,
-            "variants": variants}
-
+from cope_megatron.pe import get_pe
+from tests.parallel_worker import BASE, VARIANTS, VOCAB, launch, layout, pick
 
 TWO_RANKS = {"tp2": layout(2, False, 0), "tp2_sp": layout(2, True, 0),
              "cp2": layout(1, False, 0, context=2)}
@@ -39,18 +20,6 @@ FOUR_RANKS = {
     "cp2_dp2_zero2": layout(1, False, 2, pick("cope"), context=2),
     "cp2_dp2_zero3": layout(1, False, 3, pick("cope"), context=2),
 }
-
-
-def launch(tmp_path, nproc: int, layouts: dict) -> dict:
-    out = tmp_path / f"n{nproc}.json"
-    job = json.dumps({"layouts": layouts, "out": str(out)})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(WORKER), job]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(WORKER.parents[1])}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +68,12 @@ def test_tensor_parallel_matches_one_process(reference, two_ranks, name):
     # ``cope-megatron estimate`` counts what one TP rank holds.
     from cope_megatron.config import load_config
     from cope_megatron.estimate import parameters
-    from tests.parallel_worker import BASE, VOCAB
 
     for variant, overrides in VARIANTS.items():
         cfg = load_config(BASE + overrides)
         pe = get_pe(cfg.model.pe)
-        assert parameters(cfg, pe, VOCAB, tensor=2) == got[variant]["params_per_rank"], variant
-        assert parameters(cfg, pe, VOCAB) == reference[variant]["params_per_rank"], variant
+        assert parameters(cfg, pe, VOCAB, tensor=2) == got[variant]["params_per_rank"]
+        assert parameters(cfg, pe, VOCAB) == reference[variant]["params_per_rank"]
 
 
 @pytest.mark.integration

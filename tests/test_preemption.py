@@ -17,7 +17,7 @@ import pytest
 
 from cope_megatron.config import load_config
 from cope_megatron.train import run_train
-from tests.conftest import debug_overrides
+from tests.helpers import debug_overrides
 
 
 def losses(run_dir) -> list[float]:

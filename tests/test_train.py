@@ -1,21 +1,17 @@
-"""Training through DeepSpeed: loss falls, run-dir artifacts, exact resume, torchrun."""
+"""Training through DeepSpeed: loss falls, run-dir artifacts, exact resume, a killed process,
+and runs on several ranks (data, context, tensor parallel and ZeRO)."""
 
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 from cope_megatron.config import load_config, to_dict
 from cope_megatron.train import run_eval, run_train
-from tests.conftest import debug_overrides
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers import cli_in_ranks, debug_overrides, read_metrics, train_losses
 
 
 def test_training_loss_falls_and_run_dir_has_everything(prepared, tmp_path, dist_cleanup):
@@ -82,27 +78,21 @@ def test_eval_restores_checkpoint_and_marks_learned_not_applicable(prepared, tmp
 
 
 @pytest.mark.integration
-def test_torchrun_context_parallel_trains_and_evaluates_as_one_process(prepared, tmp_path):
+def test_context_parallel_trains_and_evaluates_as_one_process(prepared, tmp_path):
     """CoPE with the sequence split over 2 ranks: the losses of one process, the same
     held-out perplexity at 1× and 8× the training length, and `eval` of a one-process
     checkpoint under CP gives that run's numbers."""
     shards, _, _ = prepared
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = [sys.executable, "-m", "cope_megatron"]
-    cp2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-           "2", "-m", "cope_megatron"]
 
-    def run(launcher, command, run_dir, **extra):
+    def run(ranks, command, run_dir, **extra):
         args = debug_overrides(shards, run_dir, **{"model.pe": "cope", "train.steps": 3,
                                                    "eval.length_multipliers": "[1, 8]",
                                                    **extra})
-        out = subprocess.run(launcher + [command] + args, env=env, capture_output=True,
-                             text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
+        cli_in_ranks(ranks, [command, *args])
         return json.loads((run_dir / "eval.json").read_text())["lengths"]
 
-    want = run(single, "train", tmp_path / "single")
-    got = run(cp2, "train", tmp_path / "cp2", **{"parallel.context": 2})
+    want = run(1, "train", tmp_path / "single")
+    got = run(2, "train", tmp_path / "cp2", **{"parallel.context": 2})
     losses = [[r["loss"] for r in read_metrics(tmp_path / name)] for name in ("single", "cp2")]
     assert len(losses[1]) == 3
     for a, b in zip(*losses):
@@ -115,7 +105,7 @@ def test_torchrun_context_parallel_trains_and_evaluates_as_one_process(prepared,
                for name in ("single", "cp2")]
     assert reports[0] == reports[1] and "0.5" in reports[0]["256"], reports
     (tmp_path / "single" / "eval.json").unlink()
-    again = run(cp2, "eval", tmp_path / "single", **{"parallel.context": 2})
+    again = run(2, "eval", tmp_path / "single", **{"parallel.context": 2})
     for length in ("32", "256"):
         assert abs(again[length]["loss"] - want[length]["loss"]) < 1e-5, (again, want)
 
@@ -179,8 +169,6 @@ def test_unreadable_checkpoint_is_named(prepared, tmp_path, dist_cleanup):
         run_train(more, evaluate_after=False)
 
 
-
-
 @pytest.mark.parametrize("pe", ["cope", "sinusoidal", "t5"])
 def test_bf16_training_runs(prepared, tmp_path, dist_cleanup, pe):
     """DeepSpeed bf16: parameters and activations in bf16 for every kind of PE hook."""
@@ -192,22 +180,8 @@ def test_bf16_training_runs(prepared, tmp_path, dist_cleanup, pe):
     assert result.losses[-1] < result.losses[0]
 
 
-def train_losses(shards, run_dir, procs: int, steps: int, **extra) -> list[float]:
-    """Train the debug model in ``procs`` processes (torchrun when more than one); the
-    logged losses."""
-    launcher = [sys.executable, "-m", "cope_megatron", "train"] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-        str(procs), "-m", "cope_megatron.train"]
-    args = debug_overrides(shards, run_dir, **{"train.steps": steps, "data.streams": 2,
-                                               **extra})
-    out = subprocess.run(launcher + args, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return [r["loss"] for r in read_metrics(run_dir)]
-
-
 @pytest.mark.integration
-def test_torchrun_data_parallel_matches_accumulation_and_resumes_on_another_size(prepared,
+def test_data_parallel_matches_accumulation_and_resumes_on_another_size(prepared,
                                                                                 tmp_path):
     """Global batch 4 through the loader: one process with 2 accumulation steps of 2 and
     DP=2 with micro batch 2 give the same losses (DP=2 × TP=2 through the real launcher:

@@ -1,0 +1,168 @@
+"""What several test modules share: the synthetic corpus, debug-run overrides, reading a
+run's metrics, and starting ranks.
+
+Multi-rank runs start by forking this process (``forked_ranks``), which has already
+imported torch, DeepSpeed and Megatron-Core: a torchrun launch spends about 6 s per rank
+importing them before it checks anything, which made process starts most of the suite's
+time. The ranks see what torchrun gives them (RANK, WORLD_SIZE, MASTER_ADDR, ...), so the
+code under test takes its torchrun path; the launchers themselves (torchrun, the launch
+scripts, the CLI as a process) keep their own tests in test_launch, test_train and
+test_eval. Forking is for the CPU only: a CUDA context does not survive it, so on a GPU
+``ranks`` runs torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import socket
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORDS = ("the of and to in is was that for it with as his on be at by had not are but from "
+         "or have an they which one you were her all she there would their we him been has when "
+         "who will more no if out so said what up its about into than them can only other new "
+         "some could time these two may then do first any my now such like our over man me even "
+         "most made after also did many before must through back years where much your way well "
+         "down should because each just those people how too little state good very make world "
+         "still own see men work long get here between both life being under never day same "
+         "another know while last might us great old year off come since against go came right "
+         "used take three").split()
+
+
+def write_corpus(root: Path, docs: int = 12, words_per_doc: int = 3000,
+                 seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for d in range(docs):
+        lines = []
+        for _ in range(words_per_doc // 12):
+            lines.append(" ".join(rng.choice(WORDS) for _ in range(12)).capitalize() + ".")
+        path = root / f"doc{d:03d}.txt"
+        path.write_text("\n".join(lines) + "\n")
+        paths.append(str(path))
+    return paths
+
+
+def small_data(root: Path, **changes):
+    """The data section used by the session data set (``changes`` override fields)."""
+    from cope_megatron.config import DataConfig
+
+    fields = {"corpus": [str(root / "corpus")], "shards": str(root / "shards"),
+              "cache_dir": str(root / "cache"), "vocab_size": 512, "val_fraction": 0.25,
+              "shard_max_bytes": 20_000, "prep_workers": 2, **changes}
+    return DataConfig(**fields)
+
+
+def debug_overrides(shards, run_dir, **extra) -> list[str]:
+    """Config sources for a debug-sized run on the session data set."""
+    base = {
+        "model.num_layers": 2, "model.hidden_size": 32, "model.num_attention_heads": 4,
+        "model.seq_length": 32, "data.shards": str(shards), "train.micro_batch_size": 4,
+        "train.steps": 6, "train.warmup_steps": 1, "train.lr": 3e-3, "train.min_lr": 3e-3,
+        "run.dir": str(run_dir), "logging.wandb": "disabled", "logging.progress": False,
+        "eval.tokens": 256, "eval.batch_size": 2, "eval.length_multipliers": "[1, 2]",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, log: str, target: Callable, args: tuple):
+    """A forked rank: torchrun's environment, one thread, output to ``log``."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    # libgomp's thread pool does not survive a fork: a parallel region of more than one
+    # thread in the child would wait forever for the parent's threads.
+    torch.set_num_threads(1)
+    try:
+        code = target(*args)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0)
+
+
+def forked_ranks(world: int, target: Callable, *args, timeout: float = 600) -> list[str]:
+    """Run ``target(*args)`` on ``world`` ranks forked from this process, as torchrun would
+    start them on one node; an int it returns is the rank's exit code. Fails with every
+    rank's output tail unless all exit 0; returns their outputs."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    assert not dist.is_initialized(), "fork before this process starts a process group"
+    ctx = multiprocessing.get_context("fork")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as logs:
+        paths = [os.path.join(logs, f"rank{r}.log") for r in range(world)]
+        procs = [ctx.Process(target=_rank_main, args=(r, world, port, paths[r], target, args))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout)
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+                p.join()
+        outputs = [Path(p).read_text(errors="replace") for p in paths]
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, "\n".join(
+        f"--- rank {r} exit {c}:\n{out[-3000:]}" for r, (c, out) in
+        enumerate(zip(codes, outputs)))
+    return outputs
+
+
+def cli_in_ranks(world: int, argv: list[str]) -> list[str]:
+    """``cope-megatron ARGV`` on ``world`` forked ranks (``torchrun --nproc-per-node
+    WORLD -m cope_megatron ARGV``, without the start-up)."""
+    from cope_megatron.cli import main
+
+    return forked_ranks(world, main, argv)
+
+
+def train_losses(shards, run_dir: Path, procs: int, steps: int, **extra) -> list[float]:
+    """Train the debug model on ``procs`` ranks; the logged losses."""
+    args = debug_overrides(shards, run_dir, **{"train.steps": steps, "data.streams": 2,
+                                               **extra})
+    cli_in_ranks(procs, ["train", *args])
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def torchrun(world: int, args: list[str], timeout: float = 1200) -> None:
+    """``torchrun --standalone --nproc-per-node WORLD ARGS`` as a real launch."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={world}", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
