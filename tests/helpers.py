@@ -112,23 +112,30 @@ def _rank_main(rank: int, world: int, port: int, log: str, target: Callable, arg
     os._exit(code if isinstance(code, int) else 0)
 
 
-def forked_ranks(world: int, target: Callable, *args, timeout: float = 600) -> list[str]:
-    """Run ``target(*args)`` on ``world`` ranks forked from this process, as torchrun would
-    start them on one node; an int it returns is the rank's exit code. Fails with every
-    rank's output tail unless all exit 0; returns their outputs."""
-    import tempfile
-
+def fork(target: Callable, *args, log: str | Path, rank: int = 0, world: int = 1,
+         port: int | None = None) -> multiprocessing.Process:
+    """Start ``target(*args)`` as rank ``rank`` of ``world`` in a process forked from this
+    one, its output in ``log``; an int it returns is its exit code."""
     import torch.distributed as dist
 
     assert not dist.is_initialized(), "fork before this process starts a process group"
-    ctx = multiprocessing.get_context("fork")
+    proc = multiprocessing.get_context("fork").Process(
+        target=_rank_main, args=(rank, world, port or free_port(), str(log), target, args))
+    proc.start()
+    return proc
+
+
+def forked_ranks(world: int, target: Callable, *args, timeout: float = 600) -> list[str]:
+    """Run ``target(*args)`` on ``world`` ranks forked from this process, as torchrun would
+    start them on one node. Fails with every rank's output tail unless all exit 0;
+    returns their outputs."""
+    import tempfile
+
     port = free_port()
     with tempfile.TemporaryDirectory() as logs:
         paths = [os.path.join(logs, f"rank{r}.log") for r in range(world)]
-        procs = [ctx.Process(target=_rank_main, args=(r, world, port, paths[r], target, args))
+        procs = [fork(target, *args, log=paths[r], rank=r, world=world, port=port)
                  for r in range(world)]
-        for p in procs:
-            p.start()
         for p in procs:
             p.join(timeout)
         for p in procs:

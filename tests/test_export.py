@@ -137,7 +137,8 @@ def test_tensor_parallel_checkpoint_exports_the_model_tp1_trains(prepared, tmp_p
         args = debug_overrides(shards, tmp_path / name, **{
             "train.steps": 1, "model.pe": "cope", "pe.cope.shared_table": "false", **extra})
         cli_in_ranks(ranks, ["train", *args])
-        export(tmp_path / name, tmp_path / f"hf_{name}")
+    export_run(tmp_path / "tp1", tmp_path / "hf_tp1")
+    export(tmp_path / "tp2", tmp_path / "hf_tp2")  # the command, as a process
     one, two = (load_file(tmp_path / f"hf_{n}" / "model.safetensors") for n in ("tp1", "tp2"))
     assert one.keys() == two.keys()
     for key in one:
@@ -160,45 +161,48 @@ metric_list:
 
 
 @pytest.mark.integration
-def test_local_harness_task_runs_offline_and_reaches_the_report(prepared, tmp_path,
+def test_local_harness_task_runs_offline_and_reaches_the_report(prepared, tmp_path, capsys,
                                                                 dist_cleanup):
     """A tiny local lm-evaluation-harness task on the exported model, offline, through
-    ``cope-megatron eval``; a registry task offline says that it needs a download."""
+    ``eval``; an unknown task is one clear error; a registry task in an offline process
+    (``cope-megatron eval`` as a command) says that it needs a download."""
     import json
 
     pytest.importorskip("lm_eval")
+    from cope_megatron.cli import main as cli
+    from cope_megatron.distributed.parallel import destroy_distributed
     from cope_megatron.report import write_report
-    from cope_megatron.train import run_train
+    from cope_megatron.train import run_eval, run_train
 
     shards, _, _ = prepared
     args = debug_overrides(shards, tmp_path / "run", **{"train.steps": 2})
     run_train(load_config(args))
+    destroy_distributed()
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     docs = [{"question": f"Word {i}: another know while", "choices": ["last", "great old"],
              "answer": i % 2} for i in range(6)]
     (tasks / "tiny.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     (tasks / "tiny_local.yaml").write_text(TINY_TASK.format(data=tasks / "tiny.jsonl"))
-    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "OMP_NUM_THREADS": "1"}
+    args.append(f"eval.harness_include={tasks}")
 
-    def evaluate(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "cope_megatron", "eval", "--json", *args,
-                               f"eval.harness_include={tasks}", *extra], capture_output=True,
-                              text=True, timeout=600, env=offline)
-
-    out = evaluate("eval.harness_tasks=[tiny_local]")
-    assert out.returncode == 0, out.stderr[-3000:]
-    scores = json.loads(out.stdout)["harness"]["tasks"]["tiny_local"]
+    report = run_eval(load_config([*args, "eval.harness_tasks=[tiny_local]"]))
+    destroy_distributed()
+    scores = report["harness"]["tasks"]["tiny_local"]
     assert 0 <= scores["acc,none"] <= 1
     saved = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert saved["harness"]["tasks"]["tiny_local"] == scores and "lengths" in saved
-    report = write_report([tmp_path / "run"], tmp_path / "report").read_text()
-    assert "tiny_local acc,none" in report
+    written = write_report([tmp_path / "run"], tmp_path / "report").read_text()
+    assert "tiny_local acc,none" in written
 
-    unknown = evaluate("eval.harness_tasks=[no_such_task]")
-    assert unknown.returncode == 2 and "are not lm-evaluation-harness tasks" in unknown.stderr
-    registry = evaluate("eval.harness_tasks=[lambada_openai]")
+    capsys.readouterr()
+    assert cli(["eval", *args, "eval.harness_tasks=[no_such_task]"]) == 2
+    assert "are not lm-evaluation-harness tasks" in capsys.readouterr().err
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "OMP_NUM_THREADS": "1"}
+    registry = subprocess.run([sys.executable, "-m", "cope_megatron", "eval", "--json", *args,
+                               "eval.harness_tasks=[lambada_openai]"], capture_output=True,
+                              text=True, timeout=600, env=offline)
     assert registry.returncode == 2 and "download from the Hugging Face Hub" in registry.stderr
 
 

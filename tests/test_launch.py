@@ -5,7 +5,6 @@ hostfile launcher's dry run, and a sweep with a planted failure."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import debug_overrides
-from tests.test_train import read_metrics, train_losses
+from cope_megatron.cli import main as cli
+from tests.helpers import debug_overrides, free_port, read_metrics, train_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -26,20 +25,14 @@ def script_env(**extra) -> dict:
             "PYTHONPATH": str(ROOT), **extra}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_nodes(args_per_node: list[list[str]]) -> list[tuple[str, int]]:
-    """launch/multinode.sh once per node (2 processes each) on 127.0.0.1, node i with
-    ``args_per_node[i]``: (output, exit code) of each."""
+def start_nodes(args_per_node: list[list[str]], per_node: int = 2) -> list[tuple[str, int]]:
+    """launch/multinode.sh once per node (``per_node`` processes each) on 127.0.0.1, node i
+    with ``args_per_node[i]``: (output, exit code) of each."""
     port = str(free_port())
     nodes = [subprocess.Popen(
         ["bash", str(LAUNCH / "multinode.sh"), *args], cwd=ROOT, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=script_env(NNODES=str(len(args_per_node)), NODE_RANK=str(rank), NGPU="2",
+        env=script_env(NNODES=str(len(args_per_node)), NODE_RANK=str(rank), NGPU=str(per_node),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
         for rank, args in enumerate(args_per_node)]
     return [(node.communicate(timeout=600)[0], node.returncode) for node in nodes]
@@ -66,7 +59,7 @@ def test_two_simulated_nodes_match_one_process(prepared, tmp_path):
 def test_nodes_with_different_configs_refuse_to_train(prepared, tmp_path):
     shards, _, _ = prepared
     args = debug_overrides(shards, tmp_path / "run", **{"parallel.tensor": 2})
-    results = start_nodes([args, [*args, "train.lr=0.01"]])
+    results = start_nodes([args, [*args, "train.lr=0.01"]], per_node=1)
     assert all(code != 0 for _, code in results)
     assert "run config or data manifest differ between nodes" in results[0][0]
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -194,24 +187,29 @@ def write_spec(tmp_path, shards) -> Path:
     return path
 
 
-def sweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cope_megatron", "sweep", *args], cwd=ROOT,
-                          text=True, capture_output=True, env=script_env(), timeout=900)
+def sweep(capsys, *args: str) -> tuple[int, str, str]:
+    """``cope-megatron sweep ARGS`` in this process (its runs train in their own): exit
+    code, stdout, stderr."""
+    capsys.readouterr()
+    code = cli(["sweep", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.mark.integration
-def test_sweep_runs_skips_finished_and_reports_failures(prepared, tmp_path, fake_slurm):
+def test_sweep_runs_skips_finished_and_reports_failures(prepared, tmp_path, fake_slurm,
+                                                      capsys, monkeypatch):
     """2 PEs × 2 seeds of the debug model; one run's config is planted broken after
     creation: it fails with its error in the status table, the other three finish, and a
     second call skips them and retries only the failed one."""
     shards, _, _ = prepared
     spec = write_spec(tmp_path, shards)
-    created = sweep(str(spec))
-    assert created.returncode == 0, created.stderr
+    code, created, err = sweep(capsys, str(spec))
+    assert code == 0, err
     names = ["pe-rope_seed-1", "pe-rope_seed-2", "pe-cope_seed-1", "pe-cope_seed-2"]
     runs = tmp_path / "sweep"
     assert sorted(p.name for p in runs.iterdir()) == sorted(names)
-    assert "4 pending" in created.stdout
+    assert "4 pending" in created
     config = yaml.safe_load((runs / "pe-cope_seed-2" / "config.yaml").read_text())
     assert config["model"]["pe"] == "cope" and config["train"]["seed"] == 2
     assert config["run"]["dir"] == str(runs / "pe-cope_seed-2")
@@ -220,34 +218,34 @@ def test_sweep_runs_skips_finished_and_reports_failures(prepared, tmp_path, fake
     broken = yaml.safe_load(planted.read_text())
     broken["data"]["shards"] = str(tmp_path / "missing")
     planted.write_text(yaml.safe_dump(broken))
-    first = sweep(str(spec), "--run", "local")
-    assert first.returncode == 0, first.stderr
-    table = sweep("status", str(spec)).stdout
+    code, _, first = sweep(capsys, str(spec), "--run", "local")
+    assert code == 0, first
+    table = sweep(capsys, "status", str(spec))[1]
     rows = {line.split()[0]: line.split(None, 2)[1:] for line in table.splitlines()[1:-1]}
     assert rows["pe-rope_seed-2"][0] == "failed"
     assert "data.shards: no manifest" in rows["pe-rope_seed-2"][1]
     assert all(rows[n][0] == "done" for n in names if n != "pe-rope_seed-2"), table
     assert table.splitlines()[-1] == "3 done, 1 failed"
-    assert "keeps its config.yaml" in first.stderr  # the planted change is not overwritten
+    assert "keeps its config.yaml" in first  # the planted change is not overwritten
 
     finished = {n: (runs / n / "eval.json").stat().st_mtime for n in names
                 if n != "pe-rope_seed-2"}
-    second = sweep(str(spec), "--run", "local")
-    assert second.returncode == 0, second.stderr
-    assert second.stderr.count("done, skipped") == 3
-    assert "pe-rope_seed-2: training" in second.stderr
+    code, _, second = sweep(capsys, str(spec), "--run", "local")
+    assert code == 0, second
+    assert second.count("done, skipped") == 3
+    assert "pe-rope_seed-2: training" in second
     assert {n: (runs / n / "eval.json").stat().st_mtime for n in finished} == finished
 
-    report = sweep("report", str(spec))
-    assert report.returncode == 0, report.stderr
+    code, _, err = sweep(capsys, "report", str(spec))
+    assert code == 0, err
     assert (runs / "report" / "report.md").exists()
 
     # --run slurm submits only what is not done, each with its own config and log.
     env, log = fake_slurm
-    submitted = subprocess.run([sys.executable, "-m", "cope_megatron", "sweep", str(spec),
-                                "--run", "slurm"], cwd=ROOT, text=True, capture_output=True,
-                               env=env, timeout=300)
-    assert submitted.returncode == 0, submitted.stderr
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, _, err = sweep(capsys, str(spec), "--run", "slurm")
+    assert code == 0, err
     (line,) = log.read_text().splitlines()
     assert "--job-name=tiny_sweep-pe-rope_seed-2" in line
     assert line.endswith(f"slurm.sbatch {planted}")

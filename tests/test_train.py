@@ -112,8 +112,8 @@ def test_context_parallel_trains_and_evaluates_as_one_process(prepared, tmp_path
 
 @pytest.mark.integration
 def test_run_killed_at_any_moment_resumes_exactly(prepared, tmp_path):
-    """SIGKILL a training process mid-run (possibly mid-checkpoint), restart it: the losses of
-    every step equal those of an uninterrupted run."""
+    """SIGKILL a ``cope-megatron train`` process mid-run (possibly mid-checkpoint), restart
+    it: the losses of every step equal those of an uninterrupted run."""
     import signal
     import time
 
@@ -127,8 +127,8 @@ def test_run_killed_at_any_moment_resumes_exactly(prepared, tmp_path):
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
 
-    straight = start(tmp_path / "straight")
-    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-3000:]
+    cli_in_ranks(1, ["train", *debug_overrides(shards, tmp_path / "straight", **extra)])
+    want = [r["loss"] for r in read_metrics(tmp_path / "straight")]
 
     killed = tmp_path / "killed"
     proc = start(killed)
@@ -148,7 +148,6 @@ def test_run_killed_at_any_moment_resumes_exactly(prepared, tmp_path):
     (half / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     resumed = start(killed)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
-    want = [r["loss"] for r in read_metrics(tmp_path / "straight")]
     assert [r["loss"] for r in read_metrics(killed)] == want
 
 
