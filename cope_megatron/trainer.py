@@ -33,7 +33,8 @@ from cope_megatron.distributed.parallel import (
 )
 from cope_megatron.estimate import estimate, summary
 from cope_megatron.estimate.flops import flops_per_token
-from cope_megatron.eval.runner import EvalContext, Evaluator
+from cope_megatron.eval.context import EvalContext
+from cope_megatron.eval.runner import Evaluator
 from cope_megatron.model.gpt import loss_sum
 from cope_megatron.pe import PositionEncoding
 from cope_megatron.training.engine import restore, run_layout
@@ -53,8 +54,7 @@ def start(cfg: Config) -> tuple[DistEnv, dict]:
 
 
 def evaluator(cfg: Config, engine, env: DistEnv, manifest: dict) -> Evaluator:
-    ctx = EvalContext(model=engine, manifest=manifest, device=env.device, dp_rank=env.dp_rank,
-                      dp_size=env.dp_size)
+    ctx = EvalContext.of_run(cfg, engine, manifest, env.device, env.dp_rank, env.dp_size)
     return Evaluator(cfg, ctx, cfg.run.dir, is_main=env.is_main)
 
 

@@ -1,18 +1,21 @@
 """What several test modules share: the synthetic corpus, debug-run overrides, reading a
 run's metrics, and starting ranks.
 
-Multi-rank runs start by forking this process (``forked_ranks``), which has already
-imported torch, DeepSpeed and Megatron-Core: a torchrun launch spends about 6 s per rank
-importing them before it checks anything, which made process starts most of the suite's
-time. The ranks see what torchrun gives them (RANK, WORLD_SIZE, MASTER_ADDR, ...), so the
-code under test takes its torchrun path; the launchers themselves (torchrun, the launch
-scripts, the CLI as a process) keep their own tests in test_launch, test_train and
-test_eval. Forking is for the CPU only: a CUDA context does not survive it, so on a GPU
-``ranks`` runs torchrun.
+Multi-rank runs start as forks of one server process that has imported torch, DeepSpeed
+and Megatron-Core once (``multiprocessing``'s forkserver, preloaded): a torchrun launch
+spends about 6 s per rank importing them before it checks anything, which made process
+starts most of the suite's time. Forking pytest itself would be cheaper still but is not
+safe: after a test has run a gloo process group in it, a forked child crashes creating
+its own. The ranks see what torchrun gives them (RANK, WORLD_SIZE, MASTER_ADDR, ...), so
+the code under test takes its torchrun path; the launchers themselves (torchrun, the
+launch scripts, the CLI as a process) keep their own tests in test_launch, test_train,
+test_export and test_eval. Forking is for the CPU only: a CUDA context does not survive
+it, so on a GPU the layout tests run torchrun.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import multiprocessing
 import os
@@ -94,12 +97,11 @@ def _rank_main(rank: int, world: int, port: int, log: str, target: Callable, arg
     os.dup2(fd, 2)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    faulthandler.enable(sys.stderr)  # a crash in C code leaves its Python stack in the log
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    # libgomp's thread pool does not survive a fork: a parallel region of more than one
-    # thread in the child would wait forever for the parent's threads.
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1, read before this process began
     try:
         code = target(*args)
     except SystemExit as e:
@@ -112,15 +114,18 @@ def _rank_main(rank: int, world: int, port: int, log: str, target: Callable, arg
     os._exit(code if isinstance(code, int) else 0)
 
 
+_SERVER = multiprocessing.get_context("forkserver")
+_SERVER.set_forkserver_preload(["cope_megatron.cli", "cope_megatron.train", "tests.helpers",
+                                "tests.parallel_worker"])
+
+
 def fork(target: Callable, *args, log: str | Path, rank: int = 0, world: int = 1,
          port: int | None = None) -> multiprocessing.Process:
-    """Start ``target(*args)`` as rank ``rank`` of ``world`` in a process forked from this
-    one, its output in ``log``; an int it returns is its exit code."""
-    import torch.distributed as dist
-
-    assert not dist.is_initialized(), "fork before this process starts a process group"
-    proc = multiprocessing.get_context("fork").Process(
-        target=_rank_main, args=(rank, world, port or free_port(), str(log), target, args))
+    """Start ``target(*args)`` (a module-level function) as rank ``rank`` of ``world`` in a
+    process forked from the preloaded server, its output in ``log``; an int it returns is
+    its exit code."""
+    proc = _SERVER.Process(target=_rank_main,
+                           args=(rank, world, port or free_port(), str(log), target, args))
     proc.start()
     return proc
 

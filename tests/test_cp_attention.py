@@ -6,21 +6,27 @@ and without a distance bias. Ranks are processes on gloo."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from cope_megatron.ops.context_parallel.cope import cope_attention_context_parallel
 from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.ops.context_parallel.softmax import ring_attention
 from cope_megatron.ops.cope.reference import cope_attention_reference
 from cope_megatron.ops.heads import expand_kv
+from tests.helpers import forked_ranks
 
 
 def spawn(tmp_path, world: int, fn, *args) -> None:
-    mp.spawn(fn, args=(world, str(tmp_path / "store"), *args), nprocs=world, join=True)
+    """``fn(rank, world, store, *args)`` on ``world`` ranks."""
+    forked_ranks(world, _as_rank, fn, str(tmp_path / "store"), *args)
+
+
+def _as_rank(fn, store: str, *args) -> None:
+    fn(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), store, *args)
 
 
 def _init(rank: int, world: int, store: str) -> ContextParallel:

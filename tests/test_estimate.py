@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from cope_megatron.cli import main as cli
-from cope_megatron.config import load_config
+from cope_megatron.config import Layout, load_config
 from cope_megatron.estimate import (
     activation_bytes,
     estimate,
-    layout_of,
     parameters,
     smallest_fitting_change,
 )
@@ -85,7 +84,7 @@ def test_activation_estimate_matches_what_autograd_keeps(model, one_process):
             tokens = torch.randint(0, cfg.data.vocab_size,
                                    (cfg.train.micro_batch_size, cfg.model.seq_length + 1))
             measured[mode] = saved_for_backward(gpt, tokens)
-            estimated = activation_bytes(cfg, get_pe(cfg.model.pe), layout_of(cfg, 1),
+            estimated = activation_bytes(cfg, get_pe(cfg.model.pe), Layout.of(cfg, 1),
                                          device="cpu")["saved"]
             assert estimated == pytest.approx(measured[mode], rel=0.2), (model, name, mode)
         assert measured["selective"] <= measured["none"], name

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from cope_megatron.config import load_config
+from cope_megatron.config import Layout, load_config
 from cope_megatron.ops import cope_attention
 from cope_megatron.ops.cope.reference import cope_attention_reference
 from cope_megatron.pe import REGISTRY, get_pe
@@ -121,7 +121,7 @@ def test_activation_estimate_for_125m_on_cuda(pe, dist_cleanup):
     """``cope-megatron estimate``'s activations against the allocator: the memory a bf16
     forward of the 125M model leaves allocated for its backward, within 20%."""
     from cope_megatron.distributed.parallel import init_distributed
-    from cope_megatron.estimate import activation_bytes, layout_of
+    from cope_megatron.estimate import activation_bytes
     from cope_megatron.model.gpt import build_gpt, loss_sum
 
     init_distributed(1)
@@ -132,6 +132,6 @@ def test_activation_estimate_for_125m_on_cuda(pe, dist_cleanup):
     base = torch.cuda.memory_allocated()
     loss = loss_sum(model, tokens)
     held = torch.cuda.memory_allocated() - base
-    estimated = activation_bytes(cfg, get_pe(cfg.model.pe), layout_of(cfg, 1))["saved"]
+    estimated = activation_bytes(cfg, get_pe(cfg.model.pe), Layout.of(cfg, 1))["saved"]
     assert estimated == pytest.approx(held, rel=0.2), (pe, estimated / 2**30, held / 2**30)
     loss.backward()

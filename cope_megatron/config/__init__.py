@@ -10,6 +10,7 @@ keys and wrong types are errors), and ``validation`` checks cross-field constrai
 any process group or model exists, naming the key to change.
 """
 
+from cope_megatron.config.layout import Layout
 from cope_megatron.config.loading import dump_yaml, flat_keys, load_config, merge_dicts, to_dict
 from cope_megatron.config.schema import (
     AlibiOptions,
@@ -32,7 +33,7 @@ from cope_megatron.config.schema import (
 from cope_megatron.config.validation import padded_vocab_size, validate
 
 __all__ = [
-    "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig",
+    "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig", "Layout",
     "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions", "RunConfig",
     "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys",
     "load_config", "merge_dicts", "padded_vocab_size", "to_dict", "validate",

@@ -26,15 +26,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from cope_megatron.config import Config, padded_vocab_size
+from cope_megatron.config import Config, Layout, padded_vocab_size
 from cope_megatron.estimate.flops import PEAK_TFLOPS, FlopsPerToken, flops_per_token
 from cope_megatron.estimate.memory import (
     GIB,
     RECOMPUTE_MODES,
     RESERVED_GIB,
-    Layout,
     activation_bytes,
-    layout_of,
     model_state_bytes,
 )
 from cope_megatron.estimate.parameters import parameters
@@ -77,7 +75,7 @@ def estimate(cfg: Config, pe: PositionEncoding, gpus: int, gpu_memory_gib: float
     ``data.vocab_size``."""
     if gpu_memory_gib is None:
         gpu_memory_gib = REFERENCE_GPU_GIB
-    layout = layout_of(cfg, gpus)
+    layout = Layout.of(cfg, gpus)
     vocab = vocab_size or cfg.data.vocab_size
     per_rank = parameters(cfg, pe, vocab, layout.tensor)
     acts = {mode: sum(activation_bytes(cfg, pe, layout, mode, vocab_size=vocab,
@@ -101,7 +99,7 @@ def _changes(cfg: Config, gpus: int) -> list[tuple[str, Config]]:
         return dataclasses.replace(
             cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)})
 
-    if cfg.zero.stage < 3 and gpus // (p.tensor * p.context) * p.context > 1:
+    if cfg.zero.stage < 3 and Layout.of(cfg, gpus).replicas > 1:
         stage = cfg.zero.stage + 1
         out.append((f"zero.stage={stage}", changed("zero", stage=stage)))
     for mode in RECOMPUTE_MODES[RECOMPUTE_MODES.index(t.recompute) + 1:]:
@@ -127,7 +125,7 @@ def smallest_fitting_change(est: Estimate, max_changes: int = 3
     """The fewest changes (cheapest first at each count) after which the run fits, as the
     overrides to add, with the estimate it gives; None when nothing up to ``max_changes``
     does."""
-    gpus = est.layout.gpus
+    gpus = est.layout.world
     frontier = [("", est.cfg)]
     for _ in range(max_changes):
         next_frontier = []
@@ -157,12 +155,12 @@ def summary(est: Estimate, *, mfu: float = 0.4, peak_tflops: float | None = None
         peak_tflops = REFERENCE_PEAK_TFLOPS
     t = cfg.train
     tokens = t.steps * t.micro_batch_size * t.grad_accum * lay.data * cfg.model.seq_length
-    hours = tokens * f.model / (lay.gpus * peak_tflops * 1e12 * mfu) / 3600
+    hours = tokens * f.model / (lay.world * peak_tflops * 1e12 * mfu) / 3600
     acts = ", ".join(f"{mode} {_gib(b)}" for mode, b in est.activations.items())
     lines = [
         f"model: {cfg.model.pe}, {est.params / 1e6:,.1f}M parameters, "
         f"{est.params_per_rank / 1e6:,.1f}M per tensor-parallel rank",
-        f"layout: {lay.gpus} GPUs = TP {lay.tensor} x CP {lay.context} x DP {lay.data}, "
+        f"layout: {lay.world} GPUs = TP {lay.tensor} x CP {lay.context} x DP {lay.data}, "
         f"ZeRO-{lay.zero_stage}, {t.precision}, micro batch {t.micro_batch_size} x "
         f"{cfg.model.seq_length} tokens, recompute {t.recompute}",
         f"FLOPs per token: {f.model / 1e9:,.2f} G (dense {f.dense / 1e9:,.2f} G, attention "

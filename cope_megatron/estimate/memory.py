@@ -3,9 +3,7 @@ activations each layer keeps for backward (the package docstring says how)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from cope_megatron.config import Config, padded_vocab_size
+from cope_megatron.config import Config, Layout, padded_vocab_size
 from cope_megatron.pe import PositionEncoding
 
 GIB = 2**30
@@ -13,28 +11,6 @@ RECOMPUTE_MODES = ("none", "selective", "full")
 RESERVED_GIB = 3.0
 """Held back from the device's memory: CUDA context, NCCL buffers, allocator
 fragmentation, kernel workspaces."""
-
-
-@dataclass(frozen=True)
-class Layout:
-    gpus: int
-    tensor: int
-    context: int
-    zero_stage: int
-
-    @property
-    def data(self) -> int:
-        return self.gpus // (self.tensor * self.context)
-
-    @property
-    def replicas(self) -> int:
-        """Ranks ZeRO partitions over: data × context parallel."""
-        return self.data * self.context
-
-
-def layout_of(cfg: Config, gpus: int) -> Layout:
-    return Layout(gpus=gpus, tensor=cfg.parallel.tensor, context=cfg.parallel.context,
-                  zero_stage=cfg.zero.stage)
 
 
 def model_state_bytes(cfg: Config, params: int, layout: Layout) -> dict[str, float]:

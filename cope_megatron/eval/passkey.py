@@ -15,9 +15,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from cope_megatron.config import Config
+from cope_megatron.config import EvalConfig
 from cope_megatron.eval.answers import answer_errors
-from cope_megatron.eval.perplexity import run_tokenizer
+from cope_megatron.eval.context import EvalContext
 from cope_megatron.model.gpt import eval_mode, max_positions
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
@@ -53,34 +53,35 @@ def passkey_sample(tokenizer: spm.SentencePieceProcessor, length: int, depth: fl
 
 
 @torch.no_grad()
-def passkey_accuracy(model: torch.nn.Module, cfg: Config, manifest: dict,
-                     device: torch.device, dp_rank: int = 0, dp_size: int = 1) -> dict:
-    """{length: {depth: accuracy, ..., "samples": n} or {"status": "not applicable"}}."""
-    tokenizer = run_tokenizer(cfg, manifest)
-    rng = random.Random(cfg.train.seed)
-    limit = max_positions(model)
-    with eval_mode(model):
+def passkey_accuracy(ctx: EvalContext, e: EvalConfig, seed: int) -> dict:
+    """{length: {depth: accuracy, ..., "samples": n} or {"status": "not applicable"}} for
+    ``e.passkey_samples`` keys drawn from ``seed`` per length and depth."""
+    tokenizer = ctx.tokenizer()
+    rng = random.Random(seed)
+    limit = max_positions(ctx.model)
+    with eval_mode(ctx.model):
         results: dict = {}
-        for mult in cfg.eval.length_multipliers:
-            length = mult * cfg.model.seq_length
+        for mult in e.length_multipliers:
+            length = mult * ctx.train_length
             if limit is not None and length > limit:
                 results[length] = {"status": "not applicable",
                                    "reason": f"no positions beyond {limit}"}
                 continue
             try:
                 passkey_sample(tokenizer, length, 0.0, 10_000)
-            except PromptTooLongError as e:
-                results[length] = {"status": "not applicable", "reason": str(e)}
+            except PromptTooLongError as err:
+                results[length] = {"status": "not applicable", "reason": str(err)}
                 continue
-            results[length] = {"samples": cfg.eval.passkey_samples}
-            for depth in cfg.eval.passkey_depths:
-                hits = torch.zeros(2, device=device)  # [correct, scored]
-                for i in range(cfg.eval.passkey_samples):
+            results[length] = {"samples": e.passkey_samples}
+            for depth in e.passkey_depths:
+                hits = torch.zeros(2, device=ctx.device)  # [correct, scored]
+                for i in range(e.passkey_samples):
                     key = rng.randrange(10_000, 100_000)  # drawn on every rank: same prompts
-                    if i % dp_size != dp_rank:
+                    if not ctx.takes(i):
                         continue
                     tokens, mask = passkey_sample(tokenizer, length, depth, key)
-                    errors = answer_errors(model, tokens[None].to(device), mask[None].to(device))
+                    errors = answer_errors(ctx.model, tokens[None].to(ctx.device),
+                                           mask[None].to(ctx.device))
                     hits += torch.stack([(errors == 0).float().sum(), hits.new_tensor(1.0)])
                 dist.all_reduce(hits, group=parallel_state.get_data_parallel_group())
                 results[length][str(depth)] = (hits[0] / hits[1]).item()

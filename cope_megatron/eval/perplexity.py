@@ -19,16 +19,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import sentencepiece as spm
 import torch
 import torch.distributed as dist
 
-from cope_megatron.config import Config, ConfigError
+from cope_megatron.config import Config, ConfigError, EvalConfig
 from cope_megatron.data.corpus import iter_pieces, resolve_sources
 from cope_megatron.data.format import has_manifest, read_manifest
 from cope_megatron.data.source import sequential_windows, split_spec
 from cope_megatron.data.tokenizer import load_tokenizer
 from cope_megatron.distributed.parallel import replica_group
+from cope_megatron.eval.context import EvalContext
 from cope_megatron.model.gpt import eval_mode, max_positions, token_losses
 
 PROTOCOLS = ("windows", "sliding")
@@ -72,13 +72,8 @@ def _shard_text(cfg: Config, manifest: dict, shards_dir: str, count: int):
     return next(sequential_windows(split_spec(shards_dir, manifest, "val"), count), None)
 
 
-def run_tokenizer(cfg: Config, manifest: dict) -> spm.SentencePieceProcessor:
-    """The SentencePiece model the run's shards were prepared with."""
-    return load_tokenizer(Path(cfg.data.shards) / manifest["tokenizer"])
-
-
 def _raw_text(cfg: Config, manifest: dict, source: str, count: int):
-    tokenizer = run_tokenizer(cfg, manifest)
+    tokenizer = load_tokenizer(Path(cfg.data.shards) / manifest["tokenizer"])
     ids: list[int] = []
     for path in resolve_sources([source], cfg.data.cache_dir):
         for piece in iter_pieces(path, cfg.data.text_field):
@@ -89,47 +84,46 @@ def _raw_text(cfg: Config, manifest: dict, source: str, count: int):
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, text: torch.Tensor, length: int, stride: int,
-          batch_size: int, device: torch.device, dp_rank: int = 0, dp_size: int = 1) -> dict:
+def score(ctx: EvalContext, text: torch.Tensor, length: int, stride: int,
+          batch_size: int) -> dict:
     """Loss over every prediction of ``text`` with windows of ``length`` tokens."""
     plan = window_plan(len(text) - 1, length, stride)
+    device = ctx.device
     total = torch.zeros(2, dtype=torch.float64, device=device)  # [Σ loss, scored tokens]
     for i, start in enumerate(range(0, len(plan), batch_size)):
-        if i % dp_size != dp_rank:
+        if not ctx.takes(i):
             continue
         batch = plan[start:start + batch_size]
         tokens = torch.stack([text[b:b + length + 1] for b, _ in batch]).to(device)
         mask = torch.zeros(len(batch), length, device=device)
         for row, (_, first) in enumerate(batch):
             mask[row, first:] = 1
-        losses, mask = token_losses(model, tokens, mask)
+        losses, mask = token_losses(ctx.model, tokens, mask)
         total += torch.stack([(losses.double() * mask).sum(), mask.double().sum()])
     dist.all_reduce(total, group=replica_group())
     loss = (total[0] / total[1]).item()
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(total[1].item())}
 
 
-def evaluate(model: torch.nn.Module, cfg: Config, manifest: dict, device: torch.device,
-             dp_rank: int = 0, dp_size: int = 1) -> dict:
-    """{"lengths": {L: windows result}, "sliding": {L: sliding result}, ...}; a result is
+def evaluate(ctx: EvalContext, e: EvalConfig, text: torch.Tensor) -> dict:
+    """Both protocols at every length of ``e`` on ``text`` (``evaluation_text``):
+    {"lengths": {L: windows result}, "sliding": {L: sliding result}, ...}; a result is
     {"loss", "ppl", "tokens"} or {"status": "not applicable", "reason"}."""
-    text = evaluation_text(cfg, manifest)
-    stride = cfg.eval.stride or cfg.model.seq_length
-    with eval_mode(model):
+    stride = e.stride or ctx.train_length
+    limit = max_positions(ctx.model)
+    with eval_mode(ctx.model):
         results: dict[str, dict] = {p: {} for p in PROTOCOLS}
-        for mult in cfg.eval.length_multipliers:
-            length = mult * cfg.model.seq_length
-            limit = max_positions(model)
+        for mult in e.length_multipliers:
+            length = mult * ctx.train_length
             for protocol in PROTOCOLS:
                 if limit is not None and length > limit:
                     results[protocol][length] = {
                         "status": "not applicable",
-                        "reason": f"{cfg.model.pe} has no positions beyond the {limit} it was "
+                        "reason": f"{ctx.pe} has no positions beyond the {limit} it was "
                                   "trained with"}
                     continue
                 step = length if protocol == "windows" else stride
-                results[protocol][length] = score(model, text, length, step, cfg.eval.batch_size,
-                                                  device, dp_rank, dp_size)
-    return {"pe": cfg.model.pe, "train_length": cfg.model.seq_length,
-            "eval_data": cfg.eval.data or cfg.data.shards, "stride": stride,
+                results[protocol][length] = score(ctx, text, length, step, e.batch_size)
+    return {"pe": ctx.pe, "train_length": ctx.train_length,
+            "eval_data": e.data or ctx.shards, "stride": stride,
             "lengths": results["windows"], "sliding": results["sliding"]}

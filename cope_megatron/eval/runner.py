@@ -1,11 +1,11 @@
 """Evaluation of a built model, apart from training: the in-run held-out loss, the final
 report (perplexity per length and passkey, or a task's error %), and lm-evaluation-harness
-tasks. What every evaluation needs travels in one ``EvalContext``."""
+tasks. What every evaluation needs travels in one ``EvalContext`` (``eval.context``); each
+scoring function takes it and its own settings."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import Config
+from cope_megatron.eval.context import EvalContext
 from cope_megatron.eval.passkey import passkey_accuracy
 from cope_megatron.eval.perplexity import evaluate, evaluation_text, score
 from cope_megatron.eval.task_error import task_errors
@@ -21,63 +22,46 @@ from cope_megatron.model.gpt import eval_mode
 EVAL_FILE = "eval.json"
 
 
-@dataclass(frozen=True)
-class EvalContext:
-    """The model to evaluate and where it runs: its data set's manifest, the device, and
-    this rank's share of the data-parallel ranks (which split the evaluation batches)."""
-
-    model: torch.nn.Module
-    manifest: dict
-    device: torch.device
-    dp_rank: int = 0
-    dp_size: int = 1
-
-    @property
-    def where(self) -> tuple:
-        """(model, manifest, device, dp_rank, dp_size) as the scoring functions take them,
-        after the config."""
-        return self.model, self.manifest, self.device, self.dp_rank, self.dp_size
-
-
 class Evaluator:
     def __init__(self, cfg: Config, ctx: EvalContext, run_dir: str | Path, *,
                  is_main: bool) -> None:
         """``is_main``: this rank writes ``run_dir``'s eval.json."""
         self.cfg, self.ctx, self.run_dir, self.is_main = cfg, ctx, Path(run_dir), is_main
-        self._val_text: torch.Tensor | None = None
+        self._text: torch.Tensor | None = None
 
     @property
     def is_task(self) -> bool:
         return "task" in self.ctx.manifest
 
+    def text(self) -> torch.Tensor:
+        """The evaluation text, read once: every length scores the same tokens."""
+        if self._text is None:
+            self._text = evaluation_text(self.cfg, self.ctx.manifest)
+        return self._text
+
     @torch.no_grad()
     def held_out(self) -> dict:
         """Held-out loss and perplexity at the training length (a task: its
         in-distribution error), for the training metrics."""
-        model, manifest, device, dp_rank, dp_size = self.ctx.where
+        e = self.cfg.eval
         if self.is_task:
-            result = task_errors(model, self.cfg, manifest, device, dp_rank, dp_size,
-                                 splits=["test"])["splits"]["test"]
+            result = task_errors(self.ctx, e.batch_size, splits=["test"])["splits"]["test"]
             return {"val_error_pct": result["error_pct"]}
-        if self._val_text is None:
-            self._val_text = evaluation_text(self.cfg, manifest)
-        length = self.cfg.model.seq_length
-        with eval_mode(model):
-            result = score(model, self._val_text, length, length, self.cfg.eval.batch_size,
-                           device, dp_rank, dp_size)
+        length = self.ctx.train_length
+        with eval_mode(self.ctx.model):
+            result = score(self.ctx, self.text(), length, length, e.batch_size)
         return {"val_loss": result["loss"], "val_ppl": result["ppl"]}
 
     def report(self, step: int) -> dict:
         """Held-out perplexity per length and passkey accuracy, or a task's error % per
         test split, of the model at ``step``; also written to eval.json."""
-        model, manifest, device, dp_rank, dp_size = self.ctx.where
+        e = self.cfg.eval
         if self.is_task:
-            report = task_errors(model, self.cfg, manifest, device, dp_rank, dp_size)
+            report = task_errors(self.ctx, e.batch_size)
         else:
-            report = evaluate(model, self.cfg, manifest, device, dp_rank, dp_size)
-            if self.cfg.eval.passkey_samples:
-                report["passkey"] = passkey_accuracy(model, self.cfg, manifest, device,
-                                                     dp_rank, dp_size)
+            report = evaluate(self.ctx, e, self.text())
+            if e.passkey_samples:
+                report["passkey"] = passkey_accuracy(self.ctx, e, self.cfg.train.seed)
         report["step"] = step
         self._write(report)
         return report

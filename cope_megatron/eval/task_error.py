@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from cope_megatron.config import Config
 from cope_megatron.data.source import ordered_samples, split_spec
 from cope_megatron.eval.answers import answer_errors
+from cope_megatron.eval.context import EvalContext
 from cope_megatron.model.gpt import eval_mode, max_positions
 
 
@@ -32,29 +32,29 @@ def _batches(spec, batch_size: int):
 
 
 @torch.no_grad()
-def task_errors(model: torch.nn.Module, cfg: Config, manifest: dict, device: torch.device,
-                dp_rank: int = 0, dp_size: int = 1, splits: list[str] | None = None) -> dict:
+def task_errors(ctx: EvalContext, batch_size: int, splits: list[str] | None = None) -> dict:
     """{"task": name, "splits": {split: {"error_pct", "sequence_error_pct", "answers",
     "sequences", "seq_len"} or {"status": "not applicable", "reason"}}} for ``splits``
     (default: every split but train)."""
-    limit = max_positions(model)
-    with eval_mode(model):
+    limit = max_positions(ctx.model)
+    manifest = ctx.manifest
+    with eval_mode(ctx.model):
         results = {}
         for split in splits or [s for s in manifest["splits"] if s != "train"]:
-            spec = split_spec(cfg.data.shards, manifest, split)
+            spec = split_spec(ctx.shards, manifest, split)
             if limit is not None and spec.seq_len > limit:
                 results[split] = {"status": "not applicable",
                                   "reason": f"{spec.seq_len} tokens exceed the {limit} positions "
-                                            f"{cfg.model.pe} was trained with"}
+                                            f"{ctx.pe} was trained with"}
                 continue
             # [wrong answers, answers, wrong sequences, sequences]
-            counts = torch.zeros(4, dtype=torch.float64, device=device)
-            for i, rows in enumerate(_batches(spec, cfg.eval.batch_size)):
-                if i % dp_size != dp_rank:
+            counts = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+            for i, rows in enumerate(_batches(spec, batch_size)):
+                if not ctx.takes(i):
                     continue
-                tokens = torch.from_numpy(np.stack([t for t, _ in rows])).to(device)
-                mask = torch.from_numpy(np.stack([m for _, m in rows])).to(device)
-                errors = answer_errors(model, tokens, mask).double()
+                tokens = torch.from_numpy(np.stack([t for t, _ in rows])).to(ctx.device)
+                mask = torch.from_numpy(np.stack([m for _, m in rows])).to(ctx.device)
+                errors = answer_errors(ctx.model, tokens, mask).double()
                 counts += torch.stack([errors.sum(), mask.double().sum(),
                                        (errors > 0).double().sum(), counts.new_tensor(len(rows))])
             dist.all_reduce(counts, group=parallel_state.get_data_parallel_group())

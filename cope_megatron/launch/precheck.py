@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from cope_megatron.config import ConfigError, load_config, to_dict
+from cope_megatron.config import ConfigError, Layout, load_config, to_dict
 from cope_megatron.startup import check
 
 
@@ -31,11 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    p = cfg.parallel
+    layout = Layout.of(cfg, args.world)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-    print(f"layout: world {args.world} = TP {p.tensor} x CP {p.context} x DP "
-          f"{args.world // (p.tensor * p.context)}; run dir {Path(cfg.run.dir)}",
+    print(f"layout: world {args.world} = TP {layout.tensor} x CP {layout.context} x DP "
+          f"{layout.data}; run dir {Path(cfg.run.dir)}",
           file=sys.stderr)
     return 0
 

@@ -18,7 +18,7 @@ from cope_megatron.checkpoint.universal import (
     read_layout,
     stage_family,
 )
-from cope_megatron.config import Config
+from cope_megatron.config import Config, Layout
 from cope_megatron.distributed.deepspeed_glue import (
     MegatronMPU,
     deepspeed_config,
@@ -65,11 +65,8 @@ def build_engine(cfg: Config, pe: PositionEncoding, vocab_size: int,
 
 
 def run_layout(cfg: Config) -> dict:
-    """The parallel layout saved with each checkpoint (``layout.json``); ``data_parallel``
-    counts the ranks ZeRO partitions over (DP × CP)."""
-    p = cfg.parallel
-    return {"data_parallel": dist.get_world_size(replica_group()), "tensor": p.tensor,
-            "context": p.context, "zero_stage": cfg.zero.stage}
+    """The parallel layout saved with each checkpoint (``layout.json``)."""
+    return Layout.of(cfg, dist.get_world_size()).record()
 
 
 def loadable(cfg: Config, env: DistEnv, run_dir: Path, tag: str) -> str:

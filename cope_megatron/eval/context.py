@@ -1,0 +1,44 @@
+"""What every evaluation needs beside its own settings (``cfg.eval``): the model, where it
+runs (the device and this rank's share of the data-parallel ranks, which take alternate
+batches), and the facts of the run it belongs to (its prepared data set, training length
+and PE)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+
+from cope_megatron.config import Config
+from cope_megatron.data.tokenizer import load_tokenizer
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    model: torch.nn.Module
+    manifest: dict
+    """The manifest of ``shards``."""
+    shards: str
+    """The run's prepared data set (``data.shards``): its tokenizer, its validation split."""
+    train_length: int
+    pe: str
+    device: torch.device
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    @classmethod
+    def of_run(cls, cfg: Config, model: torch.nn.Module, manifest: dict,
+               device: torch.device, dp_rank: int = 0, dp_size: int = 1) -> EvalContext:
+        return cls(model=model, manifest=manifest, shards=cfg.data.shards,
+                   train_length=cfg.model.seq_length, pe=cfg.model.pe, device=device,
+                   dp_rank=dp_rank, dp_size=dp_size)
+
+    def tokenizer(self) -> spm.SentencePieceProcessor:
+        """The SentencePiece model the run's shards were prepared with."""
+        return load_tokenizer(Path(self.shards) / self.manifest["tokenizer"])
+
+    def takes(self, batch: int) -> bool:
+        """Whether this rank scores batch number ``batch`` (data-parallel ranks alternate)."""
+        return batch % self.dp_size == self.dp_rank
