@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,14 +11,6 @@ import sentencepiece as spm
 from cope_megatron.data.corpus import PrepError, iter_pieces
 
 EOS_ID = 2  # SentencePiece's default layout: unk 0, bos 1, eos 2
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _sample_lines(files: list[Path], budget: int, text_field: str) -> Iterator[str]:

@@ -69,7 +69,8 @@ def _shard_text(cfg: Config, manifest: dict, shards_dir: str, count: int):
             raise ConfigError(f"eval.data: {shards_dir} was tokenized with another tokenizer "
                               f"than the run's; prepare it with data.tokenizer set to the "
                               "run's tokenizer.model")
-    return next(sequential_windows(split_spec(shards_dir, manifest, "val"), count), None)
+    return next(sequential_windows(split_spec(shards_dir, manifest, "val",
+                                                verify=cfg.data.verify), count), None)
 
 
 def run_tokenizer(cfg: Config, manifest: dict) -> spm.SentencePieceProcessor:

@@ -41,7 +41,7 @@ def task_errors(model: torch.nn.Module, cfg: Config, manifest: dict, device: tor
     with eval_mode(model):
         results = {}
         for split in splits or [s for s in manifest["splits"] if s != "train"]:
-            spec = split_spec(cfg.data.shards, manifest, split)
+            spec = split_spec(cfg.data.shards, manifest, split, verify=cfg.data.verify)
             if limit is not None and spec.seq_len > limit:
                 results[split] = {"status": "not applicable",
                                   "reason": f"{spec.seq_len} tokens exceed the {limit} positions "

@@ -19,12 +19,16 @@ from tqdm import tqdm
 
 from cope_megatron.config import DataConfig
 from cope_megatron.data.corpus import Piece, PrepError, iter_pieces, resolve_sources
-from cope_megatron.data.format import has_manifest, read_manifest, write_manifest
+from cope_megatron.data.format import (
+    file_sha256,
+    has_manifest,
+    read_manifest,
+    write_manifest,
+)
 from cope_megatron.data.prep import encode_worker
 from cope_megatron.data.prep.shards import Packer, SplitWriter, token_dtype
 from cope_megatron.data.tokenizer import (
     EOS_ID,
-    file_sha256,
     install_tokenizer,
     load_tokenizer,
     train_tokenizer,
@@ -158,7 +162,7 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True)
                 "samples": p.writer.samples,
                 "tokens": p.tokens,
                 "dropped_tokens": dropped[split],
-                "shards": [vars(s) for s in p.writer.shards],
+                "shards": p.writer.shards,
             }
             for split, p in packers.items()
         },

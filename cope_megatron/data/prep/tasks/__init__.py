@@ -20,14 +20,13 @@ from tqdm import tqdm
 from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import TaskConfig
 from cope_megatron.data.corpus import PrepError
-from cope_megatron.data.format import has_manifest, read_manifest, write_manifest
+from cope_megatron.data.format import file_sha256, has_manifest, read_manifest, write_manifest
 from cope_megatron.data.prep.prep import check_fingerprint
 from cope_megatron.data.prep.shards import SplitWriter, token_dtype
 from cope_megatron.data.prep.tasks.base import Example, Task, TaskFormatError
 from cope_megatron.data.prep.tasks.counting import Counting
 from cope_megatron.data.prep.tasks.flipflop import FlipFlop
 from cope_megatron.data.prep.tasks.selective_copy import SelectiveCopy
-from cope_megatron.data.tokenizer import file_sha256
 
 TASKS: dict[str, Task] = {t.name: t for t in (FlipFlop(), SelectiveCopy(), Counting())}
 
@@ -114,7 +113,7 @@ def prepare_task(cfg: TaskConfig, out: str | Path, progress: bool = True) -> dic
         if not writer.samples:
             raise PrepError(f"task {task.name}: split {split} has no examples")
         entries[split] = {"samples": writer.samples, "seq_len": spec.seq_len,
-                          "answers": answers, "shards": [vars(s) for s in writer.shards]}
+                          "answers": answers, "shards": writer.shards}
     return write_manifest(out, {"task": settings, "seq_len": splits["train"].seq_len,
                 "dtype": dtype.name, "tokenizer_sha256": sha, "tokenizer": vocab_path.name,
                 "vocab_size": len(task.vocabulary), "pad_id": 0, "loss_mask": True,
