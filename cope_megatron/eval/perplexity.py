@@ -82,7 +82,7 @@ def _raw_text(cfg: Config, manifest: dict, source: str, count: int):
     tokenizer = run_tokenizer(cfg, manifest)
     ids: list[int] = []
     for path in resolve_sources([source], cfg.data.cache_dir):
-        for piece in iter_pieces(path, cfg.data.text_field):
+        for piece in iter_pieces(path, cfg.data.text_field, cfg.data.decode_errors):
             ids += tokenizer.encode(piece.text) + ([manifest["eos_id"]] if piece.last else [])
             if len(ids) >= count:
                 return torch.tensor(ids[:count])

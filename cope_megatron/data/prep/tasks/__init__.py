@@ -68,10 +68,12 @@ def _examples(task: Task, cfg: TaskConfig, split: str, params: dict) -> Iterator
         yield task.generate(rng, **params)
 
 
-def prepare_task(cfg: TaskConfig, out: str | Path, progress: bool = True) -> dict:
+def prepare_task(cfg: TaskConfig, out: str | Path, progress: bool = True,
+                 force: bool = False) -> dict:
     """Write every split of ``cfg.name`` into ``out``; returns the manifest (also written,
-    last). A directory prepared with other task settings is refused; an interrupted prep
-    keeps its finished shards (generation is deterministic)."""
+    last). A directory prepared with other task settings, or a non-empty one prep did not
+    write (unless ``force``), is refused; an interrupted prep keeps its finished shards
+    (generation is deterministic)."""
     task = get_task(cfg.name)
     splits = task.splits(variables=cfg.variables)
     unknown = set(cfg.files) - set(splits)
@@ -86,7 +88,7 @@ def prepare_task(cfg: TaskConfig, out: str | Path, progress: bool = True) -> dic
                 "files": {k: [str(v), Path(v).stat().st_size] for k, v in cfg.files.items()}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    check_fingerprint(out, settings)
+    check_fingerprint(out, settings, force=force)
     if has_manifest(out):
         return read_manifest(out)
     vocab_path = out / "vocab.json"
