@@ -118,6 +118,7 @@ class ResumableLoader:
             parts = [next(self._it) for _ in range(self._workers)]
             for part in parts:
                 if "data_error" in part:
+                    self._it = None  # stops the workers now, not whenever this is collected
                     raise DataError(part["data_error"])
             self._skipped = [int(p.pop("skipped_shards")) for p in parts]
             step = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
