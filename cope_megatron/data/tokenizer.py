@@ -55,12 +55,24 @@ def train_tokenizer(
     """Train a SentencePiece model into ``out_dir/tokenizer.model`` and return its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / "tokenizer.tmp"
-    sample = _sample_lines(files, sample_bytes, text_field, max_line_chars, decode_errors)
+    unreadable: list[PrepError] = []
+
+    def sample() -> Iterator[str]:
+        # SentencePiece would report an input's error as its own RuntimeError: keep ours.
+        try:
+            yield from _sample_lines(files, sample_bytes, text_field, max_line_chars,
+                                     decode_errors)
+        except PrepError as e:
+            unreadable.append(e)
+
     try:
-        _train(sample, prefix, vocab_size, model_type, byte_fallback, user_symbols,
+        _train(sample(), prefix, vocab_size, model_type, byte_fallback, user_symbols,
                max_line_chars)
     except RuntimeError as e:
-        raise _training_error(e, vocab_size, files) from None
+        if not unreadable:
+            raise _training_error(e, vocab_size, files) from None
+    if unreadable:
+        raise unreadable[0]
     final = out_dir / "tokenizer.model"
     Path(f"{prefix}.model").replace(final)
     Path(f"{prefix}.vocab").unlink(missing_ok=True)
