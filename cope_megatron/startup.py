@@ -18,9 +18,8 @@ from cope_megatron.pe import PositionEncoding, get_pe
 
 def check(cfg: Config, world: int, *, data: bool = True) -> PositionEncoding:
     """Raise ConfigError naming the key (DataError naming the shard) for anything that
-    cannot run; return the resolved
-    PE, which the caller passes down. ``data``: the run reads ``data.shards`` and writes
-    ``run.dir`` (``estimate`` needs neither)."""
+    cannot run; return the resolved PE, which the caller passes down. ``data``: the run
+    reads ``data.shards`` and writes ``run.dir`` (``estimate`` needs neither)."""
     pe = get_pe(cfg.model.pe)
     validate(cfg, world)
     if pe.check is not None:

@@ -15,26 +15,29 @@ EOS_ID = 2  # SentencePiece's default layout: unk 0, bos 1, eos 2
 _DEFAULTS = DataConfig()
 
 
+def _lines_of(path: Path, text_field: str, max_line_chars: int,
+              decode_errors: str) -> Iterator[str]:
+    """The file's non-blank lines, a line longer than ``max_line_chars`` cut into lines of
+    that length: SentencePiece silently drops a sentence longer than its limit, and a
+    corpus of such lines left it nothing to learn from."""
+    for piece in iter_pieces(path, text_field, decode_errors):
+        for whole in piece.text.splitlines():
+            for start in range(0, len(whole), max_line_chars):
+                line = whole[start:start + max_line_chars]
+                if line.strip():
+                    yield line
+
+
 def _sample_lines(files: list[Path], budget: int, text_field: str, max_line_chars: int,
                   decode_errors: str) -> Iterator[str]:
-    """Up to ``budget`` bytes of non-empty lines, drawn evenly across files so every
-    source is represented (a prefix of one huge file would not be). A line longer than
-    ``max_line_chars`` is cut into lines of that length: SentencePiece silently drops a
-    sentence longer than its limit, and a corpus of such lines left it nothing."""
+    """Up to ``budget`` bytes of lines, drawn evenly across files so every source is
+    represented (a prefix of one huge file would not be)."""
     per_file = max(1, budget // max(1, len(files)))
     for path in files:
         taken = 0
-        for piece in iter_pieces(path, text_field, decode_errors):
-            for whole in piece.text.splitlines():
-                for start in range(0, len(whole), max_line_chars):
-                    line = whole[start:start + max_line_chars]
-                    if line.strip():
-                        yield line
-                        taken += len(line)
-                        if taken >= per_file:
-                            break
-                if taken >= per_file:
-                    break
+        for line in _lines_of(path, text_field, max_line_chars, decode_errors):
+            yield line
+            taken += len(line)
             if taken >= per_file:
                 break
 
