@@ -1,6 +1,6 @@
 """``cope-megatron`` command line: prep, train, eval, demo.
 
-    cope-megatron prep  [CONFIG.yaml ...] [key.sub=value ...]
+    cope-megatron prep  [--force] [CONFIG.yaml ...] [key.sub=value ...]
     cope-megatron train [CONFIG.yaml ...] [key.sub=value ...]   (plain or under torchrun)
     cope-megatron eval  [--json] [CONFIG.yaml ...] [key.sub=value ...]   (plain or torchrun)
     cope-megatron demo  [key.sub=value ...]
@@ -9,7 +9,11 @@
         (parameters, FLOPs per token, memory per GPU, and whether the run fits)
     cope-megatron sweep SPEC.yaml [--run local|slurm]   (create the runs; run or submit them)
     cope-megatron sweep status SPEC.yaml | sweep report SPEC.yaml [--out DIR]
-    cope-megatron export RUN_DIR OUT_DIR   (a Hugging Face transformers model directory)
+    cope-megatron export [--force] RUN_DIR OUT_DIR   (a Hugging Face transformers model
+        directory)
+
+prep and export refuse a non-empty output directory they did not write; --force writes
+into it anyway.
 
 With ``task.name`` set (configs/tasks/), prep generates that synthetic task instead.
 """
@@ -32,25 +36,27 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIGS = [str(CONFIG_DIR / "demo.yaml")]
 
 
-def prep(cfg: Config) -> dict:
-    """Tokenize and pack ``data.corpus``, or generate the task ``task.name``."""
+def prep(cfg: Config, force: bool = False) -> dict:
+    """Tokenize and pack ``data.corpus``, or generate the task ``task.name``; ``force``
+    writes into a non-empty directory prep did not write."""
     if cfg.task.name:
         from cope_megatron.data.prep.tasks import prepare_task
 
-        return prepare_task(cfg.task, cfg.data.shards, progress=cfg.logging.progress)
+        return prepare_task(cfg.task, cfg.data.shards, progress=cfg.logging.progress,
+                            force=force)
     from cope_megatron.data.prep.prep import prepare
 
     return prepare(cfg.data, seq_len=cfg.model.seq_length, seed=cfg.train.seed,
-                   progress=cfg.logging.progress)
+                   progress=cfg.logging.progress, force=force)
 
 
-def demo(cfg: Config) -> dict:
+def demo(cfg: Config, force: bool = False) -> dict:
     """Prep the embedded corpus, train the demo model, evaluate it; print where it all is."""
     from cope_megatron.distributed.parallel import destroy_distributed
     from cope_megatron.train import run_train
 
     started = time.time()
-    manifest = prep(cfg)
+    manifest = prep(cfg, force)
     train = manifest["splits"]["train"]
     print(f"[demo] data: {train['samples']} train samples ({train['tokens']:,} tokens) in "
           f"{cfg.data.shards}, vocab {manifest['vocab_size']}")
@@ -133,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", choices=["local", "slurm"], default=None,
                         help="sweep: train the runs here one after another, or sbatch them "
                         "(default: only create them)")
+    parser.add_argument("--force", action="store_true",
+                        help="prep, demo, export: write into a non-empty output directory "
+                        "that is not a previous prep or export")
     parser.add_argument("--gpus", type=int, default=8,
                         help="estimate: GPUs in the run (default 8)")
     parser.add_argument("--gpu-memory", type=float, default=None,
@@ -169,7 +178,7 @@ def run(args: argparse.Namespace) -> dict | Path | None:
 
         if len(args.sources) != 2:
             raise ConfigError("export: give RUN_DIR OUT_DIR")
-        return export(*args.sources)
+        return export(*args.sources, force=args.force)
     sources = (DEMO_CONFIGS if args.command == "demo" else []) + args.sources
     cfg = load_config(sources)
     if args.command == "estimate":
@@ -179,7 +188,7 @@ def run(args: argparse.Namespace) -> dict | Path | None:
         est = estimate(cfg, check(cfg, args.gpus, data=False), args.gpus, args.gpu_memory)
         print(summary(est, peak_tflops=cfg.train.peak_tflops))
     elif args.command == "prep":
-        manifest = prep(cfg)
+        manifest = prep(cfg, args.force)
         print(f"prepared {cfg.data.shards}: " + ", ".join(
             f"{s}: {v['samples']} samples" for s, v in manifest["splits"].items()))
     elif args.command == "train":
@@ -195,7 +204,7 @@ def run(args: argparse.Namespace) -> dict | Path | None:
         finally:
             destroy_distributed()
     else:
-        demo(cfg)
+        demo(cfg, args.force)
     return None
 
 

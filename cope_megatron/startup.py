@@ -1,21 +1,25 @@
 """The one start-up check of every entry point (``train``, ``eval``, ``export``,
 ``estimate``, ``sweep`` and the launch scripts' pre-check), before any process group,
 model or file exists: the PE and its options, the parallel layout on ``world`` processes,
-the prepared data and the run directory."""
+the prepared data (its shards present and whole: ``data.integrity``) and the run
+directory."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from cope_megatron.config import Config, ConfigError, validate
-from cope_megatron.data.format import has_manifest, manifest_path, read_manifest
+from cope_megatron.data import integrity
+from cope_megatron.data.format import DataError, has_manifest, manifest_path, read_manifest
+from cope_megatron.data.source import split_shards
 from cope_megatron.pe import PositionEncoding, get_pe
 
 
 def check(cfg: Config, world: int, *, data: bool = True) -> PositionEncoding:
-    """Raise ConfigError naming the key for anything that cannot run; return the resolved
-    PE, which the caller passes down. ``data``: the run reads ``data.shards`` and writes
-    ``run.dir`` (``estimate`` needs neither)."""
+    """Raise ConfigError naming the key (DataError naming the shard) for anything that
+    cannot run; return the resolved PE, which the caller passes down. ``data``: the run
+    reads ``data.shards`` and writes ``run.dir`` (``estimate`` needs neither)."""
     pe = get_pe(cfg.model.pe)
     validate(cfg, world)
     if pe.check is not None:
@@ -35,9 +39,28 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError(
             f"data.shards: no manifest at {manifest_path(cfg.data.shards)}; run `cope-megatron "
             "prep` with the same configs first, or point data.shards at a prepared directory")
-    packed = read_manifest(cfg.data.shards)["seq_len"]
+    manifest = read_manifest(cfg.data.shards)
+    packed = manifest["seq_len"]
     if packed != cfg.model.seq_length:
         raise ConfigError(
             f"model.seq_length: {cfg.model.seq_length}, but the shards in {cfg.data.shards} "
             f"were packed for {packed}; set model.seq_length={packed} or re-run prep into "
             "another data.shards")
+    _check_shards(cfg, manifest)
+
+
+def _check_shards(cfg: Config, manifest: dict) -> None:
+    """Every shard present with its recorded size; with ``data.verify=startup`` also its
+    sha256. Under ``data.on_error=skip`` bad shards are only announced: the loader skips
+    and counts them when it reaches them."""
+    shards = [shard for split in manifest["splits"]
+              for shard in split_shards(cfg.data.shards, manifest, split)]
+    problems = (integrity.verify_all(shards) if cfg.data.verify == "startup"
+                else integrity.check_present(shards))
+    if not problems:
+        return
+    more = f" (and {len(problems) - 1} more bad shards)" if len(problems) > 1 else ""
+    if cfg.data.on_error != "skip":
+        raise DataError(f"{problems[0]}{more}; {integrity.RERUN}")
+    warnings.warn(f"data.on_error=skip: {len(problems)} bad shards will be skipped: "
+                  f"{problems[0]}{more}", stacklevel=2)

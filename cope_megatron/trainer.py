@@ -121,6 +121,7 @@ class Trainer:
             streams=cfg.data.streams,
             shuffle_buffer=cfg.data.shuffle_buffer,
             on_error=cfg.data.on_error,
+            verify=cfg.data.verify,
         )
 
     # -- the loop -------------------------------------------------------------------

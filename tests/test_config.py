@@ -162,7 +162,8 @@ PUBLIC_KEYS = """
     zero.stage zero.deepspeed data.corpus data.cache_dir data.shards data.tokenizer
     data.tokenizer_type data.vocab_size data.byte_fallback data.user_symbols data.text_field
     data.val_fraction data.shard_max_bytes data.prep_workers data.tokenizer_sample_bytes
-    data.max_docs data.num_workers data.streams data.shuffle_buffer data.on_error task.name
+    data.max_docs data.num_workers data.streams data.shuffle_buffer data.on_error
+    data.verify data.decode_errors data.max_line_chars task.name
     task.seed task.train_samples task.test_samples task.variables task.files train.steps
     train.seed
     train.micro_batch_size train.grad_accum train.lr train.min_lr train.warmup_steps

@@ -132,6 +132,19 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """Samples per shuffled block of a stream."""
     on_error: Literal["raise", "skip"] = "raise"
+    """A bad shard (missing, changed since prep, corrupt, foreign, token ids past the
+    vocabulary) stops the run naming it; ``skip`` skips it instead, counted in the
+    metrics as ``skipped_shards``."""
+    verify: Literal["startup", "first_read", "off"] = "first_read"
+    """When each shard's sha256 is checked against the manifest: just before the shard is
+    first read, all before the first step, or never (cope_megatron/data/integrity.py).
+    Whether every shard exists with its size is checked at start-up in all three."""
+    decode_errors: Literal["strict", "replace"] = "strict"
+    """Prep: text that is not UTF-8 stops prep naming the file and byte offset (strict),
+    or is decoded with U+FFFD replacement characters (replace)."""
+    max_line_chars: int = 4096
+    """Prep: lines longer than this are split at the limit for the tokenizer's training
+    sample (SentencePiece would drop them whole); the text is tokenized unchanged."""
 
 
 @dataclass(kw_only=True, slots=True)

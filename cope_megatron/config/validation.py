@@ -35,6 +35,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         ("train.micro_batch_size", cfg.train.micro_batch_size),
         ("train.grad_accum", cfg.train.grad_accum),
         ("data.vocab_size", cfg.data.vocab_size),
+        ("data.max_line_chars", cfg.data.max_line_chars),
     ]:
         if value < 1:
             fail(key, f"must be at least 1, got {value}")

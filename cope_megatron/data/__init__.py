@@ -1,2 +1,3 @@
 """Data, knowing nothing of the model: corpus readers and the tokenizer, preparation into
-packed token shards (``prep``), and the training side's streaming, resumable loader."""
+packed token shards (``prep``), the proof that a shard is whole (``integrity``), and the
+training side's streaming, resumable loader."""

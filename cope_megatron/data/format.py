@@ -2,10 +2,16 @@
 (what prep made: tokenizer, packing, splits and their shards) and the header record each
 WebDataset shard starts with (its packing, so a shard mixed in from another prep is
 caught). The manifest is written last and atomically: its presence means the data set is
-complete."""
+complete.
+
+Each split lists its shards as ``{"name", "samples", "sha256", "bytes"}`` (``shard_entry``):
+the digest and size let a reader prove a shard holds the bytes prep wrote
+(``data/integrity.py``). Manifests written before sizes were recorded lack ``bytes``; their
+shards are checked by digest alone."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +27,20 @@ SHARD_META_KEY = "__shard__"
 
 class DataError(UserError, RuntimeError):
     """Prepared data that cannot be read as it should; the message names the file."""
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_entry(path: Path, samples: int) -> dict:
+    """The manifest's record of the finished shard at ``path``."""
+    return {"name": path.name, "samples": samples, "sha256": file_sha256(path),
+            "bytes": path.stat().st_size}
 
 
 def manifest_path(shard_dir: str | Path) -> Path:

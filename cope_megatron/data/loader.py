@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cope_megatron.data import integrity
 from cope_megatron.data.format import DataError
 from cope_megatron.data.source import StreamSpec
 from cope_megatron.data.streams import StreamReader
@@ -54,12 +55,24 @@ def check_layout(spec: StreamSpec) -> None:
 
 
 class StepShares(IterableDataset):
-    """One worker's part of this rank's samples, one item per step from ``start_step``."""
+    """One worker's part of this rank's samples, one item per step from ``start_step``.
+    A bad shard under ``on_error=raise`` ends the stream with an item holding its one-line
+    message: raised in a worker, it would reach the trainer wrapped in the worker's
+    traceback."""
 
     def __init__(self, spec: StreamSpec, start_step: int = 0) -> None:
         self.spec, self.start_step = spec, start_step
+        # Shards this process already verified: a worker need not hash them again.
+        self.verdicts = integrity.results()
 
     def __iter__(self) -> Iterator[dict]:
+        integrity.adopt(self.verdicts)
+        try:
+            yield from self._steps()
+        except DataError as e:
+            yield {"data_error": str(e)}
+
+    def _steps(self) -> Iterator[dict]:
         spec = self.spec
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -103,6 +116,10 @@ class ResumableLoader:
     def __next__(self) -> dict[str, torch.Tensor]:
         if not self._pending:
             parts = [next(self._it) for _ in range(self._workers)]
+            for part in parts:
+                if "data_error" in part:
+                    self._it = None  # stops the workers now, not whenever this is collected
+                    raise DataError(part["data_error"])
             self._skipped = [int(p.pop("skipped_shards")) for p in parts]
             step = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             mb = self.spec.micro_batch_size

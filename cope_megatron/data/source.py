@@ -2,6 +2,10 @@
 checked against the manifest (evaluation reads them in order; training through
 ``streams`` and ``loader``).
 
+Before a shard is first read, its bytes are checked against the manifest's sha256
+(``integrity``; ``data.verify``), and every token id against the vocabulary, so a bad shard
+is named here, never met as an index error in the embedding.
+
 A data set may carry a loss mask (``loss_mask`` in its manifest): each sample then also
 holds ``mask.npy``, one 0/1 per prediction [seq_len], beside ``tokens.npy`` [seq_len + 1].
 """
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from cope_megatron.data import integrity
 from cope_megatron.data.format import SHARD_META_KEY, DataError
 
 
@@ -26,6 +31,11 @@ from cope_megatron.data.format import SHARD_META_KEY, DataError
 class ShardInfo:
     url: str
     samples: int
+    sha256: str | None = None
+    bytes: int | None = None
+    """Size recorded by prep; None in older manifests."""
+    local: bool = True
+    """A file on this machine, hence checkable (``integrity``); False behind a url_prefix."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,10 @@ class StreamSpec:
     """Samples per shuffled block of a stream."""
     on_error: str = "raise"
     loss_mask: bool = False
+    verify: str = "first_read"
+    """When a shard's sha256 is checked (``data.verify``: startup, first_read, off)."""
+    vocab_size: int | None = None
+    """Token ids must be below this (None: unchecked)."""
 
     @property
     def total_samples(self) -> int:
@@ -64,7 +78,8 @@ class StreamSpec:
 
 def split_shards(shard_dir: str | Path, manifest: dict, split: str) -> tuple[ShardInfo, ...]:
     """The shards of ``split``; ``manifest['url_prefix']``, when set, replaces the directory
-    (e.g. ``pipe:aws s3 cp s3://bucket/data/`` followed by the shard name and `` -``)."""
+    (e.g. ``pipe:aws s3 cp s3://bucket/data/`` followed by the shard name and `` -``): such
+    shards are remote, so their presence and digest go unchecked (``integrity``)."""
     entries = manifest["splits"][split]["shards"]
     if not entries or not sum(e["samples"] for e in entries):
         raise DataError(f"{shard_dir}: the {split!r} split holds no samples; re-run prep with "
@@ -73,7 +88,8 @@ def split_shards(shard_dir: str | Path, manifest: dict, split: str) -> tuple[Sha
     def url(name: str) -> str:
         return f"{prefix}{name}{suffix}" if prefix else str(Path(shard_dir) / name)
 
-    return tuple(ShardInfo(url=url(e["name"]), samples=e["samples"]) for e in entries)
+    return tuple(ShardInfo(url=url(e["name"]), samples=e["samples"], sha256=e.get("sha256"),
+                           bytes=e.get("bytes"), local=not prefix) for e in entries)
 
 
 def split_spec(shard_dir: str | Path, manifest: dict, split: str, **kw) -> StreamSpec:
@@ -87,6 +103,7 @@ def split_spec(shard_dir: str | Path, manifest: dict, split: str, **kw) -> Strea
         dtype=manifest["dtype"],
         tokenizer_sha256=manifest["tokenizer_sha256"],
         loss_mask=manifest.get("loss_mask", False),
+        vocab_size=manifest["vocab_size"],
         **kw,
     )
 
@@ -102,12 +119,22 @@ def _check_meta(url: str, meta: dict, spec: StreamSpec) -> None:
             )
 
 
+def _check_ids(url: str, key: str, tokens: np.ndarray, vocab_size: int | None) -> None:
+    if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:
+        raise DataError(f"shard {url}: sample {key} holds token id {int(tokens.max())}, but the "
+                        f"vocabulary has {vocab_size} ids: the shard does not belong to this "
+                        "data set's tokenizer; re-run prep into a fresh directory")
+
+
 Sample = tuple[np.ndarray, np.ndarray | None]
 """(tokens [seq_len + 1], loss mask [seq_len] or None)."""
 
 
-def shard_samples(url: str, first: int, end: int, spec: StreamSpec) -> Iterator[Sample]:
+def shard_samples(shard: ShardInfo, first: int, end: int, spec: StreamSpec) -> Iterator[Sample]:
     """Samples [first, end) of one shard, each checked against the manifest."""
+    if spec.verify != "off":
+        integrity.ensure_verified(shard)
+    url = shard.url
     stream = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
     index = 0
     checked = False
@@ -125,6 +152,7 @@ def shard_samples(url: str, first: int, end: int, spec: StreamSpec) -> Iterator[
                 raise DataError(f"shard {url}: sample {record['__key__']} has shape "
                                 f"{tokens.shape} {tokens.dtype}, expected ({spec.seq_len + 1},) "
                                 f"{spec.dtype}; re-run prep")
+            _check_ids(url, record["__key__"], tokens, spec.vocab_size)
             mask = None
             if spec.loss_mask:
                 mask = np.load(io.BytesIO(record["mask.npy"]), allow_pickle=False)
@@ -144,7 +172,7 @@ def shard_samples(url: str, first: int, end: int, spec: StreamSpec) -> Iterator[
 def ordered_samples(spec: StreamSpec) -> Iterator[Sample]:
     """Every sample of ``spec``'s shards once, in order (evaluation)."""
     for shard in spec.shards:
-        yield from shard_samples(shard.url, 0, shard.samples, spec)
+        yield from shard_samples(shard, 0, shard.samples, spec)
 
 
 def sequential_windows(spec: StreamSpec, length: int) -> Iterator[torch.Tensor]:

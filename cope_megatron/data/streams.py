@@ -88,7 +88,7 @@ class StreamReader:
 
     def _guarded(self, shard: ShardInfo, lo: int, hi: int) -> Iterator[Sample]:
         try:
-            yield from shard_samples(shard.url, lo, hi, self.spec)
+            yield from shard_samples(shard, lo, hi, self.spec)
         except Exception as e:  # tar, npy or meta errors all mean a bad shard
             error = e if isinstance(e, DataError) else DataError(
                 f"shard {shard.url} is corrupt or unreadable ({type(e).__name__}: {e}); re-run "

@@ -2,39 +2,42 @@
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import sentencepiece as spm
 
+from cope_megatron.config import DataConfig
 from cope_megatron.data.corpus import PrepError, iter_pieces
 
 EOS_ID = 2  # SentencePiece's default layout: unk 0, bos 1, eos 2
+_DEFAULTS = DataConfig()
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _lines_of(path: Path, text_field: str, max_line_chars: int,
+              decode_errors: str) -> Iterator[str]:
+    """The file's non-blank lines, a line longer than ``max_line_chars`` cut into lines of
+    that length: SentencePiece silently drops a sentence longer than its limit, and a
+    corpus of such lines left it nothing to learn from."""
+    for piece in iter_pieces(path, text_field, decode_errors):
+        for whole in piece.text.splitlines():
+            for start in range(0, len(whole), max_line_chars):
+                line = whole[start:start + max_line_chars]
+                if line.strip():
+                    yield line
 
 
-def _sample_lines(files: list[Path], budget: int, text_field: str) -> Iterator[str]:
-    """Up to ``budget`` bytes of non-empty lines, drawn evenly across files so every
-    source is represented (a prefix of one huge file would not be)."""
+def _sample_lines(files: list[Path], budget: int, text_field: str, max_line_chars: int,
+                  decode_errors: str) -> Iterator[str]:
+    """Up to ``budget`` bytes of lines, drawn evenly across files so every source is
+    represented (a prefix of one huge file would not be)."""
     per_file = max(1, budget // max(1, len(files)))
     for path in files:
         taken = 0
-        for piece in iter_pieces(path, text_field):
-            for line in piece.text.splitlines():
-                if line.strip():
-                    yield line
-                    taken += len(line)
-                    if taken >= per_file:
-                        break
+        for line in _lines_of(path, text_field, max_line_chars, decode_errors):
+            yield line
+            taken += len(line)
             if taken >= per_file:
                 break
 
@@ -49,27 +52,58 @@ def train_tokenizer(
     user_symbols: list[str],
     sample_bytes: int,
     text_field: str,
+    max_line_chars: int = _DEFAULTS.max_line_chars,
+    decode_errors: str = _DEFAULTS.decode_errors,
 ) -> Path:
     """Train a SentencePiece model into ``out_dir/tokenizer.model`` and return its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / "tokenizer.tmp"
+    unreadable: list[PrepError] = []
+
+    def sample() -> Iterator[str]:
+        # SentencePiece would report an input's error as its own RuntimeError: keep ours.
+        try:
+            yield from _sample_lines(files, sample_bytes, text_field, max_line_chars,
+                                     decode_errors)
+        except PrepError as e:
+            unreadable.append(e)
+
     try:
-        _train(files, prefix, vocab_size, model_type, byte_fallback, user_symbols, sample_bytes,
-               text_field)
+        _train(sample(), prefix, vocab_size, model_type, byte_fallback, user_symbols,
+               max_line_chars)
     except RuntimeError as e:
-        raise PrepError(f"data.vocab_size: SentencePiece could not train a {vocab_size}-token "
-                         f"vocabulary ({str(e).splitlines()[-1]}); raise data.vocab_size "
-                         "(byte fallback alone needs 259)") from None
+        if not unreadable:
+            raise _training_error(e, vocab_size, files) from None
+    if unreadable:
+        raise unreadable[0]
     final = out_dir / "tokenizer.model"
     Path(f"{prefix}.model").replace(final)
     Path(f"{prefix}.vocab").unlink(missing_ok=True)
     return final
 
 
-def _train(files, prefix, vocab_size, model_type, byte_fallback, user_symbols, sample_bytes,
-           text_field) -> None:
+def _training_error(error: RuntimeError, vocab_size: int, files: list[Path]) -> PrepError:
+    """SentencePiece's failure as advice: only a vocabulary too small for the characters
+    it must cover calls for a larger data.vocab_size."""
+    reason = str(error).splitlines()[-1]
+    if "required_chars" in reason:
+        return PrepError(f"data.vocab_size: SentencePiece could not train a {vocab_size}-token "
+                         f"vocabulary ({reason}); raise data.vocab_size (byte fallback alone "
+                         "needs 259)")
+    if "sentences_.empty()" in reason:
+        reason = "no line of text to learn from"
+    names = ", ".join(str(f) for f in files[:3]) + (" …" if len(files) > 3 else "")
+    return PrepError(f"data.corpus: SentencePiece could not train a tokenizer on {names} "
+                     f"({reason}); check that the corpus holds text, or give a trained "
+                     "model as data.tokenizer")
+
+
+def _train(sample, prefix, vocab_size, model_type, byte_fallback, user_symbols,
+           max_line_chars) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_sample_lines(files, sample_bytes, text_field),
+        sentence_iterator=sample,
+        # In bytes: room for a cut line of 4-byte characters.
+        max_sentence_length=4 * max_line_chars,
         model_prefix=str(prefix),
         vocab_size=vocab_size,
         model_type=model_type,

@@ -22,6 +22,8 @@ class EvalContext:
     """The manifest of ``shards``."""
     shards: str
     """The run's prepared data set (``data.shards``): its tokenizer, its validation split."""
+    verify: str
+    """When the shards' checksums are checked (``data.verify``)."""
     train_length: int
     pe: str
     device: torch.device
@@ -32,8 +34,8 @@ class EvalContext:
     def of_run(cls, cfg: Config, model: torch.nn.Module, manifest: dict,
                device: torch.device, dp_rank: int = 0, dp_size: int = 1) -> EvalContext:
         return cls(model=model, manifest=manifest, shards=cfg.data.shards,
-                   train_length=cfg.model.seq_length, pe=cfg.model.pe, device=device,
-                   dp_rank=dp_rank, dp_size=dp_size)
+                   verify=cfg.data.verify, train_length=cfg.model.seq_length, pe=cfg.model.pe,
+                   device=device, dp_rank=dp_rank, dp_size=dp_size)
 
     def tokenizer(self) -> spm.SentencePieceProcessor:
         """The SentencePiece model the run's shards were prepared with."""

@@ -69,14 +69,15 @@ def _shard_text(cfg: Config, manifest: dict, shards_dir: str, count: int):
             raise ConfigError(f"eval.data: {shards_dir} was tokenized with another tokenizer "
                               f"than the run's; prepare it with data.tokenizer set to the "
                               "run's tokenizer.model")
-    return next(sequential_windows(split_spec(shards_dir, manifest, "val"), count), None)
+    return next(sequential_windows(split_spec(shards_dir, manifest, "val",
+                                                verify=cfg.data.verify), count), None)
 
 
 def _raw_text(cfg: Config, manifest: dict, source: str, count: int):
     tokenizer = load_tokenizer(Path(cfg.data.shards) / manifest["tokenizer"])
     ids: list[int] = []
     for path in resolve_sources([source], cfg.data.cache_dir):
-        for piece in iter_pieces(path, cfg.data.text_field):
+        for piece in iter_pieces(path, cfg.data.text_field, cfg.data.decode_errors):
             ids += tokenizer.encode(piece.text) + ([manifest["eos_id"]] if piece.last else [])
             if len(ids) >= count:
                 return torch.tensor(ids[:count])

@@ -41,7 +41,7 @@ def task_errors(ctx: EvalContext, batch_size: int, splits: list[str] | None = No
     with eval_mode(ctx.model):
         results = {}
         for split in splits or [s for s in manifest["splits"] if s != "train"]:
-            spec = split_spec(ctx.shards, manifest, split)
+            spec = split_spec(ctx.shards, manifest, split, verify=ctx.verify)
             if limit is not None and spec.seq_len > limit:
                 results[split] = {"status": "not applicable",
                                   "reason": f"{spec.seq_len} tokens exceed the {limit} positions "

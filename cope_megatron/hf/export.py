@@ -20,14 +20,19 @@ from pathlib import Path
 import torch
 
 from cope_megatron import checkpoint
+from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.checkpoint.universal import INFO, read_layout, tp_merge_dim
 from cope_megatron.config import Config, load_config, padded_vocab_size
 from cope_megatron.data.format import read_manifest
 from cope_megatron.errors import UserError
 from cope_megatron.hf.standard import BUILDERS, rename, standard_architecture
+from cope_megatron.output_dir import check_output_dir
 from cope_megatron.startup import check
 
 HERE = Path(__file__).resolve().parent
+MARKER = "cope_megatron.json"
+"""Written first into every export, so that even a half-written one is ours to redo
+(``output_dir``); it records the step only once the export is complete."""
 
 NAMES = [  # Megatron name -> ours, by regular expression
     (r"^embedding\.word_embeddings\.", "word_embeddings."),
@@ -95,14 +100,16 @@ def hf_config(cfg: Config, vocab_size: int):
         tie_word_embeddings=not m.untie_embeddings, eos_token_id=2)
 
 
-def export(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the Hugging Face model directory for the run's latest checkpoint."""
+def export(run_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Write the Hugging Face model directory for the run's latest checkpoint; a non-empty
+    ``out_dir`` that is not an earlier export is refused unless ``force``."""
     from cope_megatron.hf.modeling_cope_megatron import CopeMegatronForCausalLM
     from cope_megatron.hf.tokenization_cope_megatron import CopeMegatronTokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} has no config.yaml: give a run directory")
+    check_output_dir(out_dir, (MARKER,), "Hugging Face export", force=force)
     cfg = load_config([str(run_dir / "config.yaml")])
     pe = check(cfg, cfg.parallel.tensor * cfg.parallel.context)
     shards = Path(cfg.data.shards)
@@ -124,6 +131,8 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
         CopeMegatronForCausalLM.register_for_auto_class("AutoModelForCausalLM")
         model.config.register_for_auto_class()
     model.generation_config.eos_token_id = 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / MARKER, json.dumps({"run_dir": str(run_dir)}))
     model.save_pretrained(out_dir)
     if not standard:
         shutil.copyfile(HERE / "modeling_cope_megatron.py", out_dir / "modeling_cope_megatron.py")
@@ -134,7 +143,7 @@ def export(run_dir: str | Path, out_dir: str | Path) -> Path:
         tokenizer = CopeMegatronTokenizer(str(tokenizer_file))
         CopeMegatronTokenizer.register_for_auto_class("AutoTokenizer")
         tokenizer.save_pretrained(out_dir)
-    (out_dir / "cope_megatron.json").write_text(json.dumps(
+    write_text_atomic(out_dir / MARKER, json.dumps(
         {"run_dir": str(run_dir), "step": step, "pe": cfg.model.pe,
          "architecture": standard or "cope_megatron"}, indent=1))
     return out_dir

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.errors import UserError
-from cope_megatron.hf.export import export
+from cope_megatron.hf.export import MARKER, export
 
 HARNESS_FILE = "harness.json"
 
@@ -27,8 +27,8 @@ class HarnessError(UserError, RuntimeError):
 def exported(run_dir: Path, step: int) -> Path:
     """The run's export for ``step``, made (again) when missing or older."""
     out = run_dir / "hf"
-    info = out / "cope_megatron.json"
-    if not info.is_file() or json.loads(info.read_text())["step"] != step:
+    info = out / MARKER
+    if not info.is_file() or json.loads(info.read_text()).get("step") != step:
         export(run_dir, out)
     return out
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from cope_megatron.config import ConfigError, Layout, load_config, to_dict
+from cope_megatron.config import Layout, load_config, to_dict
+from cope_megatron.errors import UserError
 from cope_megatron.startup import check
 
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.sources)
         check(cfg, args.world)
-    except ConfigError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     layout = Layout.of(cfg, args.world)

@@ -2,7 +2,9 @@
 
 Writes into ``data.shards``: ``tokenizer.model``, ``train-*.tar``, ``val-*.tar`` and
 ``manifest.json`` (written last, atomically: its presence means the data set is complete).
-Rerunning after a crash keeps the shards already finished and writes the rest.
+Rerunning after a crash keeps the shards already finished and writes the rest. A
+non-empty directory that holds neither our fingerprint nor our manifest is refused
+(``--force`` writes into it anyway).
 """
 
 from __future__ import annotations
@@ -18,17 +20,29 @@ import numpy as np
 from tqdm import tqdm
 
 from cope_megatron.config import DataConfig
-from cope_megatron.data.corpus import Piece, PrepError, iter_pieces, resolve_sources
-from cope_megatron.data.format import has_manifest, read_manifest, write_manifest
+from cope_megatron.data.corpus import (
+    Piece,
+    PrepError,
+    check_has_text,
+    iter_pieces,
+    resolve_sources,
+)
+from cope_megatron.data.format import (
+    MANIFEST,
+    file_sha256,
+    has_manifest,
+    read_manifest,
+    write_manifest,
+)
 from cope_megatron.data.prep import encode_worker
 from cope_megatron.data.prep.shards import Packer, SplitWriter, token_dtype
 from cope_megatron.data.tokenizer import (
     EOS_ID,
-    file_sha256,
     install_tokenizer,
     load_tokenizer,
     train_tokenizer,
 )
+from cope_megatron.output_dir import check_output_dir
 
 FINGERPRINT = "prep_fingerprint.json"
 
@@ -42,10 +56,10 @@ def is_validation(doc: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
-def _pieces(files: list[Path], text_field: str, max_docs: int | None) -> Iterator[Piece]:
-    docs = 0
+def _pieces(files: list[Path], data: DataConfig) -> Iterator[Piece]:
+    docs, max_docs = 0, data.max_docs
     for path in files:
-        for piece in iter_pieces(path, text_field):
+        for piece in iter_pieces(path, data.text_field, data.decode_errors):
             yield piece
             if piece.last:
                 docs += 1
@@ -53,8 +67,10 @@ def _pieces(files: list[Path], text_field: str, max_docs: int | None) -> Iterato
                     return
 
 
-def check_fingerprint(out: Path, fingerprint: dict) -> None:
-    """Refuse a directory prepared (or being prepared) from other inputs."""
+def check_fingerprint(out: Path, fingerprint: dict, *, force: bool = False) -> None:
+    """Refuse a directory prepared (or being prepared) from other inputs, or a non-empty one
+    that prep did not write (unless ``force``); record ``fingerprint`` in a new one."""
+    check_output_dir(out, (FINGERPRINT, MANIFEST), "prepared data set", force=force)
     path = out / FINGERPRINT
     if path.exists():
         old = json.loads(path.read_text())
@@ -68,10 +84,12 @@ def check_fingerprint(out: Path, fingerprint: dict) -> None:
         path.write_text(json.dumps(fingerprint, indent=1))
 
 
-def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True) -> dict:
+def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
+            force: bool = False) -> dict:
     """Run the whole prep into ``data.shards`` and return the manifest (also written there).
 
-    Samples hold ``seq_len + 1`` tokens; ``seed`` fixes the validation split.
+    Samples hold ``seq_len + 1`` tokens; ``seed`` fixes the validation split; ``force``
+    writes into a non-empty directory prep did not write.
     """
     out = Path(data.shards)
     files = resolve_sources(data.corpus, data.cache_dir)
@@ -84,10 +102,15 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True)
         "tokenizer": file_sha256(data.tokenizer) if data.tokenizer else {
             "vocab_size": data.vocab_size, "type": data.tokenizer_type,
             "byte_fallback": data.byte_fallback, "user_symbols": data.user_symbols,
-            "sample_bytes": data.tokenizer_sample_bytes},
+            "sample_bytes": data.tokenizer_sample_bytes,
+            # Only when changed: fingerprints from before the key existed stay valid.
+            **({"max_line_chars": data.max_line_chars}
+               if data.max_line_chars != DataConfig().max_line_chars else {})},
     }
+    if not has_manifest(out):  # before the fingerprint, so a fixed input is not "other"
+        check_has_text(files, data.text_field, data.decode_errors)
     out.mkdir(parents=True, exist_ok=True)
-    check_fingerprint(out, fingerprint)
+    check_fingerprint(out, fingerprint, force=force)
     if has_manifest(out):
         return read_manifest(out)
     started = time.time()
@@ -101,6 +124,7 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True)
             files, out, vocab_size=data.vocab_size, model_type=data.tokenizer_type,
             byte_fallback=data.byte_fallback, user_symbols=data.user_symbols,
             sample_bytes=data.tokenizer_sample_bytes, text_field=data.text_field,
+            max_line_chars=data.max_line_chars, decode_errors=data.decode_errors,
         )
     sp = load_tokenizer(tok_path)
     vocab = sp.get_piece_size()
@@ -121,7 +145,7 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True)
                unit_scale=True, disable=not progress, dynamic_ncols=True)
     with mp.get_context("spawn").Pool(data.prep_workers, encode_worker.init,
                                         (str(tok_path),)) as pool:
-        pieces = _pieces(files, data.text_field, data.max_docs)
+        pieces = _pieces(files, data)
         stream = pool.imap(encode_worker.encode, pieces, chunksize=2)
         for doc, ids, last, size in stream:
             split = "val" if is_validation(doc, seed, data.val_fraction) else "train"
@@ -158,7 +182,7 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True)
                 "samples": p.writer.samples,
                 "tokens": p.tokens,
                 "dropped_tokens": dropped[split],
-                "shards": [vars(s) for s in p.writer.shards],
+                "shards": p.writer.shards,
             }
             for split, p in packers.items()
         },

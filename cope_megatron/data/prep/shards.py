@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from cope_megatron.data.format import SHARD_META_KEY
-from cope_megatron.data.tokenizer import file_sha256
+from cope_megatron.data.format import SHARD_META_KEY, shard_entry
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -36,13 +35,6 @@ def encode_tokens(tokens: np.ndarray) -> bytes:
 
 
 @dataclass
-class ShardRecord:
-    name: str
-    samples: int
-    sha256: str
-
-
-@dataclass
 class SplitWriter:
     """Rotating shard writer for one split (``train`` or ``val``)."""
 
@@ -50,7 +42,8 @@ class SplitWriter:
     split: str
     meta: dict
     max_bytes: int
-    shards: list[ShardRecord] = field(default_factory=list)
+    shards: list[dict] = field(default_factory=list)
+    """The manifest's entries of the finished shards (``format.shard_entry``)."""
     _tar: wds.TarWriter | None = None
     _tmp: Path | None = None
     _count: int = 0
@@ -94,12 +87,12 @@ class SplitWriter:
         final = self.out_dir / name
         if not self._kept:
             self._tmp.replace(final)
-        self.shards.append(ShardRecord(name, self._count, file_sha256(final)))
+        self.shards.append(shard_entry(final, self._count))
         self._tar = None
 
     @property
     def samples(self) -> int:
-        return sum(s.samples for s in self.shards)
+        return sum(s["samples"] for s in self.shards)
 
 
 class Packer:

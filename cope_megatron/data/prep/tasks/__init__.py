@@ -20,14 +20,13 @@ from tqdm import tqdm
 from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import TaskConfig
 from cope_megatron.data.corpus import PrepError
-from cope_megatron.data.format import has_manifest, read_manifest, write_manifest
+from cope_megatron.data.format import file_sha256, has_manifest, read_manifest, write_manifest
 from cope_megatron.data.prep.prep import check_fingerprint
 from cope_megatron.data.prep.shards import SplitWriter, token_dtype
 from cope_megatron.data.prep.tasks.base import Example, Task, TaskFormatError
 from cope_megatron.data.prep.tasks.counting import Counting
 from cope_megatron.data.prep.tasks.flipflop import FlipFlop
 from cope_megatron.data.prep.tasks.selective_copy import SelectiveCopy
-from cope_megatron.data.tokenizer import file_sha256
 
 TASKS: dict[str, Task] = {t.name: t for t in (FlipFlop(), SelectiveCopy(), Counting())}
 
@@ -69,10 +68,12 @@ def _examples(task: Task, cfg: TaskConfig, split: str, params: dict) -> Iterator
         yield task.generate(rng, **params)
 
 
-def prepare_task(cfg: TaskConfig, out: str | Path, progress: bool = True) -> dict:
+def prepare_task(cfg: TaskConfig, out: str | Path, progress: bool = True,
+                 force: bool = False) -> dict:
     """Write every split of ``cfg.name`` into ``out``; returns the manifest (also written,
-    last). A directory prepared with other task settings is refused; an interrupted prep
-    keeps its finished shards (generation is deterministic)."""
+    last). A directory prepared with other task settings, or a non-empty one prep did not
+    write (unless ``force``), is refused; an interrupted prep keeps its finished shards
+    (generation is deterministic)."""
     task = get_task(cfg.name)
     splits = task.splits(variables=cfg.variables)
     unknown = set(cfg.files) - set(splits)
@@ -87,7 +88,7 @@ def prepare_task(cfg: TaskConfig, out: str | Path, progress: bool = True) -> dic
                 "files": {k: [str(v), Path(v).stat().st_size] for k, v in cfg.files.items()}}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    check_fingerprint(out, settings)
+    check_fingerprint(out, settings, force=force)
     if has_manifest(out):
         return read_manifest(out)
     vocab_path = out / "vocab.json"
@@ -114,7 +115,7 @@ def prepare_task(cfg: TaskConfig, out: str | Path, progress: bool = True) -> dic
         if not writer.samples:
             raise PrepError(f"task {task.name}: split {split} has no examples")
         entries[split] = {"samples": writer.samples, "seq_len": spec.seq_len,
-                          "answers": answers, "shards": [vars(s) for s in writer.shards]}
+                          "answers": answers, "shards": writer.shards}
     return write_manifest(out, {"task": settings, "seq_len": splits["train"].seq_len,
                 "dtype": dtype.name, "tokenizer_sha256": sha, "tokenizer": vocab_path.name,
                 "vocab_size": len(task.vocabulary), "pad_id": 0, "loss_mask": True,
