@@ -31,6 +31,10 @@ def run_eval(cfg: Config) -> dict:
     """Evaluate the latest checkpoint in ``run.dir`` (the run's own layout, or another),
     leaving the run directory as it was but for eval.json; no training data is read."""
     pe = check(cfg, world_size_from_env())
+    if cfg.eval.harness_tasks:
+        from cope_megatron.hf.harness import check_tasks
+
+        check_tasks(cfg.eval.harness_tasks, cfg.eval.harness_include)
     env, manifest = start(cfg)
     engine, state = restore(cfg, pe, env, manifest["vocab_size"])
     if state is None:

@@ -175,8 +175,9 @@ def test_local_harness_task_runs_offline_and_reaches_the_report(prepared, tmp_pa
     from cope_megatron.train import run_eval, run_train
 
     shards, _, _ = prepared
-    args = debug_overrides(shards, tmp_path / "run", **{"train.steps": 2})
-    run_train(load_config(args))
+    args = debug_overrides(shards, tmp_path / "run", **{
+        "train.steps": 2, "eval.length_multipliers": "[1]", "eval.passkey_samples": 0})
+    run_train(load_config(args), evaluate_after=False)
     destroy_distributed()
     tasks = tmp_path / "tasks"
     tasks.mkdir()

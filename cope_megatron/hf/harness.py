@@ -10,6 +10,7 @@ their datasets from the Hugging Face Hub; offline, that fails with a message say
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -33,22 +34,36 @@ def exported(run_dir: Path, step: int) -> Path:
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(include: str | None):
+    """The harness's task index (it reads every task YAML it ships: seconds), once per
+    process for ``check_tasks`` and ``run_harness``."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include)
+
+
+def check_tasks(tasks: list[str], include: str | None = None) -> None:
+    """Raise HarnessError unless every one of ``tasks`` is a harness task (from its registry
+    or ``include``): called before evaluation starts, so a typo costs no evaluation."""
+    unknown = [t for t in tasks if t not in _task_manager(include).all_tasks]
+    if unknown:
+        where = f" or in {include}" if include else " (eval.harness_include adds local ones)"
+        raise HarnessError(f"eval.harness_tasks: {unknown} are not lm-evaluation-harness "
+                           f"tasks{where}")
+
+
 def run_harness(run_dir: str | Path, step: int, tasks: list[str], *,
                 include: str | None = None, limit: int | None = None,
                 batch_size: int = 8, device: str = "cpu") -> dict:
     """Run ``tasks`` on the run's model at ``step``; write and return
     {"step", "tasks": {task: {metric: value}}}."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
+    check_tasks(tasks, include)
     run_dir = Path(run_dir)
     model_dir = exported(run_dir, step)
-    manager = TaskManager(include_path=include)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        where = f" or in {include}" if include else " (eval.harness_include adds local ones)"
-        raise HarnessError(f"eval.harness_tasks: {unknown} are not lm-evaluation-harness "
-                           f"tasks{where}")
+    manager = _task_manager(include)
     try:
         out = lm_eval.simple_evaluate(
             model="hf", model_args=f"pretrained={model_dir},trust_remote_code=True,"
