@@ -197,8 +197,10 @@ def test_local_harness_task_runs_offline_and_reaches_the_report(prepared, tmp_pa
     assert "tiny_local acc,none" in written
 
     capsys.readouterr()
+    kept = (tmp_path / "run" / "eval.json").read_text()
     assert cli(["eval", *args, "eval.harness_tasks=[no_such_task]"]) == 2
     assert "are not lm-evaluation-harness tasks" in capsys.readouterr().err
+    assert (tmp_path / "run" / "eval.json").read_text() == kept  # refused before evaluating
     offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "OMP_NUM_THREADS": "1"}
     registry = subprocess.run([sys.executable, "-m", "cope_megatron", "eval", "--json", *args,
