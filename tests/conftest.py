@@ -8,13 +8,14 @@ import os
 import pytest
 import torch
 
-from tests.helpers import small_data, write_corpus
+from tests.helpers import small_data, start_fork_server, write_corpus
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 if not torch.cuda.is_available():
     # Triton kernels run on the CPU only in its interpreter; read when kernels are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+start_fork_server()  # after the environment above, which its processes inherit
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import random
 import socket
@@ -115,8 +116,17 @@ def _rank_main(rank: int, world: int, port: int, log: str, target: Callable, arg
 
 
 _SERVER = multiprocessing.get_context("forkserver")
-_SERVER.set_forkserver_preload(["cope_megatron.cli", "cope_megatron.train", "tests.helpers",
-                                "tests.parallel_worker"])
+PRELOAD = ["cope_megatron.data.loader", "cope_megatron.cli", "cope_megatron.train",
+           "tests.helpers", "tests.parallel_worker"]
+"""What the server imports before it forks anything. A process has one forkserver, which
+the data loader's workers share (``data/loader.py`` names its own module)."""
+
+
+def start_fork_server() -> None:
+    """Start the server now (conftest: while pytest collects), preloading ``PRELOAD``;
+    the first process forked waits until it is ready."""
+    _SERVER.set_forkserver_preload(PRELOAD)
+    multiprocessing.forkserver.ensure_running()
 
 
 def fork(target: Callable, *args, log: str | Path, rank: int = 0, world: int = 1,
