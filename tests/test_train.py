@@ -15,7 +15,9 @@ from tests.conftest import debug_overrides
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The step records (a resume with changed settings adds a config_change record)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
 
 
 def test_training_loss_falls_and_run_dir_has_everything(prepared, tmp_path, dist_cleanup):

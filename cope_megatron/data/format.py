@@ -6,6 +6,7 @@ complete."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -37,6 +38,15 @@ def read_manifest(shard_dir: str | Path) -> dict:
         raise DataError(f"{path} does not exist: run `cope-megatron prep` first, or point "
                         "data.shards at a prepared directory")
     return json.loads(path.read_text())
+
+
+def identity(manifest: dict) -> dict:
+    """What the data is, for a checkpoint to record: its tokenizer's hash and a fingerprint
+    of its shards (every split's names and hashes), whatever directory holds them."""
+    shards = {split: [(s["name"], s["sha256"]) for s in entry["shards"]]
+              for split, entry in manifest["splits"].items()}
+    digest = hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
+    return {"tokenizer_sha256": manifest["tokenizer_sha256"], "shards_fingerprint": digest[:16]}
 
 
 def write_manifest(shard_dir: str | Path, manifest: dict) -> dict:
