@@ -9,6 +9,7 @@ in each checkpoint, ``checkpoint.save``) holds every compared key's value, flat.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def plan(cfg: Config, values: dict) -> Resume:
         return Resume(tag, step, note=note)
     saved = record["values"]
     # JSON turns tuples into lists: compare as JSON would store them.
-    now = yaml.safe_load(yaml.safe_dump(values))
+    now = json.loads(json.dumps(values))
     changed = {k: [saved[k], now[k]] for k in now if k in saved and saved[k] != now[k]}
     allowed = set(cfg.run.allow_config_change)
     refused = [k for k in changed if classify(k) == REFUSED and k not in allowed]
