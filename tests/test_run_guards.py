@@ -1,0 +1,131 @@
+"""Run guards (issue 27): one training per run directory (a lock naming its holder, taken
+over from a dead one), and Ctrl-C handled like SIGTERM, a second one exiting at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cope_megatron.config import load_config
+from cope_megatron.distributed.parallel import destroy_distributed
+from cope_megatron.train import run_train
+from cope_megatron.training.run_lock import LOCK, RunLock, RunLockError
+from tests.conftest import debug_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+HOLDER = ("import sys, time\nfrom cope_megatron.training.run_lock import RunLock\n"
+          "RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(300)\n")
+
+
+def train(shards, run_dir, **extra):
+    cfg = load_config(debug_overrides(shards, run_dir, **extra))
+    try:
+        return run_train(cfg, evaluate_after=False)[0]
+    finally:
+        destroy_distributed()
+
+
+def losses(run_dir) -> list[float]:
+    return [json.loads(line)["loss"] for line in
+            (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_one_lock_per_run_dir_within_a_process(tmp_path):
+    first = RunLock(tmp_path)
+    assert first.acquire() is None
+    with pytest.raises(RunLockError, match=f"pid {os.getpid()}"):
+        RunLock(tmp_path).acquire()
+    first.release()
+    assert not (tmp_path / LOCK).exists()
+    again = RunLock(tmp_path)
+    assert again.acquire() is None  # released cleanly: nothing to take over
+    again.release()
+
+
+def test_a_second_training_stops_naming_the_first_and_a_dead_ones_lock_is_taken_over(
+        prepared, tmp_path, capsys):
+    shards = prepared[0]
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], env=ENV,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockError) as err:
+            train(shards, run, **{"train.steps": 2})
+        assert f"in use by another training (host {socket.gethostname()}, pid {holder.pid}" \
+            in str(err.value)
+        assert sorted(p.name for p in run.iterdir()) == [LOCK]  # nothing else written
+    finally:
+        holder.kill()  # dies holding it: its lock file stays behind, its flock is gone
+        holder.wait()
+    capsys.readouterr()
+    result = train(shards, run, **{"train.steps": 2})
+    assert f"took over the lock of a training that is gone (host {socket.gethostname()}, " \
+        f"pid {holder.pid}" in capsys.readouterr().out
+    assert result.step == 2 and not (run / LOCK).exists()
+
+
+def start(shards, run_dir, **extra) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "cope_megatron", "train",
+           *debug_overrides(shards, run_dir, **{"train.steps": 30, **extra})]
+    # A session of its own: Ctrl-C in a terminal signals the whole process group.
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def wait_for_steps(proc, run_dir, steps: int) -> None:
+    deadline, metrics = time.time() + 300, run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended or stalled before step {steps}")
+
+
+@pytest.mark.integration
+def test_ctrl_c_saves_exits_zero_and_resumes_exactly(prepared, tmp_path):
+    """SIGINT to the process group (the trainer and its data-loader workers), as a
+    terminal's Ctrl-C sends it."""
+    shards = prepared[0]
+    straight = train(shards, tmp_path / "straight", **{"train.steps": 30,
+                                                       "data.num_workers": 2}).losses
+    run = tmp_path / "run"
+    proc = start(shards, run, **{"data.num_workers": 2})
+    wait_for_steps(proc, run, 3)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    step = len(losses(run))
+    assert f"stopped by SIGINT after step {step}; checkpoint saved" in out
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    assert step < 30
+    train(shards, run, **{"train.steps": 30, "data.num_workers": 2})
+    assert losses(run) == straight
+
+
+@pytest.mark.integration
+def test_a_second_ctrl_c_exits_at_once_saying_what_is_lost(prepared, tmp_path):
+    shards = prepared[0]
+    run = tmp_path / "run"
+    proc = start(shards, run, **{"train.save_interval": 2})
+    wait_for_steps(proc, run, 3)
+    proc.send_signal(signal.SIGINT)
+    for line in proc.stderr:  # the first is being handled: the run saves after its step
+        if "Ctrl-C: saving a checkpoint after this step" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert "Traceback" not in err, err[-3000:]
+    assert "second Ctrl-C: exiting now without a checkpoint; steps " in err
+    assert "since the last checkpoint, step_0000000" in err and "are lost" in err
