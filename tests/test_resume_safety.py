@@ -16,7 +16,7 @@ import yaml
 import cope_megatron.trainer as trainer_module
 from cope_megatron.checkpoint import CheckpointError
 from cope_megatron.config import ConfigError, flat_keys, load_config
-from cope_megatron.config.resume_keys import DATA_KEYS, classify
+from cope_megatron.config.resume_keys import DERIVED_KEYS, classify
 from cope_megatron.distributed.parallel import destroy_distributed
 from cope_megatron.train import run_train
 from cope_megatron.training.nonfinite import NonFiniteError
@@ -52,7 +52,7 @@ def straight(prepared, tmp_path_factory) -> list[float]:
 
 
 def test_every_compared_key_has_one_class():
-    for key in [*flat_keys(), *DATA_KEYS]:
+    for key in [*flat_keys(), *DERIVED_KEYS]:
         assert classify(key) in ("refused", "allowed"), key
     assert classify("model.pe") == classify("pe.rope.base") == "refused"
     assert classify("train.lr") == classify("pe.cope.impl") == "allowed"
@@ -86,11 +86,14 @@ def test_refused_changes_are_named_one_a_line_and_nothing_is_written(prepared, t
     assert train(shards, run).losses == straight[2:]
 
 
-def test_allowed_changes_are_applied_from_the_resume_step_and_logged(prepared, tmp_path):
+@pytest.mark.parametrize("stage", [0, 2])
+def test_allowed_changes_are_applied_from_the_resume_step_and_logged(prepared, tmp_path,
+                                                                     stage):
     shards = prepared[0]
     run = tmp_path / "run"
-    train(shards, run, **{"train.steps": 2})
-    new = {"train.steps": 6, "train.lr": 1e-3, "train.min_lr": 1e-4, "train.warmup_steps": 1}
+    train(shards, run, **{"train.steps": 2, "zero.stage": stage})
+    new = {"train.steps": 6, "train.lr": 1e-3, "train.min_lr": 1e-4, "train.warmup_steps": 1,
+           "zero.stage": stage}
     train(shards, run, **new)
     steps = [r for r in records(run) if "loss" in r]
     assert [r["lr"] for r in steps[:2]] == [3e-3, 3e-3]

@@ -22,7 +22,7 @@ from cope_megatron.config.schema import ConfigError
 REFUSED = "refused"
 ALLOWED = "allowed"
 
-DATA_KEYS = ("data.tokenizer_sha256", "data.shards_fingerprint", "train.global_batch")
+DERIVED_KEYS = ("data.tokenizer_sha256", "data.shards_fingerprint", "train.global_batch")
 """Facts of the run that are not schema keys, compared like keys."""
 
 _TABLE: dict[str, str] = {
@@ -77,7 +77,7 @@ def classify(key: str) -> Literal["refused", "allowed"]:
 
 def check_allowed_changes(keys: list[str]) -> None:
     """``run.allow_config_change`` names keys a resume compares."""
-    unknown = sorted(set(keys) - set(flat_keys()) - set(DATA_KEYS))
+    unknown = sorted(set(keys) - set(flat_keys()) - set(DERIVED_KEYS))
     if unknown:
         raise ConfigError(f"run.allow_config_change: {unknown} are not keys a resume compares; "
                           "give dotted keys such as model.pe or data.shards_fingerprint")
