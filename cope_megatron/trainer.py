@@ -230,8 +230,7 @@ class Trainer:
                 break
         bar.close()
         if self.bad_steps.skipping and not stopped_by and self.env.is_main:
-            print(f"[train] the last step was skipped (non-finite): no final checkpoint; "
-                  f"{self._saved_where()}", flush=True)
+            print(f"[train] finished on a skipped step: {self._saved_where()}", flush=True)
         if stopped_by and self.env.is_main:
             print(f"[train] stopped by {stopped_by} after step {self.step}; "
                   f"{self._saved_where()}: run the same command to resume", flush=True)
@@ -248,8 +247,8 @@ class Trainer:
         root = checkpoint.checkpoint_dir(self.run_dir)
         if self.last_tag == checkpoint.tag_of(self.step):
             return f"checkpoint saved in {root}"
-        return (f"no checkpoint written: step {self.step} was skipped (non-finite); the last "
-                f"checkpoint is {self.last_tag or 'none'} in {root}")
+        return (f"no checkpoint written (step {self.step} was skipped: non-finite); the last "
+                f"one is {self.last_tag or 'none'} in {root}")
 
     def save(self) -> str:
         state = {"step": self.step, "data": self.data.state_dict(), "config": to_dict(self.cfg),

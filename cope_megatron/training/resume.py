@@ -59,8 +59,9 @@ def plan(cfg: Config, values: dict) -> Resume:
         return Resume(note=note)
     step = int(tag.removeprefix("step_"))
     record = checkpoint.read_record(checkpoint.checkpoint_dir(run_dir) / tag)
-    if record is None:  # saved before checkpoints held records: nothing to compare with
-        return Resume(tag, step, note=note)
+    if record is None:
+        return Resume(tag, step, note=note or f"{tag} was saved before checkpoints held "
+                      f"{checkpoint.RECORD}: this run's settings are not compared with it")
     saved = record["values"]
     # JSON turns tuples into lists: compare as JSON would store them.
     now = json.loads(json.dumps(values))
