@@ -116,7 +116,10 @@ class Trainer:
             apply_optimizer_settings(self.engine, cfg)
         self.step = state["step"] if state else 0
         self.last_tag = resume.tag
-        start_steps = ResumableLoader.check_state(state["data"], spec) if state else 0
+        # The data order was compared with the checkpoint's record (a change allowed on
+        # purpose goes through); a checkpoint without one is checked by the loader.
+        start_steps = (0 if state is None else state["data"]["steps"] if resume.compared
+                       else ResumableLoader.check_state(state["data"], spec))
         self.data = ResumableLoader(spec, start_steps)
         self.evaluator = evaluator(cfg, self.engine, self.env, self.manifest)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_main)

@@ -114,9 +114,11 @@ def test_a_deliberate_change_of_a_refused_key_goes_through(prepared, tmp_path):
     shards = prepared[0]
     run = tmp_path / "run"
     train(shards, run, **{"train.steps": 2})
-    train(shards, run, **{"model.pe": "nope", "run.allow_config_change": "[model.pe]"})
+    train(shards, run, **{"model.pe": "nope", "train.seed": 99,
+                          "run.allow_config_change": "[model.pe,train.seed]"})
     change = next(r for r in records(run) if "config_change" in r)
     assert change["config_change"]["model.pe"] == ["rope", "nope"]
+    assert change["config_change"]["train.seed"] == [1234, 99]
     assert len(losses(run)) == STEPS
 
 

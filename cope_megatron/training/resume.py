@@ -42,11 +42,12 @@ def compared_values(cfg: Config, manifest: dict, global_batch: int, streams: int
 @dataclass
 class Resume:
     """What a run starts from: the checkpoint ``tag`` (None: from scratch), its step, the
-    allowed changes against its record (key: [then, now]), and a line to print (a fallback
-    to an earlier checkpoint), if any."""
+    allowed changes against its record (key: [then, now]), whether there was a record to
+    compare with, and a line to print (a fallback to an earlier checkpoint), if any."""
     tag: str | None = None
     step: int = 0
     changes: dict[str, list] = dataclasses.field(default_factory=dict)
+    compared: bool = False
     note: str | None = None
 
 
@@ -76,7 +77,7 @@ def plan(cfg: Config, values: dict) -> Resume:
             "what it was trained with:\n" + "\n".join(lines) + "\n  Put these back to "
             "continue the run, set run.dir to a new directory to start another, or set "
             f"run.allow_config_change=[{','.join(refused)}] to change them deliberately")
-    return Resume(tag, step, changed, note)
+    return Resume(tag, step, changed, compared=True, note=note)
 
 
 def _shown(value) -> str:
