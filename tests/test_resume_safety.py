@@ -78,7 +78,7 @@ def test_refused_changes_are_named_one_a_line_and_nothing_is_written(prepared, t
     manifest["tokenizer_sha256"] = "0" * 64
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=r"data.tokenizer_sha256: the checkpoint was trained "
-                       r"with [0-9a-f]{64}, this run asks for 0{64}"):
+                       r"with [0-9a-f]{64}, this run's data \(data.shards\) has 0{64}"):
         train(other, run)
     with pytest.raises(ConfigError, match="train.global_batch: .* 4, this run asks for 8"):
         train(shards, run, **{"train.grad_accum": 2})

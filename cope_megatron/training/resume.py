@@ -18,7 +18,7 @@ import yaml
 from cope_megatron import checkpoint
 from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import Config, ConfigError, flat_keys, to_dict
-from cope_megatron.config.resume_keys import REFUSED, classify
+from cope_megatron.config.resume_keys import DERIVED_KEYS, REFUSED, classify
 from cope_megatron.data.format import identity
 
 HISTORY = "config_history"
@@ -70,14 +70,19 @@ def plan(cfg: Config, values: dict) -> Resume:
     allowed = set(cfg.run.allow_config_change)
     refused = [k for k in changed if classify(k) == REFUSED and k not in allowed]
     if refused:
-        lines = [f"  {k}: the checkpoint was trained with {_shown(changed[k][0])}, this run "
-                 f"asks for {_shown(changed[k][1])}" for k in refused]
+        lines = [f"  {k}: the checkpoint was trained with {_shown(changed[k][0])}, "
+                 f"{_asks(k)} {_shown(changed[k][1])}" for k in refused]
         raise ConfigError(
             f"cannot resume {checkpoint.checkpoint_dir(run_dir) / tag}: this run changes "
             "what it was trained with:\n" + "\n".join(lines) + "\n  Put these back to "
             "continue the run, set run.dir to a new directory to start another, or set "
             f"run.allow_config_change=[{','.join(refused)}] to change them deliberately")
     return Resume(tag, step, changed, compared=True, note=note)
+
+
+def _asks(key: str) -> str:
+    return ("this run's data (data.shards) has" if key.startswith("data.") and key in
+            DERIVED_KEYS else "this run asks for")
 
 
 def _shown(value) -> str:
