@@ -96,10 +96,10 @@ def test_ctrl_c_saves_exits_zero_and_resumes_exactly(prepared, tmp_path):
     """SIGINT to the process group (the trainer and its data-loader workers), as a
     terminal's Ctrl-C sends it."""
     shards = prepared[0]
-    straight = train(shards, tmp_path / "straight", **{"train.steps": 30,
-                                                       "data.num_workers": 2}).losses
+    extra = {"train.steps": 16, "data.num_workers": 2}
+    straight = train(shards, tmp_path / "straight", **extra).losses
     run = tmp_path / "run"
-    proc = start(shards, run, **{"data.num_workers": 2})
+    proc = start(shards, run, **extra)
     wait_for_steps(proc, run, 3)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=300)
@@ -108,8 +108,8 @@ def test_ctrl_c_saves_exits_zero_and_resumes_exactly(prepared, tmp_path):
     step = len(losses(run))
     assert f"stopped by SIGINT after step {step}; checkpoint saved" in out
     assert (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
-    assert step < 30
-    train(shards, run, **{"train.steps": 30, "data.num_workers": 2})
+    assert step < 16
+    train(shards, run, **extra)
     assert losses(run) == straight
 
 
