@@ -10,7 +10,14 @@ keys and wrong types are errors), and ``validation`` checks cross-field constrai
 any process group or model exists, naming the key to change.
 """
 
-from cope_megatron.config.loading import dump_yaml, flat_keys, load_config, merge_dicts, to_dict
+from cope_megatron.config.loading import (
+    dump_yaml,
+    flat_keys,
+    load_config,
+    merge_dicts,
+    to_dict,
+    yaml_text,
+)
 from cope_megatron.config.schema import (
     AlibiOptions,
     Config,
@@ -35,5 +42,5 @@ __all__ = [
     "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig",
     "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions", "RunConfig",
     "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys",
-    "load_config", "merge_dicts", "padded_vocab_size", "to_dict", "validate",
+    "load_config", "merge_dicts", "padded_vocab_size", "to_dict", "validate", "yaml_text",
 ]

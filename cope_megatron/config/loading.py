@@ -139,8 +139,13 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def yaml_text(cfg: Config) -> str:
+    """``cfg`` as the YAML a run directory keeps (``config.yaml``)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml_text(cfg))
 
 
 def flat_keys(cls: type = Config, prefix: str = "") -> list[str]:

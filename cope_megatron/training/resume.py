@@ -13,11 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from cope_megatron import checkpoint
 from cope_megatron.atomic_io import write_text_atomic
-from cope_megatron.config import Config, ConfigError, flat_keys, to_dict
+from cope_megatron.config import Config, ConfigError, flat_keys, yaml_text
 from cope_megatron.config.resume_keys import DERIVED_KEYS, REFUSED, classify
 from cope_megatron.data.format import identity
 
@@ -93,7 +91,7 @@ def write_config(cfg: Config, run_dir: Path, step: int) -> None:
     """``config.yaml`` of the run as it goes on from ``step``; a different earlier one moves
     to ``config_history/NNN.step_<step>.yaml`` (it was used up to that step)."""
     path = run_dir / "config.yaml"
-    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    text = yaml_text(cfg)
     if path.is_file() and path.read_text() != text:
         history = run_dir / HISTORY
         history.mkdir(exist_ok=True)
