@@ -95,9 +95,9 @@ class Trainer:
 
     def _open(self, values: dict) -> Resume:
         """On rank 0: lock the run directory, check the resume, then write config.yaml."""
-        took_over = self.lock.acquire()
-        if took_over:
-            print(took_over, flush=True)
+        said = self.lock.acquire()
+        if said:
+            print(said, flush=True)
         try:
             resume = plan(self.cfg, values)
             write_config(self.cfg, self.run_dir, resume.step)

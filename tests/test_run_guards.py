@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cope_megatron.checkpoint import resumable_tag
 from cope_megatron.config import load_config
 from cope_megatron.distributed.parallel import destroy_distributed
 from cope_megatron.train import run_train
@@ -35,8 +36,8 @@ def train(shards, run_dir, **extra):
 
 
 def losses(run_dir) -> list[float]:
-    return [json.loads(line)["loss"] for line in
-            (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]  # not a resume's config_change
 
 
 def test_one_lock_per_run_dir_within_a_process(tmp_path):
@@ -54,24 +55,29 @@ def test_one_lock_per_run_dir_within_a_process(tmp_path):
 def test_a_second_training_stops_naming_the_first_and_a_dead_ones_lock_is_taken_over(
         prepared, tmp_path, capsys):
     shards = prepared[0]
+    straight = train(shards, tmp_path / "straight", **{"train.steps": 4}).losses
     run = tmp_path / "run"
+    train(shards, run, **{"train.steps": 2})
+    kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], env=ENV,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunLockError) as err:
-            train(shards, run, **{"train.steps": 2})
+            train(shards, run, **{"train.steps": 4})
         assert f"in use by another training (host {socket.gethostname()}, pid {holder.pid}" \
             in str(err.value)
-        assert sorted(p.name for p in run.iterdir()) == [LOCK]  # nothing else written
+        now = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != LOCK}
+        assert now == kept  # nothing written but the holder's lock
     finally:
         holder.kill()  # dies holding it: its lock file stays behind, its flock is gone
         holder.wait()
     capsys.readouterr()
-    result = train(shards, run, **{"train.steps": 2})
+    result = train(shards, run, **{"train.steps": 4})
     assert f"took over the lock of a training that is gone (host {socket.gethostname()}, " \
         f"pid {holder.pid}" in capsys.readouterr().out
-    assert result.step == 2 and not (run / LOCK).exists()
+    assert result.step == 4 and not (run / LOCK).exists()
+    assert losses(run) == straight
 
 
 def start(shards, run_dir, **extra) -> subprocess.Popen:
@@ -129,3 +135,4 @@ def test_a_second_ctrl_c_exits_at_once_saying_what_is_lost(prepared, tmp_path):
     assert "Traceback" not in err, err[-3000:]
     assert "second Ctrl-C: exiting now without a checkpoint; steps " in err
     assert "since the last checkpoint, step_0000000" in err and "are lost" in err
+    assert resumable_tag(run) == ((run / "checkpoints" / "latest").read_text(), None)

@@ -33,7 +33,7 @@ class RunLock:
 
     def acquire(self) -> str | None:
         """Take the lock or raise RunLockError naming the holder; returns a line to print
-        when a stale lock of a dead run was taken over."""
+        when a stale lock of a dead run was taken over, or when locks do not work here."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -46,6 +46,10 @@ class RunLock:
                     f"run.dir {self.path.parent} is in use by another training ({holder}, "
                     f"lock {self.path}); wait for it to end, stop it, or set run.dir to "
                     "another directory") from None
+            except OSError as e:  # a file system without flock (some network mounts)
+                os.close(fd)
+                return (f"[train] cannot lock {self.path} ({e.strerror}): nothing stops a "
+                        "second training on this run.dir; start only one")
             if _same_file(fd, self.path):
                 break
             os.close(fd)  # released and deleted meanwhile: lock the new file
