@@ -65,8 +65,11 @@ _TABLE: dict[str, str] = {
 }
 
 
-def classify(key: str) -> Literal["refused", "allowed"]:
-    """``REFUSED`` or ``ALLOWED`` for a dotted key (the most specific entry wins)."""
+def classify(key: str, pe: str | None = None) -> Literal["refused", "allowed"]:
+    """``REFUSED`` or ``ALLOWED`` for a dotted key (the most specific entry wins); with
+    ``pe``, the PE both runs use, the options of other PEs change nothing."""
+    if pe is not None and key.startswith("pe.") and key.split(".")[1] != pe:
+        return ALLOWED
     if key in _TABLE:
         return _TABLE[key]  # type: ignore[return-value]
     section = key.split(".", 1)[0] + ".*"

@@ -66,7 +66,8 @@ def plan(cfg: Config, values: dict) -> Resume:
     now = json.loads(json.dumps(values))
     changed = {k: [saved[k], now[k]] for k in now if k in saved and saved[k] != now[k]}
     allowed = set(cfg.run.allow_config_change)
-    refused = [k for k in changed if classify(k) == REFUSED and k not in allowed]
+    pe = saved["model.pe"] if saved["model.pe"] == now["model.pe"] else None
+    refused = [k for k in changed if classify(k, pe) == REFUSED and k not in allowed]
     if refused:
         lines = [f"  {k}: the checkpoint was trained with {_shown(changed[k][0])}, "
                  f"{_asks(k)} {_shown(changed[k][1])}" for k in refused]
