@@ -112,6 +112,28 @@ def test_allowed_changes_are_applied_from_the_resume_step_and_logged(prepared, t
     assert yaml.safe_load(old.read_text())["train"]["lr"] == 3e-3
 
 
+def test_eval_refuses_to_evaluate_the_checkpoint_as_another_model(prepared, tmp_path):
+    from cope_megatron.train import run_eval
+
+    shards, run = prepared[0], tmp_path / "run"
+    quick = {"train.steps": 2, "eval.length_multipliers": "[1]", "eval.passkey_samples": 0}
+    train(shards, run, **quick)
+
+    def evaluate(**extra):
+        try:
+            return run_eval(load_config(debug_overrides(shards, run, **{**quick, **extra})))
+        finally:
+            destroy_distributed()
+
+    with pytest.raises(ConfigError, match="cannot evaluate .*step_00000002 as another model "
+                       "than it was trained as:\n  model.pe: the checkpoint was trained with "
+                       "rope, this run asks for nope\n"):
+        evaluate(**{"model.pe": "nope"})
+    assert not (run / "eval.json").exists()
+    # Settings that do not change the model are the evaluation's own.
+    assert evaluate(**{"train.lr": 1e-2, "pe.t5.num_buckets": 8})["step"] == 2
+
+
 def test_a_deliberate_change_of_a_refused_key_goes_through(prepared, tmp_path):
     shards = prepared[0]
     run = tmp_path / "run"

@@ -22,17 +22,22 @@ from cope_megatron.data.format import identity
 HISTORY = "config_history"
 
 
-def compared_values(cfg: Config, manifest: dict, global_batch: int, streams: int) -> dict:
-    """Every key a resume compares and its value in this run: the schema's keys (with
-    ``data.streams`` resolved), the data's identity and the global batch."""
+def config_values(cfg: Config) -> dict:
+    """Every schema key of ``cfg`` and its value, flat."""
     values = {}
     for key in flat_keys():
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)
         values[key] = node
+    return values
+
+
+def compared_values(cfg: Config, manifest: dict, global_batch: int, streams: int) -> dict:
+    """Every key a resume compares and its value in this run: the schema's keys (with
+    ``data.streams`` resolved), the data's identity and the global batch."""
     data = identity(manifest)
-    return {**values, "data.streams": streams, "train.global_batch": global_batch,
+    return {**config_values(cfg), "data.streams": streams, "train.global_batch": global_batch,
             "data.tokenizer_sha256": data["tokenizer_sha256"],
             "data.shards_fingerprint": data["shards_fingerprint"]}
 
@@ -61,22 +66,56 @@ def plan(cfg: Config, values: dict) -> Resume:
     if record is None:
         return Resume(tag, step, note=note or f"{tag} was saved before checkpoints held "
                       f"{checkpoint.RECORD}: this run's settings are not compared with it")
-    saved = record["values"]
-    # JSON turns tuples into lists: compare as JSON would store them.
-    now = json.loads(json.dumps(values))
-    changed = {k: [saved[k], now[k]] for k in now if k in saved and saved[k] != now[k]}
-    allowed = set(cfg.run.allow_config_change)
-    pe = saved["model.pe"] if saved["model.pe"] == now["model.pe"] else None
-    refused = [k for k in changed if classify(k, pe) == REFUSED and k not in allowed]
+    changed = _changes(record["values"], values)
+    refused = _refused(changed, cfg)
     if refused:
-        lines = [f"  {k}: the checkpoint was trained with {_shown(changed[k][0])}, "
-                 f"{_asks(k)} {_shown(changed[k][1])}" for k in refused]
         raise ConfigError(
             f"cannot resume {checkpoint.checkpoint_dir(run_dir) / tag}: this run changes "
-            "what it was trained with:\n" + "\n".join(lines) + "\n  Put these back to "
-            "continue the run, set run.dir to a new directory to start another, or set "
+            "what it was trained with:\n" + _lines(changed, refused) + "\n  Put these back "
+            "to continue the run, set run.dir to a new directory to start another, or set "
             f"run.allow_config_change=[{','.join(refused)}] to change them deliberately")
     return Resume(tag, step, changed, compared=True, note=note)
+
+
+def evaluated_tag(cfg: Config) -> str | None:
+    """The checkpoint ``eval`` restores (a damaged one's fallback, said in a line); raises
+    ConfigError, one line per key, when this config describes another model than the one
+    it trained (another PE, another shape): the numbers would be another model's."""
+    run_dir = Path(cfg.run.dir)
+    tag, note = checkpoint.resumable_tag(run_dir)
+    if note:
+        print(f"[checkpoint] {note}", flush=True)
+    record = tag and checkpoint.read_record(checkpoint.checkpoint_dir(run_dir) / tag)
+    if not record:
+        return tag
+    changed = _changes(record["values"], config_values(cfg))
+    refused = [k for k in _refused(changed, cfg) if k.startswith(("model.", "pe."))]
+    if refused:
+        raise ConfigError(
+            f"cannot evaluate {checkpoint.checkpoint_dir(run_dir) / tag} as another model "
+            "than it was trained as:\n" + _lines(changed, refused) + "\n  Evaluate with "
+            f"the run's own {run_dir / 'config.yaml'}, or set run.allow_config_change="
+            f"[{','.join(refused)}] to evaluate it so deliberately")
+    return tag
+
+
+def _changes(saved: dict, values: dict) -> dict[str, list]:
+    """Keys whose value differs from the record's: key -> [then, now]."""
+    now = json.loads(json.dumps(values))  # as the record stores them (tuples as lists)
+    return {k: [saved[k], now[k]] for k in now if k in saved and saved[k] != now[k]}
+
+
+def _refused(changed: dict[str, list], cfg: Config) -> list[str]:
+    """The changed keys the table refuses (options of a PE neither run uses change
+    nothing), but those ``run.allow_config_change`` names."""
+    pe = None if "model.pe" in changed else cfg.model.pe
+    return [k for k in changed if k not in cfg.run.allow_config_change
+            and classify(k, pe) == REFUSED]
+
+
+def _lines(changed: dict[str, list], keys: list[str]) -> str:
+    return "\n".join(f"  {k}: the checkpoint was trained with {_shown(changed[k][0])}, "
+                     f"{_asks(k)} {_shown(changed[k][1])}" for k in keys)
 
 
 def _asks(key: str) -> str:
