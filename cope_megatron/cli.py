@@ -157,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # outside training's own Ctrl-C handling
+            print("error: interrupted (Ctrl-C); checkpoints already written are intact",
+                  file=sys.stderr)
+            return 130
     if isinstance(report, Path):
         print(report)
     elif report is not None and int(os.environ.get("RANK", "0")) == 0:

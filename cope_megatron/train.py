@@ -10,10 +10,15 @@ import sys
 
 from cope_megatron.checkpoint import CheckpointError, checkpoint_dir
 from cope_megatron.config import Config, load_config
-from cope_megatron.distributed.parallel import destroy_distributed, world_size_from_env
+from cope_megatron.distributed.parallel import (
+    decided_by_main,
+    destroy_distributed,
+    world_size_from_env,
+)
 from cope_megatron.startup import check
 from cope_megatron.trainer import Trainer, TrainResult, evaluator, start
 from cope_megatron.training.engine import restore
+from cope_megatron.training.resume import evaluated_tag
 
 
 def run_train(cfg: Config, *, evaluate_after: bool = True) -> tuple[TrainResult, dict | None]:
@@ -36,7 +41,8 @@ def run_eval(cfg: Config) -> dict:
 
         check_tasks(cfg.eval.harness_tasks, cfg.eval.harness_include)
     env, manifest = start(cfg)
-    engine, state = restore(cfg, pe, env, manifest["vocab_size"])
+    tag = decided_by_main(lambda: evaluated_tag(cfg))
+    engine, state = restore(cfg, pe, env, manifest["vocab_size"], tag=tag)
     if state is None:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(cfg.run.dir)}; train first")
     runner = evaluator(cfg, engine, env, manifest)

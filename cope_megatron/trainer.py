@@ -17,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from cope_megatron import checkpoint
-from cope_megatron.config import Config, dump_yaml, padded_vocab_size, to_dict
+from cope_megatron.config import Config, padded_vocab_size, to_dict
 from cope_megatron.data.format import read_manifest
 from cope_megatron.data.loader import ResumableLoader
 from cope_megatron.data.source import StreamSpec, split_spec
@@ -25,6 +25,7 @@ from cope_megatron.distributed.consistency import check_same_everywhere
 from cope_megatron.distributed.parallel import (
     DistEnv,
     any_rank,
+    decided_by_main,
     init_distributed,
     mean_over_replicas,
     replica_group,
@@ -41,6 +42,14 @@ from cope_megatron.training.engine import restore, run_layout
 from cope_megatron.training.metrics import MetricsLogger, StepMetrics
 from cope_megatron.training.nonfinite import BadStepCounter
 from cope_megatron.training.preemption import PreemptionHandler
+from cope_megatron.training.resume import (
+    Resume,
+    apply_optimizer_settings,
+    compared_values,
+    plan,
+    write_config,
+)
+from cope_megatron.training.run_lock import RunLock
 
 
 def start(cfg: Config) -> tuple[DistEnv, dict]:
@@ -69,31 +78,71 @@ class TrainResult:
 
 class Trainer:
     def __init__(self, cfg: Config, pe: PositionEncoding) -> None:
-        """``pe``: ``cfg.model.pe`` as ``startup.check`` resolved it."""
+        """``pe``: ``cfg.model.pe`` as ``startup.check`` resolved it. Nothing is built or
+        written before the run holds its directory and its resume is checked."""
         self.cfg, self.pe = cfg, pe
         self.env, self.manifest = start(cfg)
         self.run_dir = Path(cfg.run.dir)
-        if self.env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            dump_yaml(cfg, self.run_dir / "config.yaml")
-        vocab = self.manifest["vocab_size"]
-        self.engine, state = restore(cfg, pe, self.env, vocab, resume=cfg.run.resume)
-        self.step = state["step"] if state else 0
         spec = self._stream_spec()
-        start_steps = ResumableLoader.check_state(state["data"], spec) if state else 0
+        self.lock = RunLock(self.run_dir)
+        values = compared_values(cfg, self.manifest, spec.global_batch, spec.num_streams)
+        resume = decided_by_main(lambda: self._open(values))
+        try:
+            self._build(resume, spec, values)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, values: dict) -> Resume:
+        """On rank 0: lock the run directory, check the resume, then write config.yaml."""
+        said = self.lock.acquire()
+        if said:
+            print(said, flush=True)
+        try:
+            resume = plan(self.cfg, values)
+            write_config(self.cfg, self.run_dir, resume.step)
+        except BaseException:
+            self.lock.release()
+            raise
+        if resume.note:
+            print(f"[checkpoint] {resume.note}", flush=True)
+        return resume
+
+    def _build(self, resume: Resume, spec: StreamSpec, values: dict) -> None:
+        cfg, vocab = self.cfg, self.manifest["vocab_size"]
+        self.record = {"values": values}
+        self.engine, state = restore(cfg, self.pe, self.env, vocab, tag=resume.tag)
+        if state is not None:
+            apply_optimizer_settings(self.engine, cfg)
+        self.step = state["step"] if state else 0
+        self.last_tag = resume.tag
+        # The data order was compared with the checkpoint's record (a change allowed on
+        # purpose goes through); a checkpoint without one is checked by the loader.
+        start_steps = (0 if state is None else state["data"]["steps"] if resume.compared
+                       else ResumableLoader.check_state(state["data"], spec))
         self.data = ResumableLoader(spec, start_steps)
         self.evaluator = evaluator(cfg, self.engine, self.env, self.manifest)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_main)
         self.metrics.truncate_after(self.step)
+        if resume.changes:
+            self.metrics.note({"step": self.step, "config_change": resume.changes})
         self.step_metrics = StepMetrics(
-            cfg, flops_per_token(cfg, pe, padded_vocab_size(vocab, 1)), self.env.world_size,
-            self.env.dp_size, self.env.device)
+            cfg, flops_per_token(cfg, self.pe, padded_vocab_size(vocab, 1)),
+            self.env.world_size, self.env.dp_size, self.env.device)
         if self.env.is_main and cfg.logging.progress:
             print(self.estimate_summary(), flush=True)
-        self.preemption = PreemptionHandler()
+        self.preemption = PreemptionHandler(self._lost)
         self._last_save = time.monotonic()
         self.bad_steps = BadStepCounter(cfg.train.max_bad_steps)
         self.bad_steps.total = state.get("skipped_steps", 0) if state else 0
+
+    def _lost(self) -> str:
+        """What exiting now loses: the steps since the last checkpoint."""
+        saved = int(self.last_tag.removeprefix("step_")) if self.last_tag else 0
+        if saved == self.step:
+            return f"nothing is lost ({self.last_tag or 'no step was trained'})"
+        since = f"the last checkpoint, {self.last_tag}" if self.last_tag else "the start"
+        return f"steps {saved + 1}-{self.step} since {since} are lost"
 
     # -- building -------------------------------------------------------------------
 
@@ -161,8 +210,7 @@ class Trainer:
             self.step += 1
             losses.append(loss)
             skipped = not self.engine.was_step_applied() or not math.isfinite(loss)
-            self.bad_steps.update(self.step, skipped,
-                                  lambda: checkpoint.latest_tag(self.run_dir))
+            self.bad_steps.update(self.step, skipped, lambda: self.last_tag)
             record = {"step": self.step, "loss": loss, "lr": self.engine.get_lr()[0],
                       **self.step_metrics(elapsed, self.engine), "epoch": self.data.epoch,
                       "skipped_shards": self.data.skipped_shards,
@@ -179,16 +227,17 @@ class Trainer:
             bar.update(1)
             signalled, save_due = any_rank(self.preemption.received is not None,
                                            self._save_due())
-            if save_due or signalled:
+            if (save_due or signalled) and not self.bad_steps.skipping:
                 self.save()
             if signalled:
                 stopped_by = self.preemption.received or "a stop signal on another rank"
                 break
         bar.close()
+        if self.bad_steps.skipping and not stopped_by and self.env.is_main:
+            print(f"[train] finished on a skipped step: {self._saved_where()}", flush=True)
         if stopped_by and self.env.is_main:
-            print(f"[train] stopped by {stopped_by} after step {self.step}; checkpoint saved "
-                  f"in {checkpoint.checkpoint_dir(self.run_dir)}: run the same command to "
-                  "resume", flush=True)
+            print(f"[train] stopped by {stopped_by} after step {self.step}; "
+                  f"{self._saved_where()}: run the same command to resume", flush=True)
         return TrainResult(step=self.step, losses=losses, run_dir=self.run_dir,
                            stopped_by=stopped_by)
 
@@ -198,15 +247,24 @@ class Trainer:
                 or bool(t.save_interval_minutes)
                 and time.monotonic() - self._last_save >= 60 * t.save_interval_minutes)
 
+    def _saved_where(self) -> str:
+        root = checkpoint.checkpoint_dir(self.run_dir)
+        if self.last_tag == checkpoint.tag_of(self.step):
+            return f"checkpoint saved in {root}"
+        return (f"no checkpoint written (step {self.step} was skipped: non-finite); the last "
+                f"one is {self.last_tag or 'none'} in {root}")
+
     def save(self) -> str:
         state = {"step": self.step, "data": self.data.state_dict(), "config": to_dict(self.cfg),
                  "skipped_steps": self.bad_steps.total}
         tag = checkpoint.save(self.engine, self.run_dir, self.step, state, run_layout(self.cfg),
-                              keep=self.cfg.train.keep_checkpoints)
+                              self.record, keep=self.cfg.train.keep_checkpoints)
         self._last_save = time.monotonic()
+        self.last_tag = tag
         return tag
 
     def close(self) -> None:
         self.metrics.close()
         self.preemption.close()
+        self.lock.release()
 

@@ -82,7 +82,23 @@ def debug_overrides(shards, run_dir, **extra) -> list[str]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The step records (a resume with changed settings adds a config_change record)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
+
+
+def wait_for_steps(proc, run_dir: Path, steps: int, timeout: float = 300) -> None:
+    """Until ``run_dir`` has logged ``steps`` steps; fails if ``proc`` (a Popen or a forked
+    Process) ends or stalls first."""
+    import time
+
+    running = proc.is_alive if hasattr(proc, "is_alive") else lambda: proc.poll() is None
+    deadline, metrics = time.time() + timeout, run_dir / "metrics.jsonl"
+    while time.time() < deadline and running():
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the run ended or stalled before step {steps}")
 
 
 def free_port() -> int:

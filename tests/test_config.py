@@ -174,7 +174,7 @@ PUBLIC_KEYS = """
     eval.length_multipliers eval.stride eval.data eval.passkey_samples
     eval.passkey_depths eval.harness_tasks eval.harness_include eval.harness_limit
     logging.wandb logging.project logging.progress
-    run.dir run.name run.resume
+    run.dir run.name run.resume run.allow_config_change
 """.split()
 
 

@@ -64,7 +64,7 @@ def test_bad_steps_in_a_row_stop_with_a_clear_error(prepared, tmp_path, monkeypa
     with pytest.raises(NonFiniteError) as err:
         run_train(cfg, evaluate_after=False)
     message = str(err.value)
-    assert message.startswith("step 5:") and "step_00000004" in message
+    assert message.startswith("step 5:") and "step_00000002" in message  # before the streak
     assert "train.lr" in message and "bf16" in message
 
 

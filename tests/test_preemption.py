@@ -17,7 +17,7 @@ import pytest
 from cope_megatron.cli import main as cli
 from cope_megatron.config import load_config
 from cope_megatron.train import run_train
-from tests.helpers import debug_overrides, fork, read_metrics
+from tests.helpers import debug_overrides, fork, read_metrics, wait_for_steps
 
 
 def losses(run_dir) -> list[float]:
@@ -37,16 +37,6 @@ def finish(proc, run_dir) -> str:
     out = Path(f"{run_dir}.log").read_text()
     assert proc.exitcode == 0, out[-3000:]
     return out
-
-
-def wait_for_steps(proc, run_dir, steps: int) -> None:
-    deadline = time.time() + 300
-    metrics = run_dir / "metrics.jsonl"
-    while time.time() < deadline and proc.is_alive():
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"the run ended or stalled before step {steps}")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,14 @@ any process group or model exists, naming the key to change.
 """
 
 from cope_megatron.config.layout import Layout
-from cope_megatron.config.loading import dump_yaml, flat_keys, load_config, merge_dicts, to_dict
+from cope_megatron.config.loading import (
+    dump_yaml,
+    flat_keys,
+    load_config,
+    merge_dicts,
+    to_dict,
+    yaml_text,
+)
 from cope_megatron.config.schema import (
     AlibiOptions,
     Config,
@@ -36,5 +43,5 @@ __all__ = [
     "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig", "Layout",
     "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions", "RunConfig",
     "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys",
-    "load_config", "merge_dicts", "padded_vocab_size", "to_dict", "validate",
+    "load_config", "merge_dicts", "padded_vocab_size", "to_dict", "validate", "yaml_text",
 ]

@@ -105,18 +105,30 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _parse(text: str, where: str) -> Any:
+    """YAML ``text``; a syntax error names ``where``, the line and the column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}{at}: YAML syntax error ({problem}); fix the YAML there"
+                          ) from None
+
+
 def load_config(sources: list[str]) -> Config:
     """Compose YAML files and ``key.sub=value`` overrides, in order, into a Config."""
     tree: dict = {}
     for src in sources:
         if "=" in src and not src.endswith((".yaml", ".yml")):
             key, raw = src.split("=", 1)
-            _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+            _set_dotted(tree, key.strip(), _parse(raw, f"override {src!r}") if raw else "")
             continue
         path = Path(src)
         if not path.is_file():
             raise ConfigError(f"config file {src!r} does not exist (pass a YAML path or key=value)")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _parse(path.read_text(), f"config file {src!r}") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {src!r} must hold a mapping of sections")
         tree = merge_dicts(tree, loaded)
@@ -127,8 +139,13 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def yaml_text(cfg: Config) -> str:
+    """``cfg`` as the YAML a run directory keeps (``config.yaml``)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump_yaml(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(yaml_text(cfg))
 
 
 def flat_keys(cls: type = Config, prefix: str = "") -> list[str]:

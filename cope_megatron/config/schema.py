@@ -248,6 +248,10 @@ class RunConfig:
     name: str | None = None
     resume: bool = True
     """Continue from the latest checkpoint in run.dir when one exists."""
+    allow_config_change: list[str] = field(default_factory=list)
+    """Keys a resume may change although they change the model, the data or its order
+    (``config/resume_keys.py``): a deliberate change, e.g. [model.pe] to fine-tune a
+    checkpoint with another PE."""
 
 
 @dataclass(kw_only=True, slots=True)

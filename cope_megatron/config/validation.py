@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from cope_megatron.config.resume_keys import check_allowed_changes
 from cope_megatron.config.schema import Config, ConfigError
 
 
@@ -79,7 +80,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if stride is not None and (stride < 1 or m.seq_length % stride):
         fail("eval.stride", f"{stride} must be a positive divisor of model.seq_length="
              f"{m.seq_length} (or unset for the training length)")
+    t = cfg.train
+    if not t.lr > 0:
+        fail("train.lr", f"must be positive, got {t.lr}")
+    if not 0 <= t.min_lr <= t.lr:
+        fail("train.min_lr", f"must be in [0, train.lr={t.lr}] (the schedule decays from lr "
+             f"to min_lr), got {t.min_lr}")
     for key, value in [("train.keep_checkpoints", cfg.train.keep_checkpoints),
+                       ("train.warmup_steps", cfg.train.warmup_steps),
                        ("train.max_bad_steps", cfg.train.max_bad_steps),
                        ("train.save_interval_minutes", cfg.train.save_interval_minutes),
                        ("eval.interval", cfg.eval.interval)]:
@@ -101,4 +109,5 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             fail(key, f"must be at least 1, got {value}")
     if not all(0 <= d <= 1 for d in cfg.eval.passkey_depths):
         fail("eval.passkey_depths", "depths are fractions in [0, 1]")
+    check_allowed_changes(cfg.run.allow_config_change)
 

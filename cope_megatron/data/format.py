@@ -59,6 +59,15 @@ def read_manifest(shard_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def identity(manifest: dict) -> dict:
+    """What the data is, for a checkpoint to record: its tokenizer's hash and a fingerprint
+    of its shards (every split's names and hashes), whatever directory holds them."""
+    shards = {split: [(s["name"], s["sha256"]) for s in entry["shards"]]
+              for split, entry in manifest["splits"].items()}
+    digest = hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
+    return {"tokenizer_sha256": manifest["tokenizer_sha256"], "shards_fingerprint": digest[:16]}
+
+
 def write_manifest(shard_dir: str | Path, manifest: dict) -> dict:
     """Write ``manifest`` (with the format version first) as the data set's last file."""
     manifest = {"format": FORMAT, **manifest}

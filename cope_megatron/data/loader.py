@@ -14,6 +14,7 @@ dp_rank, hence their samples.
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -52,6 +53,12 @@ def check_layout(spec: StreamSpec) -> None:
     if spec.total_samples < streams:
         raise DataError(f"{spec.total_samples} samples cannot feed {streams} data streams; "
                         "lower data.streams or prepare more data")
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """Ctrl-C reaches every process of the terminal's group: the trainer stops at the next
+    step boundary (``training/preemption.py``) and needs its workers for that step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StepShares(IterableDataset):
@@ -107,6 +114,7 @@ class ResumableLoader:
             persistent_workers=False,
             prefetch_factor=2 if spec.num_workers > 1 else None,
             multiprocessing_context=WORKER_CONTEXT if spec.num_workers > 1 else None,
+            worker_init_fn=_ignore_interrupts if spec.num_workers > 1 else None,
         )
         self._it = iter(self._loader)
 

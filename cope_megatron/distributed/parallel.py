@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from cope_megatron.distributed.cpu_compat import apply_cpu_compat
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,22 @@ def any_rank(*flags: bool) -> list[bool]:
     values = torch.tensor([float(f) for f in flags], device=collective_device())
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
+
+
+def decided_by_main(decide: Callable[[], T]) -> T:
+    """``decide()`` run on rank 0 alone (it reads or writes the run directory), its result
+    on every rank; an error it raises is raised on every rank."""
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(decide(), None)]
+        except Exception as e:
+            box = [(None, e)]
+    dist.broadcast_object_list(box, src=0)
+    result, error = box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def seed_everything(seed: int) -> None:

@@ -40,8 +40,9 @@ def load_run(run_dir: str | Path) -> Run:
                           "directories written by `cope-megatron train`")
     config = yaml.safe_load(config_path.read_text())
     metrics_path = run_dir / "metrics.jsonl"
-    metrics = ([json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+    records = ([json.loads(line) for line in metrics_path.read_text().splitlines() if line]
                if metrics_path.is_file() else [])
+    metrics = [r for r in records if "loss" in r]  # steps, not events (a config change)
     eval_path = run_dir / "eval.json"
     report = json.loads(eval_path.read_text()) if eval_path.is_file() else None
     label = config["run"].get("name") or config["model"]["pe"]

@@ -89,11 +89,15 @@ def loadable(cfg: Config, env: DistEnv, run_dir: Path, tag: str) -> str:
 
 
 def restore(cfg: Config, pe: PositionEncoding, env: DistEnv, vocab_size: int, *,
-            resume: bool = True) -> tuple[object, dict | None]:
-    """The run's engine and, when ``resume`` finds a checkpoint in ``run.dir``, that
-    checkpoint loaded into it, with its client state (else None)."""
+            tag: str | None = checkpoint.LATEST) -> tuple[object, dict | None]:
+    """The run's engine with checkpoint ``tag`` of ``run.dir`` loaded into it, and that
+    checkpoint's client state; ``tag=None``: no checkpoint (state None); by default, the
+    one ``checkpoint.resumable_tag`` picks (none yet: no checkpoint)."""
     run_dir = Path(cfg.run.dir)
-    tag = checkpoint.latest_tag(run_dir) if resume else None
+    if tag == checkpoint.LATEST:
+        tag, note = checkpoint.resumable_tag(run_dir)
+        if note and env.is_main:
+            print(f"[checkpoint] {note}", flush=True)
     if tag is not None:
         tag = loadable(cfg, env, run_dir, tag)
     engine = build_engine(cfg, pe, vocab_size,

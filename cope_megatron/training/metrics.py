@@ -87,6 +87,13 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    def note(self, record: dict) -> None:
+        """An event of the run (not a step's figures) into metrics.jsonl only: readers of
+        step records take those with a ``loss``."""
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()

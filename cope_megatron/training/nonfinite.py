@@ -43,12 +43,20 @@ class SkipNonFiniteAdamW(torch.optim.AdamW):
 
 
 class BadStepCounter:
-    """Skipped steps in total and in a row; raises after ``limit`` in a row."""
+    """Skipped steps in total and in a row; raises after ``limit`` in a row. No checkpoint
+    is written during a run of skipped steps (the trainer asks ``skipping``): the weights
+    that keep producing non-finite values are not worth resuming from, so the checkpoint
+    the error names is the last one written before the streak."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.total = 0
         self.in_a_row = 0
+
+    @property
+    def skipping(self) -> bool:
+        """The last step was skipped."""
+        return self.in_a_row > 0
 
     def update(self, step: int, skipped: bool,
                last_checkpoint: Callable[[], str | None]) -> None:
@@ -56,9 +64,12 @@ class BadStepCounter:
         self.total += skipped
         self.in_a_row = self.in_a_row + 1 if skipped else 0
         if self.limit and self.in_a_row >= self.limit:
+            first = step - self.in_a_row + 1
             raise NonFiniteError(
                 f"step {step}: the last {self.in_a_row} steps had a non-finite loss or "
                 f"gradient norm and were skipped (train.max_bad_steps={self.limit}). Last "
-                f"good checkpoint: {last_checkpoint() or 'none yet'}. Try a lower train.lr or a "
-                "smaller train.grad_clip (or train.precision=fp32 for a bf16 run); then "
-                "resume from that checkpoint")
+                f"checkpoint before the first of them (step {first}): "
+                f"{last_checkpoint() or 'none'}. Try a lower train.lr or a smaller "
+                "train.grad_clip (or train.precision=fp32 for a bf16 run, which needs "
+                "run.allow_config_change=[train.precision]); then run again to resume from "
+                "that checkpoint with the new settings")
