@@ -220,6 +220,29 @@ def test_public_api_defaults_and_errors():
         cope_attention(q, k, v, E, impl="magic")
 
 
+def test_auto_paths_per_device(monkeypatch):
+    """What ``auto`` runs (``Paths()`` resolved): on CPU the C++ kernel, the flash kernel,
+    head batches by threads; on CUDA eager bands below ``COMPILE_MIN_SEQ`` keys and ``CUDA``
+    from there on (eager throughout without Triton), matmul far keys; a choice given is
+    kept; the CPU-only choices are refused on CUDA, and paths for another impl."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    Paths, at = cope_paths.Paths, cope_paths.COMPILE_MIN_SEQ
+    assert Paths().resolve(cpu, at) == PATHS["native"]
+    monkeypatch.setattr(cope_paths, "_can_compile", lambda device_type: True)
+    assert Paths().resolve(cuda, at - 1) == PATHS["eager_matmul"]
+    assert Paths().resolve(cuda, at) == cope_paths.CUDA
+    assert Paths(band="eager").resolve(cuda, at) == PATHS["eager_matmul"]
+    assert Paths(far="matmul").resolve(cpu, 16) == Paths("native", "matmul", True)
+    monkeypatch.setattr(cope_paths, "_can_compile", lambda device_type: False)
+    assert Paths().resolve(cuda, at) == PATHS["eager_matmul"]
+    for cpu_only in (Paths(band="native"), Paths(far="flash")):
+        with pytest.raises(ValueError, match="CPU only"):
+            cpu_only.resolve(cuda, 16)
+    q, k, v, E = inputs(1, 2, 2, 9, 4, 6, shared=True)
+    with pytest.raises(ValueError, match="chunked op's code"):
+        cope_attention(q, k, v, E, impl="reference", paths=cope_paths.CUDA)
+
+
 def test_open_gates_count_tokens():
     """With every gate open, the CoPE position of key j for query i is i − j + 1 (the
     relative position, counted in tokens), clamped at npos_max − 1."""
@@ -332,7 +355,8 @@ def _positions(q, k, scale, causal, carry):
     return reverse_cumsum_rows(torch.sigmoid(a)) + carry.double()[..., None]
 
 
-@pytest.mark.parametrize("regime", ["dense", "sparse", "never", "carried", "noncausal"])
+@pytest.mark.parametrize("regime", ["dense", "sparse", "sparse_cuda", "never", "carried",
+                                    "noncausal"])
 def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regime):
     """Each group's band width W (``bands``) is the smallest that leaves to plain attention
     only keys whose float64 positions exceed npos_max − 1 for their row (causal: keys
@@ -340,8 +364,9 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regim
     exactly when positions clamp, and the result is the reference's, forward and backward.
     Small groups, batches and wide-band sizes make every path run: several groups (smaller
     once bands are wide), widths retried and carried over, narrow bands' blocks batched,
-    wide bands' heads split (two at a time, the threads); two regimes run the C++ kernel,
-    on two threads."""
+    wide bands' heads split (two at a time, the threads; as many as the budget allows,
+    with CUDA's choices in ``sparse_cuda``); two regimes run the C++ kernel, on two
+    threads."""
     from cope_megatron.ops.cope import chunked as cope_chunked
 
     threads = torch.get_num_threads()
@@ -362,9 +387,13 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regim
     monkeypatch.setattr(cope_chunked, "WIDE_ROWS", 16)
     seq, d, npos = 151, 16, 40  # odd: the last band blocks are padded
     causal = regime != "noncausal"
-    npos_max = {"dense": 8, "sparse": 3, "never": 40, "carried": 8, "noncausal": 5}[regime]
+    npos_max = {"dense": 8, "sparse": 3, "sparse_cuda": 3, "never": 40, "carried": 8,
+                "noncausal": 5}[regime]
+    sparse = regime.startswith("sparse")
+    paths = {"sparse_cuda": PATHS["eager_matmul"], "dense": PATHS["native"],
+             "sparse": PATHS["native"]}.get(regime, PATHS["eager"])
     q, k, v, E = (t.double() for t in _triton_case(seq, d, npos, npos, heads=4,
-                                                    sparse=regime == "sparse"))
+                                                    sparse=sparse))
     if regime == "never":
         q, k, v, E = (t[:, :, :32] if t.dim() == 4 else t for t in (q, k, v, E))
     carry = torch.zeros(q.shape[:3], dtype=torch.float64)
@@ -374,7 +403,7 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regim
     z = q @ E
     bands: list[tuple[int, int, int]] = []
     out, lse = cope_chunked.chunk_forward(q, k, v, z, carry, scale=scale, npos_max=npos_max,
-                                          causal=causal, block=8, bands=bands)
+                                          causal=causal, block=8, bands=bands, paths=paths)
     s = q.shape[2]
     pos = _positions(q, k, scale, causal, carry)
     rows = torch.arange(s)[:, None]
@@ -393,15 +422,14 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regim
     plain_keys = sum(sum(max(0, i - width + 1) for i in range(r0, r1)) if causal
                      else (r1 - r0) * (s - width) for r0, r1, width in bands)
     assert (plain_keys > 0) == (regime != "never"), widths
-    assert set(head_batches) == ({2, 4} if regime == "sparse" else {4})
+    assert set(head_batches) == {"sparse": {2, 4}, "sparse_cuda": {1, 2, 3, 4}}.get(regime, {4})
     if regime == "carried":
         assert widths[0] < widths[-1]  # clamped rows need no band
         return  # a carry has no single-rank reference: the context-parallel tests cover it
     params = [t.clone().requires_grad_() for t in (q, k, v, E)]
     ref_params = [t.clone().requires_grad_() for t in (q, k, v, E)]
     got = cope_attention_chunked(*params, npos_max=npos_max, softmax_scale=scale,
-                                 causal=causal, block=8,
-                                 paths=PATHS["native" if regime in ("dense", "sparse") else "eager"])
+                                 causal=causal, block=8, paths=paths)
     want = cope_attention_reference(*ref_params, npos_max=npos_max, softmax_scale=scale,
                                     causal=causal)
     torch.testing.assert_close(out, want.detach(), rtol=1e-10, atol=1e-10)
