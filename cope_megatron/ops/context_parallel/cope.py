@@ -87,7 +87,7 @@ def _active_rows(mask: torch.Tensor) -> torch.Tensor:
 def _correction(q, k, dq, dk, b_carry, scale: float, diagonal: bool) -> None:
     """Step 5 for one pair, in place: rows with a nonzero carried Σ dp, in blocks."""
     active = _active_rows(b_carry != 0)
-    k_work = k.to(dq.dtype) if active.numel() else k
+    k_work = k.to(dq.dtype) if active.numel() else k  # no fp32 copy when no row needs it
     for start in range(0, active.numel(), CORRECTION_ROWS):
         idx = active[start:start + CORRECTION_ROWS]
         g = row_gates(q, k, idx, scale=scale, causal=diagonal)  # [b, h, n, c]
