@@ -9,6 +9,7 @@ import torch
 from cope_megatron.ops import cope_attention
 from cope_megatron.ops.cope import blocks as cope_blocks
 from cope_megatron.ops.cope import native as cope_native
+from cope_megatron.ops.cope import paths as cope_paths
 from cope_megatron.ops.cope.chunked import cope_attention_chunked
 from cope_megatron.ops.cope.reference import cope_attention_reference
 
@@ -85,36 +86,46 @@ def _compare(impl_fn, case, rtol, atol, dtype=torch.float64):
                                    msg=lambda m, name=name: f"d{name}: {m}")
 
 
+PATHS = {
+    "eager": cope_paths.Paths(band="eager", far="flash", thread_heads=True),
+    "native": cope_paths.Paths(band="native", far="flash", thread_heads=True),  # CPU's auto
+    "eager_matmul": cope_paths.Paths(band="eager", far="matmul", thread_heads=False),
+    "cuda": cope_paths.CUDA,  # CUDA's auto from COMPILE_MIN_SEQ keys on, at any length here
+}
+"""Every device-dependent choice of the chunked op, on this CPU: CUDA's below
+``COMPILE_MIN_SEQ`` keys (eager band, matmul far keys) and above it (``CUDA``: torch.compile,
+whose Inductor emits C++ here instead of Triton: the same graph, another backend)."""
+
 COMPILED = {1, 2, 5}
-"""The cases the compiled band code runs by default (GQA with a shared table and clamping;
-non-causal multi-query; never clamping): each compiles its own kernels, 10-40 s apiece on
-two cores; the rest run with ``-m slow``."""
+"""The cases ``cuda`` runs by default (GQA with a shared table and clamping; non-causal
+multi-query with a per-head table; never clamping): each compiles its own kernels, 10-40 s
+apiece on two cores; the rest run with ``-m slow``."""
 
 
-@pytest.mark.parametrize("band_code, case", [
-    *(pytest.param(code, case, id=f"{code}-case{i}") for code in ("eager", "native")
-      for i, case in enumerate(CASES)),
-    *(pytest.param("compiled", case, id=f"compiled-case{i}",
-                   marks=() if i in COMPILED else pytest.mark.slow)
-      for i, case in enumerate(CASES))])
-def test_chunked_matches_reference(monkeypatch, band_code, case):
-    """Every way the band math runs: eagerly, as the C++ kernel (the CPU's fused code) and
-    through torch.compile (other devices' fused code, here compiled for the CPU)."""
-    if band_code == "compiled":
-        monkeypatch.setattr(cope_native, "library", lambda: None)
-
+@pytest.mark.parametrize("paths, case", [
+    pytest.param(name, case, id=f"{name}-case{i}",
+                 marks=() if name != "cuda" or i in COMPILED else pytest.mark.slow)
+    for name in PATHS for i, case in enumerate(CASES)])
+def test_chunked_matches_reference(paths, case):
+    """Every path the op takes on any device, forced on the CPU, forward and the grads of
+    q, k, v and the table against the float64 reference. float64: what differs is the
+    summation order (band vs plain keys, merged by log-sum-exp), ~1e-15 relative; 1e-9
+    leaves room for the gradients' cancellations (dz at the clamp sums to ~0)."""
     def fn(*args, block, **kw):
-        return cope_attention_chunked(*args, block=block, compile=band_code != "eager", **kw)
+        return cope_attention_chunked(*args, block=block, paths=PATHS[paths], **kw)
 
     _compare(fn, case, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("case", CASES[:2])
-@pytest.mark.parametrize("compile", [False, True])
-def test_chunked_float32_and_bfloat16(case, compile):
-    """Eager and the C++ kernel, whose float32 exp is its own polynomial."""
+@pytest.mark.parametrize("paths", [
+    "eager", "native", "eager_matmul", pytest.param("cuda", marks=pytest.mark.slow)])
+def test_chunked_float32_and_bfloat16(case, paths):
+    """Every path in float32 and bf16 (the C++ kernel's float32 exp is its own
+    polynomial). float32: a few ulps per op over ~40 keys, 1e-4 (~1000 ulps) covers the
+    gradients' cancellations."""
     def fn(*args, block, **kw):
-        return cope_attention_chunked(*args, block=block, compile=compile, **kw)
+        return cope_attention_chunked(*args, block=block, paths=PATHS[paths], **kw)
 
     _compare(fn, case, rtol=1e-4, atol=1e-4, dtype=torch.float32)
     # bf16 inputs are computed in fp32; the error is bf16 rounding of inputs and outputs.
@@ -128,8 +139,8 @@ def test_cpu_band_code_is_the_native_kernel_built_once(monkeypatch, request, tmp
     cpu = torch.device("cpu")
     native = (cope_native.forward_block, cope_native.backward_block)
     eager = (cope_blocks.forward_block, cope_blocks.backward_block)
-    assert cope_blocks.kernels(None, 16, cpu) == cope_blocks.kernels(True, 16, cpu) == native
-    assert cope_blocks.kernels(False, 16, cpu) == eager
+    assert cope_paths.Paths().resolve(cpu, 16) == PATHS["native"]
+    assert cope_blocks.kernels("native") == native and cope_blocks.kernels("eager") == eager
 
     request.addfinalizer(cope_native.library.cache_clear)
     monkeypatch.setenv("COPE_MEGATRON_CACHE", str(tmp_path))
@@ -145,20 +156,24 @@ def test_cpu_band_code_is_the_native_kernel_built_once(monkeypatch, request, tmp
     cope_native.library.cache_clear()
     with pytest.warns(UserWarning, match="cope_band.cpp did not build"):
         assert cope_native.library() is None
-    assert cope_blocks.kernels(None, 16, cpu) == eager  # below torch.compile's length
+    assert cope_paths.Paths().resolve(cpu, 16) == PATHS["eager"]  # below torch.compile's
+    assert cope_paths.Paths().resolve(cpu, cope_paths.COMPILE_MIN_SEQ).band == "compiled"
+    with pytest.raises(RuntimeError, match="did not build"):
+        cope_paths.Paths(band="native").resolve(cpu, 16)
     monkeypatch.setattr(cope_native.shutil, "which", lambda name: None)
     cope_native.library.cache_clear()
     with pytest.warns(UserWarning, match="no C.. compiler"):
         assert cope_native.library() is None
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_chunked_nan_input_gives_nan_rows_not_a_crash(compile):
+@pytest.mark.parametrize("paths", ["eager", "native"])
+def test_chunked_nan_input_gives_nan_rows_not_a_crash(paths):
     """A diverged run's NaN reaches the band math as a NaN position, which must not index
     outside the table: the row comes out NaN, for the non-finite guard to see."""
     q, k, v, E = inputs(1, 2, 2, 40, 8, 8, shared=True, dtype=torch.float32)
     q.data[0, 0, 20, 0] = float("nan")
-    out = cope_attention_chunked(q, k, v, E, npos_max=8, softmax_scale=0.3, compile=compile)
+    out = cope_attention_chunked(q, k, v, E, npos_max=8, softmax_scale=0.3,
+                                 paths=PATHS[paths])
     assert out[0, 0, 20].isnan().all() and not out[0, 0, :20].isnan().any()
     out.sum().backward()
     assert q.grad[0, 0, 20].isnan().all() and not q.grad[0, 1].isnan().any()
@@ -167,7 +182,7 @@ def test_chunked_nan_input_gives_nan_rows_not_a_crash(compile):
 def test_chunked_gradcheck():
     q, k, v, E = inputs(1, 2, 1, 11, 3, 5, shared=False)
     fn = lambda q, k, v, E: cope_attention_chunked(  # noqa: E731
-        q, k, v, E, npos_max=4, softmax_scale=0.5, block=4, compile=False)
+        q, k, v, E, npos_max=4, softmax_scale=0.5, block=4, paths=PATHS["eager"])
     assert torch.autograd.gradcheck(fn, (q, k, v, E))
 
 
@@ -203,6 +218,29 @@ def test_public_api_defaults_and_errors():
         cope_attention(q, k[:, :, :5], v[:, :, :5], E)
     with pytest.raises(ValueError, match="unknown CoPE impl"):
         cope_attention(q, k, v, E, impl="magic")
+
+
+def test_auto_paths_per_device(monkeypatch):
+    """What ``auto`` runs (``Paths()`` resolved): on CPU the C++ kernel, the flash kernel,
+    head batches by threads; on CUDA eager bands below ``COMPILE_MIN_SEQ`` keys and ``CUDA``
+    from there on (eager throughout without Triton), matmul far keys; a choice given is
+    kept; the CPU-only choices are refused on CUDA, and paths for another impl."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    Paths, at = cope_paths.Paths, cope_paths.COMPILE_MIN_SEQ
+    assert Paths().resolve(cpu, at) == PATHS["native"]
+    monkeypatch.setattr(cope_paths, "_can_compile", lambda device_type: True)
+    assert Paths().resolve(cuda, at - 1) == PATHS["eager_matmul"]
+    assert Paths().resolve(cuda, at) == cope_paths.CUDA
+    assert Paths(band="eager").resolve(cuda, at) == PATHS["eager_matmul"]
+    assert Paths(far="matmul").resolve(cpu, 16) == Paths("native", "matmul", True)
+    monkeypatch.setattr(cope_paths, "_can_compile", lambda device_type: False)
+    assert Paths().resolve(cuda, at) == PATHS["eager_matmul"]
+    for cpu_only in (Paths(band="native"), Paths(far="flash")):
+        with pytest.raises(ValueError, match="CPU only"):
+            cpu_only.resolve(cuda, 16)
+    q, k, v, E = inputs(1, 2, 2, 9, 4, 6, shared=True)
+    with pytest.raises(ValueError, match="chunked op's code"):
+        cope_attention(q, k, v, E, impl="reference", paths=cope_paths.CUDA)
 
 
 def test_open_gates_count_tokens():
@@ -317,7 +355,8 @@ def _positions(q, k, scale, causal, carry):
     return reverse_cumsum_rows(torch.sigmoid(a)) + carry.double()[..., None]
 
 
-@pytest.mark.parametrize("regime", ["dense", "sparse", "never", "carried", "noncausal"])
+@pytest.mark.parametrize("regime", ["dense", "sparse", "sparse_cuda", "never", "carried",
+                                    "noncausal"])
 def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regime):
     """Each group's band width W (``bands``) is the smallest that leaves to plain attention
     only keys whose float64 positions exceed npos_max − 1 for their row (causal: keys
@@ -325,8 +364,9 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regim
     exactly when positions clamp, and the result is the reference's, forward and backward.
     Small groups, batches and wide-band sizes make every path run: several groups (smaller
     once bands are wide), widths retried and carried over, narrow bands' blocks batched,
-    wide bands' heads split (two at a time, the threads); two regimes run the C++ kernel,
-    on two threads."""
+    wide bands' heads split (two at a time, the threads; as many as the budget allows,
+    with CUDA's choices in ``sparse_cuda``); two regimes run the C++ kernel, on two
+    threads."""
     from cope_megatron.ops.cope import chunked as cope_chunked
 
     threads = torch.get_num_threads()
@@ -347,9 +387,13 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regim
     monkeypatch.setattr(cope_chunked, "WIDE_ROWS", 16)
     seq, d, npos = 151, 16, 40  # odd: the last band blocks are padded
     causal = regime != "noncausal"
-    npos_max = {"dense": 8, "sparse": 3, "never": 40, "carried": 8, "noncausal": 5}[regime]
+    npos_max = {"dense": 8, "sparse": 3, "sparse_cuda": 3, "never": 40, "carried": 8,
+                "noncausal": 5}[regime]
+    sparse = regime.startswith("sparse")
+    paths = {"sparse_cuda": PATHS["eager_matmul"], "dense": PATHS["native"],
+             "sparse": PATHS["native"]}.get(regime, PATHS["eager"])
     q, k, v, E = (t.double() for t in _triton_case(seq, d, npos, npos, heads=4,
-                                                    sparse=regime == "sparse"))
+                                                    sparse=sparse))
     if regime == "never":
         q, k, v, E = (t[:, :, :32] if t.dim() == 4 else t for t in (q, k, v, E))
     carry = torch.zeros(q.shape[:3], dtype=torch.float64)
@@ -359,7 +403,7 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regim
     z = q @ E
     bands: list[tuple[int, int, int]] = []
     out, lse = cope_chunked.chunk_forward(q, k, v, z, carry, scale=scale, npos_max=npos_max,
-                                          causal=causal, block=8, bands=bands)
+                                          causal=causal, block=8, bands=bands, paths=paths)
     s = q.shape[2]
     pos = _positions(q, k, scale, causal, carry)
     rows = torch.arange(s)[:, None]
@@ -378,14 +422,14 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regim
     plain_keys = sum(sum(max(0, i - width + 1) for i in range(r0, r1)) if causal
                      else (r1 - r0) * (s - width) for r0, r1, width in bands)
     assert (plain_keys > 0) == (regime != "never"), widths
-    assert set(head_batches) == ({2, 4} if regime == "sparse" else {4})
+    assert set(head_batches) == {"sparse": {2, 4}, "sparse_cuda": {1, 2, 3, 4}}.get(regime, {4})
     if regime == "carried":
         assert widths[0] < widths[-1]  # clamped rows need no band
         return  # a carry has no single-rank reference: the context-parallel tests cover it
     params = [t.clone().requires_grad_() for t in (q, k, v, E)]
     ref_params = [t.clone().requires_grad_() for t in (q, k, v, E)]
     got = cope_attention_chunked(*params, npos_max=npos_max, softmax_scale=scale,
-                                 causal=causal, block=8, compile=regime in ("dense", "sparse"))
+                                 causal=causal, block=8, paths=paths)
     want = cope_attention_reference(*ref_params, npos_max=npos_max, softmax_scale=scale,
                                     causal=causal)
     torch.testing.assert_close(out, want.detach(), rtol=1e-10, atol=1e-10)
@@ -413,11 +457,12 @@ def test_plain_attention_math_path_matches_the_fused_kernel(monkeypatch, causal)
     q, d_out = (torch.randn(1, 2, 23, 8, generator=gen, dtype=torch.float64) for _ in range(2))
     k, v = (torch.randn(1, 2, 30, 8, generator=gen, dtype=torch.float64) for _ in range(2))
     lse_shift = torch.randn(1, 2, 23, generator=gen, dtype=torch.float64)
-    want_out, want_lse = pa.attention_with_lse(q, k, v, 0.3, causal)
-    got_out, got_lse = pa._math_forward(q, k, v, 0.3, causal)
+    want_out, want_lse = pa.attention_with_lse(q, k, v, 0.3, causal, flash=True)
+    got_out, got_lse = pa.attention_with_lse(q, k, v, 0.3, causal, flash=False)
     torch.testing.assert_close(got_out, want_out, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got_lse, want_lse, rtol=1e-10, atol=1e-10)
     # Backward against a row's whole lse and output, as the CoPE op calls it.
     args = (d_out, q, k, v, want_out, want_lse + lse_shift, 0.3, causal)
-    for got, want in zip(pa._math_backward(*args), pa.attention_backward(*args)):
+    for got, want in zip(pa.attention_backward(*args, flash=False),
+                         pa.attention_backward(*args, flash=True)):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

@@ -1,7 +1,8 @@
 """Context-parallel attention alone against the single-rank ops, in float64, forward and
 every gradient: CoPE (carried gate sums, clamping across chunk borders, gates near 0 so
-the carries span many chunks, GQA, shared and per-head tables) and the softmax ring with
-and without a distance bias. Ranks are processes on gloo."""
+the carries span many chunks, GQA, shared and per-head tables; the chunked pair code on
+CUDA's paths too) and the softmax ring with and without a distance bias; CoPE in bf16
+against the single-rank op on the same bf16 inputs. Ranks are processes on gloo."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import torch.distributed as dist
 from cope_megatron.ops.context_parallel.cope import cope_attention_context_parallel
 from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.ops.context_parallel.softmax import ring_attention
+from cope_megatron.ops.cope import chunked as cope_chunked
+from cope_megatron.ops.cope.paths import CUDA, Paths
 from cope_megatron.ops.cope.reference import cope_attention_reference
 from cope_megatron.ops.heads import expand_kv
 from tests.helpers import forked_ranks
@@ -72,7 +75,8 @@ def _cope_worker(rank: int, world: int, store: str, case: dict) -> None:
     local = [local_rows(cp, t).requires_grad_() for t in (q, k, v)]
     table_l = table.clone().requires_grad_()
     out = cope_attention_context_parallel(*local, table_l, cp, npos_max=case["npos_max"],
-                                          softmax_scale=scale, impl=case.get("impl", "chunked"))
+                                          softmax_scale=scale, impl=case.get("impl", "chunked"),
+                                          paths=case.get("paths"))
     got = torch.autograd.grad(out, (*local, table_l), local_rows(cp, d_out))
     tol = case.get("tol", 1e-10)
     _check("out", out, local_rows(cp, ref), tol)
@@ -99,6 +103,79 @@ COPE_CASES = {
 @pytest.mark.parametrize("case", COPE_CASES, ids=list(COPE_CASES))
 def test_cope_context_parallel_matches_one_rank(tmp_path, world, case):
     spawn(tmp_path, world, _cope_worker, COPE_CASES[case])
+
+
+# CUDA's choices for the pair code: below COMPILE_MIN_SEQ keys (eager band, matmul far keys,
+# head batches not by threads) and above (torch.compile, slow: each rank compiles).
+CUDA_BELOW_COMPILE = Paths(band="eager", far="matmul", thread_heads=False)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("paths", [
+    pytest.param(CUDA_BELOW_COMPILE, id="cuda_eager"),
+    pytest.param(CUDA, id="cuda_compiled", marks=pytest.mark.slow)])
+def test_cope_context_parallel_on_cuda_paths(tmp_path, paths):
+    spawn(tmp_path, 2, _cope_worker, dict(COPE_CASES["clamp_across_borders"], paths=paths))
+
+
+def _cope_bf16_worker(rank: int, world: int, store: str, case: dict) -> None:
+    """The single-rank chunked op and the CP op on the same bf16 inputs; records the dtypes
+    that reach the pair code (``chunk_forward``/``chunk_backward``)."""
+    cp = _init(rank, world, store)
+    bf16 = torch.bfloat16
+    q, k, v, table, d_out = (t.to(bf16) for t in _inputs(case))
+    scale, paths = 1 / math.sqrt(case["d"]), case.get("paths")
+    full = [t.clone().requires_grad_() for t in (q, k, v, table)]
+    ref = cope_chunked.cope_attention_chunked(*full, npos_max=case["npos_max"],
+                                              softmax_scale=scale, paths=paths)
+    want = torch.autograd.grad(ref, full, d_out)
+
+    seen = []
+
+    def spy(real):
+        def call(q, k, v, z, carry, *args, **kw):
+            seen.append((q.dtype, k.dtype, v.dtype, z.dtype, carry.dtype))
+            return real(q, k, v, z, carry, *args, **kw)
+        return call
+
+    # This forked rank only.
+    cope_chunked.chunk_forward = spy(cope_chunked.chunk_forward)
+    cope_chunked.chunk_backward = spy(cope_chunked.chunk_backward)
+
+    local = [local_rows(cp, t).requires_grad_() for t in (q, k, v)]
+    table_l = table.clone().requires_grad_()
+    out = cope_attention_context_parallel(*local, table_l, cp, npos_max=case["npos_max"],
+                                          softmax_scale=scale, paths=paths)
+    got = torch.autograd.grad(out, (*local, table_l), local_rows(cp, d_out))
+    # bf16 into the pair code, the accumulators (z, carries; out, lse, grads) in fp32.
+    assert seen and set(seen) == {(bf16, bf16, bf16, torch.float32, torch.float32)}, seen
+    assert out.dtype == bf16 and all(g.dtype == bf16 for g in got)
+    # Both compute in fp32 from the same bf16 values and differ only in summation order
+    # (~1e-6 relative), so their bf16 roundings agree or differ by one step: 2⁻⁷ relative
+    # at most (8 significant bits), the atol the same step at the gradients' scale of 1.
+    tol = 2.0 ** -7
+    torch.testing.assert_close(out, local_rows(cp, ref), rtol=tol, atol=tol)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, local_rows(cp, w), rtol=tol, atol=tol,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+    # The table's gradient is summed over ranks from parts rounded to bf16 each: one
+    # step per rank, and the single-rank total's own.
+    d_table = got[3].float()
+    dist.all_reduce(d_table)
+    torch.testing.assert_close(d_table, want[3].float(), rtol=(world + 1) * tol,
+                               atol=(world + 1) * tol * want[3].float().abs().max().item())
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("paths", [
+    pytest.param(None, id="auto"),
+    pytest.param(CUDA_BELOW_COMPILE, id="cuda_eager", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", ["clamp_across_borders", "gates_near_zero"])
+def test_cope_context_parallel_bf16_matches_one_rank_op(tmp_path, case, paths):
+    """bf16 q, k, v stay bf16 through the exchange into the pair code, which accumulates
+    in fp32; the result is the single-rank op's on the same bf16 inputs."""
+    spawn(tmp_path, 2, _cope_bf16_worker, dict(COPE_CASES[case], paths=paths))
 
 
 @pytest.mark.integration

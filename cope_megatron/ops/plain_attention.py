@@ -4,11 +4,11 @@ and the log-sum-exp merge of partial softmax results (also what context parallel
 its key chunks with).
 
 Forward returns (out, lse) so the caller merges it with the near keys by log-sum-exp;
-backward takes the merged row's output and lse. On the CPU this runs
-PyTorch's fused flash kernel (``aten::_scaled_dot_product_flash_attention_for_cpu`` and
-its backward: public SDPA returns no lse and takes no outside normalizer); elsewhere it is
-the same math in matrix products, ``MATH_ROWS`` query rows at a time so that the logits
-held stay [MATH_ROWS, keys] per head.
+backward takes the merged row's output and lse. ``flash``: PyTorch's fused CPU flash kernel
+(``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward: public SDPA
+returns no lse and takes no outside normalizer); otherwise the same math in matrix
+products, ``MATH_ROWS`` query rows at a time so that the logits held stay
+[MATH_ROWS, keys] per head (what other devices run; ``ops.cope.paths`` chooses).
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ def _logits(q: torch.Tensor, k: torch.Tensor, scale: float, causal: bool, row0: 
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                       causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       causal: bool = False, *, flash: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(scale·q·kᵀ)·v and its row log-sum-exp: [b, h, m, d], [b, h, m]. ``causal``:
     row r sees keys 0…r only (aligned at the top left, also when m differs from the keys)."""
-    if q.device.type == "cpu":
+    if flash:
         return _flash_forward(q, k, v, 0.0, causal, scale=scale)
     return _math_forward(q, k, v, scale, causal)
 
@@ -52,12 +53,12 @@ def _math_forward(q, k, v, scale: float, causal: bool) -> tuple[torch.Tensor, to
 
 
 def attention_backward(d_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       out: torch.Tensor, lse: torch.Tensor, scale: float, causal: bool = False,
+                       *, flash: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of rows whose probabilities are exp(scale·q·kᵀ − lse) (lse from the
     whole row, so these keys may hold only part of its mass; ``out`` is the whole row's
     output): ds = P ⊙ (dO·vᵀ − Δ), Δ = rowsum(dO ⊙ out)."""
-    if q.device.type == "cpu":
+    if flash:
         # The kernel takes O only for Δ, so the whole row's output gives the right one.
         return _flash_backward(d_out, q, k, v, out, lse.to(q.dtype), 0.0, causal, scale=scale)
     return _math_backward(d_out, q, k, v, out, lse, scale, causal)

@@ -33,6 +33,9 @@ Backward (a = logits, g = σ(a), dp = the gradient reaching positions)
      chunk, usually a few rows next to a chunk border. Rows with B = 0 are skipped exactly,
      and the whole pass (its exchange too) when no rank has such a row.
   6. The table: dq += dz·Eᵀ, dE = qᵀ·dz from the dz accumulated over all pairs.
+Dtypes: bf16 q, k, v stay bf16 (saved, exchanged and passed to the chunked pair code, which
+converts each band and plain-attention call's part); gate totals, carries, out, lse and all
+gradients accumulate in fp32 (``work_dtype``), dK and dV travelling home in fp32 too.
 Memory per rank: local q, k, v, out and one key chunk in flight; no [S, S] tensor and no
 whole-sequence K/V, so it falls as 1/CP.
 """
@@ -46,6 +49,7 @@ from cope_megatron.ops.context_parallel.ring import ContextParallel, rows
 from cope_megatron.ops.cope import chunked as cope_chunked
 from cope_megatron.ops.cope import resolve_impl
 from cope_megatron.ops.cope.chunked import gate_sums, row_gates, table_backward
+from cope_megatron.ops.cope.paths import Paths
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
 from cope_megatron.ops.plain_attention import merge_softmax
 
@@ -60,12 +64,19 @@ def _kernels(impl: str):
     return cope_chunked
 
 
-def _widths(ops, widths: dict, pair) -> dict:
-    """The chunked op records each pair's band widths in the forward for its backward;
-    the Triton kernels find theirs in-kernel."""
+def _input_dtype(ops, dtype: torch.dtype) -> torch.dtype:
+    """What q, k, v enter the pair code as: the chunked op's converts each part it computes
+    on, so bf16 stays bf16; the Triton kernels write partial outputs in q's dtype, which
+    would round them before the log-sum-exp merge, so they get ``work_dtype``."""
+    return dtype if ops is cope_chunked else work_dtype(dtype)
+
+
+def _options(ops, widths: dict, pair, paths: Paths | None) -> dict:
+    """The chunked op records each pair's band widths in the forward for its backward and
+    takes ``paths``; the Triton kernels find their widths in-kernel."""
     if ops is not cope_chunked:
         return {}
-    return {"bands": widths.setdefault((pair.q, pair.k_global), [])}
+    return {"bands": widths.setdefault((pair.q, pair.k_global), []), "paths": paths}
 
 
 def _active_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -76,28 +87,30 @@ def _active_rows(mask: torch.Tensor) -> torch.Tensor:
 def _correction(q, k, dq, dk, b_carry, scale: float, diagonal: bool) -> None:
     """Step 5 for one pair, in place: rows with a nonzero carried Σ dp, in blocks."""
     active = _active_rows(b_carry != 0)
+    k_work = k.to(dq.dtype) if active.numel() else k  # no fp32 copy when no row needs it
     for start in range(0, active.numel(), CORRECTION_ROWS):
         idx = active[start:start + CORRECTION_ROWS]
         g = row_gates(q, k, idx, scale=scale, causal=diagonal)  # [b, h, n, c]
         w = (scale * b_carry[:, :, idx, None]) * g * (1 - g)
-        dq[:, :, idx] += w @ k
-        dk += w.transpose(-1, -2) @ q[:, :, idx]
+        dq[:, :, idx] += w @ k_work
+        dk += w.transpose(-1, -2) @ q[:, :, idx].to(dq.dtype)
 
 
 class _CoPEContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_emb, cp: ContextParallel, npos_max: int, scale: float,
-                impl: str):
+                impl: str, paths: Paths | None):
         dtype, work = q.dtype, work_dtype(q.dtype)
-        q, pos_emb = q.to(work), pos_emb.to(work)
-        h, c = q.shape[1], q.shape[2] // 2
         ops = _kernels(impl)
-        z = q @ pos_emb  # [b, h, 2c, npos]
+        given = _input_dtype(ops, dtype)
+        q, pos_emb = q.to(given), pos_emb.to(work)
+        h, c = q.shape[1], q.shape[2] // 2
+        z = q.to(work) @ pos_emb  # [b, h, 2c, npos]
 
         totals: dict[tuple[int, int], torch.Tensor] = {}  # (local q chunk, global K) -> G
 
         def gate_pass(owner: int, kv: list[torch.Tensor]) -> None:
-            ke = expand_kv(kv[0].to(work), h)
+            ke = expand_kv(kv[0], h)
             for pair in cp.pairs(owner):
                 # A row whose keys in nearer chunks seen so far already reach the last
                 # position clamps every key from here back: its total here is not needed.
@@ -116,39 +129,39 @@ class _CoPEContextParallel(torch.autograd.Function):
             for kg in range(qg - 1, -1, -1):
                 carries[qi, kg] = carries[qi, kg + 1] + totals[qi, kg + 1]
 
-        out = torch.zeros_like(q)
+        out = torch.zeros(q.shape, dtype=work, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
         widths: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
 
         def attention_pass(owner: int, kv: list[torch.Tensor]) -> None:
-            ke, ve = (expand_kv(t.to(work), h) for t in kv)
+            ke, ve = (expand_kv(t.to(given), h) for t in kv)
             for pair in cp.pairs(owner):
                 part = ops.chunk_forward(
                     rows(q, pair.q, c), rows(ke, pair.k, c), rows(ve, pair.k, c),
                     rows(z, pair.q, c), carries[pair.q, pair.k_global],
                     scale=scale, npos_max=npos_max, causal=pair.diagonal,
-                    **_widths(ops, widths, pair))
+                    **_options(ops, widths, pair, paths))
                 merge_softmax(rows(out, pair.q, c), rows(lse, pair.q, c), *part)
 
         cp.ring([k, v], attention_pass)
         ctx.save_for_backward(q, k, v, pos_emb, out, lse, carries)
-        ctx.cfg = (cp, npos_max, scale, ops, dtype, widths)
+        ctx.cfg = (cp, npos_max, scale, ops, dtype, widths, paths)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, pos_emb, out, lse, carries = ctx.saved_tensors
-        cp, npos_max, scale, ops, dtype, widths = ctx.cfg
-        work = q.dtype
+        cp, npos_max, scale, ops, dtype, widths, paths = ctx.cfg
+        work, given = pos_emb.dtype, q.dtype
         h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
-        z = q @ pos_emb
+        z = q.to(work) @ pos_emb
         d_out = d_out.to(work).contiguous()
-        dq, dz = torch.zeros_like(q), torch.zeros_like(z)
+        dq, dz = torch.zeros(q.shape, dtype=work, device=q.device), torch.zeros_like(z)
         dp_sums = torch.zeros_like(carries)
 
         def pair_pass(owner: int, kv: list[torch.Tensor]) -> list[torch.Tensor]:
-            ke, ve = (expand_kv(t.to(work), h) for t in kv)
-            dke, dve = torch.zeros_like(ke), torch.zeros_like(ve)
+            ke, ve = (expand_kv(t.to(given), h) for t in kv)
+            dke, dve = (torch.zeros(t.shape, dtype=work, device=t.device) for t in (ke, ve))
             for pair in cp.pairs(owner):
                 q_c, z_c, do_c, out_c, lse_c, dq_c, dz_c = (
                     rows(t, pair.q, c) for t in (q, z, d_out, out, lse, dq, dz))
@@ -156,7 +169,7 @@ class _CoPEContextParallel(torch.autograd.Function):
                 dp_sums[pair.q, pair.k_global] = ops.chunk_backward(
                     q_c, k_c, v_c, z_c, carries[pair.q, pair.k_global], do_c, out_c,
                     lse_c, (dq_c, dk_c, dv_c, dz_c), scale=scale, npos_max=npos_max,
-                    causal=pair.diagonal, **_widths(ops, widths, pair))
+                    causal=pair.diagonal, **_options(ops, widths, pair, paths))
             return [reduce_kv_heads(dke, kv_heads), reduce_kv_heads(dve, kv_heads)]
 
         dk, dv = cp.ring([k, v], pair_pass)
@@ -167,8 +180,8 @@ class _CoPEContextParallel(torch.autograd.Function):
         dist.all_reduce(needed, op=dist.ReduceOp.MAX, group=cp.group)
         if needed.item():
             def correction_pass(owner: int, kv: list[torch.Tensor]) -> list[torch.Tensor]:
-                ke = expand_kv(kv[0].to(work), h)
-                dke = torch.zeros_like(ke)
+                ke = expand_kv(kv[0].to(given), h)
+                dke = torch.zeros(ke.shape, dtype=work, device=ke.device)
                 for pair in cp.pairs(owner):
                     _correction(rows(q, pair.q, c), rows(ke, pair.k, c), rows(dq, pair.q, c),
                                 rows(dke, pair.k, c), b_carry[pair.q, pair.k_global], scale,
@@ -178,10 +191,10 @@ class _CoPEContextParallel(torch.autograd.Function):
             (dk_b,) = cp.ring([k], correction_pass)
             dk = dk + dk_b
 
-        dq_table, d_emb = table_backward(q, pos_emb, dz)
+        dq_table, d_emb = table_backward(q.to(work), pos_emb, dz)
         dq += dq_table
-        return (dq.to(dtype), dk.to(k.dtype), dv.to(v.dtype), d_emb.to(pos_emb.dtype),
-                None, None, None, None)
+        return (dq.to(dtype), dk.to(dtype), dv.to(dtype), d_emb.to(dtype),
+                None, None, None, None, None)
 
 
 def cope_attention_context_parallel(
@@ -194,14 +207,18 @@ def cope_attention_context_parallel(
     npos_max: int,
     softmax_scale: float,
     impl: str = "auto",
+    paths: Paths | None = None,
 ) -> torch.Tensor:
     """Causal CoPE over a sequence split across ``cp``'s ranks in the head-tail layout.
 
     q [b, h, 2c, d]; k, v [b, g, 2c, d]: this rank's two chunks, concatenated;
     pos_emb [h or 1, d, npos]. Returns this rank's rows of the single-rank output.
+    ``paths``: the chunked pair code's device-dependent choices (``ops.cope.paths``).
     """
     if impl == "reference":
         raise ValueError("pe.cope.impl=reference materializes [s, s] logits and cannot be "
                          "split across context-parallel ranks; use auto, chunked or triton")
+    if paths is not None and resolve_impl(impl) != "chunked":
+        raise ValueError(f"CoPE paths choose the chunked op's code, not impl {impl!r}")
     return _CoPEContextParallel.apply(q, k, v, pos_emb.to(q.dtype), cp, npos_max,
-                                      softmax_scale, impl)
+                                      softmax_scale, impl, paths)

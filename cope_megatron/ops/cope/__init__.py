@@ -1,7 +1,7 @@
 """Public CoPE attention op with implementation dispatch.
 
     cope_attention(q, k, v, pos_emb, npos_max=None, softmax_scale=None, causal=True,
-                   impl="auto") -> [batch, heads, seq, head_dim]
+                   impl="auto", paths=None) -> [batch, heads, seq, head_dim]
 
 Semantics (Golovneva et al. 2024, arXiv 2405.18719, Appendix B), per head, query i, key j:
     a_ij = scale · q_i·k_j                    (causal: −∞ for j > i)
@@ -16,17 +16,21 @@ scaled by 1/√d, so a table trained either way converts by a constant factor.
 impl: "reference" (O(s²) memory, the ground truth), "chunked" (query blocks, recompute in
 backward, O(s·(d + npos)) saved per head), "triton" (fused GPU kernels, opt-in), "auto"
 (chunked). The Triton kernels are not the default on CUDA until the GPU suite passes on a
-GPU: on the H100 one fp32 case gave dq and dk 3% off (docs/GPU.md).
+GPU: on the H100 one fp32 case gave dq and dk 3% off (docs/GPU.md). ``paths``
+(``ops.cope.paths.Paths``, chunked only) forces the chunked op's device-dependent code, e.g.
+``paths.CUDA`` runs CUDA's choice on a CPU; None: the device's own.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
 import torch
 
 from cope_megatron.ops.cope.chunked import cope_attention_chunked
+from cope_megatron.ops.cope.paths import Paths
 from cope_megatron.ops.cope.reference import cope_attention_reference
 
 Impl = Literal["auto", "reference", "chunked", "triton"]
@@ -64,15 +68,18 @@ def cope_attention(
     softmax_scale: float | None = None,
     causal: bool = True,
     impl: Impl = "auto",
+    paths: Paths | None = None,
 ) -> torch.Tensor:
     npos_max = _check(q, k, v, pos_emb, npos_max)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     impl = resolve_impl(impl)
     pos_emb = pos_emb.to(q.dtype)
+    if paths is not None and impl != "chunked":
+        raise ValueError(f"CoPE paths choose the chunked op's code, not impl {impl!r}")
     if impl == "reference":
         fn = cope_attention_reference
     elif impl == "chunked":
-        fn = cope_attention_chunked
+        fn = functools.partial(cope_attention_chunked, paths=paths)
     elif impl == "triton":
         from cope_megatron.ops.cope.triton_kernels import cope_attention_triton as fn
     else:

@@ -14,22 +14,19 @@ P = softmax(a + b):
     dp  = dfrac where p ≤ npos_max − 1 (clamp);      dg = cumsum(dp)  (revcumsum's adjoint)
     da  = dL/d(a+b) + dg ⊙ g ⊙ (1 − g)
 
-These are the math in torch: eagerly, the reference for the fused versions. On CPU the
-fused version is the C++ kernel of ``ops.cope.native`` (same arguments, same results);
-elsewhere ``torch.compile`` fuses these functions' elementwise passes, which costs seconds
-once per process, so ``kernels`` uses it from ``COMPILE_MIN_SEQ`` keys on.
+These are the math in torch: eagerly, the reference for the fused versions: the C++ kernel
+of ``ops.cope.native`` (same arguments, same results) and these functions through
+``torch.compile``, which fuses their elementwise passes (``ops.cope.paths`` picks one).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
 from cope_megatron.ops.cope import native as cope_native
-
-COMPILE_MIN_SEQ = 1024
+from cope_megatron.ops.cope.paths import Band
 
 
 @torch.library.custom_op("cope_megatron::reverse_cumsum", mutates_args=())
@@ -131,25 +128,12 @@ def _compiled(fn):
     return call
 
 
-@functools.cache
-def _can_compile(device: torch.device) -> bool:
-    """Inductor emits C++ on CPU and Triton on GPU; without the toolchain, stay eager."""
-    if device.type == "cuda":
-        return importlib.util.find_spec("triton") is not None
-    return cope_native.compiler() is not None
-
-
-def kernels(compile: bool | None, keys: int, device: torch.device):
-    """(forward, backward) band functions. ``compile`` False: these, eagerly. Otherwise
-    fused: on CPU the C++ kernel of ``ops.cope.native`` (built in a second, once per
-    machine, so at any length), elsewhere these through torch.compile, which costs seconds
-    once per process, so that ``compile`` None uses it from ``COMPILE_MIN_SEQ`` keys on."""
-    if compile is False:
-        return forward_block, backward_block
-    if device.type == "cpu" and cope_native.library() is not None:
+def kernels(band: Band):
+    """(forward, backward) band functions: these, eagerly; the C++ kernel of
+    ``ops.cope.native``; or these through torch.compile (``ops.cope.paths`` says which
+    a device runs)."""
+    if band == "native":
         return cope_native.forward_block, cope_native.backward_block
-    if compile is None:
-        compile = keys >= COMPILE_MIN_SEQ and _can_compile(device)
-    if compile:
+    if band == "compiled":
         return _compiled(forward_block), _compiled(backward_block)
     return forward_block, backward_block

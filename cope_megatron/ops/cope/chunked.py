@@ -22,8 +22,8 @@ then no plain part is left and the op is CoPE's math throughout.
 The band runs in batches (``_bands``): narrow bands as query blocks of ``block`` rows, each
 against a copied window of W + block − 1 keys masked to its rows' bands; wide ones as one
 larger block whose window is a view. ``ops.cope.blocks`` has their math in torch,
-``ops.cope.native`` as the CPU's C++ kernel. Only q, k, v, the table, the output and one
-log-sum-exp per row are saved.
+``ops.cope.native`` as the CPU's C++ kernel; ``ops.cope.paths`` picks per device. Only q,
+k, v, the table, the output and one log-sum-exp per row are saved.
 
 The same code serves one (query chunk, key chunk) pair of a sequence split across ranks
 (``chunk_forward``/``chunk_backward``, used by ``ops.context_parallel.cope``): ``carry`` adds to
@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from cope_megatron.ops.cope.blocks import kernels
+from cope_megatron.ops.cope.paths import Paths
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
 from cope_megatron.ops.plain_attention import (
     attention_backward,
@@ -122,7 +123,7 @@ class _Band:
 
 
 def _bands(r0: int, r1: int, width: int, block: int, causal: bool, keys: int, shape,
-           device: torch.device):
+           device: torch.device, thread_heads: bool):
     """The group's band in batches of about ``BAND_ELEMENTS`` logits and copied window
     elements. Narrow bands: blocks of ``block`` rows and all heads, each window a copy;
     wide ones (sparse gates, W ≥ ``WIDE_BAND``): one block of rows (``MIN_BAND_ROWS`` where
@@ -136,7 +137,7 @@ def _bands(r0: int, r1: int, width: int, block: int, causal: bool, keys: int, sh
     else:
         budget = max(1, BAND_ELEMENTS // (batch * width))
         head_step = max(1, min(heads, budget // MIN_BAND_ROWS)) if causal else heads
-        if head_step < heads and device.type == "cpu":
+        if head_step < heads and thread_heads:
             # A multiple of the threads, even if the rows get fewer: CPU matmuls split the
             # batch among them (one head × 192 rows runs 1.6× faster on two threads, two
             # heads × 96 rows 1.9×).
@@ -172,17 +173,18 @@ def _next_width(need: int, limit: int) -> float:
 
 
 def _band_forward(fwd, q, k, v, z, carry, out, lse, r0, r1, width, *, scale, npos_max,
-                  causal, block) -> tuple[int, int]:
+                  causal, block, thread_heads) -> tuple[int, int]:
     """The group's band into out, lse. Returns the widest band a row of it needs, its keys
     up to the first one past npos_max − 1 (0 if the carry has clamped the row, all its keys
     if it never clamps), and, if that is more than ``width``, a width likely to do: where a
     row has not clamped, its gates so far, extrapolated."""
-    need, guess = 0, width
-    for band in _bands(r0, r1, width, block, causal, k.shape[2], q.shape, q.device):
+    need, guess, work = 0, width, z.dtype
+    for band in _bands(r0, r1, width, block, causal, k.shape[2], q.shape, q.device,
+                       thread_heads):
         carry_rows, ids = band.rows(carry), band.ids
-        o, o_lse, unclamped, total = fwd(band.rows(q), band.windows(k), band.windows(v),
-                                         band.mask(), band.rows(z), carry_rows, scale,
-                                         npos_max)
+        o, o_lse, unclamped, total = fwd(band.rows(q).to(work), band.windows(k).to(work),
+                                         band.windows(v).to(work), band.mask(), band.rows(z),
+                                         carry_rows, scale, npos_max)
         band.put(out, o)
         band.put(lse, o_lse)
         # Keys past npos_max − 1 are the far ones, so a row needs its unclamped keys; if
@@ -200,7 +202,7 @@ def _band_forward(fwd, q, k, v, z, carry, out, lse, r0, r1, width, *, scale, npo
 
 
 def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: bool,
-                  block: int = DEFAULT_BLOCK, compile: bool | None = None,
+                  block: int = DEFAULT_BLOCK, paths: Paths | None = None,
                   bands: list[tuple[int, int, int]] | None = None):
     """Softmax-normalized CoPE attention of query rows over one key chunk.
 
@@ -208,11 +210,16 @@ def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: boo
     carry [b, h, sq]: gate total of the row's keys after this chunk. ``causal``: the
     chunk is the rows' own (sq = sk, row i sees keys ≤ i). Returns (out, lse [b, h, sq]).
     ``bands``: a list to append each group's (first row, end row, band width) to, for
-    ``chunk_backward``.
+    ``chunk_backward``. ``paths``: the device-dependent choices (``ops.cope.paths``).
+    z and carry are in the dtype the math runs in; q, k, v may be narrower (bf16), then
+    each band and plain-attention call converts only its own part, and out and lse
+    accumulate in z's dtype.
     """
-    fwd, _ = kernels(compile, k.shape[2], q.device)
-    out = torch.zeros_like(q)
-    lse = torch.full(q.shape[:3], float("-inf"), dtype=q.dtype, device=q.device)
+    paths = (paths or Paths()).resolve(q.device, k.shape[2])
+    fwd, _ = kernels(paths.band)
+    work = z.dtype
+    out = torch.zeros(q.shape, dtype=work, device=q.device)
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
     width = 2 * npos_max + npos_max // 2  # gates about one half clamp within 2·npos_max
     r0 = 0
     while r0 < q.shape[2]:
@@ -227,13 +234,14 @@ def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: boo
         while width:
             need, guess = _band_forward(fwd, q, k, v, z, carry, out, lse, r0, r1, width,
                                         scale=scale, npos_max=npos_max, causal=causal,
-                                        block=block)
+                                        block=block, thread_heads=paths.thread_heads)
             if need <= width:
                 break
             width = min(max(2 * width, guess), limit)
         for i0, i1, j0, j1, tri in _far_parts(r0, r1, width, k.shape[2], causal):
-            far_out, far_lse = attention_with_lse(q[:, :, i0:i1], k[:, :, j0:j1],
-                                                  v[:, :, j0:j1], scale, tri)
+            far_out, far_lse = attention_with_lse(
+                q[:, :, i0:i1].to(work), k[:, :, j0:j1].to(work), v[:, :, j0:j1].to(work),
+                scale, tri, flash=paths.far == "flash")
             merge_softmax(out[:, :, i0:i1], lse[:, :, i0:i1], far_out,
                           far_lse + z[:, :, i0:i1, npos_max - 1])
         if bands is not None:
@@ -244,8 +252,7 @@ def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: boo
 
 def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
                    npos_max: int, causal: bool, bands: list[tuple[int, int, int]],
-                   block: int = DEFAULT_BLOCK,
-                   compile: bool | None = None) -> torch.Tensor:
+                   block: int = DEFAULT_BLOCK, paths: Paths | None = None) -> torch.Tensor:
     """Gradients of one ``chunk_forward`` given the rows' final (merged) output and lse,
     added into ``grads`` = (dq, dk, dv, dz) (dq without the table term; dk, dv over
     the expanded heads). Returns each row's Σ_j dp_ij over the chunk.
@@ -255,17 +262,21 @@ def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
     softmax row's logit gradients add up to zero over all its keys, so each band subtracts
     its own sum there instead (``cope_blocks.backward_block``), and over all of a row's
     chunks that leaves exactly the sum over its plain keys. ``bands``: the widths
-    ``chunk_forward`` recorded."""
+    ``chunk_forward`` recorded. q, k, v as there; d_out, out, lse and ``grads`` in z's
+    dtype."""
     dq, dk, dv, dz = grads
-    _, bwd = kernels(compile, k.shape[2], q.device)
+    paths = (paths or Paths()).resolve(q.device, k.shape[2])
+    _, bwd = kernels(paths.band)
+    work = z.dtype
     delta = (d_out * out).sum(-1)
     dp_sum = torch.zeros_like(lse)
     for r0, r1, width in bands:
         bands_here = _bands(r0, r1, width, block, causal, k.shape[2], q.shape,
-                            q.device) if width else ()
+                            q.device, paths.thread_heads) if width else ()
         for band in bands_here:
             dq_b, dk_w, dv_w, dz_b, dps = bwd(
-                band.rows(q), band.windows(k), band.windows(v), band.mask(), band.rows(z),
+                band.rows(q).to(work), band.windows(k).to(work), band.windows(v).to(work),
+                band.mask(), band.rows(z),
                 band.rows(carry), band.rows(d_out), band.rows(lse), band.rows(delta), scale,
                 npos_max)
             band.put(dq, dq_b, add=True)
@@ -275,8 +286,10 @@ def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
             band.add_windows(dv, dv_w)
         for i0, i1, j0, j1, tri in _far_parts(r0, r1, width, k.shape[2], causal):
             dq_f, dk_f, dv_f = attention_backward(
-                d_out[:, :, i0:i1], q[:, :, i0:i1], k[:, :, j0:j1], v[:, :, j0:j1],
-                out[:, :, i0:i1], lse[:, :, i0:i1] - z[:, :, i0:i1, npos_max - 1], scale, tri)
+                d_out[:, :, i0:i1], q[:, :, i0:i1].to(work), k[:, :, j0:j1].to(work),
+                v[:, :, j0:j1].to(work), out[:, :, i0:i1],
+                lse[:, :, i0:i1] - z[:, :, i0:i1, npos_max - 1], scale, tri,
+                flash=paths.far == "flash")
             dq[:, :, i0:i1] += dq_f
             dk[:, :, j0:j1] += dk_f
             dv[:, :, j0:j1] += dv_f
@@ -287,8 +300,9 @@ def row_gates(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: fl
               causal: bool, key_start: int = 0) -> torch.Tensor:
     """Gates σ(a_ij) of the query rows ``rows`` (indices into q's rows) for keys k, the
     keys from ``key_start`` on; zero for keys after the row when ``causal``:
-    q [b, h, sq, d], k [b, h, sk, d] -> [b, h, len(rows), sk]."""
-    g = torch.sigmoid(scale * (q[:, :, rows] @ k.transpose(-1, -2)))
+    q [b, h, sq, d], k [b, h, sk, d] -> [b, h, len(rows), sk], in ``work_dtype``."""
+    work = work_dtype(q.dtype)
+    g = torch.sigmoid(scale * (q[:, :, rows].to(work) @ k.to(work).transpose(-1, -2)))
     if causal:
         cols = torch.arange(key_start, key_start + k.shape[2], device=k.device)
         g = g.masked_fill(cols > rows[:, None], 0.0)
@@ -305,7 +319,7 @@ def gate_sums(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: fl
     for i in range(0, rows.numel(), block):
         idx = rows[i:i + block]
         keys = int(idx.max()) + 1 if causal else k.shape[2]
-        acc = q.new_zeros(*q.shape[:2], idx.numel())
+        acc = q.new_zeros(*q.shape[:2], idx.numel(), dtype=work_dtype(q.dtype))
         for j1 in range(keys, 0, -block):
             j0 = max(0, j1 - block)
             acc += row_gates(q, k[:, :, j0:j1], idx, scale=scale, causal=causal,
@@ -313,7 +327,8 @@ def gate_sums(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: fl
             if bool((acc >= limit).all()):
                 break
         sums.append(acc)
-    return torch.cat(sums, -1) if sums else q.new_zeros(*q.shape[:2], 0)
+    return torch.cat(sums, -1) if sums else q.new_zeros(*q.shape[:2], 0,
+                                                        dtype=work_dtype(q.dtype))
 
 
 def table_backward(q: torch.Tensor, pos_emb: torch.Tensor, dz: torch.Tensor
@@ -327,7 +342,7 @@ def table_backward(q: torch.Tensor, pos_emb: torch.Tensor, dz: torch.Tensor
 
 class _CoPEChunked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pos_emb, npos_max, scale, causal, block, compile):
+    def forward(ctx, q, k, v, pos_emb, npos_max, scale, causal, block, paths):
         dtype = q.dtype
         work = work_dtype(dtype)
         # Detached: the compiled band code is specialized on requires_grad.
@@ -338,15 +353,15 @@ class _CoPEChunked(torch.autograd.Function):
         bands: list[tuple[int, int, int]] = []
         out, lse = chunk_forward(q, expand_kv(k, h), expand_kv(v, h), z, carry, scale=scale,
                                  npos_max=npos_max, causal=causal, block=block,
-                                 compile=compile, bands=bands)
+                                 paths=paths, bands=bands)
         ctx.save_for_backward(q, k, v, pos_emb, out, lse)
-        ctx.cfg = (npos_max, scale, causal, block, compile, dtype, bands)
+        ctx.cfg = (npos_max, scale, causal, block, paths, dtype, bands)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, pos_emb, out, lse = ctx.saved_tensors
-        npos_max, scale, causal, block, compile, dtype, bands = ctx.cfg
+        npos_max, scale, causal, block, paths, dtype, bands = ctx.cfg
         h, kv_heads = q.shape[1], k.shape[1]
         z = q @ pos_emb
         d_out = d_out.to(q.dtype).contiguous()
@@ -354,7 +369,7 @@ class _CoPEChunked(torch.autograd.Function):
         dq, dk, dv, dz = (torch.zeros_like(t) for t in (q, ke, ve, z))
         chunk_backward(q, ke, ve, z, torch.zeros_like(lse), d_out, out, lse,
                        (dq, dk, dv, dz), scale=scale, npos_max=npos_max, causal=causal,
-                       block=block, compile=compile, bands=bands)
+                       block=block, paths=paths, bands=bands)
         dq_table, d_emb = table_backward(q, pos_emb, dz)
         dq += dq_table
         dk, dv = reduce_kv_heads(dk, kv_heads), reduce_kv_heads(dv, kv_heads)
@@ -372,13 +387,11 @@ def cope_attention_chunked(
     softmax_scale: float,
     causal: bool = True,
     block: int = DEFAULT_BLOCK,
-    compile: bool | None = None,
+    paths: Paths | None = None,
 ) -> torch.Tensor:
     """q [b, h, s, d]; k, v [b, g, s, d]; pos_emb [h or 1, d, npos] -> [b, h, s, d].
 
-    ``block``: query rows per band block. ``compile``: run the band math fused (False:
-    eagerly in torch) -- on CPU as a C++ kernel, at any length (``ops.cope.native``),
-    elsewhere through torch.compile; None: the same, but torch.compile only from
-    ``cope_blocks.COMPILE_MIN_SEQ`` tokens on.
+    ``block``: query rows per band block. ``paths``: which band math and plain-attention
+    code run (``ops.cope.paths``; None: what the device runs by default).
     """
-    return _CoPEChunked.apply(q, k, v, pos_emb, npos_max, softmax_scale, causal, block, compile)
+    return _CoPEChunked.apply(q, k, v, pos_emb, npos_max, softmax_scale, causal, block, paths)

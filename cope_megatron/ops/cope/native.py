@@ -93,7 +93,7 @@ def compiler() -> str | None:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built kernel, or None, with a warning, where it cannot be built (the band math
-    then runs in torch, slower: see ``cope_blocks.kernels``)."""
+    then runs in torch, slower: see ``ops.cope.paths``)."""
     cxx = compiler()
     if cxx is None:
         warnings.warn("no C++ compiler (g++, c++ or $CXX) for the CoPE CPU kernel: the band "
