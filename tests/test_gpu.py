@@ -125,8 +125,7 @@ def test_activation_estimate_for_125m_on_cuda(pe, dist_cleanup):
     from cope_megatron.model.gpt import build_gpt, loss_sum
 
     init_distributed(1)
-    cfg = load_config(["configs/model/125m.yaml", f"model.pe={pe}", "train.micro_batch_size=2",
-                       "train.precision=bf16"])
+    cfg = load_config(["configs/model/125m.yaml", f"model.pe={pe}", "train.micro_batch_size=2"])
     model = build_gpt(cfg, get_pe(cfg.model.pe), cfg.data.vocab_size).cuda().bfloat16()
     tokens = torch.randint(0, cfg.data.vocab_size, (2, cfg.model.seq_length + 1), device="cuda")
     torch.cuda.synchronize()
