@@ -1,0 +1,108 @@
+"""gpu_suite.json for bench/gpu_suite.sh: the machine, and each stage's status, time and
+results, gathered from the stage's table file.
+
+    python bench/gpu_suite_report.py probe > ENV_JSON        # once, at the start
+    python bench/gpu_suite_report.py write ENV_JSON RECORDS OUT_DIR
+
+``RECORDS`` holds one tab-separated line per finished stage, as the suite writes it:
+letter, name, status, exit code, elapsed seconds, budget seconds, table file, and the
+variants not available (``;``-separated). ``write`` runs after every stage, so a suite cut
+short by the device's own limit still leaves the JSON of what finished; it imports no
+torch, so it costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+TEST_LINE = re.compile(r"^(tests/\S+::\S+)(?: (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b)?")
+SUMMARY_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
+
+
+def probe() -> dict:
+    """The machine and the versions the figures come from."""
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "device_count": torch.cuda.device_count(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "triton": triton_version,
+            "python": platform.python_version(), "dry": os.environ.get("GPU_SUITE_DRY") == "1"}
+
+
+def test_results(text: str) -> dict:
+    """Per-test outcomes of ``pytest -v`` output, the summary counts, and the test that was
+    running when the process died (a test line with no outcome after it)."""
+    outcomes, running = {}, None
+    for line in text.splitlines():
+        match = TEST_LINE.match(line)
+        if match:
+            test, outcome = match.groups()
+            running = None if outcome else test
+            if outcome:
+                outcomes[test] = outcome.lower()
+    summary = [ln for ln in text.splitlines() if ln.startswith("=") and " in " in ln]
+    counts = {k: int(n) for n, k in SUMMARY_COUNT.findall(summary[-1])} if summary else {}
+    return {"tests": outcomes, "counts": counts, "crashed_in": running,
+            "failed": sorted(t for t, o in outcomes.items() if o in ("failed", "error"))}
+
+
+def json_lines(text: str) -> list:
+    """The JSON line each benchmark prints last (one per invocation in the stage)."""
+    found = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return found
+
+
+def stage(fields: list[str], out: Path) -> tuple[str, dict]:
+    letter, name, status, rc, elapsed, budget, table, missing = fields
+    record = {"stage": letter, "status": status, "exit_code": int(rc),
+              "elapsed_s": float(elapsed), "budget_s": float(budget), "table": table or None,
+              "not_available": [m for m in missing.split(";") if m]}
+    path = out / table if table else None
+    if path is not None and path.is_file():
+        text = path.read_text(errors="replace")
+        record["results"] = test_results(text) if name == "tests" else json_lines(text)
+    return name, record
+
+
+def write(env_file: Path, records: Path, out: Path) -> None:
+    env = json.loads(env_file.read_text())
+    stages = dict(stage(line.split("\t"), out)
+                  for line in records.read_text().splitlines() if line.strip())
+    summary = {**env, "stages": stages,
+               "ok": all(s["status"] in ("ok", "skipped") for s in stages.values())}
+    tmp = out / "gpu_suite.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(out / "gpu_suite.json")
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["probe"]:
+        print(json.dumps(probe()))
+    elif sys.argv[1:2] == ["write"] and len(sys.argv) == 5:
+        write(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        sys.exit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
