@@ -43,7 +43,7 @@ def probe() -> dict:
             "python": platform.python_version(), "dry": os.environ.get("GPU_SUITE_DRY") == "1"}
 
 
-def test_results(text: str) -> dict:
+def pytest_outcomes(text: str) -> dict:
     """Per-test outcomes of ``pytest -v`` output, the summary counts, and the test that was
     running when the process died (a test line with no outcome after it)."""
     outcomes, running = {}, None
@@ -80,7 +80,7 @@ def stage(fields: list[str], out: Path) -> tuple[str, dict]:
     path = out / table if table else None
     if path is not None and path.is_file():
         text = path.read_text(errors="replace")
-        record["results"] = test_results(text) if name == "tests" else json_lines(text)
+        record["results"] = pytest_outcomes(text) if name == "tests" else json_lines(text)
     return name, record
 
 
