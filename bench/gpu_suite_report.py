@@ -21,7 +21,11 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-TEST_LINE = re.compile(r"^(tests/\S+::\S+)(?: (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b)?")
+OUTCOMES = "PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS"
+TEST_LINE = re.compile(rf"^(tests/\S+::\S+)(?: ({OUTCOMES})\b)?")
+"""pytest -v: the test's name when it starts, its outcome after it on the same line."""
+WORKER_LINE = re.compile(rf"^\[gw\d+\] \[\s*\d+%\] ({OUTCOMES}) (tests/\S+::\S+)")
+"""pytest -v under xdist: the outcome on a line of its own."""
 SUMMARY_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 
 
@@ -44,19 +48,27 @@ def probe() -> dict:
 
 
 def pytest_outcomes(text: str) -> dict:
-    """Per-test outcomes of ``pytest -v`` output, the summary counts, and the test that was
-    running when the process died (a test line with no outcome after it)."""
-    outcomes, running = {}, None
+    """Per-test outcomes of ``pytest -v`` output (one or more sessions, xdist's too), the
+    summary counts summed, and the tests that started and never ended: the one a crash
+    ended in, or those a cut stopped."""
+    outcomes, started = {}, []
     for line in text.splitlines():
-        match = TEST_LINE.match(line)
-        if match:
+        if match := WORKER_LINE.match(line):
+            outcome, test = match.groups()
+        elif match := TEST_LINE.match(line):
             test, outcome = match.groups()
-            running = None if outcome else test
-            if outcome:
-                outcomes[test] = outcome.lower()
-    summary = [ln for ln in text.splitlines() if ln.startswith("=") and " in " in ln]
-    counts = {k: int(n) for n, k in SUMMARY_COUNT.findall(summary[-1])} if summary else {}
-    return {"tests": outcomes, "counts": counts, "crashed_in": running,
+            started.append(test)
+        else:
+            continue
+        if outcome:
+            outcomes[test] = outcome.lower()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("=") and " in " in line:
+            for n, kind in SUMMARY_COUNT.findall(line):
+                counts[kind] = counts.get(kind, 0) + int(n)
+    return {"tests": outcomes, "counts": counts,
+            "unfinished": [t for t in started if t not in outcomes],
             "failed": sorted(t for t, o in outcomes.items() if o in ("failed", "error"))}
 
 

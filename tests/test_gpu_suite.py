@@ -61,14 +61,26 @@ tests/test_gpu.py::test_b SKIPPED (needs two GPUs)                       [ 75%]
 tests/test_gpu.py::test_c """
 
 
+XDIST_OUTPUT = """tests/test_gpu.py::test_d[x] 
+tests/test_gpu.py::test_e 
+[gw1] [ 50%] PASSED tests/test_gpu.py::test_e 
+[gw0] [100%] PASSED tests/test_gpu.py::test_d[x] 
+===== 2 passed in 9.1s =====
+"""
+
+
 def test_pytest_output_gives_outcomes_failures_and_the_test_a_crash_ended_in():
+    """Serial and xdist output; two sessions' summaries add up."""
     got = pytest_outcomes(PYTEST_OUTPUT)
     assert got["tests"] == {"tests/test_gpu.py::test_a[fp32]": "passed",
                             "tests/test_gpu.py::test_a[bf16]": "failed",
                             "tests/test_gpu.py::test_b": "skipped"}
     assert got["failed"] == ["tests/test_gpu.py::test_a[bf16]"]
-    assert got["crashed_in"] == "tests/test_gpu.py::test_c"
+    assert got["unfinished"] == ["tests/test_gpu.py::test_c"]
     finished = pytest_outcomes(PYTEST_OUTPUT.replace("test_c ", "test_c PASSED") +
-                            "\n===== 1 failed, 2 passed, 1 skipped in 3.2s =====\n")
-    assert finished["crashed_in"] is None
-    assert finished["counts"] == {"failed": 1, "passed": 2, "skipped": 1}
+                               "\n===== 1 failed, 2 passed, 1 skipped in 3.2s =====\n"
+                               + XDIST_OUTPUT)
+    assert finished["unfinished"] == []
+    assert finished["counts"] == {"failed": 1, "passed": 4, "skipped": 1}
+    assert finished["tests"]["tests/test_gpu.py::test_d[x]"] == "passed"
+
