@@ -43,7 +43,7 @@ LOG=$OUT/gpu_suite.log
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
 
 if [ "$DRY" = 1 ]; then
-  # CPU size: the same stages and files in well under a minute.
+  # CPU size: the same stages and files in about a minute.
   export TRITON_INTERPRET=1  # Triton kernels run on the CPU only in its interpreter
   OP_ARGS=(--seqs 64 --heads 2 --head-dim 16 --npos 8 --dtype float32 --reps 1)
   MODELS=("configs/model/debug.yaml")

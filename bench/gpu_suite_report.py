@@ -100,8 +100,9 @@ def write(env_file: Path, records: Path, out: Path) -> None:
     env = json.loads(env_file.read_text())
     stages = dict(stage(line.split("\t"), out)
                   for line in records.read_text().splitlines() if line.strip())
-    summary = {**env, "stages": stages,
-               "ok": all(s["status"] in ("ok", "skipped") for s in stages.values())}
+    summary = {**env, "elapsed_s": round(sum(s["elapsed_s"] for s in stages.values()), 1),
+               "ok": all(s["status"] in ("ok", "skipped") for s in stages.values()),
+               "stages": stages}
     tmp = out / "gpu_suite.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     tmp.replace(out / "gpu_suite.json")
