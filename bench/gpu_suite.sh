@@ -87,9 +87,16 @@ stage_train() {
       case $v in *:*) variants+=("$v,$FUSED_OVERRIDES") ;; *) variants+=("$v:$FUSED_OVERRIDES") ;; esac
     done
   fi
+  local left=${#MODELS[@]} share
   for model in "${MODELS[@]}"; do
+    # Each model gets an equal share of the time left, so a slow one cannot starve the
+    # next; stopped, it still prints the rows it finished. --foreground: the stage's own
+    # timeout must still reach every process here.
+    share=$(((STAGE_BUDGET - SECONDS) / left)) && left=$((left - 1))
+    [ "$share" -gt 0 ] || share=1  # timeout 0 would mean none
     # shellcheck disable=SC2086  # a model is its config file and its overrides
-    "$PY" bench/train_throughput.py $model "${TRAIN_ARGS[@]}" --pes "${variants[@]}" || rc=$?
+    timeout --foreground "$share" \
+      "$PY" bench/train_throughput.py $model "${TRAIN_ARGS[@]}" --pes "${variants[@]}" || rc=$?
   done
   return "$rc"
 }
@@ -138,7 +145,8 @@ run_stage() {
   local dest=$LOG
   [ -n "$table" ] && { dest=$OUT/$table; : >"$dest"; }
   start=$(now)
-  timeout --kill-after=10 "$budget" bash "$0" --stage "$name" >>"$dest" 2>>"$LOG" || rc=$?
+  STAGE_BUDGET=$budget timeout --kill-after=10 "$budget" bash "$0" --stage "$name" \
+    >>"$dest" 2>>"$LOG" || rc=$?
   case $rc in
     0) status=ok ;;
     124 | 137) status=cut ;;

@@ -12,14 +12,16 @@ Each PE trains in its own process (a clean allocator and peak-memory count): the
 engine of ``cope-megatron train``, one process, on random tokens (the data pipeline is
 benchmarked apart, in ``bench/data_pipeline.py``). Steps are timed after ``--warmup``
 steps (compilation, allocator growth) with the device synchronized. Prints a table and,
-last, one JSON line; each row also goes to stderr as it finishes (a run cut short keeps
-them); exits 1 when a variant failed.
+last, one JSON line; each row also goes to stderr as it finishes. Stopped by SIGTERM (a
+time limit), it ends the running variant and prints the rows it has, the rest marked
+"not run"; it exits 1 when a variant failed or did not run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -81,6 +83,15 @@ def measure_one(sources: list[str], steps: int, warmup: int, peak_override: floa
                          devices=1, peak=peak)}
 
 
+class Stopped(Exception):
+    """SIGTERM: time is up."""
+
+
+def stop(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's TERM may come twice
+    raise Stopped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("configs", nargs="+", help="config files, then key=value overrides")
@@ -99,18 +110,23 @@ def main() -> None:
         print(json.dumps({**result, "pe": args.one}))
         return
     rows = []
-    for pe in args.pes:
-        cmd = [sys.executable, __file__, *args.configs, "--one", pe, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
-        if args.peak_tflops:
-            cmd += ["--peak-tflops", str(args.peak_tflops)]
-        child = subprocess.run(cmd, capture_output=True, text=True)
-        if child.returncode != 0:
-            print(f"{pe}: failed\n{child.stderr[-3000:]}", file=sys.stderr, flush=True)
-            rows.append({"pe": pe, "error": last_error(child.stderr)})
-            continue
-        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for pe in args.pes:
+            cmd = [sys.executable, __file__, *args.configs, "--one", pe, "--steps",
+                   str(args.steps), "--warmup", str(args.warmup)]
+            if args.peak_tflops:
+                cmd += ["--peak-tflops", str(args.peak_tflops)]
+            child = subprocess.run(cmd, capture_output=True, text=True)  # killed on Stopped
+            if child.returncode != 0:
+                print(f"{pe}: failed\n{child.stderr[-3000:]}", file=sys.stderr, flush=True)
+                rows.append({"pe": pe, "error": last_error(child.stderr)})
+                continue
+            rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    except Stopped:
+        rows += [{"pe": pe, "error": "not run: stopped (time limit)"}
+                 for pe in args.pes[len(rows):]]
     base = next((r["step_s"] for r in rows if r["pe"] == "rope" and "step_s" in r), None)
     print(f"configs={' '.join(args.configs)} steps={args.steps} warmup={args.warmup}")
     width = max(10, *(len(pe) for pe in args.pes))
