@@ -6,7 +6,7 @@
 #   GPU_SUITE_DRY=1 bash bench/gpu_suite.sh    # anywhere: every stage at CPU size, no install
 #
 # Stages, each under its own budget (seconds on one H100; with the install, under 9 min):
-#   install  the carried wheels into /tmp/site                                       60
+#   install  the carried wheels into /tmp/site (GPU_SUITE_SITE)                      60
 #   a tests  pytest -m gpu: the kernels first (in 4 processes where xdist is), then
 #            the rest; failures go on                                               200
 #   b op     bench/cope_op.py at 2k/8k/32k, bf16, 16 heads x 128: SDPA flash,
@@ -37,6 +37,7 @@ DRY=${GPU_SUITE_DRY:-0}
 PY=${GPU_SUITE_PYTHON:-python3}
 OUT=${OUT:-gpu_suite_out}
 WHEELS=${GPU_SUITE_WHEELS:-.gpu_wheels}
+SITE=${GPU_SUITE_SITE:-/tmp/site}
 STAGES=${GPU_SUITE_STAGES:-a b c d}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_suite.log
@@ -108,7 +109,7 @@ stage_memory() {
 stage_install() {
   [ "$DRY" = 1 ] && { echo "dry run: nothing installed"; return 0; }
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$WHEELS"/*.whl
+    --target "$SITE" "$WHEELS"/*.whl
 }
 
 # Re-entry: a stage runs in its own process so that `timeout` can end it, children included.
@@ -159,7 +160,7 @@ run_stage() {
 "$PY" bench/gpu_suite_report.py probe >"$SCRATCH/env.json"  # torch and Triton are there
 run_stage install install 60 "" ""
 if [ "$DRY" != 1 ]; then
-  export PYTHONPATH=/tmp/site:$PWD
+  export PYTHONPATH=$SITE:$PWD
 else
   export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -31,8 +31,12 @@ SUMMARY_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpasse
 
 def probe() -> dict:
     """The machine and the versions the figures come from."""
-    import torch
-
+    try:
+        import torch
+    except ImportError as e:  # the stages will say more; the JSON is still written
+        return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "device": None, "torch": None, "error": str(e),
+                "python": platform.python_version(), "dry": os.environ.get("GPU_SUITE_DRY") == "1"}
     try:
         import triton
 
