@@ -4,6 +4,11 @@ peak working memory per implementation and sequence length.
     python bench/cope_op.py [--seqs 1024 2048 4096] [--impls chunked reference] [--reps 3]
                             [--gates dense sparse]
 
+Impls: the CoPE op's (``chunked``, ``reference``, ``triton``), and the bias PEs ``alibi``
+and ``t5`` as their own attention modules run them in training today (SDPA with the
+[heads, s, s] bias as its mask, which takes it off the flash backend). A case that runs
+out of device memory is a row saying so.
+
 Gate regimes: ``dense`` draws q, k at random (gates ≈ 0.5, rows saturate npos within a few
 hundred keys); ``sparse`` adds a shared direction with opposite signs to q and k, which
 shifts every logit by about −4 (gates ≈ 0.03, rows saturate only after thousands of keys);
@@ -36,7 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from cope_megatron.config import PEConfig
 from cope_megatron.ops import cope_attention
+from cope_megatron.pe import get_pe
+from cope_megatron.pe.base import AttentionShape
 from cope_megatron.training.metrics import proc_status_kb
 
 
@@ -95,20 +103,33 @@ def case_inputs(seq: int, gates: str, args) -> tuple[list[torch.Tensor], dict]:
     return [q, k, v, 0.1 * torch.randn(1, args.head_dim, args.npos, generator=gen)], {}
 
 
+BIAS_PES = ("alibi", "t5")
+
+
+def bias_attention(pe: str, q: torch.Tensor) -> torch.nn.Module:
+    """The PE's attention module for q's heads and head size, in q's dtype (training mode:
+    the path a training step takes)."""
+    _, heads, _, head_dim = q.shape
+    shape = AttentionShape.of_rank(total_heads=heads, total_kv_heads=heads, head_dim=head_dim)
+    return get_pe(pe).attention(shape, PEConfig()).to(q.device, q.dtype)
+
+
 def make_case(impl: str, seq: int, gates: str, args, device, inputs=None):
     dtype = getattr(torch, args.dtype)
     tensors, options = inputs or case_inputs(seq, gates, args)
     q, k, v, table = (t.to(device, dtype).requires_grad_() for t in tensors)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    attention = bias_attention(impl, q) if impl in BIAS_PES else None
 
     def run():
         if impl == "sdpa":
             out = sdpa(q, k, v)
-            out.backward(grad)
+        elif attention is not None:
+            out = attention(q, k, v)
         else:
             out = cope_attention(q, k, v, table, impl=impl, **options)
-            out.backward(grad)
-        for t in (q, k, v, table):
+        out.backward(grad)
+        for t in (q, k, v, table, *(attention.parameters() if attention else ())):
             t.grad = None
 
     return run
@@ -123,24 +144,30 @@ def add_shape_args(parser: argparse.ArgumentParser, *, heads: int, head_dim: int
 
 def run_cases(args, device, reps: int):
     """{(gates, seq, impl): [seconds]}, {(gates, seq, impl): [peak MB]} over interleaved
-    rounds."""
-    times, mems = {}, {}
+    rounds, and {(gates, seq, impl): error} of the cases that ran out of memory."""
+    times, mems, errors = {}, {}, {}
     for gates in args.gates:
         for seq in args.seqs:
             impls = ["sdpa"] + [i for i in args.impls
                                 if i != "reference" or seq <= args.max_reference_seq]
             inputs = case_inputs(seq, gates, args)
             cases = {impl: make_case(impl, seq, gates, args, device, inputs) for impl in impls}
-            for fn in cases.values():  # warm-up (compilation, allocator)
-                fn()
+            for impl, fn in list(cases.items()):  # warm-up (compilation, allocator)
+                try:
+                    fn()
+                except torch.OutOfMemoryError:
+                    errors[gates, seq, impl] = "out of memory"
+                    del cases[impl]
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
             for _ in range(reps):
                 for impl, fn in cases.items():
                     t, m = measure(fn, device)
                     times.setdefault((gates, seq, impl), []).append(t)
                     mems.setdefault((gates, seq, impl), []).append(m)
     if args.memory_only:
-        return times, [[json.dumps(list(k)), v] for k, v in mems.items()]
-    return times, mems
+        return times, [[json.dumps(list(k)), v] for k, v in mems.items()], errors
+    return times, mems, errors
 
 
 def main() -> None:
@@ -163,13 +190,13 @@ def main() -> None:
     if args.memory_only:
         print(json.dumps(run_cases(args, device, reps=1)[1]))
         return
-    times, mems = run_cases(args, device, args.reps)
+    times, mems, errors = run_cases(args, device, args.reps)
     if device.type == "cpu":
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         child = subprocess.run([sys.executable, *sys.argv, "--memory-only"], env=env,
                                capture_output=True, text=True, check=True)
         mems = {tuple(json.loads(k)): v for k, v in json.loads(child.stdout.splitlines()[-1])}
-    rows = []
+    rows = [{"gates": g, "seq": s, "impl": i, "error": e} for (g, s, i), e in errors.items()]
     for gates, seq, impl in times:
         t = statistics.median(times[gates, seq, impl])
         base = statistics.median(times[gates, seq, "sdpa"])
@@ -181,7 +208,12 @@ def main() -> None:
           + (f" (trained: {args.run} layer {args.layer}, in its own shape)" if args.run else ""))
     print(f"{'gates':>6} {'seq':>6} {'impl':>10} {'fwd+bwd s':>10} {'x SDPA':>7} "
           f"{'peak MB':>9}")
+    order = ["sdpa", *args.impls]
+    rows.sort(key=lambda r: (args.gates.index(r["gates"]), r["seq"], order.index(r["impl"])))
     for r in rows:
+        if "error" in r:
+            print(f"{r['gates']:>6} {r['seq']:>6} {r['impl']:>10} {r['error']}")
+            continue
         print(f"{r['gates']:>6} {r['seq']:>6} {r['impl']:>10} {r['fwd_bwd_s']:>10.5f} "
               f"{r['vs_sdpa']:>7.2f} {r['peak_mb']:>9.1f}")
     print(json.dumps({"device": str(device), "rows": rows}))

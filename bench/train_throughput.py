@@ -4,17 +4,24 @@ peak memory, and the step time relative to RoPE's, measured in the same run.
     python bench/train_throughput.py configs/model/125m.yaml [--pes rope cope alibi]
         [key=value ...] [--steps 20] [--warmup 5] [--peak-tflops X]
 
+A PE may carry its own overrides after a colon, comma-separated, e.g.
+``--pes rope cope:pe.cope.impl=triton cope:pe.cope.impl=chunked``: each such variant is
+a row of its own, labelled as written.
+
 Each PE trains in its own process (a clean allocator and peak-memory count): the DeepSpeed
 engine of ``cope-megatron train``, one process, on random tokens (the data pipeline is
 benchmarked apart, in ``bench/data_pipeline.py``). Steps are timed after ``--warmup``
 steps (compilation, allocator growth) with the device synchronized. Prints a table and,
-last, one JSON line.
+last, one JSON line; each row also goes to stderr as it finishes. Stopped by SIGTERM (a
+time limit), it ends the running variant and prints the rows it has, the rest marked
+"not run"; it exits 1 when a variant failed or did not run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -25,13 +32,25 @@ from cope_megatron.pe import get_pe
 from cope_megatron.training.metrics import peak_memory_gib
 
 
+def split_variant(spec: str) -> tuple[str, list[str]]:
+    """``pe[:key=value,...]`` -> (pe, overrides)."""
+    pe, _, overrides = spec.partition(":")
+    return pe, [o for o in overrides.split(",") if o]
+
+
+def last_error(stderr: str) -> str:
+    """The exception line of a failed child's stderr (warnings at exit may follow it)."""
+    lines = stderr.strip().splitlines() or ["(no output)"]
+    return next((ln for ln in reversed(lines) if "Error" in ln), lines[-1])
+
+
 def measure_one(sources: list[str], steps: int, warmup: int, peak_override: float | None
                 ) -> dict:
     from cope_megatron.config import load_config, padded_vocab_size
     from cope_megatron.distributed.parallel import init_distributed, seed_everything
     from cope_megatron.estimate.flops import flops_per_token, peak_tflops, throughput
     from cope_megatron.model.gpt import lm_loss
-    from cope_megatron.trainer import build_engine
+    from cope_megatron.training.engine import build_engine
 
     cfg = load_config(sources)
     env = init_distributed(cfg.parallel.tensor, cfg.parallel.context)
@@ -64,10 +83,20 @@ def measure_one(sources: list[str], steps: int, warmup: int, peak_override: floa
                          devices=1, peak=peak)}
 
 
+class Stopped(Exception):
+    """SIGTERM: time is up."""
+
+
+def stop(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's TERM may come twice
+    raise Stopped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("configs", nargs="+", help="config files, then key=value overrides")
-    parser.add_argument("--pes", nargs="+", default=["rope", "cope", "alibi"])
+    parser.add_argument("--pes", nargs="+", default=["rope", "cope", "alibi"],
+                        help="PEs, each optionally PE:key=value,... (module docstring)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=None)
@@ -75,37 +104,46 @@ def main() -> None:
     args = parser.parse_args()
     sources = [*args.configs, "logging.wandb=disabled", "logging.progress=false"]
     if args.one:
-        result = measure_one([*sources, f"model.pe={args.one}"], args.steps, args.warmup,
+        pe, overrides = split_variant(args.one)
+        result = measure_one([*sources, f"model.pe={pe}", *overrides], args.steps, args.warmup,
                              args.peak_tflops)
-        print(json.dumps(result))
+        print(json.dumps({**result, "pe": args.one}))
         return
     rows = []
-    for pe in args.pes:
-        cmd = [sys.executable, __file__, *args.configs, "--one", pe, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
-        if args.peak_tflops:
-            cmd += ["--peak-tflops", str(args.peak_tflops)]
-        child = subprocess.run(cmd, capture_output=True, text=True)
-        if child.returncode != 0:
-            print(f"{pe}: failed\n{child.stderr[-3000:]}", file=sys.stderr)
-            rows.append({"pe": pe, "error": child.stderr.strip().splitlines()[-1:]})
-            continue
-        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        for pe in args.pes:
+            cmd = [sys.executable, __file__, *args.configs, "--one", pe, "--steps",
+                   str(args.steps), "--warmup", str(args.warmup)]
+            if args.peak_tflops:
+                cmd += ["--peak-tflops", str(args.peak_tflops)]
+            child = subprocess.run(cmd, capture_output=True, text=True)  # killed on Stopped
+            if child.returncode != 0:
+                print(f"{pe}: failed\n{child.stderr[-3000:]}", file=sys.stderr, flush=True)
+                rows.append({"pe": pe, "error": last_error(child.stderr)})
+                continue
+            rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    except Stopped:
+        rows += [{"pe": pe, "error": "not run: stopped (time limit)"}
+                 for pe in args.pes[len(rows):]]
     base = next((r["step_s"] for r in rows if r["pe"] == "rope" and "step_s" in r), None)
     print(f"configs={' '.join(args.configs)} steps={args.steps} warmup={args.warmup}")
-    print(f"{'pe':>10} {'step s':>8} {'x RoPE':>7} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} "
+    width = max(10, *(len(pe) for pe in args.pes))
+    print(f"{'pe':>{width}} {'step s':>8} {'x RoPE':>7} {'tok/s':>9} {'TFLOP/s':>8} {'MFU':>6} "
           f"{'peak MB':>9} {'loss':>13}")
     for r in rows:
         if "error" in r:
-            print(f"{r['pe']:>10} failed: {r['error']}")
+            print(f"{r['pe']:>{width}} failed: {r['error']}")
             continue
         r["vs_rope"] = r["step_s"] / base if base else None
         mfu = f"{100 * r['mfu']:5.1f}%" if r["mfu"] is not None else "   n/a"
         ratio = f"{r['vs_rope']:7.2f}" if base else "    n/a"
-        print(f"{r['pe']:>10} {r['step_s']:8.3f} {ratio} {r['tokens_per_s']:9.0f} "
+        print(f"{r['pe']:>{width}} {r['step_s']:8.3f} {ratio} {r['tokens_per_s']:9.0f} "
               f"{r['tflops_per_device']:8.1f} {mfu} {r['peak_mb']:9.0f} "
               f"{r['first_loss']:6.2f}>{r['last_loss']:5.2f}")
     print(json.dumps({"configs": args.configs, "rows": rows}))
+    sys.exit(1 if any("error" in r for r in rows) else 0)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from cope_megatron.estimate import (
     smallest_fitting_change,
 )
 from cope_megatron.estimate.flops import flops_per_token, throughput
+from cope_megatron.estimate.memory import saved_for_backward
 from cope_megatron.pe import REGISTRY, get_pe
 from tests.helpers import debug_overrides
 
@@ -46,26 +47,6 @@ def test_parameter_count_matches_the_model_built_on_meta(model, one_process):
             gpt = build_gpt(cfg, get_pe(cfg.model.pe), cfg.data.vocab_size)
         built = sum(p.numel() for p in gpt.parameters())
         assert parameters(cfg, get_pe(cfg.model.pe), cfg.data.vocab_size) == built, (model, name)
-
-
-def saved_for_backward(model: torch.nn.Module, tokens: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for backward in the model's loss on
-    ``tokens``, parameters excluded: the activation memory a forward leaves for its
-    backward."""
-    from cope_megatron.model.gpt import loss_sum
-
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in weights:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss_sum(model, tokens)
-    return sum(storages.values())
 
 
 @pytest.mark.parametrize("model", ["debug", "tiny"])

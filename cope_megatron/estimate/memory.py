@@ -3,6 +3,8 @@ activations each layer keeps for backward (the package docstring says how)."""
 
 from __future__ import annotations
 
+import torch
+
 from cope_megatron.config import Config, Layout, padded_vocab_size
 from cope_megatron.pe import PositionEncoding
 
@@ -84,3 +86,23 @@ def activation_bytes(cfg: Config, pe: PositionEncoding, layout: Layout,
     working = {"none": 0.0, "selective": layer("none") - layer("selective"),
                "full": layer("none")}[recompute]
     return {"saved": m.num_layers * layer(recompute) + ends, "working": working}
+
+
+def saved_for_backward(model: torch.nn.Module, tokens: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward in the model's loss on
+    ``tokens``, parameters excluded: the activation memory a forward leaves for its
+    backward, measured (what ``activation_bytes`` estimates as ``saved``)."""
+    from cope_megatron.model.gpt import loss_sum
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum(model, tokens)
+    return sum(storages.values())
