@@ -36,7 +36,7 @@ def main() -> None:
     from cope_megatron.config import DataConfig
     from cope_megatron.data.format import file_sha256, read_manifest
     from cope_megatron.data.prep.prep import prepare
-    from tests.conftest import write_corpus
+    from tests.helpers import write_corpus
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq", type=int, default=128)
