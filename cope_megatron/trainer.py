@@ -264,6 +264,7 @@ class Trainer:
         return tag
 
     def close(self) -> None:
+        self.data.close()
         self.metrics.close()
         self.preemption.close()
         self.lock.release()

@@ -126,7 +126,7 @@ class ResumableLoader:
             parts = [next(self._it) for _ in range(self._workers)]
             for part in parts:
                 if "data_error" in part:
-                    self._it = None  # stops the workers now, not whenever this is collected
+                    self.close()
                     raise DataError(part["data_error"])
             self._skipped = [int(p.pop("skipped_shards")) for p in parts]
             step = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -135,6 +135,12 @@ class ResumableLoader:
                              for i in range(0, len(step["tokens"]), mb)]
             self.steps += 1
         return self._pending.pop(0)
+
+    def close(self) -> None:
+        """Stop the workers now. Left to the garbage collector (a trainer's references form
+        cycles), their queues may be finalized first: each worker then waits out a 5 s
+        timeout before it is terminated."""
+        self._it = None
 
     @property
     def skipped_shards(self) -> int:

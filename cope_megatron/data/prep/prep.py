@@ -84,18 +84,10 @@ def check_fingerprint(out: Path, fingerprint: dict, *, force: bool = False) -> N
         path.write_text(json.dumps(fingerprint, indent=1))
 
 
-def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
-            force: bool = False) -> dict:
-    """Run the whole prep into ``data.shards`` and return the manifest (also written there).
-
-    Samples hold ``seq_len + 1`` tokens; ``seed`` fixes the validation split; ``force``
-    writes into a non-empty directory prep did not write.
-    """
-    out = Path(data.shards)
-    files = resolve_sources(data.corpus, data.cache_dir)
-    # Everything the shards depend on: a directory prepared from other inputs is refused,
-    # whether that prep finished or was interrupted.
-    fingerprint = {
+def _fingerprint(data: DataConfig, files: list[Path], seq_len: int, seed: int) -> dict:
+    """Everything the shards depend on: a directory prepared from other inputs is refused,
+    whether that prep finished or was interrupted."""
+    return {
         "files": [[str(f), f.stat().st_size] for f in files], "seq_len": seq_len,
         "seed": seed, "val_fraction": data.val_fraction, "max_docs": data.max_docs,
         "text_field": data.text_field,
@@ -107,6 +99,33 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
             **({"max_line_chars": data.max_line_chars}
                if data.max_line_chars != DataConfig().max_line_chars else {})},
     }
+
+
+def _tokenizer(data: DataConfig, files: list[Path], out: Path) -> Path:
+    """The data set's tokenizer in ``out``: the given one, one an interrupted earlier run
+    trained, or one trained now on ``files``."""
+    if data.tokenizer:
+        return install_tokenizer(data.tokenizer, out)
+    if (out / "tokenizer.model").exists():
+        return out / "tokenizer.model"
+    return train_tokenizer(
+        files, out, vocab_size=data.vocab_size, model_type=data.tokenizer_type,
+        byte_fallback=data.byte_fallback, user_symbols=data.user_symbols,
+        sample_bytes=data.tokenizer_sample_bytes, text_field=data.text_field,
+        max_line_chars=data.max_line_chars, decode_errors=data.decode_errors,
+    )
+
+
+def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
+            force: bool = False) -> dict:
+    """Run the whole prep into ``data.shards`` and return the manifest (also written there).
+
+    Samples hold ``seq_len + 1`` tokens; ``seed`` fixes the validation split; ``force``
+    writes into a non-empty directory prep did not write.
+    """
+    out = Path(data.shards)
+    files = resolve_sources(data.corpus, data.cache_dir)
+    fingerprint = _fingerprint(data, files, seq_len, seed)
     if not has_manifest(out):  # before the fingerprint, so a fixed input is not "other"
         check_has_text(files, data.text_field, data.decode_errors)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,17 +134,7 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
         return read_manifest(out)
     started = time.time()
 
-    if data.tokenizer:
-        tok_path = install_tokenizer(data.tokenizer, out)
-    elif (out / "tokenizer.model").exists():
-        tok_path = out / "tokenizer.model"  # trained by an interrupted earlier run
-    else:
-        tok_path = train_tokenizer(
-            files, out, vocab_size=data.vocab_size, model_type=data.tokenizer_type,
-            byte_fallback=data.byte_fallback, user_symbols=data.user_symbols,
-            sample_bytes=data.tokenizer_sample_bytes, text_field=data.text_field,
-            max_line_chars=data.max_line_chars, decode_errors=data.decode_errors,
-        )
+    tok_path = _tokenizer(data, files, out)
     sp = load_tokenizer(tok_path)
     vocab = sp.get_piece_size()
     dtype = token_dtype(vocab)
