@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
+import deepspeed.ops
 import torch
 from megatron.core.models.common.embeddings import (
     rotary_pos_embedding,
@@ -65,6 +66,9 @@ def apply_cpu_compat() -> None:
       restore of the CUDA generator becomes a no-op (it restores the CPU one as well).
     - RoPE under context parallelism slices its table with a pinned CUDA index: the
       modules that imported it by name get :func:`pos_emb_on_this_cp_rank`.
+    - DeepSpeed compiles a shared-memory all-reduce on the CPU for its inference path,
+      which training never takes: about 30 s of g++ in every new environment (the build
+      is keyed by its source path). It is marked unavailable, so nothing is built.
     """
     if torch.cuda.is_available():
         return
@@ -76,3 +80,6 @@ def apply_cpu_compat() -> None:
     if not isinstance(mp_random._CUDA_RNG_STATE_TRACKER, CPURNGStatesTracker):
         mp_random._CUDA_RNG_STATE_TRACKER = CPURNGStatesTracker()
         mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
