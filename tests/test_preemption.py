@@ -54,12 +54,18 @@ def test_stop_signal_saves_exits_zero_and_resumes_exactly(prepared, straight, tm
     shards, _, _ = prepared
 
     run = tmp_path / "stopped"
-    proc = start(shards, run)
+    args = debug_overrides(shards, run, **{"train.steps": 30})
+    proc = fork(train_saving_on_cue, args, tmp_path, log=f"{run}.log")
     wait_for_steps(proc, run, random.Random(sig).randint(2, 8))
     os.kill(proc.pid, sig)
-    if twice:  # the second lands during the step or the save it triggers
-        time.sleep(0.05)
+    if twice:  # the second lands during the save the first one asked for
+        deadline = time.time() + 60
+        while not (tmp_path / "saving").exists():
+            assert time.time() < deadline and proc.is_alive()
+            time.sleep(0.01)
         os.kill(proc.pid, sig)
+        time.sleep(0.1)  # delivered before the save goes on
+    (tmp_path / "go").touch()
     out = finish(proc, run)
     step = len(losses(run))
     assert f"stopped by {sig.name} after step {step}" in out
@@ -69,6 +75,26 @@ def test_stop_signal_saves_exits_zero_and_resumes_exactly(prepared, straight, tm
     finish(start(shards, run), run)
     assert losses(run) == straight
     assert (run / "eval.json").exists()
+
+
+def train_saving_on_cue(args: list[str], cues) -> int:
+    """``cope-megatron train ARGS`` (on a forked process) whose save after a stop signal
+    announces itself (``cues``/saving) and waits for ``cues``/go: a second signal is then
+    sent inside the save, not after the process has gone."""
+    from cope_megatron import trainer as trainer_module
+
+    save = trainer_module.Trainer.save
+
+    def save_on_cue(self) -> str:
+        if self.preemption.received:
+            (cues / "saving").touch()
+            deadline = time.monotonic() + 60
+            while not (cues / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return save(self)
+
+    trainer_module.Trainer.save = save_on_cue  # this process's: it exits after
+    return cli(["train", *args])
 
 
 def test_retention_keeps_the_newest_complete_checkpoints(prepared, tmp_path, dist_cleanup):
