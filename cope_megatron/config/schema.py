@@ -80,6 +80,12 @@ class PEConfig:
     cope: CopeOptions = field(default_factory=CopeOptions)
     alibi: AlibiOptions = field(default_factory=AlibiOptions)
     t5: T5Options = field(default_factory=T5Options)
+    bias_kernel: Literal["auto", "flex", "materialized"] = "auto"
+    """How a distance-bias PE (ALiBi, T5) attends on one context-parallel rank:
+    ``materialized`` hands SDPA an [s, s] bias (the reference; off the flash backend),
+    ``flex`` runs FlexAttention with the bias read per (head, distance) (compiled on CUDA;
+    no dropout; on CPU forward only), ``auto`` is materialized until the GPU suite has
+    measured flex (``AUTO_FLEX_ON_CUDA`` in ``pe/base.py``)."""
 
 
 @dataclass(kw_only=True, slots=True)

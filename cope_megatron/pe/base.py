@@ -30,6 +30,12 @@ from torch import nn
 from cope_megatron.config import Config, PEConfig
 from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.ops.context_parallel.softmax import ring_attention
+from cope_megatron.ops.flex_bias import flex_bias_attention
+
+AUTO_FLEX_ON_CUDA = False
+"""``pe.bias_kernel=auto`` on CUDA: FlexAttention once the GPU suite has measured it faster
+than the materialized bias (``bench/gpu_suite.sh``, stages b and c); CPU stays materialized
+(FlexAttention has no backward there)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ class CausalAttention(nn.Module):
     def __init__(self, shape: AttentionShape, options: PEConfig) -> None:
         super().__init__()
         self.shape = shape
+        self.bias_kernel = options.bias_kernel
 
     def distance_bias(self, length: int, device: torch.device) -> torch.Tensor | None:
         """Logit bias per head for distances 0..length−1, [heads, length]; None for none."""
@@ -88,6 +95,8 @@ class CausalAttention(nn.Module):
         bias = self.distance_bias(s, q.device)
         if bias is None:
             return self._sdpa(q, k, v, None)
+        if self._flex(q.device):
+            return flex_bias_attention(q, k, v, bias, softmax_scale=self.shape.softmax_scale)
         if torch.is_grad_enabled():  # training: one [s, s] bias, SDPA's fused backward
             return self._sdpa(q, k, v, _causal_bias(bias, 0, s, q.dtype))
         # Evaluation: query blocks against their keys, so memory is linear in s and a
@@ -97,6 +106,12 @@ class CausalAttention(nn.Module):
                        v[:, :, :i0 + EVAL_BLOCK],
                        _causal_bias(bias, i0, min(s, i0 + EVAL_BLOCK), q.dtype))
             for i0 in range(0, s, EVAL_BLOCK)], dim=2)
+
+    def _flex(self, device: torch.device) -> bool:
+        """Whether the bias goes to FlexAttention rather than a materialized SDPA mask."""
+        if self.bias_kernel == "auto":
+            return AUTO_FLEX_ON_CUDA and device.type == "cuda"
+        return self.bias_kernel == "flex"
 
     def _sdpa(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         return F.scaled_dot_product_attention(

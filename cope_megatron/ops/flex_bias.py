@@ -1,0 +1,46 @@
+"""Causal attention with a per-head distance bias on FlexAttention (a flash-class kernel):
+the bias is read inside the kernel as ``bias[h, i − j]``, never materialized as [s, s].
+
+On CUDA ``flex_attention`` is compiled (uncompiled it materializes the scores); on CPU it
+runs eager and forward only (torch 2.13 has no FlexAttention backward on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+@functools.lru_cache(maxsize=8)
+def causal_block_mask(length: int, device: torch.device) -> BlockMask:
+    """The causal block mask for ``length`` tokens on ``device``, built once: blocks above
+    the diagonal are skipped, not computed and masked."""
+    # _compile: built without the dense [s, s] mask, which at 32k would be 1 GiB.
+    return create_block_mask(_causal, None, None, length, length, device=device,
+                             _compile=device.type == "cuda")
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                        *, softmax_scale: float) -> torch.Tensor:
+    """q: [b, h, s, d]; k, v: [b, g, s, d] (g divides h); bias: [h, s], the logit bias of
+    distance i − j of each head -> [b, h, s, d]. Gradients reach q, k, v and ``bias``."""
+    def score_mod(score, b, h, q_idx, kv_idx):
+        # Entries above the diagonal are masked by the block mask, but partial blocks still
+        # evaluate them: clamp so their (discarded) index stays in range.
+        return score + bias[h, (q_idx - kv_idx).clamp(min=0)]
+
+    attend = _compiled_flex() if q.is_cuda else flex_attention
+    return attend(q, k, v, score_mod=score_mod,
+                  block_mask=causal_block_mask(q.shape[2], q.device), scale=softmax_scale,
+                  enable_gqa=k.shape[1] != q.shape[1])

@@ -1,0 +1,44 @@
+"""The FlexAttention bias kernel (``pe.bias_kernel=flex``) against the materialized bias
+(the reference), forward only: torch 2.13 has no FlexAttention backward on CPU (eager or
+compiled; the backward is in ``tests/test_gpu.py``). fp32, so the two differ only by
+summation order: held to 1e-5 absolute on outputs of order 1."""
+
+import pytest
+import torch
+
+from cope_megatron.config import ConfigError, PEConfig, load_config, validate
+from cope_megatron.pe import get_pe
+from cope_megatron.pe.base import AttentionShape
+
+# TP rank 1 of 2 (head_offset 6 of 12), GQA 6 query heads over 2 kv heads, 200 tokens:
+# not a multiple of the 128-token block, so the diagonal blocks are partial.
+SHAPE = AttentionShape.of_rank(total_heads=12, total_kv_heads=4, head_dim=16, tp_size=2,
+                               tp_rank=1)
+LENGTH = 200
+
+
+def attention(pe: str, kernel: str) -> torch.nn.Module:
+    torch.manual_seed(0)  # the same T5 table for both kernels
+    return get_pe(pe).attention(SHAPE, PEConfig(bias_kernel=kernel)).eval()
+
+
+@pytest.mark.parametrize("pe", ["alibi", "t5"])
+def test_flex_matches_materialized_bias(pe):
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, SHAPE.num_heads, LENGTH, SHAPE.head_dim, generator=gen)
+    k, v = (torch.randn(2, SHAPE.num_kv_heads, LENGTH, SHAPE.head_dim, generator=gen)
+            for _ in range(2))
+    flex, reference = attention(pe, "flex"), attention(pe, "materialized")
+    with torch.no_grad():
+        torch.testing.assert_close(flex(q, k, v), reference(q, k, v), rtol=0, atol=1e-5)
+
+
+def test_flex_refuses_attention_dropout():
+    cfg = load_config(["pe.bias_kernel=flex", "model.attention_dropout=0.1"])
+    with pytest.raises(ConfigError, match="^pe.bias_kernel: FlexAttention has no dropout"):
+        validate(cfg)
+
+
+def test_unknown_bias_kernel_names_the_key():
+    with pytest.raises(ConfigError, match="^pe.bias_kernel: "):
+        load_config(["pe.bias_kernel=fast"])
