@@ -14,10 +14,11 @@ import math
 import pytest
 import torch
 
-from cope_megatron.config import Layout, load_config
+from cope_megatron.config import Layout, PEConfig, load_config
 from cope_megatron.ops import cope_attention
 from cope_megatron.ops.cope.reference import cope_attention_reference
 from cope_megatron.pe import REGISTRY, get_pe
+from cope_megatron.pe.base import AttentionShape
 from tests.helpers import debug_overrides
 
 pytestmark = [
@@ -85,6 +86,32 @@ def test_chunked_op_on_cuda_matches_float64_reference():
     want = torch.autograd.grad(ref, exact, grad)
     errors = [relative_error(a, w) for a, w in zip((out, *got), (ref, *want))]
     assert max(errors) < TOLERANCE[torch.float32], errors
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("pe", ["alibi", "t5"])
+def test_flex_bias_kernel_on_cuda_matches_float64_materialized(pe, dtype):
+    """``pe.bias_kernel=flex`` (compiled FlexAttention) against the materialized bias in
+    float64, forward and the gradients of q, k, v and T5's table; TP rank 1 of 2 with GQA,
+    333 tokens (partial blocks)."""
+    shape = AttentionShape.of_rank(total_heads=8, total_kv_heads=4, head_dim=64, tp_size=2,
+                                   tp_rank=1)
+    modules = []
+    for kernel in ("flex", "materialized"):
+        torch.manual_seed(0)  # the same T5 table for both
+        modules.append(get_pe(pe).attention(shape, PEConfig(bias_kernel=kernel)).cuda())
+    flex, reference = modules[0].to(dtype), modules[1].double()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs = [torch.randn(1, h, 333, 64, generator=gen, device="cuda", dtype=torch.float64)
+              for h in (shape.num_heads, shape.num_kv_heads, shape.num_kv_heads)]
+    fast = [t.to(dtype).requires_grad_() for t in inputs]
+    exact = [t.detach().double().requires_grad_() for t in fast]
+    out, ref = flex(*fast), reference(*exact)
+    grad = torch.randn(ref.shape, generator=gen, device="cuda", dtype=torch.float64)
+    got = torch.autograd.grad(out, [*fast, *flex.parameters()], grad.to(dtype))
+    want = torch.autograd.grad(ref, [*exact, *reference.parameters()], grad)
+    errors = [relative_error(a, w) for a, w in zip((out, *got), (ref, *want))]
+    assert max(errors) < TOLERANCE[dtype], errors
 
 
 TRAINING = {pe: {} for pe in sorted(REGISTRY)} | {"cope_triton": {"pe.cope.impl": "triton"}}
