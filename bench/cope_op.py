@@ -6,8 +6,10 @@ peak working memory per implementation and sequence length.
 
 Impls: the CoPE op's (``chunked``, ``reference``, ``triton``), and the bias PEs ``alibi``
 and ``t5`` as their own attention modules run them in training today (SDPA with the
-[heads, s, s] bias as its mask, which takes it off the flash backend). A case that runs
-out of device memory is a row saying so.
+[heads, s, s] bias as its mask, which takes it off the flash backend), and ``alibi_flex``,
+``t5_flex`` the same modules on ``pe.bias_kernel=flex`` (compiled FlexAttention on CUDA).
+A case that runs out of device memory, or has no backward on the device (FlexAttention on
+CPU), is a row saying so.
 
 Gate regimes: ``dense`` draws q, k at random (gates ≈ 0.5, rows saturate npos within a few
 hundred keys); ``sparse`` adds a shared direction with opposite signs to q and k, which
@@ -103,15 +105,18 @@ def case_inputs(seq: int, gates: str, args) -> tuple[list[torch.Tensor], dict]:
     return [q, k, v, 0.1 * torch.randn(1, args.head_dim, args.npos, generator=gen)], {}
 
 
-BIAS_PES = ("alibi", "t5")
+BIAS_IMPLS = {"alibi": ("alibi", "materialized"), "t5": ("t5", "materialized"),
+              "alibi_flex": ("alibi", "flex"), "t5_flex": ("t5", "flex")}
+"""impl -> (PE, ``pe.bias_kernel``)."""
 
 
-def bias_attention(pe: str, q: torch.Tensor) -> torch.nn.Module:
-    """The PE's attention module for q's heads and head size, in q's dtype (training mode:
-    the path a training step takes)."""
+def bias_attention(impl: str, q: torch.Tensor) -> torch.nn.Module:
+    """The PE's attention module on its bias kernel for q's heads and head size, in q's
+    dtype (training mode: the path a training step takes)."""
+    pe, kernel = BIAS_IMPLS[impl]
     _, heads, _, head_dim = q.shape
     shape = AttentionShape.of_rank(total_heads=heads, total_kv_heads=heads, head_dim=head_dim)
-    return get_pe(pe).attention(shape, PEConfig()).to(q.device, q.dtype)
+    return get_pe(pe).attention(shape, PEConfig(bias_kernel=kernel)).to(q.device, q.dtype)
 
 
 def make_case(impl: str, seq: int, gates: str, args, device, inputs=None):
@@ -119,7 +124,7 @@ def make_case(impl: str, seq: int, gates: str, args, device, inputs=None):
     tensors, options = inputs or case_inputs(seq, gates, args)
     q, k, v, table = (t.to(device, dtype).requires_grad_() for t in tensors)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    attention = bias_attention(impl, q) if impl in BIAS_PES else None
+    attention = bias_attention(impl, q) if impl in BIAS_IMPLS else None
 
     def run():
         if impl == "sdpa":
@@ -160,6 +165,9 @@ def run_cases(args, device, reps: int):
                     del cases[impl]
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
+                except NotImplementedError:
+                    errors[gates, seq, impl] = f"no backward on {device.type}"
+                    del cases[impl]
             for _ in range(reps):
                 for impl, fn in cases.items():
                     t, m = measure(fn, device)

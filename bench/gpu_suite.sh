@@ -10,9 +10,10 @@
 #   a tests  pytest -m gpu: the kernels first (in 4 processes where xdist is), then
 #            the rest; failures go on                                               200
 #   b op     bench/cope_op.py at 2k/8k/32k, bf16, 16 heads x 128: SDPA flash,
-#            Triton CoPE dense and sparse, the chunked op, ALiBi and T5              90
-#   c train  bench/train_throughput.py, 125M and 1.3B: RoPE, ALiBi, CoPE (Triton,
-#            chunked): tokens/s, MFU, peak memory                                   160
+#            Triton CoPE dense and sparse, the chunked op, ALiBi and T5 (materialized
+#            bias and FlexAttention)                                                90
+#   c train  bench/train_throughput.py, 125M and 1.3B: RoPE, ALiBi (materialized and
+#            flex), CoPE (Triton, chunked): tokens/s, MFU, peak memory              160
 #   d memory bench/activation_memory.py: the 125M activation estimate against the
 #            allocator                                                               30
 # A stage over its budget is cut ("cut"), one that exits non-zero "failed"; either way the
@@ -30,7 +31,7 @@ set -euo pipefail
 # Variants that wait on features not built yet, reported "not available" while empty;
 # each is a one-line change when its feature lands.
 FUSED_OVERRIDES=""  # c: the overrides that turn the fusions on, comma-separated
-BIAS_KERNEL_IMPLS=""  # b: bench/cope_op.py impls of ALiBi and T5 on the chosen kernel
+BIAS_KERNEL_IMPLS="alibi_flex t5_flex"  # b: bench/cope_op.py impls of ALiBi and T5 on FlexAttention
 
 cd "$(dirname "$0")/.."
 DRY=${GPU_SUITE_DRY:-0}
@@ -56,7 +57,8 @@ else
   MODELS=("configs/model/125m.yaml train.micro_batch_size=8"
           "configs/model/1.3b.yaml train.micro_batch_size=4")
   TRAIN_ARGS=(--steps 10 --warmup 3)
-  TRAIN_VARIANTS=(rope alibi cope:pe.cope.impl=triton cope:pe.cope.impl=chunked)
+  TRAIN_VARIANTS=(rope alibi alibi:pe.bias_kernel=flex cope:pe.cope.impl=triton
+                  cope:pe.cope.impl=chunked)
   MEMORY_MODEL=(configs/model/125m.yaml train.micro_batch_size=2)
 fi
 
