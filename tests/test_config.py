@@ -44,6 +44,7 @@ def test_override_types_and_lists():
     ("train.steps=1.5", "train.steps"),
     ("parallel.sequence=3", "parallel.sequence"),
     ("train.precision=fp8", "train.precision"),
+    ("pe.bias_kernel=fast", "pe.bias_kernel"),
     ("model=3", "model"),
 ])
 def test_unknown_keys_and_wrong_types_are_errors(source, needle):
@@ -70,6 +71,8 @@ def test_missing_config_file_is_an_error(tmp_path):
     (["parallel.context=2", "model.pe=cope", "pe.cope.impl=reference"], 2, "pe.cope.impl"),
     (["model.pe=cope_rope", "pe.cope.npos_max=1"], 1, "pe.cope.npos_max"),
     (["model.pe=cope", "model.attention_dropout=0.1"], 1, "model.attention_dropout"),
+    (["model.pe=alibi", "pe.bias_kernel=flex", "model.attention_dropout=0.1"], 1,
+     "pe.bias_kernel"),
     (["model.pe=fancy"], 1, "model.pe"),
     (["parallel.sequence=true"], 1, "parallel.sequence"),
     (["zero.stage=4"], 1, "zero.stage"),
@@ -158,7 +161,8 @@ PUBLIC_KEYS = """
     model.num_query_groups model.ffn_hidden_size model.seq_length model.attention_dropout
     model.hidden_dropout model.init_method_std model.normalization model.untie_embeddings
     pe.rope.base pe.cope.npos_max pe.cope.shared_table pe.cope.impl pe.alibi.slopes
-    pe.t5.num_buckets pe.t5.max_distance parallel.tensor parallel.sequence parallel.context
+    pe.t5.num_buckets pe.t5.max_distance pe.bias_kernel parallel.tensor parallel.sequence
+    parallel.context
     zero.stage zero.deepspeed data.corpus data.cache_dir data.shards data.tokenizer
     data.tokenizer_type data.vocab_size data.byte_fallback data.user_symbols data.text_field
     data.val_fraction data.shard_max_bytes data.prep_workers data.tokenizer_sample_bytes

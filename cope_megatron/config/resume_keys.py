@@ -30,6 +30,7 @@ _TABLE: dict[str, str] = {
     "model.*": REFUSED,
     "pe.*": REFUSED,
     "pe.cope.impl": ALLOWED,  # an implementation of the same function
+    "pe.bias_kernel": ALLOWED,  # the same attention on another kernel
     # The data and its order.
     "data.tokenizer_sha256": REFUSED,
     "data.shards_fingerprint": REFUSED,
