@@ -115,6 +115,18 @@ def test_tensor_parallel_splits_memory_per_gpu():
     assert two.activations["none"] == pytest.approx(one.activations["none"] / 2, rel=0.01)
 
 
+def test_flex_bias_kernel_keeps_no_square_bias():
+    """ALiBi on FlexAttention keeps what NoPE keeps; on the materialized bias, more."""
+    def saved(*overrides: str) -> float:
+        cfg = load_config([str(CONFIGS / "model" / "125m.yaml"), *overrides])
+        layout = Layout.of(cfg, 1)
+        return activation_bytes(cfg, get_pe(cfg.model.pe), layout, "none")["saved"]
+
+    nope = saved("model.pe=nope")
+    assert saved("model.pe=alibi", "pe.bias_kernel=flex") == nope
+    assert saved("model.pe=alibi", "pe.bias_kernel=materialized") > nope
+
+
 def test_mfu_arithmetic_on_a_known_case():
     """A 2-layer model, hidden 64, 4 heads, seq 127 (64 visible keys on average), vocab
     128: by hand, 6 × 2 × weights + 3 × attention FLOPs per token."""

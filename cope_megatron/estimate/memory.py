@@ -7,6 +7,7 @@ import torch
 
 from cope_megatron.config import Config, Layout, padded_vocab_size
 from cope_megatron.pe import PositionEncoding
+from cope_megatron.pe.base import uses_flex
 
 GIB = 2**30
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -62,8 +63,9 @@ def activation_bytes(cfg: Config, pe: PositionEncoding, layout: Layout,
     backward at the end of the forward, and ``working``, what backward recomputes for one
     layer at a time on top of it (``recompute`` defaults to the config's).
 
-    Biased attention (ALiBi, T5) keeps its [heads, s, s] bias per layer, and on the CPU,
-    where SDPA with a bias runs its math path, the [b, heads, s, s] probabilities too."""
+    Biased attention (ALiBi, T5) on the materialized bias keeps its [heads, s, s] bias per
+    layer, and on the CPU, where SDPA with a bias runs its math path, the [b, heads, s, s]
+    probabilities too; on FlexAttention (``pe.bias_kernel``) it keeps what flash does."""
     m = cfg.model
     recompute = recompute or cfg.train.recompute
     b = cfg.train.micro_batch_size
@@ -74,7 +76,7 @@ def activation_bytes(cfg: Config, pe: PositionEncoding, layout: Layout,
     def layer(mode: str) -> float:
         saved, fp32 = _layer_elements(cfg, pe, layout.tensor, mode)
         square = 0.0
-        if mode == "none" and pe.biased:
+        if mode == "none" and pe.biased and not uses_flex(cfg.pe.bias_kernel, device):
             heads = m.num_attention_heads / layout.tensor
             square = heads * seq**2 * e * (1 + (b if device == "cpu" else 0))
         return tokens * (saved * e + fp32 * 4) + square

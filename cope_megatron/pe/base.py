@@ -67,6 +67,14 @@ class AttentionShape:
                    init_std=init_std, tp_size=tp_size)
 
 
+def uses_flex(bias_kernel: str, device_type: str) -> bool:
+    """Whether ``pe.bias_kernel`` sends a distance bias to FlexAttention on ``device_type``
+    (rather than a materialized SDPA mask), on one context-parallel rank."""
+    if bias_kernel == "auto":
+        return AUTO_FLEX_ON_CUDA and device_type == "cuda"
+    return bias_kernel == "flex"
+
+
 class CausalAttention(nn.Module):
     """Plain causal softmax attention (PyTorch SDPA); the base of biased variants.
 
@@ -95,7 +103,7 @@ class CausalAttention(nn.Module):
         bias = self.distance_bias(s, q.device)
         if bias is None:
             return self._sdpa(q, k, v, None)
-        if self._flex(q.device):
+        if uses_flex(self.bias_kernel, q.device.type):
             return flex_bias_attention(q, k, v, bias, softmax_scale=self.shape.softmax_scale)
         if torch.is_grad_enabled():  # training: one [s, s] bias, SDPA's fused backward
             return self._sdpa(q, k, v, _causal_bias(bias, 0, s, q.dtype))
@@ -106,12 +114,6 @@ class CausalAttention(nn.Module):
                        v[:, :, :i0 + EVAL_BLOCK],
                        _causal_bias(bias, i0, min(s, i0 + EVAL_BLOCK), q.dtype))
             for i0 in range(0, s, EVAL_BLOCK)], dim=2)
-
-    def _flex(self, device: torch.device) -> bool:
-        """Whether the bias goes to FlexAttention rather than a materialized SDPA mask."""
-        if self.bias_kernel == "auto":
-            return AUTO_FLEX_ON_CUDA and device.type == "cuda"
-        return self.bias_kernel == "flex"
 
     def _sdpa(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
         return F.scaled_dot_product_attention(
