@@ -1,7 +1,8 @@
 """The FlexAttention bias kernel (``pe.bias_kernel=flex``) against the materialized bias
 (the reference), forward only: torch 2.13 has no FlexAttention backward on CPU (eager or
 compiled; the backward is in ``tests/test_gpu.py``). fp32, so the two differ only by
-summation order: held to 1e-5 absolute on outputs of order 1."""
+summation order: attention outputs (of order 1) are held to 1e-5 absolute, a model's loss
+to 1e-6 relative."""
 
 import pytest
 import torch
@@ -32,3 +33,23 @@ def test_flex_matches_materialized_bias(pe):
     with torch.no_grad():
         torch.testing.assert_close(flex(q, k, v), reference(q, k, v), rtol=0, atol=1e-5)
 
+
+
+def test_the_switch_reaches_the_model(dist_cleanup):
+    """``pe.bias_kernel`` from the config to every layer: a T5 GPT's held-out loss."""
+    from cope_megatron.config import load_config
+    from cope_megatron.distributed.parallel import init_distributed, seed_everything
+    from cope_megatron.model.gpt import build_gpt, lm_loss
+
+    init_distributed(1)
+    tokens = torch.randint(0, 100, (2, 149), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for kernel in ("flex", "materialized"):
+        cfg = load_config(["model.pe=t5", "model.num_layers=2", "model.hidden_size=32",
+                           "model.num_attention_heads=4", "model.num_query_groups=2",
+                           "model.seq_length=148", f"pe.bias_kernel={kernel}"])
+        seed_everything(0)
+        model = build_gpt(cfg, get_pe("t5"), 100).eval()
+        with torch.no_grad():
+            losses[kernel] = lm_loss(model, tokens)
+    torch.testing.assert_close(losses["flex"], losses["materialized"], rtol=1e-6, atol=0)
