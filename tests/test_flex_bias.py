@@ -53,3 +53,13 @@ def test_the_switch_reaches_the_model(dist_cleanup):
         with torch.no_grad():
             losses[kernel] = lm_loss(model, tokens)
     torch.testing.assert_close(losses["flex"], losses["materialized"], rtol=1e-6, atol=0)
+
+
+def test_auto_is_materialized_until_flipped_and_never_with_dropout(monkeypatch):
+    from cope_megatron.pe import base
+
+    assert not base.uses_flex("auto", "cuda", 0.0) and not base.uses_flex("auto", "cpu", 0.0)
+    monkeypatch.setattr(base, "AUTO_FLEX_ON_CUDA", True)
+    assert base.uses_flex("auto", "cuda", 0.0)
+    assert not base.uses_flex("auto", "cuda", 0.1) and not base.uses_flex("auto", "cpu", 0.0)
+    assert base.uses_flex("flex", "cpu", 0.0) and not base.uses_flex("materialized", "cuda", 0)

@@ -72,11 +72,12 @@ def activation_bytes(cfg: Config, pe: PositionEncoding, layout: Layout,
     seq = m.seq_length / layout.context
     tokens = b * seq
     e = 2 if cfg.train.precision == "bf16" else 4
+    flex = uses_flex(cfg.pe.bias_kernel, device, m.attention_dropout)
 
     def layer(mode: str) -> float:
         saved, fp32 = _layer_elements(cfg, pe, layout.tensor, mode)
         square = 0.0
-        if mode == "none" and pe.biased and not uses_flex(cfg.pe.bias_kernel, device):
+        if mode == "none" and pe.biased and not flex:
             heads = m.num_attention_heads / layout.tensor
             square = heads * seq**2 * e * (1 + (b if device == "cpu" else 0))
         return tokens * (saved * e + fp32 * 4) + square

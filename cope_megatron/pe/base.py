@@ -67,11 +67,13 @@ class AttentionShape:
                    init_std=init_std, tp_size=tp_size)
 
 
-def uses_flex(bias_kernel: str, device_type: str) -> bool:
+def uses_flex(bias_kernel: str, device_type: str, dropout: float) -> bool:
     """Whether ``pe.bias_kernel`` sends a distance bias to FlexAttention on ``device_type``
-    (rather than a materialized SDPA mask), on one context-parallel rank."""
+    (rather than a materialized SDPA mask), on one context-parallel rank. FlexAttention has
+    no dropout: ``auto`` keeps the materialized bias with attention dropout, and ``flex``
+    with dropout is refused by the config check."""
     if bias_kernel == "auto":
-        return AUTO_FLEX_ON_CUDA and device_type == "cuda"
+        return AUTO_FLEX_ON_CUDA and device_type == "cuda" and dropout == 0
     return bias_kernel == "flex"
 
 
@@ -103,7 +105,7 @@ class CausalAttention(nn.Module):
         bias = self.distance_bias(s, q.device)
         if bias is None:
             return self._sdpa(q, k, v, None)
-        if uses_flex(self.bias_kernel, q.device.type):
+        if uses_flex(self.bias_kernel, q.device.type, self.shape.dropout):
             return flex_bias_attention(q, k, v, bias, softmax_scale=self.shape.softmax_scale)
         if torch.is_grad_enabled():  # training: one [s, s] bias, SDPA's fused backward
             return self._sdpa(q, k, v, _causal_bias(bias, 0, s, q.dtype))
