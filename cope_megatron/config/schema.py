@@ -85,7 +85,7 @@ class PEConfig:
     ``materialized`` hands SDPA an [s, s] bias (the reference; off the flash backend),
     ``flex`` runs FlexAttention with the bias read per (head, distance) (compiled on CUDA;
     no dropout; on CPU forward only), ``auto`` is materialized until the GPU suite has
-    measured flex (``AUTO_FLEX_ON_CUDA`` in ``pe/base.py``)."""
+    measured flex (``AUTO_FLEX_ON_CUDA`` in ``pe/base.py``), and always with dropout."""
 
 
 @dataclass(kw_only=True, slots=True)
