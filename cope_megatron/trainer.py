@@ -138,7 +138,7 @@ class Trainer:
 
     def _lost(self) -> str:
         """What exiting now loses: the steps since the last checkpoint."""
-        saved = int(self.last_tag.removeprefix("step_")) if self.last_tag else 0
+        saved = checkpoint.step_of(self.last_tag) if self.last_tag else 0
         if saved == self.step:
             return f"nothing is lost ({self.last_tag or 'no step was trained'})"
         since = f"the last checkpoint, {self.last_tag}" if self.last_tag else "the start"

@@ -47,6 +47,11 @@ def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def step_of(tag: str) -> int:
+    """The step of checkpoint ``tag`` (``tag_of``'s inverse)."""
+    return int(tag.removeprefix("step_"))
+
+
 def save(engine, run_dir: str | Path, step: int, client_state: dict, layout: dict,
          record: dict, keep: int = 0) -> str:
     """Write checkpoint ``step_<step>`` with its parallel ``layout`` and the run's

@@ -61,7 +61,7 @@ def plan(cfg: Config, values: dict) -> Resume:
     tag, note = checkpoint.resumable_tag(run_dir) if cfg.run.resume else (None, None)
     if tag is None:
         return Resume(note=note)
-    step = int(tag.removeprefix("step_"))
+    step = checkpoint.step_of(tag)
     record = checkpoint.read_record(checkpoint.checkpoint_dir(run_dir) / tag)
     if record is None:
         return Resume(tag, step, note=note or f"{tag} was saved before checkpoints held "
