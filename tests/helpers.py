@@ -87,6 +87,38 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [r for r in records if "loss" in r]
 
 
+def losses(run_dir: Path) -> list[float]:
+    """The logged loss of every step of the run in ``run_dir``."""
+    return [r["loss"] for r in read_metrics(run_dir)]
+
+
+def train_here(shards, run_dir: Path, **extra):
+    """One debug run in this process (``debug_overrides`` plus ``extra``, no final
+    evaluation), its process groups torn down after; the TrainResult."""
+    from cope_megatron.config import load_config
+    from cope_megatron.distributed.parallel import destroy_distributed
+    from cope_megatron.train import run_train
+
+    try:
+        return run_train(load_config(debug_overrides(shards, run_dir, **extra)),
+                         evaluate_after=False)[0]
+    finally:
+        destroy_distributed()
+
+
+def nan_loss_at(steps: set[int], loss_sum: Callable) -> Callable:
+    """``loss_sum`` (the trainer's) made NaN at its calls ``steps`` (1-based; one micro
+    batch per step, so call k is step k)."""
+    calls = [0]
+
+    def poisoned(*args, **kwargs):
+        calls[0] += 1
+        loss = loss_sum(*args, **kwargs)
+        return loss * float("nan") if calls[0] in steps else loss
+
+    return poisoned
+
+
 def wait_for_steps(proc, run_dir: Path, steps: int, timeout: float = 300) -> None:
     """Until ``run_dir`` has logged ``steps`` steps; fails if ``proc`` (a Popen or a forked
     Process) ends or stalls first."""
@@ -194,7 +226,7 @@ def train_losses(shards, run_dir: Path, procs: int, steps: int, **extra) -> list
     args = debug_overrides(shards, run_dir, **{"train.steps": steps, "data.streams": 2,
                                                **extra})
     cli_in_ranks(procs, ["train", *args])
-    return [r["loss"] for r in read_metrics(run_dir)]
+    return losses(run_dir)
 
 
 def torchrun(world: int, args: list[str], timeout: float = 1200) -> None:

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from cope_megatron.cli import main as cli
-from tests.helpers import debug_overrides, free_port, read_metrics, train_losses
+from tests.helpers import debug_overrides, free_port, losses, train_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -51,7 +51,7 @@ def test_two_simulated_nodes_match_one_process(prepared, tmp_path):
         "data.shuffle_buffer": 8, "parallel.tensor": 2})
     (out0, code0), (out1, code1) = start_nodes([args, args])
     assert (code0, code1) == (0, 0), out0[-3000:] + out1[-3000:]
-    got = [r["loss"] for r in read_metrics(tmp_path / "two_nodes")]
+    got = losses(tmp_path / "two_nodes")
     assert len(got) == 3 and all(abs(a - b) < 1e-5 for a, b in zip(got, want)), (got, want)
 
 

@@ -12,19 +12,13 @@ import cope_megatron.trainer as trainer_module
 from cope_megatron.config import load_config
 from cope_megatron.train import run_train
 from cope_megatron.training.nonfinite import NonFiniteError
-from tests.helpers import debug_overrides, forked_ranks, read_metrics
+from tests.helpers import debug_overrides, forked_ranks, nan_loss_at, read_metrics
 
 
 def poison(monkeypatch, steps: set[int]) -> list[list[torch.Tensor]]:
     """Make the loss NaN on ``steps`` (1-based; one micro batch per step) and snapshot the
     weights (this rank's partition under ZeRO-3) after every step."""
-    calls, snapshots = [0], []
-    real_loss, real_step = trainer_module.loss_sum, trainer_module.Trainer.train_step
-
-    def loss_sum(*args, **kwargs):
-        calls[0] += 1
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if calls[0] in steps else loss
+    snapshots, real_step = [], trainer_module.Trainer.train_step
 
     def train_step(self):
         loss = real_step(self)
@@ -32,7 +26,7 @@ def poison(monkeypatch, steps: set[int]) -> list[list[torch.Tensor]]:
                           for p in self.engine.module.parameters()])
         return loss
 
-    monkeypatch.setattr(trainer_module, "loss_sum", loss_sum)
+    monkeypatch.setattr(trainer_module, "loss_sum", nan_loss_at(steps, trainer_module.loss_sum))
     monkeypatch.setattr(trainer_module.Trainer, "train_step", train_step)
     return snapshots
 
@@ -98,12 +92,6 @@ def train_poisoned_on_last_rank(step: int, config: list[str]) -> None:
     from cope_megatron.train import main
 
     last = int(os.environ["RANK"]) == int(os.environ["WORLD_SIZE"]) - 1
-    calls, real_loss = [0], trainer_module.loss_sum
-
-    def loss_sum(*args, **kwargs):
-        calls[0] += 1
-        loss = real_loss(*args, **kwargs)
-        return loss * float("nan") if last and calls[0] == step else loss
-
-    trainer_module.loss_sum = loss_sum  # this rank's process only: it exits after
+    # This rank's process only: it exits after.
+    trainer_module.loss_sum = nan_loss_at({step} if last else set(), trainer_module.loss_sum)
     main(config)

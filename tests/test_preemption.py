@@ -17,11 +17,7 @@ import pytest
 from cope_megatron.cli import main as cli
 from cope_megatron.config import load_config
 from cope_megatron.train import run_train
-from tests.helpers import debug_overrides, fork, read_metrics, wait_for_steps
-
-
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir)]
+from tests.helpers import debug_overrides, fork, losses, wait_for_steps
 
 
 def start(shards, run_dir, **extra):

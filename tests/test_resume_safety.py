@@ -18,10 +18,9 @@ from cope_megatron.checkpoint import CheckpointError
 from cope_megatron.config import ConfigError, flat_keys, load_config
 from cope_megatron.config.resume_keys import DERIVED_KEYS, classify
 from cope_megatron.distributed.parallel import destroy_distributed
-from cope_megatron.train import run_train
 from cope_megatron.training.nonfinite import NonFiniteError
 from cope_megatron.training.schedule import lr_at
-from tests.helpers import debug_overrides
+from tests.helpers import debug_overrides, losses, nan_loss_at, read_metrics, train_here
 
 STEPS = 4
 
@@ -30,18 +29,10 @@ def records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in records(run_dir) if "loss" in r]
-
-
 def train(shards, run_dir, **extra):
-    """One in-process run of the debug model, its process group torn down after."""
-    cfg = load_config(debug_overrides(shards, run_dir, **{"train.steps": STEPS,
-                                                          "train.save_interval": 2, **extra}))
-    try:
-        return run_train(cfg, evaluate_after=False)[0]
-    finally:
-        destroy_distributed()
+    """A ``STEPS``-step run in this process, saving every 2 steps."""
+    return train_here(shards, run_dir, **{"train.steps": STEPS, "train.save_interval": 2,
+                                          **extra})
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +88,7 @@ def test_allowed_changes_are_applied_from_the_resume_step_and_logged(prepared, t
     new = {"train.steps": 6, "train.lr": 1e-3, "train.min_lr": 1e-4, "train.warmup_steps": 1,
            "zero.stage": stage}
     train(shards, run, **new)
-    steps = [r for r in records(run) if "loss" in r]
+    steps = read_metrics(run)
     assert [r["lr"] for r in steps[:2]] == [3e-3, 3e-3]
     for r in steps[2:]:  # the lr after step k is the schedule's at k (its last_epoch)
         assert r["lr"] == pytest.approx(lr_at(r["step"], lr=1e-3, min_lr=1e-4, warmup=1,
@@ -199,22 +190,12 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(prepared, tmp_path
     assert losses(run) == straight
 
 
-def poison(monkeypatch, steps: set[int]) -> None:
-    """The loss is NaN on ``steps`` (1-based, one micro batch a step) of the next run."""
-    calls, real = [0], trainer_module.loss_sum
-
-    def loss_sum(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs) * (float("nan") if calls[0] in steps else 1.0)
-
-    monkeypatch.setattr(trainer_module, "loss_sum", loss_sum)
-
-
 def test_nan_streak_names_the_checkpoint_before_it_and_a_lower_lr_resumes(prepared, tmp_path,
                                                                           monkeypatch):
     shards = prepared[0]
     run = tmp_path / "run"
-    poison(monkeypatch, {3, 4, 5})
+    monkeypatch.setattr(trainer_module, "loss_sum",
+                        nan_loss_at({3, 4, 5}, trainer_module.loss_sum))
     with pytest.raises(NonFiniteError) as err:
         train(shards, run, **{"train.steps": 8, "train.max_bad_steps": 3})
     message = str(err.value)
@@ -224,7 +205,7 @@ def test_nan_streak_names_the_checkpoint_before_it_and_a_lower_lr_resumes(prepar
     assert not (root / "step_00000004").exists()  # due during the streak: not written
     monkeypatch.undo()
     train(shards, run, **{"train.steps": 4, "train.lr": 1e-3, "train.min_lr": 1e-3})
-    steps = [r for r in records(run) if "loss" in r]
+    steps = read_metrics(run)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert [r["lr"] for r in steps] == [3e-3, 3e-3, 1e-3, 1e-3]
     assert all(r["skipped_steps"] == 0 for r in steps)

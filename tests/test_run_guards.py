@@ -15,29 +15,14 @@ import pytest
 import torch
 
 from cope_megatron.checkpoint import resumable_tag
-from cope_megatron.config import load_config
-from cope_megatron.distributed.parallel import destroy_distributed
-from cope_megatron.train import run_train
 from cope_megatron.training.run_lock import LOCK, RunLock, RunLockError
-from tests.helpers import debug_overrides, fork, read_metrics, wait_for_steps
+from tests.helpers import debug_overrides, fork, losses, train_here, wait_for_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 # The threads of this process: a run here and one there compute the same losses.
 ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(ROOT)}
 HOLDER = ("import sys, time\nfrom cope_megatron.training.run_lock import RunLock\n"
           "RunLock(sys.argv[1]).acquire()\nprint('held', flush=True)\ntime.sleep(300)\n")
-
-
-def train(shards, run_dir, **extra):
-    cfg = load_config(debug_overrides(shards, run_dir, **extra))
-    try:
-        return run_train(cfg, evaluate_after=False)[0]
-    finally:
-        destroy_distributed()
-
-
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir)]
 
 
 def test_one_lock_per_run_dir_within_a_process(tmp_path):
@@ -55,16 +40,16 @@ def test_one_lock_per_run_dir_within_a_process(tmp_path):
 def test_a_second_training_stops_naming_the_first_and_a_dead_ones_lock_is_taken_over(
         prepared, tmp_path, capsys):
     shards = prepared[0]
-    straight = train(shards, tmp_path / "straight", **{"train.steps": 4}).losses
+    straight = train_here(shards, tmp_path / "straight", **{"train.steps": 4}).losses
     run = tmp_path / "run"
-    train(shards, run, **{"train.steps": 2})
+    train_here(shards, run, **{"train.steps": 2})
     kept = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run)], env=ENV,
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunLockError) as err:
-            train(shards, run, **{"train.steps": 4})
+            train_here(shards, run, **{"train.steps": 4})
         assert f"in use by another training (host {socket.gethostname()}, pid {holder.pid}" \
             in str(err.value)
         now = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != LOCK}
@@ -73,7 +58,7 @@ def test_a_second_training_stops_naming_the_first_and_a_dead_ones_lock_is_taken_
         holder.kill()  # dies holding it: its lock file stays behind, its flock is gone
         holder.wait()
     capsys.readouterr()
-    result = train(shards, run, **{"train.steps": 4})
+    result = train_here(shards, run, **{"train.steps": 4})
     assert f"took over the lock of a training that is gone (host {socket.gethostname()}, " \
         f"pid {holder.pid}" in capsys.readouterr().out
     assert result.step == 4 and not (run / LOCK).exists()
@@ -94,7 +79,7 @@ def test_ctrl_c_saves_exits_zero_and_resumes_exactly(prepared, tmp_path):
     terminal's Ctrl-C sends it."""
     shards = prepared[0]
     extra = {"train.steps": 16, "data.num_workers": 2}
-    straight = train(shards, tmp_path / "straight", **extra).losses
+    straight = train_here(shards, tmp_path / "straight", **extra).losses
     run = tmp_path / "run"
     proc = start(shards, run, **extra)
     wait_for_steps(proc, run, 3)
@@ -106,7 +91,7 @@ def test_ctrl_c_saves_exits_zero_and_resumes_exactly(prepared, tmp_path):
     assert f"stopped by SIGINT after step {step}; checkpoint saved" in out
     assert (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
     assert step < 16
-    train(shards, run, **extra)
+    train_here(shards, run, **extra)
     assert losses(run) == straight
 
 

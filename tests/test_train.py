@@ -11,7 +11,7 @@ import yaml
 
 from cope_megatron.config import load_config, to_dict
 from cope_megatron.train import run_eval, run_train
-from tests.helpers import cli_in_ranks, debug_overrides, read_metrics, train_losses
+from tests.helpers import cli_in_ranks, debug_overrides, losses, read_metrics, train_losses
 
 
 def test_training_loss_falls_and_run_dir_has_everything(prepared, tmp_path, dist_cleanup):
@@ -49,7 +49,7 @@ def test_resume_continues_exactly(prepared, tmp_path, dist_cleanup):
     second = load_config(debug_overrides(shards, tmp_path / "b", **extra))
     resumed, _ = run_train(second, evaluate_after=False)
     assert resumed.losses == full.losses[3:]
-    assert [r["loss"] for r in read_metrics(tmp_path / "b")] == full.losses
+    assert losses(tmp_path / "b") == full.losses
 
 
 def test_eval_restores_checkpoint_and_marks_learned_not_applicable(prepared, tmp_path,
@@ -93,10 +93,10 @@ def test_context_parallel_trains_and_evaluates_as_one_process(prepared, tmp_path
 
     want = run(1, "train", tmp_path / "single")
     got = run(2, "train", tmp_path / "cp2", **{"parallel.context": 2})
-    losses = [[r["loss"] for r in read_metrics(tmp_path / name)] for name in ("single", "cp2")]
-    assert len(losses[1]) == 3
-    for a, b in zip(*losses):
-        assert abs(a - b) < 1e-5, losses
+    runs = [losses(tmp_path / name) for name in ("single", "cp2")]
+    assert len(runs[1]) == 3
+    for a, b in zip(*runs):
+        assert abs(a - b) < 1e-5, runs
     for length in ("32", "256"):
         assert abs(got[length]["loss"] - want[length]["loss"]) < 1e-5, (got, want)
         assert got[length]["tokens"] == want[length]["tokens"]
@@ -128,7 +128,7 @@ def test_run_killed_at_any_moment_resumes_exactly(prepared, tmp_path):
                                 text=True)
 
     cli_in_ranks(1, ["train", *debug_overrides(shards, tmp_path / "straight", **extra)])
-    want = [r["loss"] for r in read_metrics(tmp_path / "straight")]
+    want = losses(tmp_path / "straight")
 
     killed = tmp_path / "killed"
     proc = start(killed)
@@ -148,7 +148,7 @@ def test_run_killed_at_any_moment_resumes_exactly(prepared, tmp_path):
     (half / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     resumed = start(killed)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
-    assert [r["loss"] for r in read_metrics(killed)] == want
+    assert losses(killed) == want
 
 
 def test_unreadable_checkpoint_is_named(prepared, tmp_path, dist_cleanup):
