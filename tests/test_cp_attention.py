@@ -20,6 +20,7 @@ from cope_megatron.ops.cope import chunked as cope_chunked
 from cope_megatron.ops.cope.paths import CUDA, Paths
 from cope_megatron.ops.cope.reference import cope_attention_reference
 from cope_megatron.ops.heads import expand_kv
+from cope_megatron.ops.position_bias import distance_bias
 from tests.helpers import forked_ranks
 
 
@@ -213,7 +214,8 @@ def _softmax_worker(rank: int, world: int, store: str, case: dict) -> None:
 
     local = [local_rows(cp, t).requires_grad_() for t in (q, k, v)]
     bias_l = None if bias is None else bias.clone().requires_grad_()
-    out = ring_attention(*local, cp, softmax_scale=scale, distance_bias=bias_l)
+    out = ring_attention(*local, cp, softmax_scale=scale,
+                         bias=None if bias_l is None else distance_bias(bias_l))
     got = torch.autograd.grad(out, local + ([bias_l] if bias_l is not None else []),
                               local_rows(cp, d_out))
     _check("out", out, local_rows(cp, ref))

@@ -75,13 +75,36 @@ class T5Options:
 
 
 @dataclass(kw_only=True, slots=True)
+class FireOptions:
+    mlp_width: int = 32
+    """Hidden width of f_θ, the 2-layer ReLU MLP from the interpolated distance to a bias
+    per head (Li et al. 2023, arXiv 2310.04418: 32)."""
+    c_init: float = 0.1
+    """Initial c of ψ(x) = log(c·x + 1), learned (the paper's code: 0.1)."""
+    threshold_init: float = 512.0
+    """Initial threshold L of the normalizer ψ(max(L, i)), learned as a multiplier of it
+    (the paper's code: 512)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class KerpleOptions:
+    variant: Literal["log", "power"] = "log"
+    """−r₁·log(1 + r₂·|i − j|) or −r₁·|i − j|^r₂ (Chi et al. 2022, arXiv 2205.09921)."""
+    max_exponent: float = 2.0
+    """Upper bound of the power variant's learned exponent r₂, in (0, 2]: the power kernel
+    is conditionally positive definite only for 0 < r₂ ≤ 2."""
+
+
+@dataclass(kw_only=True, slots=True)
 class PEConfig:
     rope: RopeOptions = field(default_factory=RopeOptions)
     cope: CopeOptions = field(default_factory=CopeOptions)
     alibi: AlibiOptions = field(default_factory=AlibiOptions)
     t5: T5Options = field(default_factory=T5Options)
+    fire: FireOptions = field(default_factory=FireOptions)
+    kerple: KerpleOptions = field(default_factory=KerpleOptions)
     bias_kernel: Literal["auto", "flex", "materialized"] = "auto"
-    """How a distance-bias PE (ALiBi, T5) attends on one context-parallel rank:
+    """How a bias PE (ALiBi, T5, Kerple, FIRE) attends on one context-parallel rank:
     ``materialized`` hands SDPA an [s, s] bias (the reference; off the flash backend),
     ``flex`` runs FlexAttention with the bias read per (head, distance) (compiled on CUDA;
     no dropout; on CPU forward only), ``auto`` is materialized until the GPU suite has

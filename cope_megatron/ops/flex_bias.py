@@ -1,5 +1,7 @@
-"""Causal attention with a per-head distance bias on FlexAttention (a flash-class kernel):
-the bias is read inside the kernel as ``bias[h, i − j]``, never materialized as [s, s].
+"""Causal attention with a position bias on FlexAttention (a flash-class kernel), never
+materialized as [s, s]: a bias of distance alone is read inside the kernel as
+``table[h, i − j]``; any other (``ops.position_bias``) is evaluated per score from
+(q_idx, kv_idx) by its own function.
 
 On CUDA ``flex_attention`` is compiled (uncompiled it materializes the scores); on CPU it
 runs eager and forward only (torch 2.13 has no FlexAttention backward on CPU).
@@ -11,6 +13,8 @@ import functools
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from cope_megatron.ops.position_bias import PositionBias
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -31,14 +35,19 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: PositionBias,
                         *, softmax_scale: float) -> torch.Tensor:
-    """q: [b, h, s, d]; k, v: [b, g, s, d] (g divides h); bias: [h, s], the logit bias of
-    distance i − j of each head -> [b, h, s, d]. Gradients reach q, k, v and ``bias``."""
-    def score_mod(score, b, h, q_idx, kv_idx):
-        # Entries above the diagonal are masked by the block mask, but partial blocks still
-        # evaluate them: clamp so their (discarded) index stays in range.
-        return score + bias[h, (q_idx - kv_idx).clamp(min=0)]
+    """q: [b, h, s, d]; k, v: [b, g, s, d] (g divides h); ``bias`` of this rank's h heads at
+    positions 0..s−1 -> [b, h, s, d]. Gradients reach q, k, v and the bias's tensors."""
+    table = bias.distance_table
+    if table is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            # Entries above the diagonal are masked by the block mask, but partial blocks
+            # still evaluate them: clamp so their (discarded) index stays in range.
+            return score + table[h, (q_idx - kv_idx).clamp(min=0)]
+    else:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias(q_idx, kv_idx)[h]
 
     attend = _compiled_flex() if q.is_cuda else flex_attention
     return attend(q, k, v, score_mod=score_mod,

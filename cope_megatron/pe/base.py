@@ -7,8 +7,8 @@ A PE touches a GPT in at most three places, each with a do-nothing default:
   GPTModel's learned table (position ids [b, s] -> [b, s, hidden]), for fixed additive
   encodings;
 - ``attention``: the core attention, on [b, heads, s, head_dim] tensors, where
-  logit biases (ALiBi, T5) and CoPE live. It takes the context-parallel group when the
-  sequence is split over ranks, and hands the exchange to ``ops.context_parallel``.
+  logit biases (ALiBi, T5, Kerple, FIRE) and CoPE live. It takes the context-parallel group
+  when the sequence is split over ranks, and hands the exchange to ``ops.context_parallel``.
 
 A parameter split over TP ranks by head is made with ``head_sharded_parameter``, whose tag
 is the one record of that fact: checkpoint conversion and export read it
@@ -31,6 +31,7 @@ from cope_megatron.config import Config, PEConfig
 from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.ops.context_parallel.softmax import ring_attention
 from cope_megatron.ops.flex_bias import flex_bias_attention
+from cope_megatron.ops.position_bias import PositionBias, distance_bias
 
 AUTO_FLEX_ON_CUDA = False
 """``pe.bias_kernel=auto`` on CUDA: FlexAttention once the GPU suite has measured it faster
@@ -80,9 +81,11 @@ def uses_flex(bias_kernel: str, device_type: str, dropout: float) -> bool:
 class CausalAttention(nn.Module):
     """Plain causal softmax attention (PyTorch SDPA); the base of biased variants.
 
-    A bias is a function of the distance i − j alone (``distance_bias``), so the same
-    vector serves one process and a sequence split over context-parallel ranks, where
-    ``ops.context_parallel.softmax`` applies it at global distances.
+    A biased variant defines its bias once, as a function of global query and key positions
+    (``position_bias``, an ``ops.position_bias.PositionBias``), which every path reads: the
+    materialized bias of one process, FlexAttention, and the context-parallel ring
+    (``ops.context_parallel.softmax``), which applies it at global positions. A bias of the
+    distance i − j alone defines ``distance_bias`` instead, a [heads, length] vector.
     """
 
     def __init__(self, shape: AttentionShape, options: PEConfig) -> None:
@@ -94,27 +97,33 @@ class CausalAttention(nn.Module):
         """Logit bias per head for distances 0..length−1, [heads, length]; None for none."""
         return None
 
+    def position_bias(self, length: int, device: torch.device) -> PositionBias | None:
+        """The logit bias of this rank's heads at positions 0..length−1 (global positions
+        under context parallelism); None for none. By default ``distance_bias``."""
+        table = self.distance_bias(length, device)
+        return None if table is None else distance_bias(table)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 cp: ContextParallel | None = None) -> torch.Tensor:
         # q: [b, h, s, d]; k, v: [b, g, s, d] -> [b, h, s, d] (s: this rank's tokens)
         s = q.shape[2]
         if cp is not None:
-            bias = self.distance_bias(s * cp.size, q.device)
+            bias = self.position_bias(s * cp.size, q.device)
             return ring_attention(q, k, v, cp, softmax_scale=self.shape.softmax_scale,
-                                  distance_bias=bias)
-        bias = self.distance_bias(s, q.device)
+                                  bias=bias)
+        bias = self.position_bias(s, q.device)
         if bias is None:
             return self._sdpa(q, k, v, None)
         if uses_flex(self.bias_kernel, q.device.type, self.shape.dropout):
             return flex_bias_attention(q, k, v, bias, softmax_scale=self.shape.softmax_scale)
         if torch.is_grad_enabled():  # training: one [s, s] bias, SDPA's fused backward
-            return self._sdpa(q, k, v, _causal_bias(bias, 0, s, q.dtype))
+            return self._sdpa(q, k, v, _causal_bias(bias, 0, s, q))
         # Evaluation: query blocks against their keys, so memory is linear in s and a
         # context many times the training length fits.
         return torch.cat([
             self._sdpa(q[:, :, i0:i0 + EVAL_BLOCK], k[:, :, :i0 + EVAL_BLOCK],
                        v[:, :, :i0 + EVAL_BLOCK],
-                       _causal_bias(bias, i0, min(s, i0 + EVAL_BLOCK), q.dtype))
+                       _causal_bias(bias, i0, min(s, i0 + EVAL_BLOCK), q))
             for i0 in range(0, s, EVAL_BLOCK)], dim=2)
 
     def _sdpa(self, q, k, v, mask: torch.Tensor | None) -> torch.Tensor:
@@ -134,12 +143,12 @@ EVAL_BLOCK = 1024
 """Query rows per block of biased attention at evaluation."""
 
 
-def _causal_bias(bias: torch.Tensor, i0: int, i1: int, dtype: torch.dtype) -> torch.Tensor:
-    """[h, i1 − i0, i1]: the distance bias of query rows i0..i1 against keys 0..i1, −∞ for
-    keys after the row."""
-    rows = torch.arange(i0, i1, device=bias.device)[:, None]
-    cols = torch.arange(i1, device=bias.device)[None, :]
-    return bias[:, (rows - cols).clamp(min=0)].to(dtype).masked_fill(cols > rows, float("-inf"))
+def _causal_bias(bias: PositionBias, i0: int, i1: int, like: torch.Tensor) -> torch.Tensor:
+    """[h, i1 − i0, i1] on ``like``'s device and dtype: the bias of query rows i0..i1
+    against keys 0..i1, −∞ for keys after the row."""
+    rows, cols = torch.arange(i0, i1, device=like.device), torch.arange(i1, device=like.device)
+    future = cols[None, :] > rows[:, None]
+    return bias.block(rows, cols).to(like.dtype).masked_fill(future, float("-inf"))
 
 
 @dataclass(frozen=True)
@@ -169,9 +178,10 @@ class PositionEncoding:
 
     @property
     def biased(self) -> bool:
-        """The attention adds a distance bias to the logits (ALiBi, T5)."""
-        return (issubclass(self.attention, CausalAttention)
-                and self.attention.distance_bias is not CausalAttention.distance_bias)
+        """The attention adds a position bias to the logits (ALiBi, T5, Kerple, FIRE)."""
+        return issubclass(self.attention, CausalAttention) and (
+            self.attention.distance_bias is not CausalAttention.distance_bias
+            or self.attention.position_bias is not CausalAttention.position_bias)
 
 
 def head_sharded_parameter(full: torch.Tensor, shape: AttentionShape) -> nn.Parameter:
