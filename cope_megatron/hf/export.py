@@ -43,6 +43,9 @@ NAMES = [  # Megatron name -> ours, by regular expression
      r"layers.\1.self_attention.cope_table"),
     (r"^decoder\.layers\.(\d+)\.self_attention\.core_attention\.attention\.bias$",
      r"layers.\1.self_attention.t5_bias"),
+    # Every other PE parameter (Kerple, FIRE) keeps its name on the attention.
+    (r"^decoder\.layers\.(\d+)\.self_attention\.core_attention\.attention\.",
+     r"layers.\1.self_attention."),
     (r"^decoder\.layers\.(\d+)\.", r"layers.\1."),
     (r"^output_layer\.", "output_layer."),
 ]
@@ -97,6 +100,8 @@ def hf_config(cfg: Config, vocab_size: int):
         max_position_embeddings=m.seq_length, rope_theta=cfg.pe.rope.base,
         cope_npos_max=cfg.pe.cope.npos_max, cope_shared_table=cfg.pe.cope.shared_table,
         t5_num_buckets=cfg.pe.t5.num_buckets, t5_max_distance=cfg.pe.t5.max_distance,
+        fire_mlp_width=cfg.pe.fire.mlp_width, fire_threshold_init=cfg.pe.fire.threshold_init,
+        kerple_variant=cfg.pe.kerple.variant, kerple_max_exponent=cfg.pe.kerple.max_exponent,
         tie_word_embeddings=not m.untie_embeddings, eos_token_id=2)
 
 

@@ -2,7 +2,8 @@
 models exported by ``cope-megatron export`` (loaded with ``trust_remote_code=True``).
 
 No standard architecture computes our function for every PE (Megatron's grouped QKV
-layout, CoPE, T5 buckets on a decoder, ALiBi with GPT-2's biases and LayerNorm), so this
+layout, CoPE, T5 buckets on a decoder, ALiBi with GPT-2's biases and LayerNorm, Kerple,
+FIRE), so this
 file implements the block once and each PE beside it. It is copied next to the weights and
 needs only torch and transformers; CoPE runs ``cope_megatron.ops.cope_attention`` when
 that package is installed (memory linear in the length), and the same math plainly
@@ -29,7 +30,9 @@ class CopeMegatronConfig(PretrainedConfig):
                  pe: str = "rope", max_position_embeddings: int = 128,
                  rope_theta: float = 10000.0, cope_npos_max: int = 64,
                  cope_shared_table: bool = True, t5_num_buckets: int = 32,
-                 t5_max_distance: int = 128, tie_word_embeddings: bool = True,
+                 t5_max_distance: int = 128, fire_mlp_width: int = 32,
+                 fire_threshold_init: float = 512.0, kerple_variant: str = "log",
+                 kerple_max_exponent: float = 2.0, tie_word_embeddings: bool = True,
                  **kwargs) -> None:
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -45,6 +48,10 @@ class CopeMegatronConfig(PretrainedConfig):
         self.cope_shared_table = cope_shared_table
         self.t5_num_buckets = t5_num_buckets
         self.t5_max_distance = t5_max_distance
+        self.fire_mlp_width = fire_mlp_width
+        self.fire_threshold_init = fire_threshold_init
+        self.kerple_variant = kerple_variant
+        self.kerple_max_exponent = kerple_max_exponent
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
 
@@ -69,6 +76,31 @@ def t5_buckets(distance: torch.Tensor, num_buckets: int, max_distance: int) -> t
     log_bucket = exact + (torch.log(distance.float().clamp(min=1) / exact)
                           / math.log(max_distance / exact) * (num_buckets - exact)).long()
     return torch.where(distance < exact, distance, log_bucket.clamp(max=num_buckets - 1))
+
+
+def kerple_bias(distance: torch.Tensor, r1_raw: torch.Tensor, r2_raw: torch.Tensor,
+                variant: str, max_exponent: float) -> torch.Tensor:
+    """Kerple (Chi et al. 2022): −r₁·log(1 + r₂·d) or −r₁·d^r₂ per head, r = softplus(ρ) +
+    0.01 and the power exponent 0.01 + (max − 0.01)·sigmoid(ρ₂)."""
+    r1 = (F.softplus(r1_raw) + 0.01)[:, None, None]
+    d = distance.to(r1.dtype)
+    if variant == "log":
+        return -r1 * torch.log1p((F.softplus(r2_raw) + 0.01)[:, None, None] * d)
+    r2 = (0.01 + (max_exponent - 0.01) * torch.sigmoid(r2_raw))[:, None, None]
+    # d^r₂ taken at d ≥ 1: its derivative in r₂ at d = 0 would be 0·(−∞)
+    return -r1 * torch.where(d > 0, d.clamp(min=1) ** r2, torch.zeros_like(d))
+
+
+def fire_bias(s: int, attn: nn.Module, threshold_init: float) -> torch.Tensor:
+    """FIRE (Li et al. 2023): f(ψ(i − j) / ψ(max(L, i))), ψ(x) = log(|c|·x + 1), L =
+    |λ|·L₀, f a ReLU MLP from one input to every head; [h, s, s] (valid for j ≤ i)."""
+    pos = torch.arange(s, device=attn.c.device, dtype=torch.float32)
+    c, threshold = attn.c.float().abs(), (attn.threshold_scale.float() * threshold_init).abs()
+    distance = (pos[:, None] - pos[None, :]).clamp(min=0)
+    normalizer = torch.log1p(c * torch.maximum(pos, threshold)) + 1e-6
+    x = torch.log1p(c * distance) / normalizer[:, None]
+    hidden = torch.relu(x[..., None] * attn.mlp_in_weight.float() + attn.mlp_in_bias.float())
+    return (hidden @ attn.mlp_out_weight.float().T + attn.mlp_out_bias.float()).permute(2, 0, 1)
 
 
 def sinusoidal_positions(positions: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -131,9 +163,21 @@ class Attention(nn.Module):
             self.cope_table = nn.Parameter(torch.zeros(rows, self.head_dim, config.cope_npos_max))
         if config.pe == "t5":
             self.t5_bias = nn.Parameter(torch.zeros(self.heads, config.t5_num_buckets))
+        if config.pe == "kerple":
+            self.r1_raw = nn.Parameter(torch.zeros(self.heads))
+            self.r2_raw = nn.Parameter(torch.zeros(self.heads))
+        if config.pe == "fire":
+            width = config.fire_mlp_width
+            self.c = nn.Parameter(torch.zeros(1))
+            self.threshold_scale = nn.Parameter(torch.ones(1))
+            self.mlp_in_weight = nn.Parameter(torch.zeros(width))
+            self.mlp_in_bias = nn.Parameter(torch.zeros(width))
+            self.mlp_out_weight = nn.Parameter(torch.zeros(self.heads, width))
+            self.mlp_out_bias = nn.Parameter(torch.zeros(self.heads))
 
-    def distance_bias(self, s: int, device: torch.device) -> torch.Tensor | None:
-        """[h, s, s] logit bias of ALiBi or T5, −∞ above the diagonal; None for neither."""
+    def position_bias(self, s: int, device: torch.device) -> torch.Tensor | None:
+        """[h, s, s] logit bias of ALiBi, T5, Kerple or FIRE, −∞ above the diagonal; None
+        for none of them."""
         distance = (torch.arange(s, device=device)[:, None]
                     - torch.arange(s, device=device)[None, :])
         c = self.config
@@ -142,6 +186,11 @@ class Attention(nn.Module):
         elif c.pe == "t5":
             bias = self.t5_bias[:, t5_buckets(distance.clamp(min=0), c.t5_num_buckets,
                                               c.t5_max_distance)]
+        elif c.pe == "kerple":
+            bias = kerple_bias(distance.clamp(min=0), self.r1_raw, self.r2_raw,
+                               c.kerple_variant, c.kerple_max_exponent)
+        elif c.pe == "fire":
+            bias = fire_bias(s, self, c.fire_threshold_init)
         else:
             return None
         return bias.masked_fill(distance < 0, float("-inf"))
@@ -159,7 +208,7 @@ class Attention(nn.Module):
         if self.config.pe in ("cope", "cope_rope"):
             out = cope(q, k, v, self.cope_table, self.config.cope_npos_max, scale)
         else:
-            bias = self.distance_bias(s, x.device)
+            bias = self.position_bias(s, x.device)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                 is_causal=bias is None, scale=scale)
