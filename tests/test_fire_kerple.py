@@ -224,3 +224,25 @@ def test_bad_settings_name_their_key(overrides, key):
 
     with pytest.raises(ConfigError, match=f"^{key}: "):
         check(load_config(overrides), 1, data=False)
+
+
+def test_estimate_counts_what_fire_saves_for_backward():
+    """``bias_saved``: fp32 elements per (query, key) pair that the bias computation keeps
+    for backward, as measured on the materialized path."""
+    from cope_megatron.pe.base import _causal_bias
+
+    cfg = load_config(["model.pe=fire", "pe.fire.mlp_width=16"])
+    module = get_pe("fire").attention(WHOLE, cfg.pe)
+    s, saved = 128, {}
+    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _causal_bias(module.position_bias(s, torch.device("cpu")), 0, s, torch.zeros(1))
+    per_pair = sum(saved.values()) / 4 / s**2
+    assert get_pe("fire").bias_saved(cfg) == pytest.approx(per_pair, rel=0.02)
+    assert get_pe("kerple").bias_saved is None  # its [h, s] table is O(s)

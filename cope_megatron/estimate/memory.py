@@ -63,9 +63,11 @@ def activation_bytes(cfg: Config, pe: PositionEncoding, layout: Layout,
     backward at the end of the forward, and ``working``, what backward recomputes for one
     layer at a time on top of it (``recompute`` defaults to the config's).
 
-    Biased attention (ALiBi, T5) on the materialized bias keeps its [heads, s, s] bias per
-    layer, and on the CPU, where SDPA with a bias runs its math path, the [b, heads, s, s]
-    probabilities too; on FlexAttention (``pe.bias_kernel``) it keeps what flash does."""
+    Biased attention (ALiBi, T5, Kerple, FIRE) on the materialized bias keeps its
+    [heads, s, s] bias per layer, and what computing it saved (FIRE's MLP activations,
+    ``PositionEncoding.bias_saved``), and on the CPU, where SDPA with a bias runs its math
+    path, the [b, heads, s, s] probabilities too; on FlexAttention (``pe.bias_kernel``) it
+    keeps what flash does."""
     m = cfg.model
     recompute = recompute or cfg.train.recompute
     b = cfg.train.micro_batch_size
@@ -80,6 +82,8 @@ def activation_bytes(cfg: Config, pe: PositionEncoding, layout: Layout,
         if mode == "none" and pe.biased and not flex:
             heads = m.num_attention_heads / layout.tensor
             square = heads * seq**2 * e * (1 + (b if device == "cpu" else 0))
+            if pe.bias_saved is not None:
+                square += pe.bias_saved(cfg) * seq**2 * 4
         return tokens * (saved * e + fp32 * 4) + square
 
     vocab = padded_vocab_size(vocab_size or cfg.data.vocab_size, layout.tensor) / layout.tensor

@@ -170,6 +170,10 @@ class PositionEncoding:
     of the model allows (``hf.standard``); None: ``hf/modeling_cope_megatron.py``."""
     check: Callable[[Config], None] | None = None
     """Its own start-up check of a run config (ConfigError naming the key)."""
+    bias_saved: Callable[[Config], int] | None = None
+    """fp32 elements per (query, key) pair that computing its bias keeps for backward on
+    the materialized path, besides the [heads, s, s] bias itself (FIRE's MLP activations;
+    ``estimate.memory`` counts them)."""
 
     @property
     def rotary(self) -> bool:

@@ -111,4 +111,7 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"pe.fire.mlp_width: must be at least 1, got {o.mlp_width}")
 
 
-register(PositionEncoding(name="fire", attention=FireAttention, check=check))
+register(PositionEncoding(
+    name="fire", attention=FireAttention, check=check,
+    # The MLP's hidden layer, and ψ's four [s, s] intermediates (measured in the tests).
+    bias_saved=lambda cfg: cfg.pe.fire.mlp_width + 4))
