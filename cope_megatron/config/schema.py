@@ -106,9 +106,10 @@ class PEConfig:
     bias_kernel: Literal["auto", "flex", "materialized"] = "auto"
     """How a bias PE (ALiBi, T5, Kerple, FIRE) attends on one context-parallel rank:
     ``materialized`` hands SDPA an [s, s] bias (the reference; off the flash backend),
-    ``flex`` runs FlexAttention with the bias read per (head, distance) (compiled on CUDA;
-    no dropout; on CPU forward only), ``auto`` is materialized until the GPU suite has
-    measured flex (``AUTO_FLEX_ON_CUDA`` in ``pe/base.py``), and always with dropout."""
+    ``flex`` runs FlexAttention with the bias read per (head, distance), or for FIRE
+    computed per score (compiled on CUDA; no dropout; on CPU forward only), ``auto`` is
+    materialized until the GPU suite has measured flex (``AUTO_FLEX_ON_CUDA`` in
+    ``pe/base.py``), and always with dropout."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -69,7 +69,7 @@ class AttentionShape:
 
 
 def uses_flex(bias_kernel: str, device_type: str, dropout: float) -> bool:
-    """Whether ``pe.bias_kernel`` sends a distance bias to FlexAttention on ``device_type``
+    """Whether ``pe.bias_kernel`` sends a position bias to FlexAttention on ``device_type``
     (rather than a materialized SDPA mask), on one context-parallel rank. FlexAttention has
     no dropout: ``auto`` keeps the materialized bias with attention dropout, and ``flex``
     with dropout is refused by the config check."""
