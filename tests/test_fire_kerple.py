@@ -130,10 +130,11 @@ def test_fire_gradients():
         assert getattr(module, n).grad.abs().sum() > 0, n
 
 
-@pytest.mark.parametrize("threshold_init", [0.5, 128.0, 5000.0])
+@pytest.mark.parametrize("threshold_init", [0.5, 5000.0])
 def test_fire_extrapolates_by_construction(threshold_init):
     """Trained at 128 tokens, run at 16× (2048): the MLP's input ψ(i − j)/ψ(max(L, i)) lies
-    in [0, 1] for every causal pair at every length, for any c and L, so the bias there
+    in [0, 1] for every causal pair at every length, for any c and L (here L below every
+    query, so the normalizer is the query's own ψ(i), and L beyond 16×), so the bias there
     takes only values f_θ takes on [0, 1] (the interval it was trained on). f_θ is piecewise
     linear in its scalar input, so its range on [0, 1] is spanned by its values at 0, 1 and
     its kinks (x = −b/w)."""
