@@ -36,6 +36,7 @@ from cope_megatron.config.schema import (
     TaskConfig,
     TrainConfig,
     ZeroConfig,
+    pe_label,
 )
 from cope_megatron.config.validation import padded_vocab_size, validate
 
@@ -43,5 +44,6 @@ __all__ = [
     "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig", "Layout",
     "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions", "RunConfig",
     "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys",
-    "load_config", "merge_dicts", "padded_vocab_size", "to_dict", "validate", "yaml_text",
+    "load_config", "merge_dicts", "padded_vocab_size", "pe_label", "to_dict", "validate",
+    "yaml_text",
 ]

@@ -13,10 +13,19 @@ class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
+def pe_label(pe: str, schedule: list[str]) -> str:
+    """What evaluations and reports call a model's PE: ``model.pe``, or its layers'
+    schedule as [rope,rope,nope]."""
+    return f"[{','.join(schedule)}]" if schedule else pe
+
+
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     pe: str = "rope"
     """Position encoding, a key of ``cope_megatron.pe.REGISTRY``."""
+    pe_schedule: list[str] = field(default_factory=list)
+    """Each layer's PE from a repeating pattern (layer i: entry i mod its length), e.g.
+    [rope, rope, rope, nope]; empty: ``pe`` in every layer. ``pe`` must be one of them."""
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4

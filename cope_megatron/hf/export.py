@@ -94,6 +94,7 @@ def hf_config(cfg: Config, vocab_size: int):
         hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
         intermediate_size=m.ffn_hidden_size, normalization=m.normalization, pe=m.pe,
+        pe_schedule=m.pe_schedule,
         max_position_embeddings=m.seq_length, rope_theta=cfg.pe.rope.base,
         cope_npos_max=cfg.pe.cope.npos_max, cope_shared_table=cfg.pe.cope.shared_table,
         t5_num_buckets=cfg.pe.t5.num_buckets, t5_max_distance=cfg.pe.t5.max_distance,

@@ -18,10 +18,10 @@ import re
 import torch
 
 from cope_megatron.config import Config
-from cope_megatron.pe import PositionEncoding
+from cope_megatron.pe import ModelPE
 
 
-def standard_architecture(cfg: Config, pe: PositionEncoding) -> str | None:
+def standard_architecture(cfg: Config, pe: ModelPE) -> str | None:
     """The PE's ``hf_architecture`` where the rest of the model fits it (LayerNorm, one
     key/value head per query head, and for GPT-2 tied embeddings), else None."""
     m = cfg.model
