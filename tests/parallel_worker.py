@@ -36,6 +36,7 @@ BASE = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads
 VARIANTS = {pe: [f"model.pe={pe}"] for pe in sorted(REGISTRY)}
 VARIANTS["cope_per_head"] = ["model.pe=cope", "pe.cope.shared_table=false"]
 VARIANTS["schedule"] = ["model.pe=cope", "model.pe_schedule=[rope,cope]"]
+VARIANTS["length_scale"] = ["model.pe=cope", "pe.length_scale.type=learned"]
 WORKER = Path(__file__)
 
 

@@ -29,6 +29,7 @@ MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 VARIANTS = {pe: [f"model.pe={pe}"] for pe in sorted(REGISTRY)}
 VARIANTS["cope_per_head"] = ["model.pe=cope", "pe.cope.shared_table=false"]
 VARIANTS["schedule"] = ["model.pe=cope", "model.pe_schedule=[rope,cope,t5]"]
+VARIANTS["length_scale"] = ["model.pe=cope", "pe.length_scale.type=learned"]
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 VARIANTS = {pe: {"model.pe": pe} for pe in sorted(REGISTRY)}
 VARIANTS["cope_per_head"] = {"model.pe": "cope", "pe.cope.shared_table": "false"}
 VARIANTS["schedule"] = {"model.pe": "cope", "model.pe_schedule": "[rope,cope]"}
+VARIANTS["length_scale"] = {"model.pe": "rope", "pe.length_scale.type": "learned"}
 VARIANTS["gqa_rmsnorm_untied"] = {"model.pe": "cope_rope", "model.num_query_groups": 2,
                                   "model.normalization": "RMSNorm",
                                   "model.untie_embeddings": "true"}

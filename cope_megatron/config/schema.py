@@ -84,8 +84,19 @@ class T5Options:
 
 
 @dataclass(kw_only=True, slots=True)
+class LengthScaleOptions:
+    type: Literal["none", "fixed", "learned"] = "none"
+    """Length-scaled softmax with any PE: each query row's logits times s·ln n (n: the keys
+    it sees); s per head, ``fixed`` or ``learned`` (``pe/length_scale.py``)."""
+    s: float | None = None
+    """s (``learned``: its initial value); None: 1/ln(model.seq_length), which leaves the
+    last row of a training-length sequence as it was."""
+
+
+@dataclass(kw_only=True, slots=True)
 class PEConfig:
     rope: RopeOptions = field(default_factory=RopeOptions)
+    length_scale: LengthScaleOptions = field(default_factory=LengthScaleOptions)
     cope: CopeOptions = field(default_factory=CopeOptions)
     alibi: AlibiOptions = field(default_factory=AlibiOptions)
     t5: T5Options = field(default_factory=T5Options)

@@ -47,6 +47,8 @@ def _layer_elements(cfg: Config, pe: PositionEncoding, tensor: int, recompute: s
     saved = 4 * h / sp + q + kv + q + 2 * ffn
     if pe.rotary:
         saved += q + kv / 2  # rotated queries and keys
+    if cfg.pe.length_scale.type != "none":
+        saved += q  # the scaled queries
     fp32 = 0.0
     if recompute == "none":  # the core attention's own state
         fp32 = q / head_dim  # the row log-sum-exp, one per head

@@ -10,18 +10,21 @@ import torch
 from cope_megatron.config import Config, padded_vocab_size
 from cope_megatron.pe import ModelPE, PositionEncoding
 from cope_megatron.pe.base import AttentionShape
+from cope_megatron.pe.length_scale import LengthScale
 
 
 def pe_parameters(cfg: Config, pe: PositionEncoding, tensor: int = 1) -> int:
-    """Parameters of one layer's PE attention on one TP rank (CoPE's table, T5's buckets),
-    counted on the meta device."""
+    """Parameters of one layer's PE attention on one TP rank (CoPE's table, T5's buckets, a
+    learned length scale), counted on the meta device."""
     m = cfg.model
     shape = AttentionShape.of_rank(
         total_heads=m.num_attention_heads, total_kv_heads=m.query_groups, head_dim=m.head_dim,
         tp_size=tensor, init_std=m.init_method_std)
     with torch.device("meta"):
-        module = pe.attention(shape, cfg.pe)
-    return sum(p.numel() for p in module.parameters())
+        modules = [pe.attention(shape, cfg.pe)]
+        if cfg.pe.length_scale.type != "none":
+            modules.append(LengthScale(shape, cfg.pe.length_scale, m.seq_length))
+    return sum(p.numel() for module in modules for p in module.parameters())
 
 
 def parameters(cfg: Config, pe: ModelPE, vocab_size: int, tensor: int = 1) -> int:

@@ -30,7 +30,8 @@ class CopeMegatronConfig(PretrainedConfig):
                  max_position_embeddings: int = 128,
                  rope_theta: float = 10000.0, cope_npos_max: int = 64,
                  cope_shared_table: bool = True, t5_num_buckets: int = 32,
-                 t5_max_distance: int = 128, tie_word_embeddings: bool = True,
+                 t5_max_distance: int = 128, length_scale: str = "none",
+                 length_scale_s: float = 1.0, tie_word_embeddings: bool = True,
                  **kwargs) -> None:
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -47,6 +48,8 @@ class CopeMegatronConfig(PretrainedConfig):
         self.cope_shared_table = cope_shared_table
         self.t5_num_buckets = t5_num_buckets
         self.t5_max_distance = t5_max_distance
+        self.length_scale = length_scale
+        self.length_scale_s = length_scale_s
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     def layer_pe(self, layer: int) -> str:
@@ -137,6 +140,12 @@ class Attention(nn.Module):
             self.cope_table = nn.Parameter(torch.zeros(rows, self.head_dim, config.cope_npos_max))
         if pe == "t5":
             self.t5_bias = nn.Parameter(torch.zeros(self.heads, config.t5_num_buckets))
+        if config.length_scale != "none":  # scaled queries: s_h · ln(i + 1) for row i
+            s = torch.full((self.heads,), config.length_scale_s)
+            if config.length_scale == "learned":
+                self.length_scale = nn.Parameter(s)
+            else:
+                self.register_buffer("length_scale", s, persistent=False)
 
     def distance_bias(self, s: int, device: torch.device) -> torch.Tensor | None:
         """[h, s, s] logit bias of ALiBi or T5, −∞ above the diagonal; None for neither."""
@@ -160,6 +169,9 @@ class Attention(nn.Module):
         k, v = (qkv[:, :, :, i].transpose(1, 2) for i in (per_group, per_group + 1))
         if self.pe in ("rope", "cope_rope"):
             q, k = apply_rope(q, self.config.rope_theta), apply_rope(k, self.config.rope_theta)
+        if self.config.length_scale != "none":
+            rows = torch.log1p(torch.arange(s, device=x.device, dtype=self.length_scale.dtype))
+            q = q * (self.length_scale[:, None] * rows)[:, :, None].to(q.dtype)
         k, v = (t.repeat_interleave(per_group, dim=1) for t in (k, v))
         scale = 1.0 / math.sqrt(self.head_dim)
         if self.pe in ("cope", "cope_rope"):

@@ -43,6 +43,6 @@ def _layer_spec(cfg: Config, pe: PositionEncoding, drop_rotary: bool) -> ModuleS
         layer.self_attention.module = UnrotatedSelfAttention
     layer.self_attention.submodules.core_attention = ModuleSpec(
         module=PECoreAttention,
-        params={"pe": pe, "pe_options": cfg.pe},
+        params={"pe": pe, "pe_options": cfg.pe, "train_length": cfg.model.seq_length},
     )
     return spec
