@@ -174,6 +174,13 @@ class PositionEncoding:
     """fp32 elements per (query, key) pair that computing its bias keeps for backward on
     the materialized path, besides the [heads, s, s] bias itself (FIRE's MLP activations;
     ``estimate.memory`` counts them)."""
+    options: tuple[str, ...] = ()
+    """The ``pe.<section>``s it reads: a resume may change the sections that no PE of the
+    model reads (``training/resume.py``)."""
+
+    def per_layer(self, num_layers: int) -> tuple[PositionEncoding, ...]:
+        """The PE of each layer (a ``pe.schedule.PESchedule`` varies it)."""
+        return (self,) * num_layers
 
     @property
     def rotary(self) -> bool:

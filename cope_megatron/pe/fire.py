@@ -112,6 +112,6 @@ def check(cfg: Config) -> None:
 
 
 register(PositionEncoding(
-    name="fire", attention=FireAttention, check=check,
+    name="fire", attention=FireAttention, check=check, options=("fire",),
     # The MLP's hidden layer, and ψ's four [s, s] intermediates (measured in the tests).
     bias_saved=lambda cfg: cfg.pe.fire.mlp_width + 4))

@@ -109,4 +109,5 @@ def check(cfg: Config) -> None:
             "(Chi et al. 2022)")
 
 
-register(PositionEncoding(name="kerple", attention=KerpleAttention, check=check))
+register(PositionEncoding(name="kerple", attention=KerpleAttention, check=check,
+                          options=("kerple",)))
