@@ -247,3 +247,19 @@ def test_estimate_counts_what_fire_saves_for_backward():
     per_pair = sum(saved.values()) / 4 / s**2
     assert get_pe("fire").bias_saved(cfg) == pytest.approx(per_pair, rel=0.02)
     assert get_pe("kerple").bias_saved is None  # its [h, s] table is O(s)
+
+
+def test_estimate_counts_fire_per_layer_of_a_schedule():
+    """FIRE in every other layer keeps half of what FIRE in every layer keeps beyond NoPE."""
+    from cope_megatron.config import Layout
+    from cope_megatron.estimate.memory import activation_bytes
+    from cope_megatron.pe import model_pe
+
+    saved = {}
+    for name, overrides in {"fire": ["model.pe=fire"], "nope": ["model.pe=nope"],
+                            "both": ["model.pe=fire", "model.pe_schedule=[fire,nope]"]}.items():
+        cfg = load_config(["model.num_layers=4", "train.recompute=none", *overrides])
+        saved[name] = activation_bytes(cfg, model_pe(cfg.model), Layout.of(cfg, 1),
+                                       device="cpu")["saved"]
+    assert saved["fire"] > saved["nope"]
+    assert saved["both"] == pytest.approx((saved["fire"] + saved["nope"]) / 2, rel=1e-12)

@@ -84,8 +84,8 @@ def activation_bytes(cfg: Config, pe: ModelPE, layout: Layout,
         if mode == "none" and layer_pe.biased and not flex:
             heads = m.num_attention_heads / layout.tensor
             square = heads * seq**2 * e * (1 + (b if device == "cpu" else 0))
-            if pe.bias_saved is not None:
-                square += pe.bias_saved(cfg) * seq**2 * 4
+            if layer_pe.bias_saved is not None:
+                square += layer_pe.bias_saved(cfg) * seq**2 * 4
         return tokens * (saved * e + fp32 * 4) + square
 
     vocab = padded_vocab_size(vocab_size or cfg.data.vocab_size, layout.tensor) / layout.tensor
