@@ -163,7 +163,8 @@ PUBLIC_KEYS = """
     pe.rope.base pe.cope.npos_max pe.cope.shared_table pe.cope.impl pe.alibi.slopes
     pe.t5.num_buckets pe.t5.max_distance pe.bias_kernel parallel.tensor parallel.sequence
     parallel.context
-    zero.stage zero.deepspeed data.corpus data.cache_dir data.shards data.tokenizer
+    zero.stage zero.deepspeed fusion.layers fusion.cross_entropy fusion.chunk_tokens
+    data.corpus data.cache_dir data.shards data.tokenizer
     data.tokenizer_type data.vocab_size data.byte_fallback data.user_symbols data.text_field
     data.val_fraction data.shard_max_bytes data.prep_workers data.tokenizer_sample_bytes
     data.max_docs data.num_workers data.streams data.shuffle_buffer data.on_error

@@ -26,6 +26,7 @@ from cope_megatron.config.schema import (
     CopeOptions,
     DataConfig,
     EvalConfig,
+    FusionConfig,
     LoggingConfig,
     ModelConfig,
     ParallelConfig,
@@ -40,8 +41,9 @@ from cope_megatron.config.schema import (
 from cope_megatron.config.validation import padded_vocab_size, validate
 
 __all__ = [
-    "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig", "Layout",
-    "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions", "RunConfig",
-    "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys",
-    "load_config", "merge_dicts", "padded_vocab_size", "to_dict", "validate", "yaml_text",
+    "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig",
+    "FusionConfig", "Layout", "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig",
+    "RopeOptions", "RunConfig", "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig",
+    "dump_yaml", "flat_keys", "load_config", "merge_dicts", "padded_vocab_size", "to_dict",
+    "validate", "yaml_text",
 ]

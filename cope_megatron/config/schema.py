@@ -106,6 +106,25 @@ class ZeroConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class FusionConfig:
+    """Fused kernels without TransformerEngine or Apex. Each computes the unfused model's
+    function to rounding, so a resume may switch them; ``auto`` is unfused on the CPU and on
+    CUDA what the GPU suite measured faster (``AUTO_ON_CUDA`` in ``model/fusions.py``)."""
+
+    layers: Literal["auto", "compile", "eager"] = "auto"
+    """``compile``: torch.compile each transformer layer in place (torchtitan's regional
+    compile): Inductor fuses the norms, bias + GeLU, bias + dropout + residual and the
+    attention's element-wise code. Needs a C++ compiler on the CPU."""
+    cross_entropy: Literal["auto", "chunked", "full"] = "auto"
+    """``chunked``: the output layer and the vocab-parallel cross-entropy run over chunks
+    of ``chunk_tokens`` tokens and are recomputed in backward, so the logits of the whole
+    vocabulary never exist for all tokens at once; ``full``: Megatron's loss on all of them
+    (``eager`` and ``full`` are the unfused model; YAML would read ``off`` as false)."""
+    chunk_tokens: int = 2048
+    """Tokens per cross-entropy chunk (gathered over TP ranks under sequence parallelism)."""
+
+
+@dataclass(kw_only=True, slots=True)
 class DataConfig:
     corpus: list[str] = field(default_factory=lambda: ["shakespeare"])
     """Text sources: files, directories, globs, .jsonl, .gz/.zst, or "shakespeare" (the
@@ -266,6 +285,7 @@ class Config:
     pe: PEConfig = field(default_factory=PEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -11,6 +11,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from cope_megatron.config import Config, padded_vocab_size
+from cope_megatron.model import fusions
+from cope_megatron.model.chunked_loss import ChunkedLossGPT
 from cope_megatron.model.layer_spec import get_layer_spec
 from cope_megatron.pe import PositionEncoding
 
@@ -57,8 +59,13 @@ def transformer_config(cfg: Config) -> TransformerConfig:
 
 def build_gpt(cfg: Config, pe: PositionEncoding, vocab_size: int) -> GPTModel:
     """The GPT for ``cfg`` with ``pe`` (``cfg.model.pe`` resolved) on the current device;
-    call after ``init_distributed``."""
-    model = GPTModel(
+    call after ``init_distributed``; with the fusions ``cfg.fusion`` turns on there."""
+    device = fusions.device_type()
+    chunked = fusions.enabled(cfg.fusion, "cross_entropy", device)
+    model_cls = ChunkedLossGPT if chunked else GPTModel
+    extra = {"chunk_tokens": cfg.fusion.chunk_tokens} if chunked else {}
+    model = model_cls(
+        **extra,
         config=transformer_config(cfg),
         transformer_layer_spec=get_layer_spec(cfg, pe),
         vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tensor),
@@ -71,6 +78,8 @@ def build_gpt(cfg: Config, pe: PositionEncoding, vocab_size: int) -> GPTModel:
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         model.embedding.position_embeddings = pe.position_embedding(cfg.model.hidden_size, dtype)
     model.max_positions = None if pe.extrapolates else cfg.model.seq_length
+    if fusions.enabled(cfg.fusion, "layers", device):
+        fusions.compile_layers(model)
     return model
 
 
