@@ -1,0 +1,153 @@
+"""``fusion.*``: compiled layers and the chunked cross-entropy compute the unfused model's
+loss and gradients (fp32: losses to 1e-6 relative, gradients to 1e-5 relative + 1e-6
+absolute, the summation-order rounding of fused kernels and chunked weight gradients), at
+TP=1 in this process and under TP=2 with sequence parallelism and under ZeRO-3 on forked
+ranks; and the chunked loss never computes the logits of all tokens at once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cope_megatron.config import load_config
+from cope_megatron.model import fusions
+from tests.helpers import forked_ranks
+from tests.parallel_worker import launch, layout
+
+SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=4",
+         "model.num_query_groups=2", "model.seq_length=32"]
+VOCAB = 300  # padded to 384: no other dimension of the model
+TOKENS = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(0))
+CHUNKED = ["fusion.cross_entropy=chunked", "fusion.chunk_tokens=10"]  # 7 uneven chunks
+
+
+WEIGHTS = torch.rand(2, 32, generator=torch.Generator().manual_seed(1))
+"""Per-token loss weights: the gradients see each token's loss at its own position."""
+
+
+def loss_and_grads(overrides: list[str], tensor: int = 1) -> tuple:
+    """Per-token losses of ``TOKENS`` and the gradients of their weighted sum, on this
+    process's TP rank."""
+    from megatron.core import parallel_state
+
+    from cope_megatron.distributed.parallel import init_distributed, seed_everything
+    from cope_megatron.model.gpt import build_gpt, token_losses
+    from cope_megatron.pe import get_pe
+
+    cfg = load_config(SMALL + overrides + [f"parallel.tensor={tensor}"])
+    init_distributed(tensor)
+    seed_everything(0)
+    model = build_gpt(cfg, get_pe(cfg.model.pe), VOCAB)
+    losses = token_losses(model, TOKENS)[0]
+    (losses * WEIGHTS).sum().backward()
+    grads = {n: p.grad.float() for n, p in model.named_parameters()}
+    parallel_state.destroy_model_parallel()
+    return losses.detach(), grads
+
+
+def assert_same(fused: tuple, unfused: tuple, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-6, atol=1e-6)
+    assert fused[1].keys() == unfused[1].keys()  # the same parameter names: checkpoints load
+    for name, grad in unfused[1].items():
+        torch.testing.assert_close(fused[1][name], grad, rtol=rtol, atol=atol, msg=name)
+
+
+def test_auto_is_unfused_until_the_gpu_suite_flips_it(monkeypatch):
+    cfg = load_config([])
+    for name in ("layers", "cross_entropy"):
+        assert not fusions.enabled(cfg.fusion, name, "cpu")
+        assert not fusions.enabled(cfg.fusion, name, "cuda")
+    monkeypatch.setattr(fusions, "AUTO_ON_CUDA", frozenset({"cross_entropy"}))
+    assert fusions.enabled(cfg.fusion, "cross_entropy", "cuda")
+    assert not fusions.enabled(cfg.fusion, "cross_entropy", "cpu")
+    assert not fusions.enabled(cfg.fusion, "layers", "cuda")
+    forced = load_config(["fusion.layers=compile", "fusion.cross_entropy=full"]).fusion
+    assert fusions.enabled(forced, "layers", "cpu")
+    assert not fusions.enabled(forced, "cross_entropy", "cuda")
+
+
+@pytest.mark.parametrize("untied", [False, True])
+def test_chunked_cross_entropy_equals_megatrons(dist_cleanup, untied):
+    tie = [f"model.untie_embeddings={str(untied).lower()}"]
+    assert_same(loss_and_grads(CHUNKED + tie), loss_and_grads(["fusion.cross_entropy=full"] + tie))
+
+
+class LargestLogits(TorchDispatchMode):
+    """The most elements of any [s, b, vocab] tensor (logits, softmax, their gradients)
+    an op makes."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab, self.largest = vocab, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else [out]:
+            if isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[-1] == self.vocab:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_chunked_cross_entropy_never_holds_all_logits(dist_cleanup):
+    from cope_megatron.config import padded_vocab_size
+
+    vocab, tokens = padded_vocab_size(VOCAB, 1), TOKENS.shape[0] * (TOKENS.shape[1] - 1)
+    seen = {}
+    for name, overrides in {"full": ["fusion.cross_entropy=full"], "chunked": CHUNKED}.items():
+        with LargestLogits(vocab) as mode:
+            loss_and_grads(overrides)
+        seen[name] = mode.largest
+    assert seen["full"] == tokens * vocab
+    assert seen["chunked"] == 5 * TOKENS.shape[0] * vocab  # 10 tokens: 5 positions × batch 2
+
+
+def test_compiled_layers_equal_eager(dist_cleanup):
+    """One layer keeps the first compile short (cold Inductor cache ~30 s on 2 busy
+    cores, warm ~8 s)."""
+    one = ["model.num_layers=1", "model.hidden_size=16", "model.num_attention_heads=2"]
+    assert_same(loss_and_grads(one + ["fusion.layers=compile"]),
+                loss_and_grads(one + ["fusion.layers=eager"]))
+
+
+def check_layouts(tmp_path, layouts: dict) -> None:
+    """Each layout's ``fused`` variant trains as its ``unfused`` one: losses over 3 steps
+    (so the gradients of every parameter), PE-parameter gradients of each step."""
+    for name, result in launch(tmp_path, 2, layouts).items():
+        fused, unfused = result["fused"], result["unfused"]
+        torch.testing.assert_close(fused["losses"], unfused["losses"], rtol=1e-5, atol=0,
+                                   msg=name)
+        for step_fused, step_unfused in zip(fused["grads"], unfused["grads"], strict=True):
+            for param, grad in step_unfused.items():
+                torch.testing.assert_close(torch.tensor(step_fused[param]), torch.tensor(grad),
+                                           rtol=1e-5, atol=1e-6, msg=f"{name} {param}")
+
+
+def pair(fused: list[str], *base: str) -> dict:
+    return {"fused": [*base, *fused], "unfused": list(base)}
+
+
+def compare_on_tp_ranks(fused: list[str], unfused: list[str]) -> None:
+    assert_same(loss_and_grads(fused, tensor=2), loss_and_grads(unfused, tensor=2))
+
+
+def test_chunked_cross_entropy_under_tp2_sequence_parallel():
+    """Sequence parallelism gathers each chunk's rows rank by rank: the per-token losses
+    come back at their positions (weighted, so a misplaced loss changes the gradients)."""
+    base = ["model.pe=cope", "parallel.sequence=true"]
+    forked_ranks(2, compare_on_tp_ranks, base + ["fusion.cross_entropy=chunked",
+                                                 "fusion.chunk_tokens=12"], base)
+
+
+@pytest.mark.slow
+def test_fusions_under_tp2_and_zero3(tmp_path):
+    """Compiled layers under TP=2 + SP, and the chunked loss with an untied output layer
+    whose weight ZeRO-3 partitions over two data-parallel ranks."""
+    check_layouts(tmp_path, {
+        "tp2_sp_compiled": layout(2, True, 0, pair(["fusion.layers=compile"], "model.pe=cope")),
+        "tp2_compiled_chunked": layout(2, False, 0, pair(
+            ["fusion.layers=compile", "fusion.cross_entropy=chunked"], "model.pe=alibi")),
+        "dp2_zero3": layout(1, False, 3, pair(
+            ["fusion.cross_entropy=chunked", "fusion.chunk_tokens=20"],
+            "model.pe=rope", "model.untie_embeddings=true")),
+    })
