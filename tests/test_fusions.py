@@ -102,6 +102,29 @@ def test_chunked_cross_entropy_never_holds_all_logits(dist_cleanup):
     assert seen["chunked"] == 5 * TOKENS.shape[0] * vocab  # 10 tokens: 5 positions × batch 2
 
 
+def test_estimate_counts_the_logits_the_chunked_loss_never_keeps(dist_cleanup):
+    """What a forward leaves for backward drops by the fp32 softmax of every token (less
+    the chunks' labels and loss bookkeeping, a few bytes a token); the estimate's
+    ``working`` part holds one chunk's logits instead."""
+    from cope_megatron.config import Layout
+    from cope_megatron.distributed.parallel import init_distributed
+    from cope_megatron.estimate.memory import activation_bytes, saved_for_backward
+    from cope_megatron.model.gpt import build_gpt
+    from cope_megatron.pe import get_pe
+
+    init_distributed(1)
+    measured, estimated = {}, {}
+    for name, overrides in {"full": ["fusion.cross_entropy=full"], "chunked": CHUNKED}.items():
+        cfg = load_config(SMALL + overrides + ["train.micro_batch_size=2"])
+        measured[name] = saved_for_backward(build_gpt(cfg, get_pe("rope"), VOCAB), TOKENS)
+        estimated[name] = activation_bytes(cfg, get_pe("rope"), Layout.of(cfg, 1),
+                                           vocab_size=VOCAB, device="cpu")
+    logits = 64 * 384 * 4  # tokens × padded vocabulary × fp32
+    assert estimated["full"]["saved"] - estimated["chunked"]["saved"] == logits
+    assert measured["full"] - measured["chunked"] == pytest.approx(logits, rel=0.01)
+    assert estimated["chunked"]["working"] == 10 * 384 * (4 + 4)
+
+
 def test_compiled_layers_equal_eager(dist_cleanup):
     """One layer keeps the first compile short (cold Inductor cache ~30 s on 2 busy
     cores, warm ~8 s)."""

@@ -10,10 +10,14 @@ the whole vocabulary is ``model/chunked_loss.py``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from megatron.core.models.gpt import GPTModel
 
 from cope_megatron.config import FusionConfig
+
+if TYPE_CHECKING:  # the estimate imports this module without building a model
+    from megatron.core.models.gpt import GPTModel
 
 AUTO_ON_CUDA: frozenset[str] = frozenset()
 """The fusions (``layers``, ``cross_entropy``) that ``auto`` turns on on CUDA: none until
