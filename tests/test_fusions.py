@@ -193,8 +193,9 @@ def test_chunked_cross_entropy_under_tp2_sequence_parallel():
 @pytest.mark.slow
 def test_fusions_under_tp2_and_zero3(tmp_path):
     """Compiled layers under TP=2 + SP and under CP=2 (the ring's exchange inside the
-    compiled layer), and the chunked loss with an untied output layer whose weight ZeRO-3
-    partitions over two data-parallel ranks."""
+    compiled layer), and both fusions under ZeRO-3 over two data-parallel ranks, with an
+    untied output layer whose weight ZeRO-3 partitions (gathered by the output layer's
+    hooks, which each chunk calls)."""
     check_layouts(tmp_path, {
         "cp2_compiled": layout(1, False, 0, pair(["fusion.layers=compile"], "model.pe=cope"),
                                context=2),
@@ -202,6 +203,6 @@ def test_fusions_under_tp2_and_zero3(tmp_path):
         "tp2_compiled_chunked": layout(2, False, 0, pair(
             ["fusion.layers=compile", "fusion.cross_entropy=chunked"], "model.pe=alibi")),
         "dp2_zero3": layout(1, False, 3, pair(
-            ["fusion.cross_entropy=chunked", "fusion.chunk_tokens=20"],
+            ["fusion.cross_entropy=chunked", "fusion.chunk_tokens=20", "fusion.layers=compile"],
             "model.pe=rope", "model.untie_embeddings=true")),
     })
