@@ -1,8 +1,9 @@
 """``fusion.*``: compiled layers and the chunked cross-entropy compute the unfused model's
-loss and gradients (fp32: losses to 1e-6 relative, gradients to 1e-5 relative + 1e-6
-absolute, the summation-order rounding of fused kernels and chunked weight gradients), at
-TP=1 in this process and under TP=2 with sequence parallelism and under ZeRO-3 on forked
-ranks; and the chunked loss never computes the logits of all tokens at once."""
+loss and gradients (fp32: losses to 1e-6, gradients to 1e-5 relative + 1e-6 absolute, the
+summation-order rounding of fused kernels and chunked weight gradients; bf16 in
+``assert_same``), at TP=1 in this process, under TP=2 with sequence parallelism on forked
+ranks, and (slow) under recomputation, CP=2 and ZeRO-3; the chunked loss never computes
+the logits of all tokens at once, and the estimate counts what it saves."""
 
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_head
 VOCAB = 300  # padded to 384: no other dimension of the model
 TOKENS = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(0))
 CHUNKED = ["fusion.cross_entropy=chunked", "fusion.chunk_tokens=10"]  # 7 uneven chunks
-
-
 WEIGHTS = torch.rand(2, 32, generator=torch.Generator().manual_seed(1))
 """Per-token loss weights: the gradients see each token's loss at its own position."""
 
@@ -60,7 +59,11 @@ def assert_same(fused: tuple, unfused: tuple, bf16: bool = False) -> None:
                                    msg=name)
 
 
-def test_auto_is_unfused_until_the_gpu_suite_flips_it(monkeypatch):
+def test_auto_is_unfused_until_the_gpu_suite_flips_it_and_resumes_may_switch(monkeypatch):
+    from cope_megatron.config.resume_keys import ALLOWED, classify
+
+    assert {classify(f"fusion.{key}") for key in ("layers", "cross_entropy", "chunk_tokens")
+            } == {ALLOWED}
     cfg = load_config([])
     for name in ("layers", "cross_entropy"):
         assert not fusions.enabled(cfg.fusion, name, "cpu")
