@@ -157,10 +157,11 @@ def test_vocab_padding_is_layout_independent():
 
 
 PUBLIC_KEYS = """
-    model.pe model.num_layers model.hidden_size model.num_attention_heads
+    model.pe model.pe_schedule model.num_layers model.hidden_size model.num_attention_heads
     model.num_query_groups model.ffn_hidden_size model.seq_length model.attention_dropout
     model.hidden_dropout model.init_method_std model.normalization model.untie_embeddings
-    pe.rope.base pe.cope.npos_max pe.cope.shared_table pe.cope.impl pe.alibi.slopes
+    pe.rope.base pe.length_scale.type pe.length_scale.s pe.cope.npos_max
+    pe.cope.shared_table pe.cope.impl pe.alibi.slopes
     pe.t5.num_buckets pe.t5.max_distance pe.bias_kernel parallel.tensor parallel.sequence
     parallel.context
     zero.stage zero.deepspeed fusion.layers fusion.cross_entropy fusion.chunk_tokens

@@ -32,12 +32,12 @@ def loss_and_grads(overrides: list[str], tensor: int = 1, bf16: bool = False) ->
 
     from cope_megatron.distributed.parallel import init_distributed, seed_everything
     from cope_megatron.model.gpt import build_gpt, token_losses
-    from cope_megatron.pe import get_pe
+    from cope_megatron.pe import model_pe
 
     cfg = load_config(SMALL + overrides + [f"parallel.tensor={tensor}"])
     init_distributed(tensor)
     seed_everything(0)
-    model = build_gpt(cfg, get_pe(cfg.model.pe), VOCAB)
+    model = build_gpt(cfg, model_pe(cfg.model), VOCAB)
     if bf16:
         model = model.bfloat16()
     losses = token_losses(model, TOKENS)[0]
@@ -121,14 +121,14 @@ def test_estimate_counts_the_logits_the_chunked_loss_never_keeps(dist_cleanup):
     from cope_megatron.distributed.parallel import init_distributed
     from cope_megatron.estimate.memory import activation_bytes, saved_for_backward
     from cope_megatron.model.gpt import build_gpt
-    from cope_megatron.pe import get_pe
+    from cope_megatron.pe import model_pe
 
     init_distributed(1)
     measured, estimated = {}, {}
     for name, overrides in {"full": ["fusion.cross_entropy=full"], "chunked": CHUNKED}.items():
         cfg = load_config(SMALL + overrides + ["train.micro_batch_size=2"])
-        measured[name] = saved_for_backward(build_gpt(cfg, get_pe("rope"), VOCAB), TOKENS)
-        estimated[name] = activation_bytes(cfg, get_pe("rope"), Layout.of(cfg, 1),
+        measured[name] = saved_for_backward(build_gpt(cfg, model_pe(cfg.model), VOCAB), TOKENS)
+        estimated[name] = activation_bytes(cfg, model_pe(cfg.model), Layout.of(cfg, 1),
                                            vocab_size=VOCAB, device="cpu")
     logits = 64 * 384 * 4  # tokens × padded vocabulary × fp32
     assert estimated["full"]["saved"] - estimated["chunked"]["saved"] == logits
@@ -138,11 +138,11 @@ def test_estimate_counts_the_logits_the_chunked_loss_never_keeps(dist_cleanup):
 
 def test_a_run_the_logits_overflow_is_told_to_chunk_the_loss():
     from cope_megatron.estimate import estimate, smallest_fitting_change
-    from cope_megatron.pe import get_pe
+    from cope_megatron.pe import model_pe
 
     cfg = load_config(["configs/model/125m.yaml", "model.seq_length=8192",
                        "train.micro_batch_size=4", "data.vocab_size=256000"])
-    est = estimate(cfg, get_pe("rope"), gpus=1, gpu_memory_gib=40)
+    est = estimate(cfg, model_pe(cfg.model), gpus=1, gpu_memory_gib=40)
     assert not est.fits  # 32k tokens × 256k fp32 logits: 31 GiB of the 41
     overrides, fixed = smallest_fitting_change(est)
     assert overrides == "fusion.cross_entropy=chunked" and fixed.fits

@@ -27,6 +27,7 @@ from cope_megatron.config.schema import (
     DataConfig,
     EvalConfig,
     FusionConfig,
+    LengthScaleOptions,
     LoggingConfig,
     ModelConfig,
     ParallelConfig,
@@ -37,13 +38,14 @@ from cope_megatron.config.schema import (
     TaskConfig,
     TrainConfig,
     ZeroConfig,
+    pe_label,
 )
 from cope_megatron.config.validation import padded_vocab_size, validate
 
 __all__ = [
     "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig",
-    "FusionConfig", "Layout", "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig",
-    "RopeOptions", "RunConfig", "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig",
-    "dump_yaml", "flat_keys", "load_config", "merge_dicts", "padded_vocab_size", "to_dict",
-    "validate", "yaml_text",
+    "FusionConfig", "Layout", "LengthScaleOptions", "LoggingConfig", "ModelConfig", "PEConfig",
+    "ParallelConfig", "RopeOptions", "RunConfig", "T5Options", "TaskConfig", "TrainConfig",
+    "ZeroConfig", "dump_yaml", "flat_keys", "load_config", "merge_dicts", "padded_vocab_size",
+    "pe_label", "to_dict", "validate", "yaml_text",
 ]

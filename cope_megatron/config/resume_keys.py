@@ -69,10 +69,10 @@ _TABLE: dict[str, str] = {
 }
 
 
-def classify(key: str, pe: str | None = None) -> Literal["refused", "allowed"]:
-    """``REFUSED`` or ``ALLOWED`` for a dotted key (the most specific entry wins); with
-    ``pe``, the PE both runs use, the options of other PEs change nothing."""
-    if pe is not None and key.startswith("pe.") and key.split(".")[1] != pe:
+def classify(key: str, unused: frozenset[str] = frozenset()) -> Literal["refused", "allowed"]:
+    """``REFUSED`` or ``ALLOWED`` for a dotted key (the most specific entry wins); a
+    ``pe.<section>`` in ``unused`` (options no PE of either run reads) changes nothing."""
+    if key.startswith("pe.") and key.split(".")[1] in unused:
         return ALLOWED
     if key in _TABLE:
         return _TABLE[key]  # type: ignore[return-value]

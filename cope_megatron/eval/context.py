@@ -11,7 +11,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from cope_megatron.config import Config
+from cope_megatron.config import Config, pe_label
 from cope_megatron.data.tokenizer import load_tokenizer
 
 
@@ -34,8 +34,9 @@ class EvalContext:
     def of_run(cls, cfg: Config, model: torch.nn.Module, manifest: dict,
                device: torch.device, dp_rank: int = 0, dp_size: int = 1) -> EvalContext:
         return cls(model=model, manifest=manifest, shards=cfg.data.shards,
-                   verify=cfg.data.verify, train_length=cfg.model.seq_length, pe=cfg.model.pe,
-                   device=device, dp_rank=dp_rank, dp_size=dp_size)
+                   verify=cfg.data.verify, train_length=cfg.model.seq_length,
+                   pe=pe_label(cfg.model.pe, cfg.model.pe_schedule), device=device,
+                   dp_rank=dp_rank, dp_size=dp_size)
 
     def tokenizer(self) -> spm.SentencePieceProcessor:
         """The SentencePiece model the run's shards were prepared with."""

@@ -14,7 +14,7 @@ from cope_megatron.config import Config, padded_vocab_size
 from cope_megatron.model import fusions
 from cope_megatron.model.chunked_loss import ChunkedLossGPT
 from cope_megatron.model.layer_spec import get_layer_spec
-from cope_megatron.pe import PositionEncoding
+from cope_megatron.pe import ModelPE
 
 RECOMPUTE = {
     "none": {},
@@ -57,7 +57,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
-def build_gpt(cfg: Config, pe: PositionEncoding, vocab_size: int) -> GPTModel:
+def build_gpt(cfg: Config, pe: ModelPE, vocab_size: int) -> GPTModel:
     """The GPT for ``cfg`` with ``pe`` (``cfg.model.pe`` resolved) on the current device;
     call after ``init_distributed``; with the fusions ``cfg.fusion`` turns on there."""
     device = fusions.device_type()
