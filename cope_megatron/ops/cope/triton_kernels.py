@@ -87,21 +87,14 @@ def _add_block(ptr, rows, cols, n_rows, n_cols, stride, tile):
 
 
 @triton.jit
-def _mask(offs_m, offs_n, seq, CAUSAL: tl.constexpr):
-    """[rows, keys]: which (query, key) pairs exist."""
-    valid = (offs_n[None, :] < seq) & (offs_m[:, None] < seq)
-    if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
-    return valid
-
-
-@triton.jit
 def _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim, scale,
                   CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Logits a, validity mask, gates g for one (query block, key block) tile."""
     k = _load_block(k_ptr, offs_n, offs_d, seq, head_dim, head_dim)
     a = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    valid = _mask(offs_m, offs_n, seq, CAUSAL)
+    valid = (offs_n[None, :] < seq) & (offs_m[:, None] < seq)
+    if CAUSAL:
+        valid = valid & (offs_n[None, :] <= offs_m[:, None])
     a = tl.where(valid, a, float("-inf"))
     g = tl.where(valid, tl.sigmoid(a), 0.0)
     return k, a, valid, g
@@ -237,7 +230,9 @@ def _cope_bwd_keys(Q, K, V, Z, DO, Lse, Delta, Plain, DK, DV, seq, head_dim, npo
                     Z + bh * seq * npos + offs_m * npos + last_pos, mask=row_ok, other=0.0)
                 delta = tl.load(Delta + bh * seq + offs_m, mask=row_ok, other=0.0)
                 # Transposed tiles [keys, rows], so dK and dV take them without transposes.
-                valid_t = tl.trans(_mask(offs_m, offs_n, seq, CAUSAL))
+                valid_t = (offs_n[:, None] < seq) & (offs_m[None, :] < seq)
+                if CAUSAL:
+                    valid_t = valid_t & (offs_n[:, None] <= offs_m[None, :])
                 a_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale
                 probs_t = tl.where(valid_t, tl.exp(a_t - shift[None, :]), 0.0)
                 dv += tl.dot(probs_t.to(do.dtype), do, input_precision=PRECISION)
