@@ -1,7 +1,7 @@
 """The Triton CoPE kernels' work counted in Triton's interpreter, on a CPU: per kernel, its
-programs, matrix-product multiply-adds, atomically added elements and stored elements over
-one forward and backward, for dense and sparse gates. A change to the kernels' structure
-shows here before a GPU can time it.
+programs, matrix-product multiply-adds, atomically added elements (by tile shape) and
+stored elements over one forward and backward, for dense and sparse gates. A change to the
+kernels' structure shows here before a GPU can time it.
 
     TRITON_INTERPRET=1 python -m bench.cope_triton_ops [--seq 512] [--heads 4] [--kv-heads 1]
         [--head-dim 64] [--npos 64] [--blocks 64,32] [--module MODULE]
@@ -40,7 +40,9 @@ def count(module, q, k, v, table, npos_max: int) -> dict[str, dict[str, int]]:
         return originals["create_dot"](self, a, b, *args)
 
     def atomic(self, op, ptr, val, mask, *args):
-        counts[current[0]]["atomic_elements"] += int(mask.data.sum())
+        # By tile shape: dK, dV tiles are [BLOCK_N, BLOCK_D], dz's [BLOCK_M, BLOCK_N].
+        shape = "x".join(map(str, mask.data.shape))
+        counts[current[0]][f"atomic_elements_{shape}"] += int(mask.data.sum())
         return originals["create_atomic_rmw"](self, op, ptr, val, mask, *args)
 
     def store(self, ptrs, value, mask, *args):

@@ -21,9 +21,12 @@ Backward, from that index (no gate sweep to find the band again), in two kernels
   the plain tiles (and their Σ dlogits for dz at the last position), then the near band
   from its far end towards the diagonal: a forward cumsum of dp (the adjoint of the
   positions' reverse cumsum) with the reverse carries as total − prefix in fp64 (no fp32
-  cancellation). The band's dK, dV add atomically onto what the keys kernel stored; its
-  dz, dzd add atomically too, since keys of one tile share positions (the rows are the
-  program's own, so there is no contention between programs there).
+  cancellation). The band's dK, dV add atomically across query blocks (a key-major band
+  pass would need each row's gate and dp prefixes per key block, O(s²/BLOCK_N) memory
+  with sparse gates), onto what the keys kernel stored, or under GQA into a copy per
+  query head summed after, so that no atomic crosses heads. Its dz, dzd add atomically
+  too, as keys of one tile share positions; the rows are the program's own, so programs
+  never contend there.
 
 z = q·E (and zd, its differences along positions) are computed outside the kernels, and
 gathered per element from global memory; so are dq's z part and dE.
@@ -252,8 +255,7 @@ def _cope_bwd_rows(Q, K, V, Z, ZD, Total, Plain, DO, Lse, Delta, DQ, DK, DV, DZ,
     """dq of all of the rows' tiles, and everything of their near band."""
     bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = _program(
         Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL)
-    bg = bh // rep  # dK, dV are over key heads, like K and V
-    dk_ptr, dv_ptr = DK + bg * seq * head_dim, DV + bg * seq * head_dim
+    dk_ptr, dv_ptr = DK + bh * seq * head_dim, DV + bh * seq * head_dim  # per query head
     q = _load_block(q_ptr, offs_m, offs_d, seq, head_dim, head_dim)
     do = _load_block(DO + bh * seq * head_dim, offs_m, offs_d, seq, head_dim, head_dim)
     row_ok = offs_m < seq
@@ -373,18 +375,24 @@ def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
     dq = torch.empty(b, h, s, d, dtype=torch.float32, device=q.device)
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)  # every row stored
     dv = torch.empty_like(dk)
+    # The bands' dK, dV add atomically across query blocks, into a copy per query head
+    # under GQA (summed in order below): no atomic add crosses heads.
+    dk_band, dv_band = (dk, dv) if h == g else (torch.zeros_like(dq) for _ in range(2))
     dz, dzd = torch.zeros_like(z), torch.zeros_like(z)
     dp_sum = torch.empty(b, h, s, dtype=torch.float32, device=q.device)
     config = _launch_config(q, saturation.blocks)
     rows = saturation.plain.shape[1]
-    # Keys first: they store dK, dV whole; the rows' bands then add onto them.
+    # Keys first: they store dK, dV whole; without GQA the rows' bands then add onto them.
     _cope_bwd_keys[(triton.cdiv(s, config["BLOCK_N"]), b * g)](
         q, k, v, z, d_out, lse, delta, saturation.plain, dk, dv, s, d, z.shape[-1], h // g,
         rows, scale, npos_max - 1, CAUSAL=causal, **config)
     _cope_bwd_rows[(rows, b * h)](
-        q, k, v, z, zd, saturation.total, saturation.plain, d_out, lse, delta, dq, dk, dv, dz,
-        dzd, dp_sum, s, d, z.shape[-1], h // g, scale, float(npos_max - 1), npos_max - 1,
-        CAUSAL=causal, PLAIN_STAGES=PLAIN_STAGES, **config)
+        q, k, v, z, zd, saturation.total, saturation.plain, d_out, lse, delta, dq, dk_band,
+        dv_band, dz, dzd, dp_sum, s, d, z.shape[-1], h // g, scale, float(npos_max - 1),
+        npos_max - 1, CAUSAL=causal, PLAIN_STAGES=PLAIN_STAGES, **config)
+    if h != g:
+        dk += dk_band.unflatten(1, (g, h // g)).sum(2)
+        dv += dv_band.unflatten(1, (g, h // g)).sum(2)
     for acc, grad in zip(grads, (dq, dk, dv, undo_differences(dz, dzd))):
         acc += grad
     return dp_sum
