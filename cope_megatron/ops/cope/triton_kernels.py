@@ -47,6 +47,16 @@ import triton.language as tl
 
 from cope_megatron.ops.cope.blocks import differences, undo_differences
 from cope_megatron.ops.cope.chunked import table_backward
+from cope_megatron.ops.cope.triton_tiles import (
+    add_block,
+    block_logits,
+    load_block,
+    online_softmax,
+    position_logits,
+    program,
+    saturated,
+    store_block,
+)
 
 BLOCK_M = 128
 BLOCK_N = 64
@@ -70,95 +80,13 @@ class Saturation(NamedTuple):
 
 
 @triton.jit
-def _load_block(ptr, rows, cols, n_rows, n_cols, stride):
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_block(ptr, rows, cols, n_rows, n_cols, stride, tile):
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(ptr + rows[:, None] * stride + cols[None, :], tile, mask=mask)
-
-
-@triton.jit
-def _add_block(ptr, rows, cols, n_rows, n_cols, stride, tile):
-    """Atomically add ``tile`` into the (rows, cols) block: other query blocks' bands add
-    into the same key rows."""
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.atomic_add(ptr + rows[:, None] * stride + cols[None, :], tile, mask=mask)
-
-
-@triton.jit
-def _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim, scale,
-                  CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
-    """Logits a, validity mask, gates g for one (query block, key block) tile."""
-    k = _load_block(k_ptr, offs_n, offs_d, seq, head_dim, head_dim)
-    a = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    valid = (offs_n[None, :] < seq) & (offs_m[:, None] < seq)
-    if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
-    a = tl.where(valid, a, float("-inf"))
-    g = tl.where(valid, tl.sigmoid(a), 0.0)
-    return k, a, valid, g
-
-
-@triton.jit
-def _position_logits(z_ptr, zd_ptr, offs_m, p_raw, valid, npos, npos_max_m1):
-    p = tl.minimum(p_raw, npos_max_m1)
-    lo = tl.floor(p)
-    frac = p - lo
-    # A NaN position (a diverged run) reads entry 0, as the eager op does: the row comes
-    # out NaN through frac, and no index leaves the table.
-    idx = offs_m[:, None] * npos + tl.maximum(lo.to(tl.int32), 0)
-    z_lo = tl.load(z_ptr + idx, mask=valid, other=0.0)
-    zd_lo = tl.load(zd_ptr + idx, mask=valid, other=0.0)
-    return idx, frac, zd_lo, z_lo + frac * zd_lo
-
-
-@triton.jit
-def _program(Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr):
-    """This program's head, rows, per-head pointers, and how many key blocks its rows see."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    bg = bh // rep  # (b·H + h) // rep == b·G + h // rep, since H = G·rep
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    n_blocks = tl.cdiv(seq, BLOCK_N)
-    if CAUSAL:  # keys past the block's last row are masked for all of its rows
-        n_blocks = tl.cdiv(tl.minimum((pid_m + 1) * BLOCK_M, seq), BLOCK_N)
-    return (bh, offs_m, offs_d, Q + bh * seq * head_dim, K + bg * seq * head_dim,
-            V + bg * seq * head_dim, Z + bh * seq * npos, ZD + bh * seq * npos, n_blocks)
-
-
-@triton.jit
-def _saturated(carry, row_ok, npos_max_m1):
-    """Whether every row's gate total over the keys after the current block exceeds the last
-    position: then this block and all farther ones clamp to it. Strictly above, so a key on
-    the clamp boundary keeps its one-sided derivative through the gate path."""
-    return tl.min(tl.where(row_ok, carry, float("inf"))) > npos_max_m1
-
-
-@triton.jit
-def _online_softmax(m_i, l_i, acc, logits, v, PRECISION: tl.constexpr):
-    m_new = tl.maximum(m_i, tl.max(logits, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - m_safe)
-    probs = tl.exp(logits - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(probs, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(probs.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _cope_fwd(Q, K, V, Z, ZD, Carry, Out, Lse, Plain, Total, seq, head_dim, npos, rep, scale,
               npos_max_m1, last_pos, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
               PLAIN_STAGES: tl.constexpr):
-    bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = _program(
+    bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = program(
         Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL)
-    q = _load_block(q_ptr, offs_m, offs_d, seq, head_dim, head_dim)
+    q = load_block(q_ptr, offs_m, offs_d, seq, head_dim, head_dim)
     row_ok = offs_m < seq
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -168,31 +96,31 @@ def _cope_fwd(Q, K, V, Z, ZD, Carry, Out, Lse, Plain, Total, seq, head_dim, npos
     # so that the backward derives the same carries from the total (see _cope_bwd_rows).
     carry = tl.load(Carry + bh * seq + offs_m, mask=row_ok, other=0.0).to(tl.float64)
     t = 0
-    gate_work = (t < n_blocks) & (not _saturated(carry, row_ok, npos_max_m1))
+    gate_work = (t < n_blocks) & (not saturated(carry, row_ok, npos_max_m1))
     while gate_work:
         offs_n = (n_blocks - 1 - t) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k, a, valid, g = _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
+        k, a, valid, g = block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
                                        scale, CAUSAL, PRECISION)
         p_raw = carry.to(tl.float32)[:, None] + tl.cumsum(g, axis=1, reverse=True)
         carry += tl.sum(g, axis=1).to(tl.float64)
-        _, _, _, bias = _position_logits(z_ptr, zd_ptr, offs_m, p_raw, valid, npos,
+        _, _, _, bias = position_logits(z_ptr, zd_ptr, offs_m, p_raw, valid, npos,
                                          npos_max_m1)
         logits = tl.where(valid, a + bias, float("-inf"))
-        v = _load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
-        m_i, l_i, acc = _online_softmax(m_i, l_i, acc, logits, v, PRECISION)
+        v = load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
+        m_i, l_i, acc = online_softmax(m_i, l_i, acc, logits, v, PRECISION)
         t += 1
-        gate_work = (t < n_blocks) & (not _saturated(carry, row_ok, npos_max_m1))
+        gate_work = (t < n_blocks) & (not saturated(carry, row_ok, npos_max_m1))
     # Every farther key sits at the last position: plain attention plus one logit per row.
     z_last = tl.load(z_ptr + offs_m * npos + last_pos, mask=row_ok, other=0.0)
     for u in tl.range(t, n_blocks, num_stages=PLAIN_STAGES):
         offs_n = (n_blocks - 1 - u) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k, a, valid, g = _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
+        k, a, valid, g = block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
                                        scale, CAUSAL, PRECISION)
         logits = tl.where(valid, a + z_last[:, None], float("-inf"))
-        v = _load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
-        m_i, l_i, acc = _online_softmax(m_i, l_i, acc, logits, v, PRECISION)
+        v = load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
+        m_i, l_i, acc = online_softmax(m_i, l_i, acc, logits, v, PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    _store_block(Out + bh * seq * head_dim, offs_m, offs_d, seq, head_dim, head_dim,
+    store_block(Out + bh * seq * head_dim, offs_m, offs_d, seq, head_dim, head_dim,
                  (acc / l_safe[:, None]).to(Out.dtype.element_ty))
     tl.store(Lse + bh * seq + offs_m, m_i + tl.log(l_safe), mask=row_ok)
     tl.store(Total + bh * seq + offs_m, carry, mask=row_ok)
@@ -211,8 +139,8 @@ def _cope_bwd_keys(Q, K, V, Z, DO, Lse, Delta, Plain, DK, DV, seq, head_dim, npo
     bg = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_block(K + bg * seq * head_dim, offs_n, offs_d, seq, head_dim, head_dim)
-    v = _load_block(V + bg * seq * head_dim, offs_n, offs_d, seq, head_dim, head_dim)
+    k = load_block(K + bg * seq * head_dim, offs_n, offs_d, seq, head_dim, head_dim)
+    v = load_block(V + bg * seq * head_dim, offs_n, offs_d, seq, head_dim, head_dim)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     first = 0
@@ -224,9 +152,9 @@ def _cope_bwd_keys(Q, K, V, Z, DO, Lse, Delta, Plain, DK, DV, seq, head_dim, npo
             if tl.load(Plain + bh * n_row_blocks + m) > pid_n:
                 offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
                 row_ok = offs_m < seq
-                q = _load_block(Q + bh * seq * head_dim, offs_m, offs_d, seq, head_dim,
+                q = load_block(Q + bh * seq * head_dim, offs_m, offs_d, seq, head_dim,
                                 head_dim)
-                do = _load_block(DO + bh * seq * head_dim, offs_m, offs_d, seq, head_dim,
+                do = load_block(DO + bh * seq * head_dim, offs_m, offs_d, seq, head_dim,
                                  head_dim)
                 # Per row: lse less the far keys' shared position logit.
                 shift = tl.load(Lse + bh * seq + offs_m, mask=row_ok, other=0.0) - tl.load(
@@ -242,8 +170,8 @@ def _cope_bwd_keys(Q, K, V, Z, DO, Lse, Delta, Plain, DK, DV, seq, head_dim, npo
                 dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
                 da_t = probs_t * (dp_t - delta[None, :]) * scale
                 dk += tl.dot(da_t.to(q.dtype), q, input_precision=PRECISION)
-    _store_block(DK + bg * seq * head_dim, offs_n, offs_d, seq, head_dim, head_dim, dk)
-    _store_block(DV + bg * seq * head_dim, offs_n, offs_d, seq, head_dim, head_dim, dv)
+    store_block(DK + bg * seq * head_dim, offs_n, offs_d, seq, head_dim, head_dim, dk)
+    store_block(DV + bg * seq * head_dim, offs_n, offs_d, seq, head_dim, head_dim, dv)
 
 
 @triton.jit
@@ -253,11 +181,11 @@ def _cope_bwd_rows(Q, K, V, Z, ZD, Total, Plain, DO, Lse, Delta, DQ, DK, DV, DZ,
                    CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                    PLAIN_STAGES: tl.constexpr):
     """dq of all of the rows' tiles, and everything of their near band."""
-    bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = _program(
+    bh, offs_m, offs_d, q_ptr, k_ptr, v_ptr, z_ptr, zd_ptr, n_blocks = program(
         Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M, BLOCK_N, BLOCK_D, CAUSAL)
     dk_ptr, dv_ptr = DK + bh * seq * head_dim, DV + bh * seq * head_dim  # per query head
-    q = _load_block(q_ptr, offs_m, offs_d, seq, head_dim, head_dim)
-    do = _load_block(DO + bh * seq * head_dim, offs_m, offs_d, seq, head_dim, head_dim)
+    q = load_block(q_ptr, offs_m, offs_d, seq, head_dim, head_dim)
+    do = load_block(DO + bh * seq * head_dim, offs_m, offs_d, seq, head_dim, head_dim)
     row_ok = offs_m < seq
     lse = tl.load(Lse + bh * seq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + bh * seq + offs_m, mask=row_ok, other=0.0)
@@ -271,10 +199,10 @@ def _cope_bwd_rows(Q, K, V, Z, ZD, Total, Plain, DO, Lse, Delta, DQ, DK, DV, DZ,
     z_last = tl.load(z_ptr + offs_m * npos + last_pos, mask=row_ok, other=0.0)
     for t in tl.range(0, n_plain, num_stages=PLAIN_STAGES):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k, a, valid, _ = _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
+        k, a, valid, _ = block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
                                        scale, CAUSAL, PRECISION)
         probs = tl.where(valid, tl.exp(a + z_last[:, None] - lse[:, None]), 0.0)
-        v = _load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
+        v = load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
         dlogits = probs * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         far += tl.sum(dlogits, axis=1)
         dq += tl.dot((dlogits * scale).to(k.dtype), k, input_precision=PRECISION)
@@ -287,18 +215,18 @@ def _cope_bwd_rows(Q, K, V, Z, ZD, Total, Plain, DO, Lse, Delta, DQ, DK, DV, DZ,
     dp_carry = tl.zeros([BLOCK_M], tl.float32)  # Σ dp of earlier key blocks
     for t in range(n_plain, n_blocks):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k, a, valid, g = _block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
+        k, a, valid, g = block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
                                        scale, CAUSAL, PRECISION)
         block_sum = tl.sum(g, axis=1).to(tl.float64)
         after = (total - prefix - block_sum).to(tl.float32)
         prefix += block_sum
         p_raw = after[:, None] + tl.cumsum(g, axis=1, reverse=True)
-        idx, frac, zd_lo, bias = _position_logits(z_ptr, zd_ptr, offs_m, p_raw, valid, npos,
+        idx, frac, zd_lo, bias = position_logits(z_ptr, zd_ptr, offs_m, p_raw, valid, npos,
                                                   npos_max_m1)
         probs = tl.where(valid, tl.exp(a + bias - lse[:, None]), 0.0)
-        v = _load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
+        v = load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
         dlogits = probs * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
-        _add_block(dv_ptr, offs_n, offs_d, seq, head_dim, head_dim,
+        add_block(dv_ptr, offs_n, offs_d, seq, head_dim, head_dim,
                    tl.dot(tl.trans(probs.to(do.dtype)), do, input_precision=PRECISION))
         near = valid & (p_raw < npos_max_m1)
         tl.atomic_add(DZ + bh * seq * npos + idx, dlogits, mask=near)
@@ -309,12 +237,12 @@ def _cope_bwd_rows(Q, K, V, Z, ZD, Total, Plain, DO, Lse, Delta, DQ, DK, DV, DZ,
         dp_carry += tl.sum(dp, axis=1)
         da = tl.where(valid, dlogits + dg * g * (1.0 - g), 0.0) * scale
         dq += tl.dot(da.to(k.dtype), k, input_precision=PRECISION)
-        _add_block(dk_ptr, offs_n, offs_d, seq, head_dim, head_dim,
+        add_block(dk_ptr, offs_n, offs_d, seq, head_dim, head_dim,
                    tl.dot(tl.trans(da.to(q.dtype)), q, input_precision=PRECISION))
     # The band's dz adds stay below the last position (p < npos_max − 1 there), and the
     # rows are this program's: a plain store.
     tl.store(DZ + bh * seq * npos + offs_m * npos + last_pos, far, mask=row_ok)
-    _store_block(DQ + bh * seq * head_dim, offs_m, offs_d, seq, head_dim, head_dim, dq)
+    store_block(DQ + bh * seq * head_dim, offs_m, offs_d, seq, head_dim, head_dim, dq)
     tl.store(DpSum + bh * seq + offs_m, dp_carry, mask=row_ok)
 
 
