@@ -4,7 +4,7 @@ stored elements over one forward and backward, for dense and sparse gates. A cha
 kernels' structure shows here before a GPU can time it.
 
     TRITON_INTERPRET=1 python -m bench.cope_triton_ops [--seq 512] [--heads 4] [--kv-heads 1]
-        [--head-dim 64] [--npos 64] [--blocks 64,32] [--module MODULE]
+        [--head-dim 64] [--npos 64] [--blocks 64,32] [--gates dense sparse] [--module MODULE]
 
 ``--module``: the kernels' module (default ``cope_megatron.ops.cope.triton_kernels``; an
 older copy, to compare). Prints one JSON line.
@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--npos", type=int, default=64)
     parser.add_argument("--blocks", default="64,32", help="BLOCK_M,BLOCK_N")
     parser.add_argument("--module", default="cope_megatron.ops.cope.triton_kernels")
+    parser.add_argument("--gates", nargs="+", default=["dense", "sparse"])
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("run with TRITON_INTERPRET=1: the counts come from the interpreter")
@@ -86,7 +87,7 @@ def main() -> None:
     module.BLOCK_M, module.BLOCK_N = (int(b) for b in args.blocks.split(","))
     result = {"seq": args.seq, "heads": args.heads, "kv_heads": args.kv_heads,
               "head_dim": args.head_dim, "blocks": args.blocks, "module": args.module}
-    for gates in ("dense", "sparse"):
+    for gates in args.gates:
         gen = torch.Generator().manual_seed(0)
         q, k, v = gate_inputs((1, args.heads, args.seq, args.head_dim), gates, gen)
         k, v = k[:, :args.kv_heads], v[:, :args.kv_heads]

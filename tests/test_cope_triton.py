@@ -164,7 +164,8 @@ def test_triton_plain_tiles_add_nothing_atomically(monkeypatch, carry):
     """The backward issues atomic adds for its near band's tiles only (dv, dz, dzd, dk:
     four per tile), none for the plain ones, whose dK and dV the keys kernel keeps in
     registers and stores; with a carry that has clamped every row, none at all. Counted
-    at the interpreter's atomic op; and the keys kernel's source has no atomic."""
+    at the interpreter's atomic op; and the keys kernel's source has no atomic. What the
+    kernels store instead of adding (dK, dV, dq, Σ dp) they store whole."""
     source = inspect.getsource(triton_op._cope_bwd_keys.fn)
     assert "atomic" not in source and "add_block" not in source
     b, h, g, s, d, npos, npos_max = 1, 4, 2, 61, 16, 16, 8
@@ -186,7 +187,13 @@ def test_triton_plain_tiles_add_nothing_atomically(monkeypatch, carry):
         return original(self, *args, **kw)
 
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_atomic_rmw", counting)
+    # Buffers the kernels store whole (dK, dV among them) start as NaN: none may be left.
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(math.nan))
+    monkeypatch.setattr(torch, "empty_like",
+                        lambda *a, **kw: empty_like(*a, **kw).fill_(math.nan))
     grads = tuple(torch.zeros_like(t) for t in (q, k, v, z))
     triton_op.chunk_backward(q, k, v, z, carry_in, torch.randn_like(out), out, lse, grads,
                              scale=0.25, npos_max=npos_max, causal=True, bands=bands)
     assert len(calls) == 4 * band_tiles
+    assert all(t.isfinite().all() for t in grads)

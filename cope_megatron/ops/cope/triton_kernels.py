@@ -100,11 +100,11 @@ def _cope_fwd(Q, K, V, Z, ZD, Carry, Out, Lse, Plain, Total, seq, head_dim, npos
     while gate_work:
         offs_n = (n_blocks - 1 - t) * BLOCK_N + tl.arange(0, BLOCK_N)
         k, a, valid, g = block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
-                                       scale, CAUSAL, PRECISION)
+                                      scale, CAUSAL, PRECISION)
         p_raw = carry.to(tl.float32)[:, None] + tl.cumsum(g, axis=1, reverse=True)
         carry += tl.sum(g, axis=1).to(tl.float64)
         _, _, _, bias = position_logits(z_ptr, zd_ptr, offs_m, p_raw, valid, npos,
-                                         npos_max_m1)
+                                        npos_max_m1)
         logits = tl.where(valid, a + bias, float("-inf"))
         v = load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
         m_i, l_i, acc = online_softmax(m_i, l_i, acc, logits, v, PRECISION)
@@ -115,13 +115,13 @@ def _cope_fwd(Q, K, V, Z, ZD, Carry, Out, Lse, Plain, Total, seq, head_dim, npos
     for u in tl.range(t, n_blocks, num_stages=PLAIN_STAGES):
         offs_n = (n_blocks - 1 - u) * BLOCK_N + tl.arange(0, BLOCK_N)
         k, a, valid, g = block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
-                                       scale, CAUSAL, PRECISION)
+                                      scale, CAUSAL, PRECISION)
         logits = tl.where(valid, a + z_last[:, None], float("-inf"))
         v = load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
         m_i, l_i, acc = online_softmax(m_i, l_i, acc, logits, v, PRECISION)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     store_block(Out + bh * seq * head_dim, offs_m, offs_d, seq, head_dim, head_dim,
-                 (acc / l_safe[:, None]).to(Out.dtype.element_ty))
+                (acc / l_safe[:, None]).to(Out.dtype.element_ty))
     tl.store(Lse + bh * seq + offs_m, m_i + tl.log(l_safe), mask=row_ok)
     tl.store(Total + bh * seq + offs_m, carry, mask=row_ok)
     tl.store(Plain + bh * tl.num_programs(0) + tl.program_id(0), n_blocks - t)
@@ -153,9 +153,9 @@ def _cope_bwd_keys(Q, K, V, Z, DO, Lse, Delta, Plain, DK, DV, seq, head_dim, npo
                 offs_m = m * BLOCK_M + tl.arange(0, BLOCK_M)
                 row_ok = offs_m < seq
                 q = load_block(Q + bh * seq * head_dim, offs_m, offs_d, seq, head_dim,
-                                head_dim)
+                               head_dim)
                 do = load_block(DO + bh * seq * head_dim, offs_m, offs_d, seq, head_dim,
-                                 head_dim)
+                                head_dim)
                 # Per row: lse less the far keys' shared position logit.
                 shift = tl.load(Lse + bh * seq + offs_m, mask=row_ok, other=0.0) - tl.load(
                     Z + bh * seq * npos + offs_m * npos + last_pos, mask=row_ok, other=0.0)
@@ -200,7 +200,7 @@ def _cope_bwd_rows(Q, K, V, Z, ZD, Total, Plain, DO, Lse, Delta, DQ, DK, DV, DZ,
     for t in tl.range(0, n_plain, num_stages=PLAIN_STAGES):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         k, a, valid, _ = block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
-                                       scale, CAUSAL, PRECISION)
+                                      scale, CAUSAL, PRECISION)
         probs = tl.where(valid, tl.exp(a + z_last[:, None] - lse[:, None]), 0.0)
         v = load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
         dlogits = probs * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
@@ -216,18 +216,18 @@ def _cope_bwd_rows(Q, K, V, Z, ZD, Total, Plain, DO, Lse, Delta, DQ, DK, DV, DZ,
     for t in range(n_plain, n_blocks):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         k, a, valid, g = block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim,
-                                       scale, CAUSAL, PRECISION)
+                                      scale, CAUSAL, PRECISION)
         block_sum = tl.sum(g, axis=1).to(tl.float64)
         after = (total - prefix - block_sum).to(tl.float32)
         prefix += block_sum
         p_raw = after[:, None] + tl.cumsum(g, axis=1, reverse=True)
         idx, frac, zd_lo, bias = position_logits(z_ptr, zd_ptr, offs_m, p_raw, valid, npos,
-                                                  npos_max_m1)
+                                                 npos_max_m1)
         probs = tl.where(valid, tl.exp(a + bias - lse[:, None]), 0.0)
         v = load_block(v_ptr, offs_n, offs_d, seq, head_dim, head_dim)
         dlogits = probs * (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None])
         add_block(dv_ptr, offs_n, offs_d, seq, head_dim, head_dim,
-                   tl.dot(tl.trans(probs.to(do.dtype)), do, input_precision=PRECISION))
+                  tl.dot(tl.trans(probs.to(do.dtype)), do, input_precision=PRECISION))
         near = valid & (p_raw < npos_max_m1)
         tl.atomic_add(DZ + bh * seq * npos + idx, dlogits, mask=near)
         tl.atomic_add(DZD + bh * seq * npos + idx, dlogits * frac, mask=near)
@@ -238,7 +238,7 @@ def _cope_bwd_rows(Q, K, V, Z, ZD, Total, Plain, DO, Lse, Delta, DQ, DK, DV, DZ,
         da = tl.where(valid, dlogits + dg * g * (1.0 - g), 0.0) * scale
         dq += tl.dot(da.to(k.dtype), k, input_precision=PRECISION)
         add_block(dk_ptr, offs_n, offs_d, seq, head_dim, head_dim,
-                   tl.dot(tl.trans(da.to(q.dtype)), q, input_precision=PRECISION))
+                  tl.dot(tl.trans(da.to(q.dtype)), q, input_precision=PRECISION))
     # The band's dz adds stay below the last position (p < npos_max − 1 there), and the
     # rows are this program's: a plain store.
     tl.store(DZ + bh * seq * npos + offs_m * npos + last_pos, far, mask=row_ok)

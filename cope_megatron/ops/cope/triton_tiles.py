@@ -29,7 +29,7 @@ def add_block(ptr, rows, cols, n_rows, n_cols, stride, tile):
 
 @triton.jit
 def block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim, scale,
-                  CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
+                 CAUSAL: tl.constexpr, PRECISION: tl.constexpr):
     """Logits a, validity mask, gates g for one (query block, key block) tile."""
     k = load_block(k_ptr, offs_n, offs_d, seq, head_dim, head_dim)
     a = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -56,7 +56,7 @@ def position_logits(z_ptr, zd_ptr, offs_m, p_raw, valid, npos, npos_max_m1):
 
 @triton.jit
 def program(Q, K, V, Z, ZD, seq, head_dim, npos, rep, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr):
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr):
     """This program's head, rows, per-head pointers, and how many key blocks its rows see."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
