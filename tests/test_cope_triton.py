@@ -135,9 +135,10 @@ def test_triton_failing_gpu_shape_at_full_size(monkeypatch):
 
 
 def test_triton_nan_input_gives_nan_rows_not_a_crash():
-    """As the chunked op: a NaN in one query row (a diverged run) reaches the gather as a
-    NaN position, which must read inside the table; that row, and only it, comes out NaN,
-    forward and in dq (the other head, sharing nothing with it, stays finite)."""
+    """As the chunked op: a NaN in one query row (a diverged run) makes its positions NaN,
+    which must not gather outside the table (``tl.minimum`` clamps them to the last one);
+    that row, and only it, comes out NaN, forward and in dq (the other head, sharing
+    nothing with it, stays finite)."""
     q, k, v, E = (t.float().requires_grad_() for t in
                   _inputs(1, 2, 2, 40, 8, 8, shared=True, gates="dense"))
     q.data[0, 0, 20, 0] = float("nan")

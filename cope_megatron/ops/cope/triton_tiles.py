@@ -43,12 +43,13 @@ def block_logits(q, k_ptr, offs_m, offs_n, offs_d, seq, head_dim, scale,
 
 @triton.jit
 def position_logits(z_ptr, zd_ptr, offs_m, p_raw, valid, npos, npos_max_m1):
+    # tl.minimum drops a NaN operand (minnum), so a NaN position (a diverged run) reads the
+    # last entry, inside the table; its row is NaN anyway, through the NaN logits or gates
+    # that made the position NaN.
     p = tl.minimum(p_raw, npos_max_m1)
     lo = tl.floor(p)
     frac = p - lo
-    # A NaN position (a diverged run) reads entry 0, as the eager op does: the row comes
-    # out NaN through frac, and no index leaves the table.
-    idx = offs_m[:, None] * npos + tl.maximum(lo.to(tl.int32), 0)
+    idx = offs_m[:, None] * npos + lo.to(tl.int32)
     z_lo = tl.load(z_ptr + idx, mask=valid, other=0.0)
     zd_lo = tl.load(zd_ptr + idx, mask=valid, other=0.0)
     return idx, frac, zd_lo, z_lo + frac * zd_lo
