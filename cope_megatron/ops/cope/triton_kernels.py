@@ -18,18 +18,22 @@ Backward, from that index (no gate sweep to find the band again), in two kernels
   heads sharing that key head (GQA/MQA) and over the query blocks for which the key block
   is plain, and stores dK, dV once: no atomics, and a fixed summation order.
 - rows (``_cope_bwd_rows``), query-major: a program owns ``BLOCK_M`` rows. It takes dq of
-  the plain tiles (and their Σ dlogits for dz at the last position), then the near band
-  from its far end towards the diagonal: a forward cumsum of dp (the adjoint of the
-  positions' reverse cumsum) with the reverse carries as total − prefix in fp64 (no fp32
-  cancellation). The band's dK, dV add atomically across query blocks (a key-major band
-  pass would need each row's gate and dp prefixes per key block, O(s²/BLOCK_N) memory
-  with sparse gates), onto what the keys kernel stored, or under GQA into a copy per
-  query head summed after, so that no atomic crosses heads. Its dz, dzd add atomically
-  too, as keys of one tile share positions; the rows are the program's own, so programs
-  never contend there.
+  the plain tiles (and their Σ dlogits for dz at the last position), recomputing their
+  logits and dO·Vᵀ: 7 matrix products per plain tile against 5 with atomic dK, dV, the
+  trade FlashAttention-2's Triton backward makes (``bench/cope_triton_ops.py`` counts
+  them in the interpreter). Then the near band, from its far end towards the diagonal:
+  a forward cumsum of dp (the adjoint of the positions' reverse cumsum) with the reverse
+  carries as total − prefix in fp64 (no fp32 cancellation). The band's dK, dV add
+  atomically across query blocks (a key-major band pass would need each row's gate and
+  dp prefixes per key block, O(s²/BLOCK_N) memory with sparse gates), onto what the keys
+  kernel stored, or under GQA into a copy per query head summed after, so that no
+  atomic crosses heads. Its dz, dzd add atomically too, as keys of one tile share
+  positions; the rows are the program's own, so programs never contend there.
 
-z = q·E (and zd, its differences along positions) are computed outside the kernels, and
-gathered per element from global memory; so are dq's z part and dE.
+The pieces the kernels share (tile loads, logits and gates, the position gather) are
+``ops.cope.triton_tiles``. z = q·E (and zd, its differences along positions) are computed
+outside the kernels, and gathered per element from global memory; so are dq's z part and
+dE.
 
 ``chunk_forward``/``chunk_backward`` run one (query chunk, key chunk) pair of a sequence
 split across context-parallel ranks: the kernels start from a carried gate total per row
