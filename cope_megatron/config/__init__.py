@@ -31,6 +31,7 @@ from cope_megatron.config.schema import (
     ParallelConfig,
     PEConfig,
     RopeOptions,
+    RopeScalingOptions,
     RunConfig,
     T5Options,
     TaskConfig,
@@ -41,7 +42,8 @@ from cope_megatron.config.validation import padded_vocab_size, validate
 
 __all__ = [
     "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig", "Layout",
-    "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions", "RunConfig",
+    "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions",
+    "RopeScalingOptions", "RunConfig",
     "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys",
     "load_config", "merge_dicts", "padded_vocab_size", "to_dict", "validate", "yaml_text",
 ]

@@ -7,6 +7,9 @@ other data, another data order) under one run's name. A key marked ``ALLOWED`` m
 change: it takes effect from the resume step on and the change is logged. A key listed in
 ``run.allow_config_change`` is allowed although refused here (a deliberate change).
 
+``EVAL_TIME`` names the keys that ``eval`` may change although a resume refuses them:
+how a trained model is run beyond its length (RoPE scaling), not which model it is.
+
 Besides the schema's keys, three facts that no single key holds are compared: the
 tokenizer and the shard set the data was made of, and the global batch (micro batch ×
 accumulation × data-parallel size, which may be re-split but not changed).
@@ -31,6 +34,8 @@ _TABLE: dict[str, str] = {
     "pe.*": REFUSED,
     "pe.cope.impl": ALLOWED,  # an implementation of the same function
     "pe.bias_kernel": ALLOWED,  # the same attention on another kernel
+    # pe.rope_scaling.* changes the function: refused on resume (``pe.*``; fine-tuning at
+    # a longer length names it in run.allow_config_change), an evaluation's own choice.
     # The data and its order.
     "data.tokenizer_sha256": REFUSED,
     "data.shards_fingerprint": REFUSED,
@@ -67,10 +72,24 @@ _TABLE: dict[str, str] = {
 }
 
 
+EVAL_TIME = ("pe.rope_scaling.",)
+"""Prefixes of the keys ``eval`` may change against the checkpoint it scores."""
+
+PE_SECTIONS = {"rope_scaling": "rope"}
+"""Option sections of ``pe`` read by the PE named otherwise (RoPE scaling by RoPE's)."""
+
+
+def uses_section(pe: str, section: str) -> bool:
+    """Whether PE ``pe`` reads the options ``pe.<section>``: its own, or those of a PE it
+    combines (``cope_rope`` reads ``pe.cope`` and ``pe.rope``)."""
+    return PE_SECTIONS.get(section, section) in (pe, *pe.split("_"))
+
+
 def classify(key: str, pe: str | None = None) -> Literal["refused", "allowed"]:
     """``REFUSED`` or ``ALLOWED`` for a dotted key (the most specific entry wins); with
     ``pe``, the PE both runs use, the options of other PEs change nothing."""
-    if pe is not None and key.startswith("pe.") and key.split(".")[1] != pe:
+    parts = key.split(".")
+    if pe is not None and parts[0] == "pe" and len(parts) > 2 and not uses_section(pe, parts[1]):
         return ALLOWED
     if key in _TABLE:
         return _TABLE[key]  # type: ignore[return-value]
