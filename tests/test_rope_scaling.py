@@ -176,3 +176,72 @@ def test_megatron_model_equals_reference_and_transformers(variant, dist_cleanup)
             if length > seq:  # the scaling changes the function: the check above can fail
                 assert (plain(tokens).logits - got).abs().max() > 1e-3
 
+
+
+# -- evaluation of a trained run, sweeps, the report ------------------------------------
+
+
+def test_eval_takes_rope_scaling_as_an_override_of_a_trained_run(prepared, tmp_path):
+    from cope_megatron.distributed.parallel import destroy_distributed
+    from cope_megatron.report.runs import load_run
+    from cope_megatron.train import run_eval, run_train
+    from tests.helpers import debug_overrides, train_here
+
+    shards, _, _ = prepared
+    run = tmp_path / "run"
+    train_here(shards, run, **{"train.steps": 2})
+    base = [str(run / "config.yaml"), "eval.passkey_samples=0", "eval.length_multipliers=[1, 4]"]
+
+    def evaluate(*overrides: str) -> dict:
+        try:
+            return run_eval(load_config([*base, *overrides]))
+        finally:
+            destroy_distributed()
+
+    plain = evaluate()
+    yarn = evaluate("pe.rope_scaling.type=yarn", "pe.rope_scaling.factor=8")
+    assert (plain["pe"], yarn["pe"]) == ("rope", "rope+yarn×8")
+    assert load_run(run).label == "rope+yarn×8"  # the report's row for what eval.json holds
+    long = 4 * 32
+    assert math.isfinite(yarn["lengths"][long]["ppl"])
+    assert yarn["lengths"][long]["ppl"] != plain["lengths"][long]["ppl"]
+    # Which model it is stays refused at evaluation, and the scaling on resume.
+    with pytest.raises(ConfigError, match="pe.rope.base"):
+        evaluate("pe.rope.base=500")
+    with pytest.raises(ConfigError, match="pe.rope_scaling.type"):
+        try:
+            run_train(load_config(debug_overrides(shards, run, **{
+                "train.steps": 3, "pe.rope_scaling.type": "yarn",
+                "pe.rope_scaling.factor": 8})), evaluate_after=False)
+        finally:
+            destroy_distributed()
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["model.pe=alibi", "pe.rope_scaling.type=yarn", "pe.rope_scaling.factor=2"],
+     "pe.rope_scaling.type"),
+    (["pe.rope_scaling.type=linear", "pe.rope_scaling.factor=0.5"], "pe.rope_scaling.factor"),
+    (["pe.rope.percent=0"], "pe.rope.percent"),
+    (["pe.rope.percent=1.5"], "pe.rope.percent"),
+    (["pe.rope.percent=0.3"], "pe.rope.percent"),  # 0.3 × 64 = 19 dimensions: odd
+    (["pe.rope.keep_frequencies=0"], "pe.rope.keep_frequencies"),
+    (["pe.rope_scaling.type=yarn", "pe.rope_scaling.beta_fast=0.5"], "pe.rope_scaling.beta"),
+])
+def test_bad_rope_options_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        check(config(*overrides), 1, data=False)
+
+
+def test_unknown_scaling_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"pe\.rope_scaling\.type: 'xpos' is not one of"):
+        config("pe.rope_scaling.type=xpos")
+
+
+def test_scaling_is_refused_on_resume_and_read_by_both_rotary_pes():
+    from cope_megatron.config.resume_keys import classify
+
+    for pe in ("rope", "cope_rope"):
+        assert classify("pe.rope_scaling.factor", pe) == classify("pe.rope.base", pe) \
+            == "refused"
+    assert classify("pe.rope_scaling.factor", "alibi") == "allowed"  # a PE neither uses
+    assert classify("pe.rope.base", "cope") == "allowed"

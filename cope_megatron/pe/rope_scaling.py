@@ -45,9 +45,6 @@ from torch import Tensor
 from cope_megatron.config import Config, ConfigError
 from cope_megatron.pe.base import PositionEncoding
 
-SCALING_TYPES = ("none", "linear", "ntk", "dynamic", "yarn")
-
-
 def rotary_dim(head_dim: int, percent: float) -> int:
     """Dimensions rotated per head (Megatron's and Hugging Face's rounding)."""
     return int(head_dim * percent)
@@ -68,6 +65,14 @@ def scaling_type(cfg: Config) -> str:
     type but dynamic NTK at factor 1)."""
     s = cfg.pe.rope_scaling
     return "none" if s.factor == 1 and s.type != "dynamic" else s.type
+
+
+def label(cfg: Config) -> str:
+    """The PE as evaluations and reports name it: ``model.pe``, with its scaling when it
+    has one (``rope+yarn×8``), so that a scaled evaluation is its own row."""
+    kind = scaling_type(cfg)
+    pe = cfg.model.pe
+    return pe if kind == "none" else f"{pe}+{kind}×{cfg.pe.rope_scaling.factor:g}"
 
 
 def ntk_base(base: float, factor: float, dim: int) -> float:
@@ -160,9 +165,6 @@ def set_yarn_fields(config: TransformerConfig, cfg: Config) -> None:
 def check(cfg: Config, pe: PositionEncoding) -> None:
     """``pe.rope`` and ``pe.rope_scaling`` that cannot run (ConfigError naming the key)."""
     r, s, m = cfg.pe.rope, cfg.pe.rope_scaling, cfg.model
-    if s.type not in SCALING_TYPES:
-        raise ConfigError(f"pe.rope_scaling.type: unknown type {s.type!r}; choose one of "
-                          f"{list(SCALING_TYPES)}")
     if not pe.rotary:
         if s.type != "none":
             raise ConfigError(f"pe.rope_scaling.type: {s.type} scales rotary embeddings, and "

@@ -1,8 +1,8 @@
 """Finished runs read back from their directories, grouped by what they compare.
 
 A run directory holds ``config.yaml``, ``metrics.jsonl`` and ``eval.json`` (written by
-``train`` and ``eval``). Runs are grouped by label (``run.name`` when set, else
-``model.pe``); runs that share a label are seeds of one setting, shown as their mean
+``train`` and ``eval``). Runs are grouped by label (``run.name`` when set, else the PE
+its evaluation names, with its RoPE scaling: ``rope+yarn×8``, else ``model.pe``); runs that share a label are seeds of one setting, shown as their mean
 with the range across seeds.
 """
 
@@ -45,7 +45,7 @@ def load_run(run_dir: str | Path) -> Run:
     metrics = [r for r in records if "loss" in r]  # steps, not events (a config change)
     eval_path = run_dir / "eval.json"
     report = json.loads(eval_path.read_text()) if eval_path.is_file() else None
-    label = config["run"].get("name") or config["model"]["pe"]
+    label = config["run"].get("name") or (report or {}).get("pe") or config["model"]["pe"]
     return Run(run_dir, label, config, metrics, report)
 
 
