@@ -5,9 +5,11 @@ the Megatron model against the reference model and the exported GPT-NeoX in
 errors that name the key."""
 
 import math
+import os
 
 import pytest
 import torch
+import yaml
 
 from cope_megatron.config import ConfigError, load_config
 from cope_megatron.distributed.cpu_compat import apply_cpu_compat
@@ -245,3 +247,63 @@ def test_scaling_is_refused_on_resume_and_read_by_both_rotary_pes():
             == "refused"
     assert classify("pe.rope_scaling.factor", "alibi") == "allowed"  # a PE neither uses
     assert classify("pe.rope.base", "cope") == "allowed"
+
+
+FAKE_SLURM = {"sbatch": 'echo "$*" "COMMAND=$COMMAND" >> "$FAKE_LOG"; echo 778',
+              "squeue": "echo PENDING"}
+
+
+@pytest.mark.integration
+def test_sweep_evaluates_its_variants_on_the_trained_checkpoints(prepared, tmp_path, capsys,
+                                                                 monkeypatch):
+    from cope_megatron.distributed.parallel import destroy_distributed
+    from cope_megatron.launch import sweep as sw
+    from cope_megatron.report import write_report
+    from cope_megatron.train import run_train
+    from tests.helpers import debug_overrides
+
+    shards, _, _ = prepared
+    overrides = dict(o.split("=", 1) for o in debug_overrides(shards, "unused"))
+    del overrides["run.dir"]
+    overrides.update({"train.steps": 2, "eval.passkey_samples": 0})
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "s", "out": str(tmp_path / "sweep"), "base": [], "overrides": overrides,
+        "axes": {"model.pe": ["rope", "alibi"]},
+        "evaluations": {"yarn": {"of": {"model.pe": "rope"}, "overrides": {
+            "pe.rope_scaling.type": "yarn", "pe.rope_scaling.factor": 4}}}}))
+    spec = sw.load_spec(path)
+    rope, _, variant = runs = sw.create(spec)
+    assert [r.name for r in runs] == ["pe-rope", "pe-alibi", "pe-rope_yarn"]
+    assert (variant.dir / "checkpoints").resolve() == (rope.dir / "checkpoints").resolve()
+    assert " eval " in (variant.dir / "command.sh").read_text()
+    config = yaml.safe_load((variant.dir / "config.yaml").read_text())
+    assert config["pe"]["rope_scaling"]["type"] == "yarn"
+    assert config["run"]["dir"] == str(variant.dir)
+
+    sw.run_local(spec, [variant])
+    assert "pe-rope_yarn: waits for pe-rope" in capsys.readouterr().err
+    try:
+        run_train(load_config([str(rope.dir / "config.yaml")]))
+    finally:
+        destroy_distributed()
+    sw.run_local(spec, [variant])  # `cope-megatron eval` in its own process
+    assert sw.status(variant)[0] == "done", (variant.dir / "eval.log").read_text()[-3000:]
+    assert not (rope.dir / "eval.log").exists()
+    report = write_report([rope.dir, variant.dir], tmp_path / "report").read_text()
+    assert "| rope |" in report and "| rope+yarn×4 |" in report
+
+    # SLURM: the variant is submitted to run after its trained run's job.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in FAKE_SLURM.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{text}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path / "sbatch.log"))
+    for run in (rope, variant):
+        (run.dir / "eval.json").unlink()
+    rope.write_record(state="submitted", job="777")
+    sw.submit_slurm(spec, [variant])
+    (line,) = (tmp_path / "sbatch.log").read_text().splitlines()
+    assert "--dependency=afterok:777" in line and "--export=ALL,COMMAND=eval" in line
