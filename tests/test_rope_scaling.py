@@ -13,7 +13,6 @@ import yaml
 
 from cope_megatron.config import ConfigError, load_config
 from cope_megatron.distributed.cpu_compat import apply_cpu_compat
-from cope_megatron.pe import get_pe
 from cope_megatron.pe.rope_scaling import rotary_embedding
 from cope_megatron.startup import check
 

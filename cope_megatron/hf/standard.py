@@ -5,8 +5,9 @@ where one exists: then the export needs no remote code for the model.
   per head as [q, k, v], which is Megatron's layout with one query head per group, and it
   rotates halves (not pairs) of its first ``partial_rotary_factor`` of each head as
   Megatron does. ``pe.rope_scaling`` maps to its ``rope_parameters`` (below): NTK-aware
-  as the scaled base, linear, dynamic and YaRN as Hugging Face's own types. p-RoPE (``pe.rope.keep_frequencies`` < 1) has no Hugging Face type that GPT-NeoX
-  applies: such runs use ``modeling_cope_megatron``.
+  as the scaled base, linear, dynamic and YaRN as Hugging Face's own types. p-RoPE
+  (``pe.rope.keep_frequencies`` < 1) has no Hugging Face type that GPT-NeoX applies: such
+  runs use ``modeling_cope_megatron``.
 - learned absolute positions → GPT-2 with exact GELU: its Conv1D weights are our linear
   weights transposed, and its QKV is [all q, all k, all v].
 

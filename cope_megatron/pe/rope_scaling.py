@@ -45,6 +45,7 @@ from torch import Tensor
 from cope_megatron.config import Config, ConfigError
 from cope_megatron.pe.base import PositionEncoding
 
+
 def rotary_dim(head_dim: int, percent: float) -> int:
     """Dimensions rotated per head (Megatron's and Hugging Face's rounding)."""
     return int(head_dim * percent)

@@ -2,8 +2,9 @@
 
 A run directory holds ``config.yaml``, ``metrics.jsonl`` and ``eval.json`` (written by
 ``train`` and ``eval``). Runs are grouped by label (``run.name`` when set, else the PE
-its evaluation names, with its RoPE scaling: ``rope+yarn×8``, else ``model.pe``); runs that share a label are seeds of one setting, shown as their mean
-with the range across seeds.
+its evaluation names, with its RoPE scaling: ``rope+yarn×8``, else ``model.pe``); runs
+that share a label are seeds of one setting, shown as their mean with the range across
+seeds.
 """
 
 from __future__ import annotations
