@@ -249,7 +249,8 @@ def run_local(spec: SweepSpec, all_runs: list[Run]) -> None:
         if run.of is not None and status(run.of)[0] != "done":
             print(f"[sweep] {run.name}: waits for {run.of.name}", file=sys.stderr)
             continue
-        print(f"[sweep] {run.name}: {run.command}", file=sys.stderr, flush=True)
+        doing = "training" if run.of is None else "evaluating"
+        print(f"[sweep] {run.name}: {doing}", file=sys.stderr, flush=True)
         with open(run.log, "a") as log:
             proc = subprocess.Popen(command(spec, run), stdout=log, stderr=subprocess.STDOUT)
             run.write_record(state="running", pid=proc.pid)
