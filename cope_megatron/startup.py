@@ -13,14 +13,14 @@ from cope_megatron.config import Config, ConfigError, validate
 from cope_megatron.data import integrity
 from cope_megatron.data.format import DataError, has_manifest, manifest_path, read_manifest
 from cope_megatron.data.source import split_shards
-from cope_megatron.pe import PositionEncoding, get_pe, rope_scaling
+from cope_megatron.pe import ModelPE, model_pe, rope_scaling
 
 
-def check(cfg: Config, world: int, *, data: bool = True) -> PositionEncoding:
+def check(cfg: Config, world: int, *, data: bool = True) -> ModelPE:
     """Raise ConfigError naming the key (DataError naming the shard) for anything that
     cannot run; return the resolved PE, which the caller passes down. ``data``: the run
     reads ``data.shards`` and writes ``run.dir`` (``estimate`` needs neither)."""
-    pe = get_pe(cfg.model.pe)
+    pe = model_pe(cfg.model)
     validate(cfg, world)
     rope_scaling.check(cfg, pe)
     if pe.check is not None:

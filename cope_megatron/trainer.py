@@ -37,7 +37,7 @@ from cope_megatron.estimate.flops import flops_per_token
 from cope_megatron.eval.context import EvalContext
 from cope_megatron.eval.runner import Evaluator
 from cope_megatron.model.gpt import loss_sum
-from cope_megatron.pe import PositionEncoding
+from cope_megatron.pe import ModelPE
 from cope_megatron.training.engine import restore, run_layout
 from cope_megatron.training.metrics import MetricsLogger, StepMetrics
 from cope_megatron.training.nonfinite import BadStepCounter
@@ -77,7 +77,7 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, pe: PositionEncoding) -> None:
+    def __init__(self, cfg: Config, pe: ModelPE) -> None:
         """``pe``: ``cfg.model.pe`` as ``startup.check`` resolved it. Nothing is built or
         written before the run holds its directory and its resume is checked."""
         self.cfg, self.pe = cfg, pe

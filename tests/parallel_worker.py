@@ -24,7 +24,7 @@ from cope_megatron.distributed.parallel import (
     seed_everything,
 )
 from cope_megatron.model.gpt import lm_loss
-from cope_megatron.pe import REGISTRY, get_pe
+from cope_megatron.pe import REGISTRY, model_pe
 from cope_megatron.training.engine import build_engine
 from tests.helpers import forked_ranks, torchrun
 
@@ -35,6 +35,8 @@ BASE = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads
         "train.seed=5"]
 VARIANTS = {pe: [f"model.pe={pe}"] for pe in sorted(REGISTRY)}
 VARIANTS["cope_per_head"] = ["model.pe=cope", "pe.cope.shared_table=false"]
+VARIANTS["schedule"] = ["model.pe=cope", "model.pe_schedule=[rope,cope]"]
+VARIANTS["length_scale"] = ["model.pe=cope", "pe.length_scale.type=learned"]
 SCALED = {  # RoPE scaling beyond L₀ = 8 within the 32 trained tokens; one layout only
     "rope_yarn": ["model.pe=rope", "pe.rope_scaling.type=yarn", "pe.rope_scaling.factor=4",
                   "pe.rope_scaling.original_length=8"],
@@ -92,7 +94,7 @@ def run_variant(overrides: list[str], layout: dict) -> dict:
     env = init_distributed(cfg.parallel.tensor, cfg.parallel.context)
     seed_everything(cfg.train.seed)
     cfg.train.micro_batch_size = GLOBAL_BATCH // env.dp_size
-    engine = build_engine(cfg, get_pe(cfg.model.pe), VOCAB)
+    engine = build_engine(cfg, model_pe(cfg.model), VOCAB)
     # A checksum per whole parameter: equal across layouts iff initialization is.
     init = {n: unshard(p, p).double().sum().item() + unshard(p, p).double().abs().sum().item()
             for n, p in engine.module.named_parameters()}

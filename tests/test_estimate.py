@@ -21,13 +21,15 @@ from cope_megatron.estimate import (
 )
 from cope_megatron.estimate.flops import flops_per_token, throughput
 from cope_megatron.estimate.memory import saved_for_backward
-from cope_megatron.pe import REGISTRY, get_pe
+from cope_megatron.pe import REGISTRY, model_pe
 from tests.helpers import debug_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MODELS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 VARIANTS = {pe: [f"model.pe={pe}"] for pe in sorted(REGISTRY)}
 VARIANTS["cope_per_head"] = ["model.pe=cope", "pe.cope.shared_table=false"]
+VARIANTS["schedule"] = ["model.pe=cope", "model.pe_schedule=[rope,cope,t5]"]
+VARIANTS["length_scale"] = ["model.pe=cope", "pe.length_scale.type=learned"]
 
 
 @pytest.fixture
@@ -44,9 +46,9 @@ def test_parameter_count_matches_the_model_built_on_meta(model, one_process):
     for name, overrides in VARIANTS.items():
         cfg = load_config([str(CONFIGS / "model" / f"{model}.yaml"), *overrides])
         with torch.device("meta"):
-            gpt = build_gpt(cfg, get_pe(cfg.model.pe), cfg.data.vocab_size)
+            gpt = build_gpt(cfg, model_pe(cfg.model), cfg.data.vocab_size)
         built = sum(p.numel() for p in gpt.parameters())
-        assert parameters(cfg, get_pe(cfg.model.pe), cfg.data.vocab_size) == built, (model, name)
+        assert parameters(cfg, model_pe(cfg.model), cfg.data.vocab_size) == built, (model, name)
 
 
 @pytest.mark.parametrize("model", ["debug", "tiny"])
@@ -61,11 +63,11 @@ def test_activation_estimate_matches_what_autograd_keeps(model, one_process):
         for mode in ("none", "selective", "full"):
             cfg = load_config([str(CONFIGS / "model" / f"{model}.yaml"), *overrides,
                                f"train.recompute={mode}"])
-            gpt = build_gpt(cfg, get_pe(cfg.model.pe), cfg.data.vocab_size)
+            gpt = build_gpt(cfg, model_pe(cfg.model), cfg.data.vocab_size)
             tokens = torch.randint(0, cfg.data.vocab_size,
                                    (cfg.train.micro_batch_size, cfg.model.seq_length + 1))
             measured[mode] = saved_for_backward(gpt, tokens)
-            estimated = activation_bytes(cfg, get_pe(cfg.model.pe), Layout.of(cfg, 1),
+            estimated = activation_bytes(cfg, model_pe(cfg.model), Layout.of(cfg, 1),
                                          device="cpu")["saved"]
             assert estimated == pytest.approx(measured[mode], rel=0.2), (model, name, mode)
         assert measured["selective"] <= measured["none"], name
@@ -90,7 +92,7 @@ def test_recomputation_gives_identical_losses(prepared, tmp_path, dist_cleanup):
 
 def test_a_run_that_does_not_fit_gets_the_smallest_change_that_does():
     cfg = load_config([str(CONFIGS / "model" / "2.7b.yaml"), "model.pe=cope"])
-    est = estimate(cfg, get_pe(cfg.model.pe), gpus=8, gpu_memory_gib=80)
+    est = estimate(cfg, model_pe(cfg.model), gpus=8, gpu_memory_gib=80)
     assert not est.fits
     overrides, fixed = smallest_fitting_change(est)
     assert overrides == "zero.stage=1" and fixed.fits
@@ -98,10 +100,10 @@ def test_a_run_that_does_not_fit_gets_the_smallest_change_that_does():
     assert fixed.memory["optimizer"] == pytest.approx(est.memory["optimizer"] / 8)
     assert fixed.memory["weights"] == est.memory["weights"]
     # On 24 GiB GPUs one change is not enough; what is suggested fits.
-    small = estimate(cfg, get_pe(cfg.model.pe), gpus=8, gpu_memory_gib=24)
+    small = estimate(cfg, model_pe(cfg.model), gpus=8, gpu_memory_gib=24)
     overrides, fixed = smallest_fitting_change(small)
     assert len(overrides.split()) >= 2 and fixed.fits, overrides
-    tiny_gpu = estimate(cfg, get_pe(cfg.model.pe), gpus=1, gpu_memory_gib=4)
+    tiny_gpu = estimate(cfg, model_pe(cfg.model), gpus=1, gpu_memory_gib=4)
     assert smallest_fitting_change(tiny_gpu) is None
 
 
@@ -109,7 +111,7 @@ def test_tensor_parallel_splits_memory_per_gpu():
     cfg = load_config([str(CONFIGS / "model" / "1.3b.yaml"), "model.pe=rope"])
     tp2 = load_config([str(CONFIGS / "model" / "1.3b.yaml"), "model.pe=rope",
                        "parallel.tensor=2", "parallel.sequence=true"])
-    one, two = estimate(cfg, get_pe(cfg.model.pe), 8), estimate(tp2, get_pe(tp2.model.pe), 8)
+    one, two = estimate(cfg, model_pe(cfg.model), 8), estimate(tp2, model_pe(tp2.model), 8)
     assert two.params == one.params
     assert one.params / 2 < two.params_per_rank < one.params / 2 * 1.01  # norms replicated
     assert two.activations["none"] == pytest.approx(one.activations["none"] / 2, rel=0.01)
@@ -120,7 +122,7 @@ def test_flex_bias_kernel_keeps_no_square_bias():
     def saved(*overrides: str) -> float:
         cfg = load_config([str(CONFIGS / "model" / "125m.yaml"), *overrides])
         layout = Layout.of(cfg, 1)
-        return activation_bytes(cfg, get_pe(cfg.model.pe), layout, "none")["saved"]
+        return activation_bytes(cfg, model_pe(cfg.model), layout, "none")["saved"]
 
     nope = saved("model.pe=nope")
     assert saved("model.pe=alibi", "pe.bias_kernel=flex") == nope
@@ -133,7 +135,7 @@ def test_mfu_arithmetic_on_a_known_case():
     cfg = load_config(["model.num_layers=2", "model.hidden_size=64",
                        "model.num_attention_heads=4", "model.seq_length=128", "model.pe=rope"])
     weights = 2 * (3 * 64 * 64 + 64 * 64 + 2 * 64 * 256) + 128 * 64
-    f = flops_per_token(cfg, get_pe(cfg.model.pe), 128, seq_length=127)
+    f = flops_per_token(cfg, model_pe(cfg.model), 128, seq_length=127)
     assert f.dense == 6 * weights
     assert f.attention == 3 * 2 * 4 * (2 * 2 * 16) * 64
     assert f.cope_matmul == 0

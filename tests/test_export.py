@@ -14,13 +14,15 @@ import torch
 
 from cope_megatron.config import load_config
 from cope_megatron.data.format import read_manifest
-from cope_megatron.pe import REGISTRY, get_pe
+from cope_megatron.pe import REGISTRY, model_pe
 from tests.helpers import cli_in_ranks, debug_overrides
 
 transformers = pytest.importorskip("transformers")
 
 VARIANTS = {pe: {"model.pe": pe} for pe in sorted(REGISTRY)}
 VARIANTS["cope_per_head"] = {"model.pe": "cope", "pe.cope.shared_table": "false"}
+VARIANTS["schedule"] = {"model.pe": "cope", "model.pe_schedule": "[rope,cope]"}
+VARIANTS["length_scale"] = {"model.pe": "rope", "pe.length_scale.type": "learned"}
 VARIANTS["gqa_rmsnorm_untied"] = {"model.pe": "cope_rope", "model.num_query_groups": 2,
                                   "model.normalization": "RMSNorm",
                                   "model.untie_embeddings": "true"}
@@ -40,7 +42,7 @@ class Ours:
                            "parallel.sequence=false"])
         init_distributed(1)
         vocab = read_manifest(one.data.shards)["vocab_size"]
-        self.model = build_gpt(one, get_pe(one.model.pe), vocab).eval()
+        self.model = build_gpt(one, model_pe(one.model), vocab).eval()
         missing, unexpected = self.model.load_state_dict(params, strict=False)
         assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
 
@@ -93,7 +95,7 @@ def test_exported_model_computes_ours(prepared, tmp_path, dist_cleanup, variant)
 
     gen = torch.Generator().manual_seed(0)
     seq = cfg.model.seq_length
-    lengths = [seq, 2 * seq] if get_pe(cfg.model.pe).extrapolates else [seq]
+    lengths = [seq, 2 * seq] if model_pe(cfg.model).extrapolates else [seq]
     for length in lengths:
         tokens = torch.randint(0, manifest["vocab_size"], (2, length), generator=gen)
         with torch.no_grad():

@@ -9,14 +9,15 @@ Three launches in all (1, 2 and 4 ranks), each looping over its layouts."""
 import numpy as np
 import pytest
 
-from cope_megatron.pe import get_pe
+from cope_megatron.pe import model_pe
 from tests.parallel_worker import BASE, SCALED, VARIANTS, VOCAB, launch, layout, pick
 
 TWO_RANKS = {"tp2": layout(2, False, 0), "tp2_sp": layout(2, True, 0),
              "cp2": layout(1, False, 0, context=2)}
 FOUR_RANKS = {
     "tp2_dp2_zero2": layout(2, True, 2, pick("cope", "cope_per_head", "t5", "alibi")),
-    "cp2_tp2_sp": layout(2, True, 0, pick("cope", "cope_per_head", "alibi", *SCALED),
+    "cp2_tp2_sp": layout(2, True, 0, pick("cope", "cope_per_head", "alibi", "schedule",
+                                          "length_scale", *SCALED),
                          context=2),
     "cp4": layout(1, False, 0, pick("cope", "cope_rope"), context=4),
     "cp2_dp2_zero2": layout(1, False, 2, pick("cope"), context=2),
@@ -74,7 +75,7 @@ def test_tensor_parallel_matches_one_process(reference, two_ranks, name):
 
     for variant, overrides in VARIANTS.items():
         cfg = load_config(BASE + overrides)
-        pe = get_pe(cfg.model.pe)
+        pe = model_pe(cfg.model)
         assert parameters(cfg, pe, VOCAB, tensor=2) == got[variant]["params_per_rank"]
         assert parameters(cfg, pe, VOCAB) == reference[variant]["params_per_rank"]
 

@@ -26,6 +26,7 @@ from cope_megatron.config.schema import (
     CopeOptions,
     DataConfig,
     EvalConfig,
+    LengthScaleOptions,
     LoggingConfig,
     ModelConfig,
     ParallelConfig,
@@ -37,13 +38,15 @@ from cope_megatron.config.schema import (
     TaskConfig,
     TrainConfig,
     ZeroConfig,
+    pe_label,
 )
 from cope_megatron.config.validation import padded_vocab_size, validate
 
 __all__ = [
     "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig", "Layout",
-    "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions",
-    "RopeScalingOptions", "RunConfig",
-    "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys",
-    "load_config", "merge_dicts", "padded_vocab_size", "to_dict", "validate", "yaml_text",
+    "LengthScaleOptions", "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig",
+    "RopeOptions", "RopeScalingOptions", "RunConfig", "T5Options", "TaskConfig", "TrainConfig",
+    "ZeroConfig", "dump_yaml", "flat_keys",
+    "load_config", "merge_dicts", "padded_vocab_size", "pe_label", "to_dict", "validate",
+    "yaml_text",
 ]

@@ -75,21 +75,11 @@ _TABLE: dict[str, str] = {
 EVAL_TIME = ("pe.rope_scaling.",)
 """Prefixes of the keys ``eval`` may change against the checkpoint it scores."""
 
-PE_SECTIONS = {"rope_scaling": "rope"}
-"""Option sections of ``pe`` read by the PE named otherwise (RoPE scaling by RoPE's)."""
 
-
-def uses_section(pe: str, section: str) -> bool:
-    """Whether PE ``pe`` reads the options ``pe.<section>``: its own, or those of a PE it
-    combines (``cope_rope`` reads ``pe.cope`` and ``pe.rope``)."""
-    return PE_SECTIONS.get(section, section) in (pe, *pe.split("_"))
-
-
-def classify(key: str, pe: str | None = None) -> Literal["refused", "allowed"]:
-    """``REFUSED`` or ``ALLOWED`` for a dotted key (the most specific entry wins); with
-    ``pe``, the PE both runs use, the options of other PEs change nothing."""
-    parts = key.split(".")
-    if pe is not None and parts[0] == "pe" and len(parts) > 2 and not uses_section(pe, parts[1]):
+def classify(key: str, unused: frozenset[str] = frozenset()) -> Literal["refused", "allowed"]:
+    """``REFUSED`` or ``ALLOWED`` for a dotted key (the most specific entry wins); a
+    ``pe.<section>`` in ``unused`` (options no PE of either run reads) changes nothing."""
+    if key.startswith("pe.") and key.split(".")[1] in unused:
         return ALLOWED
     if key in _TABLE:
         return _TABLE[key]  # type: ignore[return-value]

@@ -13,10 +13,19 @@ class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
+def pe_label(pe: str, schedule: list[str]) -> str:
+    """What evaluations and reports call a model's PE: ``model.pe``, or its layers'
+    schedule as [rope,rope,nope]."""
+    return f"[{','.join(schedule)}]" if schedule else pe
+
+
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     pe: str = "rope"
     """Position encoding, a key of ``cope_megatron.pe.REGISTRY``."""
+    pe_schedule: list[str] = field(default_factory=list)
+    """Each layer's PE from a repeating pattern (layer i: entry i mod its length), e.g.
+    [rope, rope, rope, nope]; empty: ``pe`` in every layer. ``pe`` must be one of them."""
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -106,9 +115,20 @@ class T5Options:
 
 
 @dataclass(kw_only=True, slots=True)
+class LengthScaleOptions:
+    type: Literal["none", "fixed", "learned"] = "none"
+    """Length-scaled softmax with any PE: each query row's logits times s·ln n (n: the keys
+    it sees); s per head, ``fixed`` or ``learned`` (``pe/length_scale.py``)."""
+    s: float | None = None
+    """s (``learned``: its initial value); None: 1/ln(model.seq_length), which leaves the
+    last row of a training-length sequence as it was."""
+
+
+@dataclass(kw_only=True, slots=True)
 class PEConfig:
     rope: RopeOptions = field(default_factory=RopeOptions)
     rope_scaling: RopeScalingOptions = field(default_factory=RopeScalingOptions)
+    length_scale: LengthScaleOptions = field(default_factory=LengthScaleOptions)
     cope: CopeOptions = field(default_factory=CopeOptions)
     alibi: AlibiOptions = field(default_factory=AlibiOptions)
     t5: T5Options = field(default_factory=T5Options)

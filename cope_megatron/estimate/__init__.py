@@ -36,7 +36,7 @@ from cope_megatron.estimate.memory import (
     model_state_bytes,
 )
 from cope_megatron.estimate.parameters import parameters
-from cope_megatron.pe import PositionEncoding
+from cope_megatron.pe import ModelPE
 
 REFERENCE_GPU_GIB = 80.0
 REFERENCE_PEAK_TFLOPS = PEAK_TFLOPS["H100"]
@@ -46,7 +46,7 @@ REFERENCE_PEAK_TFLOPS = PEAK_TFLOPS["H100"]
 @dataclass(frozen=True)
 class Estimate:
     cfg: Config
-    pe: PositionEncoding
+    pe: ModelPE
     layout: Layout
     params: int
     params_per_rank: int
@@ -68,7 +68,7 @@ class Estimate:
         return self.total_gib <= self.gpu_memory_gib - RESERVED_GIB
 
 
-def estimate(cfg: Config, pe: PositionEncoding, gpus: int, gpu_memory_gib: float | None = None,
+def estimate(cfg: Config, pe: ModelPE, gpus: int, gpu_memory_gib: float | None = None,
              *, vocab_size: int | None = None, device: str = "cuda") -> Estimate:
     """The estimate for ``cfg`` with ``pe`` (``cfg.model.pe`` resolved) on ``gpus`` GPUs
     of ``gpu_memory_gib`` each (None: ``REFERENCE_GPU_GIB``); the vocabulary defaults to

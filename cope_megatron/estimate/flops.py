@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from cope_megatron.config import Config
-from cope_megatron.pe import PositionEncoding
+from cope_megatron.pe import ModelPE
 
 COPE_ELEMENTWISE_PER_KEY = 10
 """sigmoid, reverse cumsum, clamp, floor, two gathers, interpolation, the added bias."""
@@ -56,7 +56,7 @@ def matmul_weights(cfg: Config, vocab_size: int) -> int:
     return m.num_layers * (qkv + proj + mlp) + vocab_size * m.hidden_size
 
 
-def flops_per_token(cfg: Config, pe: PositionEncoding, vocab_size: int,
+def flops_per_token(cfg: Config, pe: ModelPE, vocab_size: int,
                     seq_length: int | None = None) -> FlopsPerToken:
     """Training FLOPs per token (module docstring) with ``pe`` (``cfg.model.pe``
     resolved); ``vocab_size`` as padded for the model, ``seq_length`` defaulting to the
@@ -67,11 +67,10 @@ def flops_per_token(cfg: Config, pe: PositionEncoding, vocab_size: int,
     per_head_key = 2 * 2 * head_dim  # q·k and p·v, one multiply-add each per dimension
     visible = (s + 1) / 2
     attention = m.num_layers * m.num_attention_heads * per_head_key * visible
-    cope = pe.uses_cope_op
+    cope_layers = sum(layer.uses_cope_op for layer in pe.per_layer(m.num_layers))
     npos = cfg.pe.cope.npos_max
-    cope_matmul = m.num_layers * m.num_attention_heads * 2 * head_dim * npos if cope else 0
-    elementwise = (m.num_layers * m.num_attention_heads * COPE_ELEMENTWISE_PER_KEY * visible
-                   if cope else 0)
+    cope_matmul = cope_layers * m.num_attention_heads * 2 * head_dim * npos
+    elementwise = cope_layers * m.num_attention_heads * COPE_ELEMENTWISE_PER_KEY * visible
     return FlopsPerToken(dense=3 * 2 * matmul_weights(cfg, vocab_size),
                          attention=3 * attention, cope_matmul=3 * cope_matmul,
                          cope_elementwise=3 * elementwise)

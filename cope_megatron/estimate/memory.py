@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from cope_megatron.config import Config, Layout, padded_vocab_size
-from cope_megatron.pe import PositionEncoding
+from cope_megatron.pe import ModelPE, PositionEncoding
 from cope_megatron.pe.base import uses_flex
 
 GIB = 2**30
@@ -49,6 +49,8 @@ def _layer_elements(cfg: Config, pe: PositionEncoding, tensor: int, recompute: s
         # Rotated queries and keys, whole heads at any pe.rope.percent (Megatron joins the
         # unrotated rest back); scaling changes only the table.
         saved += q + kv / 2
+    if cfg.pe.length_scale.type != "none":
+        saved += q  # the scaled queries
     fp32 = 0.0
     if recompute == "none":  # the core attention's own state
         fp32 = q / head_dim  # the row log-sum-exp, one per head
@@ -58,7 +60,7 @@ def _layer_elements(cfg: Config, pe: PositionEncoding, tensor: int, recompute: s
     return saved, fp32
 
 
-def activation_bytes(cfg: Config, pe: PositionEncoding, layout: Layout,
+def activation_bytes(cfg: Config, pe: ModelPE, layout: Layout,
                      recompute: str | None = None, *,
                      vocab_size: int | None = None, device: str = "cuda") -> dict[str, float]:
     """Activation memory of one micro batch on one GPU: ``saved``, what stays alive for
@@ -76,10 +78,10 @@ def activation_bytes(cfg: Config, pe: PositionEncoding, layout: Layout,
     e = 2 if cfg.train.precision == "bf16" else 4
     flex = uses_flex(cfg.pe.bias_kernel, device, m.attention_dropout)
 
-    def layer(mode: str) -> float:
-        saved, fp32 = _layer_elements(cfg, pe, layout.tensor, mode)
+    def layer(layer_pe: PositionEncoding, mode: str) -> float:
+        saved, fp32 = _layer_elements(cfg, layer_pe, layout.tensor, mode)
         square = 0.0
-        if mode == "none" and pe.biased and not flex:
+        if mode == "none" and layer_pe.biased and not flex:
             heads = m.num_attention_heads / layout.tensor
             square = heads * seq**2 * e * (1 + (b if device == "cpu" else 0))
         return tokens * (saved * e + fp32 * 4) + square
@@ -88,9 +90,11 @@ def activation_bytes(cfg: Config, pe: PositionEncoding, layout: Layout,
     # The final norm's input and output, and the fp32 logits of the cross-entropy.
     sp = layout.tensor if cfg.parallel.sequence else 1
     ends = tokens * (2 * m.hidden_size / sp * e + vocab * 4)
-    working = {"none": 0.0, "selective": layer("none") - layer("selective"),
-               "full": layer("none")}[recompute]
-    return {"saved": m.num_layers * layer(recompute) + ends, "working": working}
+    layers = pe.per_layer(m.num_layers)
+    # Backward recomputes one layer at a time: the largest one's extra is the peak.
+    working = max({"none": 0.0, "selective": layer(p, "none") - layer(p, "selective"),
+                   "full": layer(p, "none")}[recompute] for p in layers)
+    return {"saved": sum(layer(p, recompute) for p in layers) + ends, "working": working}
 
 
 def saved_for_backward(model: torch.nn.Module, tokens: torch.Tensor) -> int:

@@ -27,6 +27,7 @@ from cope_megatron.data.format import read_manifest
 from cope_megatron.errors import UserError
 from cope_megatron.hf.standard import BUILDERS, rename, standard_architecture
 from cope_megatron.output_dir import check_output_dir
+from cope_megatron.pe.length_scale import initial_s
 from cope_megatron.pe.rope_scaling import original_length, scaling_type
 from cope_megatron.startup import check
 
@@ -44,6 +45,8 @@ NAMES = [  # Megatron name -> ours, by regular expression
      r"layers.\1.self_attention.cope_table"),
     (r"^decoder\.layers\.(\d+)\.self_attention\.core_attention\.attention\.bias$",
      r"layers.\1.self_attention.t5_bias"),
+    (r"^decoder\.layers\.(\d+)\.self_attention\.core_attention\.length_scale\.s$",
+     r"layers.\1.self_attention.length_scale"),
     (r"^decoder\.layers\.(\d+)\.", r"layers.\1."),
     (r"^output_layer\.", "output_layer."),
 ]
@@ -95,12 +98,15 @@ def hf_config(cfg: Config, vocab_size: int):
         hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
         intermediate_size=m.ffn_hidden_size, normalization=m.normalization, pe=m.pe,
+        pe_schedule=m.pe_schedule,
         max_position_embeddings=m.seq_length, rope_theta=r.base, rope_percent=r.percent,
         rope_keep_frequencies=r.keep_frequencies, rope_scaling_type=scaling_type(cfg),
         rope_scaling_factor=s.factor, rope_original_length=original_length(cfg),
         yarn_beta_fast=s.beta_fast, yarn_beta_slow=s.beta_slow, yarn_mscale=s.mscale,
         cope_npos_max=cfg.pe.cope.npos_max, cope_shared_table=cfg.pe.cope.shared_table,
         t5_num_buckets=cfg.pe.t5.num_buckets, t5_max_distance=cfg.pe.t5.max_distance,
+        length_scale=cfg.pe.length_scale.type,
+        length_scale_s=initial_s(cfg.pe.length_scale, m.seq_length),
         tie_word_embeddings=not m.untie_embeddings, eos_token_id=2)
 
 

@@ -26,14 +26,16 @@ class CopeMegatronConfig(PretrainedConfig):
     def __init__(self, vocab_size: int = 128, hidden_size: int = 64, num_hidden_layers: int = 2,
                  num_attention_heads: int = 4, num_key_value_heads: int | None = None,
                  intermediate_size: int | None = None, normalization: str = "LayerNorm",
-                 pe: str = "rope", max_position_embeddings: int = 128,
+                 pe: str = "rope", pe_schedule: list[str] | None = None,
+                 max_position_embeddings: int = 128,
                  rope_theta: float = 10000.0, rope_percent: float = 1.0,
                  rope_keep_frequencies: float = 1.0, rope_scaling_type: str = "none",
                  rope_scaling_factor: float = 1.0, rope_original_length: int | None = None,
                  yarn_beta_fast: float = 32.0, yarn_beta_slow: float = 1.0,
                  yarn_mscale: float = 1.0, cope_npos_max: int = 64,
                  cope_shared_table: bool = True, t5_num_buckets: int = 32,
-                 t5_max_distance: int = 128, tie_word_embeddings: bool = True,
+                 t5_max_distance: int = 128, length_scale: str = "none",
+                 length_scale_s: float = 1.0, tie_word_embeddings: bool = True,
                  **kwargs) -> None:
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -43,6 +45,7 @@ class CopeMegatronConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size or 4 * hidden_size
         self.normalization = normalization
         self.pe = pe
+        self.pe_schedule = pe_schedule or None
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
         self.rope_percent = rope_percent
@@ -57,7 +60,13 @@ class CopeMegatronConfig(PretrainedConfig):
         self.cope_shared_table = cope_shared_table
         self.t5_num_buckets = t5_num_buckets
         self.t5_max_distance = t5_max_distance
+        self.length_scale = length_scale
+        self.length_scale_s = length_scale_s
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+
+    def layer_pe(self, layer: int) -> str:
+        """Layer ``layer``'s PE: ``pe``, or its entry of the repeating ``pe_schedule``."""
+        return self.pe_schedule[layer % len(self.pe_schedule)] if self.pe_schedule else self.pe
 
 
 # -- position encodings -------------------------------------------------------------------
@@ -162,29 +171,35 @@ def _norm(config: CopeMegatronConfig) -> nn.Module:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: CopeMegatronConfig) -> None:
+    def __init__(self, config: CopeMegatronConfig, pe: str) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.pe = config, pe
         self.heads, self.groups = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.hidden_size // self.heads
         # Megatron's layout: per key/value group, its query heads, then its key and value.
         self.linear_qkv = nn.Linear(config.hidden_size,
                                     (self.heads + 2 * self.groups) * self.head_dim)
         self.linear_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size)
-        if config.pe in ("cope", "cope_rope"):
+        if pe in ("cope", "cope_rope"):
             rows = 1 if config.cope_shared_table else self.heads
             self.cope_table = nn.Parameter(torch.zeros(rows, self.head_dim, config.cope_npos_max))
-        if config.pe == "t5":
+        if pe == "t5":
             self.t5_bias = nn.Parameter(torch.zeros(self.heads, config.t5_num_buckets))
+        if config.length_scale != "none":  # scaled queries: s_h · ln(i + 1) for row i
+            s = torch.full((self.heads,), config.length_scale_s)
+            if config.length_scale == "learned":
+                self.length_scale = nn.Parameter(s)
+            else:
+                self.register_buffer("length_scale", s, persistent=False)
 
     def distance_bias(self, s: int, device: torch.device) -> torch.Tensor | None:
         """[h, s, s] logit bias of ALiBi or T5, −∞ above the diagonal; None for neither."""
         distance = (torch.arange(s, device=device)[:, None]
                     - torch.arange(s, device=device)[None, :])
         c = self.config
-        if c.pe == "alibi":
+        if self.pe == "alibi":
             bias = -alibi_slopes(self.heads).to(device)[:, None, None] * distance.clamp(min=0)
-        elif c.pe == "t5":
+        elif self.pe == "t5":
             bias = self.t5_bias[:, t5_buckets(distance.clamp(min=0), c.t5_num_buckets,
                                               c.t5_max_distance)]
         else:
@@ -197,11 +212,14 @@ class Attention(nn.Module):
         qkv = self.linear_qkv(x).view(b, s, self.groups, per_group + 2, self.head_dim)
         q = qkv[:, :, :, :per_group].reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
         k, v = (qkv[:, :, :, i].transpose(1, 2) for i in (per_group, per_group + 1))
-        if self.config.pe in ("rope", "cope_rope"):
+        if self.pe in ("rope", "cope_rope"):
             q, k = apply_rope(q, self.config), apply_rope(k, self.config)
+        if self.config.length_scale != "none":
+            rows = torch.log1p(torch.arange(s, device=x.device, dtype=self.length_scale.dtype))
+            q = q * (self.length_scale[:, None] * rows)[:, :, None].to(q.dtype)
         k, v = (t.repeat_interleave(per_group, dim=1) for t in (k, v))
         scale = 1.0 / math.sqrt(self.head_dim)
-        if self.config.pe in ("cope", "cope_rope"):
+        if self.pe in ("cope", "cope_rope"):
             out = cope(q, k, v, self.cope_table, self.config.cope_npos_max, scale)
         else:
             bias = self.distance_bias(s, x.device)
@@ -212,10 +230,10 @@ class Attention(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, config: CopeMegatronConfig) -> None:
+    def __init__(self, config: CopeMegatronConfig, pe: str) -> None:
         super().__init__()
         self.input_layernorm = _norm(config)
-        self.self_attention = Attention(config)
+        self.self_attention = Attention(config, pe)
         self.pre_mlp_layernorm = _norm(config)
         self.linear_fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.linear_fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
@@ -235,7 +253,8 @@ class CopeMegatronForCausalLM(PreTrainedModel, GenerationMixin):
         if config.pe == "learned":
             self.position_embeddings = nn.Embedding(config.max_position_embeddings,
                                                     config.hidden_size)
-        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Layer(config, config.layer_pe(i))
+                                    for i in range(config.num_hidden_layers))
         self.final_layernorm = _norm(config)
         self.output_layer = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()

@@ -22,7 +22,7 @@ import re
 import torch
 
 from cope_megatron.config import Config
-from cope_megatron.pe import PositionEncoding
+from cope_megatron.pe import ModelPE
 from cope_megatron.pe.rope_scaling import (
     ntk_base,
     original_length,
@@ -32,11 +32,13 @@ from cope_megatron.pe.rope_scaling import (
 )
 
 
-def standard_architecture(cfg: Config, pe: PositionEncoding) -> str | None:
+def standard_architecture(cfg: Config, pe: ModelPE) -> str | None:
     """The PE's ``hf_architecture`` where the rest of the model fits it (LayerNorm, one
-    key/value head per query head, and for GPT-2 tied embeddings), else None."""
+    key/value head per query head, no length scale, and for GPT-2 tied embeddings), else
+    None."""
     m = cfg.model
-    if m.normalization != "LayerNorm" or m.query_groups != m.num_attention_heads:
+    if (m.normalization != "LayerNorm" or m.query_groups != m.num_attention_heads
+            or cfg.pe.length_scale.type != "none"):
         return None
     if pe.hf_architecture == "gpt2" and m.untie_embeddings:
         return None

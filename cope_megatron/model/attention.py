@@ -3,7 +3,9 @@ attention on [b, heads, s, d], and [s, b, heads·d] out.
 
 Every PE goes through this one module, so layout conversions live in one place. Under
 context parallelism the tensors hold this rank's two sequence chunks (head and tail) and
-the PE's attention gets the CP group to exchange keys and values over.
+the PE's attention gets the CP group to exchange keys and values over. A length-scaled
+softmax (``pe.length_scale``) scales the queries here, at their global positions, so it
+composes with every PE.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from megatron.core.transformer.module import MegatronModule
 from cope_megatron.config import PEConfig
 from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.pe.base import AttentionShape, PositionEncoding
+from cope_megatron.pe.length_scale import LengthScale
 
 
 class PECoreAttention(MegatronModule):
@@ -30,6 +33,7 @@ class PECoreAttention(MegatronModule):
         *,
         pe: PositionEncoding,
         pe_options: PEConfig,
+        train_length: int,
         cp_comm_type: Optional[str] = None,
         softmax_scale: Optional[float] = None,
         pg_collection=None,
@@ -45,6 +49,8 @@ class PECoreAttention(MegatronModule):
             softmax_scale=softmax_scale, dropout=config.attention_dropout,
             init_std=config.init_method_std)
         self.attention = pe.attention(shape, pe_options)
+        self.length_scale = (LengthScale(shape, pe_options.length_scale, train_length)
+                             if pe_options.length_scale.type != "none" else None)
         # Megatron hands its CP group to core attention; the PE runs it over the ring.
         cp_group = (pg_collection.cp if pg_collection is not None
                     else parallel_state.get_context_parallel_group())
@@ -64,6 +70,8 @@ class PECoreAttention(MegatronModule):
             raise ValueError("PECoreAttention supports neither packed sequences nor external bias")
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if self.length_scale is not None:
+            q = self.length_scale(q, self._positions(q.shape[2], q.device))
         if self.training and self.dropout > 0 and not self.sequence_parallel:
             # Heads differ per TP rank, so dropout draws from the TP-rank stream (as
             # Megatron's DotProductAttention does).
@@ -73,3 +81,10 @@ class PECoreAttention(MegatronModule):
             out = self.attention(q, k, v, self.cp)
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+    def _positions(self, s: int, device: torch.device) -> torch.Tensor:
+        """Global positions of this rank's ``s`` tokens (under CP: its two chunks)."""
+        if self.cp is None:
+            return torch.arange(s, device=device)
+        return torch.cat([self.cp.positions(chunk, s // 2, device)
+                          for chunk in self.cp.chunks(self.cp.rank)])

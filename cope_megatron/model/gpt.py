@@ -12,7 +12,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 
 from cope_megatron.config import Config, padded_vocab_size
 from cope_megatron.model.layer_spec import get_layer_spec
-from cope_megatron.pe import PositionEncoding
+from cope_megatron.pe import ModelPE
 from cope_megatron.pe.rope_scaling import gpt_position_embedding, rotary_embedding, set_yarn_fields
 
 RECOMPUTE = {
@@ -56,7 +56,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
-def build_gpt(cfg: Config, pe: PositionEncoding, vocab_size: int) -> GPTModel:
+def build_gpt(cfg: Config, pe: ModelPE, vocab_size: int) -> GPTModel:
     """The GPT for ``cfg`` with ``pe`` (``cfg.model.pe`` resolved) on the current device;
     call after ``init_distributed``."""
     config = transformer_config(cfg)

@@ -9,10 +9,14 @@ one by tests/test_export.py).
 
 from __future__ import annotations
 
-from cope_megatron.config import ConfigError
+from cope_megatron.config import ConfigError, ModelConfig
 from cope_megatron.pe.base import PositionEncoding
+from cope_megatron.pe.schedule import PESchedule
 
 REGISTRY: dict[str, PositionEncoding] = {}
+
+ModelPE = PositionEncoding | PESchedule
+"""What a model's layers use: one PE in all of them, or a schedule."""
 
 
 def register(pe: PositionEncoding) -> PositionEncoding:
@@ -22,13 +26,31 @@ def register(pe: PositionEncoding) -> PositionEncoding:
     return pe
 
 
-def get_pe(name: str) -> PositionEncoding:
-    """The PE ``model.pe`` names; a ConfigError naming the key for an unknown one. Resolved
-    once per start, by ``cope_megatron.startup.check``, and passed down from there."""
+def get_pe(name: str, key: str = "model.pe") -> PositionEncoding:
+    """The PE ``name``; a ConfigError naming ``key`` for an unknown one."""
     if name not in REGISTRY:
-        raise ConfigError(f"model.pe: unknown position encoding {name!r}; choose one of "
+        raise ConfigError(f"{key}: unknown position encoding {name!r}; choose one of "
                           f"{sorted(REGISTRY)}")
     return REGISTRY[name]
+
+
+def model_pe(model: ModelConfig) -> PositionEncoding | PESchedule:
+    """The model's PE: ``model.pe``, or its layers' ``model.pe_schedule``. Resolved once
+    per start, by ``cope_megatron.startup.check``, and passed down from there."""
+    pe = get_pe(model.pe)
+    if not model.pe_schedule:
+        return pe
+    pattern = tuple(get_pe(name, "model.pe_schedule") for name in model.pe_schedule)
+    for entry in pattern:
+        if entry.position_embedding is not None or not entry.extrapolates:
+            raise ConfigError(f"model.pe_schedule: {entry.name} adds positions to the input "
+                              "embedding, not in a layer, and cannot be given per layer; "
+                              "schedule attention PEs only")
+    if pe not in pattern:
+        raise ConfigError(f"model.pe: {model.pe} is not in model.pe_schedule "
+                          f"{list(model.pe_schedule)}; set model.pe to the PE the schedule "
+                          "is an ablation of (one of its entries)")
+    return PESchedule(pattern)
 
 
 from cope_megatron.pe import alibi, cope, learned, nope, rope, sinusoidal, t5  # noqa: E402,F401,I001

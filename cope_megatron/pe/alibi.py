@@ -39,4 +39,4 @@ class AlibiAttention(CausalAttention):
         return -self.slopes.to(device)[:, None] * torch.arange(length, device=device)
 
 
-register(PositionEncoding(name="alibi", attention=AlibiAttention))
+register(PositionEncoding(name="alibi", attention=AlibiAttention, options=("alibi",)))

@@ -161,6 +161,13 @@ class PositionEncoding:
     of the model allows (``hf.standard``); None: ``hf/modeling_cope_megatron.py``."""
     check: Callable[[Config], None] | None = None
     """Its own start-up check of a run config (ConfigError naming the key)."""
+    options: tuple[str, ...] = ()
+    """The ``pe.<section>``s it reads: a resume may change the sections that no PE of the
+    model reads (``training/resume.py``)."""
+
+    def per_layer(self, num_layers: int) -> tuple[PositionEncoding, ...]:
+        """The PE of each layer (a ``pe.schedule.PESchedule`` varies it)."""
+        return (self,) * num_layers
 
     @property
     def rotary(self) -> bool:

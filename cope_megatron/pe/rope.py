@@ -6,4 +6,5 @@ path, base from ``pe.rope.base``; partial rotary, p-RoPE and context-extension s
 from cope_megatron.pe import register
 from cope_megatron.pe.base import PositionEncoding
 
-register(PositionEncoding(name="rope", gpt_position_embedding="rope", hf_architecture="gpt_neox"))
+register(PositionEncoding(name="rope", gpt_position_embedding="rope", hf_architecture="gpt_neox",
+                          options=("rope", "rope_scaling")))

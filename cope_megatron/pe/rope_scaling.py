@@ -33,6 +33,7 @@ the base, and so does this).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -42,8 +43,10 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 from megatron.core.transformer import TransformerConfig
 from torch import Tensor
 
-from cope_megatron.config import Config, ConfigError
-from cope_megatron.pe.base import PositionEncoding
+from cope_megatron.config import Config, ConfigError, pe_label
+
+if TYPE_CHECKING:
+    from cope_megatron.pe import ModelPE
 
 
 def rotary_dim(head_dim: int, percent: float) -> int:
@@ -69,10 +72,10 @@ def scaling_type(cfg: Config) -> str:
 
 
 def label(cfg: Config) -> str:
-    """The PE as evaluations and reports name it: ``model.pe``, with its scaling when it
-    has one (``rope+yarn×8``), so that a scaled evaluation is its own row."""
-    kind = scaling_type(cfg)
-    pe = cfg.model.pe
+    """The PE as evaluations and reports name it (``config.pe_label``), with its scaling
+    when it has one (``rope+yarn×8``), so that a scaled evaluation is its own row."""
+    kind, m = scaling_type(cfg), cfg.model
+    pe = pe_label(m.pe, m.pe_schedule)
     return pe if kind == "none" else f"{pe}+{kind}×{cfg.pe.rope_scaling.factor:g}"
 
 
@@ -144,7 +147,7 @@ def rotary_embedding(cfg: Config) -> RotaryEmbedding:
     return module
 
 
-def gpt_position_embedding(cfg: Config, pe: PositionEncoding) -> str:
+def gpt_position_embedding(cfg: Config, pe: ModelPE) -> str:
     """GPTModel's ``position_embedding_type``: its YaRN path returns the table with its
     temperature, the RoPE path the table alone."""
     return "yarn" if pe.rotary and scaling_type(cfg) == "yarn" else pe.gpt_position_embedding
@@ -163,7 +166,7 @@ def set_yarn_fields(config: TransformerConfig, cfg: Config) -> None:
     config.yarn_correction_range_round_to_int = True
 
 
-def check(cfg: Config, pe: PositionEncoding) -> None:
+def check(cfg: Config, pe: ModelPE) -> None:
     """``pe.rope`` and ``pe.rope_scaling`` that cannot run (ConfigError naming the key)."""
     r, s, m = cfg.pe.rope, cfg.pe.rope_scaling, cfg.model
     if not pe.rotary:

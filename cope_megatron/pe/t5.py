@@ -47,4 +47,4 @@ class T5BiasAttention(CausalAttention):
         return self.bias[:, buckets]  # [h, length]
 
 
-register(PositionEncoding(name="t5", attention=T5BiasAttention))
+register(PositionEncoding(name="t5", attention=T5BiasAttention, options=("t5",)))

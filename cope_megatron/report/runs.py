@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from cope_megatron.config import pe_label
 from cope_megatron.errors import UserError
 
 
@@ -46,7 +47,9 @@ def load_run(run_dir: str | Path) -> Run:
     metrics = [r for r in records if "loss" in r]  # steps, not events (a config change)
     eval_path = run_dir / "eval.json"
     report = json.loads(eval_path.read_text()) if eval_path.is_file() else None
-    label = config["run"].get("name") or (report or {}).get("pe") or config["model"]["pe"]
+    model = config["model"]
+    label = (config["run"].get("name") or (report or {}).get("pe")
+             or pe_label(model["pe"], model.get("pe_schedule", [])))
     return Run(run_dir, label, config, metrics, report)
 
 

@@ -27,12 +27,12 @@ from cope_megatron.distributed.deepspeed_glue import (
 from cope_megatron.distributed.parallel import DistEnv, replica_group
 from cope_megatron.distributed.sequence_parallel import register_sequence_parallel_grad_hooks
 from cope_megatron.model.gpt import build_gpt
-from cope_megatron.pe import PositionEncoding
+from cope_megatron.pe import ModelPE
 from cope_megatron.training.nonfinite import SkipNonFiniteAdamW
 from cope_megatron.training.schedule import lr_at
 
 
-def build_engine(cfg: Config, pe: PositionEncoding, vocab_size: int,
+def build_engine(cfg: Config, pe: ModelPE, vocab_size: int,
                  load_universal: bool = False):
     """GPT + AdamW + LR schedule wrapped in a DeepSpeed engine (ZeRO per ``zero.stage``);
     ``load_universal``: the engine will load a universal checkpoint."""
@@ -88,7 +88,7 @@ def loadable(cfg: Config, env: DistEnv, run_dir: Path, tag: str) -> str:
     return f"{tag}_universal"
 
 
-def restore(cfg: Config, pe: PositionEncoding, env: DistEnv, vocab_size: int, *,
+def restore(cfg: Config, pe: ModelPE, env: DistEnv, vocab_size: int, *,
             tag: str | None = checkpoint.LATEST) -> tuple[object, dict | None]:
     """The run's engine with checkpoint ``tag`` of ``run.dir`` loaded into it, and that
     checkpoint's client state; ``tag=None``: no checkpoint (state None); by default, the

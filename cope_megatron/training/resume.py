@@ -18,6 +18,7 @@ from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import Config, ConfigError, flat_keys, yaml_text
 from cope_megatron.config.resume_keys import DERIVED_KEYS, EVAL_TIME, REFUSED, classify
 from cope_megatron.data.format import identity
+from cope_megatron.pe import REGISTRY, model_pe
 
 HISTORY = "config_history"
 
@@ -108,11 +109,14 @@ def _changes(saved: dict, values: dict) -> dict[str, list]:
 
 
 def _refused(changed: dict[str, list], cfg: Config) -> list[str]:
-    """The changed keys the table refuses (options of a PE neither run uses change
+    """The changed keys the table refuses (options of PEs neither run uses change
     nothing), but those ``run.allow_config_change`` names."""
-    pe = None if "model.pe" in changed else cfg.model.pe
+    unused = frozenset()
+    if not {"model.pe", "model.pe_schedule"} & set(changed):
+        read = model_pe(cfg.model).options
+        unused = frozenset(o for pe in REGISTRY.values() for o in pe.options) - set(read)
     return [k for k in changed if k not in cfg.run.allow_config_change
-            and classify(k, pe) == REFUSED]
+            and classify(k, unused) == REFUSED]
 
 
 def _lines(changed: dict[str, list], keys: list[str]) -> str:
