@@ -11,7 +11,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from cope_megatron.config import Config, pe_label
+from cope_megatron.config import Config
 from cope_megatron.data.tokenizer import load_tokenizer
 from cope_megatron.pe.rope_scaling import label
 
