@@ -33,6 +33,7 @@ from cope_megatron.config.schema import (
     ParallelConfig,
     PEConfig,
     RopeOptions,
+    RopeScalingOptions,
     RunConfig,
     T5Options,
     TaskConfig,
@@ -45,7 +46,7 @@ from cope_megatron.config.validation import padded_vocab_size, validate
 __all__ = [
     "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig",
     "FusionConfig", "Layout", "LengthScaleOptions", "LoggingConfig", "ModelConfig", "PEConfig",
-    "ParallelConfig", "RopeOptions", "RunConfig", "T5Options", "TaskConfig", "TrainConfig",
-    "ZeroConfig", "dump_yaml", "flat_keys", "load_config", "merge_dicts", "padded_vocab_size",
-    "pe_label", "to_dict", "validate", "yaml_text",
+    "ParallelConfig", "RopeOptions", "RopeScalingOptions", "RunConfig", "T5Options",
+    "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys", "load_config",
+    "merge_dicts", "padded_vocab_size", "pe_label", "to_dict", "validate", "yaml_text",
 ]

@@ -47,7 +47,9 @@ def _layer_elements(cfg: Config, pe: PositionEncoding, tensor: int, recompute: s
     # activations. SDPA's q, k, v and output are views of these.
     saved = 4 * h / sp + q + kv + q + 2 * ffn
     if pe.rotary:
-        saved += q + kv / 2  # rotated queries and keys
+        # Rotated queries and keys, whole heads at any pe.rope.percent (Megatron joins the
+        # unrotated rest back); scaling changes only the table.
+        saved += q + kv / 2
     if cfg.pe.length_scale.type != "none":
         saved += q  # the scaled queries
     fp32 = 0.0
