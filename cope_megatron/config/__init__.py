@@ -32,6 +32,7 @@ from cope_megatron.config.schema import (
     ParallelConfig,
     PEConfig,
     RopeOptions,
+    RulerConfig,
     RunConfig,
     T5Options,
     TaskConfig,
@@ -44,8 +45,8 @@ from cope_megatron.config.validation import padded_vocab_size, validate
 __all__ = [
     "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig", "Layout",
     "LengthScaleOptions", "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig",
-    "RopeOptions", "RunConfig", "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig",
-    "dump_yaml", "flat_keys",
+    "RopeOptions", "RulerConfig", "RunConfig", "T5Options", "TaskConfig", "TrainConfig",
+    "ZeroConfig", "dump_yaml", "flat_keys",
     "load_config", "merge_dicts", "padded_vocab_size", "pe_label", "to_dict", "validate",
     "yaml_text",
 ]
