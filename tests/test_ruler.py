@@ -203,7 +203,27 @@ def test_greedy_decoding_equals_token_by_token_generation(dist_cleanup):
         tokens[0, -answer:] = want[0]  # sample 0's gold answer is what the model generates
         tokens[1, -answer:] = want[1]
         tokens[1, -2] = (want[1, -2] + 1) % 100  # sample 1 goes wrong at its 4th token
-        got, forced = greedy(model, tokens, answer)
+        got, forced, forwards = greedy(model, tokens, answer)
     assert torch.equal(got, want)
     assert forced[0].all() and forced[1, :4].tolist() == [True, True, True, False]
     assert not forced[2].all()
+    assert forwards <= answer + 1  # at most one more per token it gets wrong
+
+
+@pytest.mark.parametrize("override, key", [
+    ("eval.ruler.tasks=[niah_single_number, needle]", "eval.ruler.tasks: unknown tasks"),
+    ("eval.ruler.depths=[0.5, 1.5]", "eval.ruler.depths"),
+    ("eval.ruler.scoring=[beam]", "eval.ruler.scoring"),
+    ("eval.ruler.threshold=0", "eval.ruler.threshold"),
+    ("eval.ruler.absolute_threshold=2", "eval.ruler.absolute_threshold"),
+    ("eval.ruler.samples=0", "eval.ruler.samples"),
+    ("eval.ruler.length_multipliers=[]", "eval.ruler.length_multipliers"),
+    ("eval.last_k=4096", "eval.last_k"),
+    ("eval.position_bins=0", "eval.position_bins"),
+])
+def test_suite_settings_are_checked_at_start(override, key):
+    from cope_megatron.config import ConfigError, load_config
+    from cope_megatron.startup import check
+
+    with pytest.raises(ConfigError, match=key):
+        check(load_config(["model.seq_length=64", override]), 1, data=False)

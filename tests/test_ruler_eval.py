@@ -39,7 +39,9 @@ def test_eval_reports_the_suite_and_loss_against_position(prepared, tmp_path, di
     assert ruler["average"]["greedy"][32] is None and ruler["average"]["greedy"][256] is None
     assert ruler["average"]["greedy"][512] is not None
     assert ruler["effective_length"]["teacher_forced"]["all"]["status"] == "not applicable"
-    assert ruler["cost"][512]["prompt_tokens"] == 512 * 2 * (2 + 2 + 1)  # samples × depths
+    # Each batch (2 samples) read at least once: samples × depths × tasks, times forwards.
+    assert ruler["cost"][512]["tokens_read"] >= 512 * 2 * (2 + 2 + 1)
+    assert ruler["cost"][32]["tokens_read"] == 0
     # Loss against position refines the windows protocol's perplexity: the same tokens.
     curves = report["position_loss"]
     for length in (32, 64):
@@ -88,7 +90,7 @@ def test_scores_of_models_with_known_answers(prepared, dist_cleanup):
         model = Answering(gold, tok.vocab_size(), wrong)
         ctx = EvalContext(model=model, manifest=manifest, shards=str(shards), verify="never",
                           train_length=32, pe="oracle", device=torch.device("cpu"))
-        return score_samples(ctx, [sample], methods, 1, Encoder(tok))
+        return score_samples(ctx, [sample], methods, 1, Encoder(tok))[0]
 
     assert scores(set()) == {"teacher_forced": 1.0, "greedy": 1.0}
     # The last value's last token wrong: not exact, but 3 of the 4 values are generated.
@@ -119,10 +121,10 @@ def _layout_worker(layout: list[str], out: str) -> None:
     ctx = EvalContext(model=model, manifest={}, shards="", verify="never", train_length=32,
                       pe="cope", device=env.device, dp_rank=env.dp_rank, dp_size=env.dp_size)
     with torch.no_grad():
-        first, _ = greedy(model, tokens, 6)
+        first, _, _ = greedy(model, tokens, 6)
         tokens[0, -6:] = first[0]  # right throughout, right for 3 tokens, wrong at once
         tokens[1, -6:-3] = first[1, :3]
-        generated, forced = greedy(model, tokens, 6)
+        generated, forced, _ = greedy(model, tokens, 6)
         sums = position_sums(ctx, tokens.reshape(-1)[:129], 64, 1)
     if dist.get_rank() == 0:
         torch.save({"generated": generated, "forced": forced, "sums": sums}, out)

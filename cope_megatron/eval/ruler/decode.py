@@ -40,16 +40,17 @@ def argmax_ids(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def greedy(model: torch.nn.Module, tokens: torch.Tensor, answer: int
-           ) -> tuple[torch.Tensor, torch.Tensor]:
+           ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(generated [b, answer] ids, teacher-forced hits [b, answer]: whether each gold answer
-    token is the argmax given the gold prefix) for ``tokens`` [b, s + 1] whose last
-    ``answer`` tokens are the gold answer."""
+    token is the argmax given the gold prefix, forwards run) for ``tokens`` [b, s + 1]
+    whose last ``answer`` tokens are the gold answer."""
     buf = tokens.clone()
     first = buf.shape[1] - answer  # the answer slot's first token
     done = torch.zeros(buf.shape[0], dtype=torch.int64, device=buf.device)  # settled tokens
-    forced = None
+    forced, forwards = None, 0
     while bool((done < answer).any()):
         pred = argmax_ids(model, buf)[:, first - 1:]  # predictions of the slot's tokens
+        forwards += 1
         if forced is None:
             forced = pred == tokens[:, first:]
         for row in range(buf.shape[0]):
@@ -61,4 +62,4 @@ def greedy(model: torch.nn.Module, tokens: torch.Tensor, answer: int
                 continue
             slot[miss[0]] = pred[row, miss[0]]
             done[row] = miss[0] + 1
-    return buf[:, first:], forced
+    return buf[:, first:], forced, forwards

@@ -42,20 +42,24 @@ def _batches(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
 
 @torch.no_grad()
 def score_samples(ctx: EvalContext, samples: list[Sample], methods: list[str],
-                  batch_size: int, enc: Encoder) -> dict[str, float]:
-    """Mean score per method in ``methods`` over ``samples`` (the model in eval mode)."""
-    totals = torch.zeros(len(METHODS), dtype=torch.float64, device=ctx.device)
+                  batch_size: int, enc: Encoder) -> tuple[dict[str, float], int]:
+    """(mean score per method in ``methods`` over ``samples``, tokens the model read for
+    them over every forward) with the model in eval mode."""
+    totals = torch.zeros(len(METHODS) + 1, dtype=torch.float64, device=ctx.device)
     for i, batch in enumerate(_batches(samples, batch_size)):
         if not ctx.takes(i):
             continue
         tokens = torch.tensor([s.tokens for s in batch], device=ctx.device)
         answer = batch[0].answer
         if "greedy" in methods:
-            generated, forced = greedy(ctx.model, tokens, answer)
+            generated, forced, forwards = greedy(ctx.model, tokens, answer)
             texts = [enc.decode(row.tolist()) for row in generated]
             totals[1] += sum(string_match(t, s.references) for t, s in zip(texts, batch))
         else:
             forced = argmax_ids(ctx.model, tokens)[:, -answer:] == tokens[:, -answer:]
+            forwards = 1
         totals[0] += forced.all(-1).double().sum()
+        totals[-1] += forwards * (tokens.numel() - len(batch))
     dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-    return {m: totals[METHODS.index(m)].item() / len(samples) for m in methods}
+    means = {m: totals[METHODS.index(m)].item() / len(samples) for m in methods}
+    return means, int(totals[-1].item())

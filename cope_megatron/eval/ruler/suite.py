@@ -32,7 +32,7 @@ def haystack(ctx: EvalContext, e: EvalConfig, text: torch.Tensor) -> Haystack:
 def _task_row(ctx: EvalContext, e: EvalConfig, enc: Encoder, hay: Haystack, task: str,
               length: int) -> tuple[dict, int]:
     """One task at one length: {"depths": {depth ("all" for a task without one): {method:
-    score}}, "mean", "samples"} or not applicable; and the prompt tokens scored."""
+    score}}, "mean", "samples"} or not applicable; and the tokens the model read for it."""
     r = e.ruler
     depths = r.depths if TASKS[task].uses_depth else [None]
     grid: dict[str, list[Sample]] = {}
@@ -43,17 +43,19 @@ def _task_row(ctx: EvalContext, e: EvalConfig, enc: Encoder, hay: Haystack, task
                          depth=depth, haystack=hay, index=i) for i in range(r.samples)]
     except PromptTooLongError as err:
         return {"status": "not applicable", "reason": str(err)}, 0
-    scores = {depth: score_samples(ctx, samples, r.scoring, e.batch_size, enc)
-              for depth, samples in grid.items()}
+    scores, read = {}, 0
+    for depth, samples in grid.items():
+        scores[depth], tokens = score_samples(ctx, samples, r.scoring, e.batch_size, enc)
+        read += tokens
     mean = {m: sum(s[m] for s in scores.values()) / len(scores) for m in r.scoring}
-    tokens = len(grid) * r.samples * length
-    return {"depths": scores, "mean": mean, "samples": r.samples}, tokens
+    return {"depths": scores, "mean": mean, "samples": r.samples}, read
 
 
 def ruler_suite(ctx: EvalContext, e: EvalConfig, text: torch.Tensor) -> dict:
     """{"tasks": {task: {length: row}}, "average": {method: {length: mean or None}},
-    "effective_length": {method: {"all" | task: result}}, "cost": {length: {"prompt_tokens",
-    "wall_s"}}, and the settings they came from}."""
+    "effective_length": {method: {"all" | task: result}}, "cost": {length: {"tokens_read"
+    (prompt tokens × forwards: greedy decoding adds one per wrong token), "wall_s"}}, and
+    the settings they came from}."""
     r = e.ruler
     enc, hay = Encoder(ctx.tokenizer()), haystack(ctx, e, text)
     limit = max_positions(ctx.model)
@@ -68,11 +70,11 @@ def ruler_suite(ctx: EvalContext, e: EvalConfig, text: torch.Tensor) -> dict:
                                           "reason": f"{ctx.pe} has no positions beyond the "
                                                     f"{limit} it was trained with"}
                 continue
-            start, tokens = time.perf_counter(), 0
+            start, read = time.perf_counter(), 0
             for task in r.tasks:
-                rows[task][length], read = _task_row(ctx, e, enc, hay, task, length)
-                tokens += read
-            cost[length] = {"prompt_tokens": tokens, "wall_s": time.perf_counter() - start}
+                rows[task][length], tokens = _task_row(ctx, e, enc, hay, task, length)
+                read += tokens
+            cost[length] = {"tokens_read": read, "wall_s": time.perf_counter() - start}
     average = {m: mean_over_tasks(rows, m) for m in r.scoring}
     def effective(scores: dict[int, float | None]) -> dict:
         return effective_length(scores, ctx.train_length, r.threshold, r.absolute_threshold)
