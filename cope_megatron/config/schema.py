@@ -176,7 +176,8 @@ class DataConfig:
 @dataclass(kw_only=True, slots=True)
 class TaskConfig:
     name: str | None = None
-    """A synthetic task of the CoPE paper (flipflop, selective_copy, counting; formats in
+    """A synthetic task (the CoPE paper's flipflop, selective_copy, counting; RULER's
+    niah_single, niah_multikey, vt trained at 128 and tested to 16×; formats in
     data/prep/tasks): prep then writes its splits into data.shards instead of tokenizing
     data.corpus, training counts only answer predictions, and eval reports error % per
     test split. None: language modelling on data.corpus."""
