@@ -227,3 +227,18 @@ def test_suite_settings_are_checked_at_start(override, key):
 
     with pytest.raises(ConfigError, match=key):
         check(load_config(["model.seq_length=64", override]), 1, data=False)
+
+
+def test_the_shipped_suite_runs_a_1_3b_model_under_cp_in_one_command():
+    from pathlib import Path
+
+    from cope_megatron.config import load_config
+    from cope_megatron.startup import check
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config([str(configs / "model" / "1.3b.yaml"),
+                       str(configs / "parallel" / "cp2_tp2_sp_zero2.yaml"),
+                       str(configs / "eval" / "ruler.yaml")])
+    check(cfg, 4, data=False)
+    assert cfg.parallel.context == 2 and sorted(cfg.eval.ruler.tasks) == sorted(TASKS)
+    assert cfg.eval.position_loss and max(cfg.eval.ruler.length_multipliers) == 16

@@ -57,6 +57,8 @@ def single(kind: str):
     def make(rng: random.Random, enc: Encoder, length: int, depth: float,
              haystack: Haystack) -> Sample:
         key, value = word(rng), VALUES[kind](rng)
+        while value == key:  # a word value must not be its own key
+            value = VALUES[kind](rng)
         key_ids = enc.value(key)
         return _prompt(rng, enc, length, haystack, kind, [(depth, key_ids, enc.value(value))],
                        [key_ids], [value], ASK_ONE)
