@@ -13,7 +13,8 @@
 #            Triton CoPE dense and sparse, the chunked op, ALiBi and T5 (materialized
 #            bias and FlexAttention)                                                90
 #   c train  bench/train_throughput.py, 125M and 1.3B: RoPE, ALiBi (materialized and
-#            flex), CoPE (Triton, chunked): tokens/s, MFU, peak memory              160
+#            flex), CoPE (Triton, chunked), RoPE with fusions on: tokens/s, MFU,
+#            peak memory                                                             160
 #   d memory bench/activation_memory.py: the 125M activation estimate against the
 #            allocator                                                               30
 # A stage over its budget is cut ("cut"), one that exits non-zero "failed"; either way the
@@ -30,7 +31,10 @@ set -euo pipefail
 
 # Variants that wait on features not built yet, reported "not available" while empty;
 # each is a one-line change when its feature lands.
-FUSED_OVERRIDES=""  # c: the overrides that turn the fusions on, comma-separated
+# c: RoPE with the fusions on (model/fusions.py AUTO_ON_CUDA waits on them): the chunked
+# loss alone, then with the compiled layers too; the difference prices each.
+FUSED_VARIANTS="rope:fusion.cross_entropy=chunked
+  rope:fusion.cross_entropy=chunked,fusion.layers=compile"
 BIAS_KERNEL_IMPLS="alibi_flex t5_flex"  # b: bench/cope_op.py impls of ALiBi and T5 on FlexAttention
 
 cd "$(dirname "$0")/.."
@@ -51,6 +55,8 @@ if [ "$DRY" = 1 ]; then
   MODELS=("configs/model/debug.yaml")
   TRAIN_ARGS=(--steps 2 --warmup 1)
   TRAIN_VARIANTS=(rope cope:pe.cope.impl=chunked)
+  # Compiling layers takes 10-30 s of CPU a process: tests/test_fusions.py covers it.
+  FUSED_VARIANTS="rope:fusion.cross_entropy=chunked"
   MEMORY_MODEL=(configs/model/debug.yaml)
 else
   OP_ARGS=(--seqs 2048 8192 32768 --heads 16 --head-dim 128 --npos 64 --dtype bfloat16 --reps 5)
@@ -85,11 +91,8 @@ stage_op() {
 
 stage_train() {
   local rc=0 model variants=("${TRAIN_VARIANTS[@]}")
-  if [ -n "$FUSED_OVERRIDES" ]; then
-    for v in "${TRAIN_VARIANTS[@]}"; do
-      case $v in *:*) variants+=("$v,$FUSED_OVERRIDES") ;; *) variants+=("$v:$FUSED_OVERRIDES") ;; esac
-    done
-  fi
+  # shellcheck disable=SC2206  # FUSED_VARIANTS is a list of variants
+  variants+=($FUSED_VARIANTS)
   local left=${#MODELS[@]} share
   for model in "${MODELS[@]}"; do
     # Each model gets an equal share of the time left, so a slow one cannot starve the
@@ -170,7 +173,7 @@ fi
 bias_missing=""
 [ -z "$BIAS_KERNEL_IMPLS" ] && bias_missing="alibi on the chosen kernel;t5 on the chosen kernel"
 fused_missing=""
-[ -z "$FUSED_OVERRIDES" ] && fused_missing="fusions on"
+[ -z "$FUSED_VARIANTS" ] && fused_missing="fusions on"
 
 run_stage a tests 200 gpu_tests.txt ""
 run_stage b op 90 results_cope_op_gpu.txt "$bias_missing"

@@ -14,7 +14,7 @@ from cope_megatron.data import integrity
 from cope_megatron.data.format import DataError, has_manifest, manifest_path, read_manifest
 from cope_megatron.data.source import split_shards
 from cope_megatron.eval.ruler.tasks import check_tasks
-from cope_megatron.pe import ModelPE, model_pe
+from cope_megatron.pe import ModelPE, model_pe, rope_scaling
 
 
 def check(cfg: Config, world: int, *, data: bool = True) -> ModelPE:
@@ -23,6 +23,7 @@ def check(cfg: Config, world: int, *, data: bool = True) -> ModelPE:
     reads ``data.shards`` and writes ``run.dir`` (``estimate`` needs neither)."""
     pe = model_pe(cfg.model)
     validate(cfg, world)
+    rope_scaling.check(cfg, pe)
     if pe.check is not None:
         pe.check(cfg)
     check_tasks(cfg.eval.ruler.tasks)

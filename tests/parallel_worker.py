@@ -37,11 +37,19 @@ VARIANTS = {pe: [f"model.pe={pe}"] for pe in sorted(REGISTRY)}
 VARIANTS["cope_per_head"] = ["model.pe=cope", "pe.cope.shared_table=false"]
 VARIANTS["schedule"] = ["model.pe=cope", "model.pe_schedule=[rope,cope]"]
 VARIANTS["length_scale"] = ["model.pe=cope", "pe.length_scale.type=learned"]
+SCALED = {  # RoPE scaling beyond L₀ = 8 within the 32 trained tokens; one layout only
+    "rope_yarn": ["model.pe=rope", "pe.rope_scaling.type=yarn", "pe.rope_scaling.factor=4",
+                  "pe.rope_scaling.original_length=8"],
+    "rope_dynamic": ["model.pe=rope", "pe.rope_scaling.type=dynamic",
+                     "pe.rope_scaling.factor=2", "pe.rope_scaling.original_length=8"],
+}
+"""Trained by the reference and by the one layout that splits the sequence both ways
+(CP × TP with SP): dynamic NTK must see the whole length on every rank."""
 WORKER = Path(__file__)
 
 
 def pick(*names: str) -> dict:
-    return {k: VARIANTS[k] for k in names}
+    return {k: {**VARIANTS, **SCALED}[k] for k in names}
 
 
 def layout(tensor, sequence, zero, variants=VARIANTS, context=1) -> dict:

@@ -160,11 +160,14 @@ PUBLIC_KEYS = """
     model.pe model.pe_schedule model.num_layers model.hidden_size model.num_attention_heads
     model.num_query_groups model.ffn_hidden_size model.seq_length model.attention_dropout
     model.hidden_dropout model.init_method_std model.normalization model.untie_embeddings
-    pe.rope.base pe.length_scale.type pe.length_scale.s pe.cope.npos_max
-    pe.cope.shared_table pe.cope.impl pe.alibi.slopes
+    pe.rope.base pe.rope.percent pe.rope.keep_frequencies pe.rope_scaling.type
+    pe.rope_scaling.factor pe.rope_scaling.original_length pe.rope_scaling.beta_fast
+    pe.rope_scaling.beta_slow pe.rope_scaling.mscale pe.length_scale.type pe.length_scale.s
+    pe.cope.npos_max pe.cope.shared_table pe.cope.impl pe.alibi.slopes
     pe.t5.num_buckets pe.t5.max_distance pe.bias_kernel parallel.tensor parallel.sequence
     parallel.context
-    zero.stage zero.deepspeed data.corpus data.cache_dir data.shards data.tokenizer
+    zero.stage zero.deepspeed fusion.layers fusion.cross_entropy fusion.chunk_tokens
+    data.corpus data.cache_dir data.shards data.tokenizer
     data.tokenizer_type data.vocab_size data.byte_fallback data.user_symbols data.text_field
     data.val_fraction data.shard_max_bytes data.prep_workers data.tokenizer_sample_bytes
     data.max_docs data.num_workers data.streams data.shuffle_buffer data.on_error

@@ -5,8 +5,12 @@ the activation estimate for 125M against the allocator; TP=2 against one process
 GPUs exist.
 
 Tolerances are relative errors ‖x − ref‖ / ‖ref‖: fp32 kernels use exact fp32 products
-(``input_precision="ieee"``), so they land near 1e-6 and are held to 1e-4; bf16 inputs
-and outputs carry bf16 rounding (2⁻⁸ ≈ 4e-3 per element), held to 2e-2.
+(``input_precision="ieee"``), so they land near 1e-6 and are held to 1e-4, but for the
+gradients that pass through positions (dq, dk, dE) on long rows, held to 1e-3: where a
+key's position lies within fp32's resolution of an integer, ∂b/∂p jumps (zd[n − 1] to
+zd[n]) and fp32 takes either side; the 1500-token multi-query case has three such rows
+and lands at 4.5e-4 in the interpreter (tests/test_cope_triton.py). bf16 inputs and
+outputs carry bf16 rounding (2⁻⁸ ≈ 4e-3 per element), held to 2e-2.
 """
 
 import math
@@ -65,10 +69,12 @@ def test_triton_kernels_match_float64_reference(case, dtype):
     grad = randn(*ref.shape)
     want = torch.autograd.grad(ref, exact, grad)
     got = torch.autograd.grad(out, fast, grad.to(dtype))
-    tol = TOLERANCE[dtype]
     errors = {"out": relative_error(out, ref)}
     errors.update({f"d{n}": relative_error(a, w) for n, a, w in zip("qkvE", got, want)})
-    assert all(e < tol for e in errors.values()), errors
+    tol = {name: TOLERANCE[dtype] for name in errors}
+    if dtype == torch.float32 and s > 1000:
+        tol.update(dq=1e-3, dk=1e-3, dE=1e-3)
+    assert all(e < tol[name] for name, e in errors.items()), errors
     assert all(t.isfinite().all() for t in (out, *got))
 
 

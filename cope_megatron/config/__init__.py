@@ -26,12 +26,14 @@ from cope_megatron.config.schema import (
     CopeOptions,
     DataConfig,
     EvalConfig,
+    FusionConfig,
     LengthScaleOptions,
     LoggingConfig,
     ModelConfig,
     ParallelConfig,
     PEConfig,
     RopeOptions,
+    RopeScalingOptions,
     RulerConfig,
     RunConfig,
     T5Options,
@@ -43,10 +45,10 @@ from cope_megatron.config.schema import (
 from cope_megatron.config.validation import padded_vocab_size, validate
 
 __all__ = [
-    "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig", "Layout",
-    "LengthScaleOptions", "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig",
-    "RopeOptions", "RulerConfig", "RunConfig", "T5Options", "TaskConfig", "TrainConfig",
-    "ZeroConfig", "dump_yaml", "flat_keys",
+    "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig",
+    "FusionConfig", "Layout", "LengthScaleOptions", "LoggingConfig", "ModelConfig", "PEConfig",
+    "ParallelConfig", "RopeOptions", "RopeScalingOptions", "RulerConfig", "RunConfig",
+    "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys",
     "load_config", "merge_dicts", "padded_vocab_size", "pe_label", "to_dict", "validate",
     "yaml_text",
 ]

@@ -7,6 +7,9 @@ other data, another data order) under one run's name. A key marked ``ALLOWED`` m
 change: it takes effect from the resume step on and the change is logged. A key listed in
 ``run.allow_config_change`` is allowed although refused here (a deliberate change).
 
+``EVAL_TIME`` names the keys that ``eval`` may change although a resume refuses them:
+how a trained model is run beyond its length (RoPE scaling), not which model it is.
+
 Besides the schema's keys, three facts that no single key holds are compared: the
 tokenizer and the shard set the data was made of, and the global batch (micro batch ×
 accumulation × data-parallel size, which may be re-split but not changed).
@@ -31,6 +34,8 @@ _TABLE: dict[str, str] = {
     "pe.*": REFUSED,
     "pe.cope.impl": ALLOWED,  # an implementation of the same function
     "pe.bias_kernel": ALLOWED,  # the same attention on another kernel
+    # pe.rope_scaling.* changes the function: refused on resume (``pe.*``; fine-tuning at
+    # a longer length names it in run.allow_config_change), an evaluation's own choice.
     # The data and its order.
     "data.tokenizer_sha256": REFUSED,
     "data.shards_fingerprint": REFUSED,
@@ -64,7 +69,13 @@ _TABLE: dict[str, str] = {
     # The parallel layout: checked against the checkpoint's layout.json, converted when
     # ZeRO states were partitioned for another data-parallel size.
     "parallel.*": ALLOWED, "zero.*": ALLOWED,
+    # Fused kernels compute the same function to rounding.
+    "fusion.*": ALLOWED,
 }
+
+
+EVAL_TIME = ("pe.rope_scaling.",)
+"""Prefixes of the keys ``eval`` may change against the checkpoint it scores."""
 
 
 def classify(key: str, unused: frozenset[str] = frozenset()) -> Literal["refused", "allowed"]:

@@ -59,6 +59,37 @@ class ModelConfig:
 class RopeOptions:
     base: float = 10000.0
     """RoPE frequency base (Su et al. 2021, arXiv 2104.09864)."""
+    percent: float = 1.0
+    """Partial rotary: the fraction of each head's dimensions rotated, the first ones
+    (GPT-NeoX's ``rotary_pct``, Megatron's ``rotary_percent``); the rest carry no position.
+    Frequencies span the whole range over the rotated dimensions."""
+    keep_frequencies: float = 1.0
+    """p-RoPE (Barbero et al. 2024, arXiv 2410.06205): the fraction p of the rotary
+    frequencies kept, the highest; the lowest are set to 0, so their dimensions carry no
+    position. 1: plain RoPE."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RopeScalingOptions:
+    type: Literal["none", "linear", "ntk", "dynamic", "yarn"] = "none"
+    """How RoPE reaches beyond ``original_length`` (``pe/rope_scaling.py``): linear position
+    interpolation (Chen et al. 2023, arXiv 2306.15595), NTK-aware base scaling, dynamic NTK
+    (the factor follows each forward's length), YaRN (Peng et al. 2023, arXiv 2309.00071).
+    Applies to ``rope`` and ``cope_rope``; ``eval`` takes it as an override of a trained run."""
+    factor: float = 1.0
+    """The scale s (≥ 1): the context is meant to reach s × ``original_length`` (dynamic:
+    the base grows with each forward's length L as (s·L/L₀ − s + 1)^(d/(d−2)), as in
+    Hugging Face's ``dynamic``; 1: plain RoPE for every type)."""
+    original_length: int | None = None
+    """The length the model was trained at; None: ``model.seq_length``."""
+    beta_fast: float = 32.0
+    """YaRN: dimensions turning more than this many times over ``original_length`` keep
+    their frequency (the ramp's β, paper §3.2)."""
+    beta_slow: float = 1.0
+    """YaRN: dimensions turning fewer times are interpolated by the factor (the ramp's α)."""
+    mscale: float = 1.0
+    """YaRN: q and k are scaled by 0.1·mscale·ln s + 1, the square root of the attention
+    temperature 1/t (paper eq. 22; 1 as in the paper)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -96,6 +127,7 @@ class LengthScaleOptions:
 @dataclass(kw_only=True, slots=True)
 class PEConfig:
     rope: RopeOptions = field(default_factory=RopeOptions)
+    rope_scaling: RopeScalingOptions = field(default_factory=RopeScalingOptions)
     length_scale: LengthScaleOptions = field(default_factory=LengthScaleOptions)
     cope: CopeOptions = field(default_factory=CopeOptions)
     alibi: AlibiOptions = field(default_factory=AlibiOptions)
@@ -123,6 +155,25 @@ class ZeroConfig:
     deepspeed: dict = field(default_factory=dict)
     """Raw passthrough merged last into the generated DeepSpeed config
     (https://www.deepspeed.ai/docs/config-json/)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class FusionConfig:
+    """Fused kernels without TransformerEngine or Apex. Each computes the unfused model's
+    function to rounding, so a resume may switch them; ``auto`` is unfused on the CPU and on
+    CUDA what the GPU suite measured faster (``AUTO_ON_CUDA`` in ``model/fusions.py``)."""
+
+    layers: Literal["auto", "compile", "eager"] = "auto"
+    """``compile``: torch.compile each transformer layer in place (torchtitan's regional
+    compile): Inductor fuses the norms, bias + GeLU, bias + dropout + residual and the
+    attention's element-wise code. Needs a C++ compiler on the CPU."""
+    cross_entropy: Literal["auto", "chunked", "full"] = "auto"
+    """``chunked``: the output layer and the vocab-parallel cross-entropy run over chunks
+    of ``chunk_tokens`` tokens and are recomputed in backward, so the logits of the whole
+    vocabulary never exist for all tokens at once; ``full``: Megatron's loss on all of them
+    (``eager`` and ``full`` are the unfused model; YAML would read ``off`` as false)."""
+    chunk_tokens: int = 2048
+    """Tokens per cross-entropy chunk (gathered over TP ranks under sequence parallelism)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -327,6 +378,7 @@ class Config:
     pe: PEConfig = field(default_factory=PEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

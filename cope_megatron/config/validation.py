@@ -54,6 +54,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.pe.length_scale.s is not None and cfg.pe.length_scale.s <= 0:
         _fail("pe.length_scale.s", f"must be > 0 (or unset for 1/ln(model.seq_length)), got "
               f"{cfg.pe.length_scale.s}")
+    _at_least(1, {"fusion.chunk_tokens": cfg.fusion.chunk_tokens})
     if cfg.zero.stage not in (0, 1, 2, 3):
         _fail("zero.stage", f"must be 0, 1, 2 or 3, got {cfg.zero.stage}")
     check_allowed_changes(cfg.run.allow_config_change)

@@ -36,6 +36,7 @@ from cope_megatron.estimate.memory import (
     model_state_bytes,
 )
 from cope_megatron.estimate.parameters import parameters
+from cope_megatron.model import fusions
 from cope_megatron.pe import ModelPE
 
 REFERENCE_GPU_GIB = 80.0
@@ -90,7 +91,7 @@ def estimate(cfg: Config, pe: ModelPE, gpus: int, gpu_memory_gib: float | None =
                     device=device)
 
 
-def _changes(cfg: Config, gpus: int) -> list[tuple[str, Config]]:
+def _changes(cfg: Config, gpus: int, device: str) -> list[tuple[str, Config]]:
     """Single changes that lower memory per GPU, cheapest in throughput first."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     out = []
@@ -102,6 +103,8 @@ def _changes(cfg: Config, gpus: int) -> list[tuple[str, Config]]:
     if cfg.zero.stage < 3 and Layout.of(cfg, gpus).replicas > 1:
         stage = cfg.zero.stage + 1
         out.append((f"zero.stage={stage}", changed("zero", stage=stage)))
+    if not fusions.enabled(cfg.fusion, "cross_entropy", device):  # recomputes one matmul
+        out.append(("fusion.cross_entropy=chunked", changed("fusion", cross_entropy="chunked")))
     for mode in RECOMPUTE_MODES[RECOMPUTE_MODES.index(t.recompute) + 1:]:
         out.append((f"train.recompute={mode}", changed("train", recompute=mode)))
     if t.micro_batch_size > 1 and t.micro_batch_size % 2 == 0:
@@ -130,7 +133,7 @@ def smallest_fitting_change(est: Estimate, max_changes: int = 3
     for _ in range(max_changes):
         next_frontier = []
         for overrides, base in frontier:
-            for change, new in _changes(base, gpus):
+            for change, new in _changes(base, gpus, est.device):
                 done = f"{overrides} {change}".strip()
                 result = estimate(new, est.pe, gpus, est.gpu_memory_gib, vocab_size=est.vocab_size,
                                   device=est.device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from cope_megatron.config import Config, Layout, padded_vocab_size
+from cope_megatron.model import fusions
 from cope_megatron.pe import ModelPE, PositionEncoding
 from cope_megatron.pe.base import uses_flex
 
@@ -46,7 +47,9 @@ def _layer_elements(cfg: Config, pe: PositionEncoding, tensor: int, recompute: s
     # activations. SDPA's q, k, v and output are views of these.
     saved = 4 * h / sp + q + kv + q + 2 * ffn
     if pe.rotary:
-        saved += q + kv / 2  # rotated queries and keys
+        # Rotated queries and keys, whole heads at any pe.rope.percent (Megatron joins the
+        # unrotated rest back); scaling changes only the table.
+        saved += q + kv / 2
     if cfg.pe.length_scale.type != "none":
         saved += q  # the scaled queries
     fp32 = 0.0
@@ -85,14 +88,29 @@ def activation_bytes(cfg: Config, pe: ModelPE, layout: Layout,
         return tokens * (saved * e + fp32 * 4) + square
 
     vocab = padded_vocab_size(vocab_size or cfg.data.vocab_size, layout.tensor) / layout.tensor
-    # The final norm's input and output, and the fp32 logits of the cross-entropy.
+    # The final norm's input and output, and the fp32 softmax of the cross-entropy over
+    # every token; the chunked loss keeps none, and its backward holds one chunk's logits
+    # (fp32, and their gradient in the training dtype) while no layer recomputes.
     sp = layout.tensor if cfg.parallel.sequence else 1
-    ends = tokens * (2 * m.hidden_size / sp * e + vocab * 4)
+    ends = tokens * 2 * m.hidden_size / sp * e
     layers = pe.per_layer(m.num_layers)
     # Backward recomputes one layer at a time: the largest one's extra is the peak.
     working = max({"none": 0.0, "selective": layer(p, "none") - layer(p, "selective"),
                    "full": layer(p, "none")}[recompute] for p in layers)
+    if fusions.enabled(cfg.fusion, "cross_entropy", device):
+        working = max(working, loss_chunk_tokens(cfg, layout) * vocab * (4 + e))
+    else:
+        ends += tokens * vocab * 4
     return {"saved": sum(layer(p, recompute) for p in layers) + ends, "working": working}
+
+
+def loss_chunk_tokens(cfg: Config, layout: Layout) -> int:
+    """Tokens of one chunk of the chunked loss on one rank (``ChunkedLossGPT``): whole
+    positions of the micro batch, gathered over TP ranks under sequence parallelism."""
+    b, seq = cfg.train.micro_batch_size, cfg.model.seq_length // layout.context
+    ranks = layout.tensor if cfg.parallel.sequence else 1
+    positions = max(1, cfg.fusion.chunk_tokens // (b * ranks))
+    return min(positions * ranks, seq) * b
 
 
 def saved_for_backward(model: torch.nn.Module, tokens: torch.Tensor) -> int:

@@ -11,8 +11,9 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from cope_megatron.config import Config, pe_label
+from cope_megatron.config import Config
 from cope_megatron.data.tokenizer import load_tokenizer
+from cope_megatron.pe.rope_scaling import label
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class EvalContext:
     """When the shards' checksums are checked (``data.verify``)."""
     train_length: int
     pe: str
+    """The PE with its RoPE scaling (``pe/rope_scaling.py``: ``label``), as the report names it."""
     device: torch.device
     dp_rank: int = 0
     dp_size: int = 1
@@ -34,9 +36,8 @@ class EvalContext:
     def of_run(cls, cfg: Config, model: torch.nn.Module, manifest: dict,
                device: torch.device, dp_rank: int = 0, dp_size: int = 1) -> EvalContext:
         return cls(model=model, manifest=manifest, shards=cfg.data.shards,
-                   verify=cfg.data.verify, train_length=cfg.model.seq_length,
-                   pe=pe_label(cfg.model.pe, cfg.model.pe_schedule), device=device,
-                   dp_rank=dp_rank, dp_size=dp_size)
+                   verify=cfg.data.verify, train_length=cfg.model.seq_length, pe=label(cfg),
+                   device=device, dp_rank=dp_rank, dp_size=dp_size)
 
     def tokenizer(self) -> spm.SentencePieceProcessor:
         """The SentencePiece model the run's shards were prepared with."""

@@ -28,6 +28,7 @@ from cope_megatron.errors import UserError
 from cope_megatron.hf.standard import BUILDERS, rename, standard_architecture
 from cope_megatron.output_dir import check_output_dir
 from cope_megatron.pe.length_scale import initial_s
+from cope_megatron.pe.rope_scaling import original_length, scaling_type
 from cope_megatron.startup import check
 
 HERE = Path(__file__).resolve().parent
@@ -91,14 +92,17 @@ def megatron_state_dict(run_dir: Path, cfg: Config) -> tuple[dict[str, torch.Ten
 def hf_config(cfg: Config, vocab_size: int):
     from cope_megatron.hf.modeling_cope_megatron import CopeMegatronConfig
 
-    m = cfg.model
+    m, r, s = cfg.model, cfg.pe.rope, cfg.pe.rope_scaling
     return CopeMegatronConfig(
         vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tensor),
         hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, num_key_value_heads=m.num_query_groups,
         intermediate_size=m.ffn_hidden_size, normalization=m.normalization, pe=m.pe,
         pe_schedule=m.pe_schedule,
-        max_position_embeddings=m.seq_length, rope_theta=cfg.pe.rope.base,
+        max_position_embeddings=m.seq_length, rope_theta=r.base, rope_percent=r.percent,
+        rope_keep_frequencies=r.keep_frequencies, rope_scaling_type=scaling_type(cfg),
+        rope_scaling_factor=s.factor, rope_original_length=original_length(cfg),
+        yarn_beta_fast=s.beta_fast, yarn_beta_slow=s.beta_slow, yarn_mscale=s.mscale,
         cope_npos_max=cfg.pe.cope.npos_max, cope_shared_table=cfg.pe.cope.shared_table,
         t5_num_buckets=cfg.pe.t5.num_buckets, t5_max_distance=cfg.pe.t5.max_distance,
         length_scale=cfg.pe.length_scale.type,

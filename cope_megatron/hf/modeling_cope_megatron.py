@@ -28,7 +28,11 @@ class CopeMegatronConfig(PretrainedConfig):
                  intermediate_size: int | None = None, normalization: str = "LayerNorm",
                  pe: str = "rope", pe_schedule: list[str] | None = None,
                  max_position_embeddings: int = 128,
-                 rope_theta: float = 10000.0, cope_npos_max: int = 64,
+                 rope_theta: float = 10000.0, rope_percent: float = 1.0,
+                 rope_keep_frequencies: float = 1.0, rope_scaling_type: str = "none",
+                 rope_scaling_factor: float = 1.0, rope_original_length: int | None = None,
+                 yarn_beta_fast: float = 32.0, yarn_beta_slow: float = 1.0,
+                 yarn_mscale: float = 1.0, cope_npos_max: int = 64,
                  cope_shared_table: bool = True, t5_num_buckets: int = 32,
                  t5_max_distance: int = 128, length_scale: str = "none",
                  length_scale_s: float = 1.0, tie_word_embeddings: bool = True,
@@ -44,6 +48,14 @@ class CopeMegatronConfig(PretrainedConfig):
         self.pe_schedule = pe_schedule or None
         self.max_position_embeddings = max_position_embeddings
         self.rope_theta = rope_theta
+        self.rope_percent = rope_percent
+        self.rope_keep_frequencies = rope_keep_frequencies
+        self.rope_scaling_type = rope_scaling_type
+        self.rope_scaling_factor = rope_scaling_factor
+        self.rope_original_length = rope_original_length or max_position_embeddings
+        self.yarn_beta_fast = yarn_beta_fast
+        self.yarn_beta_slow = yarn_beta_slow
+        self.yarn_mscale = yarn_mscale
         self.cope_npos_max = cope_npos_max
         self.cope_shared_table = cope_shared_table
         self.t5_num_buckets = t5_num_buckets
@@ -86,14 +98,47 @@ def sinusoidal_positions(positions: torch.Tensor, hidden: int) -> torch.Tensor:
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)[..., :hidden]
 
 
-def apply_rope(t: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding of [b, h, s, d] at positions 0..s−1 (halves rotated, not pairs)."""
-    d, s = t.shape[-1], t.shape[-2]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=t.device).float() / d)
-    angles = torch.arange(s, device=t.device).float()[:, None] * inv_freq
-    angles = torch.cat([angles, angles], dim=-1)
-    x1, x2 = t.chunk(2, dim=-1)
-    return t * angles.cos().to(t.dtype) + torch.cat([-x2, x1], dim=-1) * angles.sin().to(t.dtype)
+def rope_frequencies(c: CopeMegatronConfig, dim: int,
+                     length: int) -> tuple[torch.Tensor, float, float]:
+    """RoPE's inverse frequencies θ_i of ``dim`` rotated dimensions at a forward of
+    ``length`` tokens, what positions are divided by, and the scale of q and k: plain
+    (Su et al. 2021), scaled by ``rope_scaling_type`` (linear: Chen et al. 2023; ntk and
+    dynamic: base b·s^(d/(d−2)), dynamic with s·L/L₀ − s + 1 for s; yarn: Peng et al.
+    2023, the ramp between the dimensions turning beta_fast and beta_slow times over L₀,
+    and q, k scaled by 0.1·mscale·ln s + 1), then p-RoPE's lowest frequencies zeroed."""
+    base, kind, s = c.rope_theta, c.rope_scaling_type, c.rope_scaling_factor
+    original = c.rope_original_length
+    if kind == "ntk":
+        base = base * s ** (dim / (dim - 2))
+    if kind == "dynamic" and length > original:
+        base = base * (s * length / original - (s - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / base ** (torch.arange(0, dim, 2).float() / dim)
+    divide, qk_scale = (s if kind == "linear" else 1.0), 1.0
+    if kind == "yarn" and s > 1:
+        def turning(rotations: float) -> float:  # the dimension that turns so often
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low = max(math.floor(turning(c.yarn_beta_fast)), 0)
+        high = min(math.ceil(turning(c.yarn_beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2).float() - low) / max(high - low, 0.001)).clamp(0, 1)
+        inv_freq = inv_freq / s * ramp + inv_freq * (1 - ramp)
+        qk_scale = 0.1 * c.yarn_mscale * math.log(s) + 1
+    inv_freq[int(c.rope_keep_frequencies * dim // 2):] = 0
+    return inv_freq, divide, qk_scale
+
+
+def apply_rope(t: torch.Tensor, c: CopeMegatronConfig) -> torch.Tensor:
+    """Rotary embedding of [b, h, s, d] at positions 0..s−1: the first d·rope_percent
+    dimensions, halves rotated (not pairs); the rest pass."""
+    s, dim = t.shape[-2], int(t.shape[-1] * c.rope_percent)
+    inv_freq, divide, qk_scale = rope_frequencies(c, dim, s)
+    angles = (torch.arange(s).float() / divide)[:, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1).to(t.device)
+    cos, sin = (f(angles) * qk_scale for f in (torch.cos, torch.sin))
+    rot, rest = t[..., :dim], t[..., dim:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    rot = rot * cos.to(t.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(t.dtype)
+    return torch.cat([rot, rest], dim=-1)
 
 
 def cope_plain(q, k, v, table, npos_max: int, scale: float) -> torch.Tensor:
@@ -168,7 +213,7 @@ class Attention(nn.Module):
         q = qkv[:, :, :, :per_group].reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
         k, v = (qkv[:, :, :, i].transpose(1, 2) for i in (per_group, per_group + 1))
         if self.pe in ("rope", "cope_rope"):
-            q, k = apply_rope(q, self.config.rope_theta), apply_rope(k, self.config.rope_theta)
+            q, k = apply_rope(q, self.config), apply_rope(k, self.config)
         if self.config.length_scale != "none":
             rows = torch.log1p(torch.arange(s, device=x.device, dtype=self.length_scale.dtype))
             q = q * (self.length_scale[:, None] * rows)[:, :, None].to(q.dtype)

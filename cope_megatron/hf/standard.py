@@ -1,9 +1,13 @@
 """Standard ``transformers`` architectures that compute exactly our function, for the runs
 where one exists: then the export needs no remote code for the model.
 
-- RoPE → GPT-NeoX with sequential residuals, full rotary dimension and exact GELU: its
-  fused QKV is laid out per head as [q, k, v], which is Megatron's layout with one query
-  head per group, and it rotates halves (not pairs) as Megatron does.
+- RoPE → GPT-NeoX with sequential residuals and exact GELU: its fused QKV is laid out
+  per head as [q, k, v], which is Megatron's layout with one query head per group, and it
+  rotates halves (not pairs) of its first ``partial_rotary_factor`` of each head as
+  Megatron does. ``pe.rope_scaling`` maps to its ``rope_parameters`` (below): NTK-aware
+  as the scaled base, linear, dynamic and YaRN as Hugging Face's own types. p-RoPE
+  (``pe.rope.keep_frequencies`` < 1) has no Hugging Face type that GPT-NeoX applies: such
+  runs use ``modeling_cope_megatron``.
 - learned absolute positions → GPT-2 with exact GELU: its Conv1D weights are our linear
   weights transposed, and its QKV is [all q, all k, all v].
 
@@ -19,6 +23,13 @@ import torch
 
 from cope_megatron.config import Config
 from cope_megatron.pe import ModelPE
+from cope_megatron.pe.rope_scaling import (
+    ntk_base,
+    original_length,
+    rotary_dim,
+    scaling_type,
+    yarn_attention_scale,
+)
 
 
 def standard_architecture(cfg: Config, pe: ModelPE) -> str | None:
@@ -31,7 +42,37 @@ def standard_architecture(cfg: Config, pe: ModelPE) -> str | None:
         return None
     if pe.hf_architecture == "gpt2" and m.untie_embeddings:
         return None
+    if pe.rotary and cfg.pe.rope.keep_frequencies < 1:
+        return None
     return pe.hf_architecture
+
+
+def rope_parameters(cfg: Config) -> tuple[dict, int]:
+    """Hugging Face's ``rope_parameters`` for the run's RoPE, and the
+    ``max_position_embeddings`` they need (dynamic NTK reads L₀ there).
+
+    Hugging Face's ``dynamic`` keeps the frequencies of the longest forward seen until one
+    shorter than L₀ comes, where ours follow each forward's length: the two agree on every
+    forward at least as long as those before it, or shorter than L₀."""
+    r, s, m = cfg.pe.rope, cfg.pe.rope_scaling, cfg.model
+    kind, original = scaling_type(cfg), original_length(cfg)
+    base = {"rope_theta": r.base, "partial_rotary_factor": r.percent}
+    if kind == "ntk":
+        dim = rotary_dim(m.head_dim, r.percent)
+        return {**base, "rope_type": "default",
+                "rope_theta": ntk_base(r.base, s.factor, dim)}, m.seq_length
+    if kind == "none":
+        return {**base, "rope_type": "default"}, m.seq_length
+    if kind == "dynamic":
+        return {**base, "rope_type": "dynamic", "factor": s.factor}, original
+    if kind == "linear":
+        return {**base, "rope_type": "linear", "factor": s.factor}, m.seq_length
+    # YaRN: the temperature given outright (Hugging Face reads mscale only beside
+    # mscale_all_dim).
+    return {**base, "rope_type": "yarn", "factor": s.factor,
+            "original_max_position_embeddings": original, "beta_fast": s.beta_fast,
+            "beta_slow": s.beta_slow, "truncate": True,
+            "attention_factor": yarn_attention_scale(s.factor, s.mscale)}, m.seq_length
 
 
 def rename(state: dict[str, torch.Tensor], rules: list[tuple[str, str]]) -> dict:
@@ -61,14 +102,13 @@ def gpt_neox(cfg: Config, vocab_size: int, state: dict[str, torch.Tensor]):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     m = cfg.model
+    rope, max_positions = rope_parameters(cfg)
     config = GPTNeoXConfig(
         vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads,
         intermediate_size=m.ffn_size, hidden_act="gelu",
-        max_position_embeddings=m.seq_length, layer_norm_eps=1e-5,
-        use_parallel_residual=False, attention_bias=True,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.pe.rope.base,
-                         "partial_rotary_factor": 1.0},
+        max_position_embeddings=max_positions, layer_norm_eps=1e-5,
+        use_parallel_residual=False, attention_bias=True, rope_parameters=rope,
         tie_word_embeddings=not m.untie_embeddings, bos_token_id=1, eos_token_id=2)
     model = GPTNeoXForCausalLM(config)
     weights = rename(state, [

@@ -7,6 +7,8 @@ the first stopped.
     base: [configs/demo.yaml]                 # config files, in order
     overrides: {train.steps: 30}              # shared by every run
     axes: {model.pe: [rope, cope], train.seed: [1, 2]}   # any config key; the product
+    evaluations:                              # evaluation-time variants, no training:
+      yarn: {of: {model.pe: rope}, overrides: {pe.rope_scaling.type: yarn}}
     nodes: 1                                  # per run (SLURM), and processes per node
     gpus_per_node: 1
     sbatch: [--time=04:00:00, --partition=gpu]           # extra sbatch arguments
@@ -14,7 +16,13 @@ the first stopped.
 Each run directory holds its resolved ``config.yaml`` (written once: a run that started
 keeps its config even if the spec changes, with a warning), ``command.sh`` (how to run it
 by hand), ``train.log`` and ``sweep.json`` (the sweep's record of it). A run is done when
-its ``eval.json`` is from its last step. Written here because no library we use runs a
+its ``eval.json`` is from its last step.
+
+An evaluation variant (``evaluations``: name -> the axis values of the trained runs it
+applies to, ``of``, and its ``overrides``, such as RoPE scaling) is a run directory of its
+own, ``<trained run>_<name>``, whose ``checkpoints`` is a link to its trained run's: it
+runs ``eval`` with its config once that run is done (``eval.log``), and the report shows
+it as its own row. Written here because no library we use runs a
 grid of Megatron/DeepSpeed jobs and resumes it; SLURM does the queueing.
 """
 
@@ -49,6 +57,7 @@ class SweepSpec:
     nodes: int = 1
     gpus_per_node: int = 1
     sbatch: list[str] = field(default_factory=list)
+    evaluations: dict[str, dict] = field(default_factory=dict)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -65,6 +74,11 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not isinstance(raw["axes"], dict) or not all(
             isinstance(v, list) and v for v in raw["axes"].values()):
         raise ConfigError(f"{path}: axes maps config keys to non-empty lists of values")
+    for name, variant in (raw.get("evaluations") or {}).items():
+        if (not isinstance(variant, dict) or set(variant) != {"of", "overrides"}
+                or not set(variant["of"]) <= set(raw["axes"])):
+            raise ConfigError(f"{path}: evaluations.{name} must be {{of: {{axis: value}}, "
+                              "overrides: {key: value}}, with keys of axes in of")
     return SweepSpec(**raw)
 
 
@@ -73,6 +87,16 @@ class Run:
     name: str
     dir: Path
     overrides: list[str]
+    of: Run | None = None
+    """The trained run whose checkpoint this one evaluates; None: a run that trains."""
+
+    @property
+    def command(self) -> str:
+        return "train" if self.of is None else "eval"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / f"{self.command}.log"
 
     @property
     def record_path(self) -> Path:
@@ -95,32 +119,45 @@ def _value(v) -> str:
 
 
 def runs(spec: SweepSpec) -> list[Run]:
-    """One run per point of the axes' product, named by its values (``pe-rope_seed-1``)."""
+    """One run per point of the axes' product, named by its values (``pe-rope_seed-1``),
+    then one per evaluation variant and trained run it applies to (``..._yarn``)."""
     keys = list(spec.axes)
     shared = [f"{k}={_value(v)}" for k, v in spec.overrides.items()]
-    out = []
+    out, points = [], []
     for values in itertools.product(*spec.axes.values()):
         name = "_".join(f"{k.rsplit('.', 1)[-1]}-{_value(v)}" for k, v in zip(keys, values))
         run_dir = Path(spec.out) / name
         point = [f"{k}={_value(v)}" for k, v in zip(keys, values)]
         out.append(Run(name, run_dir, [*spec.base, *shared, *point, f"run.dir={run_dir}"]))
+        points.append(dict(zip(keys, map(_value, values))))
+    trained = list(out)
+    for variant, spec_of in spec.evaluations.items():
+        changes = [f"{k}={_value(v)}" for k, v in spec_of["overrides"].items()]
+        for run, point in zip(trained, points):
+            if all(point[k] == _value(v) for k, v in spec_of["of"].items()):
+                run_dir = Path(spec.out) / f"{run.name}_{variant}"
+                out.append(Run(f"{run.name}_{variant}", run_dir,
+                               [*run.overrides[:-1], *changes, f"run.dir={run_dir}"], of=run))
     return out
 
 
 def command(spec: SweepSpec, run: Run) -> list[str]:
-    """How the run trains on one node: torchrun for several processes."""
+    """How the run trains (or evaluates) on one node: torchrun for several processes."""
     config = str(run.dir / "config.yaml")
     if spec.gpus_per_node == 1:
-        return [sys.executable, "-m", "cope_megatron", "train", config]
+        return [sys.executable, "-m", "cope_megatron", run.command, config]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={spec.gpus_per_node}", "-m", "cope_megatron", "train", config]
+            f"--nproc-per-node={spec.gpus_per_node}", "-m", "cope_megatron", run.command,
+            config]
 
 
-def sbatch_command(spec: SweepSpec, run: Run) -> list[str]:
+def sbatch_command(spec: SweepSpec, run: Run, after: str | None = None) -> list[str]:
+    """``after``: a job that must end well first (an evaluation's trained run)."""
     # The batch script runs from a spool copy: --chdir gives it the checkout.
     return ["sbatch", "--parsable", f"--chdir={LAUNCH_DIR.parent}", f"--nodes={spec.nodes}",
             f"--gpus-per-node={spec.gpus_per_node}", f"--job-name={spec.name}-{run.name}",
-            f"--output={run.dir}/slurm-%j.out", *spec.sbatch,
+            f"--output={run.dir}/slurm-%j.out", f"--export=ALL,COMMAND={run.command}",
+            *([f"--dependency=afterok:{after}"] if after else []), *spec.sbatch,
             str(LAUNCH_DIR / "slurm.sbatch"), str(run.dir / "config.yaml")]
 
 
@@ -140,6 +177,10 @@ def create(spec: SweepSpec) -> list[Run]:
                   "(delete the run directory to start it over)", file=sys.stderr)
         elif not config.exists():
             dump_yaml(cfg, config)
+        link = run.dir / "checkpoints"
+        if run.of is not None and not link.is_symlink():
+            link.symlink_to(Path("..") / run.of.dir.name / "checkpoints",
+                            target_is_directory=True)
         how = sbatch_command(spec, run) if spec.nodes > 1 else command(spec, run)
         write_text_atomic(run.dir / "command.sh", shlex.join(how) + "\n")
     return all_runs
@@ -189,13 +230,14 @@ def status(run: Run) -> tuple[str, str]:
             return "running", f"SLURM job {record['job']} {state.lower()}"
         return "failed", _last_error(run.dir / f"slurm-{record['job']}.out")
     if record.get("state") == "failed" or record.get("pid"):
-        return "failed", record.get("error") or _last_error(run.dir / "train.log")
+        return "failed", record.get("error") or _last_error(run.log)
     return "pending", ""
 
 
 def run_local(spec: SweepSpec, all_runs: list[Run]) -> None:
-    """Train every run that is not done or running, one after another; a failure is
-    recorded and the next run starts."""
+    """Train every run that is not done or running, one after another, then evaluate each
+    evaluation variant whose trained run is done; a failure is recorded and the next run
+    starts."""
     if spec.nodes > 1:
         raise ConfigError(f"sweep {spec.name}: its runs span {spec.nodes} nodes; submit them "
                           "with --run slurm (or set nodes: 1)")
@@ -204,27 +246,39 @@ def run_local(spec: SweepSpec, all_runs: list[Run]) -> None:
         if state in ("done", "running"):
             print(f"[sweep] {run.name}: {state}, skipped", file=sys.stderr)
             continue
-        print(f"[sweep] {run.name}: training", file=sys.stderr, flush=True)
-        with open(run.dir / "train.log", "a") as log:
+        if run.of is not None and status(run.of)[0] != "done":
+            print(f"[sweep] {run.name}: waits for {run.of.name}", file=sys.stderr)
+            continue
+        doing = "training" if run.of is None else "evaluating"
+        print(f"[sweep] {run.name}: {doing}", file=sys.stderr, flush=True)
+        with open(run.log, "a") as log:
             proc = subprocess.Popen(command(spec, run), stdout=log, stderr=subprocess.STDOUT)
             run.write_record(state="running", pid=proc.pid)
             code = proc.wait()
         if code == 0 and status(run)[0] == "done":
             run.write_record(state="done")
         else:
-            run.write_record(state="failed", error=_last_error(run.dir / "train.log"))
+            run.write_record(state="failed", error=_last_error(run.log))
             print(f"[sweep] {run.name}: failed (exit {code}): "
                   f"{run.record()['error']}", file=sys.stderr)
 
 
 def submit_slurm(spec: SweepSpec, all_runs: list[Run]) -> None:
     """sbatch every run that is not done or running; each job resumes from its own
-    checkpoint when requeued."""
+    checkpoint when requeued. An evaluation variant waits for its trained run's job (or
+    for a later call, when that run has failed)."""
     for run in all_runs:
         state, _ = status(run)
         if state in ("done", "running"):
             continue
-        out = subprocess.run(sbatch_command(spec, run), capture_output=True, text=True,
+        after = None
+        if run.of is not None:
+            trained, _ = status(run.of)
+            after = run.of.record().get("job") if trained == "running" else None
+            if trained != "done" and after is None:
+                print(f"[sweep] {run.name}: waits for {run.of.name}", file=sys.stderr)
+                continue
+        out = subprocess.run(sbatch_command(spec, run, after), capture_output=True, text=True,
                              env={**os.environ, "NGPU": str(spec.gpus_per_node)})
         if out.returncode != 0:
             raise RuntimeError(f"sbatch failed for {run.name}: {out.stderr.strip()}")

@@ -11,8 +11,11 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.utils import get_batch_on_this_cp_rank
 
 from cope_megatron.config import Config, padded_vocab_size
+from cope_megatron.model import fusions
+from cope_megatron.model.chunked_loss import ChunkedLossGPT
 from cope_megatron.model.layer_spec import get_layer_spec
 from cope_megatron.pe import ModelPE
+from cope_megatron.pe.rope_scaling import gpt_position_embedding, rotary_embedding, set_yarn_fields
 
 RECOMPUTE = {
     "none": {},
@@ -57,20 +60,33 @@ def transformer_config(cfg: Config) -> TransformerConfig:
 
 def build_gpt(cfg: Config, pe: ModelPE, vocab_size: int) -> GPTModel:
     """The GPT for ``cfg`` with ``pe`` (``cfg.model.pe`` resolved) on the current device;
-    call after ``init_distributed``."""
-    model = GPTModel(
-        config=transformer_config(cfg),
+    call after ``init_distributed``; with the fusions ``cfg.fusion`` turns on there."""
+    device = fusions.device_type()
+    chunked = fusions.enabled(cfg.fusion, "cross_entropy", device)
+    model_cls = ChunkedLossGPT if chunked else GPTModel
+    extra = {"chunk_tokens": cfg.fusion.chunk_tokens} if chunked else {}
+    config = transformer_config(cfg)
+    position_embedding = gpt_position_embedding(cfg, pe)
+    if position_embedding == "yarn":
+        set_yarn_fields(config, cfg)
+    model = model_cls(
+        **extra,
+        config=config,
         transformer_layer_spec=get_layer_spec(cfg, pe),
         vocab_size=padded_vocab_size(vocab_size, cfg.parallel.tensor),
         max_sequence_length=cfg.model.seq_length,
-        position_embedding_type=pe.gpt_position_embedding,
+        position_embedding_type=position_embedding,
         rotary_base=int(cfg.pe.rope.base),
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings,
     )
+    if pe.rotary:  # partial, p-RoPE and scaled frequencies (``pe.rope_scaling``)
+        model.rotary_pos_emb = rotary_embedding(cfg)
     if pe.position_embedding is not None:
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         model.embedding.position_embeddings = pe.position_embedding(cfg.model.hidden_size, dtype)
     model.max_positions = None if pe.extrapolates else cfg.model.seq_length
+    if fusions.enabled(cfg.fusion, "layers", device):
+        fusions.compile_layers(model)
     return model
 
 

@@ -71,4 +71,5 @@ def check(cfg: Config) -> None:
 register(PositionEncoding(name="cope", attention=CoPEAttention, uses_cope_op=True, check=check,
                           options=("cope",)))
 register(PositionEncoding(name="cope_rope", attention=CoPEAttention, uses_cope_op=True,
-                          check=check, gpt_position_embedding="rope", options=("cope", "rope")))
+                          check=check, gpt_position_embedding="rope",
+                          options=("cope", "rope", "rope_scaling")))

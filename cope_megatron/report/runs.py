@@ -1,9 +1,10 @@
 """Finished runs read back from their directories, grouped by what they compare.
 
 A run directory holds ``config.yaml``, ``metrics.jsonl`` and ``eval.json`` (written by
-``train`` and ``eval``). Runs are grouped by label (``run.name`` when set, else
-``model.pe``); runs that share a label are seeds of one setting, shown as their mean
-with the range across seeds.
+``train`` and ``eval``). Runs are grouped by label (``run.name`` when set, else the PE
+its evaluation names, with its RoPE scaling: ``rope+yarn×8``, else ``model.pe``); runs
+that share a label are seeds of one setting, shown as their mean with the range across
+seeds.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def load_run(run_dir: str | Path) -> Run:
     eval_path = run_dir / "eval.json"
     report = json.loads(eval_path.read_text()) if eval_path.is_file() else None
     model = config["model"]
-    label = config["run"].get("name") or pe_label(model["pe"], model.get("pe_schedule", []))
+    label = (config["run"].get("name") or (report or {}).get("pe")
+             or pe_label(model["pe"], model.get("pe_schedule", [])))
     return Run(run_dir, label, config, metrics, report)
 
 

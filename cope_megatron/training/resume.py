@@ -16,7 +16,7 @@ from pathlib import Path
 from cope_megatron import checkpoint
 from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import Config, ConfigError, flat_keys, yaml_text
-from cope_megatron.config.resume_keys import DERIVED_KEYS, REFUSED, classify
+from cope_megatron.config.resume_keys import DERIVED_KEYS, EVAL_TIME, REFUSED, classify
 from cope_megatron.data.format import identity
 from cope_megatron.pe import REGISTRY, model_pe
 
@@ -81,7 +81,8 @@ def plan(cfg: Config, values: dict) -> Resume:
 def evaluated_tag(cfg: Config) -> str | None:
     """The checkpoint ``eval`` restores (a damaged one's fallback, said in a line); raises
     ConfigError, one line per key, when this config describes another model than the one
-    it trained (another PE, another shape): the numbers would be another model's."""
+    it trained (another PE, another shape): the numbers would be another model's. RoPE
+    scaling (``resume_keys.EVAL_TIME``) is an evaluation's own choice."""
     run_dir = Path(cfg.run.dir)
     tag, note = checkpoint.resumable_tag(run_dir)
     if note:
@@ -90,7 +91,8 @@ def evaluated_tag(cfg: Config) -> str | None:
     if not record:
         return tag
     changed = _changes(record["values"], config_values(cfg))
-    refused = [k for k in _refused(changed, cfg) if k.startswith(("model.", "pe."))]
+    refused = [k for k in _refused(changed, cfg)
+               if k.startswith(("model.", "pe.")) and not k.startswith(EVAL_TIME)]
     if refused:
         raise ConfigError(
             f"cannot evaluate {checkpoint.checkpoint_dir(run_dir) / tag} as another model "

@@ -72,11 +72,11 @@ def _input_dtype(ops, dtype: torch.dtype) -> torch.dtype:
 
 
 def _options(ops, widths: dict, pair, paths: Paths | None) -> dict:
-    """The chunked op records each pair's band widths in the forward for its backward and
-    takes ``paths``; the Triton kernels find their widths in-kernel."""
-    if ops is not cope_chunked:
-        return {}
-    return {"bands": widths.setdefault((pair.q, pair.k_global), []), "paths": paths}
+    """Both pair codes record in the forward, for the backward, where each pair's near
+    band ends (the chunked op its widths, the Triton kernels their plain key blocks and
+    gate totals); the chunked op also takes ``paths``."""
+    bands = {"bands": widths.setdefault((pair.q, pair.k_global), [])}
+    return bands | {"paths": paths} if ops is cope_chunked else bands
 
 
 def _active_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -131,7 +131,7 @@ class _CoPEContextParallel(torch.autograd.Function):
 
         out = torch.zeros(q.shape, dtype=work, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
-        widths: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+        widths: dict[tuple[int, int], list] = {}  # per pair, its op's record
 
         def attention_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t.to(given), h) for t in kv)
