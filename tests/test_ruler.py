@@ -211,8 +211,8 @@ def test_greedy_decoding_equals_token_by_token_generation(dist_cleanup):
 
 
 @pytest.mark.parametrize("override, key", [
-    ("eval.ruler.tasks=[niah_single_number, needle]", "eval.ruler.tasks: unknown tasks"),
-    ("eval.ruler.depths=[0.5, 1.5]", "eval.ruler.depths"),
+    ("eval.ruler.tasks=[niah_single_number,needle]", "eval.ruler.tasks: unknown tasks"),
+    ("eval.ruler.depths=[0.5,1.5]", "eval.ruler.depths"),
     ("eval.ruler.scoring=[beam]", "eval.ruler.scoring"),
     ("eval.ruler.threshold=0", "eval.ruler.threshold"),
     ("eval.ruler.absolute_threshold=2", "eval.ruler.absolute_threshold"),
@@ -220,13 +220,15 @@ def test_greedy_decoding_equals_token_by_token_generation(dist_cleanup):
     ("eval.ruler.length_multipliers=[]", "eval.ruler.length_multipliers"),
     ("eval.last_k=4096", "eval.last_k"),
     ("eval.position_bins=0", "eval.position_bins"),
+    ("task.name=flipflop eval.ruler.tasks=[vt]", "eval.ruler.tasks: a task run"),
+    ("task.name=vt eval.position_loss=true", "eval.position_loss: a task run"),
 ])
 def test_suite_settings_are_checked_at_start(override, key):
     from cope_megatron.config import ConfigError, load_config
     from cope_megatron.startup import check
 
     with pytest.raises(ConfigError, match=key):
-        check(load_config(["model.seq_length=64", override]), 1, data=False)
+        check(load_config(["model.seq_length=64", *override.split()]), 1, data=False)
 
 
 def test_the_shipped_suite_runs_a_1_3b_model_under_cp_in_one_command():

@@ -48,6 +48,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check_data(cfg.data)
     _check_eval(cfg.eval, cfg.model.seq_length)
     _check_task(cfg.task)
+    if cfg.task.name is not None and (cfg.eval.ruler.tasks or cfg.eval.position_loss):
+        _fail("eval.ruler.tasks" if cfg.eval.ruler.tasks else "eval.position_loss",
+              f"a task run (task.name={cfg.task.name}) is scored by its test splits; the "
+              "long-context suite and loss against position need language-model text")
     if cfg.pe.bias_kernel == "flex" and cfg.model.attention_dropout > 0:
         _fail("pe.bias_kernel", "FlexAttention has no dropout; set model.attention_dropout=0 "
               "or pe.bias_kernel=materialized")
