@@ -1,8 +1,8 @@
 """RULER's aggregation tasks: common-words extraction (a numbered list of words in which
 ten appear more often than the rest; name them) and frequent-words extraction (a text of
 coded words; name the three most frequent). The list is the haystack: the task has no
-depth, and the list fills the length up to less than an entry, the rest being haystack
-filler before it.
+depth; the list takes about as many entries as the length holds, haystack filler
+before it making up the exact length.
 
 RULER draws frequent words from a Zipf distribution and can tie; here the counts are
 set (top three c+2, c+1, c, every other word fewer than c), so the answer is one list

@@ -57,8 +57,8 @@ class Haystack:
     def __init__(self, ids: Sequence[int], name: str, random_start: bool = True) -> None:
         if len(ids) == 0:
             raise HaystackError(f"the {name} haystack is empty: nothing to hide needles in")
-        self.ids, self.name, self.random_start = np.asarray(ids, dtype=np.int64), name, \
-            random_start
+        self.ids = np.asarray(ids, dtype=np.int64)
+        self.name, self.random_start = name, random_start
 
     @classmethod
     def noise(cls, tokenizer: spm.SentencePieceProcessor) -> Haystack:
