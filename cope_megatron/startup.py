@@ -13,6 +13,7 @@ from cope_megatron.config import Config, ConfigError, validate
 from cope_megatron.data import integrity
 from cope_megatron.data.format import DataError, has_manifest, manifest_path, read_manifest
 from cope_megatron.data.source import split_shards
+from cope_megatron.eval.ruler.tasks import check_tasks
 from cope_megatron.pe import ModelPE, model_pe, rope_scaling
 
 
@@ -25,6 +26,7 @@ def check(cfg: Config, world: int, *, data: bool = True) -> ModelPE:
     rope_scaling.check(cfg, pe)
     if pe.check is not None:
         pe.check(cfg)
+    check_tasks(cfg.eval.ruler.tasks)
     if data:
         _check_data(cfg)
         run_dir = Path(cfg.run.dir)

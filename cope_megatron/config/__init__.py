@@ -34,6 +34,7 @@ from cope_megatron.config.schema import (
     PEConfig,
     RopeOptions,
     RopeScalingOptions,
+    RulerConfig,
     RunConfig,
     T5Options,
     TaskConfig,
@@ -46,7 +47,8 @@ from cope_megatron.config.validation import padded_vocab_size, validate
 __all__ = [
     "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig",
     "FusionConfig", "Layout", "LengthScaleOptions", "LoggingConfig", "ModelConfig", "PEConfig",
-    "ParallelConfig", "RopeOptions", "RopeScalingOptions", "RunConfig", "T5Options",
-    "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys", "load_config",
-    "merge_dicts", "padded_vocab_size", "pe_label", "to_dict", "validate", "yaml_text",
+    "ParallelConfig", "RopeOptions", "RopeScalingOptions", "RulerConfig", "RunConfig",
+    "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys",
+    "load_config", "merge_dicts", "padded_vocab_size", "pe_label", "to_dict", "validate",
+    "yaml_text",
 ]

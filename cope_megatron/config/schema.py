@@ -251,7 +251,8 @@ class DataConfig:
 @dataclass(kw_only=True, slots=True)
 class TaskConfig:
     name: str | None = None
-    """A synthetic task of the CoPE paper (flipflop, selective_copy, counting; formats in
+    """A synthetic task (the CoPE paper's flipflop, selective_copy, counting; RULER's
+    niah_single, niah_multikey, vt trained at 128 and tested to 16×; formats in
     data/prep/tasks): prep then writes its splits into data.shards instead of tokenizing
     data.corpus, training counts only answer predictions, and eval reports error % per
     test split. None: language modelling on data.corpus."""
@@ -304,6 +305,34 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class RulerConfig:
+    """The RULER-style long-context suite (``cope_megatron/eval/ruler``)."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Tasks to run ([]: off): niah_single_number, niah_single_word, niah_single_uuid,
+    niah_multikey, niah_multivalue, niah_multiquery, vt, cwe, fwe."""
+    length_multipliers: list[int] | None = None
+    """Prompt lengths as multiples of model.seq_length; None: eval.length_multipliers."""
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Where the needle sits between the intro (0) and the question (1)."""
+    samples: int = 8
+    """Prompts per task, length and depth."""
+    seed: int = 0
+    """Seed of the prompts: the same for every run and PE compared."""
+    haystack: Literal["held_out", "noise"] = "held_out"
+    """Filler text: the evaluation text (eval.data, default the held-out split) or RULER's
+    repeated noise sentences."""
+    scoring: list[str] = field(default_factory=lambda: ["teacher_forced", "greedy"])
+    """teacher_forced (every answer token the argmax given the gold prefix) and/or greedy
+    (the generated answer holds the answer's strings)."""
+    threshold: float = 0.85
+    """Effective length: the longest length scoring at least this fraction of the model's
+    own score at the training length."""
+    absolute_threshold: float | None = None
+    """Effective length against this score instead (e.g. 0.85)."""
+
+
+@dataclass(kw_only=True, slots=True)
 class EvalConfig:
     interval: int = 0
     """Every N training steps, the held-out loss and perplexity at the training length
@@ -334,6 +363,18 @@ class EvalConfig:
     """A directory of local harness task YAMLs (offline tasks)."""
     harness_limit: int | None = None
     """At most this many documents per harness task (None: all)."""
+    position_loss: bool = False
+    """Also score loss against position: the mean NLL at each position of non-overlapping
+    windows of every length, and the perplexity of each window's last eval.last_k tokens
+    (Press et al. 2022)."""
+    last_k: int | None = None
+    """Tokens at the end of each window scored for the last-k perplexity; None:
+    model.seq_length (the tokens that have at least (m − 1) training lengths of context at
+    m× the training length)."""
+    position_bins: int = 64
+    """The loss-against-position curve is reported as this many equal position bins per
+    length (at most one per position)."""
+    ruler: RulerConfig = field(default_factory=RulerConfig)
 
 
 @dataclass(kw_only=True, slots=True)

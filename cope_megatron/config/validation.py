@@ -14,6 +14,7 @@ from cope_megatron.config.schema import (
     EvalConfig,
     ModelConfig,
     ParallelConfig,
+    RulerConfig,
     TaskConfig,
     TrainConfig,
 )
@@ -47,6 +48,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check_data(cfg.data)
     _check_eval(cfg.eval, cfg.model.seq_length)
     _check_task(cfg.task)
+    if cfg.task.name is not None and (cfg.eval.ruler.tasks or cfg.eval.position_loss):
+        _fail("eval.ruler.tasks" if cfg.eval.ruler.tasks else "eval.position_loss",
+              f"a task run (task.name={cfg.task.name}) is scored by its test splits; the "
+              "long-context suite and loss against position need language-model text")
     if cfg.pe.bias_kernel == "flex" and cfg.model.attention_dropout > 0:
         _fail("pe.bias_kernel", "FlexAttention has no dropout; set model.attention_dropout=0 "
               "or pe.bias_kernel=materialized")
@@ -129,6 +134,28 @@ def _check_eval(e: EvalConfig, train_length: int) -> None:
               off=True)
     if not all(0 <= d <= 1 for d in e.passkey_depths):
         _fail("eval.passkey_depths", "depths are fractions in [0, 1]")
+    _at_least(1, {"eval.position_bins": e.position_bins})
+    if e.last_k is not None and not 1 <= e.last_k <= train_length:
+        _fail("eval.last_k", f"{e.last_k} must be in [1, model.seq_length={train_length}] "
+              "(or unset for model.seq_length)")
+    _check_ruler(e.ruler)
+
+
+def _check_ruler(r: RulerConfig) -> None:
+    if r.length_multipliers is not None and (not r.length_multipliers
+                                             or min(r.length_multipliers) < 1):
+        _fail("eval.ruler.length_multipliers", "give a non-empty list of integers >= 1 (or "
+              "unset for eval.length_multipliers)")
+    if not r.depths or not all(0 <= d <= 1 for d in r.depths):
+        _fail("eval.ruler.depths", f"depths are fractions in [0, 1], got {r.depths}")
+    _at_least(1, {"eval.ruler.samples": r.samples})
+    bad = sorted(set(r.scoring) - {"teacher_forced", "greedy"})
+    if bad or not r.scoring:
+        _fail("eval.ruler.scoring", f"choose teacher_forced and/or greedy, got {r.scoring}")
+    if not 0 < r.threshold <= 1:
+        _fail("eval.ruler.threshold", f"a fraction in (0, 1], got {r.threshold}")
+    if r.absolute_threshold is not None and not 0 < r.absolute_threshold <= 1:
+        _fail("eval.ruler.absolute_threshold", f"a score in (0, 1], got {r.absolute_threshold}")
 
 
 def _check_task(t: TaskConfig) -> None:

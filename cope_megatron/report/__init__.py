@@ -1,14 +1,15 @@
 """``cope-megatron report RUN_DIR...``: a markdown table and PNG plots from finished runs.
 
 Perplexity against evaluation length (both protocols), passkey accuracy by length, task
-error per test split, and training-loss curves, written into one report directory.
+error per test split, and training-loss curves, written into one report directory; runs
+with long-context results also get their page (``long_context``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from cope_megatron.report import plots, tables
+from cope_megatron.report import long_context, plots, tables
 from cope_megatron.report.runs import ReportError, group, load_run
 
 __all__ = ["ReportError", "write_report"]
@@ -51,6 +52,10 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
             sections.append(f"{name}:\n\n{table}")
         if figures[title] is not None:
             sections.append(f"![{title}]({figures[title].name})\n")
+    page = long_context.write_page(groups, out)
+    if page is not None:
+        sections.append(f"## Long context\n\nEffective length, RULER-style scores by length "
+                        f"and depth, loss against position: [{page.name}]({page.name})\n")
     if unfinished:
         sections.append("Not evaluated yet: " + ", ".join(str(r.dir) for r in unfinished) + "\n")
     path = out / "report.md"

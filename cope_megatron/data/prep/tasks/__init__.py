@@ -1,4 +1,5 @@
-"""The CoPE paper's synthetic tasks as ordinary shard data sets with a loss mask.
+"""The CoPE paper's synthetic tasks, and RULER's retrieval tasks made trainable
+(``retrieval``), as ordinary shard data sets with a loss mask.
 
 ``cope-megatron prep`` with ``task.name`` set generates (or, from ``task.files``, encodes)
 every split of the task into ``data.shards``: one sample per example, padded, with a loss
@@ -26,9 +27,11 @@ from cope_megatron.data.prep.shards import SplitWriter, token_dtype
 from cope_megatron.data.prep.tasks.base import Example, Task, TaskFormatError
 from cope_megatron.data.prep.tasks.counting import Counting
 from cope_megatron.data.prep.tasks.flipflop import FlipFlop
+from cope_megatron.data.prep.tasks.retrieval import NiahMultikey, NiahSingle, VariableTracking
 from cope_megatron.data.prep.tasks.selective_copy import SelectiveCopy
 
-TASKS: dict[str, Task] = {t.name: t for t in (FlipFlop(), SelectiveCopy(), Counting())}
+TASKS: dict[str, Task] = {t.name: t for t in (FlipFlop(), SelectiveCopy(), Counting(),
+                                              NiahSingle(), NiahMultikey(), VariableTracking())}
 
 
 def get_task(name: str) -> Task:
