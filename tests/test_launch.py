@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from cope_megatron.cli import main as cli
+from cope_megatron.config import ConfigError
 from tests.helpers import debug_overrides, free_port, losses, train_losses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,3 +251,23 @@ def test_sweep_runs_skips_finished_and_reports_failures(prepared, tmp_path, fake
     assert "--job-name=tiny_sweep-pe-rope_seed-2" in line
     assert line.endswith(f"slurm.sbatch {planted}")
     assert json.loads((runs / "pe-rope_seed-2" / "sweep.json").read_text())["job"]
+
+
+def test_sweep_variants_set_several_keys_and_cross_the_other_axes(tmp_path):
+    from cope_megatron.launch.sweep import load_spec, runs
+
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: s\nout: out\nbase: [configs/demo.yaml]\n"
+                    "axes: {model.pe: [rope], train.seed: [1, 2]}\n"
+                    "variants: {cope_ssmax: {model.pe: cope, pe.length_scale.type: learned}}\n"
+                    "evaluations: {yarn: {of: {model.pe: rope}, "
+                    "overrides: {pe.rope_scaling.type: yarn}}}\n")
+    got = {run.name: run.overrides for run in runs(load_spec(path))}
+    assert list(got) == ["pe-rope_seed-1", "pe-rope_seed-2", "cope_ssmax_seed-1",
+                         "cope_ssmax_seed-2", "pe-rope_seed-1_yarn", "pe-rope_seed-2_yarn"]
+    assert got["cope_ssmax_seed-2"] == ["configs/demo.yaml", "model.pe=cope",
+                                        "pe.length_scale.type=learned", "train.seed=2",
+                                        "run.dir=out/cope_ssmax_seed-2"]
+    path.write_text("name: s\nout: out\nbase: []\naxes: {train.seed: [1]}\nvariants: {x: 3}\n")
+    with pytest.raises(ConfigError, match="variants.x must map config keys to values"):
+        load_spec(path)

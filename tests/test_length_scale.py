@@ -77,3 +77,15 @@ def test_a_non_positive_s_names_the_key():
     with pytest.raises(ConfigError, match="^pe.length_scale.s: must be > 0"):
         check(load_config(["pe.length_scale.type=fixed", "pe.length_scale.s=0"]), 1,
               data=False)
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (["model.pe=cope", "pe.length_scale.type=learned"], "cope+ssmax"),
+    (["pe.length_scale.type=fixed", "pe.rope_scaling.type=yarn", "pe.rope_scaling.factor=8"],
+     "rope+logn+yarn×8"),
+    (["model.pe=cope"], "cope"),
+])
+def test_a_length_scaled_model_is_its_own_row_in_evaluations_and_reports(overrides, name):
+    from cope_megatron.pe import label
+
+    assert label(load_config(overrides)) == name

@@ -13,7 +13,7 @@ import torch
 
 from cope_megatron.config import Config
 from cope_megatron.data.tokenizer import load_tokenizer
-from cope_megatron.pe.rope_scaling import label
+from cope_megatron.pe import label
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ the first stopped.
     base: [configs/demo.yaml]                 # config files, in order
     overrides: {train.steps: 30}              # shared by every run
     axes: {model.pe: [rope, cope], train.seed: [1, 2]}   # any config key; the product
+    variants:                                 # more trained runs, each setting several keys,
+      cope_ssmax: {model.pe: cope, pe.length_scale.type: learned}   # times the other axes
     evaluations:                              # evaluation-time variants, no training:
       yarn: {of: {model.pe: rope}, overrides: {pe.rope_scaling.type: yarn}}
     nodes: 1                                  # per run (SLURM), and processes per node
@@ -58,6 +60,7 @@ class SweepSpec:
     gpus_per_node: int = 1
     sbatch: list[str] = field(default_factory=list)
     evaluations: dict[str, dict] = field(default_factory=dict)
+    variants: dict[str, dict] = field(default_factory=dict)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -74,6 +77,9 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not isinstance(raw["axes"], dict) or not all(
             isinstance(v, list) and v for v in raw["axes"].values()):
         raise ConfigError(f"{path}: axes maps config keys to non-empty lists of values")
+    for name, variant in (raw.get("variants") or {}).items():
+        if not isinstance(variant, dict) or not variant:
+            raise ConfigError(f"{path}: variants.{name} must map config keys to values")
     for name, variant in (raw.get("evaluations") or {}).items():
         if (not isinstance(variant, dict) or set(variant) != {"of", "overrides"}
                 or not set(variant["of"]) <= set(raw["axes"])):
@@ -120,7 +126,8 @@ def _value(v) -> str:
 
 def runs(spec: SweepSpec) -> list[Run]:
     """One run per point of the axes' product, named by its values (``pe-rope_seed-1``),
-    then one per evaluation variant and trained run it applies to (``..._yarn``)."""
+    one per variant and point of the axes it does not set (``cope_ssmax_seed-1``), then
+    one per evaluation variant and axes run it applies to (``..._yarn``)."""
     keys = list(spec.axes)
     shared = [f"{k}={_value(v)}" for k, v in spec.overrides.items()]
     out, points = [], []
@@ -131,6 +138,14 @@ def runs(spec: SweepSpec) -> list[Run]:
         out.append(Run(name, run_dir, [*spec.base, *shared, *point, f"run.dir={run_dir}"]))
         points.append(dict(zip(keys, map(_value, values))))
     trained = list(out)
+    for variant, sets in spec.variants.items():
+        rest = [k for k in keys if k not in sets]
+        for values in itertools.product(*(spec.axes[k] for k in rest)):
+            name = "_".join([variant, *(f"{k.rsplit('.', 1)[-1]}-{_value(v)}"
+                                        for k, v in zip(rest, values))])
+            run_dir = Path(spec.out) / name
+            point = [f"{k}={_value(v)}" for k, v in [*sets.items(), *zip(rest, values)]]
+            out.append(Run(name, run_dir, [*spec.base, *shared, *point, f"run.dir={run_dir}"]))
     for variant, spec_of in spec.evaluations.items():
         changes = [f"{k}={_value(v)}" for k, v in spec_of["overrides"].items()]
         for run, point in zip(trained, points):

@@ -43,7 +43,7 @@ from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
 from megatron.core.transformer import TransformerConfig
 from torch import Tensor
 
-from cope_megatron.config import Config, ConfigError, pe_label
+from cope_megatron.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from cope_megatron.pe import ModelPE
@@ -69,14 +69,6 @@ def scaling_type(cfg: Config) -> str:
     type but dynamic NTK at factor 1)."""
     s = cfg.pe.rope_scaling
     return "none" if s.factor == 1 and s.type != "dynamic" else s.type
-
-
-def label(cfg: Config) -> str:
-    """The PE as evaluations and reports name it (``config.pe_label``), with its scaling
-    when it has one (``rope+yarn×8``), so that a scaled evaluation is its own row."""
-    kind, m = scaling_type(cfg), cfg.model
-    pe = pe_label(m.pe, m.pe_schedule)
-    return pe if kind == "none" else f"{pe}+{kind}×{cfg.pe.rope_scaling.factor:g}"
 
 
 def ntk_base(base: float, factor: float, dim: int) -> float:
