@@ -19,24 +19,28 @@ from cope_megatron.config.loading import (
     to_dict,
     yaml_text,
 )
-from cope_megatron.config.schema import (
+from cope_megatron.config.pe_options import (
     AlibiOptions,
-    Config,
-    ConfigError,
     CopeOptions,
-    DataConfig,
-    EvalConfig,
-    FusionConfig,
+    FireOptions,
+    KerpleOptions,
     LengthScaleOptions,
-    LoggingConfig,
-    ModelConfig,
-    ParallelConfig,
     PEConfig,
     RopeOptions,
     RopeScalingOptions,
+    T5Options,
+)
+from cope_megatron.config.schema import (
+    Config,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    FusionConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
     RulerConfig,
     RunConfig,
-    T5Options,
     TaskConfig,
     TrainConfig,
     ZeroConfig,
@@ -46,9 +50,9 @@ from cope_megatron.config.validation import padded_vocab_size, validate
 
 __all__ = [
     "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig",
-    "FusionConfig", "Layout", "LengthScaleOptions", "LoggingConfig", "ModelConfig", "PEConfig",
-    "ParallelConfig", "RopeOptions", "RopeScalingOptions", "RulerConfig", "RunConfig",
-    "T5Options", "TaskConfig", "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys",
-    "load_config", "merge_dicts", "padded_vocab_size", "pe_label", "to_dict", "validate",
-    "yaml_text",
+    "FireOptions", "FusionConfig", "KerpleOptions", "Layout", "LengthScaleOptions",
+    "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions",
+    "RopeScalingOptions", "RulerConfig", "RunConfig", "T5Options", "TaskConfig",
+    "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys", "load_config", "merge_dicts",
+    "padded_vocab_size", "pe_label", "to_dict", "validate", "yaml_text",
 ]
