@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from cope_megatron.report.runs import Run, gather, stat  # noqa: E402
-from cope_megatron.report.tables import _table  # noqa: E402
+from cope_megatron.report.tables import markdown_table  # noqa: E402
 
 PAGE = "long_context.md"
 
@@ -55,7 +55,7 @@ def effective_table(groups: dict[str, list[Run]], method: str) -> str | None:
             row.append(_cell(gather(runs, "ruler", "effective_length", method, c, "length"),
                              any("status" in x for x in results)))
         rows.append(row)
-    return _table(["setting", "seeds", *columns], rows)
+    return markdown_table(["setting", "seeds", *columns], rows)
 
 
 def average_table(groups: dict[str, list[Run]], method: str) -> str | None:
@@ -65,7 +65,7 @@ def average_table(groups: dict[str, list[Run]], method: str) -> str | None:
         return None
     rows = [[label] + [_cell(gather(runs, "ruler", "average", method, c), True)
                        for c in columns] for label, runs in groups.items()]
-    return _table(["setting", *columns], rows)
+    return markdown_table(["setting", *columns], rows)
 
 
 def last_k_table(groups: dict[str, list[Run]]) -> str | None:
@@ -74,7 +74,7 @@ def last_k_table(groups: dict[str, list[Run]]) -> str | None:
         return None
     rows = [[label] + [_cell(gather(runs, "position_loss", c, "last_k_ppl"), True)
                        for c in columns] for label, runs in groups.items()]
-    return _table(["setting", *columns], rows)
+    return markdown_table(["setting", *columns], rows)
 
 
 def _save(fig, path: Path) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from cope_megatron.report.runs import Run, gather, passkey_means, stat
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
@@ -33,7 +33,7 @@ def perplexity_table(groups: dict[str, list[Run]], protocol: str) -> str | None:
         return None
     rows = [[label, str(len(runs))] + [_cell(gather(runs, protocol, c, "ppl"), runs, protocol, c)
                                        for c in columns] for label, runs in groups.items()]
-    return _table(["setting", "seeds", *columns], rows)
+    return markdown_table(["setting", "seeds", *columns], rows)
 
 
 def passkey_table(groups: dict[str, list[Run]]) -> str | None:
@@ -48,7 +48,7 @@ def passkey_table(groups: dict[str, list[Run]]) -> str | None:
             per_run = passkey_means(runs, c)
             row.append(str(stat(per_run)) if per_run else "n/a")
         rows.append(row)
-    return _table(["setting", *columns], rows)
+    return markdown_table(["setting", *columns], rows)
 
 
 def task_splits(groups: dict[str, list[Run]]) -> list[str]:
@@ -68,7 +68,7 @@ def task_table(groups: dict[str, list[Run]]) -> str | None:
     rows = [[label, str(len(runs))] + [_cell(gather(runs, "splits", c, "error_pct"), runs,
                                              "splits", c) for c in columns]
             for label, runs in groups.items()]
-    return _table(["setting", "seeds", *(f"{c} error %" for c in columns)], rows)
+    return markdown_table(["setting", "seeds", *(f"{c} error %" for c in columns)], rows)
 
 
 def harness_table(groups: dict[str, list[Run]]) -> str | None:
@@ -82,7 +82,7 @@ def harness_table(groups: dict[str, list[Run]]) -> str | None:
     rows = [[label, str(len(runs))] + [
         str(stat(gather(runs, "harness", "tasks", task, metric)) or "–")
         for task, metric in columns] for label, runs in groups.items()]
-    return _table(["setting", "seeds", *(f"{t} {m}" for t, m in columns)], rows)
+    return markdown_table(["setting", "seeds", *(f"{t} {m}" for t, m in columns)], rows)
 
 
 def training_table(groups: dict[str, list[Run]]) -> str:
@@ -93,4 +93,4 @@ def training_table(groups: dict[str, list[Run]]) -> str:
                      str(stat([m["step"] for m in last]) or "–"),
                      str(stat([m["loss"] for m in last]) or "–"),
                      str(stat([m["tokens_per_s"] for m in last]) or "–")])
-    return _table(["setting", "runs", "steps", "final loss", "tokens/s"], rows)
+    return markdown_table(["setting", "runs", "steps", "final loss", "tokens/s"], rows)
