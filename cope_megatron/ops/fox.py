@@ -1,0 +1,169 @@
+"""Forgetting attention (FoX: Lin et al., ICLR 2025, arXiv 2503.02130), exactly.
+
+    fox_attention(q, k, v, log_f, softmax_scale=None, impl="auto", flash=None)
+        -> [batch, heads, seq, head_dim]
+
+Per head, with log f_t ≤ 0 the log forget gate of token t (``log_f`` [b, h, s], one per
+query head) and F_i = Σ_{l ≤ i} log f_l its prefix sum:
+    D_ij  = Σ_{l=j+1..i} log f_l = F_i − F_j          (j ≤ i)
+    out_i = Σ_j softmax_j(scale · q_i·k_j + D_ij) · v_j
+
+impl: "reference" (O(s²) memory, the ground truth) or "chunked" ("auto"). The chunked op is
+plain attention with one extra head dimension: q' = [q, 1], k' = [k, (F_r − F_j)/scale], so
+scale·q'·k' = scale·q·k + F_r − F_j, which differs from the logit by F_i − F_r, one
+constant per row that the softmax ignores. F_r is F at the first row of each block of
+``ROWS`` query rows: it keeps the added column no larger than the forget mass between a
+block's rows and its keys, where the plain −F_j would grow with the sequence and lose fp32
+digits. So the work is PyTorch's fused CPU flash kernel's (``ops.plain_attention``; on
+other devices, or with ``flash=False``, the same math in row-chunked matrix products), and
+backward recomputes it from q, k, v, F, the output and one log-sum-exp per row: nothing
+[s, s] is kept. The column's gradient is the key's −dF_j, summed per block into dF_r.
+No library has this: the authors' kernel is single-device Triton, and flash-linear-
+attention's too; PyTorch's SDPA has no per-key bias without materializing [s, s].
+
+``part_forward``/``part_backward`` also serve a (query chunk, key chunk) pair of a sequence
+split over context-parallel ranks (``ops.context_parallel.fox``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
+from cope_megatron.ops.plain_attention import (
+    attention_backward,
+    attention_with_lse,
+    merge_softmax,
+)
+
+ROWS = 1024
+"""Query rows per block; each block shifts the bias by F at its first row."""
+
+Impl = Literal["auto", "reference", "chunked"]
+
+
+def fox_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor,
+                  *, softmax_scale: float) -> torch.Tensor:
+    """The paper's equations, materializing [b, h, s, s]: q [b, h, s, d]; k, v [b, g, s, d];
+    log_f [b, h, s]."""
+    h, s = q.shape[1], q.shape[2]
+    k, v = expand_kv(k, h), expand_kv(v, h)
+    prefix = log_f.cumsum(-1)
+    logits = softmax_scale * q @ k.transpose(-1, -2) + prefix[..., :, None] - prefix[..., None, :]
+    future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(logits.masked_fill(future, float("-inf")), dim=-1) @ v
+
+
+def _augment(q, k, v, shift, f_keys, scale: float):
+    """q' = [q, 1], k' = [k, (shift − F_j)/scale], v' = [v, 0] (the flash kernel wants one
+    head size for all three)."""
+    q_aug = torch.cat([q, q.new_ones(*q.shape[:-1], 1)], -1)
+    k_aug = torch.cat([k, ((shift[..., None] - f_keys) / scale)[..., None]], -1)
+    return q_aug, k_aug, F.pad(v, (0, 1))
+
+
+def part_forward(q, k, v, shift, f_keys, *, scale: float, causal: bool, flash: bool):
+    """(out, lse) of rows q [b, h, m, d] over keys k, v [b, h, n, d] with the bias
+    shift − F_j (shift [b, h], f_keys [b, h, n]); ``causal``: row r sees keys 0…r."""
+    out, lse = attention_with_lse(*_augment(q, k, v, shift, f_keys, scale), scale, causal,
+                                  flash=flash)
+    return out[..., :-1], lse
+
+
+def part_backward(d_out, q, k, v, shift, f_keys, out, lse, *, scale: float, causal: bool,
+                  flash: bool):
+    """(dq, dk, dv, dF of the keys, dshift) of one ``part_forward``, given the rows' merged
+    output and lse (from every part of the row, all with the same shift)."""
+    dq, dk, dv = attention_backward(F.pad(d_out, (0, 1)), *_augment(q, k, v, shift, f_keys,
+                                                                     scale),
+                                    F.pad(out, (0, 1)), lse, scale, causal, flash=flash)
+    d_col = dk[..., -1] / scale  # the column is (shift − F_j)/scale
+    return dq[..., :-1], dk[..., :-1], dv[..., :-1], -d_col, d_col.sum(-1)
+
+
+def _parts(s: int, rows: int):
+    """(row block, key range, causal) of the flash calls: per block of rows, the keys
+    before it (a rectangle) and its own (a top-left-aligned causal triangle)."""
+    for i0 in range(0, s, rows):
+        i1 = min(s, i0 + rows)
+        if i0:
+            yield i0, i1, 0, i0, False
+        yield i0, i1, i0, i1, True
+
+
+class _FoXChunked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, prefix, scale, flash, rows):
+        dtype, work = q.dtype, work_dtype(q.dtype)
+        q, k, v, prefix = (t.detach().to(work) for t in (q, k, v, prefix))
+        ke, ve = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
+        for i0, i1, j0, j1, causal in _parts(q.shape[2], rows):
+            part = part_forward(q[:, :, i0:i1], ke[:, :, j0:j1], ve[:, :, j0:j1],
+                                prefix[:, :, i0], prefix[:, :, j0:j1], scale=scale,
+                                causal=causal, flash=flash)
+            merge_softmax(out[:, :, i0:i1], lse[:, :, i0:i1], *part)
+        ctx.save_for_backward(q, k, v, prefix, out, lse)
+        ctx.cfg = (scale, flash, rows, dtype)
+        return out.to(dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, prefix, out, lse = ctx.saved_tensors
+        scale, flash, rows, dtype = ctx.cfg
+        h, kv_heads = q.shape[1], k.shape[1]
+        ke, ve = expand_kv(k, h), expand_kv(v, h)
+        d_out = d_out.to(q.dtype).contiguous()
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(ke), torch.zeros_like(ve)
+        d_prefix = torch.zeros_like(prefix)
+        for i0, i1, j0, j1, causal in _parts(q.shape[2], rows):
+            dq_p, dk_p, dv_p, df_keys, d_shift = part_backward(
+                d_out[:, :, i0:i1], q[:, :, i0:i1], ke[:, :, j0:j1], ve[:, :, j0:j1],
+                prefix[:, :, i0], prefix[:, :, j0:j1], out[:, :, i0:i1], lse[:, :, i0:i1],
+                scale=scale, causal=causal, flash=flash)
+            dq[:, :, i0:i1] += dq_p
+            dk[:, :, j0:j1] += dk_p
+            dv[:, :, j0:j1] += dv_p
+            d_prefix[:, :, j0:j1] += df_keys
+            d_prefix[:, :, i0] += d_shift
+        dk, dv = reduce_kv_heads(dk, kv_heads), reduce_kv_heads(dv, kv_heads)
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype), d_prefix, None, None, None
+
+
+def default_flash(device: torch.device, flash: bool | None) -> bool:
+    """The CPU's fused flash kernel on CPU; elsewhere (or ``flash=False``: what CUDA runs,
+    forced on a CPU for tests) the row-chunked matrix products."""
+    if flash and device.type != "cpu":
+        raise ValueError(f"FoX flash=True runs on CPU only, not {device.type}")
+    return device.type == "cpu" if flash is None else flash
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor
+                 ) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] \
+            or k.shape[2:] != q.shape[2:] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: want "
+                         "[b, h, s, d] and [b, g, s, d] with g dividing h")
+    if log_f.shape != q.shape[:3]:
+        raise ValueError(f"log_f must be [b, h, s] = {tuple(q.shape[:3])}, got "
+                         f"{tuple(log_f.shape)}")
+
+
+def fox_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_f: torch.Tensor, *,
+                  softmax_scale: float | None = None, impl: Impl = "auto",
+                  flash: bool | None = None, rows: int = ROWS) -> torch.Tensor:
+    """q [b, h, s, d]; k, v [b, g, s, d]; log_f [b, h, s] (log forget gates, ≤ 0)
+    -> [b, h, s, d]. ``flash``: the chunked op's attention code (``default_flash``)."""
+    check_inputs(q, k, v, log_f)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    if impl == "reference":
+        return fox_reference(q, k, v, log_f.to(q.dtype), softmax_scale=scale)
+    if impl not in ("auto", "chunked"):
+        raise ValueError(f"unknown FoX impl {impl!r}; use auto, reference or chunked")
+    prefix = log_f.to(work_dtype(q.dtype)).cumsum(-1)
+    return _FoXChunked.apply(q, k, v, prefix, scale, default_flash(q.device, flash), rows)
