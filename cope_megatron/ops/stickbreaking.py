@@ -1,0 +1,251 @@
+"""Stick-breaking attention (Tan et al., ICLR 2025, arXiv 2410.17980), exactly.
+
+    stickbreaking_attention(q, k, v, softmax_scale=None, impl="auto", compiled=None)
+        -> [batch, heads, seq, head_dim]
+
+Per head, query i and earlier key j < i (no softmax):
+    z_ij  = scale · q_i·k_j,   β_ij = σ(z_ij)
+    A_ij  = β_ij · Π_{j<t<i} (1 − β_it)          (the nearest keys break the stick first)
+    out_i = Σ_{j<i} A_ij v_j + (1 − Σ_{j<i} A_ij) · v_i
+The last term gives what is left of the stick to the token itself, as the authors' code
+does (their reference returns the remainder and their tests and models add
+``rem · v``); the diagonal is not one of the keys. In log space, with sp = softplus(z) =
+−log(1 − β): log A_ij = z_ij − sp_ij − Σ_{j<t<i} sp_it, a running sum per row from the
+diagonal back. Backward, with dA_ij = dO_i·(v_j − v_i) and dL = A ⊙ dA:
+    dz_it = dL_it · (1 − β_it) − β_it · Σ_{j<t} dL_ij,
+a forward cumulative sum of dL along the row (the adjoint of the running sum).
+
+impl: "reference" (O(s²) memory, the ground truth) or "chunked" ("auto"): query rows in
+blocks against their keys, every block recomputed in backward from q, k, v and the
+remainder of each row, so nothing [s, s] is kept. ``chunk_forward``/``chunk_backward`` also
+serve a (query chunk, key chunk) pair of a sequence split over context-parallel ranks
+(``ops.context_parallel.stickbreaking``): ``carry`` is the row's Σ sp over nearer keys, in
+other chunks, and the backward returns each row's Σ dL over the chunk, which farther chunks'
+nearer keys need. The block math runs eagerly or through torch.compile (``compiled``): no
+library has it (the authors' kernel is single-device Triton).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from cope_megatron.ops.cope.blocks import _compiled, reverse_cumsum
+from cope_megatron.ops.cope.paths import COMPILE_MIN_SEQ, _can_compile
+from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
+
+BLOCK_ELEMENTS = 2**20
+"""Logits per block of query rows (all heads and batch), so working memory stays O(s)."""
+MIN_ROWS = 16
+
+Impl = Literal["auto", "reference", "chunked"]
+
+
+def stickbreaking_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                            softmax_scale: float) -> torch.Tensor:
+    """The paper's equations, materializing [b, h, s, s]: q [b, h, s, d]; k, v [b, g, s, d]."""
+    h, s = q.shape[1], q.shape[2]
+    k, v = expand_kv(k, h), expand_kv(v, h)
+    z = softmax_scale * q @ k.transpose(-1, -2)
+    earlier = torch.ones(s, s, dtype=torch.bool, device=q.device).tril(-1)  # j < i
+    log_survive = F.logsigmoid(-z).masked_fill(~earlier, 0.0)  # log(1 − β_it)
+    # Σ_{j<t<i} log(1 − β_it): exclusive reverse cumulative sum along the keys.
+    after = log_survive.flip(-1).cumsum(-1).flip(-1) - log_survive
+    weights = torch.exp(F.logsigmoid(z) + after).masked_fill(~earlier, 0.0)
+    remainder = 1 - weights.sum(-1, keepdim=True)
+    return weights @ v + remainder * v
+
+
+def _keep(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """[B, L]: key j is row i's if j < i."""
+    return keys[None, :] < rows[:, None]
+
+
+def _weights(q_blk, k_win, keep, carry_blk, scale: float):
+    """(z, sp, A) of a block: rows q_blk [..., B, d], keys k_win [..., L, d]; keep [B, L]
+    or None (every key); carry_blk [..., B]: Σ sp over the row's keys after the window."""
+    z = scale * (q_blk @ k_win.transpose(-1, -2))
+    sp = F.softplus(z)
+    if keep is not None:
+        sp = sp.masked_fill(~keep, 0.0)
+    # Σ sp over the window's keys after j: the inclusive sum shifted by one (no cancellation).
+    after = F.pad(reverse_cumsum(sp)[..., 1:], (0, 1))
+    weights = torch.exp(z - sp - after - carry_blk[..., None])
+    if keep is not None:
+        weights = weights.masked_fill(~keep, 0.0)
+    return z, sp, weights
+
+
+def forward_block(q_blk, k_win, v_win, keep, carry_blk, scale: float):
+    """(Σ_j A_ij v_j, Σ_j A_ij, Σ_j sp_ij) of a block over its window."""
+    _, sp, weights = _weights(q_blk, k_win, keep, carry_blk, scale)
+    return weights @ v_win, weights.sum(-1), sp.sum(-1)
+
+
+def backward_block(q_blk, k_win, v_win, keep, carry_blk, do_blk, self_dot_blk, scale: float):
+    """(dq, dk_win, dv_win, Σ_j dL_ij) of a block, without the part of Σ_{j<t} dL that
+    comes from keys before the window (``correction_block``); ``self_dot_blk`` = dO_i·v_i."""
+    z, _, weights = _weights(q_blk, k_win, keep, carry_blk, scale)
+    d_l = weights * (do_blk @ v_win.transpose(-1, -2) - self_dot_blk[..., None])
+    before = F.pad(d_l.cumsum(-1)[..., :-1], (1, 0))  # Σ_{j<t} dL_ij within the window
+    beta = torch.sigmoid(z)
+    dz = d_l * (1 - beta) - beta * before
+    if keep is not None:
+        dz = dz.masked_fill(~keep, 0.0)
+    return (scale * (dz @ k_win), scale * (dz.transpose(-1, -2) @ q_blk),
+            weights.transpose(-1, -2) @ do_blk, d_l.sum(-1))
+
+
+def correction_block(q_blk, k_win, keep, carried_blk, scale: float):
+    """(dq, dk_win) from the rows' Σ dL over keys before the window (``carried_blk``):
+    dz_it = −β_it · carried_i."""
+    beta = torch.sigmoid(scale * (q_blk @ k_win.transpose(-1, -2)))
+    dz = -beta * carried_blk[..., None]
+    if keep is not None:
+        dz = dz.masked_fill(~keep, 0.0)
+    return scale * (dz @ k_win), scale * (dz.transpose(-1, -2) @ q_blk)
+
+
+def _functions(compiled: bool):
+    if compiled:
+        return _compiled(forward_block), _compiled(backward_block)
+    return forward_block, backward_block
+
+
+def use_compiled(device: torch.device, keys: int, compiled: bool | None) -> bool:
+    """torch.compile (Inductor: C++ on CPU, Triton on CUDA) from ``COMPILE_MIN_SEQ`` keys
+    where the toolchain is there, else eager; ``compiled`` forces either, e.g. CUDA's
+    choice on a CPU for tests."""
+    if compiled is None:
+        return keys >= COMPILE_MIN_SEQ and _can_compile(device.type)
+    return compiled
+
+
+def row_blocks(batch_heads: int, rows: int, keys: int):
+    """Blocks of query rows whose logits against ``keys`` keys fit ``BLOCK_ELEMENTS``."""
+    step = max(MIN_ROWS, BLOCK_ELEMENTS // max(1, batch_heads * keys))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def _window(causal: bool, r0: int, r1: int, keys: int, device: torch.device):
+    """(key end, keep mask) of rows r0…r1−1: causal keys before r1, masked to j < i."""
+    if not causal:
+        return keys, None
+    return r1 - 1, _keep(torch.arange(r0, r1, device=device),
+                         torch.arange(r1 - 1, device=device))
+
+
+def chunk_forward(q, k, v, carry, *, scale: float, causal: bool,
+                  compiled: bool | None = None):
+    """(Σ_j A_ij v_j [b, h, sq, d], Σ_j A_ij [b, h, sq]) of query rows over one key chunk:
+    q [b, h, sq, d]; k, v [b, h, sk, d] (expanded); carry [b, h, sq]. ``causal``: the
+    rows' own chunk (key j is row i's if j < i); otherwise every key is before every row."""
+    fwd, _ = _functions(use_compiled(q.device, k.shape[2], compiled))
+    work = carry.dtype
+    acc = torch.zeros(q.shape, dtype=work, device=q.device)
+    mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
+    for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
+        end, keep = _window(causal, r0, r1, k.shape[2], q.device)
+        if end == 0:
+            continue  # row 0 of the diagonal has no earlier key
+        acc[:, :, r0:r1], mass[:, :, r0:r1], _ = fwd(
+            q[:, :, r0:r1].to(work), k[:, :, :end].to(work), v[:, :, :end].to(work), keep,
+            carry[:, :, r0:r1], scale)
+    return acc, mass
+
+
+def chunk_backward(q, k, v, carry, d_out, self_dot, grads, *, scale: float, causal: bool,
+                   compiled: bool | None = None) -> torch.Tensor:
+    """Adds one ``chunk_forward``'s (dq, dk, dv) into ``grads`` (dk, dv over the expanded
+    heads) for Σ_{j<t} dL taken over this chunk's keys only; returns each row's Σ_j dL_ij
+    over the chunk. ``self_dot``: dO_i·v_i [b, h, sq]."""
+    dq, dk, dv = grads
+    _, bwd = _functions(use_compiled(q.device, k.shape[2], compiled))
+    work = carry.dtype
+    d_l_sum = torch.zeros_like(carry)
+    for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
+        end, keep = _window(causal, r0, r1, k.shape[2], q.device)
+        if end == 0:
+            continue
+        dq_b, dk_w, dv_w, d_l_sum[:, :, r0:r1] = bwd(
+            q[:, :, r0:r1].to(work), k[:, :, :end].to(work), v[:, :, :end].to(work), keep,
+            carry[:, :, r0:r1], d_out[:, :, r0:r1], self_dot[:, :, r0:r1], scale)
+        dq[:, :, r0:r1] += dq_b
+        dk[:, :, :end] += dk_w
+        dv[:, :, :end] += dv_w
+    return d_l_sum
+
+
+def chunk_correction(q, k, carried, grads, *, scale: float, causal: bool) -> None:
+    """Adds into ``grads`` = (dq, dk) the rows' Σ dL over keys in earlier chunks
+    (``carried`` [b, h, sq]), for the keys of this chunk; rows where it is 0 are skipped."""
+    dq, dk = grads
+    work = carried.dtype
+    for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
+        end, keep = _window(causal, r0, r1, k.shape[2], q.device)
+        if end == 0 or not bool(carried[:, :, r0:r1].any()):
+            continue
+        dq_b, dk_w = correction_block(q[:, :, r0:r1].to(work), k[:, :, :end].to(work), keep,
+                                      carried[:, :, r0:r1], scale)
+        dq[:, :, r0:r1] += dq_b
+        dk[:, :, :end] += dk_w
+
+
+def with_remainder(acc: torch.Tensor, mass: torch.Tensor, v_self: torch.Tensor
+                   ) -> torch.Tensor:
+    """out_i = Σ_j A_ij v_j + (1 − Σ_j A_ij) v_i."""
+    return acc + (1 - mass)[..., None] * v_self
+
+
+class _StickBreakingChunked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, compiled):
+        dtype, work = q.dtype, work_dtype(q.dtype)
+        q, k, v = (t.detach().to(work) for t in (q, k, v))
+        ke, ve = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
+        carry = torch.zeros(q.shape[:3], dtype=work, device=q.device)
+        acc, mass = chunk_forward(q, ke, ve, carry, scale=scale, causal=True,
+                                  compiled=compiled)
+        ctx.save_for_backward(q, k, v, mass)
+        ctx.cfg = (scale, compiled, dtype)
+        return with_remainder(acc, mass, ve).to(dtype)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, mass = ctx.saved_tensors
+        scale, compiled, dtype = ctx.cfg
+        h, kv_heads = q.shape[1], k.shape[1]
+        ke, ve = expand_kv(k, h), expand_kv(v, h)
+        d_out = d_out.to(q.dtype).contiguous()
+        dq, dk = torch.zeros_like(q), torch.zeros_like(ke)
+        dv = (1 - mass)[..., None] * d_out  # the remainder's own value
+        chunk_backward(q, ke, ve, torch.zeros_like(mass), d_out, (d_out * ve).sum(-1),
+                       (dq, dk, dv), scale=scale, causal=True, compiled=compiled)
+        dk, dv = reduce_kv_heads(dk, kv_heads), reduce_kv_heads(dv, kv_heads)
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None
+
+
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] \
+            or k.shape[2:] != q.shape[2:] or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: want "
+                         "[b, h, s, d] and [b, g, s, d] with g dividing h")
+
+
+def stickbreaking_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                            softmax_scale: float | None = None, impl: Impl = "auto",
+                            compiled: bool | None = None) -> torch.Tensor:
+    """q [b, h, s, d]; k, v [b, g, s, d] -> [b, h, s, d]. ``compiled``: the chunked op's
+    block code (``use_compiled``)."""
+    check_inputs(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
+    if impl == "reference":
+        return stickbreaking_reference(q, k, v, softmax_scale=scale)
+    if impl not in ("auto", "chunked"):
+        raise ValueError(f"unknown stick-breaking impl {impl!r}; use auto, reference or "
+                         "chunked")
+    return _StickBreakingChunked.apply(q, k, v, scale, compiled)
