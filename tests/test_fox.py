@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from cope_megatron.ops.context_parallel.fox import (
-    fox_attention_context_parallel,
     forget_prefix,
+    fox_attention_context_parallel,
 )
 from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.ops.fox import fox_attention

@@ -60,7 +60,8 @@ def fox_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_f: torc
 
 def _augment(q, k, v, shift, f_keys, scale: float):
     """q' = [q, 1], k' = [k, (shift − F_j)/scale], v' = [v, 0] (the flash kernel wants one
-    head size for all three)."""
+    head size for all three), in the bias's dtype: bf16 inputs are converted part by part."""
+    q, k, v = (t.to(f_keys.dtype) for t in (q, k, v))
     q_aug = torch.cat([q, q.new_ones(*q.shape[:-1], 1)], -1)
     k_aug = torch.cat([k, ((shift[..., None] - f_keys) / scale)[..., None]], -1)
     return q_aug, k_aug, F.pad(v, (0, 1))
@@ -99,9 +100,9 @@ class _FoXChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix, scale, flash, rows):
         dtype, work = q.dtype, work_dtype(q.dtype)
-        q, k, v, prefix = (t.detach().to(work) for t in (q, k, v, prefix))
+        q, k, v, prefix = q.detach(), k.detach(), v.detach(), prefix.detach().to(work)
         ke, ve = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
-        out = torch.zeros_like(q)
+        out = torch.zeros(q.shape, dtype=work, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
         for i0, i1, j0, j1, causal in _parts(q.shape[2], rows):
             part = part_forward(q[:, :, i0:i1], ke[:, :, j0:j1], ve[:, :, j0:j1],
@@ -118,8 +119,9 @@ class _FoXChunked(torch.autograd.Function):
         scale, flash, rows, dtype = ctx.cfg
         h, kv_heads = q.shape[1], k.shape[1]
         ke, ve = expand_kv(k, h), expand_kv(v, h)
-        d_out = d_out.to(q.dtype).contiguous()
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(ke), torch.zeros_like(ve)
+        d_out = d_out.to(prefix.dtype).contiguous()
+        dq, dk, dv = (torch.zeros(t.shape, dtype=prefix.dtype, device=t.device)
+                      for t in (q, ke, ve))
         d_prefix = torch.zeros_like(prefix)
         for i0, i1, j0, j1, causal in _parts(q.shape[2], rows):
             dq_p, dk_p, dv_p, df_keys, d_shift = part_backward(

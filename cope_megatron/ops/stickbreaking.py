@@ -205,7 +205,7 @@ class _StickBreakingChunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, compiled):
         dtype, work = q.dtype, work_dtype(q.dtype)
-        q, k, v = (t.detach().to(work) for t in (q, k, v))
+        q, k, v = q.detach(), k.detach(), v.detach()  # bf16 stays bf16: blocks convert
         ke, ve = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
         carry = torch.zeros(q.shape[:3], dtype=work, device=q.device)
         acc, mass = chunk_forward(q, ke, ve, carry, scale=scale, causal=True,
@@ -220,8 +220,8 @@ class _StickBreakingChunked(torch.autograd.Function):
         scale, compiled, dtype = ctx.cfg
         h, kv_heads = q.shape[1], k.shape[1]
         ke, ve = expand_kv(k, h), expand_kv(v, h)
-        d_out = d_out.to(q.dtype).contiguous()
-        dq, dk = torch.zeros_like(q), torch.zeros_like(ke)
+        d_out = d_out.to(mass.dtype).contiguous()
+        dq, dk = (torch.zeros(t.shape, dtype=mass.dtype, device=t.device) for t in (q, ke))
         dv = (1 - mass)[..., None] * d_out  # the remainder's own value
         chunk_backward(q, ke, ve, torch.zeros_like(mass), d_out, (d_out * ve).sum(-1),
                        (dq, dk, dv), scale=scale, causal=True, compiled=compiled)

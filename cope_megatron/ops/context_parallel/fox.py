@@ -62,9 +62,9 @@ class _FoXContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix, cp: ContextParallel, scale: float, flash: bool):
         dtype, work = q.dtype, work_dtype(q.dtype)
-        q, k, v, prefix = (t.detach().to(work) for t in (q, k, v, prefix))
+        q, k, v, prefix = q.detach(), k.detach(), v.detach(), prefix.detach().to(work)
         h, c = q.shape[1], q.shape[2] // 2
-        out = torch.zeros_like(q)
+        out = torch.zeros(q.shape, dtype=work, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
 
         def visit(owner: int, kvf: list[torch.Tensor]) -> None:
@@ -86,12 +86,15 @@ class _FoXContextParallel(torch.autograd.Function):
         q, k, v, prefix, out, lse = ctx.saved_tensors
         cp, scale, flash, dtype = ctx.cfg
         h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
-        d_out = d_out.to(q.dtype).contiguous()
-        dq, d_shift = torch.zeros_like(q), torch.zeros_like(prefix)
+        work = prefix.dtype
+        d_out = d_out.to(work).contiguous()
+        dq = torch.zeros(q.shape, dtype=work, device=q.device)
+        d_shift = torch.zeros_like(prefix)
 
         def visit(owner: int, kvf: list[torch.Tensor]) -> list[torch.Tensor]:
             ke, ve = (expand_kv(t, h) for t in kvf[:2])
-            dke, dve, dfk = torch.zeros_like(ke), torch.zeros_like(ve), torch.zeros_like(kvf[2])
+            dke, dve = (torch.zeros(t.shape, dtype=work, device=t.device) for t in (ke, ve))
+            dfk = torch.zeros_like(kvf[2])
             for pair in cp.pairs(owner):
                 dq_p, dk_p, dv_p, df_p, ds_p = part_backward(
                     rows(d_out, pair.q, c), rows(q, pair.q, c), rows(ke, pair.k, c),

@@ -37,9 +37,11 @@ from cope_megatron.ops.stickbreaking import (
 
 def _softplus_sums(q, k, *, scale: float, causal: bool) -> torch.Tensor:
     """Step 1 for one pair: Σ_{j<i} softplus(scale·q_i·k_j) per row, in row blocks."""
-    total = q.new_zeros(q.shape[:3])
+    work = work_dtype(q.dtype)
+    total = torch.zeros(q.shape[:3], dtype=work, device=q.device)
+    k = k.to(work)
     for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
-        sp = torch.nn.functional.softplus(scale * (q[:, :, r0:r1] @ k.transpose(-1, -2)))
+        sp = torch.nn.functional.softplus(scale * (q[:, :, r0:r1].to(work) @ k.transpose(-1, -2)))
         if causal:
             i = torch.arange(r0, r1, device=q.device)[:, None]
             sp = sp.masked_fill(torch.arange(k.shape[2], device=q.device) >= i, 0.0)
@@ -51,7 +53,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cp: ContextParallel, scale: float, compiled: bool | None):
         dtype, work = q.dtype, work_dtype(q.dtype)
-        q, k, v = (t.detach().to(work) for t in (q, k, v))
+        q, k, v = q.detach(), k.detach(), v.detach()  # bf16 stays bf16: blocks convert
         h, c = q.shape[1], q.shape[2] // 2
         totals = torch.zeros(2, 2 * cp.size, *q.shape[:2], c, dtype=work, device=q.device)
 
@@ -65,7 +67,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         # C[Q, K] = Σ_{K < K' ≤ Q} G: a reverse exclusive cumulative sum over key chunks,
         # zero past each query chunk's own (those totals are zero).
         carries = totals.flip(1).cumsum(1).flip(1) - totals
-        acc = torch.zeros_like(q)
+        acc = torch.zeros(q.shape, dtype=work, device=q.device)
         mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
 
         def attention_pass(owner: int, kv: list[torch.Tensor]) -> None:
@@ -88,14 +90,15 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         q, k, v, mass, carries = ctx.saved_tensors
         cp, scale, compiled, dtype = ctx.cfg
         h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
-        d_out = d_out.to(q.dtype).contiguous()
+        work = mass.dtype
+        d_out = d_out.to(work).contiguous()
         self_dot = (d_out * expand_kv(v, h)).sum(-1)
-        dq = torch.zeros_like(q)
+        dq = torch.zeros(q.shape, dtype=work, device=q.device)
         d_l_sums = torch.zeros_like(carries)
 
         def pair_pass(owner: int, kv: list[torch.Tensor]) -> list[torch.Tensor]:
             ke, ve = (expand_kv(t, h) for t in kv)
-            dke, dve = torch.zeros_like(ke), torch.zeros_like(ve)
+            dke, dve = (torch.zeros(t.shape, dtype=work, device=t.device) for t in (ke, ve))
             for pair in cp.pairs(owner):
                 d_l_sums[pair.q, pair.k_global] = chunk_backward(
                     rows(q, pair.q, c), rows(ke, pair.k, c), rows(ve, pair.k, c),
@@ -110,7 +113,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
 
         def correction_pass(owner: int, kv: list[torch.Tensor]) -> list[torch.Tensor]:
             ke = expand_kv(kv[0], h)
-            dke = torch.zeros_like(ke)
+            dke = torch.zeros(ke.shape, dtype=work, device=ke.device)
             for pair in cp.pairs(owner):
                 chunk_correction(rows(q, pair.q, c), rows(ke, pair.k, c),
                                  farther[pair.q, pair.k_global],
