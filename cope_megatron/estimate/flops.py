@@ -11,7 +11,10 @@ weights). Per token, one forward is:
   head for each, (s + 1)/2 keys on average: what a causal FlashAttention kernel computes;
 - CoPE's extra work, reported apart: the position-logit matmul z = q·E (2·d·npos per head),
   and per visible key a handful of elementwise operations (sigmoid, cumulative sum,
-  gather, interpolation) that run off the tensor cores.
+  gather, interpolation) that run off the tensor cores; other PEs' elementwise work per
+  key (``PositionEncoding.elementwise_per_key``: FoX's bias, stick-breaking's log-space
+  weights) is reported in the same place;
+- a token gate (FoX) is one more projection, counted in dense.
 MFU counts dense + attention (+ CoPE's matmul), so it compares PEs on the same footing.
 """
 
@@ -47,13 +50,14 @@ class FlopsPerToken:
         return {**asdict(self), "model": self.model}
 
 
-def matmul_weights(cfg: Config, vocab_size: int) -> int:
+def matmul_weights(cfg: Config, vocab_size: int, token_gate: bool = False) -> int:
     """Weights that multiply activations per token: every linear layer and the logits."""
     m = cfg.model
     qkv = m.hidden_size * (m.num_attention_heads + 2 * m.query_groups) * m.head_dim
+    gate = m.hidden_size * m.num_attention_heads if token_gate else 0
     proj = m.num_attention_heads * m.head_dim * m.hidden_size
     mlp = 2 * m.hidden_size * m.ffn_size
-    return m.num_layers * (qkv + proj + mlp) + vocab_size * m.hidden_size
+    return m.num_layers * (qkv + gate + proj + mlp) + vocab_size * m.hidden_size
 
 
 def flops_per_token(cfg: Config, pe: PositionEncoding, vocab_size: int,
@@ -70,9 +74,9 @@ def flops_per_token(cfg: Config, pe: PositionEncoding, vocab_size: int,
     cope = pe.uses_cope_op
     npos = cfg.pe.cope.npos_max
     cope_matmul = m.num_layers * m.num_attention_heads * 2 * head_dim * npos if cope else 0
-    elementwise = (m.num_layers * m.num_attention_heads * COPE_ELEMENTWISE_PER_KEY * visible
-                   if cope else 0)
-    return FlopsPerToken(dense=3 * 2 * matmul_weights(cfg, vocab_size),
+    per_key = COPE_ELEMENTWISE_PER_KEY if cope else pe.elementwise_per_key
+    elementwise = m.num_layers * m.num_attention_heads * per_key * visible
+    return FlopsPerToken(dense=3 * 2 * matmul_weights(cfg, vocab_size, pe.token_gate),
                          attention=3 * attention, cope_matmul=3 * cope_matmul,
                          cope_elementwise=3 * elementwise)
 

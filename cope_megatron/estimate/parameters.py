@@ -38,6 +38,7 @@ def parameters(cfg: Config, pe: PositionEncoding, vocab_size: int, tensor: int =
         + (h * ffn + ffn) // t
         + ffn * h // t + h
         + pe_parameters(cfg, pe, t)
+        + ((h + 1) * m.num_attention_heads // t if pe.token_gate else 0)  # gate projection
     )
     vocab = padded_vocab_size(vocab_size, t) // t * h
     # A fixed encoding replaces GPTModel's learned table with a module without parameters.

@@ -10,6 +10,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from cope_megatron.config import Config
 from cope_megatron.model.attention import PECoreAttention
 from cope_megatron.model.norm import SequenceParallelNorm
+from cope_megatron.model.token_gate import TokenGateSelfAttention
 from cope_megatron.pe import PositionEncoding
 
 
@@ -19,6 +20,8 @@ def get_layer_spec(cfg: Config, pe: PositionEncoding) -> TransformerBlockSubmodu
     layer = spec.submodules
     layer.input_layernorm = SequenceParallelNorm
     layer.pre_mlp_layernorm = SequenceParallelNorm
+    if pe.token_gate:
+        layer.self_attention.module = TokenGateSelfAttention
     layer.self_attention.submodules.core_attention = ModuleSpec(
         module=PECoreAttention,
         params={"pe": pe, "pe_options": cfg.pe},

@@ -31,4 +31,5 @@ def get_pe(name: str) -> PositionEncoding:
     return REGISTRY[name]
 
 
-from cope_megatron.pe import alibi, cope, learned, nope, rope, sinusoidal, t5  # noqa: E402,F401,I001
+from cope_megatron.pe import (  # noqa: E402,F401,I001
+    alibi, cope, fox, learned, nope, rope, sinusoidal, stickbreaking, t5)
