@@ -137,3 +137,41 @@ CP_CASES = [dict(shape=(2, 4, 2, 48, 8), bias=2.0, flash=True),
 @pytest.mark.parametrize("world", [2, 4])
 def test_context_parallel_matches_one_rank(world):
     forked_ranks(world, _cp_worker, CP_CASES)
+
+
+# -- in the model --------------------------------------------------------------------------
+
+
+def _gradients(recompute: str) -> dict[str, torch.Tensor]:
+    from cope_megatron.config import load_config
+    from cope_megatron.distributed.parallel import init_distributed, seed_everything
+    from cope_megatron.model.gpt import build_gpt, lm_loss
+    from cope_megatron.pe import get_pe
+
+    cfg = load_config(["model.pe=fox", "model.num_layers=2", "model.hidden_size=32",
+                       "model.num_attention_heads=4", "model.seq_length=16",
+                       f"train.recompute={recompute}"])
+    init_distributed(1)
+    seed_everything(0)
+    model = build_gpt(cfg, get_pe("fox"), 100)
+    tokens = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
+    lm_loss(model, tokens).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_forget_gate_is_a_projection_of_the_layer_input_under_every_recomputation(
+        dist_cleanup):
+    """The gate has one row per head and gets gradients; selective recomputation (the core
+    attention checkpointed, the gate logits among its inputs) and full give the same
+    gradients as none."""
+    want = _gradients("none")
+    gate = [n for n in want if "linear_gate" in n]
+    assert sorted(gate) == [f"decoder.layers.{i}.self_attention.linear_gate.{p}"
+                            for i in range(2) for p in ("bias", "weight")]
+    weight = want["decoder.layers.0.self_attention.linear_gate.weight"]
+    assert weight.shape == (4, 32) and weight.abs().sum() > 0
+    for mode in ("selective", "full"):
+        got = _gradients(mode)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7,
+                                       msg=lambda m, n=name, r=mode: f"{r} {n}: {m}")

@@ -11,7 +11,11 @@ weight as an extra column per head would save it but reorder Megatron's QKV layo
 checkpoints, export and RoPE all read), and under CP it sees this rank's head and tail
 chunks, like q. The logits [s, b, heads] reach the core attention through Megatron's own
 ``attention_bias`` argument, which ``SelfAttention.forward`` hands to it unchanged;
-``model.attention.PECoreAttention`` passes them to the PE as ``gate``. Weight drawn like
+``model.attention.PECoreAttention`` passes them to the PE as ``gate``. Megatron's selective
+recomputation (``train.recompute=selective``) checkpoints the core attention with q, k, v
+as its inputs and the bias taken from the enclosing scope, which would backpropagate the
+gate's gradient through the layer's graph a second time; here the logits are one of the
+checkpoint's inputs instead. Weight drawn like
 Megatron's other projections; the bias starts at zero (σ(0) = ½), as the authors' model
 initializes biases.
 """
@@ -36,3 +40,16 @@ class TokenGateSelfAttention(SelfAttention):
         gate, _ = self.linear_gate(hidden_states)  # [s, b, heads on this TP rank]
         return super().forward(hidden_states, attention_mask, *args, attention_bias=gate,
                                **kwargs)
+
+    def _checkpointed_attention_forward(self, query, key, value, attention_mask,
+                                        rotary_pos_emb=None, attn_mask_type=None,
+                                        attention_bias=None, packed_seq_params=None):
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+
+        def core(query, key, value, gate, attention_mask):
+            return self.core_attention(query, key, value, attention_mask,
+                                       attn_mask_type=mask_type, attention_bias=gate,
+                                       packed_seq_params=packed_seq_params)
+
+        return tensor_parallel.checkpoint(core, False, query, key, value, attention_bias,
+                                          attention_mask)

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from cope_megatron.ops.cope.blocks import _compiled, reverse_cumsum
+from cope_megatron.ops.cope.blocks import _compiled
 from cope_megatron.ops.cope.paths import COMPILE_MIN_SEQ, _can_compile
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
 
@@ -59,54 +59,49 @@ def stickbreaking_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     return weights @ v + remainder * v
 
 
-def _keep(rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """[B, L]: key j is row i's if j < i."""
-    return keys[None, :] < rows[:, None]
+def _weights(q_blk, k_rev, drop, carry_blk, scale: float):
+    """(z, A) of a block: rows q_blk [..., B, d] against a window of keys in reverse order,
+    nearest first (k_rev [..., L, d]); ``drop`` [B, M] marks which of the first M keys are
+    not the row's (None: all are); carry_blk [..., B]: Σ sp over the row's keys nearer
+    than the window. In this order the running sum from the diagonal back is a forward
+    cumulative sum, and log A = z − sp − Σ_{nearer} sp = z − (inclusive sum) − carry.
+    Dropped keys get z = −∞, hence sp = 0, A = 0 and β = 0."""
+    z = scale * (q_blk @ k_rev.transpose(-1, -2))
+    if drop is not None:
+        z[..., :drop.shape[-1]].masked_fill_(drop, float("-inf"))
+    survived = F.softplus(z).cumsum(-1) + carry_blk[..., None]
+    return z, torch.exp(z - survived)
 
 
-def _weights(q_blk, k_win, keep, carry_blk, scale: float):
-    """(z, sp, A) of a block: rows q_blk [..., B, d], keys k_win [..., L, d]; keep [B, L]
-    or None (every key); carry_blk [..., B]: Σ sp over the row's keys after the window."""
-    z = scale * (q_blk @ k_win.transpose(-1, -2))
-    sp = F.softplus(z)
-    if keep is not None:
-        sp = sp.masked_fill(~keep, 0.0)
-    # Σ sp over the window's keys after j: the inclusive sum shifted by one (no cancellation).
-    after = F.pad(reverse_cumsum(sp)[..., 1:], (0, 1))
-    weights = torch.exp(z - sp - after - carry_blk[..., None])
-    if keep is not None:
-        weights = weights.masked_fill(~keep, 0.0)
-    return z, sp, weights
+def forward_block(q_blk, k_rev, v_rev, drop, carry_blk, scale: float):
+    """(Σ_j A_ij v_j, Σ_j A_ij) of a block over its window (``_weights``)."""
+    _, weights = _weights(q_blk, k_rev, drop, carry_blk, scale)
+    return weights @ v_rev, weights.sum(-1)
 
 
-def forward_block(q_blk, k_win, v_win, keep, carry_blk, scale: float):
-    """(Σ_j A_ij v_j, Σ_j A_ij, Σ_j sp_ij) of a block over its window."""
-    _, sp, weights = _weights(q_blk, k_win, keep, carry_blk, scale)
-    return weights @ v_win, weights.sum(-1), sp.sum(-1)
+def backward_block(q_blk, k_rev, v_rev, drop, carry_blk, do_blk, self_dot_blk, scale: float):
+    """(dq, dk_rev, dv_rev, Σ_j dL_ij) of a block, without the part of Σ_{j≤t} dL that
+    comes from keys farther than the window (``correction_block``); ``self_dot_blk`` =
+    dO_i·v_i. dz_it = dL_it (1 − β_it) − β_it Σ_{j<t} dL_ij = dL_it − β_it Σ_{j≤t} dL_ij,
+    the sum over the window's keys as far as or farther than t: the row total minus the
+    nearer ones (no cancellation to fear: |Σ dL| ≤ max |dA|, as Σ A ≤ 1)."""
+    z, weights = _weights(q_blk, k_rev, drop, carry_blk, scale)
+    d_l = weights * (do_blk @ v_rev.transpose(-1, -2) - self_dot_blk[..., None])
+    nearer = d_l.cumsum(-1)
+    total = nearer[..., -1:]
+    dz = d_l - torch.sigmoid(z) * (total - nearer + d_l)
+    return (scale * (dz @ k_rev), scale * (dz.transpose(-1, -2) @ q_blk),
+            weights.transpose(-1, -2) @ do_blk, total[..., 0])
 
 
-def backward_block(q_blk, k_win, v_win, keep, carry_blk, do_blk, self_dot_blk, scale: float):
-    """(dq, dk_win, dv_win, Σ_j dL_ij) of a block, without the part of Σ_{j<t} dL that
-    comes from keys before the window (``correction_block``); ``self_dot_blk`` = dO_i·v_i."""
-    z, _, weights = _weights(q_blk, k_win, keep, carry_blk, scale)
-    d_l = weights * (do_blk @ v_win.transpose(-1, -2) - self_dot_blk[..., None])
-    before = F.pad(d_l.cumsum(-1)[..., :-1], (1, 0))  # Σ_{j<t} dL_ij within the window
-    beta = torch.sigmoid(z)
-    dz = d_l * (1 - beta) - beta * before
-    if keep is not None:
-        dz = dz.masked_fill(~keep, 0.0)
-    return (scale * (dz @ k_win), scale * (dz.transpose(-1, -2) @ q_blk),
-            weights.transpose(-1, -2) @ do_blk, d_l.sum(-1))
-
-
-def correction_block(q_blk, k_win, keep, carried_blk, scale: float):
-    """(dq, dk_win) from the rows' Σ dL over keys before the window (``carried_blk``):
-    dz_it = −β_it · carried_i."""
-    beta = torch.sigmoid(scale * (q_blk @ k_win.transpose(-1, -2)))
-    dz = -beta * carried_blk[..., None]
-    if keep is not None:
-        dz = dz.masked_fill(~keep, 0.0)
-    return scale * (dz @ k_win), scale * (dz.transpose(-1, -2) @ q_blk)
+def correction_block(q_blk, k_rev, drop, carried_blk, scale: float):
+    """(dq, dk_rev) from the rows' Σ dL over keys farther than the window
+    (``carried_blk``): dz_it = −β_it · carried_i."""
+    z = scale * (q_blk @ k_rev.transpose(-1, -2))
+    if drop is not None:
+        z[..., :drop.shape[-1]].masked_fill_(drop, float("-inf"))
+    dz = -torch.sigmoid(z) * carried_blk[..., None]
+    return scale * (dz @ k_rev), scale * (dz.transpose(-1, -2) @ q_blk)
 
 
 def _functions(compiled: bool):
@@ -116,11 +111,13 @@ def _functions(compiled: bool):
 
 
 def use_compiled(device: torch.device, keys: int, compiled: bool | None) -> bool:
-    """torch.compile (Inductor: C++ on CPU, Triton on CUDA) from ``COMPILE_MIN_SEQ`` keys
-    where the toolchain is there, else eager; ``compiled`` forces either, e.g. CUDA's
-    choice on a CPU for tests."""
+    """torch.compile (Inductor: C++ on CPU, Triton on CUDA) on CUDA from
+    ``COMPILE_MIN_SEQ`` keys where Triton is there, else eager; ``compiled`` forces either,
+    e.g. CUDA's choice on a CPU for tests. Eager on CPU: there the compiled blocks ran no
+    faster than aten's vectorized ops (bench/peers_op.py)."""
     if compiled is None:
-        return keys >= COMPILE_MIN_SEQ and _can_compile(device.type)
+        return (device.type != "cpu" and keys >= COMPILE_MIN_SEQ
+                and _can_compile(device.type))
     return compiled
 
 
@@ -131,12 +128,25 @@ def row_blocks(batch_heads: int, rows: int, keys: int):
         yield r0, min(rows, r0 + step)
 
 
-def _window(causal: bool, r0: int, r1: int, keys: int, device: torch.device):
-    """(key end, keep mask) of rows r0…r1−1: causal keys before r1, masked to j < i."""
-    if not causal:
-        return keys, None
-    return r1 - 1, _keep(torch.arange(r0, r1, device=device),
-                         torch.arange(r1 - 1, device=device))
+class _Reversed:
+    """A chunk's keys nearest-first, and each row block's window of them: causal rows
+    r0…r1−1 see keys 0…r1−2 (j < i), of which the nearest r1 − 1 − r0 may be after a row;
+    otherwise every row sees every key."""
+
+    def __init__(self, keys: int, causal: bool, device: torch.device) -> None:
+        self.keys, self.causal, self.device = keys, causal, device
+
+    def flip(self, t: torch.Tensor) -> torch.Tensor:
+        return t.flip(2)
+
+    def window(self, r0: int, r1: int) -> tuple[slice, torch.Tensor | None]:
+        """(slice of the reversed keys, drop mask [B, M]); an empty slice: no keys."""
+        if not self.causal:
+            return slice(0, self.keys), None
+        end = r1 - 1  # keys 0…end−1
+        near = torch.arange(end - 1, r0 - 1, -1, device=self.device)  # keys end−1 … r0
+        rows = torch.arange(r0, r1, device=self.device)
+        return slice(self.keys - end, self.keys), near[None, :] >= rows[:, None]
 
 
 def chunk_forward(q, k, v, carry, *, scale: float, causal: bool,
@@ -146,14 +156,16 @@ def chunk_forward(q, k, v, carry, *, scale: float, causal: bool,
     rows' own chunk (key j is row i's if j < i); otherwise every key is before every row."""
     fwd, _ = _functions(use_compiled(q.device, k.shape[2], compiled))
     work = carry.dtype
+    order = _Reversed(k.shape[2], causal, q.device)
+    k_rev, v_rev = (order.flip(t).to(work) for t in (k, v))
     acc = torch.zeros(q.shape, dtype=work, device=q.device)
     mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
     for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
-        end, keep = _window(causal, r0, r1, k.shape[2], q.device)
-        if end == 0:
+        keys, drop = order.window(r0, r1)
+        if keys.start == keys.stop:
             continue  # row 0 of the diagonal has no earlier key
-        acc[:, :, r0:r1], mass[:, :, r0:r1], _ = fwd(
-            q[:, :, r0:r1].to(work), k[:, :, :end].to(work), v[:, :, :end].to(work), keep,
+        acc[:, :, r0:r1], mass[:, :, r0:r1] = fwd(
+            q[:, :, r0:r1].to(work), k_rev[:, :, keys], v_rev[:, :, keys], drop,
             carry[:, :, r0:r1], scale)
     return acc, mass
 
@@ -161,22 +173,27 @@ def chunk_forward(q, k, v, carry, *, scale: float, causal: bool,
 def chunk_backward(q, k, v, carry, d_out, self_dot, grads, *, scale: float, causal: bool,
                    compiled: bool | None = None) -> torch.Tensor:
     """Adds one ``chunk_forward``'s (dq, dk, dv) into ``grads`` (dk, dv over the expanded
-    heads) for Σ_{j<t} dL taken over this chunk's keys only; returns each row's Σ_j dL_ij
+    heads) for Σ_{j≤t} dL taken over this chunk's keys only; returns each row's Σ_j dL_ij
     over the chunk. ``self_dot``: dO_i·v_i [b, h, sq]."""
     dq, dk, dv = grads
     _, bwd = _functions(use_compiled(q.device, k.shape[2], compiled))
     work = carry.dtype
+    order = _Reversed(k.shape[2], causal, q.device)
+    k_rev, v_rev = (order.flip(t).to(work) for t in (k, v))
+    dk_rev, dv_rev = torch.zeros_like(k_rev), torch.zeros_like(v_rev)
     d_l_sum = torch.zeros_like(carry)
     for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
-        end, keep = _window(causal, r0, r1, k.shape[2], q.device)
-        if end == 0:
+        keys, drop = order.window(r0, r1)
+        if keys.start == keys.stop:
             continue
         dq_b, dk_w, dv_w, d_l_sum[:, :, r0:r1] = bwd(
-            q[:, :, r0:r1].to(work), k[:, :, :end].to(work), v[:, :, :end].to(work), keep,
+            q[:, :, r0:r1].to(work), k_rev[:, :, keys], v_rev[:, :, keys], drop,
             carry[:, :, r0:r1], d_out[:, :, r0:r1], self_dot[:, :, r0:r1], scale)
         dq[:, :, r0:r1] += dq_b
-        dk[:, :, :end] += dk_w
-        dv[:, :, :end] += dv_w
+        dk_rev[:, :, keys] += dk_w
+        dv_rev[:, :, keys] += dv_w
+    dk += order.flip(dk_rev)
+    dv += order.flip(dv_rev)
     return d_l_sum
 
 
@@ -185,14 +202,18 @@ def chunk_correction(q, k, carried, grads, *, scale: float, causal: bool) -> Non
     (``carried`` [b, h, sq]), for the keys of this chunk; rows where it is 0 are skipped."""
     dq, dk = grads
     work = carried.dtype
+    order = _Reversed(k.shape[2], causal, q.device)
+    k_rev = order.flip(k).to(work)
+    dk_rev = torch.zeros_like(k_rev)
     for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
-        end, keep = _window(causal, r0, r1, k.shape[2], q.device)
-        if end == 0 or not bool(carried[:, :, r0:r1].any()):
+        keys, drop = order.window(r0, r1)
+        if keys.start == keys.stop or not bool(carried[:, :, r0:r1].any()):
             continue
-        dq_b, dk_w = correction_block(q[:, :, r0:r1].to(work), k[:, :, :end].to(work), keep,
+        dq_b, dk_w = correction_block(q[:, :, r0:r1].to(work), k_rev[:, :, keys], drop,
                                       carried[:, :, r0:r1], scale)
         dq[:, :, r0:r1] += dq_b
-        dk[:, :, :end] += dk_w
+        dk_rev[:, :, keys] += dk_w
+    dk += order.flip(dk_rev)
 
 
 def with_remainder(acc: torch.Tensor, mass: torch.Tensor, v_self: torch.Tensor

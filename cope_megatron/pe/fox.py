@@ -36,13 +36,10 @@ class FoXAttention(nn.Module):
 
 
 def check(cfg: Config) -> None:
-    """What the FoX op and its gate cannot run."""
+    """What the FoX op cannot run."""
     if cfg.model.attention_dropout > 0:
         raise ConfigError("model.attention_dropout: the FoX op has no attention dropout; set "
                           "model.attention_dropout=0")
-    if cfg.train.recompute == "selective":
-        raise ConfigError("train.recompute: selective recomputes the core attention alone, "
-                          "and FoX's forget gate is computed outside it; use none or full")
 
 
 register(PositionEncoding(name="fox", attention=FoXAttention, token_gate=True, check=check,
