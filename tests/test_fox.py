@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from cope_megatron.ops import fox as fox_ops
 from cope_megatron.ops.context_parallel.fox import (
     forget_prefix,
     fox_attention_context_parallel,
@@ -64,6 +65,8 @@ CASES = {  # (b, h, g, s, d, rows, gate bias)
     "odd_gqa_blocks": (2, 4, 2, 37, 8, 8, 2.0),
     "strong_forgetting": (1, 2, 1, 50, 4, 16, -3.0),
     "one_block": (1, 3, 3, 5, 4, 1024, 0.0),
+    # log f ≈ −60: far keys' weights underflow float64, and the op leaves them out
+    "forgets_far_keys": (1, 2, 1, 64, 4, 16, -60.0),
 }
 
 
@@ -76,6 +79,24 @@ def test_chunked_matches_reference(case, flash):
     got = grads("chunked", q, k, v, logit, d_out, flash=flash, rows=rows)
     for name, x, y in zip(["out", "dq", "dk", "dv", "dlogit"], got, want):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_keys_that_underflow_are_left_out_and_no_others():
+    """``far_keys``: with log f ≈ −60 the rows 32…47 leave out the keys whose bound is below
+    float64's smallest subnormal, a prefix; with no forgetting, none."""
+    q, k, v, logit, _ = inputs(1, 2, 1, 64, 4, gate_bias=-60.0)
+    prefix = F.logsigmoid(logit).cumsum(-1)
+    own = fox_ops.key_norms(k[:, :, 32:48], prefix.dtype).amax(-1)
+    first = fox_ops.far_keys(q[:, :, 32:48], k[:, :, :32], prefix[:, :, 32], prefix[:, :, :32],
+                             own, scale=0.5)
+    assert 10 < first < 32
+    # Every left-out key's weight is 0 in the reference.
+    weights = torch.softmax(0.5 * q @ k.transpose(-1, -2) + prefix[..., :, None]
+                            - prefix[..., None, :] + torch.full((64, 64), -math.inf).triu(1),
+                            dim=-1)
+    assert (weights[:, :, 32:48, :first] == 0).all()
+    assert fox_ops.far_keys(q[:, :, 32:48], k[:, :, :32], torch.zeros(1, 2),
+                            torch.zeros(1, 2, 32, dtype=torch.float64), own, scale=0.5) == 0
 
 
 def test_chunked_bfloat16_follows_float32():
@@ -130,7 +151,9 @@ def _cp_worker(cases: list[dict]) -> None:
 
 
 CP_CASES = [dict(shape=(2, 4, 2, 48, 8), bias=2.0, flash=True),
-            dict(shape=(1, 2, 1, 40, 4), bias=-3.0, flash=False)]
+            dict(shape=(1, 2, 1, 40, 4), bias=-3.0, flash=False),
+            # far chunks' weights underflow float64: pairs leave their keys out
+            dict(shape=(1, 2, 1, 40, 4), bias=-40.0, flash=True)]
 
 
 @pytest.mark.integration

@@ -21,6 +21,12 @@ backward recomputes it from q, k, v, F, the output and one log-sum-exp per row: 
 No library has this: the authors' kernel is single-device Triton, and flash-linear-
 attention's too; PyTorch's SDPA has no per-key bias without materializing [s, s].
 
+Keys whose weight is certainly below the dtype's smallest subnormal for every row of a
+part are left out (``far_keys``): their terms are exactly 0 in that dtype anyway, and
+computing them is slow on CPUs, where subnormal arithmetic takes microcode assists (with
+strong forgetting, a 4k-token fwd+bwd ran 3-5x slower). F is non-increasing (log f ≤ 0),
+so they are a prefix of the keys.
+
 ``part_forward``/``part_backward`` also serve a (query chunk, key chunk) pair of a sequence
 split over context-parallel ranks (``ops.context_parallel.fox``).
 """
@@ -67,6 +73,24 @@ def _augment(q, k, v, shift, f_keys, scale: float):
     return q_aug, k_aug, F.pad(v, (0, 1))
 
 
+def far_keys(q, k, shift, f_keys, own_key_norm, *, scale: float) -> int:
+    """How many leading keys weigh below the smallest subnormal of the bias's dtype for every
+    row and head: for row i ≥ the shift's row, key j and the row's own key k_i,
+    logit_ij − lse_i ≤ logit_ij − logit_ii ≤ scale·|q_i|(|k_j| + |k_i|) + shift − F_j
+    (F_i ≤ shift). ``own_key_norm`` [b, h]: the largest |k_i| of the rows' own keys."""
+    finfo = torch.finfo(f_keys.dtype)
+    floor = math.log(finfo.tiny * finfo.eps) - 8  # below the smallest subnormal, with margin
+    q_norm = q.to(f_keys.dtype).norm(dim=-1).amax(-1)[..., None]
+    bound = (scale * q_norm * (k.to(f_keys.dtype).norm(dim=-1) + own_key_norm[..., None])
+             + shift[..., None] - f_keys)
+    return int((bound < floor).int().cumprod(-1).sum(-1).min())
+
+
+def key_norms(k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """|k_j| [b, h, n] in ``dtype``."""
+    return k.to(dtype).norm(dim=-1)
+
+
 def part_forward(q, k, v, shift, f_keys, *, scale: float, causal: bool, flash: bool):
     """(out, lse) of rows q [b, h, m, d] over keys k, v [b, h, n, d] with the bias
     shift − F_j (shift [b, h], f_keys [b, h, n]); ``causal``: row r sees keys 0…r."""
@@ -86,13 +110,19 @@ def part_backward(d_out, q, k, v, shift, f_keys, out, lse, *, scale: float, caus
     return dq[..., :-1], dk[..., :-1], dv[..., :-1], -d_col, d_col.sum(-1)
 
 
-def _parts(s: int, rows: int):
+def _parts(q, k, prefix, scale: float, rows: int):
     """(row block, key range, causal) of the flash calls: per block of rows, the keys
-    before it (a rectangle) and its own (a top-left-aligned causal triangle)."""
+    before it (a rectangle, less its ``far_keys``) and its own (a top-left-aligned causal
+    triangle). q [b, h, s, d], k expanded."""
+    s = q.shape[2]
     for i0 in range(0, s, rows):
         i1 = min(s, i0 + rows)
         if i0:
-            yield i0, i1, 0, i0, False
+            own = key_norms(k[:, :, i0:i1], prefix.dtype).amax(-1)
+            j0 = far_keys(q[:, :, i0:i1], k[:, :, :i0], prefix[:, :, i0], prefix[:, :, :i0],
+                          own, scale=scale)
+            if j0 < i0:
+                yield i0, i1, j0, i0, False
         yield i0, i1, i0, i1, True
 
 
@@ -104,7 +134,7 @@ class _FoXChunked(torch.autograd.Function):
         ke, ve = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
         out = torch.zeros(q.shape, dtype=work, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
-        for i0, i1, j0, j1, causal in _parts(q.shape[2], rows):
+        for i0, i1, j0, j1, causal in _parts(q, ke, prefix, scale, rows):
             part = part_forward(q[:, :, i0:i1], ke[:, :, j0:j1], ve[:, :, j0:j1],
                                 prefix[:, :, i0], prefix[:, :, j0:j1], scale=scale,
                                 causal=causal, flash=flash)
@@ -123,7 +153,7 @@ class _FoXChunked(torch.autograd.Function):
         dq, dk, dv = (torch.zeros(t.shape, dtype=prefix.dtype, device=t.device)
                       for t in (q, ke, ve))
         d_prefix = torch.zeros_like(prefix)
-        for i0, i1, j0, j1, causal in _parts(q.shape[2], rows):
+        for i0, i1, j0, j1, causal in _parts(q, ke, prefix, scale, rows):
             dq_p, dk_p, dv_p, df_keys, d_shift = part_backward(
                 d_out[:, :, i0:i1], q[:, :, i0:i1], ke[:, :, j0:j1], ve[:, :, j0:j1],
                 prefix[:, :, i0], prefix[:, :, j0:j1], out[:, :, i0:i1], lse[:, :, i0:i1],

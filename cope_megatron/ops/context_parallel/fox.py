@@ -14,7 +14,8 @@ The attention is then softmax attention with the bias, one ring of K, V and the 
 (``ops.context_parallel.ring``): each (query chunk, key chunk) pair is ``ops.fox``'s
 part (plain attention with one added head dimension, the flash kernel on CPU), with every
 pair of a query chunk shifted by F at the chunk's first row, so that their log-sum-exps
-merge; backward sends dK, dV and the keys' dF home behind them. Saved: local q, k, v, F,
+merge; a pair before its rows leaves out its ``far_keys``, whose weights underflow; backward
+sends dK, dV and the keys' dF home behind them. Saved: local q, k, v, F,
 out and lse; no [c, c] tensor.
 """
 
@@ -24,7 +25,14 @@ import torch
 import torch.distributed as dist
 
 from cope_megatron.ops.context_parallel.ring import ContextParallel, rows
-from cope_megatron.ops.fox import check_inputs, default_flash, part_backward, part_forward
+from cope_megatron.ops.fox import (
+    check_inputs,
+    default_flash,
+    far_keys,
+    key_norms,
+    part_backward,
+    part_forward,
+)
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
 from cope_megatron.ops.plain_attention import merge_softmax
 
@@ -58,6 +66,19 @@ def forget_prefix(log_f: torch.Tensor, cp: ContextParallel) -> torch.Tensor:
                       for g, t in zip(cp.chunks(cp.rank), local)], -1)
 
 
+def _pair_keys(q, k, prefix, f_keys, own_norms, pair, c: int, scale: float) -> slice:
+    """The keys of a pair that can weigh anything in the dtype (``ops.fox.far_keys``)."""
+    if pair.diagonal:
+        return slice(0, c)
+    return slice(far_keys(rows(q, pair.q, c), k, prefix[:, :, pair.q * c], f_keys,
+                          own_norms[pair.q], scale=scale), c)
+
+
+def _own_key_norms(k: torch.Tensor, dtype: torch.dtype, c: int) -> list[torch.Tensor]:
+    """The largest |k_i| of each local chunk's own keys [b, h], k expanded."""
+    return [key_norms(rows(k, i, c), dtype).amax(-1) for i in (0, 1)]
+
+
 class _FoXContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, prefix, cp: ContextParallel, scale: float, flash: bool):
@@ -67,12 +88,17 @@ class _FoXContextParallel(torch.autograd.Function):
         out = torch.zeros(q.shape, dtype=work, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
 
+        own = _own_key_norms(expand_kv(k, h), work, c)
+
         def visit(owner: int, kvf: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t, h) for t in kvf[:2])
             for pair in cp.pairs(owner):
-                part = part_forward(rows(q, pair.q, c), rows(ke, pair.k, c),
-                                    rows(ve, pair.k, c), prefix[:, :, pair.q * c],
-                                    rows(kvf[2], pair.k, c), scale=scale,
+                k_c, v_c, f_c = (rows(t, pair.k, c) for t in (ke, ve, kvf[2]))
+                keys = _pair_keys(q, k_c, prefix, f_c, own, pair, c, scale)
+                if keys.start == keys.stop:
+                    continue
+                part = part_forward(rows(q, pair.q, c), k_c[:, :, keys], v_c[:, :, keys],
+                                    prefix[:, :, pair.q * c], f_c[:, :, keys], scale=scale,
                                     causal=pair.diagonal, flash=flash)
                 merge_softmax(rows(out, pair.q, c), rows(lse, pair.q, c), *part)
 
@@ -91,20 +117,26 @@ class _FoXContextParallel(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         d_shift = torch.zeros_like(prefix)
 
+        own = _own_key_norms(expand_kv(k, h), work, c)
+
         def visit(owner: int, kvf: list[torch.Tensor]) -> list[torch.Tensor]:
             ke, ve = (expand_kv(t, h) for t in kvf[:2])
             dke, dve = (torch.zeros(t.shape, dtype=work, device=t.device) for t in (ke, ve))
             dfk = torch.zeros_like(kvf[2])
             for pair in cp.pairs(owner):
+                k_c, v_c, f_c = (rows(t, pair.k, c) for t in (ke, ve, kvf[2]))
+                keys = _pair_keys(q, k_c, prefix, f_c, own, pair, c, scale)
+                if keys.start == keys.stop:
+                    continue
                 dq_p, dk_p, dv_p, df_p, ds_p = part_backward(
-                    rows(d_out, pair.q, c), rows(q, pair.q, c), rows(ke, pair.k, c),
-                    rows(ve, pair.k, c), prefix[:, :, pair.q * c], rows(kvf[2], pair.k, c),
+                    rows(d_out, pair.q, c), rows(q, pair.q, c), k_c[:, :, keys],
+                    v_c[:, :, keys], prefix[:, :, pair.q * c], f_c[:, :, keys],
                     rows(out, pair.q, c), rows(lse, pair.q, c), scale=scale,
                     causal=pair.diagonal, flash=flash)
                 rows(dq, pair.q, c).add_(dq_p)
-                rows(dke, pair.k, c).add_(dk_p)
-                rows(dve, pair.k, c).add_(dv_p)
-                rows(dfk, pair.k, c).add_(df_p)
+                rows(dke, pair.k, c)[:, :, keys].add_(dk_p)
+                rows(dve, pair.k, c)[:, :, keys].add_(dv_p)
+                rows(dfk, pair.k, c)[:, :, keys].add_(df_p)
                 d_shift[:, :, pair.q * c] += ds_p
             return [reduce_kv_heads(dke, kv_heads), reduce_kv_heads(dve, kv_heads), dfk]
 
