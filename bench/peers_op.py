@@ -8,7 +8,10 @@ Every op is the one a training step runs on the device (``auto``: FoX's flash pa
 stick-breaking's compiled blocks from ``COMPILE_MIN_SEQ`` keys, CoPE's chunked op with
 dense gates). FoX's forget gates are σ(N(3, 1)), about 0.95, a half-life of some 15 tokens.
 Timing and memory as ``bench/cope_op.py`` measures them (interleaved medians; CPU peak RSS
-in a child process). Prints a table and, last, one JSON line.
+in a child process). ``--flush-denormal``: ``torch.set_flush_denormal(True)`` before any
+thread starts, so every thread flushes subnormals (FoX's far keys fall through the
+subnormal range, where CPUs take microcode assists). Prints a table and, last, one JSON
+line.
 """
 
 from __future__ import annotations
@@ -79,8 +82,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--flush-denormal", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.flush_denormal:
+        torch.set_flush_denormal(True)  # threads started later inherit it
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.memory_only:
         mems = run_cases(args, device, reps=1)[1]
@@ -100,13 +106,15 @@ def main() -> None:
                      "vs_sdpa": round(t / base, 2), "peak_mb": round(peak, 1),
                      "mem_vs_sdpa": round(peak / base_peak, 2)})
     print(f"device={device} threads={torch.get_num_threads()} dtype=float32 "
-          f"heads={args.heads} head_dim={args.head_dim} reps={args.reps}")
+          f"heads={args.heads} head_dim={args.head_dim} reps={args.reps} "
+          f"flush_denormal={args.flush_denormal}")
     print(f"{'seq':>6} {'impl':>14} {'fwd+bwd s':>10} {'x SDPA':>7} {'peak MB':>9} "
           f"{'x SDPA':>7}")
     for r in rows:
         print(f"{r['seq']:>6} {r['impl']:>14} {r['fwd_bwd_s']:>10.5f} {r['vs_sdpa']:>7.2f} "
               f"{r['peak_mb']:>9.1f} {r['mem_vs_sdpa']:>7.2f}")
-    print(json.dumps({"device": str(device), "rows": rows}))
+    print(json.dumps({"device": str(device), "flush_denormal": args.flush_denormal,
+                      "rows": rows}))
 
 
 if __name__ == "__main__":

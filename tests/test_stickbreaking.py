@@ -65,21 +65,27 @@ def grads(impl, q, k, v, d_out, **kw):
     return (out, *torch.autograd.grad(out, leaves, d_out))
 
 
-CASES = {  # (b, h, g, s, d, block elements, logit shift)
-    "odd_gqa_blocks": (2, 4, 2, 37, 8, 64, 0.0),
-    "long_sticks": (1, 2, 1, 50, 4, 256, 2.0),
-    "one_block": (1, 3, 3, 5, 4, 2**20, 0.0),
+CASES = {  # (b, h, g, s, d, tile keys, tile rows, logit shift)
+    "odd_gqa_tiles": (2, 4, 2, 37, 8, 8, 16, 0.0),
+    "long_sticks": (1, 2, 1, 50, 4, 16, 8, 2.0),
+    "one_tile": (1, 3, 3, 5, 4, 128, 256, 0.0),
+    # β ≈ 1: each row's survival underflows float64 within a few keys, the rest is skipped
+    "sticks_break_at_once": (1, 2, 2, 60, 4, 4, 8, -12.0),
 }
 
 
 def _compare(case, compiled, monkeypatch):
-    b, h, g, s, d, elements, shift = CASES[case]
+    b, h, g, s, d, tile, rows, shift = CASES[case]
     q, k, v, d_out = inputs(b, h, g, s, d, shift=shift)
+    if shift < 0:  # q and k along the same direction: large positive logits
+        k = k + 2 * torch.nn.functional.pad(torch.full((1,), shift), (0, d - 1))
     want = grads("reference", q, k, v, d_out)
-    monkeypatch.setattr(sb, "BLOCK_ELEMENTS", elements)
+    monkeypatch.setattr(sb, "TILE", tile)
+    monkeypatch.setattr(sb, "TILE_ROWS", rows)
     got = grads("chunked", q, k, v, d_out, compiled=compiled)
     for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    return q, k, v
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -87,11 +93,26 @@ def test_chunked_matches_reference(case, monkeypatch):
     _compare(case, False, monkeypatch)
 
 
+def test_tiles_stop_once_every_weight_underflows(monkeypatch):
+    """The early stop is taken (fewer tiles than the keys need), and exact."""
+    counts = []
+    real = sb._tiles
+
+    def counting(*args):
+        for n, tile in enumerate(real(*args), 1):
+            counts.append(n)
+            yield tile
+
+    monkeypatch.setattr(sb, "_tiles", counting)
+    _compare("sticks_break_at_once", False, monkeypatch)
+    assert max(counts) < 59 // 4  # the last block's rows have 59 keys: 15 tiles of 4
+
+
 @pytest.mark.slow
 def test_chunked_compiled_matches_reference(monkeypatch):
     """torch.compile's code (what CUDA runs from COMPILE_MIN_SEQ keys), here on the CPU;
     slow: Inductor compiles the forward and backward blocks (a minute or more)."""
-    _compare("odd_gqa_blocks", True, monkeypatch)
+    _compare("odd_gqa_tiles", True, monkeypatch)
 
 
 def test_chunked_bfloat16_follows_float32():

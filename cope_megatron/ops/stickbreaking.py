@@ -70,28 +70,32 @@ def _weights(q_blk, k_rev, drop, carry_blk, scale: float):
     if drop is not None:
         z[..., :drop.shape[-1]].masked_fill_(drop, float("-inf"))
     survived = F.softplus(z).cumsum(-1) + carry_blk[..., None]
-    return z, torch.exp(z - survived)
+    return z, torch.exp(z - survived), survived[..., -1]
 
 
 def forward_block(q_blk, k_rev, v_rev, drop, carry_blk, scale: float):
-    """(Σ_j A_ij v_j, Σ_j A_ij) of a block over its window (``_weights``)."""
-    _, weights = _weights(q_blk, k_rev, drop, carry_blk, scale)
-    return weights @ v_rev, weights.sum(-1)
+    """(Σ_j A_ij v_j, Σ_j A_ij, the carry past the window) of a block (``_weights``)."""
+    _, weights, carry = _weights(q_blk, k_rev, drop, carry_blk, scale)
+    return weights @ v_rev, weights.sum(-1), carry
 
 
-def backward_block(q_blk, k_rev, v_rev, drop, carry_blk, do_blk, self_dot_blk, scale: float):
-    """(dq, dk_rev, dv_rev, Σ_j dL_ij) of a block, without the part of Σ_{j≤t} dL that
-    comes from keys farther than the window (``correction_block``); ``self_dot_blk`` =
-    dO_i·v_i. dz_it = dL_it (1 − β_it) − β_it Σ_{j<t} dL_ij = dL_it − β_it Σ_{j≤t} dL_ij,
-    the sum over the window's keys as far as or farther than t: the row total minus the
-    nearer ones (no cancellation to fear: |Σ dL| ≤ max |dA|, as Σ A ≤ 1)."""
-    z, weights = _weights(q_blk, k_rev, drop, carry_blk, scale)
+def backward_block(q_blk, k_rev, v_rev, drop, carry_blk, do_blk, self_dot_blk, scale: float,
+                   farther_blk=None):
+    """(dq, dk_rev, dv_rev, Σ_j dL_ij, the carry past the window) of a block;
+    ``self_dot_blk`` = dO_i·v_i. dz_it = dL_it (1 − β_it) − β_it Σ_{j<t} dL_ij
+    = dL_it − β_it Σ_{j≤t} dL_ij, the sum over the keys as far as or farther than t:
+    ``farther_blk`` (Σ dL over the window's keys and all farther ones) minus the window's
+    nearer ones; None: the window's own total, the part from keys farther than the window
+    then comes from ``correction_block``. No cancellation to fear: |Σ dL| ≤ max |dA|, as
+    Σ A ≤ 1."""
+    z, weights, carry = _weights(q_blk, k_rev, drop, carry_blk, scale)
     d_l = weights * (do_blk @ v_rev.transpose(-1, -2) - self_dot_blk[..., None])
     nearer = d_l.cumsum(-1)
     total = nearer[..., -1:]
-    dz = d_l - torch.sigmoid(z) * (total - nearer + d_l)
+    farther = total if farther_blk is None else farther_blk[..., None]
+    dz = d_l - torch.sigmoid(z) * (farther - nearer + d_l)
     return (scale * (dz @ k_rev), scale * (dz.transpose(-1, -2) @ q_blk),
-            weights.transpose(-1, -2) @ do_blk, total[..., 0])
+            weights.transpose(-1, -2) @ do_blk, total[..., 0], carry)
 
 
 def correction_block(q_blk, k_rev, drop, carried_blk, scale: float):
@@ -164,7 +168,7 @@ def chunk_forward(q, k, v, carry, *, scale: float, causal: bool,
         keys, drop = order.window(r0, r1)
         if keys.start == keys.stop:
             continue  # row 0 of the diagonal has no earlier key
-        acc[:, :, r0:r1], mass[:, :, r0:r1] = fwd(
+        acc[:, :, r0:r1], mass[:, :, r0:r1], _ = fwd(
             q[:, :, r0:r1].to(work), k_rev[:, :, keys], v_rev[:, :, keys], drop,
             carry[:, :, r0:r1], scale)
     return acc, mass
@@ -186,7 +190,7 @@ def chunk_backward(q, k, v, carry, d_out, self_dot, grads, *, scale: float, caus
         keys, drop = order.window(r0, r1)
         if keys.start == keys.stop:
             continue
-        dq_b, dk_w, dv_w, d_l_sum[:, :, r0:r1] = bwd(
+        dq_b, dk_w, dv_w, d_l_sum[:, :, r0:r1], _ = bwd(
             q[:, :, r0:r1].to(work), k_rev[:, :, keys], v_rev[:, :, keys], drop,
             carry[:, :, r0:r1], d_out[:, :, r0:r1], self_dot[:, :, r0:r1], scale)
         dq[:, :, r0:r1] += dq_b
@@ -222,30 +226,89 @@ def with_remainder(acc: torch.Tensor, mass: torch.Tensor, v_self: torch.Tensor
     return acc + (1 - mass)[..., None] * v_self
 
 
+TILE = 128
+"""Keys per tile of the single-rank op, nearest first."""
+TILE_ROWS = 256
+
+
+def _limit(dtype: torch.dtype) -> float:
+    """A log-survival past which every weight is 0 in ``dtype``: below its smallest
+    subnormal, with margin."""
+    finfo = torch.finfo(dtype)
+    return 2 - math.log(finfo.tiny * finfo.eps)
+
+
+def _tiles(q, k, v, r0: int, r1: int, work: torch.dtype):
+    """(key range, k and v nearest first, drop mask) of the tiles of rows r0…r1−1: their
+    keys 0…r1−2, from the diagonal back, ``TILE`` at a time."""
+    end = r1 - 1
+    rows = torch.arange(r0, r1, device=q.device)
+    for j1 in range(end, 0, -TILE):
+        j0 = max(0, j1 - TILE)
+        keys = torch.arange(j1 - 1, j0 - 1, -1, device=q.device)
+        near = keys >= r0  # only keys at or after the first row can be after a row
+        drop = keys[near][None, :] >= rows[:, None] if bool(near.any()) else None
+        yield (j0, j1, k[:, :, j0:j1].flip(2).to(work), v[:, :, j0:j1].flip(2).to(work),
+               drop)
+
+
 class _StickBreakingChunked(torch.autograd.Function):
+    """One rank: rows in blocks of ``TILE_ROWS``, keys in tiles from the diagonal back,
+    the log-survival carried from tile to tile. Once every row of a block has a log-
+    survival past ``_limit``, all farther weights are exactly 0 in the working dtype, and
+    so are their gradients (dz = dL − β Σ_{j≤t} dL, every term 0): the block stops, and
+    the backward recomputes the same tiles. Σ_{j≤t} dL comes from each row's total over
+    all its keys, Σ_j dL_ij = dO_i·(out_i − v_i), less the nearer tiles'."""
+
     @staticmethod
     def forward(ctx, q, k, v, scale, compiled):
         dtype, work = q.dtype, work_dtype(q.dtype)
-        q, k, v = q.detach(), k.detach(), v.detach()  # bf16 stays bf16: blocks convert
+        q, k, v = q.detach(), k.detach(), v.detach()  # bf16 stays bf16: tiles convert
         ke, ve = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
-        carry = torch.zeros(q.shape[:3], dtype=work, device=q.device)
-        acc, mass = chunk_forward(q, ke, ve, carry, scale=scale, causal=True,
-                                  compiled=compiled)
-        ctx.save_for_backward(q, k, v, mass)
-        ctx.cfg = (scale, compiled, dtype)
-        return with_remainder(acc, mass, ve).to(dtype)
+        fwd, _ = _functions(use_compiled(q.device, q.shape[2], compiled))
+        acc = torch.zeros(q.shape, dtype=work, device=q.device)
+        mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
+        limit, used = _limit(work), []
+        for r0 in range(0, q.shape[2], TILE_ROWS):
+            r1 = min(q.shape[2], r0 + TILE_ROWS)
+            q_blk, carry, n = q[:, :, r0:r1].to(work), mass.new_zeros(*q.shape[:2], r1 - r0), 0
+            for _, _, k_t, v_t, drop in _tiles(q, ke, ve, r0, r1, work):
+                a, m, carry = fwd(q_blk, k_t, v_t, drop, carry, scale)
+                acc[:, :, r0:r1] += a
+                mass[:, :, r0:r1] += m
+                n += 1
+                if bool((carry > limit).all()):
+                    break
+            used.append(n)
+        out = with_remainder(acc, mass, ve)
+        ctx.save_for_backward(q, k, v, mass, out)
+        ctx.cfg = (scale, compiled, dtype, used)
+        return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, mass = ctx.saved_tensors
-        scale, compiled, dtype = ctx.cfg
-        h, kv_heads = q.shape[1], k.shape[1]
+        q, k, v, mass, out = ctx.saved_tensors
+        scale, compiled, dtype, used = ctx.cfg
+        h, kv_heads, work = q.shape[1], k.shape[1], mass.dtype
         ke, ve = expand_kv(k, h), expand_kv(v, h)
-        d_out = d_out.to(mass.dtype).contiguous()
-        dq, dk = (torch.zeros(t.shape, dtype=mass.dtype, device=t.device) for t in (q, ke))
+        _, bwd = _functions(use_compiled(q.device, q.shape[2], compiled))
+        d_out = d_out.to(work).contiguous()
+        self_dot = (d_out * ve).sum(-1)
+        row_total = (d_out * out).sum(-1) - self_dot  # Σ_j dL_ij = dO_i·(out_i − v_i)
+        dq, dk = (torch.zeros(t.shape, dtype=work, device=t.device) for t in (q, ke))
         dv = (1 - mass)[..., None] * d_out  # the remainder's own value
-        chunk_backward(q, ke, ve, torch.zeros_like(mass), d_out, (d_out * ve).sum(-1),
-                       (dq, dk, dv), scale=scale, causal=True, compiled=compiled)
+        for r0, n in zip(range(0, q.shape[2], TILE_ROWS), used):
+            r1 = min(q.shape[2], r0 + TILE_ROWS)
+            q_blk, do_blk, dot_blk = q[:, :, r0:r1].to(work), d_out[:, :, r0:r1], \
+                self_dot[:, :, r0:r1]
+            carry, farther = torch.zeros_like(dot_blk), row_total[:, :, r0:r1]
+            for _, (j0, j1, k_t, v_t, drop) in zip(range(n), _tiles(q, ke, ve, r0, r1, work)):
+                dq_b, dk_t, dv_t, tile_sum, carry = bwd(q_blk, k_t, v_t, drop, carry, do_blk,
+                                                        dot_blk, scale, farther)
+                farther = farther - tile_sum
+                dq[:, :, r0:r1] += dq_b
+                dk[:, :, j0:j1] += dk_t.flip(2)
+                dv[:, :, j0:j1] += dv_t.flip(2)
         dk, dv = reduce_kv_heads(dk, kv_heads), reduce_kv_heads(dv, kv_heads)
         return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None
 
