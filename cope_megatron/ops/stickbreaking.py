@@ -233,7 +233,7 @@ def with_remainder(acc: torch.Tensor, mass: torch.Tensor, v_self: torch.Tensor
 
 TILE = 128
 """Keys per tile of the single-rank op, nearest first."""
-TILE_ROWS = 256
+TILE_ROWS = 128
 
 
 def _limit(dtype: torch.dtype) -> float:
