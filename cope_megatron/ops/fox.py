@@ -25,7 +25,10 @@ Keys whose weight is certainly below the dtype's smallest subnormal for every ro
 part are left out (``far_keys``): their terms are exactly 0 in that dtype anyway, and
 computing them is slow on CPUs, where subnormal arithmetic takes microcode assists (with
 strong forgetting, a 4k-token fwd+bwd ran 3-5x slower). F is non-increasing (log f ≤ 0),
-so they are a prefix of the keys.
+so they are a prefix of the keys. Keys nearer than that whose weights still fall in the
+subnormal range are computed by the flash kernel, at the CPU's subnormal speed unless the
+process flushes subnormals (``torch.set_flush_denormal(True)`` before its threads start;
+bench/results_peers_op_cpu.txt has both).
 
 ``part_forward``/``part_backward`` also serve a (query chunk, key chunk) pair of a sequence
 split over context-parallel ranks (``ops.context_parallel.fox``).

@@ -15,13 +15,18 @@ diagonal back. Backward, with dA_ij = dO_i·(v_j − v_i) and dL = A ⊙ dA:
     dz_it = dL_it · (1 − β_it) − β_it · Σ_{j<t} dL_ij,
 a forward cumulative sum of dL along the row (the adjoint of the running sum).
 
-impl: "reference" (O(s²) memory, the ground truth) or "chunked" ("auto"): query rows in
-blocks against their keys, every block recomputed in backward from q, k, v and the
-remainder of each row, so nothing [s, s] is kept. ``chunk_forward``/``chunk_backward`` also
-serve a (query chunk, key chunk) pair of a sequence split over context-parallel ranks
-(``ops.context_parallel.stickbreaking``): ``carry`` is the row's Σ sp over nearer keys, in
-other chunks, and the backward returns each row's Σ dL over the chunk, which farther chunks'
-nearer keys need. The block math runs eagerly or through torch.compile (``compiled``): no
+impl: "reference" (O(s²) memory, the ground truth) or "chunked" ("auto"): on one rank, query
+rows in blocks against key tiles from the diagonal back, the log-survival carried from tile
+to tile, until every row's weights are 0 in the working dtype (``_StickBreakingChunked``:
+with β ≈ ½ that is a couple of hundred keys, so the work is nearly linear in s); backward
+recomputes the same tiles from q, k, v, the output and each row's remainder, so nothing
+[s, s] is kept. Weights below the dtype's smallest normal number are set to exactly 0:
+subnormal arithmetic is slow on CPUs and such terms cannot change a sum in the dtype.
+``chunk_forward``/``chunk_backward`` serve a (query chunk, key chunk) pair of a sequence
+split over context-parallel ranks (``ops.context_parallel.stickbreaking``): ``carry`` is
+the row's Σ sp over nearer keys, in other chunks, and the backward returns each row's Σ dL
+over the chunk, which farther chunks' nearer keys need. The block math runs eagerly or
+through torch.compile (``compiled``; CUDA's choice from ``COMPILE_MIN_SEQ`` keys): no
 library has it (the authors' kernel is single-device Triton).
 """
 
