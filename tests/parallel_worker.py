@@ -70,7 +70,7 @@ def launch(tmp_path, nproc: int, layouts: dict) -> dict:
 
 def pe_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters()
-            if "core_attention" in n or "position_embeddings" in n}
+            if "core_attention" in n or "position_embeddings" in n or "linear_gate" in n}
 
 
 def unshard(param: torch.nn.Parameter, tensor: torch.Tensor) -> torch.Tensor:

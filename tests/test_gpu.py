@@ -1,6 +1,7 @@
 """On a CUDA device (``pytest -m gpu``; skipped without one, never in the CPU default):
 the compiled Triton CoPE kernels against the float64 reference, forward and all four
-gradients, in fp32 and bf16; a few bf16 DeepSpeed steps of the debug model for every PE;
+gradients, in fp32 and bf16; the FoX and stick-breaking ops' CUDA paths likewise; a few
+bf16 DeepSpeed steps of the debug model for every PE;
 the activation estimate for 125M against the allocator; TP=2 against one process when two
 GPUs exist.
 
@@ -91,6 +92,35 @@ def test_chunked_op_on_cuda_matches_float64_reference():
     got = torch.autograd.grad(out, fast, grad.float())
     want = torch.autograd.grad(ref, exact, grad)
     errors = [relative_error(a, w) for a, w in zip((out, *got), (ref, *want))]
+    assert max(errors) < TOLERANCE[torch.float32], errors
+
+
+@pytest.mark.parametrize("pe", ["fox", "stickbreaking"])
+def test_peer_chunked_op_on_cuda_matches_float64_reference(pe):
+    """``auto``'s choice on CUDA for CoPE's peers: FoX's parts in row-chunked matrix
+    products, stick-breaking's torch.compile'd blocks (1100 keys, past COMPILE_MIN_SEQ);
+    GQA, forward and every gradient, the forget gates' included."""
+    from cope_megatron.ops.fox import fox_attention
+    from cope_megatron.ops.stickbreaking import stickbreaking_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    inputs = [torch.randn(*shape, generator=gen, device="cuda", dtype=torch.float64)
+              for shape in ((1, 4, 1100, 64), (1, 2, 1100, 64), (1, 2, 1100, 64), (1, 4, 1100))]
+    inputs[3] += 3  # forget gates near 0.95
+    fast = [t.float().requires_grad_() for t in inputs]
+    exact = [t.detach().clone().requires_grad_() for t in inputs]
+
+    def run(q, k, v, gate, impl):
+        if pe == "fox":
+            return fox_attention(q, k, v, torch.nn.functional.logsigmoid(gate), impl=impl)
+        return stickbreaking_attention(q, k, v, impl=impl) + 0 * gate[..., None]
+
+    out, ref = run(*fast, impl="auto"), run(*exact, impl="reference")
+    grad = torch.randn(ref.shape, generator=gen, device="cuda", dtype=torch.float64)
+    got = torch.autograd.grad(out, fast, grad.float())
+    want = torch.autograd.grad(ref, exact, grad)
+    errors = [relative_error(a, w) for a, w in zip((out, *got), (ref, *want))
+              if w.abs().sum() > 0]
     assert max(errors) < TOLERANCE[torch.float32], errors
 
 

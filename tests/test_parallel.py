@@ -16,10 +16,10 @@ TWO_RANKS = {"tp2": layout(2, False, 0), "tp2_sp": layout(2, True, 0),
              "cp2": layout(1, False, 0, context=2)}
 FOUR_RANKS = {
     "tp2_dp2_zero2": layout(2, True, 2, pick("cope", "cope_per_head", "t5", "alibi")),
-    "cp2_tp2_sp": layout(2, True, 0, pick("cope", "cope_per_head", "alibi", "schedule",
-                                          "length_scale", *SCALED),
-                         context=2),
-    "cp4": layout(1, False, 0, pick("cope", "cope_rope"), context=4),
+    "cp2_tp2_sp": layout(2, True, 0, pick("cope", "cope_per_head", "alibi", "fox",
+                                          "stickbreaking", "schedule", "length_scale",
+                                          *SCALED), context=2),
+    "cp4": layout(1, False, 0, pick("cope", "cope_rope", "fox", "stickbreaking"), context=4),
     "cp2_dp2_zero2": layout(1, False, 2, pick("cope"), context=2),
     "cp2_dp2_zero3": layout(1, False, 3, pick("cope"), context=2),
 }

@@ -167,7 +167,7 @@ def summary(est: Estimate, *, mfu: float = 0.4, peak_tflops: float | None = None
         f"ZeRO-{lay.zero_stage}, {t.precision}, micro batch {t.micro_batch_size} x "
         f"{cfg.model.seq_length} tokens, recompute {t.recompute}",
         f"FLOPs per token: {f.model / 1e9:,.2f} G (dense {f.dense / 1e9:,.2f} G, attention "
-        f"{f.attention / 1e9:,.2f} G, CoPE table {f.cope_matmul / 1e9:,.3f} G; CoPE "
+        f"{f.attention / 1e9:,.2f} G, CoPE table {f.cope_matmul / 1e9:,.3f} G; PE "
         f"elementwise {f.cope_elementwise / 1e9:,.3f} G, not counted in MFU)",
         "memory per GPU: " + ", ".join(f"{k} {_gib(v)}" for k, v in est.memory.items())
         + f" = {est.total_gib:.1f} GiB",

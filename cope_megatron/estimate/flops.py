@@ -11,7 +11,10 @@ weights). Per token, one forward is:
   head for each, (s + 1)/2 keys on average: what a causal FlashAttention kernel computes;
 - CoPE's extra work, reported apart: the position-logit matmul z = q·E (2·d·npos per head),
   and per visible key a handful of elementwise operations (sigmoid, cumulative sum,
-  gather, interpolation) that run off the tensor cores.
+  gather, interpolation) that run off the tensor cores; other PEs' elementwise work per
+  key (``PositionEncoding.elementwise_per_key``: FoX's bias, stick-breaking's log-space
+  weights) is reported in the same place;
+- a token gate (FoX) is one more projection, counted in dense.
 MFU counts dense + attention (+ CoPE's matmul), so it compares PEs on the same footing.
 """
 
@@ -47,13 +50,15 @@ class FlopsPerToken:
         return {**asdict(self), "model": self.model}
 
 
-def matmul_weights(cfg: Config, vocab_size: int) -> int:
-    """Weights that multiply activations per token: every linear layer and the logits."""
+def matmul_weights(cfg: Config, vocab_size: int, gate_layers: int = 0) -> int:
+    """Weights that multiply activations per token: every linear layer and the logits,
+    and the token-gate projection of ``gate_layers`` layers (FoX)."""
     m = cfg.model
     qkv = m.hidden_size * (m.num_attention_heads + 2 * m.query_groups) * m.head_dim
+    gate = gate_layers * m.hidden_size * m.num_attention_heads
     proj = m.num_attention_heads * m.head_dim * m.hidden_size
     mlp = 2 * m.hidden_size * m.ffn_size
-    return m.num_layers * (qkv + proj + mlp) + vocab_size * m.hidden_size
+    return m.num_layers * (qkv + proj + mlp) + gate + vocab_size * m.hidden_size
 
 
 def flops_per_token(cfg: Config, pe: ModelPE, vocab_size: int,
@@ -67,11 +72,15 @@ def flops_per_token(cfg: Config, pe: ModelPE, vocab_size: int,
     per_head_key = 2 * 2 * head_dim  # q·k and p·v, one multiply-add each per dimension
     visible = (s + 1) / 2
     attention = m.num_layers * m.num_attention_heads * per_head_key * visible
-    cope_layers = sum(layer.uses_cope_op for layer in pe.per_layer(m.num_layers))
     npos = cfg.pe.cope.npos_max
+    layers = pe.per_layer(m.num_layers)
+    cope_layers = sum(layer.uses_cope_op for layer in layers)
     cope_matmul = cope_layers * m.num_attention_heads * 2 * head_dim * npos
-    elementwise = cope_layers * m.num_attention_heads * COPE_ELEMENTWISE_PER_KEY * visible
-    return FlopsPerToken(dense=3 * 2 * matmul_weights(cfg, vocab_size),
+    per_key = sum(COPE_ELEMENTWISE_PER_KEY if layer.uses_cope_op else layer.elementwise_per_key
+                  for layer in layers)
+    elementwise = m.num_attention_heads * per_key * visible
+    gate_layers = sum(layer.token_gate for layer in layers)
+    return FlopsPerToken(dense=3 * 2 * matmul_weights(cfg, vocab_size, gate_layers),
                          attention=3 * attention, cope_matmul=3 * cope_matmul,
                          cope_elementwise=3 * elementwise)
 

@@ -14,8 +14,8 @@ from cope_megatron.pe.length_scale import LengthScale
 
 
 def pe_parameters(cfg: Config, pe: PositionEncoding, tensor: int = 1) -> int:
-    """Parameters of one layer's PE attention on one TP rank (CoPE's table, T5's buckets, a
-    learned length scale), counted on the meta device."""
+    """Parameters of one layer's PE on one TP rank (CoPE's table, T5's buckets, a learned
+    length scale: its attention, counted on the meta device; FoX's gate projection)."""
     m = cfg.model
     shape = AttentionShape.of_rank(
         total_heads=m.num_attention_heads, total_kv_heads=m.query_groups, head_dim=m.head_dim,
@@ -24,7 +24,8 @@ def pe_parameters(cfg: Config, pe: PositionEncoding, tensor: int = 1) -> int:
         modules = [pe.attention(shape, cfg.pe)]
         if cfg.pe.length_scale.type != "none":
             modules.append(LengthScale(shape, cfg.pe.length_scale, m.seq_length))
-    return sum(p.numel() for module in modules for p in module.parameters())
+    gate = (m.hidden_size + 1) * m.num_attention_heads // tensor if pe.token_gate else 0
+    return gate + sum(p.numel() for module in modules for p in module.parameters())
 
 
 def parameters(cfg: Config, pe: ModelPE, vocab_size: int, tensor: int = 1) -> int:

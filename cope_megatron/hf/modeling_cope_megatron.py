@@ -3,11 +3,10 @@ models exported by ``cope-megatron export`` (loaded with ``trust_remote_code=Tru
 
 No standard architecture computes our function for every PE (Megatron's grouped QKV
 layout, CoPE, T5 buckets on a decoder, ALiBi with GPT-2's biases and LayerNorm, Kerple,
-FIRE), so this
-file implements the block once and each PE beside it. It is copied next to the weights and
-needs only torch and transformers; CoPE runs ``cope_megatron.ops.cope_attention`` when
-that package is installed (memory linear in the length), and the same math plainly
-otherwise.
+FIRE, FoX's forget gate, stick-breaking), so this file implements the block once and each
+PE beside it. It is copied next to the weights and needs only torch and transformers;
+CoPE, FoX and stick-breaking run ``cope_megatron.ops``' memory-efficient ops when that
+package is installed (memory linear in the length), and the same math plainly otherwise.
 """
 
 from __future__ import annotations
@@ -194,6 +193,46 @@ def cope(q, k, v, table, npos_max: int, scale: float) -> torch.Tensor:
     return cope_attention(q, k, v, table, npos_max=npos_max, softmax_scale=scale)
 
 
+def fox_plain(q, k, v, log_f, scale: float) -> torch.Tensor:
+    """FoX (Lin et al. 2025): logits plus Σ_{l=j+1..i} log f_l = F_i − F_j, F the prefix
+    sum of the log forget gates log_f [b, h, s]; materializing [b, h, s, s]."""
+    s = q.shape[2]
+    prefix = log_f.cumsum(-1)
+    bias = prefix[..., :, None] - prefix[..., None, :]
+    future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(future, -math.inf),
+                                          scale=scale)
+
+
+def fox(q, k, v, log_f, scale: float) -> torch.Tensor:
+    try:
+        from cope_megatron.ops.fox import fox_attention
+    except ImportError:
+        return fox_plain(q, k, v, log_f, scale)
+    return fox_attention(q, k, v, log_f, softmax_scale=scale)
+
+
+def stickbreaking_plain(q, k, v, scale: float) -> torch.Tensor:
+    """Stick-breaking (Tan et al. 2025): key j < i gets β_ij Π_{j<t<i} (1 − β_it),
+    β = σ(scale·q·k), the rest of the stick weights the query's own value; in log space,
+    materializing [b, h, s, s]."""
+    s = q.shape[2]
+    z = scale * q @ k.transpose(-1, -2)
+    earlier = torch.ones(s, s, dtype=torch.bool, device=q.device).tril(-1)
+    log_survive = F.logsigmoid(-z).masked_fill(~earlier, 0.0)
+    after = log_survive.flip(-1).cumsum(-1).flip(-1) - log_survive  # Σ_{j<t<i}
+    weights = torch.exp(F.logsigmoid(z) + after).masked_fill(~earlier, 0.0)
+    return weights @ v + (1 - weights.sum(-1, keepdim=True)) * v
+
+
+def stickbreaking(q, k, v, scale: float) -> torch.Tensor:
+    try:
+        from cope_megatron.ops.stickbreaking import stickbreaking_attention
+    except ImportError:
+        return stickbreaking_plain(q, k, v, scale)
+    return stickbreaking_attention(q, k, v, softmax_scale=scale)
+
+
 # -- the model ----------------------------------------------------------------------------
 
 
@@ -228,6 +267,8 @@ class Attention(nn.Module):
             self.mlp_in_bias = nn.Parameter(torch.zeros(width))
             self.mlp_out_weight = nn.Parameter(torch.zeros(self.heads, width))
             self.mlp_out_bias = nn.Parameter(torch.zeros(self.heads))
+        if pe == "fox":  # the forget gate: one logit per head from the layer's input
+            self.linear_gate = nn.Linear(config.hidden_size, self.heads)
         if config.length_scale != "none":  # scaled queries: s_h · ln(i + 1) for row i
             s = torch.full((self.heads,), config.length_scale_s)
             if config.length_scale == "learned":
@@ -270,6 +311,11 @@ class Attention(nn.Module):
         scale = 1.0 / math.sqrt(self.head_dim)
         if self.pe in ("cope", "cope_rope"):
             out = cope(q, k, v, self.cope_table, self.config.cope_npos_max, scale)
+        elif self.pe == "fox":
+            log_f = F.logsigmoid(self.linear_gate(x).float()).transpose(1, 2)  # [b, h, s]
+            out = fox(q, k, v, log_f.to(q.dtype), scale)
+        elif self.pe == "stickbreaking":
+            out = stickbreaking(q, k, v, scale)
         else:
             bias = self.position_bias(s, x.device)
             out = F.scaled_dot_product_attention(

@@ -51,6 +51,7 @@ class PECoreAttention(MegatronModule):
         self.attention = pe.attention(shape, pe_options)
         self.length_scale = (LengthScale(shape, pe_options.length_scale, train_length)
                              if pe_options.length_scale.type != "none" else None)
+        self.token_gate = pe.token_gate
         # Megatron hands its CP group to core attention; the PE runs it over the ring.
         cp_group = (pg_collection.cp if pg_collection is not None
                     else parallel_state.get_context_parallel_group())
@@ -66,19 +67,22 @@ class PECoreAttention(MegatronModule):
         attention_bias=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("PECoreAttention supports neither packed sequences nor external bias")
-        # [s, b, h, d] -> [b, h, s, d]
+        if packed_seq_params is not None or (attention_bias is not None) != self.token_gate:
+            raise ValueError("PECoreAttention supports neither packed sequences nor external "
+                             "bias (only a token-gate PE's gate logits, from "
+                             "model.token_gate)")
+        # [s, b, h, d] -> [b, h, s, d]; gate logits [s, b, h] -> [b, h, s]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if self.length_scale is not None:
             q = self.length_scale(q, self._positions(q.shape[2], q.device))
+        extra = {"gate": attention_bias.permute(1, 2, 0)} if self.token_gate else {}
         if self.training and self.dropout > 0 and not self.sequence_parallel:
             # Heads differ per TP rank, so dropout draws from the TP-rank stream (as
             # Megatron's DotProductAttention does).
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = self.attention(q, k, v, self.cp)
+                out = self.attention(q, k, v, self.cp, **extra)
         else:
-            out = self.attention(q, k, v, self.cp)
+            out = self.attention(q, k, v, self.cp, **extra)
         b, h, s, d = out.shape
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
 

@@ -11,6 +11,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from cope_megatron.config import Config
 from cope_megatron.model.attention import PECoreAttention
 from cope_megatron.model.norm import SequenceParallelNorm
+from cope_megatron.model.token_gate import TokenGateSelfAttention
 from cope_megatron.pe import ModelPE, PositionEncoding
 
 
@@ -23,6 +24,10 @@ class UnrotatedSelfAttention(SelfAttention):
                      "rotary_pos_cos_sin"):
             kwargs.pop(name, None)
         return super().forward(*args, **kwargs)
+
+
+class UnrotatedTokenGateSelfAttention(UnrotatedSelfAttention, TokenGateSelfAttention):
+    """A token-gate attention (FoX) in a model whose other layers rotate."""
 
 
 def get_layer_spec(cfg: Config, pe: ModelPE) -> TransformerBlockSubmodules:
@@ -39,7 +44,10 @@ def _layer_spec(cfg: Config, pe: PositionEncoding, drop_rotary: bool) -> ModuleS
     layer = spec.submodules
     layer.input_layernorm = SequenceParallelNorm
     layer.pre_mlp_layernorm = SequenceParallelNorm
-    if drop_rotary:
+    if pe.token_gate:
+        layer.self_attention.module = (UnrotatedTokenGateSelfAttention if drop_rotary
+                                       else TokenGateSelfAttention)
+    elif drop_rotary:
         layer.self_attention.module = UnrotatedSelfAttention
     layer.self_attention.submodules.core_attention = ModuleSpec(
         module=PECoreAttention,

@@ -65,5 +65,5 @@ def model_pe(model: ModelConfig) -> PositionEncoding | PESchedule:
 
 
 from cope_megatron.pe import (  # noqa: E402,F401,I001
-    alibi, cope, fire, kerple, learned, nope, rope, sinusoidal, t5,
+    alibi, cope, fire, fox, kerple, learned, nope, rope, sinusoidal, stickbreaking, t5,
 )

@@ -8,7 +8,9 @@ A PE touches a GPT in at most three places, each with a do-nothing default:
   encodings;
 - ``attention``: the core attention, on [b, heads, s, head_dim] tensors, where
   logit biases (ALiBi, T5, Kerple, FIRE) and CoPE live. It takes the context-parallel group
-  when the sequence is split over ranks, and hands the exchange to ``ops.context_parallel``.
+  when the sequence is split over ranks, and hands the exchange to ``ops.context_parallel``;
+  with ``token_gate``, also a logit per head and token computed from the layer's input
+  (FoX's forget gate), as ``gate`` [b, heads, s].
 
 A parameter split over TP ranks by head is made with ``head_sharded_parameter``, whose tag
 is the one record of that fact: checkpoint conversion and export read it
@@ -170,6 +172,13 @@ class PositionEncoding:
     of the model allows (``hf.standard``); None: ``hf/modeling_cope_megatron.py``."""
     check: Callable[[Config], None] | None = None
     """Its own start-up check of a run config (ConfigError naming the key)."""
+    token_gate: bool = False
+    """Its attention takes a logit per head and token from a projection of the layer's
+    input (``model.token_gate``): FoX's forget gate, which core attention, seeing only q,
+    k and v, cannot compute."""
+    elementwise_per_key: int = 0
+    """Elementwise operations per visible key and head beyond softmax attention's (CoPE's
+    are ``estimate.flops.COPE_ELEMENTWISE_PER_KEY``), counted apart from MFU."""
     bias_saved: Callable[[Config], int] | None = None
     """fp32 elements per (query, key) pair that computing its bias keeps for backward on
     the materialized path, besides the [heads, s, s] bias itself (FIRE's MLP activations;

@@ -1,0 +1,181 @@
+"""Stick-breaking attention: the reference against the paper's stick broken one key at a
+time, the chunked op (eager, and torch.compile as CUDA runs it) against the float64
+reference in forward and every gradient at odd lengths and with GQA, bf16 against fp32,
+and the context-parallel op against one rank on 2 and 4 forked ranks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cope_megatron.ops import stickbreaking as sb
+from cope_megatron.ops.context_parallel.ring import ContextParallel
+from cope_megatron.ops.context_parallel.stickbreaking import (
+    stickbreaking_attention_context_parallel,
+)
+from cope_megatron.ops.stickbreaking import stickbreaking_attention
+from tests.helpers import forked_ranks
+
+
+def inputs(b, h, g, s, d, *, shift=0.0, dtype=torch.float64, seed=0):
+    """q, k, v and an output gradient; ``shift`` moves every logit by about −shift²
+    (β near 0: long sticks reaching far back)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    q, k, v = randn(b, h, s, d), randn(b, g, s, d), randn(b, g, s, d)
+    direction = torch.zeros(d, dtype=torch.float64)
+    direction[0] = shift
+    return (q + direction).to(dtype), (k - direction).to(dtype), v.to(dtype), \
+        randn(b, h, s, d).to(dtype)
+
+
+def paper_loops(q, k, v, scale):
+    """Each query breaks its stick from the nearest earlier key back; the rest of the
+    stick weights its own value."""
+    b, h, s, d = q.shape
+    rep = h // k.shape[1]
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for hi in range(h):
+            for i in range(s):
+                stick, o = 1.0, torch.zeros(d, dtype=q.dtype)
+                for j in range(i - 1, -1, -1):
+                    beta = torch.sigmoid(scale * q[bi, hi, i] @ k[bi, hi // rep, j])
+                    o = o + stick * beta * v[bi, hi // rep, j]
+                    stick = stick * (1 - beta)
+                out[bi, hi, i] = o + stick * v[bi, hi // rep, i]
+    return out
+
+
+def test_reference_is_the_paper_formula():
+    q, k, v, _ = inputs(1, 2, 1, 9, 4)
+    got = stickbreaking_attention(q, k, v, softmax_scale=0.7, impl="reference")
+    torch.testing.assert_close(got, paper_loops(q, k, v, 0.7), rtol=0, atol=1e-12)
+
+
+def grads(impl, q, k, v, d_out, **kw):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = stickbreaking_attention(*leaves, impl=impl, **kw)
+    return (out, *torch.autograd.grad(out, leaves, d_out))
+
+
+CASES = {  # (b, h, g, s, d, tile keys, tile rows, logit shift)
+    "odd_gqa_tiles": (2, 4, 2, 37, 8, 8, 16, 0.0),
+    "long_sticks": (1, 2, 1, 50, 4, 16, 8, 2.0),
+    "one_tile": (1, 3, 3, 5, 4, 128, 256, 0.0),
+    # β ≈ 1: each row's survival underflows float64 within a few keys, the rest is skipped
+    "sticks_break_at_once": (1, 2, 2, 60, 4, 4, 8, -12.0),
+}
+
+
+def _compare(case, compiled, monkeypatch):
+    b, h, g, s, d, tile, rows, shift = CASES[case]
+    q, k, v, d_out = inputs(b, h, g, s, d, shift=shift)
+    if shift < 0:  # q and k along the same direction: large positive logits
+        k = k + 2 * torch.nn.functional.pad(torch.full((1,), shift), (0, d - 1))
+    want = grads("reference", q, k, v, d_out)
+    monkeypatch.setattr(sb, "TILE", tile)
+    monkeypatch.setattr(sb, "TILE_ROWS", rows)
+    got = grads("chunked", q, k, v, d_out, compiled=compiled)
+    for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+    return q, k, v
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_chunked_matches_reference(case, monkeypatch):
+    _compare(case, False, monkeypatch)
+
+
+def test_tiles_stop_once_every_weight_underflows(monkeypatch):
+    """The early stop is taken (fewer tiles than the keys need), and exact."""
+    counts = []
+    real = sb._tiles
+
+    def counting(*args):
+        for n, tile in enumerate(real(*args), 1):
+            counts.append(n)
+            yield tile
+
+    monkeypatch.setattr(sb, "_tiles", counting)
+    _compare("sticks_break_at_once", False, monkeypatch)
+    assert max(counts) < 59 // 4  # the last block's rows have 59 keys: 15 tiles of 4
+
+
+@pytest.mark.slow
+def test_chunked_compiled_matches_reference(monkeypatch):
+    """torch.compile's code (what CUDA runs from COMPILE_MIN_SEQ keys), here on the CPU;
+    slow: Inductor compiles the forward and backward blocks (a minute or more)."""
+    _compare("odd_gqa_tiles", True, monkeypatch)
+
+
+def test_chunked_bfloat16_follows_float32():
+    q, k, v, d_out = inputs(1, 4, 2, 70, 16, dtype=torch.float32)
+    want = grads("chunked", q, k, v, d_out)
+    got = grads("chunked", *(t.bfloat16() for t in (q, k, v, d_out)))
+    assert got[0].dtype == torch.bfloat16
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x.float(), y, rtol=0.05, atol=0.05)
+
+
+def test_auto_compiles_long_sequences_only():
+    cpu = torch.device("cpu")
+    assert not sb.use_compiled(cpu, 64, None)
+    assert sb.use_compiled(cpu, 64, True)
+    assert not sb.use_compiled(cpu, 10**6, False)
+
+
+def test_errors_name_the_problem():
+    q, k, v, _ = inputs(1, 2, 1, 6, 4)
+    with pytest.raises(ValueError, match="g dividing h"):
+        stickbreaking_attention(q, k[:, :, :5], v)
+    with pytest.raises(ValueError, match="unknown stick-breaking impl"):
+        stickbreaking_attention(q, k, v, impl="triton")
+
+
+# -- context parallelism -------------------------------------------------------------------
+
+
+def local_rows(cp: ContextParallel, t: torch.Tensor) -> torch.Tensor:
+    """This rank's head and tail chunks of a full [b, h, S, ...] tensor."""
+    c = t.shape[2] // (2 * cp.size)
+    return torch.cat([t[:, :, i * c:(i + 1) * c] for i in cp.chunks(cp.rank)], dim=2)
+
+
+def _cp_worker(cases: list[dict]) -> None:
+    dist.init_process_group("gloo")
+    cp = ContextParallel(dist.group.WORLD)
+    for case in cases:
+        q, k, v, d_out = inputs(*case["shape"], shift=case["shift"])
+        want = grads("reference", q, k, v, d_out)
+        leaves = [local_rows(cp, t).requires_grad_() for t in (q, k, v)]
+        out = stickbreaking_attention_context_parallel(
+            *leaves, cp, softmax_scale=1 / math.sqrt(q.shape[-1]), compiled=case["compiled"])
+        got = (out, *torch.autograd.grad(out, leaves, local_rows(cp, d_out)))
+        for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
+            torch.testing.assert_close(x, local_rows(cp, y), rtol=1e-10, atol=1e-10,
+                                       msg=lambda m, n=name, c=case: f"{c} {n}: {m}")
+    dist.destroy_process_group()
+
+
+CP_CASES = [dict(shape=(2, 4, 2, 48, 8), shift=0.0, compiled=False),
+            dict(shape=(1, 2, 1, 40, 4), shift=2.0, compiled=False)]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("world", [2, 4])
+def test_context_parallel_matches_one_rank(world):
+    forked_ranks(world, _cp_worker, CP_CASES)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_context_parallel_compiled_matches_one_rank():
+    """CUDA's block code (torch.compile) in the pairs; slow: each rank compiles."""
+    forked_ranks(2, _cp_worker, [dict(CP_CASES[0], compiled=True)])
