@@ -78,3 +78,19 @@ def test_a_changed_schedule_is_refused_and_compares_every_pe_option():
     changed = {"model.pe_schedule": [["rope", "cope"], ["rope", "nope"]],
                "pe.cope.npos_max": [8, 64]}
     assert _refused(changed, cfg) == ["model.pe_schedule", "pe.cope.npos_max"]
+
+
+def test_a_token_gate_layer_in_a_rotary_model_keeps_its_gate_and_drops_the_tables(
+        dist_cleanup):
+    from cope_megatron.distributed.parallel import init_distributed
+    from cope_megatron.model.gpt import build_gpt
+    from cope_megatron.model.layer_spec import UnrotatedSelfAttention
+    from cope_megatron.model.token_gate import TokenGateSelfAttention
+
+    cfg = load_config(["model.pe=rope", "model.pe_schedule=[rope,fox]",
+                       "model.hidden_size=32"])
+    init_distributed(1)
+    rope, fox = build_gpt(cfg, check(cfg, 1, data=False), 100).decoder.layers
+    assert not isinstance(rope.self_attention, (UnrotatedSelfAttention, TokenGateSelfAttention))
+    assert isinstance(fox.self_attention, UnrotatedSelfAttention)
+    assert isinstance(fox.self_attention, TokenGateSelfAttention)
