@@ -90,35 +90,35 @@ def test_cli_eval_json_keeps_stdout_clean(prepared, tmp_path):
 
 
 MEMORY_CHILD = textwrap.dedent("""
-    import resource, sys, torch
+    import resource, torch
     from cope_megatron.config import PEConfig
     from cope_megatron.pe.alibi import AlibiAttention
     from cope_megatron.pe.base import AttentionShape
-    resource.setrlimit(resource.RLIMIT_DATA, (2 << 30, 2 << 30))
-    s, h = 16384, 4  # a [h, s, s] fp32 bias alone is 4 GiB
+    resource.setrlimit(resource.RLIMIT_DATA, (1 << 30, 1 << 30))
+    s, h = 8192, 4  # a [h, s, s] fp32 bias alone is 1 GiB
     shape = AttentionShape(num_heads=h, num_kv_heads=h, head_dim=8, total_heads=h,
                            head_offset=0, softmax_scale=0.35, dropout=0.0,
                            init_std=0.02)
     attn = AlibiAttention(shape, PEConfig())
     q, k, v = (torch.randn(1, h, s, 8) for _ in range(3))
-    if sys.argv[1] == "eval":
-        with torch.no_grad():
-            print(torch.isfinite(attn(q, k, v)).all().item())
-    else:
+    with torch.no_grad():
+        print("eval finite:", torch.isfinite(attn(q, k, v)).all().item())
+    try:
         attn(q, k, v)
+    except (RuntimeError, MemoryError) as e:  # the allocator's refusal, not a crash
+        print("train:", "out of memory" if "memory" in str(e).lower() else repr(e))
 """)
 
 
 @pytest.mark.integration
 def test_alibi_evaluation_beyond_an_s_by_s_bias_fits(tmp_path):
-    """Under a 2 GiB data limit, ALiBi evaluates 16k tokens (its [s, s] bias would be 4 GiB);
+    """Under a 1 GiB data limit, ALiBi evaluates 8k tokens (its [s, s] bias alone is 1 GiB);
     the training path, which builds that bias, cannot."""
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    run = [sys.executable, "-c", MEMORY_CHILD]
-    ok = subprocess.run(run + ["eval"], capture_output=True, text=True, env=env, timeout=600)
-    assert ok.returncode == 0 and ok.stdout.strip() == "True", ok.stderr[-2000:]
-    oom = subprocess.run(run + ["train"], capture_output=True, text=True, env=env, timeout=600)
-    assert oom.returncode != 0 and "memory" in oom.stderr.lower(), oom.stderr[-2000:]
+    child = subprocess.run([sys.executable, "-c", MEMORY_CHILD], capture_output=True,
+                           text=True, env=env, timeout=600)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert child.stdout.splitlines() == ["eval finite: True", "train: out of memory"]
 
 
 def test_passkey_prompt_hides_the_key_at_its_depth(prepared):

@@ -166,8 +166,7 @@ metric_list:
 def test_local_harness_task_runs_offline_and_reaches_the_report(prepared, tmp_path, capsys,
                                                                 dist_cleanup):
     """A tiny local lm-evaluation-harness task on the exported model, offline, through
-    ``eval``; an unknown task is one clear error; a registry task in an offline process
-    (``cope-megatron eval`` as a command) says that it needs a download."""
+    ``eval``; an unknown task is one clear error."""
     import json
 
     pytest.importorskip("lm_eval")
@@ -203,6 +202,20 @@ def test_local_harness_task_runs_offline_and_reaches_the_report(prepared, tmp_pa
     assert cli(["eval", *args, "eval.harness_tasks=[no_such_task]"]) == 2
     assert "are not lm-evaluation-harness tasks" in capsys.readouterr().err
     assert (tmp_path / "run" / "eval.json").read_text() == kept  # refused before evaluating
+
+
+@pytest.mark.slow
+def test_a_registry_task_in_an_offline_process_says_it_needs_a_download(prepared, tmp_path,
+                                                                        dist_cleanup):
+    """``cope-megatron eval`` as a command (the HF offline variables are read at import),
+    asked for a task whose data lives on the Hub."""
+    pytest.importorskip("lm_eval")
+    from cope_megatron.train import run_train
+
+    shards, _, _ = prepared
+    args = debug_overrides(shards, tmp_path / "run", **{
+        "train.steps": 2, "eval.length_multipliers": "[1]", "eval.passkey_samples": 0})
+    run_train(load_config(args), evaluate_after=False)
     offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                "OMP_NUM_THREADS": "1"}
     registry = subprocess.run([sys.executable, "-m", "cope_megatron", "eval", "--json", *args,
