@@ -89,3 +89,11 @@ def test_a_length_scaled_model_is_its_own_row_in_evaluations_and_reports(overrid
     from cope_megatron.pe import label
 
     assert label(load_config(overrides)) == name
+
+
+def test_a_report_labels_a_run_without_an_evaluation_by_its_length_scale(tmp_path):
+    from cope_megatron.config import dump_yaml
+    from cope_megatron.report.runs import load_run
+
+    dump_yaml(load_config(["pe.length_scale.type=learned"]), tmp_path / "config.yaml")
+    assert load_run(tmp_path).label == "rope+ssmax"

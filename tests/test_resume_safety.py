@@ -232,3 +232,30 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith(f"error: config file '{bad}', line 4, column 6: YAML syntax error")
+
+
+def test_a_key_the_record_predates_is_compared_with_its_default():
+    """A checkpoint saved before a key existed was trained at the key's default."""
+    from cope_megatron.training.resume import _changes
+
+    assert _changes({"model.pe": "rope"}, {"model.pe": "rope",
+                                           "pe.length_scale.type": "fixed"}) == {
+        "pe.length_scale.type": ["none", "fixed"]}
+    assert _changes({"model.pe": "rope"}, {"model.pe": "rope",
+                                           "pe.length_scale.type": "none"}) == {}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["pe.length_scale.type=learned"], r"set pe.length_scale.s=0.2885"),
+    (["pe.rope_scaling.type=yarn", "pe.rope_scaling.factor=4"],
+     "set pe.rope_scaling.original_length=32 "),
+])
+def test_a_new_training_length_keeps_what_followed_the_old_one(overrides, message):
+    from cope_megatron.training.resume import _check_length_change
+
+    cfg = load_config(["model.seq_length=128", *overrides])
+    with pytest.raises(ConfigError, match=message):
+        _check_length_change({"model.seq_length": [32, 128]}, cfg)
+    pinned = load_config(["model.seq_length=128", "pe.length_scale.s=0.3",
+                          "pe.rope_scaling.original_length=32", *overrides])
+    _check_length_change({"model.seq_length": [32, 128]}, pinned)

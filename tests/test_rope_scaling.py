@@ -305,4 +305,5 @@ def test_sweep_evaluates_its_variants_on_the_trained_checkpoints(prepared, tmp_p
     rope.write_record(state="submitted", job="777")
     sw.submit_slurm(spec, [variant])
     (line,) = (tmp_path / "sbatch.log").read_text().splitlines()
-    assert "--dependency=afterok:777" in line and "--export=ALL,COMMAND=eval" in line
+    assert "--dependency=afterok:777 --kill-on-invalid-dep=yes" in line
+    assert "--export=ALL,COMMAND=eval" in line

@@ -305,8 +305,8 @@ class Attention(nn.Module):
         if self.pe in ("rope", "cope_rope"):
             q, k = apply_rope(q, self.config), apply_rope(k, self.config)
         if self.config.length_scale != "none":
-            rows = torch.log1p(torch.arange(s, device=x.device, dtype=self.length_scale.dtype))
-            q = q * (self.length_scale[:, None] * rows)[:, :, None].to(q.dtype)
+            rows = torch.log1p(torch.arange(s, device=x.device, dtype=torch.float32))
+            q = q * (self.length_scale.float()[:, None] * rows)[:, :, None].to(q.dtype)
         k, v = (t.repeat_interleave(per_group, dim=1) for t in (k, v))
         scale = 1.0 / math.sqrt(self.head_dim)
         if self.pe in ("cope", "cope_rope"):

@@ -172,7 +172,10 @@ def sbatch_command(spec: SweepSpec, run: Run, after: str | None = None) -> list[
     return ["sbatch", "--parsable", f"--chdir={LAUNCH_DIR.parent}", f"--nodes={spec.nodes}",
             f"--gpus-per-node={spec.gpus_per_node}", f"--job-name={spec.name}-{run.name}",
             f"--output={run.dir}/slurm-%j.out", f"--export=ALL,COMMAND={run.command}",
-            *([f"--dependency=afterok:{after}"] if after else []), *spec.sbatch,
+            # A failed trained run cancels its evaluation (rather than leaving it pending
+            # forever, which status would show as running); the next call resubmits both.
+            *([f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []),
+            *spec.sbatch,
             str(LAUNCH_DIR / "slurm.sbatch"), str(run.dir / "config.yaml")]
 
 

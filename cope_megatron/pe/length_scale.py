@@ -42,5 +42,7 @@ class LengthScale(nn.Module):
             self.register_buffer("s", local, persistent=False)
 
     def forward(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        factor = self.s[:, None] * torch.log1p(positions.to(self.s.dtype))  # [heads, s]
+        # At least fp32 whatever the module's dtype: bf16 rounds positions past 256.
+        dtype = torch.promote_types(self.s.dtype, torch.float32)
+        factor = self.s.to(dtype)[:, None] * torch.log1p(positions.to(dtype))  # [heads, s]
         return q * factor[:, :, None].to(q.dtype)

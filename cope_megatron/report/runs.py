@@ -2,9 +2,8 @@
 
 A run directory holds ``config.yaml``, ``metrics.jsonl`` and ``eval.json`` (written by
 ``train`` and ``eval``). Runs are grouped by label (``run.name`` when set, else the PE
-its evaluation names, with its RoPE scaling: ``rope+yarn×8``, else ``model.pe``); runs
-that share a label are seeds of one setting, shown as their mean with the range across
-seeds.
+as its evaluation names it, ``pe.label``: ``rope+yarn×8``, ``cope+ssmax``); runs that
+share a label are seeds of one setting, shown as their mean with the range across seeds.
 """
 
 from __future__ import annotations
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from cope_megatron.config import pe_label
+from cope_megatron import pe
+from cope_megatron.config import load_config
 from cope_megatron.errors import UserError
 
 
@@ -47,9 +47,8 @@ def load_run(run_dir: str | Path) -> Run:
     metrics = [r for r in records if "loss" in r]  # steps, not events (a config change)
     eval_path = run_dir / "eval.json"
     report = json.loads(eval_path.read_text()) if eval_path.is_file() else None
-    model = config["model"]
-    label = (config["run"].get("name") or (report or {}).get("pe")
-             or pe_label(model["pe"], model.get("pe_schedule", [])))
+    label = config["run"].get("name") or (report or {}).get("pe") or pe.label(
+        load_config([str(config_path)]))
     return Run(run_dir, label, config, metrics, report)
 
 

@@ -19,6 +19,8 @@ from cope_megatron.config import Config, ConfigError, flat_keys, yaml_text
 from cope_megatron.config.resume_keys import DERIVED_KEYS, EVAL_TIME, REFUSED, classify
 from cope_megatron.data.format import identity
 from cope_megatron.pe import REGISTRY, model_pe
+from cope_megatron.pe.length_scale import initial_s
+from cope_megatron.pe.rope_scaling import scaling_type
 
 HISTORY = "config_history"
 
@@ -68,6 +70,7 @@ def plan(cfg: Config, values: dict) -> Resume:
         return Resume(tag, step, note=note or f"{tag} was saved before checkpoints held "
                       f"{checkpoint.RECORD}: this run's settings are not compared with it")
     changed = _changes(record["values"], values)
+    _check_length_change(changed, cfg)
     refused = _refused(changed, cfg)
     if refused:
         raise ConfigError(
@@ -91,6 +94,7 @@ def evaluated_tag(cfg: Config) -> str | None:
     if not record:
         return tag
     changed = _changes(record["values"], config_values(cfg))
+    _check_length_change(changed, cfg)
     refused = [k for k in _refused(changed, cfg)
                if k.startswith(("model.", "pe.")) and not k.startswith(EVAL_TIME)]
     if refused:
@@ -103,9 +107,30 @@ def evaluated_tag(cfg: Config) -> str | None:
 
 
 def _changes(saved: dict, values: dict) -> dict[str, list]:
-    """Keys whose value differs from the record's: key -> [then, now]."""
+    """Keys whose value differs from the record's: key -> [then, now]. A schema key the
+    record predates was trained at its default (a new key defaults to the old behaviour)."""
     now = json.loads(json.dumps(values))  # as the record stores them (tuples as lists)
-    return {k: [saved[k], now[k]] for k in now if k in saved and saved[k] != now[k]}
+    then = {**json.loads(json.dumps(config_values(Config()))), **saved}
+    return {k: [then[k], now[k]] for k in now if k in then and then[k] != now[k]}
+
+
+def _check_length_change(changed: dict[str, list], cfg: Config) -> None:
+    """A new ``model.seq_length`` (fine-tuning at another length) must not move what
+    follows the training length by default: the length scale's s and RoPE scaling's
+    original length. Raise a ConfigError asking for their values at the old length."""
+    if "model.seq_length" not in changed:
+        return
+    old = changed["model.seq_length"][0]
+    pinned = []
+    if cfg.pe.length_scale.type != "none" and cfg.pe.length_scale.s is None:
+        pinned.append(f"pe.length_scale.s={initial_s(cfg.pe.length_scale, old)!r}")
+    if scaling_type(cfg) != "none" and cfg.pe.rope_scaling.original_length is None:
+        pinned.append(f"pe.rope_scaling.original_length={old}")
+    if pinned:
+        raise ConfigError(
+            f"model.seq_length: {old} -> {cfg.model.seq_length}, but "
+            f"{' and '.join(p.split('=')[0] for p in pinned)} follow the training length "
+            f"unless set; set {' '.join(pinned)} (their values at the checkpoint's length)")
 
 
 def _refused(changed: dict[str, list], cfg: Config) -> list[str]:
