@@ -13,8 +13,12 @@ dp_rank, hence their samples.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
+import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -55,10 +59,23 @@ def check_layout(spec: StreamSpec) -> None:
                         "lower data.streams or prepare more data")
 
 
-def _ignore_interrupts(worker_id: int) -> None:
+def _init_worker(trainer_pid: int, worker_id: int) -> None:
     """Ctrl-C reaches every process of the terminal's group: the trainer stops at the next
-    step boundary (``training/preemption.py``) and needs its workers for that step."""
+    step boundary (``training/preemption.py``) and needs its workers for that step, so a
+    worker ignores it. A worker's parent is the fork server, not the trainer, so PyTorch's
+    own watchdog (parent gone) never fires when the trainer is killed: the worker watches
+    the trainer itself, or it and the server would stay behind, idle, for good."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_after, args=(trainer_pid,), daemon=True).start()
+
+
+def _exit_after(pid: int, poll_s: float = 1.0) -> None:
+    while True:
+        time.sleep(poll_s)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
 
 
 class StepShares(IterableDataset):
@@ -114,7 +131,8 @@ class ResumableLoader:
             persistent_workers=False,
             prefetch_factor=2 if spec.num_workers > 1 else None,
             multiprocessing_context=WORKER_CONTEXT if spec.num_workers > 1 else None,
-            worker_init_fn=_ignore_interrupts if spec.num_workers > 1 else None,
+            worker_init_fn=(functools.partial(_init_worker, os.getpid())
+                            if spec.num_workers > 1 else None),
         )
         self._it = iter(self._loader)
 
