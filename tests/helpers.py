@@ -236,3 +236,10 @@ def torchrun(world: int, args: list[str], timeout: float = 1200) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def local_rows(cp, t: torch.Tensor) -> torch.Tensor:
+    """This context-parallel rank's head and tail chunks (``cp``: an
+    ``ops.context_parallel.ring.ContextParallel``) of a full [b, h, S, ...] tensor."""
+    c = t.shape[2] // (2 * cp.size)
+    return torch.cat([t[:, :, i * c:(i + 1) * c] for i in cp.chunks(cp.rank)], dim=2)

@@ -21,7 +21,7 @@ from cope_megatron.ops.cope.paths import CUDA, Paths
 from cope_megatron.ops.cope.reference import cope_attention_reference
 from cope_megatron.ops.heads import expand_kv
 from cope_megatron.ops.position_bias import distance_bias
-from tests.helpers import forked_ranks
+from tests.helpers import forked_ranks, local_rows
 
 
 def spawn(tmp_path, world: int, fn, *args) -> None:
@@ -37,12 +37,6 @@ def _init(rank: int, world: int, store: str) -> ContextParallel:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     return ContextParallel(dist.group.WORLD)
-
-
-def local_rows(cp: ContextParallel, t: torch.Tensor) -> torch.Tensor:
-    """This rank's head and tail chunks of a full [b, h, S, ...] tensor."""
-    c = t.shape[2] // (2 * cp.size)
-    return torch.cat([t[:, :, i * c:(i + 1) * c] for i in cp.chunks(cp.rank)], dim=2)
 
 
 def _inputs(case: dict):

@@ -19,7 +19,7 @@ from cope_megatron.ops.context_parallel.fox import (
 )
 from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.ops.fox import fox_attention
-from tests.helpers import forked_ranks
+from tests.helpers import forked_ranks, local_rows
 
 
 def inputs(b, h, g, s, d, *, gate_bias=2.0, dtype=torch.float64, seed=0):
@@ -118,12 +118,6 @@ def test_errors_name_the_problem():
 
 
 # -- context parallelism -------------------------------------------------------------------
-
-
-def local_rows(cp: ContextParallel, t: torch.Tensor) -> torch.Tensor:
-    """This rank's head and tail chunks of a full [b, h, S, ...] tensor."""
-    c = t.shape[2] // (2 * cp.size)
-    return torch.cat([t[:, :, i * c:(i + 1) * c] for i in cp.chunks(cp.rank)], dim=2)
 
 
 def _cp_worker(cases: list[dict]) -> None:

@@ -17,7 +17,7 @@ from cope_megatron.ops.context_parallel.stickbreaking import (
     stickbreaking_attention_context_parallel,
 )
 from cope_megatron.ops.stickbreaking import stickbreaking_attention
-from tests.helpers import forked_ranks
+from tests.helpers import forked_ranks, local_rows
 
 
 def inputs(b, h, g, s, d, *, shift=0.0, dtype=torch.float64, seed=0):
@@ -140,12 +140,6 @@ def test_errors_name_the_problem():
 
 
 # -- context parallelism -------------------------------------------------------------------
-
-
-def local_rows(cp: ContextParallel, t: torch.Tensor) -> torch.Tensor:
-    """This rank's head and tail chunks of a full [b, h, S, ...] tensor."""
-    c = t.shape[2] // (2 * cp.size)
-    return torch.cat([t[:, :, i * c:(i + 1) * c] for i in cp.chunks(cp.rank)], dim=2)
 
 
 def _cp_worker(cases: list[dict]) -> None:
