@@ -243,3 +243,18 @@ def local_rows(cp, t: torch.Tensor) -> torch.Tensor:
     ``ops.context_parallel.ring.ContextParallel``) of a full [b, h, S, ...] tensor."""
     c = t.shape[2] // (2 * cp.size)
     return torch.cat([t[:, :, i * c:(i + 1) * c] for i in cp.chunks(cp.rank)], dim=2)
+
+
+def tiny_gpt(vocab: int = 100):
+    """A seeded 1-layer, 16-token RoPE GPT in eval mode on one process (call from a test
+    that uses the ``dist_cleanup`` fixture)."""
+    from cope_megatron.config import load_config
+    from cope_megatron.distributed.parallel import init_distributed, seed_everything
+    from cope_megatron.model.gpt import build_gpt
+    from cope_megatron.pe import model_pe
+
+    cfg = load_config(["model.num_layers=1", "model.hidden_size=32",
+                       "model.num_attention_heads=4", "model.seq_length=16"])
+    init_distributed(1)
+    seed_everything(0)
+    return build_gpt(cfg, model_pe(cfg.model), vocab).eval()

@@ -14,7 +14,6 @@ import pytest
 
 from cope_megatron.config import load_config
 from cope_megatron.eval.perplexity import window_plan
-from cope_megatron.pe import get_pe
 from cope_megatron.train import run_eval, run_train
 from tests.helpers import debug_overrides
 
@@ -149,15 +148,10 @@ def test_passkey_prompt_hides_the_key_at_its_depth(prepared):
 def test_answer_errors_is_teacher_forced_greedy_decoding(dist_cleanup):
     import torch
 
-    from cope_megatron.distributed.parallel import init_distributed, seed_everything
     from cope_megatron.eval.passkey import answer_errors
-    from cope_megatron.model.gpt import build_gpt
+    from tests.helpers import tiny_gpt
 
-    cfg = load_config(["model.num_layers=1", "model.hidden_size=32",
-                       "model.num_attention_heads=4", "model.seq_length=16"])
-    init_distributed(1)
-    seed_everything(0)
-    model = build_gpt(cfg, get_pe(cfg.model.pe), 100).eval()
+    model = tiny_gpt()
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 100, (3, 17), generator=gen)
     with torch.no_grad():

@@ -5,8 +5,8 @@ tests/test_estimate.py. Here: which layer gets what, the errors, and what a resu
 
 import pytest
 
-from cope_megatron.config import ConfigError, load_config, pe_label
-from cope_megatron.pe import model_pe
+from cope_megatron.config import ConfigError, load_config
+from cope_megatron.pe import label, model_pe
 from cope_megatron.startup import check
 from cope_megatron.training.resume import _refused
 
@@ -35,7 +35,7 @@ def test_a_schedule_without_rotation_builds_no_rotary_tables():
     cfg = load_config(["model.pe=cope", "model.pe_schedule=[cope,nope]"])
     pe = model_pe(cfg.model)
     assert pe.gpt_position_embedding == "none" and not pe.rotary and pe.uses_cope_op
-    assert pe_label(cfg.model.pe, cfg.model.pe_schedule) == "[cope,nope]" == pe.name
+    assert label(cfg) == "[cope,nope]" == pe.name
 
 
 @pytest.mark.parametrize("overrides, message", [

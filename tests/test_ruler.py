@@ -177,17 +177,10 @@ def test_the_average_over_tasks_is_missing_where_any_task_is():
 def test_greedy_decoding_equals_token_by_token_generation(dist_cleanup):
     import torch
 
-    from cope_megatron.config import load_config
-    from cope_megatron.distributed.parallel import init_distributed, seed_everything
     from cope_megatron.eval.ruler.decode import greedy
-    from cope_megatron.model.gpt import build_gpt
-    from cope_megatron.pe import get_pe
+    from tests.helpers import tiny_gpt
 
-    cfg = load_config(["model.num_layers=1", "model.hidden_size=32",
-                       "model.num_attention_heads=4", "model.seq_length=16"])
-    init_distributed(1)
-    seed_everything(0)
-    model = build_gpt(cfg, get_pe(cfg.model.pe), 100).eval()
+    model = tiny_gpt()
     tokens = torch.randint(0, 100, (3, 17), generator=torch.Generator().manual_seed(0))
     answer = 5
 

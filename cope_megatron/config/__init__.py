@@ -44,7 +44,6 @@ from cope_megatron.config.schema import (
     TaskConfig,
     TrainConfig,
     ZeroConfig,
-    pe_label,
 )
 from cope_megatron.config.validation import padded_vocab_size, validate
 
@@ -54,5 +53,5 @@ __all__ = [
     "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions",
     "RopeScalingOptions", "RulerConfig", "RunConfig", "T5Options", "TaskConfig",
     "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys", "load_config", "merge_dicts",
-    "padded_vocab_size", "pe_label", "to_dict", "validate", "yaml_text",
+    "padded_vocab_size", "to_dict", "validate", "yaml_text",
 ]

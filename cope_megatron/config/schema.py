@@ -14,12 +14,6 @@ class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
-def pe_label(pe: str, schedule: list[str]) -> str:
-    """What evaluations and reports call a model's PE: ``model.pe``, or its layers'
-    schedule as [rope,rope,nope]."""
-    return f"[{','.join(schedule)}]" if schedule else pe
-
-
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     pe: str = "rope"

@@ -9,7 +9,7 @@ one by tests/test_export.py).
 
 from __future__ import annotations
 
-from cope_megatron.config import Config, ConfigError, ModelConfig, pe_label
+from cope_megatron.config import Config, ConfigError, ModelConfig
 from cope_megatron.pe.base import PositionEncoding
 from cope_megatron.pe.rope_scaling import scaling_type
 from cope_megatron.pe.schedule import PESchedule
@@ -37,9 +37,9 @@ def get_pe(name: str, key: str = "model.pe") -> PositionEncoding:
 
 def label(cfg: Config) -> str:
     """What evaluations and reports call the model's PE, so that each setting is its own
-    row: ``model.pe`` or its schedule (``config.pe_label``), then its length scale
-    (``+logn``: fixed s, ``+ssmax``: learned) and its RoPE scaling (``+yarn×8``)."""
-    name = pe_label(cfg.model.pe, cfg.model.pe_schedule)
+    row: ``model.pe`` or its schedule (``PESchedule.name``: [rope,nope]), then its length
+    scale (``+logn``: fixed s, ``+ssmax``: learned) and its RoPE scaling (``+yarn×8``)."""
+    name = model_pe(cfg.model).name
     name += {"none": "", "fixed": "+logn", "learned": "+ssmax"}[cfg.pe.length_scale.type]
     kind = scaling_type(cfg)
     return name if kind == "none" else f"{name}+{kind}×{cfg.pe.rope_scaling.factor:g}"
