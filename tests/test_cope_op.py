@@ -209,12 +209,12 @@ def test_auto_paths_per_device(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     Paths, at = cope_paths.Paths, cope_paths.COMPILE_MIN_SEQ
     assert Paths().resolve(cpu, at) == PATHS["native"]
-    monkeypatch.setattr(cope_paths, "_can_compile", lambda device_type: True)
+    monkeypatch.setattr(cope_paths, "can_compile", lambda device_type: True)
     assert Paths().resolve(cuda, at - 1) == PATHS["eager_matmul"]
     assert Paths().resolve(cuda, at) == cope_paths.CUDA
     assert Paths(band="eager").resolve(cuda, at) == PATHS["eager_matmul"]
     assert Paths(far="matmul").resolve(cpu, 16) == Paths("native", "matmul", True)
-    monkeypatch.setattr(cope_paths, "_can_compile", lambda device_type: False)
+    monkeypatch.setattr(cope_paths, "can_compile", lambda device_type: False)
     assert Paths().resolve(cuda, at) == PATHS["eager_matmul"]
     for cpu_only in (Paths(band="native"), Paths(far="flash")):
         with pytest.raises(ValueError, match="CPU only"):

@@ -38,8 +38,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from cope_megatron.ops.cope.blocks import _compiled
-from cope_megatron.ops.cope.paths import COMPILE_MIN_SEQ, _can_compile
+from cope_megatron.ops.cope.blocks import compile_block
+from cope_megatron.ops.cope.paths import COMPILE_MIN_SEQ, can_compile
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
 
 BLOCK_ELEMENTS = 2**20
@@ -120,7 +120,7 @@ def correction_block(q_blk, k_rev, drop, carried_blk, scale: float):
 
 def _functions(compiled: bool):
     if compiled:
-        return _compiled(forward_block), _compiled(backward_block)
+        return compile_block(forward_block), compile_block(backward_block)
     return forward_block, backward_block
 
 
@@ -131,7 +131,7 @@ def use_compiled(device: torch.device, keys: int, compiled: bool | None) -> bool
     faster than aten's vectorized ops (bench/peers_op.py)."""
     if compiled is None:
         return (device.type != "cpu" and keys >= COMPILE_MIN_SEQ
-                and _can_compile(device.type))
+                and can_compile(device.type))
     return compiled
 
 

@@ -113,7 +113,9 @@ def undo_differences(dz: torch.Tensor, dzd: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _compiled(fn):
+def compile_block(fn):
+    """``fn`` (a band block's forward or backward) under torch.compile, once per function;
+    also the stick-breaking op's."""
     compiled = torch.compile(fn, dynamic=True)
     # Without this, dynamo equates sizes that merely coincide in the first call (block
     # rows = window keys, offsets = sizes) and recompiles whenever they differ later,
@@ -135,5 +137,5 @@ def kernels(band: Band):
     if band == "native":
         return cope_native.forward_block, cope_native.backward_block
     if band == "compiled":
-        return _compiled(forward_block), _compiled(backward_block)
+        return compile_block(forward_block), compile_block(backward_block)
     return forward_block, backward_block

@@ -64,11 +64,11 @@ def _auto(device: torch.device, keys: int) -> Paths:
 
 
 def _compiled_or_eager(device: torch.device, keys: int) -> Band:
-    return "compiled" if keys >= COMPILE_MIN_SEQ and _can_compile(device.type) else "eager"
+    return "compiled" if keys >= COMPILE_MIN_SEQ and can_compile(device.type) else "eager"
 
 
 @functools.cache
-def _can_compile(device_type: str) -> bool:
+def can_compile(device_type: str) -> bool:
     """Inductor emits C++ on CPU and Triton on GPU; without the toolchain, stay eager."""
     if device_type == "cuda":
         return importlib.util.find_spec("triton") is not None
