@@ -121,16 +121,17 @@ def _check_length_change(changed: dict[str, list], cfg: Config) -> None:
     if "model.seq_length" not in changed:
         return
     old = changed["model.seq_length"][0]
-    pinned = []
+    pinned = {}  # key -> its value at the checkpoint's length
     if cfg.pe.length_scale.type != "none" and cfg.pe.length_scale.s is None:
-        pinned.append(f"pe.length_scale.s={initial_s(cfg.pe.length_scale, old)!r}")
+        pinned["pe.length_scale.s"] = initial_s(cfg.pe.length_scale, old)
     if scaling_type(cfg) != "none" and cfg.pe.rope_scaling.original_length is None:
-        pinned.append(f"pe.rope_scaling.original_length={old}")
+        pinned["pe.rope_scaling.original_length"] = old
     if pinned:
         raise ConfigError(
-            f"model.seq_length: {old} -> {cfg.model.seq_length}, but "
-            f"{' and '.join(p.split('=')[0] for p in pinned)} follow the training length "
-            f"unless set; set {' '.join(pinned)} (their values at the checkpoint's length)")
+            f"model.seq_length: {old} -> {cfg.model.seq_length}, but {' and '.join(pinned)} "
+            f"follow the training length unless set; set "
+            f"{' '.join(f'{k}={v!r}' for k, v in pinned.items())} (their values at the "
+            "checkpoint's length)")
 
 
 def _refused(changed: dict[str, list], cfg: Config) -> list[str]:
