@@ -15,8 +15,9 @@ keys back and stick-breaking does nearly all the causal work).
 Timing and memory as ``bench/cope_op.py`` measures them (interleaved medians; CPU peak RSS
 in a child process). ``--flush-denormal``: ``torch.set_flush_denormal(True)`` before any
 thread starts, so every thread flushes subnormals (FoX's far keys fall through the
-subnormal range, where CPUs take microcode assists). Prints a table and, last, one JSON
-line.
+subnormal range, where CPUs take microcode assists), as training and evaluation processes
+do (``distributed.cpu_compat``): the flushed rows are what a run sees. Prints a table and,
+last, one JSON line.
 """
 
 from __future__ import annotations

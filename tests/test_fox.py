@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from cope_megatron.distributed.cpu_compat import apply_cpu_compat
 from cope_megatron.ops import fox as fox_ops
 from cope_megatron.ops.context_parallel.fox import (
     forget_prefix,
@@ -192,3 +193,11 @@ def test_forget_gate_is_a_projection_of_the_layer_input_under_every_recomputatio
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7,
                                        msg=lambda m, n=name, r=mode: f"{r} {n}: {m}")
+
+
+def test_cpu_processes_flush_subnormals():
+    """Every CPU run flushes subnormals, which FoX's far keys pass through (6x slower at 4k
+    tokens when the CPU computes them: bench/results_peers_op_cpu.txt)."""
+    apply_cpu_compat()
+    tiny = torch.tensor([1e-39])  # below fp32's smallest normal, 1.18e-38
+    assert (tiny * 1.0).item() == 0.0

@@ -27,8 +27,8 @@ computing them is slow on CPUs, where subnormal arithmetic takes microcode assis
 strong forgetting, a 4k-token fwd+bwd ran 3-5x slower). F is non-increasing (log f ≤ 0),
 so they are a prefix of the keys. Keys nearer than that whose weights still fall in the
 subnormal range are computed by the flash kernel, at the CPU's subnormal speed unless the
-process flushes subnormals (``torch.set_flush_denormal(True)`` before its threads start;
-bench/results_peers_op_cpu.txt has both).
+process flushes subnormals, as every training and evaluation process here does
+(``distributed.cpu_compat``; bench/results_peers_op_cpu.txt has both).
 
 ``part_forward``/``part_backward`` also serve a (query chunk, key chunk) pair of a sequence
 split over context-parallel ranks (``ops.context_parallel.fox``).
