@@ -135,7 +135,7 @@ def _check_mixture(d: DataConfig) -> None:
         if not (source.weight > 0 and math.isfinite(source.weight)):
             _fail(f"data.mixture[{i}] ({labels[i]})", f"weight must be a positive number, "
                   f"got {source.weight}")
-        if labels.count(labels[i]) > 1:
+        if labels[i] in labels[:i]:
             _fail(f"data.mixture[{i}] ({labels[i]})", "another source has the same name; "
                   "give each source its own name")
     if d.mixture and d.shards != d.mixture[0].shards:
