@@ -23,7 +23,14 @@ from cope_megatron.report.runs import group, load_run
 from cope_megatron.report.tables import source_table
 from cope_megatron.startup import check
 from cope_megatron.train import run_train
-from tests.helpers import debug_overrides, losses, small_data, train_here, write_corpus
+from tests.helpers import (
+    debug_overrides,
+    losses,
+    small_data,
+    train_here,
+    train_losses,
+    write_corpus,
+)
 
 WEIGHTS = (0.75, 0.25)
 
@@ -226,3 +233,16 @@ def test_bad_sources_are_refused_naming_the_entry(sources, tmp_path):
     streams = len(train_samples(sources[1])) + 1  # more than the small source has
     with pytest.raises(DataError, match=f"source small has .* too few for {streams} data "):
         loaders(sources, dp_size=1, micro=streams, accum=1, streams=streams)
+
+
+def test_data_parallel_mixture_matches_one_process_and_resumes_there(sources, tmp_path):
+    """Global batch 4 from the mixture: DP=2 (micro 2) gives one process's losses (2 × 2
+    accumulation), and a DP=2 run stopped after 3 steps continues in one process."""
+    mix = {"data.mixture": flow(sources), "train.micro_batch_size": 2,
+           "data.shuffle_buffer": 8}
+    one = {**mix, "train.grad_accum": 2}
+    want = train_losses(sources[0].shards, tmp_path / "one", 1, 6, **one)
+    dp2 = train_losses(sources[0].shards, tmp_path / "dp2", 2, 3, **mix)
+    resumed = train_losses(sources[0].shards, tmp_path / "dp2", 1, 6, **one)
+    assert len(dp2) == 3 and len(resumed) == 6
+    assert all(abs(a - b) < 1e-5 for a, b in zip(resumed, want)), (resumed, want)

@@ -10,7 +10,6 @@ from typing import Literal
 from cope_megatron.config.pe_options import PEConfig
 from cope_megatron.errors import UserError
 
-
 DEFAULT_SHARDS = "data/shards"
 
 
