@@ -43,7 +43,8 @@ WORKER_CONTEXT.set_forkserver_preload([__name__])
 
 def check_layout(spec: StreamSpec, mixture: Mixture | None = None) -> None:
     """Refuse a layout the streams cannot serve, naming the key to change."""
-    for name, source in zip(mixture.names, mixture.specs(spec)) if mixture else ():
+    sources = zip(mixture.names, mixture.specs(spec)) if mixture else ()
+    for name, source in sources:
         if source.total_samples < source.num_streams:
             raise DataError(f"data.mixture: source {name} has {source.total_samples} "
                             f"samples, too few for {source.num_streams} data streams; lower "
