@@ -43,8 +43,9 @@ from cope_megatron.data.source import Sample, ShardInfo, StreamSpec, split_shard
 from cope_megatron.data.streams import StreamReader
 
 MODULUS = 1 << 64
-STEP = round(MODULUS * (math.sqrt(5) - 1) / 2) | 1
-"""α·2^64 for the golden ratio's fractional part, odd so the sequence has full period."""
+STEP = 0x9E3779B97F4A7C15
+"""⌊2^64/φ⌉, the golden ratio's fractional part α in 64-bit fixed point (Knuth's, as in
+splitmix64); odd, so the sequence has full period."""
 SAME = ("tokenizer_sha256", "vocab_size", "seq_len")
 """What every source must share with the first."""
 
