@@ -268,6 +268,18 @@ def test_sweep_variants_set_several_keys_and_cross_the_other_axes(tmp_path):
     assert got["cope_ssmax_seed-2"] == ["configs/demo.yaml", "model.pe=cope",
                                         "pe.length_scale.type=learned", "train.seed=2",
                                         "run.dir=out/cope_ssmax_seed-2"]
+    # An evaluation covers the runs of the variants it names too, where they match its of.
+    path.write_text("name: s\nout: out\nbase: [configs/tasks/niah_single.yaml]\n"
+                    "axes: {model.pe: [rope, alibi], train.seed: [1]}\n"
+                    "variants: {vt: {task.name: vt}, rope_ssmax: {model.pe: rope}}\n"
+                    "evaluations: {yarn: {of: {model.pe: rope}, variants: [vt], "
+                    "overrides: {pe.rope_scaling.type: yarn}}}\n")
+    evaluated = [run.name for run in runs(load_spec(path)) if run.of is not None]
+    assert evaluated == ["pe-rope_seed-1_yarn", "vt_pe-rope_seed-1_yarn"]
+    path.write_text("name: s\nout: out\nbase: []\naxes: {train.seed: [1]}\n"
+                    "evaluations: {e: {of: {}, overrides: {}, variants: [nope]}}\n")
+    with pytest.raises(ConfigError, match="evaluations.e must be"):
+        load_spec(path)
     path.write_text("name: s\nout: out\nbase: []\naxes: {train.seed: [1]}\nvariants: {x: 3}\n")
     with pytest.raises(ConfigError, match="variants.x must map config keys to values"):
         load_spec(path)

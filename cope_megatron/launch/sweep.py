@@ -10,7 +10,8 @@ the first stopped.
     variants:                                 # more trained runs, each setting several keys,
       cope_ssmax: {model.pe: cope, pe.length_scale.type: learned}   # times the other axes
     evaluations:                              # evaluation-time variants, no training:
-      yarn: {of: {model.pe: rope}, overrides: {pe.rope_scaling.type: yarn}}
+      yarn: {of: {model.pe: rope}, overrides: {pe.rope_scaling.type: yarn},
+             variants: [cope_ssmax]}          # optional: these variants' runs as well
     nodes: 1                                  # per run (SLURM), and processes per node
     gpus_per_node: 1
     sbatch: [--time=04:00:00, --partition=gpu]           # extra sbatch arguments
@@ -81,10 +82,13 @@ def load_spec(path: str | Path) -> SweepSpec:
         if not isinstance(variant, dict) or not variant:
             raise ConfigError(f"{path}: variants.{name} must map config keys to values")
     for name, variant in (raw.get("evaluations") or {}).items():
-        if (not isinstance(variant, dict) or set(variant) != {"of", "overrides"}
-                or not set(variant["of"]) <= set(raw["axes"])):
+        if (not isinstance(variant, dict) or not {"of", "overrides"} <= set(variant)
+                or not set(variant) <= {"of", "overrides", "variants"}
+                or not set(variant["of"]) <= set(raw["axes"])
+                or not set(variant.get("variants", [])) <= set(raw.get("variants") or {})):
             raise ConfigError(f"{path}: evaluations.{name} must be {{of: {{axis: value}}, "
-                              "overrides: {key: value}}, with keys of axes in of")
+                              "overrides: {key: value}}, with keys of axes in of, and "
+                              "optionally variants: [names of variants]")
     return SweepSpec(**raw)
 
 
@@ -127,17 +131,18 @@ def _value(v) -> str:
 def runs(spec: SweepSpec) -> list[Run]:
     """One run per point of the axes' product, named by its values (``pe-rope_seed-1``),
     one per variant and point of the axes it does not set (``cope_ssmax_seed-1``), then
-    one per evaluation variant and axes run it applies to (``..._yarn``)."""
+    one per evaluation variant and trained run it applies to (``..._yarn``): the axes
+    runs whose values match its ``of``, and those of the variants it names that do."""
     keys = list(spec.axes)
     shared = [f"{k}={_value(v)}" for k, v in spec.overrides.items()]
-    out, points = [], []
+    out, points, kinds = [], [], []  # per trained run: its axis values, its variant
     for values in itertools.product(*spec.axes.values()):
         name = "_".join(f"{k.rsplit('.', 1)[-1]}-{_value(v)}" for k, v in zip(keys, values))
         run_dir = Path(spec.out) / name
         point = [f"{k}={_value(v)}" for k, v in zip(keys, values)]
         out.append(Run(name, run_dir, [*spec.base, *shared, *point, f"run.dir={run_dir}"]))
         points.append(dict(zip(keys, map(_value, values))))
-    trained = list(out)
+        kinds.append(None)
     for variant, sets in spec.variants.items():
         rest = [k for k in keys if k not in sets]
         for values in itertools.product(*(spec.axes[k] for k in rest)):
@@ -146,10 +151,15 @@ def runs(spec: SweepSpec) -> list[Run]:
             run_dir = Path(spec.out) / name
             point = [f"{k}={_value(v)}" for k, v in [*sets.items(), *zip(rest, values)]]
             out.append(Run(name, run_dir, [*spec.base, *shared, *point, f"run.dir={run_dir}"]))
+            points.append({k: _value(v) for k, v in [*sets.items(), *zip(rest, values)]})
+            kinds.append(variant)
+    trained = list(out)
     for variant, spec_of in spec.evaluations.items():
         changes = [f"{k}={_value(v)}" for k, v in spec_of["overrides"].items()]
-        for run, point in zip(trained, points):
-            if all(point[k] == _value(v) for k, v in spec_of["of"].items()):
+        applies = {None, *spec_of.get("variants", [])}
+        for run, point, kind in zip(trained, points, kinds):
+            if kind in applies and all(point.get(k) == _value(v)
+                                       for k, v in spec_of["of"].items()):
                 run_dir = Path(spec.out) / f"{run.name}_{variant}"
                 out.append(Run(f"{run.name}_{variant}", run_dir,
                                [*run.overrides[:-1], *changes, f"run.dir={run_dir}"], of=run))
