@@ -95,13 +95,26 @@ class DataConfig:
     shards: str = "data/shards"
     """Directory holding (or to receive) the WebDataset shards and manifest.json."""
     tokenizer: str | None = None
-    """An existing SentencePiece .model to reuse; None trains one during prep."""
+    """A SentencePiece .model or a Hugging Face tokenizer.json to reuse (the vocabulary size
+    follows from it); None trains a SentencePiece model during prep."""
+    eos_token: str | None = None
+    """The token prep appends after each document; None: the tokenizer's own (SentencePiece's
+    eos piece; for tokenizer.json the first of <|endoftext|>, </s>, <|end_of_text|>, <eos>,
+    <|eos|> it has)."""
+    pad_token: str | None = None
+    """The padding token the export declares; None: the tokenizer's own, if any."""
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = 2048
     byte_fallback: bool = True
     user_symbols: list[str] = field(default_factory=list)
     text_field: str = "text"
-    """Field holding the text in JSONL inputs."""
+    """Field holding the text in JSONL inputs; the text column of parquet and Arrow inputs."""
+    join_rows: Literal["none", "heading", "every_n"] = "none"
+    """Parquet/Arrow rows are documents (none), or lines joined into documents: a new one at
+    each top-level `` = Title = `` row (heading: WikiText-103), or every data.join_rows_n
+    rows (every_n)."""
+    join_rows_n: int | None = None
+    """Rows per document under data.join_rows=every_n."""
     val_fraction: float = 0.02
     """Fraction of documents held out for validation (split by document)."""
     shard_max_bytes: int = 64 * 2**20
