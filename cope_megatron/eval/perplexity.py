@@ -17,6 +17,7 @@ position encoding that cannot represent a length is reported as not applicable.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -62,12 +63,12 @@ def evaluation_text(cfg: Config, manifest: dict) -> torch.Tensor:
 
 def _shard_text(cfg: Config, manifest: dict, shards_dir: str, count: int):
     if shards_dir != cfg.data.shards:
-        own_tokenizer = manifest["tokenizer_sha256"]
+        own = manifest
         manifest = read_manifest(shards_dir)
-        if manifest["tokenizer_sha256"] != own_tokenizer:
+        if manifest["tokenizer_sha256"] != own["tokenizer_sha256"]:
             raise ConfigError(f"eval.data: {shards_dir} was tokenized with another tokenizer "
                               f"than the run's; prepare it with data.tokenizer set to the "
-                              f"run's {manifest['tokenizer']}")
+                              f"run's {Path(cfg.data.shards) / own['tokenizer']}")
     return next(sequential_windows(split_spec(shards_dir, manifest, "val",
                                                 verify=cfg.data.verify), count), None)
 
