@@ -293,14 +293,18 @@ class Ours:
 
 
 def train_bpe(texts: list[str], path: Path, vocab_size: int = 400,
-              specials: tuple[str, ...] = ("<|endoftext|>", "<pad>")) -> Path:
-    """A byte-level BPE ``tokenizer.json`` (GPT-2's kind) trained on ``texts`` with the
+              specials: tuple[str, ...] = ("<|endoftext|>", "<pad>"),
+              metaspace: bool = False) -> Path:
+    """A byte-level BPE ``tokenizer.json`` (GPT-2's kind; ``metaspace``: words marked with
+    a leading ▁ as converted SentencePiece models are) trained on ``texts`` with the
     ``tokenizers`` library, saved at ``path``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    kind = "Metaspace" if metaspace else "ByteLevel"
+    tok.pre_tokenizer = getattr(pre_tokenizers, kind)(
+        **({} if metaspace else {"add_prefix_space": False}))
+    tok.decoder = getattr(decoders, kind)()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
