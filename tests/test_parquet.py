@@ -46,6 +46,10 @@ def test_rows_are_documents_read_row_group_by_row_group(tmp_path):
     rows_of_texts = [i + 1 for i, t in enumerate(rows) if t]
     assert [p.doc for p in pieces] == [f"{path}:{i}" for i in rows_of_texts]
     assert skipped == {"null_rows": 1, "empty_rows": 1}
+    pq.write_table(fineweb_table(texts[:2]), tmp_path / "train-00001.parquet")
+    (tmp_path / "notes.txt").write_text("not matched")
+    assert resolve_sources([str(tmp_path / "train-*.parquet")], tmp_path) == [
+        path, tmp_path / "train-00001.parquet"]
 
 
 def test_a_missing_column_is_one_error_naming_file_column_and_columns(tmp_path):
@@ -132,11 +136,14 @@ def test_a_saved_dataset_directory_reads_its_arrow_files_in_order(tmp_path, file
         resolve_sources([str(tmp_path / "dict")], tmp_path)
 
 
-def test_prep_of_parquet_gives_the_shards_of_the_same_text_as_jsonl(tmp_path, monkeypatch):
+def test_prep_of_parquet_gives_the_shards_of_the_same_text_as_jsonl(tmp_path, monkeypatch,
+                                                                     capsys):
     """Documents are split by name (file and row), and the names differ only in their
     suffix: the split is made a function of the row number, so that both preps put the
     same documents in the same split."""
     import cope_megatron.data.prep.prep as prep
+    from cope_megatron.cli import main
+    from cope_megatron.data.format import read_manifest
 
     monkeypatch.setattr(prep, "is_validation",
                         lambda doc, seed, fraction: int(doc.rsplit(":", 1)[1]) % 4 == 0)
@@ -152,12 +159,15 @@ def test_prep_of_parquet_gives_the_shards_of_the_same_text_as_jsonl(tmp_path, mo
                        row_group_size=5)
         (tmp_path / "jsonl" / f"{name}.jsonl").write_text(
             "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(part)))
-    manifests = {}
-    for kind in ("parquet", "jsonl"):
-        data = small_data(tmp_path, corpus=[str(tmp_path / kind)], tokenizer=str(tokenizer),
-                          shards=str(tmp_path / f"shards-{kind}"), prep_workers=1)
-        manifests[kind] = prep.prepare(data, seq_len=32, seed=0, progress=False)
-    parquet, jsonl = manifests["parquet"], manifests["jsonl"]
+    data = small_data(tmp_path, corpus=[str(tmp_path / "jsonl")], tokenizer=str(tokenizer),
+                      shards=str(tmp_path / "shards-jsonl"), prep_workers=1)
+    jsonl = prep.prepare(data, seq_len=32, seed=0, progress=False)
+    assert main(["prep", f"data.corpus=[{tmp_path / 'parquet'}]", f"data.tokenizer={tokenizer}",
+                 f"data.shards={tmp_path / 'shards-parquet'}", "data.prep_workers=1",
+                 f"data.shard_max_bytes={data.shard_max_bytes}",
+                 "model.seq_length=32", "logging.progress=false"]) == 0
+    assert capsys.readouterr().out.endswith("; rows without text skipped: 2 null, 2 empty\n")
+    parquet = read_manifest(tmp_path / "shards-parquet")
     assert parquet["splits"] == jsonl["splits"]  # shard names, sample counts and sha256s
     assert parquet["splits"]["val"]["documents"] == 5  # rows 4, 8, 12 of a; 4, 8 of b
     assert parquet["skipped_rows"] == {"null_rows": 2, "empty_rows": 2}
