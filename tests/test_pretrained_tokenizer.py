@@ -92,10 +92,11 @@ def test_passkey_and_ruler_prompts_with_a_byte_level_bpe(bpe):
     assert tok.decode(sample.tokens[-sample.answer:]).strip() in sample.references
 
 
-def test_a_bpe_goes_through_prep_training_eval_and_export(root, bpe, tmp_path, dist_cleanup):
+def test_a_bpe_goes_through_prep_training_eval_and_export(root, bpe, sentencepiece, tmp_path,
+                                                          dist_cleanup):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cope_megatron.config import load_config
+    from cope_megatron.config import ConfigError, load_config
     from cope_megatron.data.prep.prep import prepare
     from cope_megatron.distributed.parallel import destroy_distributed
     from cope_megatron.hf.export import export
@@ -116,6 +117,12 @@ def test_a_bpe_goes_through_prep_training_eval_and_export(root, bpe, tmp_path, d
     report = run_eval(load_config(overrides))
     assert all(r["ppl"] > 1 for r in report["lengths"].values())
     assert set(report["passkey"][256]) == {"samples", "0.5"}  # the prompt fits 256 tokens
+    destroy_distributed()
+    # The tokenizer's hash tells data sets apart whatever the tokenizer's kind.
+    prepare(small_data(root, tokenizer=str(sentencepiece), shards=str(tmp_path / "other")),
+            seq_len=32, seed=7, progress=False)
+    with pytest.raises(ConfigError, match=r"another tokenizer than the run's; .*tokenizer.json"):
+        run_eval(load_config(overrides + [f"eval.data={tmp_path / 'other'}"]))
     destroy_distributed()
 
     export(tmp_path / "run", tmp_path / "hf")
