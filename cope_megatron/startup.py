@@ -12,6 +12,7 @@ from pathlib import Path
 from cope_megatron.config import Config, ConfigError, validate
 from cope_megatron.data import integrity
 from cope_megatron.data.format import DataError, has_manifest, manifest_path, read_manifest
+from cope_megatron.data.mixture import check_sources
 from cope_megatron.data.source import split_shards
 from cope_megatron.eval.ruler.tasks import check_tasks
 from cope_megatron.pe import ModelPE, model_pe, rope_scaling
@@ -37,7 +38,10 @@ def check(cfg: Config, world: int, *, data: bool = True) -> ModelPE:
 
 
 def _check_data(cfg: Config) -> None:
-    """Training and evaluation need prepared shards packed for the model's length."""
+    """Training and evaluation need prepared shards packed for the model's length (a
+    mixture: every source, all sharing the first one's tokenizer and length)."""
+    for source, manifest in zip(cfg.data.mixture[1:], check_sources(cfg.data.mixture)[1:]):
+        _check_shards(cfg, source.shards, manifest)
     if not has_manifest(cfg.data.shards):
         raise ConfigError(
             f"data.shards: no manifest at {manifest_path(cfg.data.shards)}; run `cope-megatron "
@@ -49,15 +53,15 @@ def _check_data(cfg: Config) -> None:
             f"model.seq_length: {cfg.model.seq_length}, but the shards in {cfg.data.shards} "
             f"were packed for {packed}; set model.seq_length={packed} or re-run prep into "
             "another data.shards")
-    _check_shards(cfg, manifest)
+    _check_shards(cfg, cfg.data.shards, manifest)
 
 
-def _check_shards(cfg: Config, manifest: dict) -> None:
+def _check_shards(cfg: Config, shard_dir: str, manifest: dict) -> None:
     """Every shard present with its recorded size; with ``data.verify=startup`` also its
     sha256. Under ``data.on_error=skip`` bad shards are only announced: the loader skips
     and counts them when it reaches them."""
     shards = [shard for split in manifest["splits"]
-              for shard in split_shards(cfg.data.shards, manifest, split)]
+              for shard in split_shards(shard_dir, manifest, split)]
     problems = (integrity.verify_all(shards) if cfg.data.verify == "startup"
                 else integrity.check_present(shards))
     if not problems:

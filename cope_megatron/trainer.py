@@ -20,6 +20,7 @@ from cope_megatron import checkpoint
 from cope_megatron.config import Config, padded_vocab_size, to_dict
 from cope_megatron.data.format import read_manifest
 from cope_megatron.data.loader import ResumableLoader
+from cope_megatron.data.mixture import mixture_of
 from cope_megatron.data.source import StreamSpec, split_spec
 from cope_megatron.distributed.consistency import check_same_everywhere
 from cope_megatron.distributed.parallel import (
@@ -118,9 +119,10 @@ class Trainer:
         self.last_tag = resume.tag
         # The data order was compared with the checkpoint's record (a change allowed on
         # purpose goes through); a checkpoint without one is checked by the loader.
+        mixture = mixture_of(cfg.data.mixture) if cfg.data.mixture else None
         start_steps = (0 if state is None else state["data"]["steps"] if resume.compared
-                       else ResumableLoader.check_state(state["data"], spec))
-        self.data = ResumableLoader(spec, start_steps)
+                       else ResumableLoader.check_state(state["data"], spec, mixture))
+        self.data = ResumableLoader(spec, start_steps, mixture)
         self.evaluator = evaluator(cfg, self.engine, self.env, self.manifest)
         self.metrics = MetricsLogger(cfg, enabled=self.env.is_main)
         self.metrics.truncate_after(self.step)
@@ -214,6 +216,8 @@ class Trainer:
             record = {"step": self.step, "loss": loss, "lr": self.engine.get_lr()[0],
                       **self.step_metrics(elapsed, self.engine), "epoch": self.data.epoch,
                       "skipped_shards": self.data.skipped_shards,
+                      **({"source_epochs": self.data.source_epochs()} if cfg.data.mixture
+                         else {}),
                       "skipped_steps": self.bad_steps.total}
             validated = bool(cfg.eval.interval) and self.step % cfg.eval.interval == 0
             if validated:

@@ -5,6 +5,7 @@
 #   docs/ablation_cpu.sh flipflop  # Flip-Flop at reduced size and steps, 5 PEs
 #   docs/ablation_cpu.sh counting  # Counting with 1 variable, reduced, 5 PEs
 #   docs/ablation_cpu.sh report    # tables and plots into docs/results/
+# PES and SEEDS choose the rows, e.g. PES="fox stickbreaking" SEEDS="default 2" for CoPE's peers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CM=".venv/bin/python -m cope_megatron"
@@ -12,13 +13,15 @@ OUT=${OUT:-runs/ablation}
 PES=${PES:-"nope learned rope alibi cope"}
 COMMON="logging.wandb=disabled logging.progress=false"
 stage=${1:?usage: docs/ablation_cpu.sh lm|flipflop|counting|report}
-task() {  # task NAME CONFIG-AND-OVERRIDES: prep once, then one run per PE
+SEEDS=${SEEDS:-default}  # task runs' train.seed; "default": the config's (1234)
+task() {  # task NAME CONFIG-AND-OVERRIDES: prep once, then one run per PE and seed
   local name=$1; shift
   $CM prep "$@" $COMMON
-  for pe in $PES; do
-    dir=$OUT/$name-$pe
-    [ -f "$dir/eval.json" ] || $CM train "$@" configs/pe/$pe.yaml run.dir=$dir $COMMON
-  done
+  for seed in $SEEDS; do for pe in $PES; do
+    if [ "$seed" = default ]; then dir=$OUT/$name-$pe; set_seed=""
+    else dir=$OUT/$name-$pe-s$seed; set_seed="train.seed=$seed"; fi
+    [ -f "$dir/eval.json" ] || $CM train "$@" configs/pe/$pe.yaml $set_seed run.dir=$dir $COMMON
+  done; done
 }
 case "$stage" in
   lm)

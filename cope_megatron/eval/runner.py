@@ -15,7 +15,7 @@ from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import Config
 from cope_megatron.eval.context import EvalContext
 from cope_megatron.eval.passkey import passkey_accuracy
-from cope_megatron.eval.perplexity import evaluate, evaluation_text, score
+from cope_megatron.eval.perplexity import evaluate, evaluation_text, per_source, score
 from cope_megatron.eval.position_loss import position_loss
 from cope_megatron.eval.ruler.suite import ruler_suite
 from cope_megatron.eval.task_error import task_errors
@@ -55,14 +55,17 @@ class Evaluator:
         return {"val_loss": result["loss"], "val_ppl": result["ppl"]}
 
     def report(self, step: int) -> dict:
-        """Held-out perplexity per length, passkey accuracy, loss against position and the
-        RULER-style suite (when configured), or a task's error % per test split, of the
-        model at ``step``; also written to eval.json."""
+        """Held-out perplexity per length (and, for a mixture, per source), passkey
+        accuracy, loss against position and the RULER-style suite (when configured), or a
+        task's error % per test split, of the model at ``step``; also written to
+        eval.json."""
         e = self.cfg.eval
         if self.is_task:
             report = task_errors(self.ctx, e.batch_size)
         else:
             report = evaluate(self.ctx, e, self.text())
+            if self.cfg.data.mixture:
+                report["mixture"] = per_source(self.ctx, self.cfg)
             if e.passkey_samples:
                 report["passkey"] = passkey_accuracy(self.ctx, e, self.cfg.train.seed)
             if e.position_loss:

@@ -1,8 +1,8 @@
 """``cope-megatron report RUN_DIR...``: a markdown table and PNG plots from finished runs.
 
-Perplexity against evaluation length (both protocols), passkey accuracy by length, task
-error per test split, and training-loss curves, written into one report directory; runs
-with long-context results also get their page (``long_context``).
+Perplexity against evaluation length (both protocols) and per mixture source, passkey
+accuracy by length, task error per test split, and training-loss curves, written into one
+report directory; runs with long-context results also get their page (``long_context``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     blocks = {
         "Perplexity against evaluation length": [
             ("Non-overlapping windows", tables.perplexity_table(groups, "lengths")),
-            ("Sliding window", tables.perplexity_table(groups, "sliding"))],
+            ("Sliding window", tables.perplexity_table(groups, "sliding")),
+            ("Per mixture source, at the training length", tables.source_table(groups))],
         "Passkey retrieval": [("Accuracy, mean over depths", tables.passkey_table(groups))],
         "Task error": [("Error % on answer tokens", tables.task_table(groups))],
         "Downstream tasks": [("lm-evaluation-harness", tables.harness_table(groups))],

@@ -36,6 +36,24 @@ def perplexity_table(groups: dict[str, list[Run]], protocol: str) -> str | None:
     return markdown_table(["setting", "seeds", *columns], rows)
 
 
+def source_table(groups: dict[str, list[Run]]) -> str | None:
+    """A mixture's validation perplexity per source at the training length, and its total
+    (eval.json's ``mixture``)."""
+    names: list[str] = []
+    for runs in groups.values():
+        for run in runs:
+            for name in (run.eval or {}).get("mixture", {}).get("sources", {}):
+                if name not in names:
+                    names.append(name)
+    if not names:
+        return None
+    rows = [[label, str(len(runs))]
+            + [str(stat(gather(runs, "mixture", "sources", n, "ppl")) or "–") for n in names]
+            + [str(stat(gather(runs, "mixture", "total", "ppl")) or "–")]
+            for label, runs in groups.items()]
+    return markdown_table(["setting", "seeds", *names, "total (weighted)"], rows)
+
+
 def passkey_table(groups: dict[str, list[Run]]) -> str | None:
     """Accuracy per length, averaged over depths (and seeds)."""
     columns = lengths(groups, "passkey")

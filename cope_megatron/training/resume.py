@@ -18,6 +18,7 @@ from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.config import Config, ConfigError, flat_keys, yaml_text
 from cope_megatron.config.resume_keys import DERIVED_KEYS, EVAL_TIME, REFUSED, classify
 from cope_megatron.data.format import identity
+from cope_megatron.data.mixture import mixture_identity
 from cope_megatron.pe import REGISTRY, model_pe
 from cope_megatron.pe.length_scale import initial_s
 from cope_megatron.pe.rope_scaling import scaling_type
@@ -32,17 +33,22 @@ def config_values(cfg: Config) -> dict:
         node = cfg
         for part in key.split("."):
             node = getattr(node, part)
-        values[key] = node
+        # A list of sections (data.mixture) is recorded as plain mappings.
+        values[key] = ([dataclasses.asdict(v) for v in node]
+                       if isinstance(node, list) and node and dataclasses.is_dataclass(node[0])
+                       else node)
     return values
 
 
 def compared_values(cfg: Config, manifest: dict, global_batch: int, streams: int) -> dict:
     """Every key a resume compares and its value in this run: the schema's keys (with
-    ``data.streams`` resolved), the data's identity and the global batch."""
+    ``data.streams`` resolved), the data's identity (a mixture's: each source's) and the
+    global batch."""
     data = identity(manifest)
     return {**config_values(cfg), "data.streams": streams, "train.global_batch": global_batch,
             "data.tokenizer_sha256": data["tokenizer_sha256"],
-            "data.shards_fingerprint": data["shards_fingerprint"]}
+            "data.shards_fingerprint": data["shards_fingerprint"],
+            "data.mixture_sources": mixture_identity(cfg.data.mixture)}
 
 
 @dataclass
@@ -151,6 +157,8 @@ def _lines(changed: dict[str, list], keys: list[str]) -> str:
 
 
 def _asks(key: str) -> str:
+    if key == "data.mixture_sources":
+        return "this run's data.mixture has"
     return ("this run's data (data.shards) has" if key.startswith("data.") and key in
             DERIVED_KEYS else "this run asks for")
 
