@@ -193,8 +193,12 @@ def run(args: argparse.Namespace) -> dict | Path | None:
         print(summary(est, peak_tflops=cfg.train.peak_tflops))
     elif args.command == "prep":
         manifest = prep(cfg, args.force)
+        skipped = manifest.get("skipped_rows")
         print(f"prepared {cfg.data.shards}: " + ", ".join(
-            f"{s}: {v['samples']} samples" for s, v in manifest["splits"].items()))
+            f"{s}: {v['samples']} samples" for s, v in manifest["splits"].items()) + (
+            "; rows without text skipped: " + ", ".join(
+                f"{n} {kind.removesuffix('_rows')}" for kind, n in skipped.items())
+            if skipped else ""))
     elif args.command == "train":
         from cope_megatron.train import train
 

@@ -258,3 +258,57 @@ def tiny_gpt(vocab: int = 100):
     init_distributed(1)
     seed_everything(0)
     return build_gpt(cfg, model_pe(cfg.model), vocab).eval()
+
+
+class Ours:
+    """The run's latest checkpoint in our Megatron model, in one process."""
+
+    def __init__(self, run_dir) -> None:
+        from cope_megatron.config import load_config
+        from cope_megatron.data.format import read_manifest
+        from cope_megatron.distributed.parallel import init_distributed
+        from cope_megatron.hf.export import megatron_state_dict
+        from cope_megatron.model.gpt import build_gpt
+        from cope_megatron.pe import model_pe
+
+        cfg = load_config([str(run_dir / "config.yaml")])
+        params, _ = megatron_state_dict(run_dir, cfg)
+        one = load_config([str(run_dir / "config.yaml"), "parallel.tensor=1",
+                           "parallel.sequence=false"])
+        init_distributed(1)
+        vocab = read_manifest(one.data.shards)["vocab_size"]
+        self.model = build_gpt(one, model_pe(one.model), vocab).eval()
+        missing, unexpected = self.model.load_state_dict(params, strict=False)
+        assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        return self.model(tokens, positions, None).float()
+
+    def greedy(self, tokens: torch.Tensor, new: int) -> torch.Tensor:
+        for _ in range(new):
+            tokens = torch.cat([tokens, self.logits(tokens)[:, -1:].argmax(-1)], dim=1)
+        return tokens
+
+
+def train_bpe(texts: list[str], path: Path, vocab_size: int = 400,
+              specials: tuple[str, ...] = ("<|endoftext|>", "<pad>"),
+              metaspace: bool = False) -> Path:
+    """A byte-level BPE ``tokenizer.json`` (GPT-2's kind; ``metaspace``: words marked with
+    a leading ▁ as converted SentencePiece models are) trained on ``texts`` with the
+    ``tokenizers`` library, saved at ``path``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    kind = "Metaspace" if metaspace else "ByteLevel"
+    tok.pre_tokenizer = getattr(pre_tokenizers, kind)(
+        **({} if metaspace else {"add_prefix_space": False}))
+    tok.decoder = getattr(decoders, kind)()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path

@@ -121,13 +121,13 @@ def test_alibi_evaluation_beyond_an_s_by_s_bias_fits(tmp_path):
 
 
 def test_passkey_prompt_hides_the_key_at_its_depth(prepared):
-    import sentencepiece as spm
     import torch
 
+    from cope_megatron.data.tokenizer import dataset_tokenizer
     from cope_megatron.eval.passkey import KEY, QUESTION, PromptTooLongError, passkey_sample
 
     shards, manifest, _ = prepared
-    tok = spm.SentencePieceProcessor(model_file=str(shards / manifest["tokenizer"]))
+    tok = dataset_tokenizer(shards, manifest)
     key_ids = tok.encode(KEY.format(key=54321))
     starts = []
     for depth in (0.0, 0.5, 1.0):

@@ -13,9 +13,8 @@ import sentencepiece as spm
 import torch
 
 from cope_megatron.config import load_config
-from cope_megatron.data.format import read_manifest
 from cope_megatron.pe import REGISTRY, model_pe
-from tests.helpers import cli_in_ranks, debug_overrides
+from tests.helpers import Ours, cli_in_ranks, debug_overrides
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,35 +25,6 @@ VARIANTS["length_scale"] = {"model.pe": "rope", "pe.length_scale.type": "learned
 VARIANTS["gqa_rmsnorm_untied"] = {"model.pe": "cope_rope", "model.num_query_groups": 2,
                                   "model.normalization": "RMSNorm",
                                   "model.untie_embeddings": "true"}
-
-
-class Ours:
-    """The run's latest checkpoint in our Megatron model, in one process."""
-
-    def __init__(self, run_dir) -> None:
-        from cope_megatron.distributed.parallel import init_distributed
-        from cope_megatron.hf.export import megatron_state_dict
-        from cope_megatron.model.gpt import build_gpt
-
-        cfg = load_config([str(run_dir / "config.yaml")])
-        params, _ = megatron_state_dict(run_dir, cfg)
-        one = load_config([str(run_dir / "config.yaml"), "parallel.tensor=1",
-                           "parallel.sequence=false"])
-        init_distributed(1)
-        vocab = read_manifest(one.data.shards)["vocab_size"]
-        self.model = build_gpt(one, model_pe(one.model), vocab).eval()
-        missing, unexpected = self.model.load_state_dict(params, strict=False)
-        assert not unexpected and all(k.endswith("_extra_state") for k in missing), missing
-
-    @torch.no_grad()
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        return self.model(tokens, positions, None).float()
-
-    def greedy(self, tokens: torch.Tensor, new: int) -> torch.Tensor:
-        for _ in range(new):
-            tokens = torch.cat([tokens, self.logits(tokens)[:, -1:].argmax(-1)], dim=1)
-        return tokens
 
 
 def export_run(run_dir, out_dir) -> None:

@@ -10,8 +10,8 @@ import re
 from collections import Counter
 
 import pytest
-import sentencepiece as spm
 
+from cope_megatron.data.tokenizer import dataset_tokenizer
 from cope_megatron.eval.ruler import aggregation, niah, tracing
 from cope_megatron.eval.ruler.effective import effective_length, mean_over_tasks
 from cope_megatron.eval.ruler.prompt import (
@@ -30,7 +30,7 @@ LENGTH = 640  # holds every task's prompt with the session tokenizer (512 pieces
 @pytest.fixture(scope="module")
 def tok(prepared):
     shards, manifest, _ = prepared
-    return spm.SentencePieceProcessor(model_file=str(shards / manifest["tokenizer"]))
+    return dataset_tokenizer(shards, manifest)
 
 
 @pytest.fixture(scope="module", params=["text", "noise"])

@@ -70,8 +70,7 @@ class Answering(torch.nn.Module):
 
 
 def test_scores_of_models_with_known_answers(prepared, dist_cleanup):
-    import sentencepiece as spm
-
+    from cope_megatron.data.tokenizer import dataset_tokenizer
     from cope_megatron.distributed.parallel import init_distributed
     from cope_megatron.eval.context import EvalContext
     from cope_megatron.eval.ruler.prompt import Encoder, Haystack
@@ -79,7 +78,7 @@ def test_scores_of_models_with_known_answers(prepared, dist_cleanup):
     from cope_megatron.eval.ruler.tasks import generate
 
     shards, manifest, _ = prepared
-    tok = spm.SentencePieceProcessor(model_file=str(shards / manifest["tokenizer"]))
+    tok = dataset_tokenizer(shards, manifest)
     init_distributed(1)
     sample = generate("niah_multivalue", seed=0, tokenizer=tok, length=640, depth=0.5,
                       haystack=Haystack.noise(tok))
@@ -87,7 +86,7 @@ def test_scores_of_models_with_known_answers(prepared, dist_cleanup):
     methods = ["teacher_forced", "greedy"]
 
     def scores(wrong):
-        model = Answering(gold, tok.vocab_size(), wrong)
+        model = Answering(gold, tok.vocab_size, wrong)
         ctx = EvalContext(model=model, manifest=manifest, shards=str(shards), verify="never",
                           train_length=32, pe="oracle", device=torch.device("cpu"))
         return score_samples(ctx, [sample], methods, 1, Encoder(tok))[0]

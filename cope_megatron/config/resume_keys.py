@@ -55,6 +55,8 @@ _TABLE: dict[str, str] = {
     "data.val_fraction": ALLOWED, "data.shard_max_bytes": ALLOWED,
     "data.prep_workers": ALLOWED, "data.tokenizer_sample_bytes": ALLOWED,
     "data.max_docs": ALLOWED, "data.decode_errors": ALLOWED, "data.max_line_chars": ALLOWED,
+    "data.eos_token": ALLOWED, "data.pad_token": ALLOWED, "data.join_rows": ALLOWED,
+    "data.join_rows_n": ALLOWED,
     "task.*": ALLOWED,
     # How the same data is read.
     "data.num_workers": ALLOWED, "data.on_error": ALLOWED, "data.verify": ALLOWED,

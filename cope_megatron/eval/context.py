@@ -6,13 +6,11 @@ and PE)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-import sentencepiece as spm
 import torch
 
 from cope_megatron.config import Config
-from cope_megatron.data.tokenizer import load_tokenizer
+from cope_megatron.data.tokenizer import Tokenizer, dataset_tokenizer
 from cope_megatron.pe import label
 
 
@@ -39,9 +37,9 @@ class EvalContext:
                    verify=cfg.data.verify, train_length=cfg.model.seq_length, pe=label(cfg),
                    device=device, dp_rank=dp_rank, dp_size=dp_size)
 
-    def tokenizer(self) -> spm.SentencePieceProcessor:
-        """The SentencePiece model the run's shards were prepared with."""
-        return load_tokenizer(Path(self.shards) / self.manifest["tokenizer"])
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer the run's shards were prepared with."""
+        return dataset_tokenizer(self.shards, self.manifest)
 
     def takes(self, batch: int) -> bool:
         """Whether this rank scores batch number ``batch`` (data-parallel ranks alternate)."""

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import random
 
-import sentencepiece as spm
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from cope_megatron.config import EvalConfig
+from cope_megatron.data.tokenizer import Tokenizer
 from cope_megatron.eval.answers import answer_errors
 from cope_megatron.eval.context import EvalContext
 from cope_megatron.model.gpt import eval_mode, max_positions
@@ -31,14 +31,14 @@ class PromptTooLongError(ValueError):
     """The fixed parts of the prompt alone exceed the length."""
 
 
-def passkey_sample(tokenizer: spm.SentencePieceProcessor, length: int, depth: float,
+def passkey_sample(tokenizer: Tokenizer, length: int, depth: float,
                    key: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [length + 1], answer mask [length]): intro, filler with the key sentence at
     ``depth`` (0 = right after the intro, 1 = right before the question), question, answer;
     the mask marks the predictions of the answer's tokens."""
-    # Segments are encoded apart and joined: SentencePiece's dummy prefix gives each its
-    # leading space, so the answer reads " 54321" as it would in running text.
-    enc = tokenizer.encode
+    # Segments are encoded apart and joined, each with its leading space
+    # (``encode_part``), so the answer reads " 54321" as it would in running text.
+    enc = tokenizer.encode_part
     intro, key_ids = enc(INTRO), enc(KEY.format(key=key))
     question, answer, sentence = enc(QUESTION), enc(str(key)), enc(FILLER)
     room = length + 1 - len(intro) - len(key_ids) - len(question) - len(answer)

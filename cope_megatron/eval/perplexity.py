@@ -30,7 +30,7 @@ from cope_megatron.config import Config, ConfigError, EvalConfig
 from cope_megatron.data.corpus import iter_pieces, resolve_sources
 from cope_megatron.data.format import has_manifest, read_manifest
 from cope_megatron.data.source import sequential_windows, split_spec
-from cope_megatron.data.tokenizer import load_tokenizer
+from cope_megatron.data.tokenizer import dataset_tokenizer
 from cope_megatron.distributed.parallel import replica_group
 from cope_megatron.eval.context import EvalContext
 from cope_megatron.model.gpt import eval_mode, max_positions, token_losses
@@ -67,21 +67,23 @@ def evaluation_text(cfg: Config, manifest: dict) -> torch.Tensor:
 
 def _shard_text(cfg: Config, manifest: dict, shards_dir: str, count: int):
     if shards_dir != cfg.data.shards:
-        own_tokenizer = manifest["tokenizer_sha256"]
+        own = manifest
         manifest = read_manifest(shards_dir)
-        if manifest["tokenizer_sha256"] != own_tokenizer:
+        if manifest["tokenizer_sha256"] != own["tokenizer_sha256"]:
             raise ConfigError(f"eval.data: {shards_dir} was tokenized with another tokenizer "
                               f"than the run's; prepare it with data.tokenizer set to the "
-                              "run's tokenizer.model")
+                              f"run's {Path(cfg.data.shards) / own['tokenizer']}")
     return next(sequential_windows(split_spec(shards_dir, manifest, "val",
                                                 verify=cfg.data.verify), count), None)
 
 
 def _raw_text(cfg: Config, manifest: dict, source: str, count: int):
-    tokenizer = load_tokenizer(Path(cfg.data.shards) / manifest["tokenizer"])
+    tokenizer = dataset_tokenizer(cfg.data.shards, manifest)
     ids: list[int] = []
-    for path in resolve_sources([source], cfg.data.cache_dir):
-        for piece in iter_pieces(path, cfg.data.text_field, cfg.data.decode_errors):
+    d = cfg.data
+    for path in resolve_sources([source], d.cache_dir):
+        for piece in iter_pieces(path, d.text_field, d.decode_errors, join_rows=d.join_rows,
+                                 join_rows_n=d.join_rows_n):
             ids += tokenizer.encode(piece.text) + ([manifest["eos_id"]] if piece.last else [])
             if len(ids) >= count:
                 return torch.tensor(ids[:count])

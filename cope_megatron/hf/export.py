@@ -1,6 +1,8 @@
 """``cope-megatron export RUN_DIR OUT_DIR``: a run's latest checkpoint as a Hugging Face
-model directory (config.json, model.safetensors, generation config, the tokenizer from the
-run's SentencePiece model, loaded with ``trust_remote_code=True``). The model is a standard
+model directory (config.json, model.safetensors, generation config, and the data set's
+tokenizer: its tokenizer.json as itself, for ``PreTrainedTokenizerFast``, or its SentencePiece
+model through ``tokenization_cope_megatron.py``, loaded with ``trust_remote_code=True``).
+The model is a standard
 architecture where one computes exactly ours (``hf.standard``: GPT-NeoX for RoPE, GPT-2 for
 learned positions), else ``modeling_cope_megatron.py``, shipped beside the weights.
 
@@ -24,6 +26,7 @@ from cope_megatron.atomic_io import write_text_atomic
 from cope_megatron.checkpoint.universal import INFO, read_layout, tp_merge_dim
 from cope_megatron.config import Config, load_config, padded_vocab_size
 from cope_megatron.data.format import read_manifest
+from cope_megatron.data.tokenizer import dataset_tokenizer, is_huggingface
 from cope_megatron.errors import UserError
 from cope_megatron.hf.standard import BUILDERS, rename, standard_architecture
 from cope_megatron.output_dir import check_output_dir
@@ -112,14 +115,37 @@ def hf_config(cfg: Config, vocab_size: int):
         length_scale_s=initial_s(cfg.pe.length_scale, m.seq_length),
         fire_mlp_width=cfg.pe.fire.mlp_width, fire_threshold_init=cfg.pe.fire.threshold_init,
         kerple_variant=cfg.pe.kerple.variant, kerple_max_exponent=cfg.pe.kerple.max_exponent,
-        tie_word_embeddings=not m.untie_embeddings, eos_token_id=2)
+        tie_word_embeddings=not m.untie_embeddings)
+
+
+def save_tokenizer(shards: Path, manifest: dict, out_dir: Path) -> None:
+    """The data set's tokenizer into ``out_dir``, for ``AutoTokenizer``, with the
+    end-of-document and padding tokens prep used."""
+    tokenizer = dataset_tokenizer(shards, manifest)
+    specials = {"eos_token": tokenizer.token(tokenizer.eos_id)}
+    if tokenizer.pad_id is not None:
+        specials["pad_token"] = tokenizer.token(tokenizer.pad_id)
+    if is_huggingface(tokenizer.path):
+        from transformers import PreTrainedTokenizerFast
+
+        PreTrainedTokenizerFast(tokenizer_file=str(tokenizer.path),
+                                clean_up_tokenization_spaces=False,
+                                **specials).save_pretrained(out_dir)
+        # The very file prep tokenized with (save_pretrained writes its own serialization).
+        shutil.copyfile(tokenizer.path, out_dir / "tokenizer.json")
+        return
+    from cope_megatron.hf.tokenization_cope_megatron import CopeMegatronTokenizer
+
+    shutil.copyfile(HERE / "tokenization_cope_megatron.py",
+                    out_dir / "tokenization_cope_megatron.py")
+    CopeMegatronTokenizer.register_for_auto_class("AutoTokenizer")
+    CopeMegatronTokenizer(str(tokenizer.path), **specials).save_pretrained(out_dir)
 
 
 def export(run_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write the Hugging Face model directory for the run's latest checkpoint; a non-empty
     ``out_dir`` that is not an earlier export is refused unless ``force``."""
     from cope_megatron.hf.modeling_cope_megatron import CopeMegatronForCausalLM
-    from cope_megatron.hf.tokenization_cope_megatron import CopeMegatronTokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -145,19 +171,16 @@ def export(run_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> 
         model.load_state_dict(state, strict=True)
         CopeMegatronForCausalLM.register_for_auto_class("AutoModelForCausalLM")
         model.config.register_for_auto_class()
-    model.generation_config.eos_token_id = 2
+    for config in (model.config, model.generation_config):
+        config.eos_token_id = manifest.get("eos_id")
+        config.pad_token_id = manifest.get("pad_id")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out_dir / MARKER, json.dumps({"run_dir": str(run_dir)}))
     model.save_pretrained(out_dir)
     if not standard:
         shutil.copyfile(HERE / "modeling_cope_megatron.py", out_dir / "modeling_cope_megatron.py")
-    shutil.copyfile(HERE / "tokenization_cope_megatron.py",
-                    out_dir / "tokenization_cope_megatron.py")
-    tokenizer_file = shards / "tokenizer.model"
-    if tokenizer_file.is_file():
-        tokenizer = CopeMegatronTokenizer(str(tokenizer_file))
-        CopeMegatronTokenizer.register_for_auto_class("AutoTokenizer")
-        tokenizer.save_pretrained(out_dir)
+    if manifest["tokenizer"] in ("tokenizer.model", "tokenizer.json"):  # not a task's vocab
+        save_tokenizer(shards, manifest, out_dir)
     write_text_atomic(out_dir / MARKER, json.dumps(
         {"run_dir": str(run_dir), "step": step, "pe": cfg.model.pe,
          "architecture": standard or "cope_megatron"}, indent=1))

@@ -1,7 +1,9 @@
-"""``cope-megatron prep``: corpus -> SentencePiece tokenizer -> packed WebDataset shards.
+"""``cope-megatron prep``: corpus -> tokenizer (SentencePiece trained here, or a given
+SentencePiece model or Hugging Face tokenizer.json) -> packed WebDataset shards.
 
-Writes into ``data.shards``: ``tokenizer.model``, ``train-*.tar``, ``val-*.tar`` and
-``manifest.json`` (written last, atomically: its presence means the data set is complete).
+Writes into ``data.shards``: ``tokenizer.model`` (or ``tokenizer.json``), ``train-*.tar``,
+``val-*.tar`` and ``manifest.json`` (written last, atomically: its presence means the data
+set is complete).
 Rerunning after a crash keeps the shards already finished and writes the rest. A
 non-empty directory that holds neither our fingerprint nor our manifest is refused
 (``--force`` writes into it anyway).
@@ -13,6 +15,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +40,6 @@ from cope_megatron.data.format import (
 from cope_megatron.data.prep import encode_worker
 from cope_megatron.data.prep.shards import Packer, SplitWriter, token_dtype
 from cope_megatron.data.tokenizer import (
-    EOS_ID,
     install_tokenizer,
     load_tokenizer,
     train_tokenizer,
@@ -56,15 +58,33 @@ def is_validation(doc: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
-def _pieces(files: list[Path], data: DataConfig) -> Iterator[Piece]:
+def _pieces(files: list[Path], data: DataConfig, skipped: Counter) -> Iterator[Piece]:
     docs, max_docs = 0, data.max_docs
     for path in files:
-        for piece in iter_pieces(path, data.text_field, data.decode_errors):
+        for piece in iter_pieces(path, data.text_field, data.decode_errors,
+                                 join_rows=data.join_rows, join_rows_n=data.join_rows_n,
+                                 skipped=skipped):
             yield piece
             if piece.last:
                 docs += 1
                 if max_docs is not None and docs >= max_docs:
                     return
+
+
+def _batches(pieces: Iterator[Piece], chars: int = 1 << 20,
+             count: int = 256) -> Iterator[list[Piece]]:
+    """Pieces in groups of up to ``count`` or about ``chars`` characters: one task for an
+    encode worker, so that short documents (a parquet row each) do not cost one
+    inter-process round trip apiece."""
+    batch, size = [], 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece.text)
+        if size >= chars or len(batch) >= count:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def check_fingerprint(out: Path, fingerprint: dict, *, force: bool = False) -> None:
@@ -91,6 +111,10 @@ def _fingerprint(data: DataConfig, files: list[Path], seq_len: int, seed: int) -
         "files": [[str(f), f.stat().st_size] for f in files], "seq_len": seq_len,
         "seed": seed, "val_fraction": data.val_fraction, "max_docs": data.max_docs,
         "text_field": data.text_field,
+        # Only when set: fingerprints from before these keys existed stay valid.
+        **{key: getattr(data, key) for key in ("join_rows", "join_rows_n", "eos_token",
+                                               "pad_token")
+           if getattr(data, key) != getattr(DataConfig(), key)},
         "tokenizer": file_sha256(data.tokenizer) if data.tokenizer else {
             "vocab_size": data.vocab_size, "type": data.tokenizer_type,
             "byte_fallback": data.byte_fallback, "user_symbols": data.user_symbols,
@@ -135,10 +159,10 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
     started = time.time()
 
     tok_path = _tokenizer(data, files, out)
-    sp = load_tokenizer(tok_path)
-    vocab = sp.get_piece_size()
+    tokenizer = load_tokenizer(tok_path, data.eos_token, data.pad_token)
+    vocab, eos = tokenizer.vocab_size, tokenizer.eos_id
     dtype = token_dtype(vocab)
-    tok_sha = file_sha256(tok_path)
+    tok_sha = tokenizer.sha256
 
     meta = {"seq_len": seq_len, "dtype": dtype.name, "tokenizer_sha256": tok_sha}
     packers = {
@@ -152,13 +176,16 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
     # decompressed text against their compressed size: the ETA is then pessimistic).
     bar = tqdm(desc="prep", total=sum(f.stat().st_size for f in files), unit="B",
                unit_scale=True, disable=not progress, dynamic_ncols=True)
+    skipped: Counter = Counter()
     with mp.get_context("spawn").Pool(data.prep_workers, encode_worker.init,
-                                        (str(tok_path),)) as pool:
-        pieces = _pieces(files, data)
-        stream = pool.imap(encode_worker.encode, pieces, chunksize=2)
+                                        (str(tok_path), data.eos_token,
+                                         data.pad_token)) as pool:
+        batches = _batches(_pieces(files, data, skipped))
+        stream = (one for batch in pool.imap(encode_worker.encode, batches, chunksize=2)
+                  for one in batch)
         for doc, ids, last, size in stream:
             split = "val" if is_validation(doc, seed, data.val_fraction) else "train"
-            packers[split].add(np.append(ids, EOS_ID) if last else ids)
+            packers[split].add(np.append(ids, eos) if last else ids)
             nbytes += size
             bar.update(size)
             if last:
@@ -180,8 +207,14 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
     return write_manifest(out, {
         **meta,
         "vocab_size": vocab,
-        "eos_id": EOS_ID,
+        "eos_id": eos,
+        "pad_id": tokenizer.pad_id,
+        # As stated in config (None: the tokenizer's own): ``dataset_tokenizer`` reads them.
+        "eos_token": data.eos_token,
+        "pad_token": data.pad_token,
         "tokenizer": tok_path.name,
+        # Null and empty rows of parquet/Arrow inputs, which make no document.
+        "skipped_rows": dict(skipped),
         "seed": seed,
         "source_bytes": nbytes,
         "seconds": round(time.time() - started, 2),

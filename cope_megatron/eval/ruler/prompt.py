@@ -1,7 +1,7 @@
 """A generated prompt of exact length: intro, haystack with needles at their depths,
 question, answer; and the haystacks it is cut from.
 
-Every part is encoded on its own and the token lists joined (SentencePiece's dummy prefix
+Every part is encoded on its own and the token lists joined (``Tokenizer.encode_part``
 gives each its leading space), so a value reads the same tokens in its needle as in the
 answer: the answer is a copy, in tokens, of what the haystack hides, and a prompt's length
 is the sum of its parts', exact for the run's tokenizer.
@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import sentencepiece as spm
 import torch
 
+from cope_megatron.data.tokenizer import Tokenizer
 from cope_megatron.eval.passkey import PromptTooLongError
 from cope_megatron.eval.ruler.words import NOISE
 
@@ -61,8 +61,8 @@ class Haystack:
         self.name, self.random_start = name, random_start
 
     @classmethod
-    def noise(cls, tokenizer: spm.SentencePieceProcessor) -> Haystack:
-        return cls(tokenizer.encode(NOISE), "noise", random_start=False)
+    def noise(cls, tokenizer: Tokenizer) -> Haystack:
+        return cls(tokenizer.encode_part(NOISE), "noise", random_start=False)
 
     def take(self, rng: random.Random, n: int) -> list[int]:
         start = rng.randrange(len(self.ids)) if self.random_start else 0
@@ -74,20 +74,20 @@ class Encoder:
     """The run's tokenizer, refusing values it cannot spell back (they would not be
     recoverable from generated text)."""
 
-    def __init__(self, tokenizer: spm.SentencePieceProcessor) -> None:
+    def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
 
     def __call__(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+        return self.tokenizer.encode_part(text)
 
     def value(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text)
+        ids = self.tokenizer.encode_part(text)
         if self.tokenizer.decode(ids).strip() != text:
             raise ValueError(f"the run's tokenizer cannot spell {text!r} (no byte fallback?)")
         return ids
 
     def decode(self, ids: list[int]) -> str:
-        size = self.tokenizer.vocab_size()  # the model's vocabulary is padded past it
+        size = self.tokenizer.vocab_size  # the model's vocabulary is padded past it
         return self.tokenizer.decode([i for i in ids if i < size])
 
 

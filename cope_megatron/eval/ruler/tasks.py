@@ -8,9 +8,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import sentencepiece as spm
-
 from cope_megatron.config import ConfigError
+from cope_megatron.data.tokenizer import Tokenizer
 from cope_megatron.eval.ruler import aggregation, niah, tracing
 from cope_megatron.eval.ruler.prompt import Encoder, Haystack, Sample, check_depth
 
@@ -44,7 +43,7 @@ def check_tasks(names: list[str]) -> None:
                           f"{sorted(TASKS)}")
 
 
-def generate(task: str, *, seed: int, tokenizer: spm.SentencePieceProcessor, length: int,
+def generate(task: str, *, seed: int, tokenizer: Tokenizer, length: int,
              depth: float | None, haystack: Haystack, index: int = 0) -> Sample:
     """Sample ``index`` of ``task`` at ``length`` tokens (+ 1 predicted) and ``depth``
     (None for a task without one). Raises PromptTooLongError when the length cannot hold
