@@ -183,6 +183,7 @@ PUBLIC_KEYS = """
     eval.interval eval.tokens eval.batch_size
     eval.length_multipliers eval.stride eval.data eval.passkey_samples
     eval.passkey_depths eval.harness_tasks eval.harness_include eval.harness_limit
+    eval.harness_model eval.harness_max_length
     eval.position_loss eval.last_k eval.position_bins eval.ruler.tasks
     eval.ruler.length_multipliers eval.ruler.depths eval.ruler.samples eval.ruler.seed
     eval.ruler.haystack eval.ruler.scoring eval.ruler.threshold eval.ruler.absolute_threshold

@@ -295,6 +295,13 @@ class EvalConfig:
     """A directory of local harness task YAMLs (offline tasks)."""
     harness_limit: int | None = None
     """At most this many documents per harness task (None: all)."""
+    harness_model: Literal["export", "native"] = "export"
+    """What the harness scores: ``export``, the run's Hugging Face export on the main rank
+    (the scores anyone gets from the shared checkpoint); ``native``, our Megatron model at
+    the run's layout, every rank taking part (``eval.harness_native``: TP, CP and DP)."""
+    harness_max_length: int | None = None
+    """Tokens a harness request may hold (longer contexts lose their start); None:
+    model.seq_length. Beyond one process's memory with harness_model=native under CP."""
     position_loss: bool = False
     """Also score loss against position: the mean NLL at each position of non-overlapping
     windows of every length, and the perplexity of each window's last eval.last_k tokens

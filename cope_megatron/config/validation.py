@@ -161,6 +161,8 @@ def _check_eval(e: EvalConfig, train_length: int) -> None:
     if not all(0 <= d <= 1 for d in e.passkey_depths):
         _fail("eval.passkey_depths", "depths are fractions in [0, 1]")
     _at_least(1, {"eval.position_bins": e.position_bins})
+    if e.harness_max_length is not None:
+        _at_least(1, {"eval.harness_max_length": e.harness_max_length})
     if e.last_k is not None and not 1 <= e.last_k <= train_length:
         _fail("eval.last_k", f"{e.last_k} must be in [1, model.seq_length={train_length}] "
               "(or unset for model.seq_length)")

@@ -77,15 +77,27 @@ class Evaluator:
         return report
 
     def harness(self, report: dict) -> dict:
-        """``eval.harness_tasks`` through lm-evaluation-harness on the main rank (on the
-        run's exported latest checkpoint), added to ``report`` and to eval.json."""
+        """``eval.harness_tasks`` through lm-evaluation-harness, added to ``report`` and to
+        eval.json: on the main rank with the run's exported latest checkpoint, or on every
+        rank with the model itself (``eval.harness_model=native``)."""
         e = self.cfg.eval
-        if self.is_main:
+        max_length = e.harness_max_length or self.cfg.model.seq_length
+        if e.harness_model == "native":
+            from cope_megatron.eval.harness_native import run_native_harness
+
+            result = run_native_harness(
+                self.ctx, self.run_dir, report["step"], e.harness_tasks,
+                include=e.harness_include, limit=e.harness_limit, batch_size=e.batch_size,
+                max_length=max_length)
+        elif self.is_main:
             from cope_megatron.hf.harness import run_harness
 
-            report["harness"] = run_harness(
+            result = run_harness(
                 self.run_dir, report["step"], e.harness_tasks, include=e.harness_include,
-                limit=e.harness_limit, batch_size=e.batch_size, device=str(self.ctx.device))
+                limit=e.harness_limit, batch_size=e.batch_size, device=str(self.ctx.device),
+                max_length=e.harness_max_length)
+        if self.is_main:
+            report["harness"] = result
             self._write(report)
         dist.barrier()
         return report

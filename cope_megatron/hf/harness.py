@@ -55,20 +55,26 @@ def check_tasks(tasks: list[str], include: str | None = None) -> None:
 
 def run_harness(run_dir: str | Path, step: int, tasks: list[str], *,
                 include: str | None = None, limit: int | None = None,
-                batch_size: int = 8, device: str = "cpu") -> dict:
-    """Run ``tasks`` on the run's model at ``step``; write and return
-    {"step", "tasks": {task: {metric: value}}}."""
+                batch_size: int = 8, device: str = "cpu", max_length: int | None = None,
+                lm=None) -> dict:
+    """Run ``tasks`` on the run's model at ``step``, its export read by the harness's
+    ``hf`` backend, or ``lm`` (an ``lm_eval`` LM, e.g. ``eval.harness_native``'s); write
+    and return {"step", "tasks": {task: {metric: value}}}."""
     import lm_eval
 
     check_tasks(tasks, include)
     run_dir = Path(run_dir)
-    model_dir = exported(run_dir, step)
     manager = _task_manager(include)
+    if lm is None:
+        model_args = (f"pretrained={exported(run_dir, step)},trust_remote_code=True,"
+                      "dtype=float32" + (f",max_length={max_length}" if max_length else ""))
+        model = {"model": "hf", "model_args": model_args, "batch_size": batch_size,
+                 "device": device}
+    else:
+        model = {"model": lm}
     try:
-        out = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={model_dir},trust_remote_code=True,"
-            "dtype=float32", tasks=tasks, task_manager=manager, batch_size=batch_size,
-            device=device, limit=limit)
+        out = lm_eval.simple_evaluate(**model, tasks=tasks, task_manager=manager,
+                                      limit=limit)
     except (ConnectionError, OSError) as e:  # datasets' offline and hub errors
         raise HarnessError(
             f"eval.harness_tasks {tasks}: a task's dataset could not be loaded ({e}). Tasks "

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizer
 
 class CopeMegatronTokenizer(PreTrainedTokenizer):
     vocab_files_names = {"vocab_file": "tokenizer.model"}
-    model_input_names = ["input_ids"]
+    model_input_names = ["input_ids", "attention_mask"]
 
     def __init__(self, vocab_file: str, **kwargs) -> None:
         self.vocab_file = vocab_file

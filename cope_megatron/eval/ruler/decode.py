@@ -21,10 +21,8 @@ from megatron.core import parallel_state
 from cope_megatron.model.gpt import shifted_batch
 
 
-def argmax_ids(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """[b, s] argmax next token at each position of ``tokens`` [b, s + 1]'s inputs."""
-    batch = shifted_batch(tokens)
-    logits = model(batch["input_ids"], batch["position_ids"], None).float()  # [b, s/CP, v/TP]
+def vocab_argmax(logits: torch.Tensor) -> torch.Tensor:
+    """[b, s] argmax of vocab-parallel ``logits`` [b, s, v/TP], the same on every TP rank."""
     best, index = logits.max(-1)
     tp = parallel_state.get_tensor_model_parallel_group()
     top = best.clone()
@@ -32,6 +30,14 @@ def argmax_ids(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     index = index + parallel_state.get_tensor_model_parallel_rank() * logits.shape[-1]
     index = torch.where(best == top, index, torch.iinfo(torch.int64).max)
     dist.all_reduce(index, op=dist.ReduceOp.MIN, group=tp)
+    return index
+
+
+def argmax_ids(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """[b, s] argmax next token at each position of ``tokens`` [b, s + 1]'s inputs."""
+    batch = shifted_batch(tokens)
+    logits = model(batch["input_ids"], batch["position_ids"], None).float()  # [b, s/CP, v/TP]
+    index = vocab_argmax(logits)
     ids = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.int64,
                       device=tokens.device)
     ids.scatter_(1, batch["position_ids"], index)
