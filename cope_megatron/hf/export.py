@@ -4,7 +4,8 @@ tokenizer: its tokenizer.json as itself, for ``PreTrainedTokenizerFast``, or its
 model through ``tokenization_cope_megatron.py``, loaded with ``trust_remote_code=True``).
 The model is a standard
 architecture where one computes exactly ours (``hf.standard``: GPT-NeoX for RoPE, GPT-2 for
-learned positions), else ``modeling_cope_megatron.py``, shipped beside the weights.
+learned positions), else ``modeling_cope_megatron.py`` (and its ``kv_cache.py``), shipped
+beside the weights.
 
 Weights come from DeepSpeed's per-TP-rank model-states files, which hold every parameter
 whole under ZeRO 0–2; tensor-parallel shards are concatenated along the dimension the
@@ -38,6 +39,9 @@ HERE = Path(__file__).resolve().parent
 MARKER = "cope_megatron.json"
 """Written first into every export, so that even a half-written one is ours to redo
 (``output_dir``); it records the step only once the export is complete."""
+
+MODELING_FILES = ("modeling_cope_megatron.py", "kv_cache.py")
+"""Shipped beside the weights of a model no standard architecture computes."""
 
 NAMES = [  # Megatron name -> ours, by regular expression
     (r"^embedding\.word_embeddings\.", "word_embeddings."),
@@ -178,7 +182,8 @@ def export(run_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> 
     write_text_atomic(out_dir / MARKER, json.dumps({"run_dir": str(run_dir)}))
     model.save_pretrained(out_dir)
     if not standard:
-        shutil.copyfile(HERE / "modeling_cope_megatron.py", out_dir / "modeling_cope_megatron.py")
+        for name in MODELING_FILES:
+            shutil.copyfile(HERE / name, out_dir / name)
     if manifest["tokenizer"] in ("tokenizer.model", "tokenizer.json"):  # not a task's vocab
         save_tokenizer(shards, manifest, out_dir)
     write_text_atomic(out_dir / MARKER, json.dumps(

@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .kv_cache import CopeMegatronCache, generation_inputs
 
 
 class CopeMegatronConfig(PretrainedConfig):
@@ -76,6 +78,13 @@ class CopeMegatronConfig(PretrainedConfig):
 
 
 # -- position encodings -------------------------------------------------------------------
+# Attention of m queries against n ≥ m keys: the queries are the last m positions (m < n
+# when earlier keys come from ``kv_cache``).
+
+
+def future_mask(m: int, n: int, device: torch.device) -> torch.Tensor:
+    """[m, n] True where key j lies after query i (at position n − m + i)."""
+    return torch.ones(m, n, dtype=torch.bool, device=device).triu(n - m + 1)
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -111,12 +120,15 @@ def kerple_bias(distance: torch.Tensor, r1_raw: torch.Tensor, r2_raw: torch.Tens
     return -r1 * torch.where(d > 0, d.clamp(min=1) ** r2, torch.zeros_like(d))
 
 
-def fire_bias(s: int, attn: nn.Module, threshold_init: float) -> torch.Tensor:
+def fire_bias(rows: torch.Tensor, s: int, attn: nn.Module, threshold_init: float
+              ) -> torch.Tensor:
     """FIRE (Li et al. 2023): f(ψ(i − j) / ψ(max(L, i))), ψ(x) = log(|c|·x + 1), L =
-    |λ|·L₀, f a ReLU MLP from one input to every head; [h, s, s] (valid for j ≤ i)."""
-    pos = torch.arange(s, device=attn.c.device, dtype=torch.float32)
+    |λ|·L₀, f a ReLU MLP from one input to every head; [h, rows, s] for query positions
+    ``rows`` (valid for j ≤ i)."""
+    pos = rows.to(attn.c.device, torch.float32)
     c, threshold = attn.c.float().abs(), (attn.threshold_scale.float() * threshold_init).abs()
-    distance = (pos[:, None] - pos[None, :]).clamp(min=0)
+    keys = torch.arange(s, device=attn.c.device, dtype=torch.float32)
+    distance = (pos[:, None] - keys[None, :]).clamp(min=0)
     normalizer = torch.log1p(c * torch.maximum(pos, threshold)) + 1e-6
     x = torch.log1p(c * distance) / normalizer[:, None]
     hidden = torch.relu(x[..., None] * attn.mlp_in_weight.float() + attn.mlp_in_bias.float())
@@ -158,12 +170,12 @@ def rope_frequencies(c: CopeMegatronConfig, dim: int,
     return inv_freq, divide, qk_scale
 
 
-def apply_rope(t: torch.Tensor, c: CopeMegatronConfig) -> torch.Tensor:
-    """Rotary embedding of [b, h, s, d] at positions 0..s−1: the first d·rope_percent
-    dimensions, halves rotated (not pairs); the rest pass."""
+def apply_rope(t: torch.Tensor, c: CopeMegatronConfig, start: int = 0) -> torch.Tensor:
+    """Rotary embedding of [b, h, s, d] at positions start..start+s−1 of a sequence that
+    long: the first d·rope_percent dimensions, halves rotated (not pairs); the rest pass."""
     s, dim = t.shape[-2], int(t.shape[-1] * c.rope_percent)
-    inv_freq, divide, qk_scale = rope_frequencies(c, dim, s)
-    angles = (torch.arange(s).float() / divide)[:, None] * inv_freq
+    inv_freq, divide, qk_scale = rope_frequencies(c, dim, start + s)
+    angles = (torch.arange(start, start + s).float() / divide)[:, None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1).to(t.device)
     cos, sin = (f(angles) * qk_scale for f in (torch.cos, torch.sin))
     rot, rest = t[..., :dim], t[..., dim:]
@@ -173,11 +185,9 @@ def apply_rope(t: torch.Tensor, c: CopeMegatronConfig) -> torch.Tensor:
 
 
 def cope_plain(q, k, v, table, npos_max: int, scale: float) -> torch.Tensor:
-    """CoPE (Golovneva et al. 2024, Appendix B), materializing [b, h, s, s]."""
-    s = q.shape[2]
+    """CoPE (Golovneva et al. 2024, Appendix B), materializing [b, h, m, n]."""
     logits = scale * q @ k.transpose(-1, -2)
-    future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-    logits = logits.masked_fill(future, float("-inf"))
+    logits = logits.masked_fill(future_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     pos = torch.sigmoid(logits).flip(-1).cumsum(-1).flip(-1).clamp(max=npos_max - 1)
     z = q @ table
     lo, frac = pos.floor(), pos - pos.floor()
@@ -189,25 +199,28 @@ def cope(q, k, v, table, npos_max: int, scale: float) -> torch.Tensor:
     try:
         from cope_megatron.ops import cope_attention
     except ImportError:
+        cope_attention = None
+    if cope_attention is None or q.shape[2] != k.shape[2]:  # the op: square only
         return cope_plain(q, k, v, table, npos_max, scale)
     return cope_attention(q, k, v, table, npos_max=npos_max, softmax_scale=scale)
 
 
 def fox_plain(q, k, v, log_f, scale: float) -> torch.Tensor:
     """FoX (Lin et al. 2025): logits plus Σ_{l=j+1..i} log f_l = F_i − F_j, F the prefix
-    sum of the log forget gates log_f [b, h, s]; materializing [b, h, s, s]."""
-    s = q.shape[2]
+    sum of the log forget gates log_f [b, h, n] of every key; materializing [b, h, m, n]."""
+    m, n = q.shape[2], k.shape[2]
     prefix = log_f.cumsum(-1)
-    bias = prefix[..., :, None] - prefix[..., None, :]
-    future = torch.ones(s, s, dtype=torch.bool, device=q.device).triu(1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(future, -math.inf),
-                                          scale=scale)
+    bias = prefix[..., n - m:, None] - prefix[..., None, :]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias.masked_fill(future_mask(m, n, q.device), -math.inf), scale=scale)
 
 
 def fox(q, k, v, log_f, scale: float) -> torch.Tensor:
     try:
         from cope_megatron.ops.fox import fox_attention
     except ImportError:
+        fox_attention = None
+    if fox_attention is None or q.shape[2] != k.shape[2]:
         return fox_plain(q, k, v, log_f, scale)
     return fox_attention(q, k, v, log_f, softmax_scale=scale)
 
@@ -215,20 +228,22 @@ def fox(q, k, v, log_f, scale: float) -> torch.Tensor:
 def stickbreaking_plain(q, k, v, scale: float) -> torch.Tensor:
     """Stick-breaking (Tan et al. 2025): key j < i gets β_ij Π_{j<t<i} (1 − β_it),
     β = σ(scale·q·k), the rest of the stick weights the query's own value; in log space,
-    materializing [b, h, s, s]."""
-    s = q.shape[2]
+    materializing [b, h, m, n]."""
+    m, n = q.shape[2], k.shape[2]
     z = scale * q @ k.transpose(-1, -2)
-    earlier = torch.ones(s, s, dtype=torch.bool, device=q.device).tril(-1)
+    earlier = torch.ones(m, n, dtype=torch.bool, device=q.device).tril(n - m - 1)
     log_survive = F.logsigmoid(-z).masked_fill(~earlier, 0.0)
     after = log_survive.flip(-1).cumsum(-1).flip(-1) - log_survive  # Σ_{j<t<i}
     weights = torch.exp(F.logsigmoid(z) + after).masked_fill(~earlier, 0.0)
-    return weights @ v + (1 - weights.sum(-1, keepdim=True)) * v
+    return weights @ v + (1 - weights.sum(-1, keepdim=True)) * v[..., n - m:, :]
 
 
 def stickbreaking(q, k, v, scale: float) -> torch.Tensor:
     try:
         from cope_megatron.ops.stickbreaking import stickbreaking_attention
     except ImportError:
+        stickbreaking_attention = None
+    if stickbreaking_attention is None or q.shape[2] != k.shape[2]:
         return stickbreaking_plain(q, k, v, scale)
     return stickbreaking_attention(q, k, v, softmax_scale=scale)
 
@@ -276,11 +291,11 @@ class Attention(nn.Module):
             else:
                 self.register_buffer("length_scale", s, persistent=False)
 
-    def position_bias(self, s: int, device: torch.device) -> torch.Tensor | None:
-        """[h, s, s] logit bias of ALiBi, T5, Kerple or FIRE, −∞ above the diagonal; None
-        for none of them."""
-        distance = (torch.arange(s, device=device)[:, None]
-                    - torch.arange(s, device=device)[None, :])
+    def position_bias(self, rows: torch.Tensor, s: int) -> torch.Tensor | None:
+        """[h, rows, s] logit bias of ALiBi, T5, Kerple or FIRE for queries at positions
+        ``rows`` and keys 0..s−1, −∞ for later keys; None for none of them."""
+        device = rows.device
+        distance = rows[:, None] - torch.arange(s, device=device)[None, :]
         c = self.config
         if self.pe == "alibi":
             bias = -alibi_slopes(self.heads).to(device)[:, None, None] * distance.clamp(min=0)
@@ -291,33 +306,45 @@ class Attention(nn.Module):
             bias = kerple_bias(distance.clamp(min=0), self.r1_raw, self.r2_raw,
                                c.kerple_variant, c.kerple_max_exponent)
         elif self.pe == "fire":
-            bias = fire_bias(s, self, c.fire_threshold_init)
+            bias = fire_bias(rows, s, self, c.fire_threshold_init)
         else:
             return None
         return bias.masked_fill(distance < 0, float("-inf"))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: CopeMegatronCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        """``x``: the tokens after the ``cache``'s (if any), which gains their keys."""
         b, s, _ = x.shape
+        start = 0 if cache is None else cache.get_seq_length(layer)
         per_group = self.heads // self.groups
         qkv = self.linear_qkv(x).view(b, s, self.groups, per_group + 2, self.head_dim)
         q = qkv[:, :, :, :per_group].reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
         k, v = (qkv[:, :, :, i].transpose(1, 2) for i in (per_group, per_group + 1))
         if self.pe in ("rope", "cope_rope"):
-            q, k = apply_rope(q, self.config), apply_rope(k, self.config)
+            q, k = apply_rope(q, self.config, start), apply_rope(k, self.config, start)
+        rows = torch.arange(start, start + s, device=x.device)
         if self.config.length_scale != "none":
-            rows = torch.log1p(torch.arange(s, device=x.device, dtype=torch.float32))
-            q = q * (self.length_scale.float()[:, None] * rows)[:, :, None].to(q.dtype)
+            log_rows = torch.log1p(rows.float())
+            q = q * (self.length_scale.float()[:, None] * log_rows)[:, :, None].to(q.dtype)
+        log_f = None
+        if self.pe == "fox":
+            log_f = F.logsigmoid(self.linear_gate(x).float()).transpose(1, 2)  # [b, h, s]
+        if cache is not None:
+            k, v, log_f = cache.extend(layer, k, v, log_f)
         k, v = (t.repeat_interleave(per_group, dim=1) for t in (k, v))
         scale = 1.0 / math.sqrt(self.head_dim)
         if self.pe in ("cope", "cope_rope"):
             out = cope(q, k, v, self.cope_table, self.config.cope_npos_max, scale)
         elif self.pe == "fox":
-            log_f = F.logsigmoid(self.linear_gate(x).float()).transpose(1, 2)  # [b, h, s]
             out = fox(q, k, v, log_f.to(q.dtype), scale)
         elif self.pe == "stickbreaking":
             out = stickbreaking(q, k, v, scale)
         else:
-            bias = self.position_bias(s, x.device)
+            n = k.shape[2]
+            bias = self.position_bias(rows, n)
+            if bias is None and start:  # SDPA's is_causal aligns the top left
+                bias = torch.zeros(s, n, device=x.device).masked_fill(
+                    future_mask(s, n, x.device), -math.inf)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                 is_causal=bias is None, scale=scale)
@@ -333,8 +360,9 @@ class Layer(nn.Module):
         self.linear_fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.linear_fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x))
+    def forward(self, x: torch.Tensor, cache: CopeMegatronCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.self_attention(self.input_layernorm(x), cache, layer)
         return x + self.linear_fc2(F.gelu(self.linear_fc1(self.pre_mlp_layernorm(x))))
 
 
@@ -360,27 +388,45 @@ class CopeMegatronForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Module:
         return self.output_layer
 
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # generate's DynamicCache lacks FoX's gates: ``generation_inputs``
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                **kwargs) -> CausalLMOutput:
-        """Every call sees the whole sequence (no key/value cache): CoPE's positions of
-        earlier keys change with each new query, so a cache would hold only k and v."""
+                attention_mask: torch.Tensor | None = None,
+                cache: CopeMegatronCache | None = None, use_cache: bool | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
+        """Logits of ``input_ids``, the tokens that follow ``cache``'s (``kv_cache``); with
+        ``use_cache``, the cache (a new one if none) gains them. Padding is refused: the
+        positions would count the pad tokens."""
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padded batches are not supported (positions would count the "
+                             "padding): generate one sequence, or equal lengths, at a time")
+        if use_cache and cache is None:
+            cache = CopeMegatronCache()
+        start = 0 if cache is None else cache.get_seq_length()
         s = input_ids.shape[1]
-        positions = torch.arange(s, device=input_ids.device)
+        positions = torch.arange(start, start + s, device=input_ids.device)
         x = self.word_embeddings(input_ids)
         if self.config.pe == "learned":
-            if s > self.config.max_position_embeddings:
-                raise ValueError(f"{s} tokens exceed the {self.config.max_position_embeddings} "
-                                 "positions of the learned table")
+            if start + s > self.config.max_position_embeddings:
+                raise ValueError(f"{start + s} tokens exceed the "
+                                 f"{self.config.max_position_embeddings} positions of the "
+                                 "learned table")
             x = x + self.position_embeddings(positions)
         elif self.config.pe == "sinusoidal":
             x = x + sinusoidal_positions(positions, self.config.hidden_size).to(x.dtype)
-        for layer in self.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cache, i)
         logits = self.output_layer(self.final_layernorm(x))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-        return CausalLMOutput(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, **kwargs) -> dict:
-        return {"input_ids": input_ids}
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor,
+                                      cache: CopeMegatronCache | None = None,
+                                      use_cache: bool | None = None,
+                                      attention_mask: torch.Tensor | None = None,
+                                      **kwargs) -> dict:
+        return generation_inputs(self.config, input_ids, cache, use_cache, attention_mask)
