@@ -101,14 +101,14 @@ class NativeLM(TemplateLM):
         """Greedy continuations, cut at the first stop sequence (or the end-of-text token,
         or ``max_gen_toks`` tokens); contexts keep their last max_length − max_gen_toks
         tokens, as in the HF backend."""
-        eos = self.tok_decode([self.eot_token_id])
+        eos = self.sp.id_to_piece(self.eot_token_id)  # "</s>", as the export's tokenizer
         jobs = []
         for context, gen_kwargs in (r.args for r in requests):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), 256)
             if kwargs.get("do_sample"):
                 raise ConfigError("eval.harness_model=native decodes greedily; a task "
                                   "asking for sampling needs eval.harness_model=export")
-            until = handle_stop_sequences(kwargs.get("until"), eos=eos or None)
+            until = handle_stop_sequences(kwargs.get("until"), eos=eos)
             steps = kwargs["max_gen_toks"]
             keep = self.max_length - steps
             if keep < 1:

@@ -41,7 +41,17 @@ class CopeMegatronTokenizer(PreTrainedTokenizer):
         return self.sp.id_to_piece(index)
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
-        return self.sp.decode_pieces(tokens)
+        """SentencePiece's text, with special tokens kept as written (SentencePiece would
+        drop them: decoding ``</s>`` alone gives "", which a harness takes for a stop
+        sequence found at once); ``skip_special_tokens`` drops them before this."""
+        special, text, run = set(self.all_special_tokens), [], []
+        for token in tokens:
+            if token in special:
+                text += [self.sp.decode_pieces(run), token]
+                run = []
+            else:
+                run.append(token)
+        return "".join(text) + self.sp.decode_pieces(run)
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None
                         ) -> tuple[str]:
