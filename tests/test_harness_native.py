@@ -137,7 +137,7 @@ def export_responses(run_dir: str, include: str, out: str) -> None:
 
     from cope_megatron.hf.harness import exported
 
-    # batch size 1: the HF backend left-pads generation batches, which our export ignores
+    # batch size 1: the HF backend left-pads generation batches, which the export refuses
     result = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={exported(Path(run_dir), TRAIN['train.steps'])},"
         "trust_remote_code=True,dtype=float32", tasks=TASKS, batch_size=1, device="cpu",
@@ -148,16 +148,17 @@ def export_responses(run_dir: str, include: str, out: str) -> None:
                   default=str)
 
 
-@pytest.fixture(scope="module")
-def reference(prepared, tmp_path_factory):
-    """A 3-step CoPE run, its export and the HF backend's responses on the local tasks."""
-    from tests.helpers import train_here
+def make_reference(prepared, root, *layout: str) -> tuple:
+    """A 3-step CoPE run (on two ranks at ``layout``, if given), its export and the HF
+    backend's responses and results on the local tasks."""
+    from cope_megatron.hf.export import export
+    from tests.helpers import cli_in_ranks, train_here
 
     shards, _, corpus = prepared
-    root = tmp_path_factory.mktemp("native")
-    train_here(shards, root / "run", **TRAIN)
-    from cope_megatron.hf.export import export
-
+    if layout:
+        cli_in_ranks(2, ["train", *debug_overrides(shards, root / "run", **TRAIN), *layout])
+    else:
+        train_here(shards, root / "run", **TRAIN)
     export(root / "run", root / "run" / "hf")
     write_tasks(root / "tasks", (corpus / "doc000.txt").read_text().split(),
                 root / "run" / "hf")
@@ -165,6 +166,17 @@ def reference(prepared, tmp_path_factory):
                  str(root / "export.json"))
     ref = json.loads((root / "export.json").read_text())
     return root, ref["responses"], ref["results"]
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory):
+    return make_reference(prepared, tmp_path_factory.mktemp("native"))
+
+
+@pytest.fixture(scope="module")
+def tp2_reference(prepared, tmp_path_factory):
+    """A run trained at TP=2 (restoring a checkpoint at another TP size is not supported)."""
+    return make_reference(prepared, tmp_path_factory.mktemp("native_tp2"), "parallel.tensor=2")
 
 
 def assert_same(got: dict, want: dict) -> None:
@@ -198,9 +210,13 @@ def test_native_harness_equals_the_exports_at_one_process(reference, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", [["parallel.tensor=2"], ["parallel.context=2"]],
-                         ids=["tp2", "cp2"])
-def test_native_harness_equals_the_exports_under_tp_and_cp(reference, tmp_path, layout):
+@pytest.mark.parametrize("run, layout", [
+    ("tp2_reference", ["parallel.tensor=2"]),
+    ("reference", ["parallel.context=2"]),
+    ("reference", []),  # two data-parallel replicas share the requests
+], ids=["tp2", "cp2", "dp2"])
+def test_native_harness_equals_the_exports_on_two_ranks(request, tmp_path, run, layout):
+    reference = request.getfixturevalue(run)
     assert_same(run_layout(reference, tmp_path, 2, *layout), reference[1])
 
 
