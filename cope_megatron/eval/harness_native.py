@@ -13,6 +13,8 @@ sequence-parallel split over TP); a causal model's scores do not see the padding
 The harness's own ``HFLM`` needs a ``transformers`` model on one process; its request
 handling (left truncation to ``max_length``, disjoint rolling windows, stop sequences)
 is repeated here on token lists so that scores equal the export's (tested to 1e-4).
+Generation recomputes the prefix for every token: Megatron's inference KV cache does not
+run our PEs' attention (CoPE, FoX, ...), and harness answers are a few tokens long.
 """
 
 from __future__ import annotations

@@ -54,6 +54,16 @@ def exact(config, length: int) -> bool:
                 and length > config.rope_original_length)
 
 
+def forward_cache(cache: CopeMegatronCache | None, use_cache: bool | None,
+                  attention_mask: torch.Tensor | None) -> CopeMegatronCache | None:
+    """The cache a forward extends (a new one for ``use_cache`` without one). Padding is
+    refused: positions would count the pad tokens."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("padded batches are not supported (positions would count the "
+                         "padding): generate one sequence, or equal lengths, at a time")
+    return CopeMegatronCache() if use_cache and cache is None else cache
+
+
 def generation_inputs(config, input_ids: torch.Tensor, cache: CopeMegatronCache | None,
                       use_cache: bool | None, attention_mask: torch.Tensor | None) -> dict:
     """``prepare_inputs_for_generation``: the tokens the cache has not seen and the cache

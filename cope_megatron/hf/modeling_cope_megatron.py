@@ -4,9 +4,10 @@ models exported by ``cope-megatron export`` (loaded with ``trust_remote_code=Tru
 No standard architecture computes our function for every PE (Megatron's grouped QKV
 layout, CoPE, T5 buckets on a decoder, ALiBi with GPT-2's biases and LayerNorm, Kerple,
 FIRE, FoX's forget gate, stick-breaking), so this file implements the block once and each
-PE beside it. It is copied next to the weights and needs only torch and transformers;
-CoPE, FoX and stick-breaking run ``cope_megatron.ops``' memory-efficient ops when that
-package is installed (memory linear in the length), and the same math plainly otherwise.
+PE beside it. It is copied next to the weights with its key/value cache (``kv_cache.py``)
+and needs only torch and transformers; CoPE, FoX and stick-breaking run
+``cope_megatron.ops``' memory-efficient ops when that package is installed (memory linear
+in the length), and the same math plainly otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .kv_cache import CopeMegatronCache, generation_inputs
+from .kv_cache import CopeMegatronCache, forward_cache, generation_inputs
 
 
 class CopeMegatronConfig(PretrainedConfig):
@@ -397,13 +398,8 @@ class CopeMegatronForCausalLM(PreTrainedModel, GenerationMixin):
                 cache: CopeMegatronCache | None = None, use_cache: bool | None = None,
                 **kwargs) -> CausalLMOutputWithPast:
         """Logits of ``input_ids``, the tokens that follow ``cache``'s (``kv_cache``); with
-        ``use_cache``, the cache (a new one if none) gains them. Padding is refused: the
-        positions would count the pad tokens."""
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches are not supported (positions would count the "
-                             "padding): generate one sequence, or equal lengths, at a time")
-        if use_cache and cache is None:
-            cache = CopeMegatronCache()
+        ``use_cache``, the cache (a new one if none) gains them."""
+        cache = forward_cache(cache, use_cache, attention_mask)
         start = 0 if cache is None else cache.get_seq_length()
         s = input_ids.shape[1]
         positions = torch.arange(start, start + s, device=input_ids.device)
