@@ -220,6 +220,7 @@ def test_native_harness_equals_the_exports_on_two_ranks(request, tmp_path, run, 
     assert_same(run_layout(reference, tmp_path, 2, *layout), reference[1])
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_eval_runs_the_native_harness(reference, dist_cleanup):
     """``eval`` with eval.harness_model=native: the export's scores, in eval.json."""
@@ -229,12 +230,10 @@ def test_eval_runs_the_native_harness(reference, dist_cleanup):
     shards = load_config([str(root / "run" / "config.yaml")]).data.shards
     args = debug_overrides(shards, root / "run", **TRAIN)
     report = run_eval(load_config([*args, f"eval.harness_include={root / 'tasks'}",
-                                   "eval.harness_tasks=[tiny_choice,tiny_generate]",
+                                   "eval.harness_tasks=[tiny_choice]",
                                    "eval.harness_model=native"]))
     scores = report["harness"]["tasks"]
     assert scores["tiny_choice"]["acc,none"] == results["tiny_choice"]["acc,none"]
-    assert scores["tiny_generate"] == {k: v for k, v in results["tiny_generate"].items()
-                                       if isinstance(v, (int, float))}
     saved = json.loads((root / "run" / "eval.json").read_text())
     assert saved["harness"]["tasks"] == scores
 

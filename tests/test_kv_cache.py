@@ -66,6 +66,20 @@ def test_cached_generation_equals_recomputing_the_prefix(variant):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pe", ["fox", "cope"])
+def test_beam_search_reorders_the_cache(pe):
+    """Beam search reorders (and first repeats) the cache's rows: FoX's gates with them."""
+    model = tiny_model(pe=pe)
+    prompt = torch.randint(0, 61, (2, PROMPT), generator=torch.Generator().manual_seed(2))
+    runs = [model.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False,
+                           use_cache=cache, pad_token_id=0, eos_token_id=None,
+                           return_dict_in_generate=True, output_scores=True)
+            for cache in (True, False)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    torch.testing.assert_close(runs[0].sequences_scores, runs[1].sequences_scores,
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_cache_is_used_where_it_is_exact_and_dropped_where_not():
     from cope_megatron.hf.kv_cache import generation_inputs
 

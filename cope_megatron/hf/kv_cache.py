@@ -46,6 +46,31 @@ class CopeMegatronCache(DynamicCache):
             self.gates[layer] = log_f
         return keys, values, log_f
 
+    # What generate does to the keys and values (beam search, assisted decoding), the gates
+    # follow: [b, heads, n] like the keys' [b, groups, n, d].
+    def _gates_become(self, change) -> None:
+        self.gates = {layer: change(g) for layer, g in self.gates.items()}
+
+    def reset(self) -> None:
+        super().reset()
+        self.gates = {}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._gates_become(lambda g: g.index_select(0, beam_idx.to(g.device)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._gates_become(lambda g: g[..., :g.shape[-1] - tokens_to_remove])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._gates_become(lambda g: g.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._gates_become(lambda g: g[indices])
+
 
 def exact(config, length: int) -> bool:
     """Whether cached keys still hold at a sequence of ``length`` tokens."""
