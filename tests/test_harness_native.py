@@ -250,3 +250,13 @@ def test_a_length_the_pe_cannot_hold_is_refused(dist_cleanup):
                       pe="learned", device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="eval.harness_max_length"):
         NativeLM(ctx, batch_size=1, max_length=32)
+
+
+def test_harness_settings_are_validated():
+    from cope_megatron.config import ConfigError
+    from cope_megatron.config.validation import validate
+
+    with pytest.raises(ConfigError, match="eval.harness_max_length"):
+        validate(load_config(["eval.harness_max_length=0"]))
+    with pytest.raises(ConfigError, match="eval.harness_model"):
+        load_config(["eval.harness_model=remote"])
