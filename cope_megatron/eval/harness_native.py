@@ -53,7 +53,7 @@ class NativeLM(TemplateLM):
             raise ConfigError(f"eval.harness_max_length: {ctx.pe} has no positions beyond "
                               f"the {limit} it was trained with; give at most {limit}")
         self.ctx, self.batch_size, self.max_length = ctx, batch_size, max_length
-        self.sp = ctx.tokenizer()
+        self.tok = ctx.tokenizer()  # the data set's, which the export ships
         cp = parallel_state.get_context_parallel_world_size()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.multiple = (2 * cp if cp > 1 else 1) * tp  # CP's 2·cp chunks, each split by SP
@@ -62,14 +62,14 @@ class NativeLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return self.ctx.manifest["eos_id"]
+        return self.tok.eos_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                    **kwargs) -> list[int]:
-        return self.sp.encode(string)
+        return self.tok.encode(string)
 
     def tok_decode(self, tokens: list[int]) -> str:
-        return self.sp.decode(tokens)
+        return self.tok.decode(tokens)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
                               **kwargs) -> list[tuple[float, bool]]:
@@ -103,7 +103,7 @@ class NativeLM(TemplateLM):
         """Greedy continuations, cut at the first stop sequence (or the end-of-text token,
         or ``max_gen_toks`` tokens); contexts keep their last max_length − max_gen_toks
         tokens, as in the HF backend."""
-        eos = self.sp.id_to_piece(self.eot_token_id)  # "</s>", as the export's tokenizer
+        eos = self.tok.token(self.eot_token_id)  # as the export's tokenizer writes it
         jobs = []
         for context, gen_kwargs in (r.args for r in requests):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), 256)
