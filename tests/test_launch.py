@@ -283,3 +283,24 @@ def test_sweep_variants_set_several_keys_and_cross_the_other_axes(tmp_path):
     path.write_text("name: s\nout: out\nbase: []\naxes: {train.seed: [1]}\nvariants: {x: 3}\n")
     with pytest.raises(ConfigError, match="variants.x must map config keys to values"):
         load_spec(path)
+
+
+def test_a_run_written_before_a_key_existed_keeps_matching_its_spec(tmp_path):
+    """A run's config.yaml from an older checkout lacks the keys added since: read through
+    today's schema they take their defaults, so the sweep does not call it changed."""
+    from cope_megatron.config import load_config, to_dict
+    from cope_megatron.launch.sweep import _same_config
+
+    cfg = load_config(["configs/demo.yaml"])
+    written = to_dict(cfg)
+    del written["data"]["join_rows"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(written))
+    assert _same_config(path, cfg)
+    written["train"]["steps"] += 1
+    path.write_text(yaml.safe_dump(written))
+    assert not _same_config(path, cfg)
+    written["train"]["steps"] -= 1
+    written["data"]["retired_key"] = 1
+    path.write_text(yaml.safe_dump(written))
+    assert not _same_config(path, cfg)

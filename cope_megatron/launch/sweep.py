@@ -189,6 +189,16 @@ def sbatch_command(spec: SweepSpec, run: Run, after: str | None = None) -> list[
             str(LAUNCH_DIR / "slurm.sbatch"), str(run.dir / "config.yaml")]
 
 
+def _same_config(path: Path, cfg) -> bool:
+    """Whether a run's written config is ``cfg``, read through today's schema: keys added
+    since it was written take their defaults, so a newer checkout does not count as a
+    change of spec."""
+    try:
+        return to_dict(load_config([str(path)])) == to_dict(cfg)
+    except ConfigError:  # a key today's schema no longer has
+        return False
+
+
 def create(spec: SweepSpec) -> list[Run]:
     """Write every run's directory, config and command, once every config has passed the
     start-up check."""
@@ -200,7 +210,7 @@ def create(spec: SweepSpec) -> list[Run]:
     for run, cfg in zip(all_runs, configs, strict=True):
         run.dir.mkdir(parents=True, exist_ok=True)
         config = run.dir / "config.yaml"
-        if config.exists() and yaml.safe_load(config.read_text()) != to_dict(cfg):
+        if config.exists() and not _same_config(config, cfg):
             print(f"[sweep] {run.name}: keeps its config.yaml, which differs from the spec "
                   "(delete the run directory to start it over)", file=sys.stderr)
         elif not config.exists():
