@@ -208,7 +208,8 @@ def sequential_windows(spec: StreamSpec, length: int) -> Iterator[torch.Tensor]:
     """Consecutive windows of ``length`` tokens from a split read in order.
 
     Packed samples are contiguous, non-overlapping slices of the split's token stream, so
-    concatenating them gives windows longer than the training length (for extrapolation).
+    concatenating them gives windows longer than the training length (for extrapolation);
+    but for one join per input file, whose last partial sample prep packs at the end.
     """
     buf = np.empty(0, dtype=np.int64)
     for sample, _ in ordered_samples(spec):

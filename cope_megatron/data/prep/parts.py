@@ -33,12 +33,12 @@ from cope_megatron.data.corpus import PrepError, check_has_text, resolve_sources
 from cope_megatron.data.format import has_manifest, read_manifest, write_manifest
 from cope_megatron.data.prep.prep import (
     FINGERPRINT,
-    _fingerprint,
-    _tokenizer,
     check_fingerprint,
     data_meta,
     encode_files,
+    input_fingerprint,
     manifest_body,
+    place_tokenizer,
 )
 from cope_megatron.data.prep.shards import Packer, SplitWriter
 from cope_megatron.data.tokenizer import load_tokenizer
@@ -64,7 +64,7 @@ def _inputs(data: DataConfig, seq_len: int, seed: int, parts: int) -> tuple[list
         raise PrepError("data.max_docs counts documents across all inputs, which a part "
                         "cannot; unset it to prep in parts, or prep on one node")
     files = resolve_sources(data.corpus, data.cache_dir)
-    return files, _fingerprint(data, files, seq_len, seed)
+    return files, input_fingerprint(data, files, seq_len, seed)
 
 
 def setup(data: DataConfig, *, seq_len: int, seed: int, parts: int,
@@ -75,7 +75,7 @@ def setup(data: DataConfig, *, seq_len: int, seed: int, parts: int,
     check_has_text(files, data.text_field, data.decode_errors)
     out.mkdir(parents=True, exist_ok=True)
     check_fingerprint(out, fingerprint, force=force)
-    return _tokenizer(data, files, out)
+    return place_tokenizer(data, files, out)
 
 
 def _set_up(out: Path, fingerprint: dict, parts: int) -> Path:

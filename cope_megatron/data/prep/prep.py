@@ -48,6 +48,9 @@ from cope_megatron.data.tokenizer import (
 from cope_megatron.output_dir import check_output_dir
 
 FINGERPRINT = "prep_fingerprint.json"
+PACKING = "per_file"
+"""Packing restarts at each input file, its last partial sample packed after all files
+(``encode_files``); data sets finished before, packed across files, stay valid."""
 
 
 def is_validation(doc: str, seed: int, fraction: float) -> bool:
@@ -144,7 +147,10 @@ def check_fingerprint(out: Path, fingerprint: dict, *, force: bool = False) -> N
     path = out / FINGERPRINT
     if path.exists():
         old = json.loads(path.read_text())
-        if old != fingerprint:
+        if "packing" not in old and not has_manifest(out):
+            raise PrepError(f"data.shards: {out} holds an unfinished prep by an older version, "
+                            "which packed across input files; delete the directory and re-run")
+        if {**old, "packing": PACKING} != fingerprint:
             changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
             raise PrepError(
                 f"data.shards: {out} holds shards prepared from other inputs (changed: "
@@ -154,10 +160,11 @@ def check_fingerprint(out: Path, fingerprint: dict, *, force: bool = False) -> N
         path.write_text(json.dumps(fingerprint, indent=1))
 
 
-def _fingerprint(data: DataConfig, files: list[Path], seq_len: int, seed: int) -> dict:
+def input_fingerprint(data: DataConfig, files: list[Path], seq_len: int, seed: int) -> dict:
     """Everything the shards depend on: a directory prepared from other inputs is refused,
     whether that prep finished or was interrupted."""
     return {
+        "packing": PACKING,
         "files": [[str(f), f.stat().st_size] for f in files], "seq_len": seq_len,
         "seed": seed, "val_fraction": data.val_fraction, "max_docs": data.max_docs,
         "text_field": data.text_field,
@@ -175,7 +182,7 @@ def _fingerprint(data: DataConfig, files: list[Path], seq_len: int, seed: int) -
     }
 
 
-def _tokenizer(data: DataConfig, files: list[Path], out: Path) -> Path:
+def place_tokenizer(data: DataConfig, files: list[Path], out: Path) -> Path:
     """The data set's tokenizer in ``out``: the given one, one an interrupted earlier run
     trained, or one trained now on ``files``."""
     if data.tokenizer:
@@ -205,7 +212,7 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
     """
     out = Path(data.shards)
     files = resolve_sources(data.corpus, data.cache_dir)
-    fingerprint = _fingerprint(data, files, seq_len, seed)
+    fingerprint = input_fingerprint(data, files, seq_len, seed)
     if not has_manifest(out):  # before the fingerprint, so a fixed input is not "other"
         check_has_text(files, data.text_field, data.decode_errors)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +221,7 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
         return read_manifest(out)
     started = time.time()
 
-    tok_path = _tokenizer(data, files, out)
+    tok_path = place_tokenizer(data, files, out)
     tokenizer = load_tokenizer(tok_path, data.eos_token, data.pad_token)
     meta = data_meta(tokenizer, seq_len)
     done = encode_files(files, data, tok_path, out, meta, seed=seed, eos=tokenizer.eos_id,
