@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,39 @@ def test_cli_runs_the_three_steps(inputs, tmp_path, capsys):
     for extra in ([], ["--part", "0"], ["--part", "1"], ["--merge"]):
         assert main(["prep", *args, "--parts", "2", *extra]) == 0, capsys.readouterr().err
     assert (tmp_path / "cli" / "manifest.json").is_file()
+
+
+FAKE_SBATCH = """#!/usr/bin/env bash
+# sbatch stand-in: logs the job's dependency, runs its --wrap now (each array index in turn).
+array=; wrap=; dep=none
+while [ $# -gt 0 ]; do
+  case "$1" in --array) array=$2; shift ;; --wrap) wrap=$2; shift ;;
+               --dependency) dep=$2; shift ;; esac
+  shift
+done
+id=job$(cat "$FAKE_LOG" 2>/dev/null | grep -c '^job' || true)
+echo "$id after $dep" >> "$FAKE_LOG"
+for i in $(if [ -n "$array" ]; then seq "${array%-*}" "${array#*-}"; else echo -; fi); do
+  SLURM_ARRAY_TASK_ID=$i bash -c "$wrap" >> "$FAKE_LOG"
+done
+echo "$id"
+"""
+
+
+def test_slurm_example_chains_set_up_array_and_merge(tmp_path):
+    """launch/prep_parts.sh under a stand-in sbatch, with PYTHON=echo: each job's command
+    line as its node would run it."""
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "sbatch").write_text(FAKE_SBATCH)
+    (tmp_path / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": "echo",
+           "PARTS": "3", "FAKE_LOG": str(tmp_path / "log")}
+    out = subprocess.run(["bash", str(root / "launch" / "prep_parts.sh"), "a.yaml",
+                          "data.shards=/shared/x y"], cwd=root, env=env, text=True,
+                         capture_output=True, check=True)
+    assert "set-up job job0, parts array job1, merge job job2" in out.stdout
+    prep = "-m cope_megatron prep a.yaml data.shards=/shared/x y --parts 3"
+    assert (tmp_path / "log").read_text().splitlines() == [
+        "job0 after none", prep,
+        "job1 after afterok:job0", *(f"{prep} --part {i}" for i in range(3)),
+        "job2 after afterok:job1", f"{prep} --merge"]
