@@ -155,3 +155,23 @@ def test_training_reads_http_shards_and_startup_asks_only_their_size(prepared, s
     assert sorted(server.heads) == sorted(f"/{s['name']}" for split in splits
                                           for s in split["shards"])
     assert server.gets
+
+
+def test_a_failing_pipe_command_is_rerun_past_what_it_delivered_then_named(prepared,
+                                                                            tmp_path):
+    """``pipe:`` shards (an object store's CLI): a command that breaks off and exits non-zero
+    is run again, the bytes already read skipped; one that always fails is named."""
+    shards = prepared[0]
+    manifest = read_manifest(shards)
+    flaky = (f"pipe:f() {{ if [ -e {tmp_path}/ran-$(basename $1) ]; then cat $1; else "
+             f"touch {tmp_path}/ran-$(basename $1); head -c 3000 $1; exit 1; fi; }}; f {shards}/")
+    want = list(ordered_samples(split_spec(shards, manifest, "train")))
+    spec = split_spec(shards, located(manifest, flaky, None), "train", url_backoff_s=0.0)
+    got = list(ordered_samples(spec))
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(want, got, strict=True))
+    assert len(list(tmp_path.glob("ran-*"))) == len(spec.shards)
+    dead = split_spec(shards, located(manifest, "pipe:exit 3; echo ", None), "train",
+                      url_retries=2, url_backoff_s=0.0)
+    with pytest.raises(DataError, match=r"shard pipe:exit 3; echo \S+: reading failed 3"
+                                        r" times.*status 3"):
+        next(ordered_samples(dead))
