@@ -4,7 +4,10 @@ SentencePiece model or Hugging Face tokenizer.json) -> packed WebDataset shards.
 Writes into ``data.shards``: ``tokenizer.model`` (or ``tokenizer.json``), ``train-*.tar``,
 ``val-*.tar`` and ``manifest.json`` (written last, atomically: its presence means the data
 set is complete).
-Rerunning after a crash keeps the shards already finished and writes the rest. A
+Packing restarts at each input file; each file's last partial sample is packed after
+all files (``encode_files``), which is what lets ``parts`` prep files on several nodes
+into the same samples. Rerunning after a crash keeps the shards already finished and
+writes the rest. A
 non-empty directory that holds neither our fingerprint nor our manifest is refused
 (``--force`` writes into it anyway).
 """
