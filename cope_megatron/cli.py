@@ -1,6 +1,8 @@
 """``cope-megatron`` command line: prep, train, eval, demo.
 
     cope-megatron prep  [--force] [CONFIG.yaml ...] [key.sub=value ...]
+    cope-megatron prep  CONFIG... --parts N [--part I | --merge]   (prep across nodes: set-up
+        on one node, then part I on each, then the merge; cope_megatron/data/prep/parts.py)
     cope-megatron train [CONFIG.yaml ...] [key.sub=value ...]   (plain or under torchrun)
     cope-megatron eval  [--json] [CONFIG.yaml ...] [key.sub=value ...]   (plain or torchrun)
     cope-megatron demo  [key.sub=value ...]
@@ -48,6 +50,25 @@ def prep(cfg: Config, force: bool = False) -> dict:
 
     return prepare(cfg.data, seq_len=cfg.model.seq_length, seed=cfg.train.seed,
                    progress=cfg.logging.progress, force=force)
+
+
+def prep_parts(cfg: Config, args: argparse.Namespace) -> dict:
+    """``prep --parts N``: the set-up, ``--part I`` or ``--merge`` (data/prep/parts.py)."""
+    from cope_megatron.data.prep import parts
+
+    if cfg.task.name:
+        raise ConfigError("prep --parts: synthetic tasks (task.name) are prepared on one node")
+    if args.part is not None and args.merge:
+        raise ConfigError("prep: give --part I or --merge, not both")
+    kw = {"seq_len": cfg.model.seq_length, "seed": cfg.train.seed, "parts": args.parts}
+    if args.merge:
+        manifest = parts.merge(cfg.data, **kw)
+        return {s: v["samples"] for s, v in manifest["splits"].items()}
+    if args.part is not None:
+        record = parts.prepare_part(cfg.data, part=args.part, progress=cfg.logging.progress,
+                                    **kw)
+        return {s: len(v["shards"]) for s, v in record["splits"].items()}
+    return {"tokenizer": str(parts.setup(cfg.data, force=args.force, **kw))}
 
 
 def demo(cfg: Config, force: bool = False) -> dict:
@@ -142,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true",
                         help="prep, demo, export: write into a non-empty output directory "
                         "that is not a previous prep or export")
+    parser.add_argument("--parts", type=int, default=None,
+                        help="prep across nodes in N parts: alone, the set-up (tokenizer); "
+                        "with --part I, part I; with --merge, the final manifest")
+    parser.add_argument("--part", type=int, default=None, help="prep: the part to prep")
+    parser.add_argument("--merge", action="store_true",
+                        help="prep: merge the finished --parts into the data set")
     parser.add_argument("--gpus", type=int, default=8,
                         help="estimate: GPUs in the run (default 8)")
     parser.add_argument("--gpu-memory", type=float, default=None,
@@ -191,7 +218,11 @@ def run(args: argparse.Namespace) -> dict | Path | None:
 
         est = estimate(cfg, check(cfg, args.gpus, data=False), args.gpus, args.gpu_memory)
         print(summary(est, peak_tflops=cfg.train.peak_tflops))
+    elif args.command == "prep" and args.parts is not None:
+        return prep_parts(cfg, args)
     elif args.command == "prep":
+        if args.part is not None or args.merge:
+            raise ConfigError("prep: --part and --merge need --parts N")
         manifest = prep(cfg, args.force)
         skipped = manifest.get("skipped_rows")
         print(f"prepared {cfg.data.shards}: " + ", ".join(

@@ -13,7 +13,7 @@ from cope_megatron.config import Config, ConfigError, validate
 from cope_megatron.data import integrity
 from cope_megatron.data.format import DataError, has_manifest, manifest_path, read_manifest
 from cope_megatron.data.mixture import check_sources
-from cope_megatron.data.source import split_shards
+from cope_megatron.data.source import located, split_shards
 from cope_megatron.eval.ruler.tasks import check_tasks
 from cope_megatron.pe import ModelPE, model_pe, rope_scaling
 
@@ -46,7 +46,7 @@ def _check_data(cfg: Config) -> None:
         raise ConfigError(
             f"data.shards: no manifest at {manifest_path(cfg.data.shards)}; run `cope-megatron "
             "prep` with the same configs first, or point data.shards at a prepared directory")
-    manifest = read_manifest(cfg.data.shards)
+    manifest = located(read_manifest(cfg.data.shards), cfg.data.url_prefix, cfg.data.url_suffix)
     packed = manifest["seq_len"]
     if packed != cfg.model.seq_length:
         raise ConfigError(

@@ -21,7 +21,7 @@ from cope_megatron.config import Config, padded_vocab_size, to_dict
 from cope_megatron.data.format import read_manifest
 from cope_megatron.data.loader import ResumableLoader
 from cope_megatron.data.mixture import mixture_of
-from cope_megatron.data.source import StreamSpec, split_spec
+from cope_megatron.data.source import StreamSpec, located, split_spec
 from cope_megatron.distributed.consistency import check_same_everywhere
 from cope_megatron.distributed.parallel import (
     DistEnv,
@@ -58,7 +58,7 @@ def start(cfg: Config) -> tuple[DistEnv, dict]:
     to be the same (with the config) on every other rank."""
     env = init_distributed(cfg.parallel.tensor, cfg.parallel.context)
     seed_everything(cfg.train.seed)
-    manifest = read_manifest(cfg.data.shards)
+    manifest = located(read_manifest(cfg.data.shards), cfg.data.url_prefix, cfg.data.url_suffix)
     check_same_everywhere(cfg, manifest)
     return env, manifest
 
@@ -173,6 +173,8 @@ class Trainer:
             shuffle_buffer=cfg.data.shuffle_buffer,
             on_error=cfg.data.on_error,
             verify=cfg.data.verify,
+            url_retries=cfg.data.url_retries,
+            url_backoff_s=cfg.data.url_backoff_s,
         )
 
     # -- the loop -------------------------------------------------------------------

@@ -60,6 +60,9 @@ _TABLE: dict[str, str] = {
     "task.*": ALLOWED,
     # How the same data is read.
     "data.num_workers": ALLOWED, "data.on_error": ALLOWED, "data.verify": ALLOWED,
+    # Where the same shards are read from (their identity is compared above).
+    "data.url_prefix": ALLOWED, "data.url_suffix": ALLOWED, "data.url_retries": ALLOWED,
+    "data.url_backoff_s": ALLOWED,
     # The optimizer and its schedule: applied from the resume step on.
     "train.lr": ALLOWED, "train.min_lr": ALLOWED, "train.warmup_steps": ALLOWED,
     "train.lr_decay": ALLOWED, "train.steps": ALLOWED, "train.weight_decay": ALLOWED,

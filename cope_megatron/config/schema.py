@@ -172,6 +172,19 @@ class DataConfig:
     rows (every_n)."""
     join_rows_n: int | None = None
     """Rows per document under data.join_rows=every_n."""
+    url_prefix: str | None = None
+    """Read the shards from ``url_prefix`` + shard name + ``data.url_suffix`` instead of
+    ``data.shards`` (which still holds manifest.json and the tokenizer): ``http(s)://host/
+    dir/`` or a command writing the shard to stdout, ``pipe:aws s3 cp s3://bucket/dir/``
+    with url_suffix `` -``. Streamed, never downloaded whole (cope_megatron/data/remote.py).
+    None: the manifest's own url_prefix, if any, else the files in data.shards."""
+    url_suffix: str | None = None
+    """Appended after the shard name under data.url_prefix."""
+    url_retries: int = 3
+    """Reopenings of a remote shard's broken stream (where it broke off) before the run
+    stops with an error naming the URL."""
+    url_backoff_s: float = 1.0
+    """Wait before the first reopening; doubled before each next one."""
 
     def __post_init__(self) -> None:
         # The run's own data set (tokenizer, default evaluation text, export) is the

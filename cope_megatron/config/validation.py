@@ -129,6 +129,11 @@ def _check_data(d: DataConfig) -> None:
         _at_least(1, {"data.join_rows_n": d.join_rows_n})
     if d.streams is not None and d.streams < 1:
         _fail("data.streams", f"must be at least 1 (or unset), got {d.streams}")
+    if d.url_retries < 0 or not d.url_backoff_s >= 0:
+        _fail("data.url_retries", f"url_retries and url_backoff_s must be >= 0, got "
+              f"{d.url_retries} and {d.url_backoff_s}")
+    if d.url_suffix is not None and d.url_prefix is None:
+        _fail("data.url_suffix", "is only used with data.url_prefix; set that too")
     _check_mixture(d)
 
 

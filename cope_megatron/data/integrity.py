@@ -11,9 +11,12 @@ and sha256 (``format.shard_entry``).
   to DataLoader workers (``results``/``adopt``), and a worker reads no shard it has not
   seen verified. A shard is hashed, then read: the digest is of the file the reader
   then opens (a file swapped in between is not caught; nothing here guards against that).
-- Shards behind a remote ``url_prefix`` (``pipe:aws s3 cp …``) are neither stat-ed nor
-  hashed: their presence cannot be checked without the store, and hashing would download
-  every shard twice. Their header, sample shapes and token ids are still checked on read.
+- Shards behind a remote ``url_prefix`` are never downloaded before training: at
+  start-up an ``http(s)://`` shard's size is asked of the server (HEAD); a ``pipe:``
+  command's shard cannot be asked without reading it, so it is not checked then. Unless
+  ``data.verify=off``, a remote shard is hashed as it streams, its first read in a process
+  going on to the shard's end (``source.shard_samples``): a mismatch raises there, after
+  the shard's samples were read (checking first would download every shard twice).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from cope_megatron.data.format import DataError, file_sha256
+from cope_megatron.data.remote import remote_size
 
 VERIFY_MODES = ("startup", "first_read", "off")
 RERUN = "re-run prep into a fresh directory, or set data.on_error=skip to skip bad shards"
@@ -50,12 +54,26 @@ def stat_problem(shard: Shard) -> str | None:
     return None
 
 
+def remote_problem(shard: Shard) -> str | None:
+    """Why an HTTP shard is unreachable or has the wrong size, or None (a command's shard
+    is not asked)."""
+    try:
+        size = remote_size(shard.url)
+    except DataError as e:
+        return str(e)
+    if None not in (size, shard.bytes) and size != shard.bytes:
+        return (f"shard {shard.url} has {size} bytes but the manifest records {shard.bytes}: "
+                "the server holds another file")
+    return None
+
+
 def check_present(shards: Iterable[Shard]) -> list[str]:
-    """Stat every local shard; returns the problems (also remembered as verdicts, so the
-    loader reports them when it reaches the shard without hashing it)."""
+    """Stat every local shard, ask the server the size of every HTTP one; returns the
+    problems (also remembered as verdicts, so the loader reports them when it reaches the
+    shard without hashing it)."""
     problems = []
     for shard in shards:
-        problem = stat_problem(shard) if shard.local else None
+        problem = stat_problem(shard) if shard.local else remote_problem(shard)
         if problem:
             _results[shard.url] = problem
             problems.append(problem)
@@ -73,6 +91,22 @@ def verify(shard: Shard) -> str | None:
                        "bytes changed after prep")
         _results[shard.url] = problem
     return _results[shard.url]
+
+
+def is_verified(shard: Shard) -> bool:
+    return shard.url in _results and _results[shard.url] is None
+
+
+def ensure_streamed(shard: Shard, sha256: str, size: int) -> None:
+    """Record the verdict on a remote shard read whole as it streamed (``sha256`` of its
+    ``size`` bytes); raise DataError naming it unless they are the ones prep wrote."""
+    problem = None
+    if shard.sha256 is not None and sha256 != shard.sha256:
+        problem = (f"shard {shard.url} ({size} bytes read) does not match its sha256 in the "
+                   "manifest: the store holds other bytes than prep wrote")
+    _results[shard.url] = problem
+    if problem:
+        raise DataError(f"{problem}; {RERUN}")
 
 
 def ensure_verified(shard: Shard) -> None:

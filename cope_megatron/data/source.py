@@ -2,9 +2,11 @@
 checked against the manifest (evaluation reads them in order; training through
 ``streams`` and ``loader``).
 
-Before a shard is first read, its bytes are checked against the manifest's sha256
-(``integrity``; ``data.verify``), and every token id against the vocabulary, so a bad shard
-is named here, never met as an index error in the embedding.
+Before a local shard is first read, its bytes are checked against the manifest's sha256
+(``integrity``; ``data.verify``); a remote one (``http(s)://``, ``pipe:``; ``remote``) is
+hashed as it streams and checked when its end is reached (a read that stops short of
+the end reads on to it, once per process). Every token id is checked against the
+vocabulary, so a bad shard is named here, never met as an index error in the embedding.
 
 A data set may carry a loss mask (``loss_mask`` in its manifest): each sample then also
 holds ``mask.npy``, one 0/1 per prediction [seq_len], beside ``tokens.npy`` [seq_len + 1].
@@ -21,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from cope_megatron.data import integrity
 from cope_megatron.data.format import SHARD_META_KEY, DataError
+from cope_megatron.data.remote import ShardStream, is_remote
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,10 @@ class StreamSpec:
     """When a shard's sha256 is checked (``data.verify``: startup, first_read, off)."""
     vocab_size: int | None = None
     """Token ids must be below this (None: unchecked)."""
+    url_retries: int = 3
+    """Reopenings of a remote shard's stream before its read fails (``remote``)."""
+    url_backoff_s: float = 1.0
+    """Wait before the first reopening; doubled before each next one."""
 
     @property
     def total_samples(self) -> int:
@@ -89,7 +96,16 @@ def split_shards(shard_dir: str | Path, manifest: dict, split: str) -> tuple[Sha
         return f"{prefix}{name}{suffix}" if prefix else str(Path(shard_dir) / name)
 
     return tuple(ShardInfo(url=url(e["name"]), samples=e["samples"], sha256=e.get("sha256"),
-                           bytes=e.get("bytes"), local=not prefix) for e in entries)
+                           bytes=e.get("bytes"), local=not is_remote(url(e["name"])))
+                 for e in entries)
+
+
+def located(manifest: dict, url_prefix: str | None, url_suffix: str | None) -> dict:
+    """``manifest`` with its shards read from ``url_prefix`` + name + ``url_suffix``
+    (``data.url_prefix``/``data.url_suffix``) when given; its own location otherwise."""
+    if url_prefix is None:
+        return manifest
+    return {**manifest, "url_prefix": url_prefix, "url_suffix": url_suffix or ""}
 
 
 def split_spec(shard_dir: str | Path, manifest: dict, split: str, **kw) -> StreamSpec:
@@ -132,13 +148,26 @@ Sample = tuple[np.ndarray, np.ndarray | None]
 
 def shard_samples(shard: ShardInfo, first: int, end: int, spec: StreamSpec) -> Iterator[Sample]:
     """Samples [first, end) of one shard, each checked against the manifest."""
-    if spec.verify != "off":
+    check = spec.verify != "off"
+    if check and shard.local:
         integrity.ensure_verified(shard)
-    url = shard.url
-    stream = wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples())
+    stream = (ShardStream(shard.url) if shard.local else
+              ShardStream(shard.url, shard.bytes, spec.url_retries, spec.url_backoff_s))
+    with stream:
+        files = tar_file_iterator(io.BufferedReader(stream, 1 << 20))
+        records = group_by_keys({**f, "__url__": shard.url} for f in files)
+        yield from _records(shard.url, records, first, end, spec)
+        if check and not shard.local and not integrity.is_verified(shard):
+            while stream.read(1 << 20):  # on to the end: the digest covers every byte
+                pass
+            integrity.ensure_streamed(shard, stream.sha256.hexdigest(), stream.pos)
+
+
+def _records(url: str, records: Iterator[dict], first: int, end: int,
+             spec: StreamSpec) -> Iterator[Sample]:
     index = 0
     checked = False
-    for record in stream:
+    for record in records:
         if record["__key__"] == SHARD_META_KEY:
             _check_meta(url, json.loads(record["json"]), spec)
             checked = True
@@ -179,7 +208,8 @@ def sequential_windows(spec: StreamSpec, length: int) -> Iterator[torch.Tensor]:
     """Consecutive windows of ``length`` tokens from a split read in order.
 
     Packed samples are contiguous, non-overlapping slices of the split's token stream, so
-    concatenating them gives windows longer than the training length (for extrapolation).
+    concatenating them gives windows longer than the training length (for extrapolation);
+    but for one join per input file, whose last partial sample prep packs at the end.
     """
     buf = np.empty(0, dtype=np.int64)
     for sample, _ in ordered_samples(spec):

@@ -4,7 +4,10 @@ SentencePiece model or Hugging Face tokenizer.json) -> packed WebDataset shards.
 Writes into ``data.shards``: ``tokenizer.model`` (or ``tokenizer.json``), ``train-*.tar``,
 ``val-*.tar`` and ``manifest.json`` (written last, atomically: its presence means the data
 set is complete).
-Rerunning after a crash keeps the shards already finished and writes the rest. A
+Packing restarts at each input file; each file's last partial sample is packed after
+all files (``encode_files``), which is what lets ``parts`` prep files on several nodes
+into the same samples. Rerunning after a crash keeps the shards already finished and
+writes the rest. A
 non-empty directory that holds neither our fingerprint nor our manifest is refused
 (``--force`` writes into it anyway).
 """
@@ -17,6 +20,7 @@ import multiprocessing as mp
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +51,9 @@ from cope_megatron.data.tokenizer import (
 from cope_megatron.output_dir import check_output_dir
 
 FINGERPRINT = "prep_fingerprint.json"
+PACKING = "per_file"
+"""Packing restarts at each input file, its last partial sample packed after all files
+(``encode_files``); data sets finished before, packed across files, stay valid."""
 
 
 def is_validation(doc: str, seed: int, fraction: float) -> bool:
@@ -58,33 +65,82 @@ def is_validation(doc: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "little") / 2**64 < fraction
 
 
-def _pieces(files: list[Path], data: DataConfig, skipped: Counter) -> Iterator[Piece]:
-    docs, max_docs = 0, data.max_docs
-    for path in files:
-        for piece in iter_pieces(path, data.text_field, data.decode_errors,
-                                 join_rows=data.join_rows, join_rows_n=data.join_rows_n,
-                                 skipped=skipped):
-            yield piece
-            if piece.last:
-                docs += 1
-                if max_docs is not None and docs >= max_docs:
-                    return
+def _pieces(path: Path, data: DataConfig, skipped: Counter) -> Iterator[Piece]:
+    yield from iter_pieces(path, data.text_field, data.decode_errors,
+                           join_rows=data.join_rows, join_rows_n=data.join_rows_n,
+                           skipped=skipped)
 
 
-def _batches(pieces: Iterator[Piece], chars: int = 1 << 20,
+def _batches(files: list[Path], data: DataConfig, skipped: Counter, chars: int = 1 << 20,
              count: int = 256) -> Iterator[list[Piece]]:
     """Pieces in groups of up to ``count`` or about ``chars`` characters: one task for an
     encode worker, so that short documents (a parquet row each) do not cost one
-    inter-process round trip apiece."""
-    batch, size = [], 0
-    for piece in pieces:
-        batch.append(piece)
-        size += len(piece.text)
-        if size >= chars or len(batch) >= count:
+    inter-process round trip apiece. An empty group ends each file; ``data.max_docs``
+    documents end the whole."""
+    docs, max_docs = 0, data.max_docs
+    for path in files:
+        batch, size = [], 0
+        for piece in _pieces(path, data, skipped):
+            batch.append(piece)
+            size += len(piece.text)
+            docs += piece.last
+            if size >= chars or len(batch) >= count or docs == max_docs:
+                yield batch
+                batch, size = [], 0
+            if docs == max_docs:
+                yield []
+                return
+        if batch:
             yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
+        yield []
+
+
+@dataclass
+class Encoded:
+    """What encoding a run of input files left: per split its packer (whose writer holds
+    the finished shards), documents, and the tails, one per file, of fewer tokens than a
+    sample (packing restarts at each file, so that files prepared apart pack alike)."""
+
+    packers: dict[str, Packer]
+    docs: dict[str, int]
+    tails: dict[str, list[np.ndarray]]
+    skipped: Counter
+    nbytes: int
+
+
+def encode_files(files: list[Path], data: DataConfig, tok_path: Path, out: Path, meta: dict,
+                 *, seed: int, eos: int, progress: bool) -> Encoded:
+    """Tokenize ``files`` in order on ``data.prep_workers`` processes into packed shards in
+    ``out``; each file's last partial sample is kept aside in ``tails``."""
+    dtype, started = np.dtype(meta["dtype"]), time.time()
+    packers = {split: Packer(meta["seq_len"] + 1, dtype,
+                             SplitWriter(out, split, meta, data.shard_max_bytes))
+               for split in ("train", "val")}
+    done = Encoded(packers, {"train": 0, "val": 0}, {"train": [], "val": []}, Counter(), 0)
+    # Progress in input bytes, so tqdm can show an ETA (compressed inputs count their
+    # decompressed text against their compressed size: the ETA is then pessimistic).
+    bar = tqdm(desc="prep", total=sum(f.stat().st_size for f in files), unit="B",
+               unit_scale=True, disable=not progress, dynamic_ncols=True)
+    with mp.get_context("spawn").Pool(data.prep_workers, encode_worker.init,
+                                        (str(tok_path), data.eos_token,
+                                         data.pad_token)) as pool:
+        for batch in pool.imap(encode_worker.encode, _batches(files, data, done.skipped),
+                               chunksize=2):
+            if not batch:  # a file ended
+                for split, packer in packers.items():
+                    done.tails[split].append(packer.cut())
+            for doc, ids, last, size in batch:
+                split = "val" if is_validation(doc, seed, data.val_fraction) else "train"
+                packers[split].add(np.append(ids, eos) if last else ids)
+                done.nbytes += size
+                bar.update(size)
+                done.docs[split] += last
+            if batch:
+                elapsed = time.time() - started
+                bar.set_postfix(docs_s=f"{sum(done.docs.values()) / elapsed:.1f}",
+                                tok_s=f"{sum(p.tokens for p in packers.values()) / elapsed:.0f}")
+    bar.close()
+    return done
 
 
 def check_fingerprint(out: Path, fingerprint: dict, *, force: bool = False) -> None:
@@ -94,7 +150,10 @@ def check_fingerprint(out: Path, fingerprint: dict, *, force: bool = False) -> N
     path = out / FINGERPRINT
     if path.exists():
         old = json.loads(path.read_text())
-        if old != fingerprint:
+        if "packing" not in old and not has_manifest(out):
+            raise PrepError(f"data.shards: {out} holds an unfinished prep by an older version, "
+                            "which packed across input files; delete the directory and re-run")
+        if {**old, "packing": PACKING} != fingerprint:
             changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
             raise PrepError(
                 f"data.shards: {out} holds shards prepared from other inputs (changed: "
@@ -104,10 +163,11 @@ def check_fingerprint(out: Path, fingerprint: dict, *, force: bool = False) -> N
         path.write_text(json.dumps(fingerprint, indent=1))
 
 
-def _fingerprint(data: DataConfig, files: list[Path], seq_len: int, seed: int) -> dict:
+def input_fingerprint(data: DataConfig, files: list[Path], seq_len: int, seed: int) -> dict:
     """Everything the shards depend on: a directory prepared from other inputs is refused,
     whether that prep finished or was interrupted."""
     return {
+        "packing": PACKING,
         "files": [[str(f), f.stat().st_size] for f in files], "seq_len": seq_len,
         "seed": seed, "val_fraction": data.val_fraction, "max_docs": data.max_docs,
         "text_field": data.text_field,
@@ -125,7 +185,7 @@ def _fingerprint(data: DataConfig, files: list[Path], seq_len: int, seed: int) -
     }
 
 
-def _tokenizer(data: DataConfig, files: list[Path], out: Path) -> Path:
+def place_tokenizer(data: DataConfig, files: list[Path], out: Path) -> Path:
     """The data set's tokenizer in ``out``: the given one, one an interrupted earlier run
     trained, or one trained now on ``files``."""
     if data.tokenizer:
@@ -140,6 +200,12 @@ def _tokenizer(data: DataConfig, files: list[Path], out: Path) -> Path:
     )
 
 
+def data_meta(tokenizer, seq_len: int) -> dict:
+    """What every shard's header records (``format.SHARD_META_KEY``)."""
+    return {"seq_len": seq_len, "dtype": token_dtype(tokenizer.vocab_size).name,
+            "tokenizer_sha256": tokenizer.sha256}
+
+
 def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
             force: bool = False) -> dict:
     """Run the whole prep into ``data.shards`` and return the manifest (also written there).
@@ -149,7 +215,7 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
     """
     out = Path(data.shards)
     files = resolve_sources(data.corpus, data.cache_dir)
-    fingerprint = _fingerprint(data, files, seq_len, seed)
+    fingerprint = input_fingerprint(data, files, seq_len, seed)
     if not has_manifest(out):  # before the fingerprint, so a fixed input is not "other"
         check_has_text(files, data.text_field, data.decode_errors)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,56 +224,35 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
         return read_manifest(out)
     started = time.time()
 
-    tok_path = _tokenizer(data, files, out)
+    tok_path = place_tokenizer(data, files, out)
     tokenizer = load_tokenizer(tok_path, data.eos_token, data.pad_token)
-    vocab, eos = tokenizer.vocab_size, tokenizer.eos_id
-    dtype = token_dtype(vocab)
-    tok_sha = tokenizer.sha256
+    meta = data_meta(tokenizer, seq_len)
+    done = encode_files(files, data, tok_path, out, meta, seed=seed, eos=tokenizer.eos_id,
+                        progress=progress)
+    for split, packer in done.packers.items():  # the files' tails, packed last
+        packer.add(np.concatenate([np.empty(0, packer.dtype), *done.tails[split]]))
+    splits = {split: (done.docs[split], p.writer.shards, p.tokens, p.finish())
+              for split, p in done.packers.items()}
+    return write_manifest(out, manifest_body(meta, tokenizer, tok_path, data, seed,
+                                             done.skipped, done.nbytes,
+                                             time.time() - started, splits))
 
-    meta = {"seq_len": seq_len, "dtype": dtype.name, "tokenizer_sha256": tok_sha}
-    packers = {
-        split: Packer(seq_len + 1, dtype,
-                      SplitWriter(out, split, meta, data.shard_max_bytes))
-        for split in ("train", "val")
-    }
-    docs = {"train": 0, "val": 0}
-    nbytes = 0
-    # Progress in input bytes, so tqdm can show an ETA (compressed inputs count their
-    # decompressed text against their compressed size: the ETA is then pessimistic).
-    bar = tqdm(desc="prep", total=sum(f.stat().st_size for f in files), unit="B",
-               unit_scale=True, disable=not progress, dynamic_ncols=True)
-    skipped: Counter = Counter()
-    with mp.get_context("spawn").Pool(data.prep_workers, encode_worker.init,
-                                        (str(tok_path), data.eos_token,
-                                         data.pad_token)) as pool:
-        batches = _batches(_pieces(files, data, skipped))
-        stream = (one for batch in pool.imap(encode_worker.encode, batches, chunksize=2)
-                  for one in batch)
-        for doc, ids, last, size in stream:
-            split = "val" if is_validation(doc, seed, data.val_fraction) else "train"
-            packers[split].add(np.append(ids, eos) if last else ids)
-            nbytes += size
-            bar.update(size)
-            if last:
-                docs[split] += 1
-                elapsed = time.time() - started
-                tokens = sum(p.tokens for p in packers.values())
-                bar.set_postfix(docs_s=f"{sum(docs.values()) / elapsed:.1f}",
-                                tok_s=f"{tokens / elapsed:.0f}")
-    bar.close()
 
-    dropped = {split: p.finish() for split, p in packers.items()}
-    for split, p in packers.items():
-        if p.writer.samples == 0:
+def manifest_body(meta: dict, tokenizer, tok_path: Path, data: DataConfig, seed: int,
+                  skipped: Counter, nbytes: int, seconds: float,
+                  splits: dict[str, tuple[int, list[dict], int, int]]) -> dict:
+    """The manifest of a finished prep; ``splits``: per split (documents, shard entries,
+    tokens in samples, tokens dropped); refuses a split without samples."""
+    for split, (docs, shards, _, dropped) in splits.items():
+        if not sum(s["samples"] for s in shards):
             raise PrepError(
-                f"prep produced no {split} samples ({docs[split]} documents, "
-                f"{dropped[split]} tokens): the corpus is too small for seq_len "
-                f"{seq_len}" + (" or data.val_fraction is too small" if split == "val" else "")
-            )
-    return write_manifest(out, {
+                f"prep produced no {split} samples ({docs} documents, {dropped} tokens): the "
+                f"corpus is too small for seq_len {meta['seq_len']}"
+                + (" or data.val_fraction is too small" if split == "val" else ""))
+    return {
         **meta,
-        "vocab_size": vocab,
-        "eos_id": eos,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
         "pad_id": tokenizer.pad_id,
         # As stated in config (None: the tokenizer's own): ``dataset_tokenizer`` reads them.
         "eos_token": data.eos_token,
@@ -217,16 +262,10 @@ def prepare(data: DataConfig, *, seq_len: int, seed: int, progress: bool = True,
         "skipped_rows": dict(skipped),
         "seed": seed,
         "source_bytes": nbytes,
-        "seconds": round(time.time() - started, 2),
+        "seconds": round(seconds, 2),
         "splits": {
-            split: {
-                "documents": docs[split],
-                "samples": p.writer.samples,
-                "tokens": p.tokens,
-                "dropped_tokens": dropped[split],
-                "shards": p.writer.shards,
-            }
-            for split, p in packers.items()
+            split: {"documents": docs, "samples": sum(s["samples"] for s in shards),
+                    "tokens": tokens, "dropped_tokens": dropped, "shards": shards}
+            for split, (docs, shards, tokens, dropped) in splits.items()
         },
-    })
-
+    }

@@ -98,7 +98,9 @@ class SplitWriter:
 class Packer:
     """Cut a token stream into samples of exactly ``length`` tokens (seq_len + 1: inputs
     and shifted labels). Samples are contiguous and non-overlapping, so consecutive
-    samples of a split concatenate back into its stream (used for long-context eval)."""
+    samples of a split concatenate back into its stream (used for long-context eval), but
+    where prep ``cut`` the stream: at the end of each input file, whose last partial sample
+    is packed after all files (``prep.encode_files``)."""
 
     def __init__(self, length: int, dtype: np.dtype, writer: SplitWriter) -> None:
         self.length, self.dtype, self.writer = length, dtype, writer
@@ -112,6 +114,12 @@ class Packer:
             self.writer.write(self.buf[i * self.length : (i + 1) * self.length])
         self.tokens += n * self.length
         self.buf = self.buf[n * self.length :]
+
+    def cut(self) -> np.ndarray:
+        """Take the tokens that fill no sample yet out of the stream (the next ``add``
+        starts a sample)."""
+        tail, self.buf = self.buf, np.empty(0, dtype=self.dtype)
+        return tail
 
     def finish(self) -> int:
         """Close the last shard; returns the tokens dropped because they fill no sample."""
