@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from cope_megatron.ops.context_parallel import softmax as softmax_ring
 from cope_megatron.ops.context_parallel.cope import cope_attention_context_parallel
 from cope_megatron.ops.context_parallel.ring import ContextParallel
-from cope_megatron.ops.context_parallel import softmax as softmax_ring
 from cope_megatron.ops.context_parallel.softmax import ring_attention
 from cope_megatron.ops.cope import chunked as cope_chunked
 from cope_megatron.ops.cope.paths import CUDA, Paths

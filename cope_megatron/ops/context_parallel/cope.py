@@ -62,7 +62,7 @@ from cope_megatron.ops.cope.paths import Paths
 from cope_megatron.ops.heads import expand_kv, work_dtype
 from cope_megatron.ops.plain_attention import merge_softmax
 
-CORRECTION_ROWS = 128  # rows of step 5 at a time
+CORRECTION_ELEMENTS = 2**19  # gates [b, h, rows, c] step 5 holds per row block (2 MiB fp32)
 
 
 def _kernels(impl: str):
@@ -103,8 +103,9 @@ def _correction(q, k, dq, dk, b_carry, scale: float, diagonal: bool) -> None:
     """Step 5 for one pair, in place: rows with a nonzero carried Σ dp, in blocks."""
     active = _active_rows(b_carry != 0)
     k_work = k.to(dq.dtype) if active.numel() else k  # no fp32 copy when no row needs it
-    for start in range(0, active.numel(), CORRECTION_ROWS):
-        idx = active[start:start + CORRECTION_ROWS]
+    step = max(1, CORRECTION_ELEMENTS // (q.shape[0] * q.shape[1] * k.shape[2]))
+    for start in range(0, active.numel(), step):
+        idx = active[start:start + step]
         g = row_gates(q, k, idx, scale=scale, causal=diagonal)  # [b, h, n, c]
         w = (scale * b_carry[:, :, idx, None]) * g * (1 - g)
         dq[:, :, idx] += w @ k_work
