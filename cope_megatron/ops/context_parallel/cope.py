@@ -196,8 +196,9 @@ class _CoPEContextParallel(torch.autograd.Function):
                 d_emb += d_emb_c
             fold_expanded(acc, grads)
 
-        dk, dv = cp.ring([k, v], pair_pass, [torch.zeros(k.shape, dtype=work, device=k.device),
-                                             torch.zeros(v.shape, dtype=work, device=v.device)])
+        kv_grads = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
+                                               for t in (k, v)])
+        dv = kv_grads.pop()
 
         # B[Q, K] = Σ_{K' < K} dp sums: an exclusive prefix over key chunks.
         b_carry = dp_sums.cumsum(1) - dp_sums
@@ -215,8 +216,9 @@ class _CoPEContextParallel(torch.autograd.Function):
                 fold_expanded(acc, grads)
 
             # The main pass's dK is where the ring starts: it comes back with the B terms.
-            (dk,) = cp.ring([k], correction_pass, [dk])
+            kv_grads = cp.ring([k], correction_pass, kv_grads)
 
+        (dk,) = kv_grads
         return (dq.to(dtype), dk.to(dtype), dv.to(dtype), d_emb.to(dtype),
                 None, None, None, None, None)
 

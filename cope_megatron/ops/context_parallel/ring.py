@@ -85,20 +85,24 @@ class ContextParallel:
         return wait
 
     def ring(self, tensors: Sequence[torch.Tensor], visit: Callable[..., None],
-             grads: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
+             grads: list[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
         """Call ``visit(owner, owner's tensors)`` once for every rank of the group, starting
         with this one; the next rank's tensors are in flight while ``visit`` runs.
 
         With ``grads`` (accumulators for this rank's own tensors, zeros or a sum to add to),
         ``visit(owner, tensors, acc)`` adds into ``acc`` the gradients for the owner's
         tensors; ``acc`` is the sum the ranks before have made, received before ``visit``
-        runs, and is handed on after it: this rank's own total is returned. Adding into the
+        runs, and is handed on after it: this rank's own total is returned. The ring takes
+        the tensors of ``grads`` over (it empties the list), so that a buffer handed on
+        is freed as soon as its send is done; the caller keeps no other reference. Adding into the
         received buffer, rather than into zeros added to it later, holds one set of
         gradient buffers while computing instead of three (new, received, and the last
         one sent); the price is that the hand-over, a copy over the link, is not hidden
         behind compute (``wait_seconds`` counts it).
         """
-        tensors, acc = list(tensors), None if grads is None else list(grads)
+        tensors, acc = list(tensors), None if grads is None else grads[:]
+        if grads is not None:
+            grads.clear()
         travelling = None
         for step in range(self.size):
             owner = (self.rank - step) % self.size

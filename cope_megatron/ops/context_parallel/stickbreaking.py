@@ -113,8 +113,9 @@ class _StickBreakingContextParallel(torch.autograd.Function):
                     scale=scale, causal=pair.diagonal, compiled=compiled)
             fold_expanded(acc, grads)
 
-        dk, dv = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
-                                             for t in (k, v)])
+        kv_grads = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
+                                               for t in (k, v)])
+        dv = kv_grads.pop()
         farther = d_l_sums.cumsum(1) - d_l_sums  # B[Q, K] = Σ_{K' < K}
 
         def correction_pass(owner: int, kv: list[torch.Tensor],
@@ -128,7 +129,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
                                  scale=scale, causal=pair.diagonal)
             fold_expanded(acc, grads)
 
-        (dk,) = cp.ring([k], correction_pass, [dk])  # comes back with the B terms
+        (dk,) = cp.ring([k], correction_pass, kv_grads)  # comes back with the B terms
         # The remainder's own value: d v_i += (1 − Σ_j A_ij) dO_i.
         dv = dv + reduce_kv_heads((1 - mass)[..., None] * d_out, kv_heads)
         return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None, None
