@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from cope_megatron.ops.context_parallel import softmax as softmax_ring
 from cope_megatron.ops.context_parallel.cope import cope_attention_context_parallel
 from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.ops.context_parallel.softmax import ring_attention
@@ -191,6 +192,7 @@ def _triton_worker(rank: int, world: int, store: str, case: dict) -> None:
 
 def _softmax_worker(rank: int, world: int, store: str, case: dict) -> None:
     cp = _init(rank, world, store)
+    softmax_ring.BLOCK_ELEMENTS = case["b"] * case["h"] * 2  # biased pairs: 2-row blocks
     q, k, v, _, d_out = _inputs(case)
     s, h = case["s"], case["h"]
     gen = torch.Generator().manual_seed(9)
@@ -209,7 +211,8 @@ def _softmax_worker(rank: int, world: int, store: str, case: dict) -> None:
     local = [local_rows(cp, t).requires_grad_() for t in (q, k, v)]
     bias_l = None if bias is None else bias.clone().requires_grad_()
     out = ring_attention(*local, cp, softmax_scale=scale,
-                         bias=None if bias_l is None else distance_bias(bias_l))
+                         bias=None if bias_l is None else distance_bias(bias_l),
+                         flash=case["flash"])
     got = torch.autograd.grad(out, local + ([bias_l] if bias_l is not None else []),
                               local_rows(cp, d_out))
     _check("out", out, local_rows(cp, ref))
@@ -224,7 +227,8 @@ def _softmax_worker(rank: int, world: int, store: str, case: dict) -> None:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("bias", [False, True], ids=["plain", "distance_bias"])
-def test_ring_attention_matches_one_rank(tmp_path, world, bias):
+@pytest.mark.parametrize("bias, flash", [(False, True), (False, False), (True, None)],
+                         ids=["plain_flash", "plain_matmul", "distance_bias"])
+def test_ring_attention_matches_one_rank(tmp_path, world, bias, flash):
     spawn(tmp_path, world, _softmax_worker,
-          dict(b=2, h=4, g=2, s=24, d=8, npos=2, shared=True, bias=bias))
+          dict(b=2, h=4, g=2, s=24, d=8, npos=2, shared=True, bias=bias, flash=flash))

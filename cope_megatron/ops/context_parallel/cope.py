@@ -32,12 +32,15 @@ Backward (a = logits, g = σ(a), dp = the gradient reaching positions)
      first clamped key: B ≠ 0 only for rows whose unclamped keys cross into an earlier
      chunk, usually a few rows next to a chunk border. Rows with B = 0 are skipped exactly,
      and the whole pass (its exchange too) when no rank has such a row.
-  6. The table: dq += dz·Eᵀ, dE = qᵀ·dz from the dz accumulated over all pairs.
+  6. The table: dq += dz·Eᵀ, dE = qᵀ·dz, within step 4 from each query chunk's dz over
+     the pairs of one ring step (z = q·E is likewise made per query chunk and step).
 Dtypes: bf16 q, k, v stay bf16 (saved, exchanged and passed to the chunked pair code, which
 converts each band and plain-attention call's part); gate totals, carries, out, lse and all
 gradients accumulate in fp32 (``work_dtype``), dK and dV travelling home in fp32 too.
-Memory per rank: local q, k, v, out and one key chunk in flight; no [S, S] tensor and no
-whole-sequence K/V, so it falls as 1/CP.
+Memory per rank: local q, k, v, out, lse and dq; the visited rank's K, V and the next one's
+in flight; one set of dK, dV accumulators (the ring adds into the received sum); z and dz
+of one query chunk. No [S, S] tensor, no whole-sequence K/V and no whole-rank z, so it falls
+as 1/CP (``bench/cp_attention.py``).
 """
 
 from __future__ import annotations
@@ -45,15 +48,21 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from cope_megatron.ops.context_parallel.ring import ContextParallel, rows
+from cope_megatron.ops.context_parallel.ring import (
+    ChunkPair,
+    ContextParallel,
+    expanded,
+    fold_expanded,
+    rows,
+)
 from cope_megatron.ops.cope import chunked as cope_chunked
 from cope_megatron.ops.cope import resolve_impl
 from cope_megatron.ops.cope.chunked import gate_sums, row_gates, table_backward
 from cope_megatron.ops.cope.paths import Paths
-from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
+from cope_megatron.ops.heads import expand_kv, work_dtype
 from cope_megatron.ops.plain_attention import merge_softmax
 
-CORRECTION_ROWS = 128  # rows of step 5 at a time
+CORRECTION_ELEMENTS = 2**19  # gates [b, h, rows, c] step 5 holds per row block (2 MiB fp32)
 
 
 def _kernels(impl: str):
@@ -79,6 +88,12 @@ def _options(ops, widths: dict, pair, paths: Paths | None) -> dict:
     return bands | {"paths": paths} if ops is cope_chunked else bands
 
 
+def _by_query(pairs: list[ChunkPair]) -> list[tuple[int, list[ChunkPair]]]:
+    """A step's pairs grouped by local query chunk, so that a chunk's table product
+    z = q·E (and its gradient) is made once per step, [b, h, c, npos], never per rank."""
+    return [(qi, [p for p in pairs if p.q == qi]) for qi in sorted({p.q for p in pairs})]
+
+
 def _active_rows(mask: torch.Tensor) -> torch.Tensor:
     """Indices of the rows (dim 2 of [b, h, c]) where ``mask`` holds for any batch or head."""
     return mask.flatten(0, 1).any(0).nonzero().squeeze(1)
@@ -88,8 +103,9 @@ def _correction(q, k, dq, dk, b_carry, scale: float, diagonal: bool) -> None:
     """Step 5 for one pair, in place: rows with a nonzero carried Σ dp, in blocks."""
     active = _active_rows(b_carry != 0)
     k_work = k.to(dq.dtype) if active.numel() else k  # no fp32 copy when no row needs it
-    for start in range(0, active.numel(), CORRECTION_ROWS):
-        idx = active[start:start + CORRECTION_ROWS]
+    step = max(1, CORRECTION_ELEMENTS // (q.shape[0] * q.shape[1] * k.shape[2]))
+    for start in range(0, active.numel(), step):
+        idx = active[start:start + step]
         g = row_gates(q, k, idx, scale=scale, causal=diagonal)  # [b, h, n, c]
         w = (scale * b_carry[:, :, idx, None]) * g * (1 - g)
         dq[:, :, idx] += w @ k_work
@@ -105,7 +121,6 @@ class _CoPEContextParallel(torch.autograd.Function):
         given = _input_dtype(ops, dtype)
         q, pos_emb = q.to(given), pos_emb.to(work)
         h, c = q.shape[1], q.shape[2] // 2
-        z = q.to(work) @ pos_emb  # [b, h, 2c, npos]
 
         totals: dict[tuple[int, int], torch.Tensor] = {}  # (local q chunk, global K) -> G
 
@@ -135,13 +150,14 @@ class _CoPEContextParallel(torch.autograd.Function):
 
         def attention_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t.to(given), h) for t in kv)
-            for pair in cp.pairs(owner):
-                part = ops.chunk_forward(
-                    rows(q, pair.q, c), rows(ke, pair.k, c), rows(ve, pair.k, c),
-                    rows(z, pair.q, c), carries[pair.q, pair.k_global],
-                    scale=scale, npos_max=npos_max, causal=pair.diagonal,
-                    **_options(ops, widths, pair, paths))
-                merge_softmax(rows(out, pair.q, c), rows(lse, pair.q, c), *part)
+            for qi, pairs in _by_query(cp.pairs(owner)):
+                z_c = rows(q, qi, c).to(work) @ pos_emb  # [b, h, c, npos]
+                for pair in pairs:
+                    part = ops.chunk_forward(
+                        rows(q, qi, c), rows(ke, pair.k, c), rows(ve, pair.k, c), z_c,
+                        carries[qi, pair.k_global], scale=scale, npos_max=npos_max,
+                        causal=pair.diagonal, **_options(ops, widths, pair, paths))
+                    merge_softmax(rows(out, qi, c), rows(lse, qi, c), *part)
 
         cp.ring([k, v], attention_pass)
         ctx.save_for_backward(q, k, v, pos_emb, out, lse, carries)
@@ -153,46 +169,56 @@ class _CoPEContextParallel(torch.autograd.Function):
         q, k, v, pos_emb, out, lse, carries = ctx.saved_tensors
         cp, npos_max, scale, ops, dtype, widths, paths = ctx.cfg
         work, given = pos_emb.dtype, q.dtype
-        h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
-        z = q.to(work) @ pos_emb
+        h, c = q.shape[1], q.shape[2] // 2
         d_out = d_out.to(work).contiguous()
-        dq, dz = torch.zeros(q.shape, dtype=work, device=q.device), torch.zeros_like(z)
+        dq = torch.zeros(q.shape, dtype=work, device=q.device)
+        d_emb = torch.zeros_like(pos_emb)
         dp_sums = torch.zeros_like(carries)
 
-        def pair_pass(owner: int, kv: list[torch.Tensor]) -> list[torch.Tensor]:
+        def pair_pass(owner: int, kv: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
+            nonlocal d_emb
             ke, ve = (expand_kv(t.to(given), h) for t in kv)
-            dke, dve = (torch.zeros(t.shape, dtype=work, device=t.device) for t in (ke, ve))
-            for pair in cp.pairs(owner):
-                q_c, z_c, do_c, out_c, lse_c, dq_c, dz_c = (
-                    rows(t, pair.q, c) for t in (q, z, d_out, out, lse, dq, dz))
-                k_c, v_c, dk_c, dv_c = (rows(t, pair.k, c) for t in (ke, ve, dke, dve))
-                dp_sums[pair.q, pair.k_global] = ops.chunk_backward(
-                    q_c, k_c, v_c, z_c, carries[pair.q, pair.k_global], do_c, out_c,
-                    lse_c, (dq_c, dk_c, dv_c, dz_c), scale=scale, npos_max=npos_max,
-                    causal=pair.diagonal, **_options(ops, widths, pair, paths))
-            return [reduce_kv_heads(dke, kv_heads), reduce_kv_heads(dve, kv_heads)]
+            dke, dve = grads = expanded(acc, h)
+            for qi, pairs in _by_query(cp.pairs(owner)):
+                q_c, do_c, out_c, lse_c, dq_c = (rows(t, qi, c)
+                                                 for t in (q, d_out, out, lse, dq))
+                z_c = q_c.to(work) @ pos_emb
+                dz_c = torch.zeros_like(z_c)
+                for pair in pairs:
+                    k_c, v_c, dk_c, dv_c = (rows(t, pair.k, c) for t in (ke, ve, dke, dve))
+                    dp_sums[qi, pair.k_global] = ops.chunk_backward(
+                        q_c, k_c, v_c, z_c, carries[qi, pair.k_global], do_c, out_c,
+                        lse_c, (dq_c, dk_c, dv_c, dz_c), scale=scale, npos_max=npos_max,
+                        causal=pair.diagonal, **_options(ops, widths, pair, paths))
+                # Step 6 per query chunk and step: no whole-rank z or dz is ever held.
+                dq_table, d_emb_c = table_backward(q_c.to(work), pos_emb, dz_c)
+                dq_c += dq_table
+                d_emb += d_emb_c
+            fold_expanded(acc, grads)
 
-        dk, dv = cp.ring([k, v], pair_pass)
+        kv_grads = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
+                                               for t in (k, v)])
+        dv = kv_grads.pop()
 
         # B[Q, K] = Σ_{K' < K} dp sums: an exclusive prefix over key chunks.
         b_carry = dp_sums.cumsum(1) - dp_sums
         needed = torch.tensor([int(bool(b_carry.any()))], device=q.device)
         dist.all_reduce(needed, op=dist.ReduceOp.MAX, group=cp.group)
         if needed.item():
-            def correction_pass(owner: int, kv: list[torch.Tensor]) -> list[torch.Tensor]:
+            def correction_pass(owner: int, kv: list[torch.Tensor],
+                                acc: list[torch.Tensor]) -> None:
                 ke = expand_kv(kv[0].to(given), h)
-                dke = torch.zeros(ke.shape, dtype=work, device=ke.device)
+                (dke,) = grads = expanded(acc, h)
                 for pair in cp.pairs(owner):
                     _correction(rows(q, pair.q, c), rows(ke, pair.k, c), rows(dq, pair.q, c),
                                 rows(dke, pair.k, c), b_carry[pair.q, pair.k_global], scale,
                                 pair.diagonal)
-                return [reduce_kv_heads(dke, kv_heads)]
+                fold_expanded(acc, grads)
 
-            (dk_b,) = cp.ring([k], correction_pass)
-            dk = dk + dk_b
+            # The main pass's dK is where the ring starts: it comes back with the B terms.
+            kv_grads = cp.ring([k], correction_pass, kv_grads)
 
-        dq_table, d_emb = table_backward(q.to(work), pos_emb, dz)
-        dq += dq_table
+        (dk,) = kv_grads
         return (dq.to(dtype), dk.to(dtype), dv.to(dtype), d_emb.to(dtype),
                 None, None, None, None, None)
 

@@ -24,7 +24,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from cope_megatron.ops.context_parallel.ring import ContextParallel, rows
+from cope_megatron.ops.context_parallel.ring import (
+    ContextParallel,
+    expanded,
+    fold_expanded,
+    rows,
+)
 from cope_megatron.ops.fox import (
     check_inputs,
     default_flash,
@@ -33,7 +38,7 @@ from cope_megatron.ops.fox import (
     part_backward,
     part_forward,
 )
-from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
+from cope_megatron.ops.heads import expand_kv, work_dtype
 from cope_megatron.ops.plain_attention import merge_softmax
 
 
@@ -111,7 +116,7 @@ class _FoXContextParallel(torch.autograd.Function):
     def backward(ctx, d_out):
         q, k, v, prefix, out, lse = ctx.saved_tensors
         cp, scale, flash, dtype = ctx.cfg
-        h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
+        h, c = q.shape[1], q.shape[2] // 2
         work = prefix.dtype
         d_out = d_out.to(work).contiguous()
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
@@ -119,10 +124,9 @@ class _FoXContextParallel(torch.autograd.Function):
 
         own = _own_key_norms(expand_kv(k, h), work, c)
 
-        def visit(owner: int, kvf: list[torch.Tensor]) -> list[torch.Tensor]:
+        def visit(owner: int, kvf: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t, h) for t in kvf[:2])
-            dke, dve = (torch.zeros(t.shape, dtype=work, device=t.device) for t in (ke, ve))
-            dfk = torch.zeros_like(kvf[2])
+            dke, dve, dfk = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
                 k_c, v_c, f_c = (rows(t, pair.k, c) for t in (ke, ve, kvf[2]))
                 keys = _pair_keys(q, k_c, prefix, f_c, own, pair, c, scale)
@@ -138,9 +142,10 @@ class _FoXContextParallel(torch.autograd.Function):
                 rows(dve, pair.k, c)[:, :, keys].add_(dv_p)
                 rows(dfk, pair.k, c)[:, :, keys].add_(df_p)
                 d_shift[:, :, pair.q * c] += ds_p
-            return [reduce_kv_heads(dke, kv_heads), reduce_kv_heads(dve, kv_heads), dfk]
+            fold_expanded(acc, grads)
 
-        dk, dv, d_prefix = cp.ring([k, v, prefix], visit)
+        zeros = [torch.zeros(t.shape, dtype=work, device=t.device) for t in (k, v, prefix)]
+        dk, dv, d_prefix = cp.ring([k, v, prefix], visit, zeros)
         return (dq.to(dtype), dk.to(dtype), dv.to(dtype), d_prefix + d_shift,
                 None, None, None)
 

@@ -12,11 +12,14 @@ chunks, one at a time, and brings gradients for them home.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from cope_megatron.ops.heads import reduce_kv_heads
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class ContextParallel:
         ranks = dist.get_process_group_ranks(group)
         self.next = ranks[(self.rank + 1) % self.size]
         self.prev = ranks[(self.rank - 1) % self.size]
+        self.wait_seconds = 0.0  # spent waiting on the ring's exchanges (benchmarks read it)
 
     def chunks(self, rank: int) -> tuple[int, int]:
         """Global indices of the two chunks rank ``rank`` holds."""
@@ -60,7 +64,9 @@ class ContextParallel:
         return torch.arange(chunk * length, (chunk + 1) * length, device=device)
 
     def _start(self, tensors: Sequence[torch.Tensor]):
-        """Send ``tensors`` to the next rank and receive the previous rank's, asynchronously."""
+        """Send ``tensors`` to the next rank and receive the previous rank's, asynchronously.
+        The returned ``wait`` gives the received tensors once both directions are done, so
+        dropping it after the call also frees the sent buffers."""
         tensors = [t.contiguous() for t in tensors]
         recv = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag)
@@ -70,34 +76,63 @@ class ContextParallel:
         reqs = dist.batch_isend_irecv(ops)
 
         def wait() -> list[torch.Tensor]:
+            start = time.perf_counter()
             for req in reqs:
                 req.wait()
+            self.wait_seconds += time.perf_counter() - start
             return recv
 
         return wait
 
-    def ring(self, tensors: Sequence[torch.Tensor],
-             visit: Callable[[int, list[torch.Tensor]], list[torch.Tensor] | None]
-             ) -> list[torch.Tensor] | None:
+    def ring(self, tensors: Sequence[torch.Tensor], visit: Callable[..., None],
+             grads: list[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
         """Call ``visit(owner, owner's tensors)`` once for every rank of the group, starting
         with this one; the next rank's tensors are in flight while ``visit`` runs.
 
-        If ``visit`` returns gradients for the owner's tensors (it must then do so at every
-        step, zeros where it has none), they travel along the ring behind the tensors,
-        summed on the way, and this rank's own total is returned.
+        With ``grads`` (accumulators for this rank's own tensors, zeros or a sum to add to),
+        ``visit(owner, tensors, acc)`` adds into ``acc`` the gradients for the owner's
+        tensors; ``acc`` is the sum the ranks before have made, received before ``visit``
+        runs, and is handed on after it: this rank's own total is returned. The ring takes
+        the tensors of ``grads`` over (it empties the list), so that a buffer handed on
+        is freed as soon as its send is done; the caller keeps no other reference. Adding into the
+        received buffer, rather than into zeros added to it later, holds one set of
+        gradient buffers while computing instead of three (new, received, and the last
+        one sent); the price is that the hand-over, a copy over the link, is not hidden
+        behind compute (``wait_seconds`` counts it).
         """
-        tensors = list(tensors)
+        tensors, acc = list(tensors), None if grads is None else grads[:]
+        if grads is not None:
+            grads.clear()
         travelling = None
         for step in range(self.size):
+            owner = (self.rank - step) % self.size
             incoming = self._start(tensors) if step + 1 < self.size else None
-            grads = visit((self.rank - step) % self.size, tensors)
-            if grads is not None:
-                if travelling is not None:
-                    grads = [g.add_(r) for g, r in zip(grads, travelling())]
-                travelling = self._start(grads)
-            if incoming is not None:
-                tensors = incoming()
+            if travelling is not None:
+                acc, travelling = travelling(), None
+            if acc is None:
+                visit(owner, tensors)
+            else:
+                visit(owner, tensors, acc)
+            # The last visit's tensors go before its gradients are handed on.
+            tensors = incoming() if incoming is not None else None
+            if acc is not None:
+                travelling, acc = self._start(acc), None
         return travelling() if travelling is not None else None
+
+
+def expanded(acc: list[torch.Tensor], heads: int) -> list[torch.Tensor]:
+    """Accumulators over all ``heads`` query heads for ``acc``'s: the same tensor where it
+    has that many heads, zeros for grouped key/value heads (``fold_expanded`` adds them
+    back)."""
+    return [a if a.shape[1] == heads else
+            a.new_zeros(a.shape[0], heads, *a.shape[2:]) for a in acc]
+
+
+def fold_expanded(acc: list[torch.Tensor], full: list[torch.Tensor]) -> None:
+    """Add ``expanded``'s zeros, once filled, into the grouped heads' accumulators."""
+    for a, f in zip(acc, full):
+        if f is not a:
+            a += reduce_kv_heads(f, a.shape[1])
 
 
 def rows(t: torch.Tensor, chunk: int, c: int) -> torch.Tensor:

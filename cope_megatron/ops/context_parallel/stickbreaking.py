@@ -23,7 +23,12 @@ from __future__ import annotations
 
 import torch
 
-from cope_megatron.ops.context_parallel.ring import ContextParallel, rows
+from cope_megatron.ops.context_parallel.ring import (
+    ContextParallel,
+    expanded,
+    fold_expanded,
+    rows,
+)
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
 from cope_megatron.ops.stickbreaking import (
     check_inputs,
@@ -96,9 +101,9 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         d_l_sums = torch.zeros_like(carries)
 
-        def pair_pass(owner: int, kv: list[torch.Tensor]) -> list[torch.Tensor]:
+        def pair_pass(owner: int, kv: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t, h) for t in kv)
-            dke, dve = (torch.zeros(t.shape, dtype=work, device=t.device) for t in (ke, ve))
+            dke, dve = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
                 d_l_sums[pair.q, pair.k_global] = chunk_backward(
                     rows(q, pair.q, c), rows(ke, pair.k, c), rows(ve, pair.k, c),
@@ -106,25 +111,28 @@ class _StickBreakingContextParallel(torch.autograd.Function):
                     rows(self_dot, pair.q, c),
                     (rows(dq, pair.q, c), rows(dke, pair.k, c), rows(dve, pair.k, c)),
                     scale=scale, causal=pair.diagonal, compiled=compiled)
-            return [reduce_kv_heads(dke, kv_heads), reduce_kv_heads(dve, kv_heads)]
+            fold_expanded(acc, grads)
 
-        dk, dv = cp.ring([k, v], pair_pass)
+        kv_grads = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
+                                               for t in (k, v)])
+        dv = kv_grads.pop()
         farther = d_l_sums.cumsum(1) - d_l_sums  # B[Q, K] = Σ_{K' < K}
 
-        def correction_pass(owner: int, kv: list[torch.Tensor]) -> list[torch.Tensor]:
+        def correction_pass(owner: int, kv: list[torch.Tensor],
+                            acc: list[torch.Tensor]) -> None:
             ke = expand_kv(kv[0], h)
-            dke = torch.zeros(ke.shape, dtype=work, device=ke.device)
+            (dke,) = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
                 chunk_correction(rows(q, pair.q, c), rows(ke, pair.k, c),
                                  farther[pair.q, pair.k_global],
                                  (rows(dq, pair.q, c), rows(dke, pair.k, c)),
                                  scale=scale, causal=pair.diagonal)
-            return [reduce_kv_heads(dke, kv_heads)]
+            fold_expanded(acc, grads)
 
-        (dk_b,) = cp.ring([k], correction_pass)
+        (dk,) = cp.ring([k], correction_pass, kv_grads)  # comes back with the B terms
         # The remainder's own value: d v_i += (1 − Σ_j A_ij) dO_i.
         dv = dv + reduce_kv_heads((1 - mass)[..., None] * d_out, kv_heads)
-        return dq.to(dtype), (dk + dk_b).to(dtype), dv.to(dtype), None, None, None
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None, None
 
 
 def stickbreaking_attention_context_parallel(q: torch.Tensor, k: torch.Tensor,
