@@ -150,11 +150,14 @@ def check_fingerprint(out: Path, fingerprint: dict, *, force: bool = False) -> N
     path = out / FINGERPRINT
     if path.exists():
         old = json.loads(path.read_text())
-        if "packing" not in old and not has_manifest(out):
-            raise PrepError(f"data.shards: {out} holds an unfinished prep by an older version, "
-                            "which packed across input files; delete the directory and re-run")
-        if {**old, "packing": PACKING} != fingerprint:
-            changed = sorted(k for k in fingerprint if old.get(k) != fingerprint[k])
+        if "packing" in fingerprint and "packing" not in old:  # a text prep before PACKING
+            if not has_manifest(out):
+                raise PrepError(f"data.shards: {out} holds an unfinished prep by an older "
+                                "version, which packed across input files; delete the "
+                                "directory and re-run")
+            old = {**old, "packing": fingerprint["packing"]}  # finished: its shards stand
+        if old != fingerprint:
+            changed = sorted(k for k in {*old, *fingerprint} if old.get(k) != fingerprint.get(k))
             raise PrepError(
                 f"data.shards: {out} holds shards prepared from other inputs (changed: "
                 f"{changed}); point data.shards at another directory or delete this one"
