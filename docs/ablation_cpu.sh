@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The CPU-scale PE ablation of docs/results.md, from a fresh clone (after
-# `launch/bootstrap.sh test --co -q` or the demo has made .venv). Stages run one after another:
-#   docs/ablation_cpu.sh lm        # demo model, 5 PEs x 2 seeds, perplexity to 16x + passkey
+# The CoPE paper's tasks of docs/results.md at CPU scale, from a fresh clone (after
+# `launch/bootstrap.sh test --co -q` or the demo has made .venv); the language-modelling rows
+# are the sweep configs/sweeps/pe_ablation_cpu.yaml. Stages run one after another:
 #   docs/ablation_cpu.sh flipflop  # Flip-Flop at reduced size and steps, 5 PEs
 #   docs/ablation_cpu.sh counting  # Counting with 1 variable, reduced, 5 PEs
 #   docs/ablation_cpu.sh report    # tables and plots into docs/results/
@@ -12,7 +12,7 @@ CM=".venv/bin/python -m cope_megatron"
 OUT=${OUT:-runs/ablation}
 PES=${PES:-"nope learned rope alibi cope"}
 COMMON="logging.wandb=disabled logging.progress=false"
-stage=${1:?usage: docs/ablation_cpu.sh lm|flipflop|counting|report}
+stage=${1:?usage: docs/ablation_cpu.sh flipflop|counting|report}
 SEEDS=${SEEDS:-default}  # task runs' train.seed; "default": the config's (1234)
 task() {  # task NAME CONFIG-AND-OVERRIDES: prep once, then one run per PE and seed
   local name=$1; shift
@@ -24,12 +24,6 @@ task() {  # task NAME CONFIG-AND-OVERRIDES: prep once, then one run per PE and s
   done; done
 }
 case "$stage" in
-  lm)
-    for seed in 1 2; do for pe in $PES; do
-      dir=$OUT/lm-$pe-s$seed
-      [ -f "$dir/eval.json" ] || $CM train configs/demo.yaml configs/pe/$pe.yaml \
-        train.seed=$seed run.dir=$dir $COMMON
-    done; done ;;
   flipflop)
     # The paper's task and batch; a smaller model (2 layers, dim 128), 800 of 10K steps.
     task flipflop configs/tasks/flipflop.yaml task.train_samples=12800 model.num_layers=2 \
@@ -40,7 +34,6 @@ case "$stage" in
       train.micro_batch_size=16 train.steps=300 train.lr=1.0e-3 train.min_lr=1.0e-4 \
       train.warmup_steps=50 ;;
   report)
-    $CM report $OUT/lm-* --out docs/results/lm
     $CM report $OUT/flipflop-* --out docs/results/flipflop
     $CM report $OUT/counting-* --out docs/results/counting ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
