@@ -82,7 +82,9 @@ def far_keys(q, k, shift, f_keys, own_key_norm, *, scale: float) -> int:
     logit_ij − lse_i ≤ logit_ij − logit_ii ≤ scale·|q_i|(|k_j| + |k_i|) + shift − F_j
     (F_i ≤ shift). ``own_key_norm`` [b, h]: the largest |k_i| of the rows' own keys."""
     finfo = torch.finfo(f_keys.dtype)
-    floor = math.log(finfo.tiny * finfo.eps) - 8  # below the smallest subnormal, with margin
+    # log(tiny·eps), the smallest subnormal, with margin; as a sum of logs, since the
+    # product itself is subnormal and a process that flushes subnormals makes it 0.
+    floor = math.log(finfo.tiny) + math.log(finfo.eps) - 8
     q_norm = q.to(f_keys.dtype).norm(dim=-1).amax(-1)[..., None]
     bound = (scale * q_norm * (k.to(f_keys.dtype).norm(dim=-1) + own_key_norm[..., None])
              + shift[..., None] - f_keys)
