@@ -80,6 +80,21 @@ def test_beam_search_reorders_the_cache(pe):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pe", ["fox", "cope"])
+def test_a_cropped_cache_continues_as_a_shorter_prompt(pe):
+    """``crop`` (generate's rollback, assisted decoding) drops the last tokens' keys and
+    FoX's gates with them."""
+    model = tiny_model(pe=pe)
+    tokens = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cache = model(tokens[:, :8], use_cache=True).cache
+        cache.crop(-2)
+        assert cache.get_seq_length() == 6
+        resumed = model(tokens[:, 6:7], cache=cache, use_cache=True).logits
+        whole = model(tokens[:, :7]).logits[:, -1:]
+    torch.testing.assert_close(resumed, whole, rtol=1e-5, atol=1e-5)
+
+
 def test_cache_is_used_where_it_is_exact_and_dropped_where_not():
     from cope_megatron.hf.kv_cache import generation_inputs
 

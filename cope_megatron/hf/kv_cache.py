@@ -60,8 +60,11 @@ class CopeMegatronCache(DynamicCache):
         self._gates_become(lambda g: g.index_select(0, beam_idx.to(g.device)))
 
     def crop(self, tokens_to_remove: int) -> None:
+        # transformers passes minus the count (and once passed a final length): whatever it
+        # means, the gates follow the keys the parent kept.
         super().crop(tokens_to_remove)
-        self._gates_become(lambda g: g[..., :g.shape[-1] - tokens_to_remove])
+        self.gates = {layer: g[..., :self.get_seq_length(layer)]
+                      for layer, g in self.gates.items()}
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
