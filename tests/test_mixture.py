@@ -216,6 +216,11 @@ def test_bad_weights_and_names_are_refused_naming_the_entry(sources, entries, ma
         validate(base(mixture))
 
 
+def test_a_run_wide_url_prefix_is_refused_beside_a_mixture(sources):
+    with pytest.raises(ConfigError, match=r"^data\.url_prefix: with data\.mixture"):
+        validate(base(sources, **{"data.url_prefix": "https://host/dir/"}))
+
+
 def test_bad_sources_are_refused_naming_the_entry(sources, tmp_path):
     with pytest.raises(ConfigError, match=r"^data\.shards: .*first source"):
         validate(base(sources, **{"data.shards": "elsewhere"}))

@@ -148,6 +148,9 @@ def _check_mixture(d: DataConfig) -> None:
         if labels[i] in labels[:i]:
             _fail(f"data.mixture[{i}] ({labels[i]})", "another source has the same name; "
                   "give each source its own name")
+    if d.mixture and d.url_prefix is not None:
+        _fail("data.url_prefix", "with data.mixture each source is read from its own "
+              "manifest's url_prefix; set it there (in each source's manifest.json) instead")
     if d.mixture and d.shards != d.mixture[0].shards:
         _fail("data.shards", f"{d.shards!r}, but with data.mixture the run's data set is the "
               f"first source, {d.mixture[0].shards!r}; leave data.shards unset or set it to "
