@@ -160,12 +160,18 @@ def test_loader_state_records_each_sources_position_and_refuses_another_mixture(
                                                Schedule.of(WEIGHTS, 3).counts(40)))
     assert sum(state["source_samples"].values()) == 40
     assert ResumableLoader.check_state(state, loader.spec, mixture_of(sources)) == 5
+    scaled = [MixtureSource(shards=s.shards, weight=3 * s.weight, name=s.name)
+              for s in sources]  # the same shares: the same order
+    assert ResumableLoader.check_state(state, loader.spec, mixture_of(scaled)) == 5
     other = [sources[0], MixtureSource(shards=sources[1].shards, weight=0.5, name="small")]
-    with pytest.raises(DataError, match="mixture_weights"):
+    with pytest.raises(DataError, match="mixture_shares"):
         ResumableLoader.check_state(state, loader.spec, mixture_of(other))
-    with pytest.raises(DataError, match="mixture_weights"):  # a single-source checkpoint
-        ResumableLoader.check_state({**state, "mixture_weights": None}, loader.spec,
+    with pytest.raises(DataError, match="mixture_shares"):  # a single-source checkpoint
+        ResumableLoader.check_state({**state, "mixture_shares": None}, loader.spec,
                                     mixture_of(sources))
+    moved = {**state, "source_samples": {"big": 39, "small": 1}}
+    with pytest.raises(DataError, match="mixture schedule draws"):
+        ResumableLoader.check_state(moved, loader.spec, mixture_of(sources))
 
 
 def test_training_resumes_mid_mixture_exactly_and_eval_scores_each_source(

@@ -208,7 +208,7 @@ class ResumableLoader:
         state = {"steps": self.steps, "streams": s.num_streams, "global_batch": s.global_batch,
                  "shuffle_buffer": s.shuffle_buffer, "seed": s.seed}
         if self.mixture:
-            state["mixture_weights"] = list(self.mixture.weights)
+            state["mixture_shares"] = self.mixture.shares
             state["source_samples"] = self.source_samples()
         return state
 
@@ -218,7 +218,7 @@ class ResumableLoader:
         with the same global batch continues it)."""
         now = {"streams": spec.num_streams, "global_batch": spec.global_batch,
                "shuffle_buffer": spec.shuffle_buffer, "seed": spec.seed,
-               "mixture_weights": list(mixture.weights) if mixture else None}
+               "mixture_shares": mixture.shares if mixture else None}
         for key, value in now.items():
             if state.get(key) != value:
                 raise DataError(
@@ -226,4 +226,11 @@ class ResumableLoader:
                     f"has {value}; resume with the same setting (data.streams, the global "
                     "batch = micro batch × accumulation × data-parallel size, "
                     "data.shuffle_buffer, train.seed, data.mixture) to continue exactly")
+        if mixture:  # the schedule itself (this code's) must place the sources as it did
+            drawn = mixture.schedule(spec.seed).counts(state["steps"] * spec.global_batch)
+            if list(state["source_samples"].values()) != drawn:
+                raise DataError(
+                    f"the checkpoint had drawn {state['source_samples']} samples per source "
+                    f"by step {state['steps']}, but this code's mixture schedule draws "
+                    f"{drawn}; resume with the version that wrote the checkpoint")
         return state["steps"]

@@ -118,6 +118,12 @@ class Mixture:
         """Each source's stream spec: ``spec``'s layout (the run's) on the source's shards."""
         return [dataclasses.replace(spec, shards=shards) for shards in self.shards]
 
+    @property
+    def shares(self) -> list[float]:
+        """Each source's share of the samples: what the schedule depends on (weights 1, 1
+        and 2, 2 draw the same order)."""
+        return [w / sum(self.weights) for w in self.weights]
+
     def schedule(self, seed: int) -> Schedule:
         return Schedule.of(self.weights, seed)
 
