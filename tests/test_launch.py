@@ -276,6 +276,10 @@ def test_sweep_variants_set_several_keys_and_cross_the_other_axes(tmp_path):
                     "overrides: {pe.rope_scaling.type: yarn}}}\n")
     evaluated = [run.name for run in runs(load_spec(path)) if run.of is not None]
     assert evaluated == ["pe-rope_seed-1_yarn", "vt_pe-rope_seed-1_yarn"]
+    path.write_text(path.read_text().replace("variants: [vt]", "variants: [vt, rope_ssmax]")
+                    .replace("rope_ssmax: {model.pe: rope}", "rope_ssmax: {model.pe: alibi}"))
+    with pytest.raises(ConfigError, match=r"evaluations.yarn: variants \['rope_ssmax'\]"):
+        runs(load_spec(path))
     path.write_text("name: s\nout: out\nbase: []\naxes: {train.seed: [1]}\n"
                     "evaluations: {e: {of: {}, overrides: {}, variants: [nope]}}\n")
     with pytest.raises(ConfigError, match="evaluations.e must be"):

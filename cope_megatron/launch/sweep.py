@@ -157,6 +157,11 @@ def runs(spec: SweepSpec) -> list[Run]:
     for variant, spec_of in spec.evaluations.items():
         changes = [f"{k}={_value(v)}" for k, v in spec_of["overrides"].items()]
         applies = {None, *spec_of.get("variants", [])}
+        matched = {kind for point, kind in zip(points, kinds)
+                   if all(point.get(k) == _value(v) for k, v in spec_of["of"].items())}
+        if missed := sorted(set(spec_of.get("variants", [])) - matched):
+            raise ConfigError(f"evaluations.{variant}: variants {missed} have no run with "
+                              f"{spec_of['of']}; name only variants it applies to")
         for run, point, kind in zip(trained, points, kinds):
             if kind in applies and all(point.get(k) == _value(v)
                                        for k, v in spec_of["of"].items()):
