@@ -149,3 +149,16 @@ def test_slurm_example_chains_set_up_array_and_merge(tmp_path):
         "job0 after none", prep,
         "job1 after afterok:job0", *(f"{prep} --part {i}" for i in range(3)),
         "job2 after afterok:job1", f"{prep} --merge"]
+
+
+def test_set_up_refuses_shards_an_interrupted_one_node_prep_left(inputs, tmp_path):
+    """The merge names its tail shards as a one-node prep does: a leftover would be taken
+    for one, its bytes recorded with the tail's sample count."""
+    _, data = inputs
+    out = tmp_path / "spread"
+    spread = data.__class__(**{**{f: getattr(data, f) for f in data.__slots__},
+                               "shards": str(out)})
+    parts.setup(spread, seq_len=SEQ, seed=SEED, parts=3)  # the same fingerprint as prep's
+    (out / "train-000000.tar").write_bytes(b"left by an interrupted one-node prep")
+    with pytest.raises(PrepError, match=r"holds shards of an earlier prep \(train-000000.tar"):
+        parts.setup(spread, seq_len=SEQ, seed=SEED, parts=3)

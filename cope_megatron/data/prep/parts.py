@@ -75,6 +75,11 @@ def setup(data: DataConfig, *, seq_len: int, seed: int, parts: int,
     check_has_text(files, data.text_field, data.decode_errors)
     out.mkdir(parents=True, exist_ok=True)
     check_fingerprint(out, fingerprint, force=force)
+    # The merge writes the tails' shards under a one-node prep's names: shards an
+    # interrupted one-node prep left here would be taken for them.
+    if (stale := sorted(p.name for p in out.glob("*.tar*"))) and not has_manifest(out):
+        raise PrepError(f"data.shards: {out} holds shards of an earlier prep ({stale[0]}, ...); "
+                        "delete them, or prep in parts into another data.shards")
     return place_tokenizer(data, files, out)
 
 
