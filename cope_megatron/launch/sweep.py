@@ -8,10 +8,10 @@ the first stopped.
     overrides: {train.steps: 30}              # shared by every run
     axes: {model.pe: [rope, cope], train.seed: [1, 2]}   # any config key; the product
     variants:                                 # more trained runs, each setting several keys,
-      cope_ssmax: {model.pe: cope, pe.length_scale.type: learned}   # times the other axes
+      rope_ssmax: {model.pe: rope, pe.length_scale.type: learned}   # times the other axes
     evaluations:                              # evaluation-time variants, no training:
       yarn: {of: {model.pe: rope}, overrides: {pe.rope_scaling.type: yarn},
-             variants: [cope_ssmax]}          # optional: these variants' runs as well
+             variants: [rope_ssmax]}          # optional: these variants' runs as well
     nodes: 1                                  # per run (SLURM), and processes per node
     gpus_per_node: 1
     sbatch: [--time=04:00:00, --partition=gpu]           # extra sbatch arguments
@@ -135,36 +135,37 @@ def runs(spec: SweepSpec) -> list[Run]:
     runs whose values match its ``of``, and those of the variants it names that do."""
     keys = list(spec.axes)
     shared = [f"{k}={_value(v)}" for k, v in spec.overrides.items()]
-    out, points, kinds = [], [], []  # per trained run: its axis values, its variant
-    for values in itertools.product(*spec.axes.values()):
-        name = "_".join(f"{k.rsplit('.', 1)[-1]}-{_value(v)}" for k, v in zip(keys, values))
+    out, points, kinds = [], [], []  # per trained run: its values, its variant
+
+    def add(name: str, kind: str | None, pairs) -> None:
         run_dir = Path(spec.out) / name
-        point = [f"{k}={_value(v)}" for k, v in zip(keys, values)]
-        out.append(Run(name, run_dir, [*spec.base, *shared, *point, f"run.dir={run_dir}"]))
-        points.append(dict(zip(keys, map(_value, values))))
-        kinds.append(None)
+        point = {k: _value(v) for k, v in pairs}
+        out.append(Run(name, run_dir, [*spec.base, *shared,
+                                       *(f"{k}={v}" for k, v in point.items()),
+                                       f"run.dir={run_dir}"]))
+        points.append(point)
+        kinds.append(kind)
+
+    for values in itertools.product(*spec.axes.values()):
+        add("_".join(f"{k.rsplit('.', 1)[-1]}-{_value(v)}" for k, v in zip(keys, values)),
+            None, zip(keys, values))
     for variant, sets in spec.variants.items():
         rest = [k for k in keys if k not in sets]
         for values in itertools.product(*(spec.axes[k] for k in rest)):
-            name = "_".join([variant, *(f"{k.rsplit('.', 1)[-1]}-{_value(v)}"
-                                        for k, v in zip(rest, values))])
-            run_dir = Path(spec.out) / name
-            point = [f"{k}={_value(v)}" for k, v in [*sets.items(), *zip(rest, values)]]
-            out.append(Run(name, run_dir, [*spec.base, *shared, *point, f"run.dir={run_dir}"]))
-            points.append({k: _value(v) for k, v in [*sets.items(), *zip(rest, values)]})
-            kinds.append(variant)
+            add("_".join([variant, *(f"{k.rsplit('.', 1)[-1]}-{_value(v)}"
+                                     for k, v in zip(rest, values))]),
+                variant, [*sets.items(), *zip(rest, values)])
     trained = list(out)
     for variant, spec_of in spec.evaluations.items():
         changes = [f"{k}={_value(v)}" for k, v in spec_of["overrides"].items()]
-        applies = {None, *spec_of.get("variants", [])}
-        matched = {kind for point, kind in zip(points, kinds)
-                   if all(point.get(k) == _value(v) for k, v in spec_of["of"].items())}
-        if missed := sorted(set(spec_of.get("variants", [])) - matched):
+        named = spec_of.get("variants", [])
+        matching = [(run, kind) for run, point, kind in zip(trained, points, kinds)
+                    if all(point.get(k) == _value(v) for k, v in spec_of["of"].items())]
+        if missed := sorted(set(named) - {kind for _, kind in matching}):
             raise ConfigError(f"evaluations.{variant}: variants {missed} have no run with "
                               f"{spec_of['of']}; name only variants it applies to")
-        for run, point, kind in zip(trained, points, kinds):
-            if kind in applies and all(point.get(k) == _value(v)
-                                       for k, v in spec_of["of"].items()):
+        for run, kind in matching:
+            if kind is None or kind in named:
                 run_dir = Path(spec.out) / f"{run.name}_{variant}"
                 out.append(Run(f"{run.name}_{variant}", run_dir,
                                [*run.overrides[:-1], *changes, f"run.dir={run_dir}"], of=run))
