@@ -106,6 +106,13 @@ class Schedule:
         return [hi - lo for lo, hi in zip(below, below[1:])]
 
 
+def shares(weights) -> list[float]:
+    """Each source's share of the samples: what the schedule depends on (weights 1, 1 and
+    2, 2 draw the same order)."""
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
 @dataclass(frozen=True)
 class Mixture:
     """Each source's name, weight and training shards."""
@@ -120,9 +127,7 @@ class Mixture:
 
     @property
     def shares(self) -> list[float]:
-        """Each source's share of the samples: what the schedule depends on (weights 1, 1
-        and 2, 2 draw the same order)."""
-        return [w / sum(self.weights) for w in self.weights]
+        return shares(self.weights)
 
     def schedule(self, seed: int) -> Schedule:
         return Schedule.of(self.weights, seed)
@@ -188,6 +193,5 @@ def mixture_of(entries: list[MixtureSource], split: str = "train") -> Mixture:
 def mixture_identity(entries: list[MixtureSource]) -> list[str]:
     """What a resume compares: each source's share of the samples and its shards'
     fingerprint, in order (the paths and names may change, as ``data.shards`` may)."""
-    total = sum(e.weight for e in entries)
-    return [f"{e.weight / total!r} × {identity(read_manifest(e.shards))['shards_fingerprint']}"
-            for e in entries]
+    return [f"{share!r} × {identity(read_manifest(e.shards))['shards_fingerprint']}"
+            for share, e in zip(shares([e.weight for e in entries]), entries)]
