@@ -312,3 +312,10 @@ def train_bpe(texts: list[str], path: Path, vocab_size: int = 400,
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
+
+
+def local_task_yaml(name: str, data: Path, body: str) -> str:
+    """An lm-evaluation-harness task over a local JSONL file's docs (runs offline); ``body``
+    gives its output type, prompts and metric."""
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {data}\ntest_split: test\n{body}")

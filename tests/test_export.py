@@ -14,7 +14,7 @@ import torch
 
 from cope_megatron.config import load_config
 from cope_megatron.pe import REGISTRY, model_pe
-from tests.helpers import Ours, cli_in_ranks, debug_overrides
+from tests.helpers import Ours, cli_in_ranks, debug_overrides, local_task_yaml
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,16 +117,10 @@ def test_tensor_parallel_checkpoint_exports_the_model_tp1_trains(prepared, tmp_p
         torch.testing.assert_close(two[key], one[key], rtol=0, atol=1e-4, msg=key)
 
 
-TINY_TASK = """task: tiny_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
+TINY_TASK = """output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
 metric_list:
   - metric: acc
 """
@@ -155,7 +149,8 @@ def test_local_harness_task_runs_offline_and_reaches_the_report(prepared, tmp_pa
     docs = [{"question": f"Word {i}: another know while", "choices": ["last", "great old"],
              "answer": i % 2} for i in range(6)]
     (tasks / "tiny.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tasks / "tiny_local.yaml").write_text(TINY_TASK.format(data=tasks / "tiny.jsonl"))
+    (tasks / "tiny_local.yaml").write_text(local_task_yaml("tiny_local", tasks / "tiny.jsonl",
+                                                            TINY_TASK))
     args.append(f"eval.harness_include={tasks}")
 
     report = run_eval(load_config([*args, "eval.harness_tasks=[tiny_local]"]))

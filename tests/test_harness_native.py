@@ -11,45 +11,27 @@ import pytest
 import torch
 
 from cope_megatron.config import load_config
-from tests.helpers import debug_overrides, forked_ranks
+from tests.helpers import debug_overrides, forked_ranks, local_task_yaml
 
 pytest.importorskip("lm_eval")
 
-CHOICE = """task: tiny_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
+CHOICE = """output_type: multiple_choice
+doc_to_text: "{{question}}"
+doc_to_choice: "{{choices}}"
+doc_to_target: "{{answer}}"
 target_delimiter: ""
 metric_list:
   - metric: acc
 """
-ROLLING = """task: tiny_rolling
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
+ROLLING = """output_type: loglikelihood_rolling
 doc_to_text: ""
-doc_to_target: "{{{{page}}}}"
+doc_to_target: "{{page}}"
 metric_list:
   - metric: word_perplexity
 """
-GENERATE = """task: tiny_generate
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{choices[0]}}}}"
+GENERATE = """output_type: generate_until
+doc_to_text: "{{question}}"
+doc_to_target: "{{choices[0]}}"
 generation_kwargs:
   until: ["."]
   max_gen_toks: 6
@@ -84,7 +66,7 @@ def write_tasks(root, words: list[str], model_dir) -> None:
             for i, q in enumerate(questions)]
     (root / "tiny.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
     for name, text in zip(TASKS, (CHOICE, ROLLING, GENERATE)):
-        (root / f"{name}.yaml").write_text(text.format(data=root / "tiny.jsonl"))
+        (root / f"{name}.yaml").write_text(local_task_yaml(name, root / "tiny.jsonl", text))
 
 
 def responses(out: dict) -> dict:
