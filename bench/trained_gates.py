@@ -41,7 +41,7 @@ def capture(run_dir: str, seq: int, layer: int) -> dict:
         raise ValueError(f"{run_dir} trained model.pe={cfg.model.pe}; the trained gate regime "
                          "needs a CoPE run")
     env, manifest = start(cfg)
-    engine, _ = restore(cfg, pe, env, manifest["vocab_size"])
+    engine, _ = restore(cfg, pe, env, manifest)
     model = engine.module
     attention = model.decoder.layers[layer].self_attention.core_attention.attention
     got = {}

@@ -42,7 +42,7 @@ def run_eval(cfg: Config) -> dict:
         check_tasks(cfg.eval.harness_tasks, cfg.eval.harness_include)
     env, manifest = start(cfg)
     tag = decided_by_main(lambda: evaluated_tag(cfg))
-    engine, state = restore(cfg, pe, env, manifest["vocab_size"], tag=tag)
+    engine, state = restore(cfg, pe, env, manifest, tag=tag)
     if state is None:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(cfg.run.dir)}; train first")
     runner = evaluator(cfg, engine, env, manifest)

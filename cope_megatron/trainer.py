@@ -110,9 +110,9 @@ class Trainer:
         return resume
 
     def _build(self, resume: Resume, spec: StreamSpec, values: dict) -> None:
-        cfg, vocab = self.cfg, self.manifest["vocab_size"]
+        cfg = self.cfg
         self.record = {"values": values}
-        self.engine, state = restore(cfg, self.pe, self.env, vocab, tag=resume.tag)
+        self.engine, state = restore(cfg, self.pe, self.env, self.manifest, tag=resume.tag)
         if state is not None:
             apply_optimizer_settings(self.engine, cfg)
         self.step = state["step"] if state else 0
@@ -128,9 +128,9 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         if resume.changes:
             self.metrics.note({"step": self.step, "config_change": resume.changes})
-        self.step_metrics = StepMetrics(
-            cfg, flops_per_token(cfg, self.pe, padded_vocab_size(vocab, 1)),
-            self.env.world_size, self.env.dp_size, self.env.device)
+        vocab = padded_vocab_size(self.manifest["vocab_size"], 1)
+        self.step_metrics = StepMetrics(cfg, flops_per_token(cfg, self.pe, vocab),
+                                        self.env.world_size, self.env.dp_size, self.env.device)
         if self.env.is_main and cfg.logging.progress:
             print(self.estimate_summary(), flush=True)
         self.preemption = PreemptionHandler(self._lost)

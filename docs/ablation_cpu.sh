@@ -4,6 +4,7 @@
 # are the sweep configs/sweeps/pe_ablation_cpu.yaml. Stages run one after another:
 #   docs/ablation_cpu.sh flipflop  # Flip-Flop at reduced size and steps, 5 PEs
 #   docs/ablation_cpu.sh counting  # Counting with 1 variable, reduced, 5 PEs
+#   docs/ablation_cpu.sh selective # Selective Copy, the paper's model, 800 of 100K steps
 #   docs/ablation_cpu.sh report    # tables and plots into docs/results/
 # PES and SEEDS choose the rows, e.g. PES="fox stickbreaking" SEEDS="default 2" for CoPE's peers.
 set -euo pipefail
@@ -12,7 +13,7 @@ CM=".venv/bin/python -m cope_megatron"
 OUT=${OUT:-runs/ablation}
 PES=${PES:-"nope learned rope alibi cope"}
 COMMON="logging.wandb=disabled logging.progress=false"
-stage=${1:?usage: docs/ablation_cpu.sh flipflop|counting|report}
+stage=${1:?usage: docs/ablation_cpu.sh flipflop|counting|selective|report}
 SEEDS=${SEEDS:-default}  # task runs' train.seed; "default": the config's (1234)
 task() {  # task NAME CONFIG-AND-OVERRIDES: prep once, then one run per PE and seed
   local name=$1; shift
@@ -33,8 +34,13 @@ case "$stage" in
     task counting configs/tasks/counting.yaml model.num_layers=2 model.hidden_size=128 \
       train.micro_batch_size=16 train.steps=300 train.lr=1.0e-3 train.min_lr=1.0e-4 \
       train.warmup_steps=50 ;;
+  selective)
+    # The paper's model (2 layers, dim 64, 2 heads) and Flip-Flop's batch; 800 of 100K steps.
+    task selective_copy configs/tasks/selective_copy.yaml task.train_samples=12800 \
+      train.steps=800 train.lr=1.0e-3 train.warmup_steps=50 ;;
   report)
     $CM report $OUT/flipflop-* --out docs/results/flipflop
-    $CM report $OUT/counting-* --out docs/results/counting ;;
+    $CM report $OUT/counting-* --out docs/results/counting
+    $CM report $OUT/selective_copy-* --out docs/results/selective_copy ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -173,6 +173,7 @@ PUBLIC_KEYS = """
     data.val_fraction data.shard_max_bytes data.prep_workers data.tokenizer_sample_bytes
     data.max_docs data.num_workers data.streams data.shuffle_buffer data.on_error
     data.verify data.decode_errors data.max_line_chars data.eos_token data.pad_token
+    data.document_boundaries
     data.join_rows data.join_rows_n data.url_prefix data.url_suffix data.url_retries
     data.url_backoff_s task.name
     task.seed task.train_samples task.test_samples task.variables task.files train.steps

@@ -93,7 +93,7 @@ def native_responses(args: list[str], include: str, out: str) -> None:
     pe = check(cfg, world_size_from_env())
     env, manifest = start(cfg)
     try:
-        engine, _ = restore(cfg, pe, env, manifest["vocab_size"])
+        engine, _ = restore(cfg, pe, env, manifest)
         ctx = EvalContext.of_run(cfg, engine, manifest, env.device, env.dp_rank, env.dp_size)
         lm = NativeLM(ctx, batch_size=4, max_length=cfg.model.seq_length)
         with eval_mode(engine):

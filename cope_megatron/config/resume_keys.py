@@ -47,6 +47,7 @@ _TABLE: dict[str, str] = {
     "data.shuffle_buffer": REFUSED,
     "train.seed": REFUSED,
     "train.precision": REFUSED,
+    "data.document_boundaries": REFUSED,  # what attention sees: the function trained
     # Prep settings: what the data is is compared by its identity above, not by them.
     "data.corpus": ALLOWED, "data.cache_dir": ALLOWED, "data.shards": ALLOWED,
     "data.mixture": ALLOWED,  # where its sources lie and their names; compared above

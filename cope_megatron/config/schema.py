@@ -166,6 +166,11 @@ class DataConfig:
     <|eos|> it has)."""
     pad_token: str | None = None
     """The padding token the export declares; None: the tokenizer's own, if any."""
+    document_boundaries: bool = False
+    """Attention stays within each packed document and positions restart at its first
+    token (the one after each end-of-document token prep writes): every token gets the
+    loss it would have with its document alone (cope_megatron/model/documents.py). Off:
+    attention runs across the documents of a sample, as most pretraining does."""
     join_rows: Literal["none", "heading", "every_n"] = "none"
     """Parquet/Arrow rows are documents (none), or lines joined into documents: a new one at
     each top-level `` = Title = `` row (heading: WikiText-103), or every data.join_rows_n

@@ -12,15 +12,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from cope_megatron.model.gpt import shifted_batch
+from cope_megatron.model.gpt import model_batch, run_model
 
 
 def answer_errors(model: torch.nn.Module, tokens: torch.Tensor,
                   mask: torch.Tensor) -> torch.Tensor:
     """Per sample, how many masked positions' argmax is not the next token (summed over
     CP ranks; vocabulary shards compared across TP ranks)."""
-    batch = shifted_batch(tokens, mask=mask)
-    logits = model(batch["input_ids"], batch["position_ids"], None).float()  # [b, s, v/TP]
+    batch = model_batch(model, tokens, mask=mask)
+    logits = run_model(model, batch).float()  # [b, s, v/TP]
     best = logits.max(-1).values
     tp = parallel_state.get_tensor_model_parallel_group()
     dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tp)

@@ -37,7 +37,7 @@ from megatron.core import parallel_state
 from cope_megatron.config import ConfigError
 from cope_megatron.eval.context import EvalContext
 from cope_megatron.eval.ruler.decode import argmax_ids, vocab_argmax
-from cope_megatron.model.gpt import eval_mode, max_positions, shifted_batch
+from cope_megatron.model.gpt import eval_mode, max_positions, model_batch, run_model
 
 _STOP = "stop"
 
@@ -156,8 +156,9 @@ class NativeLM(TemplateLM):
         out = torch.zeros(len(rows), 2, dtype=torch.float64, device=self.ctx.device)
         for offset, batch in self._shares(rows):
             lengths = [len(seq) for seq, _ in batch]
-            b = shifted_batch(self._padded([seq for seq, _ in batch], max(lengths)))
-            logits = self.ctx.model(b["input_ids"], b["position_ids"], None).float()
+            b = model_batch(self.ctx.model,
+                            self._padded([seq for seq, _ in batch], max(lengths)))
+            logits = run_model(self.ctx.model, b).float()
             logprob = _vocab_parallel_logprob(logits, b["labels"])
             missed = vocab_argmax(logits) != b["labels"]
             # Continuation token t is predicted at position t − 1.

@@ -4,8 +4,8 @@ attention on [b, heads, s, d], and [s, b, heads·d] out.
 Every PE goes through this one module, so layout conversions live in one place. Under
 context parallelism the tensors hold this rank's two sequence chunks (head and tail) and
 the PE's attention gets the CP group to exchange keys and values over. A length-scaled
-softmax (``pe.length_scale``) scales the queries here, at their global positions, so it
-composes with every PE.
+softmax (``pe.length_scale``) scales the queries here, at their global positions (within
+their document, with ``model.documents``' boundaries), so it composes with every PE.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from cope_megatron.config import PEConfig
+from cope_megatron.model.documents import documents
 from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.pe.base import AttentionShape, PositionEncoding
 from cope_megatron.pe.length_scale import LengthScale
@@ -73,18 +74,46 @@ class PECoreAttention(MegatronModule):
                              "model.token_gate)")
         # [s, b, h, d] -> [b, h, s, d]; gate logits [s, b, h] -> [b, h, s]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        gate = attention_bias.permute(1, 2, 0) if self.token_gate else None
+        starts = attention_mask  # document starts [b, S] (``model.documents``) or None
+        if starts is not None and self.cp is None:
+            out = self._per_document(q, k, v, gate, starts)
+        else:
+            positions = self._positions(q.shape[2], q.device)
+            if starts is not None:
+                positions = positions - starts[:, positions]
+            out = self._attend(q, k, v, gate, positions, starts)
+        b, h, s, d = out.shape
+        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+    def _attend(self, q, k, v, gate, positions: torch.Tensor,
+                starts: torch.Tensor | None = None) -> torch.Tensor:
+        """The PE's attention on [b, h, s, d] at ``positions`` (for the length scale)."""
         if self.length_scale is not None:
-            q = self.length_scale(q, self._positions(q.shape[2], q.device))
-        extra = {"gate": attention_bias.permute(1, 2, 0)} if self.token_gate else {}
+            q = self.length_scale(q, positions)
+        extra = {"gate": gate} if self.token_gate else {}
+        if starts is not None:
+            extra["starts"] = starts
         if self.training and self.dropout > 0 and not self.sequence_parallel:
             # Heads differ per TP rank, so dropout draws from the TP-rank stream (as
             # Megatron's DotProductAttention does).
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                out = self.attention(q, k, v, self.cp, **extra)
-        else:
-            out = self.attention(q, k, v, self.cp, **extra)
-        b, h, s, d = out.shape
-        return out.permute(2, 0, 1, 3).reshape(s, b, h * d)
+                return self.attention(q, k, v, self.cp, **extra)
+        return self.attention(q, k, v, self.cp, **extra)
+
+    def _per_document(self, q, k, v, gate, starts: torch.Tensor) -> torch.Tensor:
+        """One process with document boundaries: each document of each sample on its own,
+        as the varlen attention kernels do; exact for every PE, whatever its op."""
+        rows = []
+        for i in range(q.shape[0]):
+            parts = []
+            for a, e in documents(starts[i]):
+                one = (slice(i, i + 1), slice(None), slice(a, e))
+                parts.append(self._attend(
+                    q[one], k[one], v[one], None if gate is None else gate[one],
+                    torch.arange(e - a, device=q.device)))
+            rows.append(torch.cat(parts, dim=2))
+        return torch.cat(rows, dim=0)
 
     def _positions(self, s: int, device: torch.device) -> torch.Tensor:
         """Global positions of this rank's ``s`` tokens (under CP: its two chunks)."""

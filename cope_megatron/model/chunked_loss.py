@@ -13,11 +13,12 @@ parameter gathering (hooked on the output layer) work as in the unfused model.
 from __future__ import annotations
 
 import torch
-from megatron.core.models.gpt import GPTModel
 from torch.utils.checkpoint import checkpoint
 
+from cope_megatron.model.documents import DocumentAwareGPT
 
-class ChunkedLossGPT(GPTModel):
+
+class ChunkedLossGPT(DocumentAwareGPT):
     """GPTModel whose loss runs over chunks of ``chunk_tokens`` tokens (with sequence
     parallelism: tokens after the output layer's gather over TP ranks)."""
 

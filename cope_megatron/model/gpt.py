@@ -13,6 +13,7 @@ from megatron.core.utils import get_batch_on_this_cp_rank
 from cope_megatron.config import Config, padded_vocab_size
 from cope_megatron.model import fusions
 from cope_megatron.model.chunked_loss import ChunkedLossGPT
+from cope_megatron.model.documents import DocumentAwareGPT, document_starts
 from cope_megatron.model.layer_spec import get_layer_spec
 from cope_megatron.pe import ModelPE
 from cope_megatron.pe.rope_scaling import gpt_position_embedding, rotary_embedding, set_yarn_fields
@@ -58,12 +59,15 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
-def build_gpt(cfg: Config, pe: ModelPE, vocab_size: int) -> GPTModel:
+def build_gpt(cfg: Config, pe: ModelPE, vocab_size: int,
+              document_eos: int | None = None) -> GPTModel:
     """The GPT for ``cfg`` with ``pe`` (``cfg.model.pe`` resolved) on the current device;
-    call after ``init_distributed``; with the fusions ``cfg.fusion`` turns on there."""
+    call after ``init_distributed``; with the fusions ``cfg.fusion`` turns on there.
+    ``document_eos``: attention stays within documents, which end with this token
+    (``model.documents.document_eos``)."""
     device = fusions.device_type()
     chunked = fusions.enabled(cfg.fusion, "cross_entropy", device)
-    model_cls = ChunkedLossGPT if chunked else GPTModel
+    model_cls = ChunkedLossGPT if chunked else DocumentAwareGPT
     extra = {"chunk_tokens": cfg.fusion.chunk_tokens} if chunked else {}
     config = transformer_config(cfg)
     position_embedding = gpt_position_embedding(cfg, pe)
@@ -85,6 +89,7 @@ def build_gpt(cfg: Config, pe: ModelPE, vocab_size: int) -> GPTModel:
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         model.embedding.position_embeddings = pe.position_embedding(cfg.model.hidden_size, dtype)
     model.max_positions = None if pe.extrapolates else cfg.model.seq_length
+    model.document_eos = document_eos
     if fusions.enabled(cfg.fusion, "layers", device):
         fusions.compile_layers(model)
     return model
@@ -94,15 +99,33 @@ class BeyondTrainingLengthError(ValueError):
     """The PE has no representation for positions past its training length."""
 
 
-def shifted_batch(tokens: torch.Tensor, **extra: torch.Tensor | None) -> dict:
+def shifted_batch(tokens: torch.Tensor, eos_id: int | None = None,
+                  **extra: torch.Tensor | None) -> dict:
     """Inputs, global position ids, next-token labels (and ``extra`` [b, s] tensors) of
     packed samples ``tokens`` [b, s + 1]: [b, s] each, or this rank's [b, s / CP] under
     context parallelism (Megatron's head-tail split, after the shift, so position ids stay
-    global)."""
+    global); and ``starts``: with ``eos_id``, each input token's document start [b, s] over
+    the whole sample on every rank (``model.documents``), else None."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     position_ids = torch.arange(inputs.shape[1], device=tokens.device).expand_as(inputs)
-    return get_batch_on_this_cp_rank(  # a no-op without CP
+    batch = get_batch_on_this_cp_rank(  # a no-op without CP
         {"input_ids": inputs, "position_ids": position_ids, "labels": labels, **extra})
+    batch["starts"] = None if eos_id is None else document_starts(inputs, eos_id)
+    return batch
+
+
+def model_batch(model: torch.nn.Module, tokens: torch.Tensor, **extra) -> dict:
+    """``shifted_batch`` for ``model``: with document starts when it was built with them."""
+    return shifted_batch(tokens, document_eos_of(model), **extra)
+
+
+def run_model(model: torch.nn.Module, batch: dict, **kwargs) -> torch.Tensor:
+    """``model`` on a ``shifted_batch``: position ids restart at document starts, which
+    reach core attention as Megatron's attention mask argument."""
+    positions, starts = batch["position_ids"], batch["starts"]
+    if starts is not None:
+        positions = positions - starts.gather(1, positions)
+    return model(batch["input_ids"], positions, starts, **kwargs)
 
 
 def token_losses(model: torch.nn.Module, tokens: torch.Tensor,
@@ -117,8 +140,8 @@ def token_losses(model: torch.nn.Module, tokens: torch.Tensor,
             f"sequence length {seq} exceeds the {limit} positions this position encoding was "
             "trained with (learned absolute embeddings cannot extrapolate)"
         )
-    batch = shifted_batch(tokens, loss_mask=loss_mask)
-    per_token = model(batch["input_ids"], batch["position_ids"], None, labels=batch["labels"])
+    batch = model_batch(model, tokens, loss_mask=loss_mask)
+    per_token = run_model(model, batch, labels=batch["labels"])
     return per_token.float(), batch["loss_mask"]
 
 
@@ -154,3 +177,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 def max_positions(model: torch.nn.Module) -> int | None:
     """The longest sequence the model's PE can represent; None when unbounded."""
     return getattr(getattr(model, "module", model), "max_positions", None)
+
+
+def document_eos_of(model: torch.nn.Module) -> int | None:
+    """The end-of-document token of a model built with document boundaries, else None."""
+    return getattr(getattr(model, "module", model), "document_eos", None)

@@ -8,7 +8,8 @@ A PE touches a GPT in at most three places, each with a do-nothing default:
   encodings;
 - ``attention``: the core attention, on [b, heads, s, head_dim] tensors, where
   logit biases (ALiBi, T5, Kerple, FIRE) and CoPE live. It takes the context-parallel group
-  when the sequence is split over ranks, and hands the exchange to ``ops.context_parallel``;
+  when the sequence is split over ranks, and hands the exchange to ``ops.context_parallel``
+  (with document boundaries, also ``starts``, when its entry has ``cp_documents``);
   with ``token_gate``, also a logit per head and token computed from the layer's input
   (FoX's forget gate), as ``gate`` [b, heads, s].
 
@@ -106,13 +107,15 @@ class CausalAttention(nn.Module):
         return None if table is None else distance_bias(table)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                cp: ContextParallel | None = None) -> torch.Tensor:
-        # q: [b, h, s, d]; k, v: [b, g, s, d] -> [b, h, s, d] (s: this rank's tokens)
+                cp: ContextParallel | None = None, starts: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        # q: [b, h, s, d]; k, v: [b, g, s, d] -> [b, h, s, d] (s: this rank's tokens);
+        # starts: document starts under CP (one process runs each document alone)
         s = q.shape[2]
         if cp is not None:
             bias = self.position_bias(s * cp.size, q.device)
             return ring_attention(q, k, v, cp, softmax_scale=self.shape.softmax_scale,
-                                  bias=bias)
+                                  bias=bias, starts=starts)
         bias = self.position_bias(s, q.device)
         if bias is None:
             return self._sdpa(q, k, v, None)
@@ -183,6 +186,9 @@ class PositionEncoding:
     """fp32 elements per (query, key) pair that computing its bias keeps for backward on
     the materialized path, besides the [heads, s, s] bias itself (FIRE's MLP activations;
     ``estimate.memory`` counts them)."""
+    cp_documents: bool = True
+    """Its context-parallel attention takes document starts (``model.documents``; one
+    process runs each document on its own, whatever the PE)."""
     options: tuple[str, ...] = ()
     """The ``pe.<section>``s it reads: a resume may change the sections that no PE of the
     model reads (``training/resume.py``)."""

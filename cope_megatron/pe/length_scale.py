@@ -29,7 +29,8 @@ def initial_s(options: LengthScaleOptions, train_length: int) -> float:
 
 
 class LengthScale(nn.Module):
-    """Scales queries [b, heads, s, d] at global positions [s] by s_h·ln(position + 1)."""
+    """Scales queries [b, heads, s, d] at positions [s] or [b, s] (global, or within each
+    token's document) by s_h·ln(position + 1)."""
 
     def __init__(self, shape: AttentionShape, options: LengthScaleOptions,
                  train_length: int) -> None:
@@ -44,5 +45,6 @@ class LengthScale(nn.Module):
     def forward(self, q: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # At least fp32 whatever the module's dtype: bf16 rounds positions past 256.
         dtype = torch.promote_types(self.s.dtype, torch.float32)
-        factor = self.s.to(dtype)[:, None] * torch.log1p(positions.to(dtype))  # [heads, s]
-        return q * factor[:, :, None].to(q.dtype)
+        # [heads, s] or [b, heads, s]
+        factor = self.s.to(dtype)[:, None] * torch.log1p(positions.to(dtype)).unsqueeze(-2)
+        return q * factor[..., None].to(q.dtype)

@@ -26,6 +26,7 @@ from cope_megatron.distributed.deepspeed_glue import (
 )
 from cope_megatron.distributed.parallel import DistEnv, replica_group
 from cope_megatron.distributed.sequence_parallel import register_sequence_parallel_grad_hooks
+from cope_megatron.model.documents import document_eos
 from cope_megatron.model.gpt import build_gpt
 from cope_megatron.pe import ModelPE
 from cope_megatron.training.nonfinite import SkipNonFiniteAdamW
@@ -33,10 +34,11 @@ from cope_megatron.training.schedule import lr_at
 
 
 def build_engine(cfg: Config, pe: ModelPE, vocab_size: int,
-                 load_universal: bool = False):
+                 load_universal: bool = False, document_eos: int | None = None):
     """GPT + AdamW + LR schedule wrapped in a DeepSpeed engine (ZeRO per ``zero.stage``);
-    ``load_universal``: the engine will load a universal checkpoint."""
-    model = build_gpt(cfg, pe, vocab_size)
+    ``load_universal``: the engine will load a universal checkpoint; ``document_eos``: see
+    ``build_gpt``."""
+    model = build_gpt(cfg, pe, vocab_size, document_eos)
     model.universal_checkpoint_info = checkpoint_info(model)  # saved with every checkpoint
     if cfg.parallel.sequence:
         register_sequence_parallel_grad_hooks(model)
@@ -88,11 +90,12 @@ def loadable(cfg: Config, env: DistEnv, run_dir: Path, tag: str) -> str:
     return f"{tag}_universal"
 
 
-def restore(cfg: Config, pe: ModelPE, env: DistEnv, vocab_size: int, *,
+def restore(cfg: Config, pe: ModelPE, env: DistEnv, manifest: dict, *,
             tag: str | None = checkpoint.LATEST) -> tuple[object, dict | None]:
-    """The run's engine with checkpoint ``tag`` of ``run.dir`` loaded into it, and that
-    checkpoint's client state; ``tag=None``: no checkpoint (state None); by default, the
-    one ``checkpoint.resumable_tag`` picks (none yet: no checkpoint)."""
+    """The run's engine for the data set of ``manifest``, with checkpoint ``tag`` of
+    ``run.dir`` loaded into it, and that checkpoint's client state; ``tag=None``: no
+    checkpoint (state None); by default, the one ``checkpoint.resumable_tag`` picks (none
+    yet: no checkpoint)."""
     run_dir = Path(cfg.run.dir)
     if tag == checkpoint.LATEST:
         tag, note = checkpoint.resumable_tag(run_dir)
@@ -100,7 +103,8 @@ def restore(cfg: Config, pe: ModelPE, env: DistEnv, vocab_size: int, *,
             print(f"[checkpoint] {note}", flush=True)
     if tag is not None:
         tag = loadable(cfg, env, run_dir, tag)
-    engine = build_engine(cfg, pe, vocab_size,
-                          load_universal=bool(tag and tag.endswith("_universal")))
+    engine = build_engine(cfg, pe, manifest["vocab_size"],
+                          load_universal=bool(tag and tag.endswith("_universal")),
+                          document_eos=document_eos(cfg, manifest))
     state = checkpoint.load(engine, run_dir, tag) if tag else None
     return engine, state

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from cope_megatron.model.gpt import shifted_batch
+from cope_megatron.model.gpt import model_batch, run_model
 
 
 def vocab_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -35,8 +35,8 @@ def vocab_argmax(logits: torch.Tensor) -> torch.Tensor:
 
 def argmax_ids(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """[b, s] argmax next token at each position of ``tokens`` [b, s + 1]'s inputs."""
-    batch = shifted_batch(tokens)
-    logits = model(batch["input_ids"], batch["position_ids"], None).float()  # [b, s/CP, v/TP]
+    batch = model_batch(model, tokens)
+    logits = run_model(model, batch).float()  # [b, s/CP, v/TP]
     index = vocab_argmax(logits)
     ids = torch.zeros(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.int64,
                       device=tokens.device)

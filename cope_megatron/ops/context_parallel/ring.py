@@ -37,6 +37,63 @@ class ChunkPair:
         return self.q_global == self.k_global
 
 
+@dataclass(frozen=True)
+class Part:
+    """Query rows ``rows`` of a pair's chunk against its keys ``keys`` (chunk-local), all in
+    one document whose first token is at global position ``start`` (0 without document
+    boundaries); ``causal``: row r of the part sees its keys up to r (top-left aligned)."""
+
+    rows: slice
+    keys: slice
+    causal: bool
+    start: int = 0
+
+
+def document_parts(pair: ChunkPair, c: int, starts: torch.Tensor | None
+                   ) -> list[tuple[slice, list[Part]]]:
+    """What a pair computes, as (batch rows, parts): the whole pair without document
+    boundaries; with them (``starts`` [b, S]: each token's document start,
+    ``model.documents``), the parts of the pair inside one document, so that a pair's code
+    runs unchanged on each. Documents are contiguous, so a key chunk before the rows' chunk
+    is seen only by the rows of the one document reaching back into it (a prefix of the
+    rows, a suffix of the keys), and the diagonal pair is one causal square per document."""
+    whole = [Part(slice(0, c), slice(0, c), pair.diagonal)]
+    if starts is None:
+        return [(slice(None), whole)]
+    q0, k0 = pair.q_global * c, pair.k_global * c
+    per_row = [_row_parts(row, pair.diagonal, k0, c) for row in starts[:, q0:q0 + c]]
+    if all(parts == per_row[0] for parts in per_row):
+        return [(slice(None), per_row[0])]
+    return [(slice(i, i + 1), parts) for i, parts in enumerate(per_row)]
+
+
+def pair_parts(pair: ChunkPair, c: int, starts: torch.Tensor | None):
+    """Each ``Part`` of ``pair`` (``document_parts``) with the indices of its query rows
+    and of its keys in a rank's [b, h, 2c, ...] tensors (dims batch, head, token)."""
+    for batch, parts in document_parts(pair, c, starts):
+        for part in parts:
+            yield (part, (batch, slice(None), _offset(part.rows, pair.q * c)),
+                   (batch, slice(None), _offset(part.keys, pair.k * c)))
+
+
+def _offset(s: slice, by: int) -> slice:
+    return slice(s.start + by, s.stop + by)
+
+
+def _row_parts(starts: torch.Tensor, diagonal: bool, k0: int, c: int) -> list[Part]:
+    """``document_parts`` of one batch row, given its query chunk's starts [c]."""
+    firsts, counts = (t.tolist() for t in torch.unique_consecutive(starts, return_counts=True))
+    if not diagonal:
+        if firsts[0] >= k0 + c:
+            return []
+        return [Part(slice(0, counts[0]), slice(max(firsts[0] - k0, 0), c), False, firsts[0])]
+    parts, r0 = [], 0
+    for first, n in zip(firsts, counts):
+        parts.append(Part(slice(r0, r0 + n), slice(r0, r0 + n), True, first))
+        r0 += n
+    return parts
+
+
 class ContextParallel:
     """One CP group: its size, this rank's place in it and the chunk layout."""
 

@@ -18,7 +18,8 @@ The bias enters as a function of global positions and the tensors it is computed
 (``ops.position_bias``): each row block's [h, rows, c] bias is computed when needed
 (forward) and recomputed and differentiated in the backward, so no [S, S] bias is ever
 held, and the gradient of those tensors flows on to the PE's parameters through ordinary
-autograd.
+autograd. With document boundaries a pair runs on its parts inside one document
+(``ring.document_parts``), the bias at positions within the document.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import torch
 from cope_megatron.ops.context_parallel.ring import (
     ChunkPair,
     ContextParallel,
+    Part,
     expanded,
     fold_expanded,
-    rows,
+    pair_parts,
 )
 from cope_megatron.ops.fox import default_flash
 from cope_megatron.ops.heads import expand_kv, work_dtype
@@ -43,25 +45,32 @@ q, k, v from a few thousand tokens on."""
 
 
 class _PairBias:
-    """The bias of a pair's row block at global positions, and the causal mask."""
+    """The bias of a part's row block, at positions within its document (global ones
+    without document boundaries), and the causal mask."""
 
     def __init__(self, cp: ContextParallel, c: int, bias: PositionBias,
                  device: torch.device) -> None:
         self.cp, self.c, self.bias, self.device = cp, c, bias, device
 
-    def block(self, pair: ChunkPair, r0: int, r1: int) -> torch.Tensor:
-        """[h, r1 − r0, c]: the bias of the pair's query rows r0…r1−1 against its keys."""
-        q_pos = self.cp.positions(pair.q_global, self.c, self.device)[r0:r1]
-        return self.bias.block(q_pos, self.cp.positions(pair.k_global, self.c, self.device))
+    def positions(self, pair: ChunkPair, part: Part, r0: int, r1: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions of the part's query rows r0…r1−1 (counted within the part) and of its
+        keys."""
+        q_pos = self.cp.positions(pair.q_global, self.c, self.device)[part.rows][r0:r1]
+        k_pos = self.cp.positions(pair.k_global, self.c, self.device)[part.keys]
+        return q_pos - part.start, k_pos - part.start
 
-    def logits(self, q, k, pair: ChunkPair, r0: int, block: torch.Tensor, scale: float
-               ) -> torch.Tensor:
-        """Rows r0… of the pair's scaled, biased and (on the diagonal) masked logits."""
+    def block(self, positions: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """[h, rows, keys]: the bias at ``positions``."""
+        return self.bias.block(*positions)
+
+    def logits(self, q, k, part: Part, positions: tuple[torch.Tensor, torch.Tensor],
+               block: torch.Tensor, scale: float) -> torch.Tensor:
+        """The part's scaled, biased and (when causal) masked logits of rows q."""
         logits = scale * (q @ k.transpose(-1, -2)) + block.detach().to(q.dtype)
-        if pair.diagonal:
-            row = torch.arange(r0, r0 + q.shape[2], device=self.device)
-            future = torch.arange(self.c, device=self.device) > row[:, None]
-            logits = logits.masked_fill(future, float("-inf"))
+        if part.causal:
+            q_pos, k_pos = positions
+            logits = logits.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
         return logits
 
 
@@ -73,7 +82,7 @@ def _row_blocks(q: torch.Tensor, keys: int) -> list[tuple[int, int]]:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cp: ContextParallel, scale: float, flash: bool, bias_fn,
+    def forward(ctx, q, k, v, cp: ContextParallel, scale: float, flash: bool, starts, bias_fn,
                 *bias_tensors):
         dtype, work = q.dtype, work_dtype(q.dtype)
         q = q.to(work)
@@ -88,31 +97,32 @@ class _RingAttention(torch.autograd.Function):
         def visit(owner: int, kv: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
             for pair in cp.pairs(owner):
-                q_c, k_c, v_c = rows(q, pair.q, c), rows(ke, pair.k, c), rows(ve, pair.k, c)
-                out_c, lse_c = rows(out, pair.q, c), rows(lse, pair.q, c)
-                if bias is None:
-                    merge_softmax(out_c, lse_c, *attention_with_lse(
-                        q_c, k_c, v_c, scale, pair.diagonal, flash=flash))
-                    continue
-                for r0, r1 in _row_blocks(q_c, c):
-                    logits = bias.logits(q_c[:, :, r0:r1], k_c, pair, r0,
-                                         bias.block(pair, r0, r1), scale)
-                    part_lse = torch.logsumexp(logits, -1)
-                    part = torch.exp(logits - part_lse[..., None]) @ v_c
-                    merge_softmax(out_c[:, :, r0:r1], lse_c[:, :, r0:r1], part, part_lse)
+                for part, qi, ki in pair_parts(pair, c, starts):
+                    q_c, k_c, v_c, out_c, lse_c = q[qi], ke[ki], ve[ki], out[qi], lse[qi]
+                    if bias is None:
+                        merge_softmax(out_c, lse_c, *attention_with_lse(
+                            q_c, k_c, v_c, scale, part.causal, flash=flash))
+                        continue
+                    for r0, r1 in _row_blocks(q_c, k_c.shape[2]):
+                        where = bias.positions(pair, part, r0, r1)
+                        logits = bias.logits(q_c[:, :, r0:r1], k_c, part, where,
+                                             bias.block(where), scale)
+                        part_lse = torch.logsumexp(logits, -1)
+                        merge_softmax(out_c[:, :, r0:r1], lse_c[:, :, r0:r1],
+                                      torch.exp(logits - part_lse[..., None]) @ v_c, part_lse)
 
         cp.ring([k, v], visit)
         ctx.save_for_backward(q, k, v, out, lse, *bias_tensors)
-        ctx.cfg = (cp, scale, flash, dtype, bias_fn)
+        ctx.cfg = (cp, scale, flash, dtype, starts, bias_fn)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out, lse, *bias_tensors = ctx.saved_tensors
-        cp, scale, flash, dtype, bias_fn = ctx.cfg
+        cp, scale, flash, dtype, starts, bias_fn = ctx.cfg
         work = q.dtype
         h, c = q.shape[1], q.shape[2] // 2
-        wants = ctx.needs_input_grad[7:]
+        wants = ctx.needs_input_grad[8:]
         leaves = [t.detach().to(work).requires_grad_(w) for t, w in zip(bias_tensors, wants)]
         bias = None if bias_fn is None else _PairBias(
             cp, c, PositionBias(bias_fn, tuple(leaves)), q.device)
@@ -126,32 +136,34 @@ class _RingAttention(torch.autograd.Function):
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
             dke, dve = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
-                q_c, do_c, dq_c = (rows(t, pair.q, c) for t in (q, d_out, dq))
-                k_c, v_c, dk_c, dv_c = (rows(t, pair.k, c) for t in (ke, ve, dke, dve))
-                if bias is None:
-                    for g, part in zip((dq_c, dk_c, dv_c), attention_backward(
-                            do_c, q_c, k_c, v_c, rows(out, pair.q, c), rows(lse, pair.q, c),
-                            scale, pair.diagonal, flash=flash)):
-                        g += part
-                    continue
-                for r0, r1 in _row_blocks(q_c, c):
-                    with torch.enable_grad():
-                        block = bias.block(pair, r0, r1)
-                    q_b, do_b = q_c[:, :, r0:r1], do_c[:, :, r0:r1]
-                    probs = torch.exp(bias.logits(q_b, k_c, pair, r0, block, scale)
-                                      - rows(lse, pair.q, c)[:, :, r0:r1, None])
-                    dv_c += probs.transpose(-1, -2) @ do_b
-                    d_logits = probs * (do_b @ v_c.transpose(-1, -2)
-                                        - rows(delta, pair.q, c)[:, :, r0:r1, None])
-                    dq_c[:, :, r0:r1] += scale * (d_logits @ k_c)
-                    dk_c += scale * (d_logits.transpose(-1, -2) @ q_b)
-                    if wanted:
-                        _accumulate(d_bias, wanted, block, d_logits.sum(0))
+                for part, qi, ki in pair_parts(pair, c, starts):
+                    q_c, do_c, dq_c, lse_c = q[qi], d_out[qi], dq[qi], lse[qi]
+                    k_c, v_c, dk_c, dv_c = ke[ki], ve[ki], dke[ki], dve[ki]
+                    if bias is None:
+                        for g, grad in zip((dq_c, dk_c, dv_c), attention_backward(
+                                do_c, q_c, k_c, v_c, out[qi], lse_c, scale, part.causal,
+                                flash=flash)):
+                            g += grad
+                        continue
+                    for r0, r1 in _row_blocks(q_c, k_c.shape[2]):
+                        where = bias.positions(pair, part, r0, r1)
+                        with torch.enable_grad():
+                            block = bias.block(where)
+                        q_b, do_b = q_c[:, :, r0:r1], do_c[:, :, r0:r1]
+                        probs = torch.exp(bias.logits(q_b, k_c, part, where, block, scale)
+                                          - lse_c[:, :, r0:r1, None])
+                        dv_c += probs.transpose(-1, -2) @ do_b
+                        d_logits = probs * (do_b @ v_c.transpose(-1, -2)
+                                            - delta[qi][:, :, r0:r1, None])
+                        dq_c[:, :, r0:r1] += scale * (d_logits @ k_c)
+                        dk_c += scale * (d_logits.transpose(-1, -2) @ q_b)
+                        if wanted:
+                            _accumulate(d_bias, wanted, block, d_logits.sum(0))
             fold_expanded(acc, grads)
 
         dk, dv = cp.ring([k, v], visit, [torch.zeros(t.shape, dtype=work, device=t.device)
                                          for t in (k, v)])
-        return (dq.to(dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None,
+        return (dq.to(dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None,
                 *(None if g is None else g.to(t.dtype) for g, t in zip(d_bias, bias_tensors)))
 
 
@@ -168,15 +180,19 @@ def _accumulate(d_bias: list, wanted: list[torch.Tensor], block: torch.Tensor,
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: ContextParallel, *,
                    softmax_scale: float, bias: PositionBias | None = None,
-                   flash: bool | None = None) -> torch.Tensor:
+                   flash: bool | None = None, starts: torch.Tensor | None = None
+                   ) -> torch.Tensor:
     """Causal softmax attention over a sequence split across ``cp``'s ranks (head-tail).
 
     q [b, h, 2c, d]; k, v [b, g, 2c, d]: this rank's two chunks, concatenated;
     ``bias``: the logit bias of this rank's heads at global positions, or None.
     ``flash``: unbiased pairs on the CPU's fused flash kernel (None: on CPU; False: the
     row-blocked matrix products other devices run, e.g. to test them on a CPU).
+    ``starts``: each token's document start, [b, S] (``model.documents``): attention stays
+    within documents, and the bias is read at positions within them.
     """
     flash = default_flash(q.device, flash)
     if bias is None:
-        return _RingAttention.apply(q, k, v, cp, softmax_scale, flash, None)
-    return _RingAttention.apply(q, k, v, cp, softmax_scale, flash, bias.fn, *bias.tensors)
+        return _RingAttention.apply(q, k, v, cp, softmax_scale, flash, starts, None)
+    return _RingAttention.apply(q, k, v, cp, softmax_scale, flash, starts, bias.fn,
+                                *bias.tensors)
