@@ -27,10 +27,10 @@ class FoXAttention(nn.Module):
         super().__init__()
         self.shape = shape
 
-    def forward(self, q, k, v, cp: ContextParallel | None = None, *, gate):
+    def forward(self, q, k, v, cp: ContextParallel | None = None, *, gate, starts=None):
         log_f = F.logsigmoid(gate.to(work_dtype(gate.dtype)))  # [b, h, s], ≤ 0
         if cp is not None:
-            return fox_attention_context_parallel(q, k, v, log_f, cp,
+            return fox_attention_context_parallel(q, k, v, log_f, cp, starts=starts,
                                                   softmax_scale=self.shape.softmax_scale)
         return fox_attention(q, k, v, log_f, softmax_scale=self.shape.softmax_scale)
 
@@ -43,5 +43,4 @@ def check(cfg: Config) -> None:
 
 
 register(PositionEncoding(name="fox", attention=FoXAttention, token_gate=True, check=check,
-                          elementwise_per_key=2,  # the bias F_i − F_j and its gradient
-                          cp_documents=False))
+                          elementwise_per_key=2))  # the bias F_i − F_j and its gradient

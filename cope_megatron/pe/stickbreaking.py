@@ -24,10 +24,10 @@ class StickBreakingAttention(nn.Module):
         super().__init__()
         self.shape = shape
 
-    def forward(self, q, k, v, cp: ContextParallel | None = None):
+    def forward(self, q, k, v, cp: ContextParallel | None = None, starts=None):
         if cp is not None:
             return stickbreaking_attention_context_parallel(
-                q, k, v, cp, softmax_scale=self.shape.softmax_scale)
+                q, k, v, cp, softmax_scale=self.shape.softmax_scale, starts=starts)
         return stickbreaking_attention(q, k, v, softmax_scale=self.shape.softmax_scale)
 
 
@@ -40,5 +40,4 @@ def check(cfg: Config) -> None:
 # softplus (exp, log1p), the running sum, exp of the log weight, its gradient's sigmoid
 # and cumulative sum: about 10 elementwise operations per key, as CoPE's.
 register(PositionEncoding(name="stickbreaking", attention=StickBreakingAttention, check=check,
-                          cp_documents=False,
                           elementwise_per_key=10))

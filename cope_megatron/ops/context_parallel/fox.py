@@ -16,7 +16,9 @@ part (plain attention with one added head dimension, the flash kernel on CPU), w
 pair of a query chunk shifted by F at the chunk's first row, so that their log-sum-exps
 merge; a pair before its rows leaves out its ``far_keys``, whose weights underflow; backward
 sends dK, dV and the keys' dF home behind them. Saved: local q, k, v, F,
-out and lse; no [c, c] tensor.
+out and lse; no [c, c] tensor. With document boundaries each pair runs on its parts inside
+one document (``ring.document_parts``): D of two tokens of one document is the same
+difference of prefix sums, whatever came before it.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import torch.distributed as dist
 
 from cope_megatron.ops.context_parallel.ring import (
     ContextParallel,
+    Part,
     expanded,
     fold_expanded,
+    pair_parts,
     rows,
 )
 from cope_megatron.ops.fox import (
@@ -79,6 +83,12 @@ def _pair_keys(q, k, prefix, f_keys, own_norms, pair, c: int, scale: float) -> s
                           own_norms[pair.q], scale=scale), c)
 
 
+def _within(near: slice, part: Part) -> slice | None:
+    """The keys of ``part`` that ``_pair_keys`` keeps (None: none)."""
+    keys = slice(max(near.start, part.keys.start), part.keys.stop)
+    return keys if keys.start < keys.stop else None
+
+
 def _own_key_norms(k: torch.Tensor, dtype: torch.dtype, c: int) -> list[torch.Tensor]:
     """The largest |k_i| of each local chunk's own keys [b, h], k expanded."""
     return [key_norms(rows(k, i, c), dtype).amax(-1) for i in (0, 1)]
@@ -86,7 +96,7 @@ def _own_key_norms(k: torch.Tensor, dtype: torch.dtype, c: int) -> list[torch.Te
 
 class _FoXContextParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, prefix, cp: ContextParallel, scale: float, flash: bool):
+    def forward(ctx, q, k, v, prefix, cp: ContextParallel, scale: float, flash: bool, starts):
         dtype, work = q.dtype, work_dtype(q.dtype)
         q, k, v, prefix = q.detach(), k.detach(), v.detach(), prefix.detach().to(work)
         h, c = q.shape[1], q.shape[2] // 2
@@ -99,23 +109,25 @@ class _FoXContextParallel(torch.autograd.Function):
             ke, ve = (expand_kv(t, h) for t in kvf[:2])
             for pair in cp.pairs(owner):
                 k_c, v_c, f_c = (rows(t, pair.k, c) for t in (ke, ve, kvf[2]))
-                keys = _pair_keys(q, k_c, prefix, f_c, own, pair, c, scale)
-                if keys.start == keys.stop:
-                    continue
-                part = part_forward(rows(q, pair.q, c), k_c[:, :, keys], v_c[:, :, keys],
-                                    prefix[:, :, pair.q * c], f_c[:, :, keys], scale=scale,
-                                    causal=pair.diagonal, flash=flash)
-                merge_softmax(rows(out, pair.q, c), rows(lse, pair.q, c), *part)
+                near = _pair_keys(q, k_c, prefix, f_c, own, pair, c, scale)
+                for part, qi, _, li in pair_parts(pair, c, starts):
+                    keys = _within(near, part)
+                    if keys is None:
+                        continue
+                    b = li[0]
+                    merge_softmax(out[qi], lse[qi], *part_forward(
+                        q[qi], k_c[b, :, keys], v_c[b, :, keys], prefix[b, :, pair.q * c],
+                        f_c[b, :, keys], scale=scale, causal=part.causal, flash=flash))
 
         cp.ring([k, v, prefix], visit)
         ctx.save_for_backward(q, k, v, prefix, out, lse)
-        ctx.cfg = (cp, scale, flash, dtype)
+        ctx.cfg = (cp, scale, flash, dtype, starts)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, prefix, out, lse = ctx.saved_tensors
-        cp, scale, flash, dtype = ctx.cfg
+        cp, scale, flash, dtype, starts = ctx.cfg
         h, c = q.shape[1], q.shape[2] // 2
         work = prefix.dtype
         d_out = d_out.to(work).contiguous()
@@ -129,36 +141,39 @@ class _FoXContextParallel(torch.autograd.Function):
             dke, dve, dfk = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
                 k_c, v_c, f_c = (rows(t, pair.k, c) for t in (ke, ve, kvf[2]))
-                keys = _pair_keys(q, k_c, prefix, f_c, own, pair, c, scale)
-                if keys.start == keys.stop:
-                    continue
-                dq_p, dk_p, dv_p, df_p, ds_p = part_backward(
-                    rows(d_out, pair.q, c), rows(q, pair.q, c), k_c[:, :, keys],
-                    v_c[:, :, keys], prefix[:, :, pair.q * c], f_c[:, :, keys],
-                    rows(out, pair.q, c), rows(lse, pair.q, c), scale=scale,
-                    causal=pair.diagonal, flash=flash)
-                rows(dq, pair.q, c).add_(dq_p)
-                rows(dke, pair.k, c)[:, :, keys].add_(dk_p)
-                rows(dve, pair.k, c)[:, :, keys].add_(dv_p)
-                rows(dfk, pair.k, c)[:, :, keys].add_(df_p)
-                d_shift[:, :, pair.q * c] += ds_p
+                near = _pair_keys(q, k_c, prefix, f_c, own, pair, c, scale)
+                for part, qi, _, li in pair_parts(pair, c, starts):
+                    keys = _within(near, part)
+                    if keys is None:
+                        continue
+                    b = li[0]
+                    dq_p, dk_p, dv_p, df_p, ds_p = part_backward(
+                        d_out[qi], q[qi], k_c[b, :, keys], v_c[b, :, keys],
+                        prefix[b, :, pair.q * c], f_c[b, :, keys], out[qi], lse[qi],
+                        scale=scale, causal=part.causal, flash=flash)
+                    dq[qi].add_(dq_p)
+                    rows(dke, pair.k, c)[b, :, keys].add_(dk_p)
+                    rows(dve, pair.k, c)[b, :, keys].add_(dv_p)
+                    rows(dfk, pair.k, c)[b, :, keys].add_(df_p)
+                    d_shift[b, :, pair.q * c] += ds_p
             fold_expanded(acc, grads)
 
         zeros = [torch.zeros(t.shape, dtype=work, device=t.device) for t in (k, v, prefix)]
         dk, dv, d_prefix = cp.ring([k, v, prefix], visit, zeros)
         return (dq.to(dtype), dk.to(dtype), dv.to(dtype), d_prefix + d_shift,
-                None, None, None)
+                None, None, None, None)
 
 
 def fox_attention_context_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                    log_f: torch.Tensor, cp: ContextParallel, *,
-                                   softmax_scale: float, flash: bool | None = None
-                                   ) -> torch.Tensor:
+                                   softmax_scale: float, flash: bool | None = None,
+                                   starts: torch.Tensor | None = None) -> torch.Tensor:
     """Causal FoX over a sequence split across ``cp``'s ranks (head-tail layout).
 
     q [b, h, 2c, d]; k, v [b, g, 2c, d]; log_f [b, h, 2c]: this rank's two chunks,
-    concatenated. Returns this rank's rows of the single-rank output."""
+    concatenated. ``starts``: each token's document start [b, S] (``model.documents``):
+    attention stays within documents. Returns this rank's rows of the single-rank output."""
     check_inputs(q, k, v, log_f)
     prefix = forget_prefix(log_f.to(work_dtype(q.dtype)), cp)
     return _FoXContextParallel.apply(q, k, v, prefix, cp, softmax_scale,
-                                     default_flash(q.device, flash))
+                                     default_flash(q.device, flash), starts)

@@ -68,12 +68,14 @@ def document_parts(pair: ChunkPair, c: int, starts: torch.Tensor | None
 
 
 def pair_parts(pair: ChunkPair, c: int, starts: torch.Tensor | None):
-    """Each ``Part`` of ``pair`` (``document_parts``) with the indices of its query rows
-    and of its keys in a rank's [b, h, 2c, ...] tensors (dims batch, head, token)."""
+    """Each ``Part`` of ``pair`` (``document_parts``) with the indices (batch, head, token)
+    of its query rows and of its keys in a rank's [b, h, 2c, ...] tensors, and of its rows
+    in a chunk's [b, h, c, ...] tensors (a pair's carries)."""
     for batch, parts in document_parts(pair, c, starts):
         for part in parts:
             yield (part, (batch, slice(None), _offset(part.rows, pair.q * c)),
-                   (batch, slice(None), _offset(part.keys, pair.k * c)))
+                   (batch, slice(None), _offset(part.keys, pair.k * c)),
+                   (batch, slice(None), part.rows))
 
 
 def _offset(s: slice, by: int) -> slice:

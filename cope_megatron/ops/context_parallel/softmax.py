@@ -97,7 +97,7 @@ class _RingAttention(torch.autograd.Function):
         def visit(owner: int, kv: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
             for pair in cp.pairs(owner):
-                for part, qi, ki in pair_parts(pair, c, starts):
+                for part, qi, ki, _ in pair_parts(pair, c, starts):
                     q_c, k_c, v_c, out_c, lse_c = q[qi], ke[ki], ve[ki], out[qi], lse[qi]
                     if bias is None:
                         merge_softmax(out_c, lse_c, *attention_with_lse(
@@ -136,7 +136,7 @@ class _RingAttention(torch.autograd.Function):
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
             dke, dve = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
-                for part, qi, ki in pair_parts(pair, c, starts):
+                for part, qi, ki, _ in pair_parts(pair, c, starts):
                     q_c, do_c, dq_c, lse_c = q[qi], d_out[qi], dq[qi], lse[qi]
                     k_c, v_c, dk_c, dv_c = ke[ki], ve[ki], dke[ki], dve[ki]
                     if bias is None:

@@ -17,6 +17,9 @@ Backward (dL = A ⊙ dA, dz_it = dL_it (1 − β_it) − β_it Σ_{j<t} dL_ij)
      dz_it = −β_it · B_i. Unlike CoPE's clamped positions, every row has B ≠ 0 here, so the
      pass is not skipped; it costs one q·k product and a sigmoid per pair.
 Saved: local q, k, v, the row masses Σ A and the carries; no [c, c] tensor.
+With document boundaries every step runs on each pair's parts inside one document
+(``ring.document_parts``): keys of other documents add nothing to totals, carries, weights
+or the correction, so a row's stick breaks only on its own document's keys.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from cope_megatron.ops.context_parallel.ring import (
     ContextParallel,
     expanded,
     fold_expanded,
-    rows,
+    pair_parts,
 )
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
 from cope_megatron.ops.stickbreaking import (
@@ -56,7 +59,8 @@ def _softplus_sums(q, k, *, scale: float, causal: bool) -> torch.Tensor:
 
 class _StickBreakingContextParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cp: ContextParallel, scale: float, compiled: bool | None):
+    def forward(ctx, q, k, v, cp: ContextParallel, scale: float, compiled: bool | None,
+                starts):
         dtype, work = q.dtype, work_dtype(q.dtype)
         q, k, v = q.detach(), k.detach(), v.detach()  # bf16 stays bf16: blocks convert
         h, c = q.shape[1], q.shape[2] // 2
@@ -65,8 +69,9 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         def total_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke = expand_kv(kv[0], h)
             for pair in cp.pairs(owner):
-                totals[pair.q, pair.k_global] = _softplus_sums(
-                    rows(q, pair.q, c), rows(ke, pair.k, c), scale=scale, causal=pair.diagonal)
+                for part, qi, ki, li in pair_parts(pair, c, starts):
+                    totals[pair.q, pair.k_global][li] = _softplus_sums(
+                        q[qi], ke[ki], scale=scale, causal=part.causal)
 
         cp.ring([k], total_pass)
         # C[Q, K] = Σ_{K < K' ≤ Q} G: a reverse exclusive cumulative sum over key chunks,
@@ -78,22 +83,22 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         def attention_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t, h) for t in kv)
             for pair in cp.pairs(owner):
-                part_acc, part_mass = chunk_forward(
-                    rows(q, pair.q, c), rows(ke, pair.k, c), rows(ve, pair.k, c),
-                    carries[pair.q, pair.k_global], scale=scale, causal=pair.diagonal,
-                    compiled=compiled)
-                rows(acc, pair.q, c).add_(part_acc)
-                rows(mass, pair.q, c).add_(part_mass)
+                for part, qi, ki, li in pair_parts(pair, c, starts):
+                    part_acc, part_mass = chunk_forward(
+                        q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li],
+                        scale=scale, causal=part.causal, compiled=compiled)
+                    acc[qi].add_(part_acc)
+                    mass[qi].add_(part_mass)
 
         cp.ring([k, v], attention_pass)
         ctx.save_for_backward(q, k, v, mass, carries)
-        ctx.cfg = (cp, scale, compiled, dtype)
+        ctx.cfg = (cp, scale, compiled, dtype, starts)
         return with_remainder(acc, mass, expand_kv(v, h)).to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, mass, carries = ctx.saved_tensors
-        cp, scale, compiled, dtype = ctx.cfg
+        cp, scale, compiled, dtype, starts = ctx.cfg
         h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
         work = mass.dtype
         d_out = d_out.to(work).contiguous()
@@ -105,12 +110,11 @@ class _StickBreakingContextParallel(torch.autograd.Function):
             ke, ve = (expand_kv(t, h) for t in kv)
             dke, dve = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
-                d_l_sums[pair.q, pair.k_global] = chunk_backward(
-                    rows(q, pair.q, c), rows(ke, pair.k, c), rows(ve, pair.k, c),
-                    carries[pair.q, pair.k_global], rows(d_out, pair.q, c),
-                    rows(self_dot, pair.q, c),
-                    (rows(dq, pair.q, c), rows(dke, pair.k, c), rows(dve, pair.k, c)),
-                    scale=scale, causal=pair.diagonal, compiled=compiled)
+                for part, qi, ki, li in pair_parts(pair, c, starts):
+                    d_l_sums[pair.q, pair.k_global][li] = chunk_backward(
+                        q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li], d_out[qi],
+                        self_dot[qi], (dq[qi], dke[ki], dve[ki]), scale=scale,
+                        causal=part.causal, compiled=compiled)
             fold_expanded(acc, grads)
 
         kv_grads = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
@@ -123,24 +127,26 @@ class _StickBreakingContextParallel(torch.autograd.Function):
             ke = expand_kv(kv[0], h)
             (dke,) = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
-                chunk_correction(rows(q, pair.q, c), rows(ke, pair.k, c),
-                                 farther[pair.q, pair.k_global],
-                                 (rows(dq, pair.q, c), rows(dke, pair.k, c)),
-                                 scale=scale, causal=pair.diagonal)
+                for part, qi, ki, li in pair_parts(pair, c, starts):
+                    chunk_correction(q[qi], ke[ki], farther[pair.q, pair.k_global][li],
+                                     (dq[qi], dke[ki]), scale=scale, causal=part.causal)
             fold_expanded(acc, grads)
 
         (dk,) = cp.ring([k], correction_pass, kv_grads)  # comes back with the B terms
         # The remainder's own value: d v_i += (1 − Σ_j A_ij) dO_i.
         dv = dv + reduce_kv_heads((1 - mass)[..., None] * d_out, kv_heads)
-        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None, None
+        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None, None, None
 
 
 def stickbreaking_attention_context_parallel(q: torch.Tensor, k: torch.Tensor,
                                              v: torch.Tensor, cp: ContextParallel, *,
                                              softmax_scale: float,
-                                             compiled: bool | None = None) -> torch.Tensor:
+                                             compiled: bool | None = None,
+                                             starts: torch.Tensor | None = None
+                                             ) -> torch.Tensor:
     """Causal stick-breaking attention over a sequence split across ``cp``'s ranks
     (head-tail layout). q [b, h, 2c, d]; k, v [b, g, 2c, d]: this rank's two chunks,
-    concatenated. Returns this rank's rows of the single-rank output."""
+    concatenated. ``starts``: each token's document start [b, S] (``model.documents``):
+    attention stays within documents. Returns this rank's rows of the single-rank output."""
     check_inputs(q, k, v)
-    return _StickBreakingContextParallel.apply(q, k, v, cp, softmax_scale, compiled)
+    return _StickBreakingContextParallel.apply(q, k, v, cp, softmax_scale, compiled, starts)
