@@ -15,7 +15,6 @@ from cope_megatron.data.format import DataError, has_manifest, manifest_path, re
 from cope_megatron.data.mixture import check_sources
 from cope_megatron.data.source import located, split_shards
 from cope_megatron.eval.ruler.tasks import check_tasks
-from cope_megatron.model import documents
 from cope_megatron.pe import ModelPE, model_pe, rope_scaling
 
 
@@ -28,7 +27,6 @@ def check(cfg: Config, world: int, *, data: bool = True) -> ModelPE:
     rope_scaling.check(cfg, pe)
     if pe.check is not None:
         pe.check(cfg)
-    documents.check(cfg, pe)
     check_tasks(cfg.eval.ruler.tasks)
     if data:
         _check_data(cfg)

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from cope_megatron.config import ConfigError, load_config
+from cope_megatron.config import load_config
 from cope_megatron.distributed.parallel import init_distributed, seed_everything
 from cope_megatron.model import documents
 from cope_megatron.model.documents import document_starts
@@ -29,8 +29,6 @@ VARIANTS["rope_length_scale"] = ["model.pe=rope", "pe.length_scale.type=learned"
 VARIANTS["fire_length_scale"] = ["model.pe=fire", "pe.length_scale.type=learned"]
 VARIANTS["rope_yarn"] = ["model.pe=rope", "pe.rope_scaling.type=yarn",
                          "pe.rope_scaling.factor=2", "pe.rope_scaling.original_length=16"]
-CP_VARIANTS = {name: ov for name, ov in VARIANTS.items()
-               if model_pe(load_config(BASE + ov).model).cp_documents}
 DOCUMENTS = ([8, 5, 11, 9],  # starts 0, 8, 13, 24: two at CP=2's chunk edges (8 tokens)
              [3, 17, 13])  # starts 0, 3, 20: the second crosses three chunks and both ranks
 
@@ -105,7 +103,7 @@ def worker(out: str, context: int, variants: dict) -> None:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("documents")
     forked_ranks(1, worker, str(tmp / "cp1.json"), 1, VARIANTS)
-    forked_ranks(2, worker, str(tmp / "cp2.json"), 2, CP_VARIANTS)
+    forked_ranks(2, worker, str(tmp / "cp2.json"), 2, VARIANTS)
     return {n: json.loads((tmp / f"cp{n}.json").read_text()) for n in (1, 2)}
 
 
@@ -125,11 +123,10 @@ def test_each_document_as_if_alone(runs, name):
                 assert torch.equal(rotary[row, a:e], by_position[:e - a])
     # The boundaries matter: across documents the losses differ.
     assert (torch.tensor(one["crossing"]) - alone).abs().max() > 1e-3
-    if name in CP_VARIANTS:
-        cp2 = runs[2][name]
-        torch.testing.assert_close(torch.tensor(cp2["packed"]), alone, atol=1e-6, rtol=0)
-        torch.testing.assert_close(torch.tensor(cp2["grads"]), torch.tensor(one["alone_grads"]),
-                                   atol=1e-5, rtol=1e-5)
+    cp2 = runs[2][name]
+    torch.testing.assert_close(torch.tensor(cp2["packed"]), alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(cp2["grads"]), torch.tensor(one["alone_grads"]),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_document_starts():
@@ -154,14 +151,6 @@ def test_chunk_pair_parts():
     assert document_parts(whole(2, 1), 4, starts) == [(slice(None), [
         Part(slice(0, 1), slice(0, 4), False, 3)])]
     assert document_parts(whole(3, 1), 4, starts) == [(slice(None), [])]
-
-
-def test_context_parallel_refuses_what_it_cannot_keep_apart():
-    cfg = load_config(BASE + ["model.pe=cope", "parallel.context=2"])
-    with pytest.raises(ConfigError, match="data.document_boundaries: model.pe=cope"):
-        documents.check(cfg, model_pe(cfg.model))
-    documents.check(load_config(BASE + ["model.pe=alibi", "parallel.context=2"]),
-                    model_pe(load_config(BASE + ["model.pe=alibi"]).model))
 
 
 def test_a_run_trains_with_boundaries_and_refuses_to_resume_without(tmp_path, dist_cleanup):

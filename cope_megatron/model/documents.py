@@ -28,7 +28,6 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from cope_megatron.config import Config, ConfigError
-from cope_megatron.pe import ModelPE
 
 
 def document_eos(cfg: Config, manifest: dict) -> int | None:
@@ -41,18 +40,6 @@ def document_eos(cfg: Config, manifest: dict) -> int | None:
                           "records no end-of-document token (a task's samples are one "
                           "example each); set data.document_boundaries=false")
     return manifest["eos_id"]
-
-
-def check(cfg: Config, pe: ModelPE) -> None:
-    """What document boundaries cannot run with (ConfigError naming the key)."""
-    if not cfg.data.document_boundaries or cfg.parallel.context == 1:
-        return
-    for entry in dict.fromkeys(pe.per_layer(cfg.model.num_layers)):
-        if not entry.cp_documents:
-            raise ConfigError(
-                f"data.document_boundaries: model.pe={entry.name} does not yet keep attention "
-                f"within documents under context parallelism (parallel.context="
-                f"{cfg.parallel.context}); use parallel.context=1, or a softmax PE")
 
 
 def document_starts(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ A PE touches a GPT in at most three places, each with a do-nothing default:
 - ``attention``: the core attention, on [b, heads, s, head_dim] tensors, where
   logit biases (ALiBi, T5, Kerple, FIRE) and CoPE live. It takes the context-parallel group
   when the sequence is split over ranks, and hands the exchange to ``ops.context_parallel``
-  (with document boundaries, also ``starts``, when its entry has ``cp_documents``);
+  (with document boundaries also ``starts``, each token's document start);
   with ``token_gate``, also a logit per head and token computed from the layer's input
   (FoX's forget gate), as ``gate`` [b, heads, s].
 
@@ -186,9 +186,6 @@ class PositionEncoding:
     """fp32 elements per (query, key) pair that computing its bias keeps for backward on
     the materialized path, besides the [heads, s, s] bias itself (FIRE's MLP activations;
     ``estimate.memory`` counts them)."""
-    cp_documents: bool = True
-    """Its context-parallel attention takes document starts (``model.documents``; one
-    process runs each document on its own, whatever the PE)."""
     options: tuple[str, ...] = ()
     """The ``pe.<section>``s it reads: a resume may change the sections that no PE of the
     model reads (``training/resume.py``)."""

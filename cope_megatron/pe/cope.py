@@ -43,14 +43,15 @@ class CoPEAttention(nn.Module):
             self.table = head_sharded_parameter(full, shape)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                cp: ContextParallel | None = None) -> torch.Tensor:
+                cp: ContextParallel | None = None, starts: torch.Tensor | None = None
+                ) -> torch.Tensor:
         table = self.table
         if self.shared and self.shape.tp_size > 1:
             table = tensor_parallel.copy_to_tensor_model_parallel_region(table)
         if cp is not None:
             return cope_attention_context_parallel(
                 q, k, v, table, cp, npos_max=self.npos_max,
-                softmax_scale=self.shape.softmax_scale, impl=self.impl)
+                softmax_scale=self.shape.softmax_scale, impl=self.impl, starts=starts)
         return cope_attention(q, k, v, table, npos_max=self.npos_max,
                               softmax_scale=self.shape.softmax_scale, impl=self.impl)
 
@@ -68,9 +69,8 @@ def check(cfg: Config) -> None:
                           "triton")
 
 
-# Document starts under CP: not yet carried through the gate-sum passes.
 register(PositionEncoding(name="cope", attention=CoPEAttention, uses_cope_op=True, check=check,
-                          cp_documents=False, options=("cope",)))
+                          options=("cope",)))
 register(PositionEncoding(name="cope_rope", attention=CoPEAttention, uses_cope_op=True,
-                          check=check, gpt_position_embedding="rope", cp_documents=False,
+                          check=check, gpt_position_embedding="rope",
                           options=("cope", "rope", "rope_scaling")))

@@ -41,6 +41,9 @@ Memory per rank: local q, k, v, out, lse and dq; the visited rank's K, V and the
 in flight; one set of dK, dV accumulators (the ring adds into the received sum); z and dz
 of one query chunk. No [S, S] tensor, no whole-sequence K/V and no whole-rank z, so it falls
 as 1/CP (``bench/cp_attention.py``).
+Document boundaries: every step runs on each pair's parts inside one document
+(``ring.document_parts``), so totals, carries, dp sums and corrections count only the
+row's own document, whose first key is where its gate sums stop.
 """
 
 from __future__ import annotations
@@ -51,8 +54,10 @@ import torch.distributed as dist
 from cope_megatron.ops.context_parallel.ring import (
     ChunkPair,
     ContextParallel,
+    Part,
     expanded,
     fold_expanded,
+    pair_parts,
     rows,
 )
 from cope_megatron.ops.cope import chunked as cope_chunked
@@ -80,11 +85,13 @@ def _input_dtype(ops, dtype: torch.dtype) -> torch.dtype:
     return dtype if ops is cope_chunked else work_dtype(dtype)
 
 
-def _options(ops, widths: dict, pair, paths: Paths | None) -> dict:
-    """Both pair codes record in the forward, for the backward, where each pair's near
-    band ends (the chunked op its widths, the Triton kernels their plain key blocks and
-    gate totals); the chunked op also takes ``paths``."""
-    bands = {"bands": widths.setdefault((pair.q, pair.k_global), [])}
+def _options(ops, widths: dict, pair: ChunkPair, part: Part, batch: slice,
+             paths: Paths | None) -> dict:
+    """Both pair codes record in the forward, for the backward, where each pair's (part's)
+    near band ends (the chunked op its widths, the Triton kernels their plain key blocks
+    and gate totals); the chunked op also takes ``paths``."""
+    key = (pair.q, pair.k_global, batch.start, part.rows.start)
+    bands = {"bands": widths.setdefault(key, [])}
     return bands | {"paths": paths} if ops is cope_chunked else bands
 
 
@@ -115,7 +122,7 @@ def _correction(q, k, dq, dk, b_carry, scale: float, diagonal: bool) -> None:
 class _CoPEContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_emb, cp: ContextParallel, npos_max: int, scale: float,
-                impl: str, paths: Paths | None):
+                impl: str, paths: Paths | None, starts):
         dtype, work = q.dtype, work_dtype(q.dtype)
         ops = _kernels(impl)
         given = _input_dtype(ops, dtype)
@@ -132,10 +139,11 @@ class _CoPEContextParallel(torch.autograd.Function):
                 total = torch.zeros(*q.shape[:2], c, dtype=work, device=q.device)
                 seen = sum((g for (qi, kg), g in totals.items()
                             if qi == pair.q and kg > pair.k_global), total)
-                active = _active_rows(seen < npos_max - 1)
-                total[:, :, active] = gate_sums(rows(q, pair.q, c), rows(ke, pair.k, c), active,
-                                                scale=scale, causal=pair.diagonal,
-                                                limit=npos_max - 1)
+                for part, qr, kr, lr in pair_parts(pair, c, starts):
+                    active = _active_rows(seen[lr] < npos_max - 1)
+                    total[lr][:, :, active] = gate_sums(q[qr], ke[kr], active, scale=scale,
+                                                        causal=part.causal,
+                                                        limit=npos_max - 1)
                 totals[pair.q, pair.k_global] = total
 
         cp.ring([k], gate_pass)
@@ -153,21 +161,21 @@ class _CoPEContextParallel(torch.autograd.Function):
             for qi, pairs in _by_query(cp.pairs(owner)):
                 z_c = rows(q, qi, c).to(work) @ pos_emb  # [b, h, c, npos]
                 for pair in pairs:
-                    part = ops.chunk_forward(
-                        rows(q, qi, c), rows(ke, pair.k, c), rows(ve, pair.k, c), z_c,
-                        carries[qi, pair.k_global], scale=scale, npos_max=npos_max,
-                        causal=pair.diagonal, **_options(ops, widths, pair, paths))
-                    merge_softmax(rows(out, qi, c), rows(lse, qi, c), *part)
+                    for part, qr, kr, lr in pair_parts(pair, c, starts):
+                        merge_softmax(out[qr], lse[qr], *ops.chunk_forward(
+                            q[qr], ke[kr], ve[kr], z_c[lr], carries[qi, pair.k_global][lr],
+                            scale=scale, npos_max=npos_max, causal=part.causal,
+                            **_options(ops, widths, pair, part, lr[0], paths)))
 
         cp.ring([k, v], attention_pass)
         ctx.save_for_backward(q, k, v, pos_emb, out, lse, carries)
-        ctx.cfg = (cp, npos_max, scale, ops, dtype, widths, paths)
+        ctx.cfg = (cp, npos_max, scale, ops, dtype, widths, paths, starts)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, pos_emb, out, lse, carries = ctx.saved_tensors
-        cp, npos_max, scale, ops, dtype, widths, paths = ctx.cfg
+        cp, npos_max, scale, ops, dtype, widths, paths, starts = ctx.cfg
         work, given = pos_emb.dtype, q.dtype
         h, c = q.shape[1], q.shape[2] // 2
         d_out = d_out.to(work).contiguous()
@@ -180,19 +188,19 @@ class _CoPEContextParallel(torch.autograd.Function):
             ke, ve = (expand_kv(t.to(given), h) for t in kv)
             dke, dve = grads = expanded(acc, h)
             for qi, pairs in _by_query(cp.pairs(owner)):
-                q_c, do_c, out_c, lse_c, dq_c = (rows(t, qi, c)
-                                                 for t in (q, d_out, out, lse, dq))
+                q_c = rows(q, qi, c)
                 z_c = q_c.to(work) @ pos_emb
                 dz_c = torch.zeros_like(z_c)
                 for pair in pairs:
-                    k_c, v_c, dk_c, dv_c = (rows(t, pair.k, c) for t in (ke, ve, dke, dve))
-                    dp_sums[qi, pair.k_global] = ops.chunk_backward(
-                        q_c, k_c, v_c, z_c, carries[qi, pair.k_global], do_c, out_c,
-                        lse_c, (dq_c, dk_c, dv_c, dz_c), scale=scale, npos_max=npos_max,
-                        causal=pair.diagonal, **_options(ops, widths, pair, paths))
+                    for part, qr, kr, lr in pair_parts(pair, c, starts):
+                        dp_sums[qi, pair.k_global][lr] = ops.chunk_backward(
+                            q[qr], ke[kr], ve[kr], z_c[lr], carries[qi, pair.k_global][lr],
+                            d_out[qr], out[qr], lse[qr], (dq[qr], dke[kr], dve[kr], dz_c[lr]),
+                            scale=scale, npos_max=npos_max, causal=part.causal,
+                            **_options(ops, widths, pair, part, lr[0], paths))
                 # Step 6 per query chunk and step: no whole-rank z or dz is ever held.
                 dq_table, d_emb_c = table_backward(q_c.to(work), pos_emb, dz_c)
-                dq_c += dq_table
+                rows(dq, qi, c).add_(dq_table)
                 d_emb += d_emb_c
             fold_expanded(acc, grads)
 
@@ -210,9 +218,9 @@ class _CoPEContextParallel(torch.autograd.Function):
                 ke = expand_kv(kv[0].to(given), h)
                 (dke,) = grads = expanded(acc, h)
                 for pair in cp.pairs(owner):
-                    _correction(rows(q, pair.q, c), rows(ke, pair.k, c), rows(dq, pair.q, c),
-                                rows(dke, pair.k, c), b_carry[pair.q, pair.k_global], scale,
-                                pair.diagonal)
+                    for part, qr, kr, lr in pair_parts(pair, c, starts):
+                        _correction(q[qr], ke[kr], dq[qr], dke[kr],
+                                    b_carry[pair.q, pair.k_global][lr], scale, part.causal)
                 fold_expanded(acc, grads)
 
             # The main pass's dK is where the ring starts: it comes back with the B terms.
@@ -220,7 +228,7 @@ class _CoPEContextParallel(torch.autograd.Function):
 
         (dk,) = kv_grads
         return (dq.to(dtype), dk.to(dtype), dv.to(dtype), d_emb.to(dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def cope_attention_context_parallel(
@@ -234,12 +242,15 @@ def cope_attention_context_parallel(
     softmax_scale: float,
     impl: str = "auto",
     paths: Paths | None = None,
+    starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal CoPE over a sequence split across ``cp``'s ranks in the head-tail layout.
 
     q [b, h, 2c, d]; k, v [b, g, 2c, d]: this rank's two chunks, concatenated;
     pos_emb [h or 1, d, npos]. Returns this rank's rows of the single-rank output.
     ``paths``: the chunked pair code's device-dependent choices (``ops.cope.paths``).
+    ``starts``: each token's document start [b, S] (``model.documents``): gates are summed
+    and attention runs within documents only.
     """
     if impl == "reference":
         raise ValueError("pe.cope.impl=reference materializes [s, s] logits and cannot be "
@@ -247,4 +258,4 @@ def cope_attention_context_parallel(
     if paths is not None and resolve_impl(impl) != "chunked":
         raise ValueError(f"CoPE paths choose the chunked op's code, not impl {impl!r}")
     return _CoPEContextParallel.apply(q, k, v, pos_emb.to(q.dtype), cp, npos_max,
-                                      softmax_scale, impl, paths)
+                                      softmax_scale, impl, paths, starts)
