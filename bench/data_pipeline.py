@@ -5,8 +5,10 @@
 1. prep throughput (tokens/s per core) with a SentencePiece model and with a Hugging Face
    byte-level BPE (``tokenizers``), each against the bare tokenizer's own batch encode of
    the same text on one core (the limit; target: prep >= 70% of it per core);
-2. the loader's tokens/s with a two-source mixture on (``data.mixture``), against what a
-   1.3B model consumes on one H100 (29k tokens/s; target >= 10x).
+2. the loader's tokens/s with a two-source mixture on (``data.mixture``) and document
+   boundaries (``data.document_boundaries``: each batch's document starts and restarted
+   positions, as the trainer makes them), against what a 1.3B model consumes on one H100
+   (29k tokens/s; target >= 10x).
 Prints a table and, last, one JSON line. The tokenizers are trained first, not timed.
 """
 
@@ -26,6 +28,8 @@ from pathlib import Path
 # The bare limit is one core: the Rust tokenizer's own thread pool would use them all (prep's
 # workers set the same).
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import torch  # noqa: E402
 
 from cope_megatron.config import DataConfig  # noqa: E402
 from cope_megatron.config.schema import MixtureSource  # noqa: E402
@@ -103,6 +107,7 @@ def bench_loader(sources: list[MixtureSource], workers: int, batches: int) -> di
     from cope_megatron.data.loader import ResumableLoader
     from cope_megatron.data.mixture import mixture_of
     from cope_megatron.data.source import split_spec
+    from cope_megatron.model.documents import document_starts
 
     manifest = read_manifest(sources[0].shards)
     spec = split_spec(sources[0].shards, manifest, "train", seed=1, micro_batch_size=8,
@@ -111,11 +116,13 @@ def bench_loader(sources: list[MixtureSource], workers: int, batches: int) -> di
     next(loader)  # worker start-up is not throughput
     started = time.perf_counter()
     for _ in range(batches):
-        next(loader)
+        inputs = next(loader)["tokens"][:, :-1]
+        starts = document_starts(inputs, manifest["eos_id"])
+        torch.arange(inputs.shape[1]) - starts  # the restarted position ids
     rate = batches * spec.micro_batch_size * manifest["seq_len"] / (time.perf_counter()
                                                                       - started)
     loader.close()
-    return {"loader_workers": workers, "mixture_sources": len(sources),
+    return {"loader_workers": workers, "mixture_sources": len(sources), "documents": True,
             "tokens_s": round(rate), "vs_model": round(rate / MODEL_TOKENS_S, 1)}
 
 
@@ -152,7 +159,7 @@ def main() -> None:
         print(f"{r['tokenizer']:<16}{r['prep_workers']:>8}{r['mb']:>8}{r['tokens']:>12,}"
               f"{r['prep_tok_s_per_core']:>17,}{r['bare_tok_s_per_core']:>17,}"
               f"{r['prep_vs_bare_per_core']:>7}{r['prep_wall_s']:>12} (target ratio >= 0.7)")
-    print(f"{'loader (mixture)':<16}{'workers':>8}{'tokens/s':>12}{'x 29k':>8}")
+    print(f"{'loader (mixture, documents)':<16}{'workers':>8}{'tokens/s':>12}{'x 29k':>8}")
     for r in loaders:
         print(f"{'':<16}{r['loader_workers']:>8}{r['tokens_s']:>12,}{r['vs_model']:>8}"
               " (target >= 10)")

@@ -111,6 +111,25 @@ def test_context_parallel_trains_and_evaluates_as_one_process(prepared, tmp_path
 
 
 @pytest.mark.integration
+def test_evaluation_at_16x_the_training_length_under_cp4_is_one_process(prepared, tmp_path):
+    """`eval` of a one-process CoPE checkpoint on 4 context-parallel ranks: perplexity at
+    16× the training length (each rank holds an eighth of 512 tokens per chunk pair) equals
+    one process's."""
+    shards, _, _ = prepared
+    args = debug_overrides(shards, tmp_path / "run", **{
+        "model.pe": "cope", "train.steps": 2, "eval.length_multipliers": "[1, 16]",
+        "eval.tokens": 512, "eval.passkey_samples": 0})
+    cli_in_ranks(1, ["train", *args])
+    want = json.loads((tmp_path / "run" / "eval.json").read_text())["lengths"]
+    (tmp_path / "run" / "eval.json").unlink()
+    cli_in_ranks(4, ["eval", *args, "parallel.context=4"])
+    got = json.loads((tmp_path / "run" / "eval.json").read_text())["lengths"]
+    assert got["512"]["tokens"] == want["512"]["tokens"] > 0
+    for length in ("32", "512"):
+        assert abs(got[length]["loss"] - want[length]["loss"]) < 1e-5, (got, want)
+
+
+@pytest.mark.integration
 def test_run_killed_at_any_moment_resumes_exactly(prepared, tmp_path):
     """SIGKILL a ``cope-megatron train`` process mid-run (possibly mid-checkpoint), restart
     it: the losses of every step equal those of an uninterrupted run."""
