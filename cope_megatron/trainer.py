@@ -33,6 +33,7 @@ from cope_megatron.distributed.parallel import (
     seed_everything,
     sum_over_data_parallel,
 )
+from cope_megatron.errors import UserError
 from cope_megatron.estimate import estimate, summary
 from cope_megatron.estimate.flops import flops_per_token
 from cope_megatron.eval.context import EvalContext
@@ -51,6 +52,15 @@ from cope_megatron.training.resume import (
     write_config,
 )
 from cope_megatron.training.run_lock import RunLock
+
+
+class OutOfMemory(UserError, RuntimeError):
+    """A training step that does not fit in the memory of its device."""
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """The allocator's failure: CUDA's OutOfMemoryError, or the CPU allocator's."""
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
 def start(cfg: Config) -> tuple[DistEnv, dict]:
@@ -195,12 +205,26 @@ class Trainer:
         total = 0.0
         for batch in batches:
             mask = batch.get("loss_mask")
-            loss = weight * loss_sum(self.engine, batch["tokens"].to(self.env.device),
-                                     None if mask is None else mask.to(self.env.device))
-            self.engine.backward(loss)
+            try:
+                loss = weight * loss_sum(self.engine, batch["tokens"].to(self.env.device),
+                                         None if mask is None else mask.to(self.env.device))
+                self.engine.backward(loss)
+            except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one too
+                if not _out_of_memory(e):
+                    raise
+                raise OutOfMemory(self._oom_message(batch["tokens"].shape)) from e
             self.engine.step()
             total += loss.detach()
         return mean_over_replicas(total / gas)
+
+    def _oom_message(self, shape: torch.Size) -> str:
+        p = self.cfg.parallel
+        return (f"out of memory in step {self.step + 1} on rank {dist.get_rank()}: a micro "
+                f"batch of {shape[0]} × {shape[1] - 1} tokens, {(shape[1] - 1) // p.context} "
+                f"per rank at parallel.context={p.context}, does not fit; raise "
+                "parallel.context, set train.recompute=selective or full, or lower "
+                f"train.micro_batch_size; the last checkpoint is {self.last_tag or 'none'} in "
+                f"{checkpoint.checkpoint_dir(self.run_dir)}")
 
     def train(self) -> TrainResult:
         cfg = self.cfg

@@ -244,6 +244,7 @@ def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: boo
                 scale, tri, flash=paths.far == "flash")
             merge_softmax(out[:, :, i0:i1], lse[:, :, i0:i1], far_out,
                           far_lse + z[:, :, i0:i1, npos_max - 1])
+            del far_out, far_lse  # not alive while the next part's are made
         if bands is not None:
             bands.append((r0, r1, need))
         width, r0 = _next_width(need, limit), r1
@@ -274,26 +275,35 @@ def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
         bands_here = _bands(r0, r1, width, block, causal, k.shape[2], q.shape,
                             q.device, paths.thread_heads) if width else ()
         for band in bands_here:
-            dq_b, dk_w, dv_w, dz_b, dps = bwd(
-                band.rows(q).to(work), band.windows(k).to(work), band.windows(v).to(work),
-                band.mask(), band.rows(z),
-                band.rows(carry), band.rows(d_out), band.rows(lse), band.rows(delta), scale,
-                npos_max)
-            band.put(dq, dq_b, add=True)
-            band.put(dz, dz_b, add=True)
-            band.put(dp_sum, dps)
-            band.add_windows(dk, dk_w)
-            band.add_windows(dv, dv_w)
+            _band_backward(bwd, band, q, k, v, z, carry, d_out, lse, delta, grads, dp_sum,
+                           scale=scale, npos_max=npos_max)
         for i0, i1, j0, j1, tri in _far_parts(r0, r1, width, k.shape[2], causal):
-            dq_f, dk_f, dv_f = attention_backward(
+            parts = attention_backward(
                 d_out[:, :, i0:i1], q[:, :, i0:i1].to(work), k[:, :, j0:j1].to(work),
                 v[:, :, j0:j1].to(work), out[:, :, i0:i1],
                 lse[:, :, i0:i1] - z[:, :, i0:i1, npos_max - 1], scale, tri,
                 flash=paths.far == "flash")
-            dq[:, :, i0:i1] += dq_f
-            dk[:, :, j0:j1] += dk_f
-            dv[:, :, j0:j1] += dv_f
+            for g, rows, cols, part in zip(grads, (i0, j0, j0), (i1, j1, j1), parts):
+                g[:, :, rows:cols] += part
+            del parts  # not alive while the next part's are made
     return dp_sum
+
+
+def _band_backward(bwd, band, q, k, v, z, carry, d_out, lse, delta, grads, dp_sum, *,
+                   scale: float, npos_max: int) -> None:
+    """One band's gradients added into ``grads`` and its Σ dp into ``dp_sum``; a function
+    of its own so that the band's gradient blocks are freed before the next band's."""
+    dq, dk, dv, dz = grads
+    work = z.dtype
+    dq_b, dk_w, dv_w, dz_b, dps = bwd(
+        band.rows(q).to(work), band.windows(k).to(work), band.windows(v).to(work),
+        band.mask(), band.rows(z), band.rows(carry), band.rows(d_out), band.rows(lse),
+        band.rows(delta), scale, npos_max)
+    band.put(dq, dq_b, add=True)
+    band.put(dz, dz_b, add=True)
+    band.put(dp_sum, dps)
+    band.add_windows(dk, dk_w)
+    band.add_windows(dv, dv_w)
 
 
 def row_gates(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
