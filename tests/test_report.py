@@ -12,11 +12,12 @@ from cope_megatron.cli import main
 from cope_megatron.report import ReportError, write_report
 
 
-def fake_run(root, name, pe, seed, ppl, task=None):
+def fake_run(root, name, pe, seed, ppl, task=None, task_name=None):
     run = root / name
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(
-        {"model": {"pe": pe}, "run": {"dir": str(run), "name": None}, "train": {"seed": seed}}))
+        {"model": {"pe": pe}, "run": {"dir": str(run), "name": None}, "train": {"seed": seed},
+         "task": {"name": task_name}}))
     (run / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "loss": 5.0 / s, "tokens_per_s": 1000.0}) + "\n"
         for s in range(1, 11)))
@@ -54,6 +55,15 @@ def test_report_pools_seeds_into_tables_and_plots(tmp_path):
         data = (tmp_path / "report" / png).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5000
         assert f"]({png})" in text
+
+
+def test_runs_of_several_tasks_are_not_pooled_as_seeds(tmp_path):
+    runs = [fake_run(tmp_path, f"{task}-{seed}", "rope", seed, None, task=errors,
+                     task_name=task)
+            for task, errors in (("niah_single", (1.0, 50.0)), ("vt", (10.0, 80.0)))
+            for seed in (1, 2)]
+    text = write_report(runs, tmp_path / "report").read_text()
+    assert "| niah_single: rope | 2 | 1 | 50 |" in text and "| vt: rope | 2 | 10 | 80 |" in text
 
 
 def test_report_command_prints_the_path_and_names_a_bad_directory(tmp_path, capsys):

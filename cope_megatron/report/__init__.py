@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cope_megatron.report import long_context, plots, tables
-from cope_megatron.report.runs import ReportError, group, load_run
+from cope_megatron.report.runs import ReportError, by_task, group, load_run
 
 __all__ = ["ReportError", "write_report"]
 
@@ -19,7 +19,7 @@ def write_report(run_dirs: list[str | Path], out: str | Path) -> Path:
     """Write ``report.md`` and its PNGs into ``out``; returns the markdown's path."""
     if not run_dirs:
         raise ReportError("report: give at least one run directory")
-    runs = [load_run(d) for d in run_dirs]
+    runs = by_task([load_run(d) for d in run_dirs])
     unfinished = [r for r in runs if r.eval is None]
     groups = group([r for r in runs if r.eval is not None])
     out = Path(out)

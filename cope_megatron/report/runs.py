@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -50,6 +50,16 @@ def load_run(run_dir: str | Path) -> Run:
     label = config["run"].get("name") or (report or {}).get("pe") or pe.label(
         load_config([str(config_path)]))
     return Run(run_dir, label, config, metrics, report)
+
+
+def by_task(runs: list[Run]) -> list[Run]:
+    """``runs``, each labelled with its task as well when they train on several (a sweep's
+    task variants): runs of one PE on different tasks are not seeds of one setting."""
+    tasks = {(run.config.get("task") or {}).get("name") for run in runs}
+    if len(tasks) < 2:
+        return runs
+    return [replace(run, label=f"{(run.config.get('task') or {}).get('name') or 'lm'}: "
+                               f"{run.label}") for run in runs]
 
 
 def group(runs: list[Run]) -> dict[str, list[Run]]:
