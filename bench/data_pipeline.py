@@ -118,7 +118,7 @@ def bench_loader(sources: list[MixtureSource], workers: int, batches: int) -> di
     for _ in range(batches):
         inputs = next(loader)["tokens"][:, :-1]
         starts = document_starts(inputs, manifest["eos_id"])
-        torch.arange(inputs.shape[1]) - starts  # the restarted position ids
+        _ = torch.arange(inputs.shape[1]) - starts  # the restarted position ids
     rate = batches * spec.micro_batch_size * manifest["seq_len"] / (time.perf_counter()
                                                                       - started)
     loader.close()

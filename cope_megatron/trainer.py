@@ -58,9 +58,10 @@ class OutOfMemory(UserError, RuntimeError):
     """A training step that does not fit in the memory of its device."""
 
 
-def _out_of_memory(e: RuntimeError) -> bool:
-    """The allocator's failure: CUDA's OutOfMemoryError, or the CPU allocator's."""
-    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+def _out_of_memory(e: Exception) -> bool:
+    """The allocator's failure: CUDA's OutOfMemoryError, the CPU allocator's, Python's."""
+    return (isinstance(e, (torch.OutOfMemoryError, MemoryError))
+            or "can't allocate memory" in str(e))
 
 
 def start(cfg: Config) -> tuple[DistEnv, dict]:
@@ -209,11 +210,11 @@ class Trainer:
                 loss = weight * loss_sum(self.engine, batch["tokens"].to(self.env.device),
                                          None if mask is None else mask.to(self.env.device))
                 self.engine.backward(loss)
-            except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one too
+                self.engine.step()
+            except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is one too
                 if not _out_of_memory(e):
                     raise
                 raise OutOfMemory(self._oom_message(batch["tokens"].shape)) from e
-            self.engine.step()
             total += loss.detach()
         return mean_over_replicas(total / gas)
 

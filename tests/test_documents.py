@@ -13,8 +13,7 @@ from megatron.core import parallel_state
 
 from cope_megatron.config import load_config
 from cope_megatron.distributed.parallel import init_distributed, seed_everything
-from cope_megatron.model import documents
-from cope_megatron.model.documents import document_starts
+from cope_megatron.model.documents import document_ranges, document_starts
 from cope_megatron.model.gpt import build_gpt, model_batch, token_losses
 from cope_megatron.ops.context_parallel.ring import ChunkPair, Part, document_parts
 from cope_megatron.pe import REGISTRY, model_pe
@@ -44,7 +43,7 @@ def packed_tokens() -> torch.Tensor:
     return torch.stack(rows)
 
 
-def document_ranges(lengths: list[int]) -> list[tuple[int, int]]:
+def document_spans(lengths: list[int]) -> list[tuple[int, int]]:
     """(first, end) of each document's input tokens in a packed row."""
     ends = torch.tensor(lengths).cumsum(0).clamp(max=SEQ).tolist()
     return list(zip([0] + ends[:-1], ends))
@@ -81,15 +80,15 @@ def worker(out: str, context: int, variants: dict) -> None:
         result = {"packed": packed.tolist(), "grads": grads.tolist()}
         if seen.get("rotary_pos_emb") is not None:  # RoPE as the layers get it, [s, b, 1, d]
             result["rotary"] = seen["rotary_pos_emb"][:, :, 0].transpose(0, 1).tolist()
-        if context == 1:  # each document alone, and the packed rows with boundaries off
+        if context == 1:  # each document alone, and the packed rows, with boundaries off
+            model.document_eos = None  # the ordinary path: one document, positions 0…
             alone = torch.zeros_like(packed)
             alone_grads = torch.zeros_like(grads)
             for row, lengths in enumerate(DOCUMENTS):
-                for a, e in document_ranges(lengths):
+                for a, e in document_spans(lengths):
                     losses, g = losses_and_grads(model, tokens[row:row + 1, a:e + 1])
                     alone[row, a:e] = losses[0]
                     alone_grads += g
-            model.document_eos = None
             result |= {"alone": alone.tolist(), "alone_grads": alone_grads.tolist(),
                        "crossing": losses_and_grads(model, tokens)[0].tolist()}
         results[name] = result
@@ -119,7 +118,7 @@ def test_each_document_as_if_alone(runs, name):
         by_position = rotary[1, 3:20]  # the longest document: positions 0…16
         assert not by_position[0].any() and (by_position[1:, 0] > by_position[:-1, 0]).all()
         for row, lengths in enumerate(DOCUMENTS):
-            for a, e in document_ranges(lengths):
+            for a, e in document_spans(lengths):
                 assert torch.equal(rotary[row, a:e], by_position[:e - a])
     # The boundaries matter: across documents the losses differ.
     assert (torch.tensor(one["crossing"]) - alone).abs().max() > 1e-3
@@ -129,12 +128,21 @@ def test_each_document_as_if_alone(runs, name):
                                atol=1e-5, rtol=1e-5)
 
 
+def test_dynamic_ntk_is_refused_with_document_boundaries():
+    from cope_megatron.config import ConfigError
+    from cope_megatron.pe import rope_scaling
+
+    cfg = load_config(BASE + ["model.pe=rope", "pe.rope_scaling.type=dynamic"])
+    with pytest.raises(ConfigError, match="pe.rope_scaling.type: dynamic NTK"):
+        rope_scaling.check(cfg, model_pe(cfg.model))
+
+
 def test_document_starts():
     tokens = torch.tensor([[5, EOS, 6, 7, EOS, EOS, 8], [EOS, 4, 4, 4, 4, 4, 4]])
     assert document_starts(tokens, EOS).tolist() == [[0, 0, 2, 2, 2, 5, 6],
                                                      [0, 1, 1, 1, 1, 1, 1]]
-    assert documents.documents(torch.tensor([0, 0, 2, 2, 2, 5, 6])) == [(0, 2), (2, 5),
-                                                                       (5, 6), (6, 7)]
+    assert document_ranges(torch.tensor([0, 0, 2, 2, 2, 5, 6])) == [(0, 2), (2, 5), (5, 6),
+                                                                   (6, 7)]
 
 
 def test_chunk_pair_parts():

@@ -18,7 +18,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from cope_megatron.config import PEConfig
-from cope_megatron.model.documents import documents
+from cope_megatron.model.documents import document_ranges
 from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.pe.base import AttentionShape, PositionEncoding
 from cope_megatron.pe.length_scale import LengthScale
@@ -76,6 +76,10 @@ class PECoreAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         gate = attention_bias.permute(1, 2, 0) if self.token_gate else None
         starts = attention_mask  # document starts [b, S] (``model.documents``) or None
+        if starts is not None and (starts.dim() != 2 or starts.is_floating_point()
+                                   or starts.dtype == torch.bool):
+            raise ValueError("PECoreAttention reads attention_mask as document starts, an "
+                             f"integer [b, S] tensor; got {starts.dtype} {tuple(starts.shape)}")
         if starts is not None and self.cp is None:
             out = self._per_document(q, k, v, gate, starts)
         else:
@@ -107,7 +111,7 @@ class PECoreAttention(MegatronModule):
         rows = []
         for i in range(q.shape[0]):
             parts = []
-            for a, e in documents(starts[i]):
+            for a, e in document_ranges(starts[i]):
                 one = (slice(i, i + 1), slice(None), slice(a, e))
                 parts.append(self._attend(
                     q[one], k[one], v[one], None if gate is None else gate[one],

@@ -180,6 +180,10 @@ def check(cfg: Config, pe: ModelPE) -> None:
     if s.factor < 1:
         raise ConfigError(f"pe.rope_scaling.factor: must be at least 1 (it extends the "
                           f"context), got {s.factor}")
+    if s.type == "dynamic" and cfg.data.document_boundaries:
+        raise ConfigError("pe.rope_scaling.type: dynamic NTK sets its base from the length "
+                          "of the whole sequence, which data.document_boundaries splits into "
+                          "documents; use yarn or ntk, or data.document_boundaries=false")
     if s.original_length is not None and s.original_length < 1:
         raise ConfigError(f"pe.rope_scaling.original_length: must be at least 1, got "
                           f"{s.original_length}")

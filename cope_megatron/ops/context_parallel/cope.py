@@ -124,7 +124,9 @@ class _CoPEContextParallel(torch.autograd.Function):
     def forward(ctx, q, k, v, pos_emb, cp: ContextParallel, npos_max: int, scale: float,
                 impl: str, paths: Paths | None, starts):
         dtype, work = q.dtype, work_dtype(q.dtype)
-        ops = _kernels(impl)
+        # Document parts off the diagonal are rectangles; the Triton kernels take square
+        # pairs, so documents run on the chunked pair code.
+        ops = cope_chunked if starts is not None else _kernels(impl)
         given = _input_dtype(ops, dtype)
         q, pos_emb = q.to(given), pos_emb.to(work)
         h, c = q.shape[1], q.shape[2] // 2

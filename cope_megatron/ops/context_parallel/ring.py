@@ -13,7 +13,7 @@ chunks, one at a time, and brings gradients for them home.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +67,8 @@ def document_parts(pair: ChunkPair, c: int, starts: torch.Tensor | None
     return [(slice(i, i + 1), parts) for i, parts in enumerate(per_row)]
 
 
-def pair_parts(pair: ChunkPair, c: int, starts: torch.Tensor | None):
+def pair_parts(pair: ChunkPair, c: int, starts: torch.Tensor | None
+               ) -> Iterator[tuple[Part, tuple, tuple, tuple]]:
     """Each ``Part`` of ``pair`` (``document_parts``) with the indices (batch, head, token)
     of its query rows and of its keys in a rank's [b, h, 2c, ...] tensors, and of its rows
     in a chunk's [b, h, c, ...] tensors (a pair's carries)."""

@@ -265,7 +265,6 @@ def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
     chunks that leaves exactly the sum over its plain keys. ``bands``: the widths
     ``chunk_forward`` recorded. q, k, v as there; d_out, out, lse and ``grads`` in z's
     dtype."""
-    dq, dk, dv, dz = grads
     paths = (paths or Paths()).resolve(q.device, k.shape[2])
     _, bwd = kernels(paths.band)
     work = z.dtype
@@ -283,8 +282,8 @@ def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
                 v[:, :, j0:j1].to(work), out[:, :, i0:i1],
                 lse[:, :, i0:i1] - z[:, :, i0:i1, npos_max - 1], scale, tri,
                 flash=paths.far == "flash")
-            for g, rows, cols, part in zip(grads, (i0, j0, j0), (i1, j1, j1), parts):
-                g[:, :, rows:cols] += part
+            for g, first, end, part in zip(grads, (i0, j0, j0), (i1, j1, j1), parts):
+                g[:, :, first:end] += part
             del parts  # not alive while the next part's are made
     return dp_sum
 
