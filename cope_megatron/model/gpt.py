@@ -176,9 +176,14 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def max_positions(model: torch.nn.Module) -> int | None:
     """The longest sequence the model's PE can represent; None when unbounded."""
-    return getattr(getattr(model, "module", model), "max_positions", None)
+    return _built_with(model, "max_positions")
 
 
 def document_eos_of(model: torch.nn.Module) -> int | None:
     """The end-of-document token of a model built with document boundaries, else None."""
-    return getattr(getattr(model, "module", model), "document_eos", None)
+    return _built_with(model, "document_eos")
+
+
+def _built_with(model: torch.nn.Module, fact: str):
+    """A fact ``build_gpt`` set on the GPT, through a DeepSpeed engine's ``module``."""
+    return getattr(getattr(model, "module", model), fact, None)

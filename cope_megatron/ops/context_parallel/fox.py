@@ -28,7 +28,6 @@ import torch.distributed as dist
 
 from cope_megatron.ops.context_parallel.ring import (
     ContextParallel,
-    Part,
     expanded,
     fold_expanded,
     pair_parts,
@@ -83,10 +82,20 @@ def _pair_keys(q, k, prefix, f_keys, own_norms, pair, c: int, scale: float) -> s
                           own_norms[pair.q], scale=scale), c)
 
 
-def _within(near: slice, part: Part) -> slice | None:
-    """The keys of ``part`` that ``_pair_keys`` keeps (None: none)."""
-    keys = slice(max(near.start, part.keys.start), part.keys.stop)
-    return keys if keys.start < keys.stop else None
+def _visible_parts(cp: ContextParallel, owner: int, kvf: list[torch.Tensor], q, prefix,
+                   own: list[torch.Tensor], scale: float, starts: torch.Tensor | None):
+    """What forward and backward visit of ``owner``'s chunks: each pair's in-document parts
+    (``ring.pair_parts``) whose keys, less the pair's ``far_keys``, are not empty, as
+    (pair, part, query index, key index into the key chunk, the chunk's (K, V, F))."""
+    h, c = q.shape[1], q.shape[2] // 2
+    ke, ve = (expand_kv(t, h) for t in kvf[:2])
+    for pair in cp.pairs(owner):
+        chunk = [rows(t, pair.k, c) for t in (ke, ve, kvf[2])]
+        near = _pair_keys(q, chunk[0], prefix, chunk[2], own, pair, c, scale)
+        for part, qi, _, li in pair_parts(pair, c, starts):
+            first = max(near.start, part.keys.start)
+            if first < part.keys.stop:
+                yield pair, part, qi, (li[0], slice(None), slice(first, part.keys.stop)), chunk
 
 
 def _own_key_norms(k: torch.Tensor, dtype: torch.dtype, c: int) -> list[torch.Tensor]:
@@ -106,18 +115,11 @@ class _FoXContextParallel(torch.autograd.Function):
         own = _own_key_norms(expand_kv(k, h), work, c)
 
         def visit(owner: int, kvf: list[torch.Tensor]) -> None:
-            ke, ve = (expand_kv(t, h) for t in kvf[:2])
-            for pair in cp.pairs(owner):
-                k_c, v_c, f_c = (rows(t, pair.k, c) for t in (ke, ve, kvf[2]))
-                near = _pair_keys(q, k_c, prefix, f_c, own, pair, c, scale)
-                for part, qi, _, li in pair_parts(pair, c, starts):
-                    keys = _within(near, part)
-                    if keys is None:
-                        continue
-                    b = li[0]
-                    merge_softmax(out[qi], lse[qi], *part_forward(
-                        q[qi], k_c[b, :, keys], v_c[b, :, keys], prefix[b, :, pair.q * c],
-                        f_c[b, :, keys], scale=scale, causal=part.causal, flash=flash))
+            for pair, part, qi, ki, (k_c, v_c, f_c) in _visible_parts(
+                    cp, owner, kvf, q, prefix, own, scale, starts):
+                merge_softmax(out[qi], lse[qi], *part_forward(
+                    q[qi], k_c[ki], v_c[ki], prefix[ki[0], :, pair.q * c], f_c[ki],
+                    scale=scale, causal=part.causal, flash=flash))
 
         cp.ring([k, v, prefix], visit)
         ctx.save_for_backward(q, k, v, prefix, out, lse)
@@ -137,25 +139,17 @@ class _FoXContextParallel(torch.autograd.Function):
         own = _own_key_norms(expand_kv(k, h), work, c)
 
         def visit(owner: int, kvf: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
-            ke, ve = (expand_kv(t, h) for t in kvf[:2])
             dke, dve, dfk = grads = expanded(acc, h)
-            for pair in cp.pairs(owner):
-                k_c, v_c, f_c = (rows(t, pair.k, c) for t in (ke, ve, kvf[2]))
-                near = _pair_keys(q, k_c, prefix, f_c, own, pair, c, scale)
-                for part, qi, _, li in pair_parts(pair, c, starts):
-                    keys = _within(near, part)
-                    if keys is None:
-                        continue
-                    b = li[0]
-                    dq_p, dk_p, dv_p, df_p, ds_p = part_backward(
-                        d_out[qi], q[qi], k_c[b, :, keys], v_c[b, :, keys],
-                        prefix[b, :, pair.q * c], f_c[b, :, keys], out[qi], lse[qi],
-                        scale=scale, causal=part.causal, flash=flash)
-                    dq[qi].add_(dq_p)
-                    rows(dke, pair.k, c)[b, :, keys].add_(dk_p)
-                    rows(dve, pair.k, c)[b, :, keys].add_(dv_p)
-                    rows(dfk, pair.k, c)[b, :, keys].add_(df_p)
-                    d_shift[b, :, pair.q * c] += ds_p
+            for pair, part, qi, ki, (k_c, v_c, f_c) in _visible_parts(
+                    cp, owner, kvf, q, prefix, own, scale, starts):
+                b, shift = ki[0], pair.q * c
+                dq_p, dk_p, dv_p, df_p, ds_p = part_backward(
+                    d_out[qi], q[qi], k_c[ki], v_c[ki], prefix[b, :, shift], f_c[ki],
+                    out[qi], lse[qi], scale=scale, causal=part.causal, flash=flash)
+                dq[qi].add_(dq_p)
+                for g, part_grad in zip((dke, dve, dfk), (dk_p, dv_p, df_p)):
+                    rows(g, pair.k, c)[ki].add_(part_grad)
+                d_shift[b, :, shift] += ds_p
             fold_expanded(acc, grads)
 
         zeros = [torch.zeros(t.shape, dtype=work, device=t.device) for t in (k, v, prefix)]
