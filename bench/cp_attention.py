@@ -4,6 +4,7 @@ memory and wall time) of one forward+backward over a fixed total sequence, for C
 4 ranks, for CoPE, RoPE (plain softmax attention: the rotation is outside it) or ALiBi.
 
     python bench/cp_attention.py [--pe cope] [--seq 8192] [--cps 1 2 4] [--reps 3]
+                                 [--gates dense|sparse|trained --run DIR --layer N]
 
 CP = 1 is the path a model without CP takes: ``cope_attention``, or the PE's attention
 module (SDPA; for ALiBi SDPA with the [h, s, s] bias materialized, what training runs on
@@ -15,6 +16,14 @@ the ring's ``req.wait()`` over its wall time, the largest of the ranks. Memory i
 growth during one fwd+bwd above the inputs (CPU: VmHWM with glibc returning large blocks at
 free, measured in a separate launch because that setting slows allocation; GPU:
 max_memory_allocated). Prints a table and, last, one JSON line.
+
+CoPE's saturation skip (``--gates``: the regimes of ``bench/cope_op.py``, trained ones from
+a run's layer): ``band %`` is the share of the causal logits that run CoPE's gate and
+position math in the attention pass (forward; the backward recomputes the same bands); the
+rest are clamped keys, plain attention with one added logit. ``gates %`` is the share the
+ring's gate-total pass computes (CP > 1: rows not yet clamped by nearer chunks, in key
+blocks from the nearest back, until the block of rows clamps). Both are counted from what
+the op computes, summed over the ranks.
 """
 
 from __future__ import annotations
@@ -33,16 +42,61 @@ import torch.multiprocessing as mp
 
 from cope_megatron.config import PEConfig
 from cope_megatron.ops import cope_attention
+from cope_megatron.ops.context_parallel import cope as cp_cope
 from cope_megatron.ops.context_parallel.cope import cope_attention_context_parallel
 from cope_megatron.ops.context_parallel.ring import ContextParallel
+from cope_megatron.ops.cope import chunked
 from cope_megatron.pe import get_pe
 from cope_megatron.pe.base import AttentionShape
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cope_op import measure  # noqa: E402
+from cope_op import case_inputs, measure  # noqa: E402
 
 
-def _rank(rank: int, world: int, store: str, args, out: str) -> None:
+class LogitCounter:
+    """Counts the logits CoPE's math computes, by wrapping the chunked op's pair function
+    and the gates of the ring's gate totals (which stop a row block once it clamps), while
+    it is ``on`` (the warm-up run)."""
+
+    def __init__(self) -> None:
+        self.band = self.gates = 0
+        self.on = self._in_sums = False
+        forward, sums, gates = chunked.chunk_forward, cp_cope.gate_sums, chunked.row_gates
+
+        def counted_forward(q, k, *args, causal, bands=None, **kwargs):
+            bands = [] if bands is None else bands
+            first = len(bands)
+            result = forward(q, k, *args, causal=causal, bands=bands, **kwargs)
+            if self.on:
+                self.band += sum(_logits(r0, r1, min(w, k.shape[2]), causal)
+                                 for r0, r1, w in bands[first:])
+            return result
+
+        def counted_sums(*args, **kwargs):
+            self._in_sums = True
+            try:
+                return sums(*args, **kwargs)
+            finally:
+                self._in_sums = False
+
+        def counted_gates(q, k, rows, **kwargs):
+            if self.on and self._in_sums:
+                self.gates += rows.numel() * k.shape[2]  # the block's whole q·kᵀ
+            return gates(q, k, rows, **kwargs)
+
+        chunked.chunk_forward, chunked.row_gates = counted_forward, counted_gates
+        cp_cope.gate_sums = counted_sums
+
+
+def _logits(r0: int, r1: int, width: int, causal: bool) -> int:
+    """Logits of rows r0…r1−1 in a band of ``width`` keys (causal: row i has i + 1 keys)."""
+    if not causal:
+        return (r1 - r0) * width
+    whole = max(min(r1, width), r0)  # rows r0…whole−1 see all their i + 1 keys in the band
+    return (whole * (whole + 1) - r0 * (r0 + 1)) // 2 + width * (r1 - whole)
+
+
+def _rank(rank: int, world: int, store: str, args, out: str, inputs: str) -> None:
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -51,9 +105,8 @@ def _rank(rank: int, world: int, store: str, args, out: str) -> None:
                                 rank=rank, world_size=world)
         cp = ContextParallel(dist.group.WORLD)
     dtype = getattr(torch, args.dtype)
-    gen = torch.Generator().manual_seed(0)
-    full = [torch.randn(1, args.heads, args.seq, args.head_dim, generator=gen) for _ in range(4)]
-    table = (0.1 * torch.randn(1, args.head_dim, args.npos, generator=gen)).to(device, dtype)
+    case = torch.load(inputs)
+    full, table = case["qkvg"], case["table"].to(device, dtype)
     if world > 1:
         c = args.seq // (2 * world)
         full = [torch.cat([t[:, :, i * c:(i + 1) * c] for i in cp.chunks(rank)], 2)
@@ -61,9 +114,11 @@ def _rank(rank: int, world: int, store: str, args, out: str) -> None:
     q, k, v, grad = (t.to(device, dtype) for t in full)
     for t in (q, k, v, table):
         t.requires_grad_()
+    heads, head_dim, npos, scale = q.shape[1], q.shape[3], case["npos_max"], case["scale"]
+    counter = LogitCounter()
 
-    shape = AttentionShape.of_rank(total_heads=args.heads, total_kv_heads=args.heads,
-                                   head_dim=args.head_dim)
+    shape = AttentionShape.of_rank(total_heads=heads, total_kv_heads=k.shape[1],
+                                   head_dim=head_dim)
     module = None if args.pe == "cope" else get_pe(args.pe).attention(
         shape, PEConfig(bias_kernel="materialized")).to(device, dtype)
 
@@ -71,15 +126,17 @@ def _rank(rank: int, world: int, store: str, args, out: str) -> None:
         if module is not None:
             out = module(q, k, v, cp if world > 1 else None)
         elif world > 1:
-            out = cope_attention_context_parallel(q, k, v, table, cp, npos_max=args.npos,
-                                                  softmax_scale=args.head_dim ** -0.5)
+            out = cope_attention_context_parallel(q, k, v, table, cp, npos_max=npos,
+                                                  softmax_scale=scale)
         else:
-            out = cope_attention(q, k, v, table)
+            out = cope_attention(q, k, v, table, npos_max=npos, softmax_scale=scale)
         out.backward(grad)
         for t in (q, k, v, table):
             t.grad = None
 
-    run()  # warm-up: compilation, allocator, connections
+    counter.on = True
+    run()  # warm-up (compilation, allocator, connections), and the logits CoPE's math touches
+    counter.on = False
     records = []
     for _ in range(args.reps):
         if world > 1:
@@ -89,21 +146,32 @@ def _rank(rank: int, world: int, store: str, args, out: str) -> None:
         records.append({"cpu_s": time.process_time() - cpu, "wall_s": wall, "peak_mb": peak,
                         "wait_s": (cp.wait_seconds if world > 1 else 0.0) - waited})
     with open(f"{out}.{rank}", "w") as f:
-        json.dump(records, f)
+        json.dump({"reps": records, "band": counter.band, "gates": counter.gates}, f)
     if world > 1:
         dist.destroy_process_group()
 
 
-def launch(world: int, args) -> list[list[dict]]:
-    """Per rank, per repetition: cpu_s, wall_s, peak_mb."""
+def launch(world: int, args, inputs: str) -> list[dict]:
+    """Per rank: per repetition cpu_s, wall_s, peak_mb ("reps"), and its CoPE logit counts."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
-        mp.spawn(_rank, args=(world, os.path.join(tmp, "store"), args, out), nprocs=world)
+        mp.spawn(_rank, args=(world, os.path.join(tmp, "store"), args, out, inputs),
+                 nprocs=world)
         ranks = []
         for r in range(world):
             with open(f"{out}.{r}") as f:
                 ranks.append(json.load(f))
         return ranks
+
+
+def save_inputs(args, path: str) -> None:
+    """q, k, v, the output gradient and the table of the whole sequence, for every rank."""
+    case, options = case_inputs(args.seq, args.gates, args)
+    q, k, v, table = case
+    gen = torch.Generator().manual_seed(1)
+    torch.save({"qkvg": [q, k, v, torch.randn(q.shape, generator=gen)], "table": table,
+                "npos_max": options.get("npos_max", table.shape[-1]),
+                "scale": options.get("softmax_scale", q.shape[-1] ** -0.5)}, path)
 
 
 def main() -> None:
@@ -116,41 +184,61 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--npos", type=int, default=64)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--gates", choices=["dense", "sparse", "trained"], default="dense")
+    parser.add_argument("--run", help="a trained CoPE run directory, for --gates trained")
+    parser.add_argument("--layer", type=int, default=0, help="its layer, for --gates trained")
     args = parser.parse_args()
+    if args.gates == "trained" and not args.run:
+        parser.error("--gates trained needs --run RUN_DIR (a trained CoPE run)")
     gpu = torch.cuda.is_available()
     rows = []
-    for world in args.cps:
-        timed = launch(world, args)
-        if not gpu:  # memory in its own launch, with glibc returning freed blocks
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-            measured = launch(world, args)
-            del os.environ["MALLOC_MMAP_THRESHOLD_"]
-        else:
-            measured = timed
-        cpu = statistics.median(sum(r[i]["cpu_s"] for r in timed) for i in range(args.reps))
-        wall = statistics.median(max(r[i]["wall_s"] for r in timed) for i in range(args.reps))
-        peak = max(max(rep["peak_mb"] for rep in r) for r in measured)
-        waits = [statistics.median(rep["wait_s"] / rep["wall_s"] for rep in r) for r in timed]
-        rows.append({"pe": args.pe, "cp": world, "seq": args.seq,
-                     "tokens_per_rank": args.seq // world, "summed_cpu_s": round(cpu, 3),
-                     "wall_s": round(wall, 3), "peak_mb_per_rank": round(peak, 1),
-                     "wait_frac_per_rank": [round(w, 4) for w in waits]})
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = os.path.join(tmp, "inputs.pt")
+        save_inputs(args, inputs)
+        for world in args.cps:
+            rows.append(measure_layout(world, args, inputs, gpu))
     base = rows[0]
     for r in rows:
         r["cpu_vs_cp1"] = round(r["summed_cpu_s"] / base["summed_cpu_s"], 2)
         r["wall_vs_cp1"] = round(r["wall_s"] / base["wall_s"], 2)
         r["memory_vs_cp1"] = round(r["peak_mb_per_rank"] / base["peak_mb_per_rank"], 2)
-    print(f"pe={args.pe} device={'cuda' if gpu else 'cpu'} dtype={args.dtype} seq={args.seq} "
-          f"heads={args.heads} head_dim={args.head_dim} npos={args.npos} reps={args.reps} "
-          "threads/rank=1")
+    print(f"pe={args.pe} gates={args.gates} device={'cuda' if gpu else 'cpu'} "
+          f"dtype={args.dtype} seq={args.seq} heads={args.heads} head_dim={args.head_dim} "
+          f"npos={args.npos} reps={args.reps} threads/rank=1"
+          + (f" (trained: {args.run} layer {args.layer}, in its own shape)" if args.run else ""))
     print(f"{'CP':>3} {'tokens/rank':>11} {'summed CPU s':>12} {'x CP1':>6} {'wall s':>8} "
-          f"{'x CP1':>6} {'wait %':>6} {'peak MB/rank':>12} {'x CP1':>6}")
+          f"{'x CP1':>6} {'wait %':>6} {'peak MB/rank':>12} {'x CP1':>6} {'band %':>7} "
+          f"{'gates %':>7}")
     for r in rows:
         print(f"{r['cp']:>3} {r['tokens_per_rank']:>11} {r['summed_cpu_s']:>12.3f} "
               f"{r['cpu_vs_cp1']:>6.2f} {r['wall_s']:>8.3f} {r['wall_vs_cp1']:>6.2f} "
               f"{100 * max(r['wait_frac_per_rank']):>6.1f} {r['peak_mb_per_rank']:>12.1f} "
-              f"{r['memory_vs_cp1']:>6.2f}")
-    print(json.dumps({"device": "cuda" if gpu else "cpu", "rows": rows}))
+              f"{r['memory_vs_cp1']:>6.2f} {r['band_pct']:>7.1f} {r['gates_pct']:>7.1f}")
+    print(json.dumps({"device": "cuda" if gpu else "cpu", "gates": args.gates, "rows": rows}))
+
+
+def measure_layout(world: int, args, inputs: str, gpu: bool) -> dict:
+    """One CP size's row: medians over the repetitions, peak over the ranks."""
+    timed = launch(world, args, inputs)
+    if not gpu:  # memory in its own launch, with glibc returning freed blocks
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        measured = launch(world, args, inputs)
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    else:
+        measured = timed
+    reps = range(args.reps)
+    cpu = statistics.median(sum(r["reps"][i]["cpu_s"] for r in timed) for i in reps)
+    wall = statistics.median(max(r["reps"][i]["wall_s"] for r in timed) for i in reps)
+    peak = max(max(rep["peak_mb"] for rep in r["reps"]) for r in measured)
+    waits = [statistics.median(rep["wait_s"] / rep["wall_s"] for rep in r["reps"])
+             for r in timed]
+    causal = args.seq * (args.seq + 1) / 2
+    return {"pe": args.pe, "gates": args.gates, "cp": world, "seq": args.seq,
+            "tokens_per_rank": args.seq // world, "summed_cpu_s": round(cpu, 3),
+            "wall_s": round(wall, 3), "peak_mb_per_rank": round(peak, 1),
+            "wait_frac_per_rank": [round(w, 4) for w in waits],
+            "band_pct": round(100 * sum(r["band"] for r in timed) / causal, 2),
+            "gates_pct": round(100 * sum(r["gates"] for r in timed) / causal, 2)}
 
 
 if __name__ == "__main__":

@@ -104,12 +104,12 @@ def cpu_s() -> float:
 
 
 def bench_loader(sources: list[MixtureSource], workers: int, batches: int) -> dict:
+    import torch
+
     from cope_megatron.data.format import read_manifest
     from cope_megatron.data.loader import ResumableLoader
     from cope_megatron.data.mixture import mixture_of
     from cope_megatron.data.source import split_spec
-    import torch
-
     from cope_megatron.model.documents import document_starts
 
     manifest = read_manifest(sources[0].shards)

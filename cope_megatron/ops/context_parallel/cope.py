@@ -10,9 +10,10 @@ Forward
   1. Gate totals (ring of K). For every causal pair (Q, K ≤ Q): G[Q, K]_i = Σ_{j ∈ K, j ≤ i}
      σ(a_ij). A row's totals per chunk are few numbers, so any arrival order will do. Once
      the chunks between K and Q seen so far sum to npos_max − 1 for a row, every position
-     from K back clamps whatever G is, so the row is skipped; the ring brings nearer chunks
-     first (all of them for the head chunk), so usually only rows next to a chunk start,
-     and the diagonal pairs, are computed.
+     from K back clamps whatever G is, so the row is skipped. The diagonal pairs need no
+     carry, so with the chunked pair code their step 3 runs first and its bands give their
+     totals (``chunk_forward(totals=)``); after them usually only rows next to a chunk
+     start are left to compute.
   2. Carries: C[Q, K] = Σ_{K < K' ≤ Q} G[Q, K'], the gate total of the row's keys after
      chunk K. Within a pair p_ij = C + (reverse cumsum of the pair's gates), so each pair is
      the single-rank block math with an offset (``ops.cope.chunked.chunk_forward``, or the
@@ -132,10 +133,41 @@ class _CoPEContextParallel(torch.autograd.Function):
         h, c = q.shape[1], q.shape[2] // 2
 
         totals: dict[tuple[int, int], torch.Tensor] = {}  # (local q chunk, global K) -> G
+        carries = torch.zeros(2, 2 * cp.size, *q.shape[:2], c, dtype=work, device=q.device)
+        out = torch.zeros(q.shape, dtype=work, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
+        widths: dict[tuple[int, int], list] = {}  # per pair, its op's record
+
+        def attend(pairs: list[ChunkPair], kv: list[torch.Tensor], with_totals: bool = False
+                   ) -> None:
+            """Step 3 for ``pairs``; ``with_totals``: their gate totals (step 1) too."""
+            ke, ve = (expand_kv(t.to(given), h) for t in kv)
+            for qi, group in _by_query(pairs):
+                z_c = rows(q, qi, c).to(work) @ pos_emb  # [b, h, c, npos]
+                for pair in group:
+                    carry = carries[qi, pair.k_global]
+                    total = torch.zeros_like(carry) if with_totals else None
+                    for part, qr, kr, lr in pair_parts(pair, c, starts):
+                        merge_softmax(out[qr], lse[qr], *ops.chunk_forward(
+                            q[qr], ke[kr], ve[kr], z_c[lr], carry[lr], scale=scale,
+                            npos_max=npos_max, causal=part.causal,
+                            **_options(ops, widths, pair, part, lr[0], paths),
+                            **({} if total is None else {"totals": total[lr]})))
+                    if total is not None:
+                        totals[pair.q, pair.k_global] = total
+
+        # The diagonal pairs need no carry, so they run first; the chunked op's bands hold
+        # every row's keys up to its clamp, so their gate totals come with them, which
+        # spares the gate pass its largest part (and clamps most rows of the rest).
+        first = [p for p in cp.pairs(cp.rank) if p.diagonal] if ops is cope_chunked else []
+        attend(first, [k, v], with_totals=True)
 
         def gate_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke = expand_kv(kv[0], h)
-            for pair in cp.pairs(owner):
+            # Nearest key chunk first: its totals clamp most rows of the farther ones.
+            for pair in sorted(cp.pairs(owner), key=lambda p: -p.k_global):
+                if (pair.q, pair.k_global) in totals:
+                    continue
                 # A row whose keys in nearer chunks seen so far already reach the last
                 # position clamps every key from here back: its total here is not needed.
                 total = torch.zeros(*q.shape[:2], c, dtype=work, device=q.device)
@@ -149,27 +181,11 @@ class _CoPEContextParallel(torch.autograd.Function):
                 totals[pair.q, pair.k_global] = total
 
         cp.ring([k], gate_pass)
-        carries = torch.zeros(2, 2 * cp.size, *q.shape[:2], c, dtype=work, device=q.device)
         for qi, qg in enumerate(cp.chunks(cp.rank)):
             for kg in range(qg - 1, -1, -1):
                 carries[qi, kg] = carries[qi, kg + 1] + totals[qi, kg + 1]
-
-        out = torch.zeros(q.shape, dtype=work, device=q.device)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
-        widths: dict[tuple[int, int], list] = {}  # per pair, its op's record
-
-        def attention_pass(owner: int, kv: list[torch.Tensor]) -> None:
-            ke, ve = (expand_kv(t.to(given), h) for t in kv)
-            for qi, pairs in _by_query(cp.pairs(owner)):
-                z_c = rows(q, qi, c).to(work) @ pos_emb  # [b, h, c, npos]
-                for pair in pairs:
-                    for part, qr, kr, lr in pair_parts(pair, c, starts):
-                        merge_softmax(out[qr], lse[qr], *ops.chunk_forward(
-                            q[qr], ke[kr], ve[kr], z_c[lr], carries[qi, pair.k_global][lr],
-                            scale=scale, npos_max=npos_max, causal=part.causal,
-                            **_options(ops, widths, pair, part, lr[0], paths)))
-
-        cp.ring([k, v], attention_pass)
+        cp.ring([k, v], lambda owner, kv: attend([p for p in cp.pairs(owner)
+                                                  if p not in first], kv))
         ctx.save_for_backward(q, k, v, pos_emb, out, lse, carries)
         ctx.cfg = (cp, npos_max, scale, ops, dtype, widths, paths, starts)
         return out.to(dtype)

@@ -172,8 +172,8 @@ def _next_width(need: int, limit: int) -> float:
     return math.inf if need >= limit else -(-(need + need // 8 + 1) // 8) * 8
 
 
-def _band_forward(fwd, q, k, v, z, carry, out, lse, r0, r1, width, *, scale, npos_max,
-                  causal, block, thread_heads) -> tuple[int, int]:
+def _band_forward(fwd, q, k, v, z, carry, out, lse, totals, r0, r1, width, *, scale,
+                  npos_max, causal, block, thread_heads) -> tuple[int, int]:
     """The group's band into out, lse. Returns the widest band a row of it needs, its keys
     up to the first one past npos_max − 1 (0 if the carry has clamped the row, all its keys
     if it never clamps), and, if that is more than ``width``, a width likely to do: where a
@@ -187,6 +187,8 @@ def _band_forward(fwd, q, k, v, z, carry, out, lse, r0, r1, width, *, scale, npo
                                          carry_rows, scale, npos_max)
         band.put(out, o)
         band.put(lse, o_lse)
+        if totals is not None:
+            band.put(totals, total)
         # Keys past npos_max − 1 are the far ones, so a row needs its unclamped keys; if
         # all of its band is unclamped and it has keys beyond, it needs more than W.
         more = ids + 1 > width if causal else k.shape[2] > width
@@ -203,7 +205,8 @@ def _band_forward(fwd, q, k, v, z, carry, out, lse, r0, r1, width, *, scale, npo
 
 def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: bool,
                   block: int = DEFAULT_BLOCK, paths: Paths | None = None,
-                  bands: list[tuple[int, int, int]] | None = None):
+                  bands: list[tuple[int, int, int]] | None = None,
+                  totals: torch.Tensor | None = None):
     """Softmax-normalized CoPE attention of query rows over one key chunk.
 
     q [b, h, sq, d]; k, v [b, h, sk, d] (kv heads expanded); z = q·E [b, h, sq, npos];
@@ -211,6 +214,9 @@ def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: boo
     chunk is the rows' own (sq = sk, row i sees keys ≤ i). Returns (out, lse [b, h, sq]).
     ``bands``: a list to append each group's (first row, end row, band width) to, for
     ``chunk_backward``. ``paths``: the device-dependent choices (``ops.cope.paths``).
+    ``totals`` [b, h, sq], if given, receives each row's carry plus its gate total over the
+    chunk, exact below npos_max − 1 and at least that otherwise (what ``gate_sums`` gives):
+    a row's band holds all its keys up to its clamp, so the total comes with the band.
     z and carry are in the dtype the math runs in; q, k, v may be narrower (bf16), then
     each band and plain-attention call converts only its own part, and out and lse
     accumulate in z's dtype.
@@ -231,10 +237,13 @@ def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: boo
         width = min(width, limit)
         if bool((carry[:, :, r0:r1] > npos_max - 1).all()):
             width = need = 0  # later chunks clamped every row: all plain
+            if totals is not None:
+                totals[:, :, r0:r1] = carry[:, :, r0:r1]
         while width:
-            need, guess = _band_forward(fwd, q, k, v, z, carry, out, lse, r0, r1, width,
-                                        scale=scale, npos_max=npos_max, causal=causal,
-                                        block=block, thread_heads=paths.thread_heads)
+            need, guess = _band_forward(fwd, q, k, v, z, carry, out, lse, totals, r0, r1,
+                                        width, scale=scale, npos_max=npos_max,
+                                        causal=causal, block=block,
+                                        thread_heads=paths.thread_heads)
             if need <= width:
                 break
             width = min(max(2 * width, guess), limit)
@@ -322,18 +331,21 @@ def gate_sums(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: fl
               causal: bool, limit: float, block: int = 128) -> torch.Tensor:
     """Σ_j σ(a_ij) over each selected row's visible keys -> [b, h, len(rows)], exact below
     ``limit`` and at least ``limit`` otherwise. Key blocks are summed from the last one back
-    and a row block stops once all its rows reach ``limit``: beyond the clamp a position's
-    exact value does not matter, and gates of near keys usually get there quickly."""
+    and a row leaves its block's product once it reaches ``limit`` (for every batch and
+    head): beyond the clamp a position's exact value does not matter, gates of near keys
+    usually get there quickly, and the rows that need farther keys are few."""
     sums = []
     for i in range(0, rows.numel(), block):
         idx = rows[i:i + block]
         keys = int(idx.max()) + 1 if causal else k.shape[2]
         acc = q.new_zeros(*q.shape[:2], idx.numel(), dtype=work_dtype(q.dtype))
+        live = torch.arange(idx.numel(), device=q.device)  # rows below the limit
         for j1 in range(keys, 0, -block):
             j0 = max(0, j1 - block)
-            acc += row_gates(q, k[:, :, j0:j1], idx, scale=scale, causal=causal,
-                             key_start=j0).sum(-1)
-            if bool((acc >= limit).all()):
+            acc[:, :, live] += row_gates(q, k[:, :, j0:j1], idx[live], scale=scale,
+                                         causal=causal, key_start=j0).sum(-1)
+            live = live[(acc[:, :, live] < limit).flatten(0, 1).any(0)]
+            if not live.numel():
                 break
         sums.append(acc)
     return torch.cat(sums, -1) if sums else q.new_zeros(*q.shape[:2], 0,
