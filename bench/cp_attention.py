@@ -164,14 +164,17 @@ def launch(world: int, args, inputs: str) -> list[dict]:
         return ranks
 
 
-def save_inputs(args, path: str) -> None:
-    """q, k, v, the output gradient and the table of the whole sequence, for every rank."""
+def save_inputs(args, path: str) -> str:
+    """q, k, v, the output gradient and the table of the whole sequence, for every rank;
+    returns their shape, for the table's header."""
     case, options = case_inputs(args.seq, args.gates, args)
     q, k, v, table = case
     gen = torch.Generator().manual_seed(1)
+    npos = options.get("npos_max", table.shape[-1])
     torch.save({"qkvg": [q, k, v, torch.randn(q.shape, generator=gen)], "table": table,
-                "npos_max": options.get("npos_max", table.shape[-1]),
+                "npos_max": npos,
                 "scale": options.get("softmax_scale", q.shape[-1] ** -0.5)}, path)
+    return f"heads={q.shape[1]} head_dim={q.shape[3]} npos={npos}"
 
 
 def main() -> None:
@@ -194,7 +197,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         inputs = os.path.join(tmp, "inputs.pt")
-        save_inputs(args, inputs)
+        shape = save_inputs(args, inputs)
         for world in args.cps:
             rows.append(measure_layout(world, args, inputs, gpu))
     base = rows[0]
@@ -203,9 +206,8 @@ def main() -> None:
         r["wall_vs_cp1"] = round(r["wall_s"] / base["wall_s"], 2)
         r["memory_vs_cp1"] = round(r["peak_mb_per_rank"] / base["peak_mb_per_rank"], 2)
     print(f"pe={args.pe} gates={args.gates} device={'cuda' if gpu else 'cpu'} "
-          f"dtype={args.dtype} seq={args.seq} heads={args.heads} head_dim={args.head_dim} "
-          f"npos={args.npos} reps={args.reps} threads/rank=1"
-          + (f" (trained: {args.run} layer {args.layer}, in its own shape)" if args.run else ""))
+          f"dtype={args.dtype} seq={args.seq} {shape} reps={args.reps} threads/rank=1"
+          + (f" (trained: {args.run} layer {args.layer})" if args.gates == "trained" else ""))
     print(f"{'CP':>3} {'tokens/rank':>11} {'summed CPU s':>12} {'x CP1':>6} {'wall s':>8} "
           f"{'x CP1':>6} {'wait %':>6} {'peak MB/rank':>12} {'x CP1':>6} {'band %':>7} "
           f"{'gates %':>7}")
