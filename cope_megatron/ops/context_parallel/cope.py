@@ -56,7 +56,6 @@ from cope_megatron.ops.context_parallel.ring import (
     ChunkPair,
     ContextParallel,
     Part,
-    Piece,
     expanded,
     fold_expanded,
     pair_parts,
@@ -163,10 +162,10 @@ class _CoPEContextParallel(torch.autograd.Function):
         first = [p for p in cp.pairs(cp.rank) if p.diagonal] if ops is cope_chunked else []
         attend(first, [k, v], with_totals=True)
 
-        def gate_pass(piece: Piece, kv: list[torch.Tensor]) -> None:
+        def gate_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke = expand_kv(kv[0], h)
             # Nearest key chunk first: its totals clamp most rows of the farther ones.
-            for pair in sorted(cp.pairs(piece), key=lambda p: -p.k_global):
+            for pair in sorted(cp.pairs(owner), key=lambda p: -p.k_global):
                 if (pair.q, pair.k_global) in totals:
                     continue
                 # A row whose keys in nearer chunks seen so far already reach the last
@@ -185,9 +184,8 @@ class _CoPEContextParallel(torch.autograd.Function):
         for qi, qg in enumerate(cp.chunks(cp.rank)):
             for kg in range(qg - 1, -1, -1):
                 carries[qi, kg] = carries[qi, kg + 1] + totals[qi, kg + 1]
-        done = {(p.q, p.k_global) for p in first}
-        cp.ring([k, v], lambda piece, kv: attend([p for p in cp.pairs(piece)
-                                                  if (p.q, p.k_global) not in done], kv))
+        cp.ring([k, v], lambda owner, kv: attend([p for p in cp.pairs(owner)
+                                                  if p not in first], kv))
         ctx.save_for_backward(q, k, v, pos_emb, out, lse, carries)
         ctx.cfg = (cp, npos_max, scale, ops, dtype, widths, paths, starts)
         return out.to(dtype)
@@ -203,11 +201,11 @@ class _CoPEContextParallel(torch.autograd.Function):
         d_emb = torch.zeros_like(pos_emb)
         dp_sums = torch.zeros_like(carries)
 
-        def pair_pass(piece: Piece, kv: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
+        def pair_pass(owner: int, kv: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
             nonlocal d_emb
             ke, ve = (expand_kv(t.to(given), h) for t in kv)
             dke, dve = grads = expanded(acc, h)
-            for qi, pairs in _by_query(cp.pairs(piece)):
+            for qi, pairs in _by_query(cp.pairs(owner)):
                 q_c = rows(q, qi, c)
                 z_c = q_c.to(work) @ pos_emb
                 dz_c = torch.zeros_like(z_c)
@@ -233,11 +231,11 @@ class _CoPEContextParallel(torch.autograd.Function):
         needed = torch.tensor([int(bool(b_carry.any()))], device=q.device)
         dist.all_reduce(needed, op=dist.ReduceOp.MAX, group=cp.group)
         if needed.item():
-            def correction_pass(piece: Piece, kv: list[torch.Tensor],
+            def correction_pass(owner: int, kv: list[torch.Tensor],
                                 acc: list[torch.Tensor]) -> None:
                 ke = expand_kv(kv[0].to(given), h)
                 (dke,) = grads = expanded(acc, h)
-                for pair in cp.pairs(piece):
+                for pair in cp.pairs(owner):
                     for part, qr, kr, lr in pair_parts(pair, c, starts):
                         _correction(q[qr], ke[kr], dq[qr], dke[kr],
                                     b_carry[pair.q, pair.k_global][lr], scale, part.causal)

@@ -28,7 +28,6 @@ import torch.distributed as dist
 
 from cope_megatron.ops.context_parallel.ring import (
     ContextParallel,
-    Piece,
     expanded,
     fold_expanded,
     pair_parts,
@@ -83,14 +82,14 @@ def _pair_keys(q, k, prefix, f_keys, own_norms, pair, c: int, scale: float) -> s
                           own_norms[pair.q], scale=scale), c)
 
 
-def _visible_parts(cp: ContextParallel, piece: Piece, kvf: list[torch.Tensor], q, prefix,
+def _visible_parts(cp: ContextParallel, owner: int, kvf: list[torch.Tensor], q, prefix,
                    own: list[torch.Tensor], scale: float, starts: torch.Tensor | None):
-    """What forward and backward visit of a ring ``Piece``: each pair's in-document parts
+    """What forward and backward visit of ``owner``'s chunks: each pair's in-document parts
     (``ring.pair_parts``) whose keys, less the pair's ``far_keys``, are not empty, as
     (pair, part, query index, key index into the key chunk, the chunk's (K, V, F))."""
     h, c = q.shape[1], q.shape[2] // 2
     ke, ve = (expand_kv(t, h) for t in kvf[:2])
-    for pair in cp.pairs(piece):
+    for pair in cp.pairs(owner):
         chunk = [rows(t, pair.k, c) for t in (ke, ve, kvf[2])]
         near = _pair_keys(q, chunk[0], prefix, chunk[2], own, pair, c, scale)
         for part, qi, _, li in pair_parts(pair, c, starts):
@@ -115,9 +114,9 @@ class _FoXContextParallel(torch.autograd.Function):
 
         own = _own_key_norms(expand_kv(k, h), work, c)
 
-        def visit(piece: Piece, kvf: list[torch.Tensor]) -> None:
+        def visit(owner: int, kvf: list[torch.Tensor]) -> None:
             for pair, part, qi, ki, (k_c, v_c, f_c) in _visible_parts(
-                    cp, piece, kvf, q, prefix, own, scale, starts):
+                    cp, owner, kvf, q, prefix, own, scale, starts):
                 merge_softmax(out[qi], lse[qi], *part_forward(
                     q[qi], k_c[ki], v_c[ki], prefix[ki[0], :, pair.q * c], f_c[ki],
                     scale=scale, causal=part.causal, flash=flash))
@@ -139,10 +138,10 @@ class _FoXContextParallel(torch.autograd.Function):
 
         own = _own_key_norms(expand_kv(k, h), work, c)
 
-        def visit(piece: Piece, kvf: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
+        def visit(owner: int, kvf: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
             dke, dve, dfk = grads = expanded(acc, h)
             for pair, part, qi, ki, (k_c, v_c, f_c) in _visible_parts(
-                    cp, piece, kvf, q, prefix, own, scale, starts):
+                    cp, owner, kvf, q, prefix, own, scale, starts):
                 b, shift = ki[0], pair.q * c
                 dq_p, dk_p, dv_p, df_p, ds_p = part_backward(
                     d_out[qi], q[qi], k_c[ki], v_c[ki], prefix[b, :, shift], f_c[ki],

@@ -7,7 +7,7 @@ every rank has the same causal work. Megatron has the batch slicing
 TransformerEngine (CUDA only, and blind to CoPE's carried gate sums); this module is the
 small part both of our CP attentions share: which (query chunk, key chunk) pairs a rank
 computes, and a ring of point-to-point exchanges that shows every rank every other rank's
-chunks, one chunk at a time, and brings gradients for them home.
+chunks, one at a time, and brings gradients for them home.
 """
 
 from __future__ import annotations
@@ -35,14 +35,6 @@ class ChunkPair:
     def diagonal(self) -> bool:
         """The rows' own chunk: causal within it."""
         return self.q_global == self.k_global
-
-
-@dataclass(frozen=True)
-class Piece:
-    """What one ring step visits: chunk ``chunk`` (0 head, 1 tail) of rank ``owner``."""
-
-    owner: int
-    chunk: int
 
 
 @dataclass(frozen=True)
@@ -121,17 +113,11 @@ class ContextParallel:
         """Global indices of the two chunks rank ``rank`` holds."""
         return rank, 2 * self.size - 1 - rank
 
-    def pairs(self, owner: int | Piece) -> list[ChunkPair]:
-        """This rank's causal (query chunk, key chunk) pairs against rank ``owner``'s two
-        chunks, or against the one chunk of a ring ``Piece`` (whose tensors hold only that
-        chunk: its pairs' local key chunk is 0)."""
-        if isinstance(owner, Piece):
-            keys = [(0, self.chunks(owner.owner)[owner.chunk])]
-        else:
-            keys = list(enumerate(self.chunks(owner)))
+    def pairs(self, owner: int) -> list[ChunkPair]:
+        """This rank's causal (query chunk, key chunk) pairs against ``owner``'s chunks."""
         return [ChunkPair(qi, ki, qg, kg)
                 for qi, qg in enumerate(self.chunks(self.rank))
-                for ki, kg in keys if kg <= qg]
+                for ki, kg in enumerate(self.chunks(owner)) if kg <= qg]
 
     def positions(self, chunk: int, length: int, device: torch.device) -> torch.Tensor:
         """Global token positions of a chunk of ``length`` tokens."""
@@ -160,48 +146,33 @@ class ContextParallel:
 
     def ring(self, tensors: Sequence[torch.Tensor], visit: Callable[..., None],
              grads: list[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
-        """Call ``visit(piece, the piece's tensors)`` once for every chunk of every rank of
-        the group (a ``Piece``; ``pairs(piece)`` are this rank's pairs against it), starting
-        with this rank's own; the next chunk's tensors are in flight while ``visit`` runs.
-        ``tensors`` are [b, h, 2c, ...]: this rank's head and tail chunks, which go round
-        one after the other, so that one chunk of each tensor is visited and one is in
-        flight (sending both chunks at once held twice that).
+        """Call ``visit(owner, owner's tensors)`` once for every rank of the group, starting
+        with this one; the next rank's tensors are in flight while ``visit`` runs.
 
         With ``grads`` (accumulators for this rank's own tensors, zeros or a sum to add to),
-        ``visit(piece, tensors, acc)`` adds into ``acc`` the gradients for the piece's
+        ``visit(owner, tensors, acc)`` adds into ``acc`` the gradients for the owner's
         tensors; ``acc`` is the sum the ranks before have made, received before ``visit``
-        runs, and is handed on after it. This rank's own totals are returned in the
-        ``grads`` buffers themselves, each chunk's copied in when its ring ends, so no third
-        set of buffers is made. Adding into the received buffer, rather than into zeros
-        added to it later, holds one set of gradient buffers while computing instead of
-        three (new, received, and the last one sent); the price is that the hand-over, a
-        copy over the link, is not hidden behind compute (``wait_seconds`` counts it).
-        Going round a chunk at a time took CoPE's per-rank peak at CP=4 from 0.38× to 0.34×
-        of one rank's (``bench/cp_attention.py``, 8k).
+        runs, and is handed on after it: this rank's own total is returned. The ring takes
+        the tensors of ``grads`` over (it empties the list), so that a buffer handed on
+        is freed as soon as its send is done; the caller keeps no other reference. Adding into the
+        received buffer, rather than into zeros added to it later, holds one set of
+        gradient buffers while computing instead of three (new, received, and the last
+        one sent); the price is that the hand-over, a copy over the link, is not hidden
+        behind compute (``wait_seconds`` counts it).
         """
-        c = tensors[0].shape[2] // 2
-        for i in (0, 1):
-            # The chunk's accumulators are views of ``grads``, whose rows take its total.
-            totals = self._chunk_ring(i, [rows(t, i, c) for t in tensors], visit,
-                                      None if grads is None else [rows(g, i, c) for g in grads])
-            for g, total in zip(grads or [], totals or []):
-                rows(g, i, c).copy_(total)
-            del totals  # not alive through the next chunk's ring
-        return grads
-
-    def _chunk_ring(self, chunk: int, tensors: list[torch.Tensor], visit: Callable[..., None],
-                    acc: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
-        """``ring`` for every rank's chunk ``chunk``: ``tensors`` and ``acc`` this rank's."""
+        tensors, acc = list(tensors), None if grads is None else grads[:]
+        if grads is not None:
+            grads.clear()
         travelling = None
         for step in range(self.size):
-            piece = Piece((self.rank - step) % self.size, chunk)
+            owner = (self.rank - step) % self.size
             incoming = self._start(tensors) if step + 1 < self.size else None
             if travelling is not None:
                 acc, travelling = travelling(), None
             if acc is None:
-                visit(piece, tensors)
+                visit(owner, tensors)
             else:
-                visit(piece, tensors, acc)
+                visit(owner, tensors, acc)
             # The last visit's tensors go before its gradients are handed on.
             tensors = incoming() if incoming is not None else None
             if acc is not None:

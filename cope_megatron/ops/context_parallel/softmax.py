@@ -30,7 +30,6 @@ from cope_megatron.ops.context_parallel.ring import (
     ChunkPair,
     ContextParallel,
     Part,
-    Piece,
     expanded,
     fold_expanded,
     pair_parts,
@@ -95,9 +94,9 @@ class _RingAttention(torch.autograd.Function):
         out = torch.zeros_like(q)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
 
-        def visit(piece: Piece, kv: list[torch.Tensor]) -> None:
+        def visit(owner: int, kv: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
-            for pair in cp.pairs(piece):
+            for pair in cp.pairs(owner):
                 for part, qi, ki, _ in pair_parts(pair, c, starts):
                     q_c, k_c, v_c, out_c, lse_c = q[qi], ke[ki], ve[ki], out[qi], lse[qi]
                     if bias is None:
@@ -133,10 +132,10 @@ class _RingAttention(torch.autograd.Function):
         d_bias = [torch.zeros_like(t) if w else None for t, w in zip(leaves, wants)]
         wanted = [t for t, w in zip(leaves, wants) if w]
 
-        def visit(piece: Piece, kv: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
+        def visit(owner: int, kv: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
             dke, dve = grads = expanded(acc, h)
-            for pair in cp.pairs(piece):
+            for pair in cp.pairs(owner):
                 for part, qi, ki, _ in pair_parts(pair, c, starts):
                     q_c, do_c, dq_c, lse_c = q[qi], d_out[qi], dq[qi], lse[qi]
                     k_c, v_c, dk_c, dv_c = ke[ki], ve[ki], dke[ki], dve[ki]

@@ -28,7 +28,6 @@ import torch
 
 from cope_megatron.ops.context_parallel.ring import (
     ContextParallel,
-    Piece,
     expanded,
     fold_expanded,
     pair_parts,
@@ -67,9 +66,9 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         h, c = q.shape[1], q.shape[2] // 2
         totals = torch.zeros(2, 2 * cp.size, *q.shape[:2], c, dtype=work, device=q.device)
 
-        def total_pass(piece: Piece, kv: list[torch.Tensor]) -> None:
+        def total_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke = expand_kv(kv[0], h)
-            for pair in cp.pairs(piece):
+            for pair in cp.pairs(owner):
                 for part, qi, ki, li in pair_parts(pair, c, starts):
                     totals[pair.q, pair.k_global][li] = _softplus_sums(
                         q[qi], ke[ki], scale=scale, causal=part.causal)
@@ -81,9 +80,9 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         acc = torch.zeros(q.shape, dtype=work, device=q.device)
         mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
 
-        def attention_pass(piece: Piece, kv: list[torch.Tensor]) -> None:
+        def attention_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t, h) for t in kv)
-            for pair in cp.pairs(piece):
+            for pair in cp.pairs(owner):
                 for part, qi, ki, li in pair_parts(pair, c, starts):
                     part_acc, part_mass = chunk_forward(
                         q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li],
@@ -107,10 +106,10 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         d_l_sums = torch.zeros_like(carries)
 
-        def pair_pass(piece: Piece, kv: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
+        def pair_pass(owner: int, kv: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t, h) for t in kv)
             dke, dve = grads = expanded(acc, h)
-            for pair in cp.pairs(piece):
+            for pair in cp.pairs(owner):
                 for part, qi, ki, li in pair_parts(pair, c, starts):
                     d_l_sums[pair.q, pair.k_global][li] = chunk_backward(
                         q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li], d_out[qi],
@@ -123,11 +122,11 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         dv = kv_grads.pop()
         farther = d_l_sums.cumsum(1) - d_l_sums  # B[Q, K] = Σ_{K' < K}
 
-        def correction_pass(piece: Piece, kv: list[torch.Tensor],
+        def correction_pass(owner: int, kv: list[torch.Tensor],
                             acc: list[torch.Tensor]) -> None:
             ke = expand_kv(kv[0], h)
             (dke,) = grads = expanded(acc, h)
-            for pair in cp.pairs(piece):
+            for pair in cp.pairs(owner):
                 for part, qi, ki, li in pair_parts(pair, c, starts):
                     chunk_correction(q[qi], ke[ki], farther[pair.q, pair.k_global][li],
                                      (dq[qi], dke[ki]), scale=scale, causal=part.causal)
