@@ -385,10 +385,19 @@ def test_chunked_plain_keys_are_exactly_clamped_ones(monkeypatch, request, regim
     scale = 1 / math.sqrt(d)
     z = q @ E
     bands: list[tuple[int, int, int]] = []
+    totals = torch.full(q.shape[:3], float("nan"), dtype=torch.float64)
     out, lse = cope_chunked.chunk_forward(q, k, v, z, carry, scale=scale, npos_max=npos_max,
-                                          causal=causal, block=8, bands=bands, paths=paths)
+                                          causal=causal, block=8, bands=bands, paths=paths,
+                                          totals=totals)
     s = q.shape[2]
     pos = _positions(q, k, scale, causal, carry)
+    # The totals context parallelism's gate ring takes from the diagonal pairs: each row's
+    # carry plus all its gates (its first key's position), exact below the clamp.
+    below = pos[..., 0] <= npos_max - 1
+    torch.testing.assert_close(totals[below], pos[..., 0][below], rtol=1e-10, atol=1e-10)
+    assert bool((totals[~below] > npos_max - 1).all())
+    assert (below.any() or regime in ("noncausal", "carried")) and ((~below).any()
+                                                                   or regime == "never")
     rows = torch.arange(s)[:, None]
     keys = torch.arange(s)[None, :]
     starts, ends, widths = zip(*bands)
