@@ -19,8 +19,9 @@ max_memory_allocated). Prints a table and, last, one JSON line.
 
 CoPE's saturation skip (``--gates``: the regimes of ``bench/cope_op.py``, trained ones from
 a run's layer): ``band %`` is the share of the causal logits that run CoPE's gate and
-position math in the attention pass (forward; the backward recomputes the same bands); the
-rest are clamped keys, plain attention with one added logit. ``gates %`` is the share the
+position math in the attention pass, at each row group's recorded band width (the backward
+recomputes the same bands; the forward's narrower first tries are not counted); the rest
+are clamped keys, plain attention with one added logit. ``gates %`` is the share the
 ring's gate-total pass computes (CP > 1: rows not yet clamped by nearer chunks, in key
 blocks from the nearest back, until the block of rows clamps). Both are counted from what
 the op computes, summed over the ranks.
