@@ -14,13 +14,10 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/pip" install -q -e ".[test]"
   touch "$STAMP"
 fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 cmd=${1:?usage: launch/bootstrap.sh demo|test [args...]}; shift
 case "$cmd" in
-  demo) OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} exec "$VENV/bin/python" -m cope_megatron demo "$@" ;;
-  # One pytest process per core (xdist; "-n 0" after it runs serially), one thread each:
-  # most tests are single-threaded Python or start ranks of their own, so one process left
-  # a core idle, and OpenMP threads beyond the cores only spin.
-  test) OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec "$VENV/bin/python" -m pytest \
-          -n auto --maxprocesses 4 "$@" ;;
+  demo) exec "$VENV/bin/python" -m cope_megatron demo "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest "$@" ;;
   *) echo "unknown command $cmd (demo|test)" >&2; exit 2 ;;
 esac
