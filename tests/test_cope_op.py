@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cope_megatron.ops import cope_attention
+from cope_megatron.ops import cope_attention, native_build
 from cope_megatron.ops.cope import blocks as cope_blocks
 from cope_megatron.ops.cope import native as cope_native
 from cope_megatron.ops.cope import paths as cope_paths
@@ -160,7 +160,7 @@ def test_cpu_band_code_is_the_native_kernel_built_once(monkeypatch, request, tmp
     assert cope_paths.Paths().resolve(cpu, cope_paths.COMPILE_MIN_SEQ).band == "compiled"
     with pytest.raises(RuntimeError, match="did not build"):
         cope_paths.Paths(band="native").resolve(cpu, 16)
-    monkeypatch.setattr(cope_native.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native_build.shutil, "which", lambda name: None)
     cope_native.library.cache_clear()
     with pytest.warns(UserWarning, match="no C.. compiler"):
         assert cope_native.library() is None

@@ -1,7 +1,8 @@
 """Stick-breaking attention: the reference against the paper's stick broken one key at a
-time, the chunked op (eager, and torch.compile as CUDA runs it) against the float64
-reference in forward and every gradient at odd lengths and with GQA, bf16 against fp32,
-and the context-parallel op against one rank on 2 and 4 forked ranks."""
+time, the chunked op (the CPU's C++ kernel, eager torch, and torch.compile as CUDA runs it)
+against the float64 reference in forward and every gradient at odd lengths and with GQA,
+float32 and bf16 against float64, and the context-parallel op against one rank on 2 and 4
+forked ranks."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ CASES = {  # (b, h, g, s, d, tile keys, tile rows, logit shift)
 }
 
 
-def _compare(case, compiled, monkeypatch):
+def _compare(case, blocks, monkeypatch):
     b, h, g, s, d, tile, rows, shift = CASES[case]
     q, k, v, d_out = inputs(b, h, g, s, d, shift=shift)
     if shift < 0:  # q and k along the same direction: large positive logits
@@ -82,18 +83,20 @@ def _compare(case, compiled, monkeypatch):
     want = grads("reference", q, k, v, d_out)
     monkeypatch.setattr(sb, "TILE", tile)
     monkeypatch.setattr(sb, "TILE_ROWS", rows)
-    got = grads("chunked", q, k, v, d_out, compiled=compiled)
+    got = grads("chunked", q, k, v, d_out, blocks=blocks)
     for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
     return q, k, v
 
 
+@pytest.mark.parametrize("blocks", ["native", "eager"])
 @pytest.mark.parametrize("case", CASES)
-def test_chunked_matches_reference(case, monkeypatch):
-    _compare(case, False, monkeypatch)
+def test_chunked_matches_reference(case, blocks, monkeypatch):
+    _compare(case, blocks, monkeypatch)
 
 
-def test_tiles_stop_once_every_weight_underflows(monkeypatch):
+@pytest.mark.parametrize("blocks", ["native", "eager"])
+def test_tiles_stop_once_every_weight_underflows(blocks, monkeypatch):
     """The early stop is taken (fewer tiles than the keys need), and exact."""
     counts = []
     real = sb._tiles
@@ -104,7 +107,7 @@ def test_tiles_stop_once_every_weight_underflows(monkeypatch):
             yield tile
 
     monkeypatch.setattr(sb, "_tiles", counting)
-    _compare("sticks_break_at_once", False, monkeypatch)
+    _compare("sticks_break_at_once", blocks, monkeypatch)
     assert max(counts) < 59 // 4  # the last block's rows have 59 keys: 15 tiles of 4
 
 
@@ -112,7 +115,7 @@ def test_tiles_stop_once_every_weight_underflows(monkeypatch):
 def test_chunked_compiled_matches_reference(monkeypatch):
     """torch.compile's code (what CUDA runs from COMPILE_MIN_SEQ keys), here on the CPU;
     slow: Inductor compiles the forward and backward blocks (a minute or more)."""
-    _compare("odd_gqa_tiles", True, monkeypatch)
+    _compare("odd_gqa_tiles", "compiled", monkeypatch)
 
 
 def test_chunked_bfloat16_follows_float32():
@@ -124,11 +127,47 @@ def test_chunked_bfloat16_follows_float32():
         torch.testing.assert_close(x.float(), y, rtol=0.05, atol=0.05)
 
 
-def test_auto_compiles_long_sequences_only():
-    cpu = torch.device("cpu")
-    assert not sb.use_compiled(cpu, 64, None)
-    assert sb.use_compiled(cpu, 64, True)
-    assert not sb.use_compiled(cpu, 10**6, False)
+@pytest.mark.parametrize("blocks", ["native", "eager"])
+@pytest.mark.parametrize("shift", [0.0, 2.0], ids=["short_sticks", "long_sticks"])
+def test_float32_follows_float64(shift, blocks):
+    """float32 over 300 keys, several tiles, the C++ kernel's arithmetic (a vectorized exp,
+    the stick as a product) as torch's: within float32 rounding of the float64 reference,
+    relative to each tensor's largest entry (dq's sums cancel: 3e-5 seen in both)."""
+    q, k, v, d_out = inputs(1, 4, 2, 300, 16, shift=shift)
+    want = grads("reference", q, k, v, d_out)
+    got = grads("chunked", *(t.float() for t in (q, k, v, d_out)), blocks=blocks)
+    for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
+        error = ((x.double() - y).abs().max() / y.abs().max()).item()
+        assert error < 1e-4, (name, error)
+
+
+@pytest.mark.parametrize("blocks", ["native", "eager"])
+def test_nan_input_gives_nan_rows(blocks):
+    """A diverged run's NaN must reach the output, for the non-finite guard to see."""
+    q, k, v, _ = inputs(1, 2, 2, 40, 8, dtype=torch.float32)
+    q[0, 0, 20, 0] = float("nan")
+    out = stickbreaking_attention(q, k, v, blocks=blocks)
+    assert out[0, 0, 20].isnan().all() and not out[0, 0, :20].isnan().any()
+
+
+def test_block_code_per_device(monkeypatch, request, tmp_path):
+    """CPU: the C++ kernel, and eager torch where it does not build (with the build's
+    warning); CUDA: torch.compile from COMPILE_MIN_SEQ keys. A given choice is kept."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert sb.block_code(cpu, 64, None) == "native"
+    assert sb.block_code(cpu, 64, "compiled") == "compiled"
+    monkeypatch.setattr(sb, "can_compile", lambda device_type: True)
+    assert sb.block_code(cuda, sb.COMPILE_MIN_SEQ - 1, None) == "eager"
+    assert sb.block_code(cuda, sb.COMPILE_MIN_SEQ, None) == "compiled"
+    with pytest.raises(RuntimeError, match="runs on CPU"):
+        sb.block_code(cuda, 64, "native")
+
+    request.addfinalizer(sb.stickbreaking_native.library.cache_clear)
+    monkeypatch.setenv("COPE_MEGATRON_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that exits 1
+    sb.stickbreaking_native.library.cache_clear()
+    with pytest.warns(UserWarning, match="stickbreaking_tile.cpp did not build"):
+        assert sb.block_code(cpu, 64, None) == "eager"
 
 
 def test_errors_name_the_problem():
@@ -150,7 +189,7 @@ def _cp_worker(cases: list[dict]) -> None:
         want = grads("reference", q, k, v, d_out)
         leaves = [local_rows(cp, t).requires_grad_() for t in (q, k, v)]
         out = stickbreaking_attention_context_parallel(
-            *leaves, cp, softmax_scale=1 / math.sqrt(q.shape[-1]), compiled=case["compiled"])
+            *leaves, cp, softmax_scale=1 / math.sqrt(q.shape[-1]), blocks=case["blocks"])
         got = (out, *torch.autograd.grad(out, leaves, local_rows(cp, d_out)))
         for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
             torch.testing.assert_close(x, local_rows(cp, y), rtol=1e-10, atol=1e-10,
@@ -158,8 +197,8 @@ def _cp_worker(cases: list[dict]) -> None:
     dist.destroy_process_group()
 
 
-CP_CASES = [dict(shape=(2, 4, 2, 48, 8), shift=0.0, compiled=False),
-            dict(shape=(1, 2, 1, 40, 4), shift=2.0, compiled=False)]
+CP_CASES = [dict(shape=(2, 4, 2, 48, 8), shift=0.0, blocks=None),
+            dict(shape=(1, 2, 1, 40, 4), shift=2.0, blocks="eager")]
 
 
 @pytest.mark.integration
@@ -172,4 +211,4 @@ def test_context_parallel_matches_one_rank(world):
 @pytest.mark.slow
 def test_context_parallel_compiled_matches_one_rank():
     """CUDA's block code (torch.compile) in the pairs; slow: each rank compiles."""
-    forked_ranks(2, _cp_worker, [dict(CP_CASES[0], compiled=True)])
+    forked_ranks(2, _cp_worker, [dict(CP_CASES[0], blocks="compiled")])

@@ -1,6 +1,6 @@
 """Stick-breaking attention (Tan et al., ICLR 2025, arXiv 2410.17980), exactly.
 
-    stickbreaking_attention(q, k, v, softmax_scale=None, impl="auto", compiled=None)
+    stickbreaking_attention(q, k, v, softmax_scale=None, impl="auto", blocks=None)
         -> [batch, heads, seq, head_dim]
 
 Per head, query i and earlier key j < i (no softmax):
@@ -25,9 +25,10 @@ subnormal arithmetic is slow on CPUs and such terms cannot change a sum in the d
 ``chunk_forward``/``chunk_backward`` serve a (query chunk, key chunk) pair of a sequence
 split over context-parallel ranks (``ops.context_parallel.stickbreaking``): ``carry`` is
 the row's Σ sp over nearer keys, in other chunks, and the backward returns each row's Σ dL
-over the chunk, which farther chunks' nearer keys need. The block math runs eagerly or
-through torch.compile (``compiled``; CUDA's choice from ``COMPILE_MIN_SEQ`` keys): no
-library has it (the authors' kernel is single-device Triton).
+over the chunk, which farther chunks' nearer keys need. The block math (``blocks``,
+``block_code``) runs in torch, eagerly or through torch.compile (CUDA's choice from
+``COMPILE_MIN_SEQ`` keys), or as the C++ kernel of ``ops.stickbreaking_native`` (CPU's):
+no library has it (the authors' kernel is single-device Triton).
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from cope_megatron.ops import stickbreaking_native
 from cope_megatron.ops.cope.blocks import compile_block
-from cope_megatron.ops.cope.paths import COMPILE_MIN_SEQ, can_compile
+from cope_megatron.ops.cope.paths import COMPILE_MIN_SEQ, Band, can_compile
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
 
 BLOCK_ELEMENTS = 2**20
@@ -118,21 +120,28 @@ def correction_block(q_blk, k_rev, drop, carried_blk, scale: float):
     return scale * (dz @ k_rev), scale * (dz.transpose(-1, -2) @ q_blk)
 
 
-def _functions(compiled: bool):
-    if compiled:
+def _functions(blocks: Band):
+    if blocks == "compiled":
         return compile_block(forward_block), compile_block(backward_block)
+    if blocks == "native":
+        return stickbreaking_native.forward_block, stickbreaking_native.backward_block
     return forward_block, backward_block
 
 
-def use_compiled(device: torch.device, keys: int, compiled: bool | None) -> bool:
-    """torch.compile (Inductor: C++ on CPU, Triton on CUDA) on CUDA from
-    ``COMPILE_MIN_SEQ`` keys where Triton is there, else eager; ``compiled`` forces either,
-    e.g. CUDA's choice on a CPU for tests. Eager on CPU: there the compiled blocks ran no
-    faster than aten's vectorized ops (bench/peers_op.py)."""
-    if compiled is None:
-        return (device.type != "cpu" and keys >= COMPILE_MIN_SEQ
-                and can_compile(device.type))
-    return compiled
+def block_code(device: torch.device, keys: int, blocks: Band | None) -> Band:
+    """The code of the tile math: ``blocks`` where given (e.g. CUDA's choice on a CPU, for
+    tests), else the device's. CPU: the C++ kernel ("native"), or "eager" where it did not
+    build (torch.compile's C++ ran no faster than aten's vectorized ops: the scans split
+    its fusions). CUDA: torch.compile (Triton) from ``COMPILE_MIN_SEQ`` keys where Triton is
+    there, else eager (compiling costs seconds once per process)."""
+    if blocks == "native" and (device.type != "cpu" or stickbreaking_native.library() is None):
+        raise RuntimeError(f"stick-breaking blocks='native' runs on CPU where its C++ kernel "
+                           f"builds, not here ({device.type})")
+    if blocks is not None:
+        return blocks
+    if device.type == "cpu":
+        return "native" if stickbreaking_native.library() is not None else "eager"
+    return "compiled" if keys >= COMPILE_MIN_SEQ and can_compile(device.type) else "eager"
 
 
 def row_blocks(batch_heads: int, rows: int, keys: int):
@@ -163,12 +172,11 @@ class _Reversed:
         return slice(self.keys - end, self.keys), near[None, :] >= rows[:, None]
 
 
-def chunk_forward(q, k, v, carry, *, scale: float, causal: bool,
-                  compiled: bool | None = None):
+def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | None = None):
     """(Σ_j A_ij v_j [b, h, sq, d], Σ_j A_ij [b, h, sq]) of query rows over one key chunk:
     q [b, h, sq, d]; k, v [b, h, sk, d] (expanded); carry [b, h, sq]. ``causal``: the
     rows' own chunk (key j is row i's if j < i); otherwise every key is before every row."""
-    fwd, _ = _functions(use_compiled(q.device, k.shape[2], compiled))
+    fwd, _ = _functions(block_code(q.device, k.shape[2], blocks))
     work = carry.dtype
     order = _Reversed(k.shape[2], causal, q.device)
     k_rev, v_rev = (order.flip(t).to(work) for t in (k, v))
@@ -185,12 +193,12 @@ def chunk_forward(q, k, v, carry, *, scale: float, causal: bool,
 
 
 def chunk_backward(q, k, v, carry, d_out, self_dot, grads, *, scale: float, causal: bool,
-                   compiled: bool | None = None) -> torch.Tensor:
+                   blocks: Band | None = None) -> torch.Tensor:
     """Adds one ``chunk_forward``'s (dq, dk, dv) into ``grads`` (dk, dv over the expanded
     heads) for Σ_{j≤t} dL taken over this chunk's keys only; returns each row's Σ_j dL_ij
     over the chunk. ``self_dot``: dO_i·v_i [b, h, sq]."""
     dq, dk, dv = grads
-    _, bwd = _functions(use_compiled(q.device, k.shape[2], compiled))
+    _, bwd = _functions(block_code(q.device, k.shape[2], blocks))
     work = carry.dtype
     order = _Reversed(k.shape[2], causal, q.device)
     k_rev, v_rev = (order.flip(t).to(work) for t in (k, v))
@@ -236,9 +244,12 @@ def with_remainder(acc: torch.Tensor, mass: torch.Tensor, v_self: torch.Tensor
     return acc + (1 - mass)[..., None] * v_self
 
 
-TILE = 128
-"""Keys per tile of the single-rank op, nearest first."""
-TILE_ROWS = 128
+TILE = 256
+"""Keys per tile of the single-rank op, nearest first. With sticks that reach far back
+(every tile visited), 256 × 256 tiles ran at 1.9× SDPA's time at 4k against 2.7× for 128 ×
+128; with short ones (β ≈ ½, a couple of tiles per row block) at 0.5× against 0.35×
+(``bench/peers_op.py``, the C++ kernel)."""
+TILE_ROWS = 256
 
 
 def _limit(dtype: torch.dtype) -> float:
@@ -270,11 +281,12 @@ class _StickBreakingChunked(torch.autograd.Function):
     all its keys, Σ_j dL_ij = dO_i·(out_i − v_i), less the nearer tiles'."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, compiled):
+    def forward(ctx, q, k, v, scale, blocks):
         dtype, work = q.dtype, work_dtype(q.dtype)
         q, k, v = q.detach(), k.detach(), v.detach()  # bf16 stays bf16: tiles convert
         ke, ve = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
-        fwd, _ = _functions(use_compiled(q.device, q.shape[2], compiled))
+        blocks = block_code(q.device, q.shape[2], blocks)
+        fwd, _ = _functions(blocks)
         acc = torch.zeros(q.shape, dtype=work, device=q.device)
         mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
         limit, used = _limit(work), []
@@ -291,16 +303,16 @@ class _StickBreakingChunked(torch.autograd.Function):
             used.append(n)
         out = with_remainder(acc, mass, ve)
         ctx.save_for_backward(q, k, v, mass, out)
-        ctx.cfg = (scale, compiled, dtype, used)
+        ctx.cfg = (scale, blocks, dtype, used)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, mass, out = ctx.saved_tensors
-        scale, compiled, dtype, used = ctx.cfg
+        scale, blocks, dtype, used = ctx.cfg
         h, kv_heads, work = q.shape[1], k.shape[1], mass.dtype
         ke, ve = expand_kv(k, h), expand_kv(v, h)
-        _, bwd = _functions(use_compiled(q.device, q.shape[2], compiled))
+        _, bwd = _functions(blocks)
         d_out = d_out.to(work).contiguous()
         self_dot = (d_out * ve).sum(-1)
         row_total = (d_out * out).sum(-1) - self_dot  # Σ_j dL_ij = dO_i·(out_i − v_i)
@@ -331,9 +343,9 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def stickbreaking_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
                             softmax_scale: float | None = None, impl: Impl = "auto",
-                            compiled: bool | None = None) -> torch.Tensor:
-    """q [b, h, s, d]; k, v [b, g, s, d] -> [b, h, s, d]. ``compiled``: the chunked op's
-    block code (``use_compiled``)."""
+                            blocks: Band | None = None) -> torch.Tensor:
+    """q [b, h, s, d]; k, v [b, g, s, d] -> [b, h, s, d]. ``blocks``: the chunked op's
+    tile code (``block_code``)."""
     check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     if impl == "reference":
@@ -341,4 +353,4 @@ def stickbreaking_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
     if impl not in ("auto", "chunked"):
         raise ValueError(f"unknown stick-breaking impl {impl!r}; use auto, reference or "
                          "chunked")
-    return _StickBreakingChunked.apply(q, k, v, scale, compiled)
+    return _StickBreakingChunked.apply(q, k, v, scale, blocks)

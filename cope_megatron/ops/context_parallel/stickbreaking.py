@@ -32,6 +32,7 @@ from cope_megatron.ops.context_parallel.ring import (
     fold_expanded,
     pair_parts,
 )
+from cope_megatron.ops.cope.paths import Band
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
 from cope_megatron.ops.stickbreaking import (
     check_inputs,
@@ -59,7 +60,7 @@ def _softplus_sums(q, k, *, scale: float, causal: bool) -> torch.Tensor:
 
 class _StickBreakingContextParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cp: ContextParallel, scale: float, compiled: bool | None,
+    def forward(ctx, q, k, v, cp: ContextParallel, scale: float, blocks: Band | None,
                 starts):
         dtype, work = q.dtype, work_dtype(q.dtype)
         q, k, v = q.detach(), k.detach(), v.detach()  # bf16 stays bf16: blocks convert
@@ -86,19 +87,19 @@ class _StickBreakingContextParallel(torch.autograd.Function):
                 for part, qi, ki, li in pair_parts(pair, c, starts):
                     part_acc, part_mass = chunk_forward(
                         q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li],
-                        scale=scale, causal=part.causal, compiled=compiled)
+                        scale=scale, causal=part.causal, blocks=blocks)
                     acc[qi].add_(part_acc)
                     mass[qi].add_(part_mass)
 
         cp.ring([k, v], attention_pass)
         ctx.save_for_backward(q, k, v, mass, carries)
-        ctx.cfg = (cp, scale, compiled, dtype, starts)
+        ctx.cfg = (cp, scale, blocks, dtype, starts)
         return with_remainder(acc, mass, expand_kv(v, h)).to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, mass, carries = ctx.saved_tensors
-        cp, scale, compiled, dtype, starts = ctx.cfg
+        cp, scale, blocks, dtype, starts = ctx.cfg
         h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
         work = mass.dtype
         d_out = d_out.to(work).contiguous()
@@ -114,7 +115,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
                     d_l_sums[pair.q, pair.k_global][li] = chunk_backward(
                         q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li], d_out[qi],
                         self_dot[qi], (dq[qi], dke[ki], dve[ki]), scale=scale,
-                        causal=part.causal, compiled=compiled)
+                        causal=part.causal, blocks=blocks)
             fold_expanded(acc, grads)
 
         kv_grads = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
@@ -141,7 +142,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
 def stickbreaking_attention_context_parallel(q: torch.Tensor, k: torch.Tensor,
                                              v: torch.Tensor, cp: ContextParallel, *,
                                              softmax_scale: float,
-                                             compiled: bool | None = None,
+                                             blocks: Band | None = None,
                                              starts: torch.Tensor | None = None
                                              ) -> torch.Tensor:
     """Causal stick-breaking attention over a sequence split across ``cp``'s ranks
@@ -149,4 +150,4 @@ def stickbreaking_attention_context_parallel(q: torch.Tensor, k: torch.Tensor,
     concatenated. ``starts``: each token's document start [b, S] (``model.documents``):
     attention stays within documents. Returns this rank's rows of the single-rank output."""
     check_inputs(q, k, v)
-    return _StickBreakingContextParallel.apply(q, k, v, cp, softmax_scale, compiled, starts)
+    return _StickBreakingContextParallel.apply(q, k, v, cp, softmax_scale, blocks, starts)

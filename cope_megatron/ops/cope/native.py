@@ -1,5 +1,5 @@
-"""CoPE's band math on CPU as a small C++ kernel (``csrc/cope_band.cpp``), built by the
-machine's compiler on first use, cached on disk and called through ctypes.
+"""CoPE's band math on CPU as a small C++ kernel (``ops/csrc/cope_band.cpp``; built and
+loaded by ``ops.native_build``).
 
 Why by hand: most of a band's work is not its matmuls but the passes between them: the
 gates, one reverse cumulative sum per row, the interpolation and the softmax; in the
@@ -9,9 +9,7 @@ buffer, and torch.compile fuses only the elementwise ones between them. With the
 transposed ([keys, rows]: rows are SIMD lanes and each lane keeps its own running sum),
 the C++ does all of it in one sweep down the keys (the backward adds a cheap one back up)
 and keeps one logit-sized buffer in the forward and four in the backward, where the fused
-torch code keeps about ten. No library has such a kernel; a torch C++ extension would
-compile torch's headers for a minute per machine, while this one includes none (raw
-pointers) and builds in about a second.
+torch code keeps about ten. No library has such a kernel.
 
 ``forward_block`` and ``backward_block`` take and return what ``cope_blocks``' functions
 do, so ``cope_blocks.kernels`` can hand out either.
@@ -21,21 +19,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
-from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "cope_band.cpp"
-# -fno-trapping-math lets the compiler turn the per-lane branches into vector selects.
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
-         "-std=c++17", "-shared", "-fPIC"]
+from cope_megatron.ops import native_build
 
 
 class _Band(ctypes.Structure):
@@ -47,70 +34,13 @@ class _Band(ctypes.Structure):
         (name, ctypes.c_void_p) for name in ("row0", "key0", "z", "carry")]
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("COPE_MEGATRON_CACHE", Path.home() / ".cache" / "cope_megatron"))
-
-
-def _machine() -> bytes:
-    """What -march=native compiles for: one cache entry per kind of CPU, so that a home
-    directory shared across a cluster's nodes does not hand one node another's binary."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith(("flags", "Features")))
-    except (OSError, StopIteration):
-        flags = ""
-    return f"{platform.machine()} {flags}".encode()
-
-
-def _build(cxx: str) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cxx, *FLAGS]).encode()
-                         + _machine()).hexdigest()[:16]
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "cope_megatron"):
-        path = folder / f"cope_band-{key}.so"
-        if path.exists():
-            return path
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            continue
-        # Ranks of one node may build at once: each writes its own file, renamed atomically.
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True,
-                           capture_output=True, text=True)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
-    raise OSError("no writable cache folder for the CoPE kernel (set COPE_MEGATRON_CACHE)")
-
-
-def compiler() -> str | None:
-    """The C++ compiler on PATH: $CXX, else g++, else c++ (None: none)."""
-    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built kernel, or None, with a warning, where it cannot be built (the band math
     then runs in torch, slower: see ``ops.cope.paths``)."""
-    cxx = compiler()
-    if cxx is None:
-        warnings.warn("no C++ compiler (g++, c++ or $CXX) for the CoPE CPU kernel: the band "
-                      "math runs in torch, eagerly and several times slower", stacklevel=2)
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(cxx)))
-    except (OSError, subprocess.CalledProcessError) as err:
-        detail = (getattr(err, "stderr", "") or str(err)).strip()[-500:]
-        warnings.warn(f"the CoPE CPU kernel {SOURCE.name} did not build with {cxx} "
-                      f"({detail}): the band math runs in torch, slower", stacklevel=2)
-        return None
-    for name, arity in (("forward", 6), ("backward", 9)):
-        for suffix in ("f32", "f64"):
-            getattr(lib, f"cope_band_{name}_{suffix}").argtypes = [ctypes.c_void_p] * arity
-            getattr(lib, f"cope_band_{name}_{suffix}").restype = None
-    return lib
+    return native_build.load("cope_band", {
+        f"cope_band_{name}_{suffix}": arity for name, arity in (("forward", 6), ("backward", 9))
+        for suffix in ("f32", "f64")})
 
 
 def _call(name: str, band, a, z, carry, scale: float, npos_max: int, *tensors) -> None:

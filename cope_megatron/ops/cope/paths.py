@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 
+from cope_megatron.ops import native_build
 from cope_megatron.ops.cope import native as cope_native
 
 Band = Literal["eager", "native", "compiled"]
@@ -72,4 +73,4 @@ def can_compile(device_type: str) -> bool:
     """Inductor emits C++ on CPU and Triton on GPU; without the toolchain, stay eager."""
     if device_type == "cuda":
         return importlib.util.find_spec("triton") is not None
-    return cope_native.compiler() is not None
+    return native_build.compiler() is not None

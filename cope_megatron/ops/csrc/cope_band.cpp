@@ -1,38 +1,19 @@
 // CoPE's band math on CPU: the gate, reverse-cumulative-sum, interpolation and softmax
-// passes of ops/cope_blocks.py fused into one sweep down the keys (the backward adds a
+// passes of ops/cope/blocks.py fused into one sweep down the keys (the backward adds a
 // cumulative sum back up), the matmuls left to torch. Logits arrive transposed,
 // [keys][rows], so that SIMD lanes are rows: each lane keeps its own running gate sum, and
-// one key step is one vector op. ops/cope_native.py builds and calls it.
+// one key step is one vector op. ops/cope/native.py calls it (ops/native_build.py builds it).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
+
+#include "vector_math.h"
 
 namespace {
 
 constexpr int kLanes = 16;
-
-// libm's expf is a call the vectorizer cannot inline; this is Cephes' expf (≤ 2 ulp),
-// written so that it vectorizes. Doubles (tests, float64 runs) use libm.
-__attribute__((always_inline)) inline float exp_(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
-inline double exp_(double x) { return std::exp(x); }
 
 // One band batch: `problems` = batch·heads·blocks matrices of `keys` × `rows` logits.
 // Block n of a problem (n = problem % blocks) holds rows row0[n] + r against keys
