@@ -133,10 +133,29 @@ def wait_for_steps(proc, run_dir: Path, steps: int, timeout: float = 300) -> Non
     raise AssertionError(f"the run ended or stalled before step {steps}")
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port below the kernel's ephemeral range. The OS hands out ports from that
+    range on its own (bind to port 0, every outgoing connection's source port), so a port
+    taken from it may go to another process's gloo connection before our server binds it;
+    torchrun's node 0 then cannot start, and the other nodes' agents wait out their
+    600-s rendezvous with no worker (seen once in three suites under pytest-xdist)."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below {low} after 200 tries")
 
 
 def _rank_main(rank: int, world: int, port: int, log: str, target: Callable, args: tuple):

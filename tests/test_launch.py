@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,17 +27,36 @@ def script_env(**extra) -> dict:
             "PYTHONPATH": str(ROOT), **extra}
 
 
-def start_nodes(args_per_node: list[list[str]], per_node: int = 2) -> list[tuple[str, int]]:
+def start_nodes(args_per_node: list[list[str]], per_node: int = 2,
+                grace: float = 60.0) -> list[tuple[str, int]]:
     """launch/multinode.sh once per node (``per_node`` processes each) on 127.0.0.1, node i
-    with ``args_per_node[i]``: (output, exit code) of each."""
+    with ``args_per_node[i]``: (output, exit code) of each. Once a node has failed, the
+    others get ``grace`` seconds to end too before they are killed: a node whose peer
+    never came up would otherwise wait out torchrun's 600-s rendezvous."""
     port = str(free_port())
+    logs = [tempfile.TemporaryFile("w+") for _ in args_per_node]
     nodes = [subprocess.Popen(
         ["bash", str(LAUNCH / "multinode.sh"), *args], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         env=script_env(NNODES=str(len(args_per_node)), NODE_RANK=str(rank), NGPU=str(per_node),
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-        for rank, args in enumerate(args_per_node)]
-    return [(node.communicate(timeout=600)[0], node.returncode) for node in nodes]
+        for rank, (args, log) in enumerate(zip(args_per_node, logs))]
+    deadline, failed_at = time.monotonic() + 600, None
+    while any(node.poll() is None for node in nodes):
+        if failed_at is None and any(node.returncode for node in nodes):
+            failed_at = time.monotonic()
+        if time.monotonic() > min(deadline, (failed_at or deadline) + grace):
+            for node in nodes:
+                if node.poll() is None:
+                    os.killpg(node.pid, signal.SIGKILL)  # the agent and its workers
+                    node.wait()
+        time.sleep(0.2)
+    results = []
+    for node, log in zip(nodes, logs):
+        log.seek(0)
+        results.append((log.read(), node.returncode))
+        log.close()
+    return results
 
 
 @pytest.mark.integration
@@ -63,6 +83,24 @@ def test_nodes_with_different_configs_refuse_to_train(prepared, tmp_path):
     results = start_nodes([args, [*args, "train.lr=0.01"]], per_node=1)
     assert all(code != 0 for _, code in results)
     assert "run config or data manifest differ between nodes" in results[0][0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_node_whose_node_0_never_comes_up_gives_up(prepared, tmp_path):
+    """Node 1 alone (node 0 refused, or never started): its torchrun waits RDZV_TIMEOUT
+    seconds for node 0's store, then exits non-zero saying so, instead of torchrun's 600."""
+    shards, _, _ = prepared
+    args = debug_overrides(shards, tmp_path / "run")
+    start = time.monotonic()
+    node = subprocess.run(["bash", str(LAUNCH / "multinode.sh"), *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=300,
+                          env=script_env(NNODES="2", NODE_RANK="1", NGPU="1", RDZV_TIMEOUT="5",
+                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
+    assert node.returncode != 0
+    assert "timed out after 5000ms while trying to connect" in node.stderr
+    assert time.monotonic() - start < 240  # start-up (imports) and the 5 s, not 600 s
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
