@@ -62,7 +62,7 @@ class LogitCounter:
     def __init__(self) -> None:
         self.band = self.gates = 0
         self.on = self._in_sums = False
-        forward, sums, gates = chunked.chunk_forward, cp_cope.gate_sums, chunked.row_gates
+        forward, sums, gates = chunked.chunk_forward, cp_cope.gate_sums, cp_cope.row_gates
 
         def counted_forward(q, k, *args, causal, bands=None, **kwargs):
             bands = [] if bands is None else bands
@@ -85,8 +85,8 @@ class LogitCounter:
                 self.gates += rows.numel() * k.shape[2]  # the block's whole q·kᵀ
             return gates(q, k, rows, **kwargs)
 
-        chunked.chunk_forward, chunked.row_gates = counted_forward, counted_gates
-        cp_cope.gate_sums = counted_sums
+        chunked.chunk_forward = counted_forward
+        cp_cope.gate_sums, cp_cope.row_gates = counted_sums, counted_gates
 
 
 def _logits(r0: int, r1: int, width: int, causal: bool) -> int:

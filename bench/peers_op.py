@@ -7,7 +7,8 @@ ratios to SDPA in the same run.
 
 Every op is the one a training step runs on the device (``auto``: FoX's flash parts on CPU,
 stick-breaking's C++ tile kernel on CPU and compiled blocks on CUDA from
-``COMPILE_MIN_SEQ`` keys, CoPE's chunked op). FoX's forget gates are σ(N(3, 1)), about 0.95, a half-life of some 15 tokens.
+``COMPILE_MIN_SEQ`` keys, CoPE's chunked op). FoX's forget gates are σ(N(3, 1)), about
+0.95, a half-life of some 15 tokens.
 ``--gates`` draws q, k as ``bench/cope_op.py`` does: ``dense`` (logits about N(0, 1): CoPE's
 gates and stick-breaking's β near ½, so a row's stick is spent within a couple of hundred
 keys) or ``sparse`` (every logit shifted by about −4: β ≈ 0.02, sticks reach thousands of

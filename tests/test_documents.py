@@ -13,9 +13,9 @@ from megatron.core import parallel_state
 
 from cope_megatron.config import load_config
 from cope_megatron.distributed.parallel import init_distributed, seed_everything
-from cope_megatron.model.documents import document_ranges, document_starts
+from cope_megatron.model.documents import document_starts
 from cope_megatron.model.gpt import build_gpt, model_batch, token_losses
-from cope_megatron.ops.context_parallel.ring import ChunkPair, Part, document_parts
+from cope_megatron.ops.context_parallel.ring import ChunkPair, Documents, Part, document_parts
 from cope_megatron.pe import REGISTRY, model_pe
 from tests.helpers import forked_ranks
 
@@ -141,14 +141,18 @@ def test_document_starts():
     tokens = torch.tensor([[5, EOS, 6, 7, EOS, EOS, 8], [EOS, 4, 4, 4, 4, 4, 4]])
     assert document_starts(tokens, EOS).tolist() == [[0, 0, 2, 2, 2, 5, 6],
                                                      [0, 1, 1, 1, 1, 1, 1]]
-    assert document_ranges(torch.tensor([0, 0, 2, 2, 2, 5, 6])) == [(0, 2), (2, 5), (5, 6),
-                                                                   (6, 7)]
+    docs = Documents.of(document_starts(tokens, EOS))
+    assert docs.firsts == ((0, 2, 5, 6), (0, 1)) and docs.length == 7
+    assert docs.ranges(0) == [(0, 2), (2, 5), (5, 6), (6, 7)] and docs.ranges(1) == [(0, 1),
+                                                                                     (1, 7)]
+    assert docs.runs(0, 1, 6) == [(0, 1), (2, 3), (5, 1)]  # the first document began before
+    assert Documents.of(None) is None
 
 
 def test_chunk_pair_parts():
     # Chunks of 4; documents start at 0, 3 and 9 (global): chunk 2 (8…11) holds the end of
     # the document from 3 and the start of the one from 9.
-    starts = torch.tensor([[0, 0, 0, 3, 3, 3, 3, 3, 3, 9, 9, 9, 9, 9, 9, 9]])
+    starts = Documents.of(torch.tensor([[0, 0, 0, 3, 3, 3, 3, 3, 3, 9, 9, 9, 9, 9, 9, 9]]))
     whole = lambda q, k: ChunkPair(0, 0, q, k)  # noqa: E731
     assert document_parts(whole(2, 2), 4, None) == [
         (slice(None), [Part(slice(0, 4), slice(0, 4), True)])]

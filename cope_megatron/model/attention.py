@@ -18,8 +18,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import MegatronModule
 
 from cope_megatron.config import PEConfig
-from cope_megatron.model.documents import document_ranges
-from cope_megatron.ops.context_parallel.ring import ContextParallel
+from cope_megatron.ops.context_parallel.ring import ContextParallel, Documents
 from cope_megatron.pe.base import AttentionShape, PositionEncoding
 from cope_megatron.pe.length_scale import LengthScale
 
@@ -108,10 +107,10 @@ class PECoreAttention(MegatronModule):
     def _per_document(self, q, k, v, gate, starts: torch.Tensor) -> torch.Tensor:
         """One process with document boundaries: each document of each sample on its own,
         as the varlen attention kernels do; exact for every PE, whatever its op."""
-        rows = []
+        rows, docs = [], Documents.of(starts)
         for i in range(q.shape[0]):
             parts = []
-            for a, e in document_ranges(starts[i]):
+            for a, e in docs.ranges(i):
                 one = (slice(i, i + 1), slice(None), slice(a, e))
                 parts.append(self._attend(
                     q[one], k[one], v[one], None if gate is None else gate[one],

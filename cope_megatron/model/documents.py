@@ -53,12 +53,6 @@ def document_starts(inputs: torch.Tensor, eos_id: int) -> torch.Tensor:
     return torch.where(begins, index, 0).cummax(dim=1).values
 
 
-def document_ranges(starts_row: torch.Tensor) -> list[tuple[int, int]]:
-    """The (first, end) token ranges of the documents of one sample's ``starts`` [s]."""
-    firsts = torch.unique_consecutive(starts_row).tolist()
-    return list(zip(firsts, firsts[1:] + [starts_row.shape[0]]))
-
-
 class DocumentAwareGPT(GPTModel):
     """Megatron's GPTModel whose rotary embedding is read at the given position ids when
     documents restart them (GPTModel computes it for positions 0…S−1 only)."""

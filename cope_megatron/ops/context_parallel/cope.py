@@ -55,6 +55,7 @@ import torch.distributed as dist
 from cope_megatron.ops.context_parallel.ring import (
     ChunkPair,
     ContextParallel,
+    Documents,
     Part,
     expanded,
     fold_expanded,
@@ -63,7 +64,7 @@ from cope_megatron.ops.context_parallel.ring import (
 )
 from cope_megatron.ops.cope import chunked as cope_chunked
 from cope_megatron.ops.cope import resolve_impl
-from cope_megatron.ops.cope.chunked import gate_sums, row_gates, table_backward
+from cope_megatron.ops.cope.chunked import table_backward
 from cope_megatron.ops.cope.paths import Paths
 from cope_megatron.ops.heads import expand_kv, work_dtype
 from cope_megatron.ops.plain_attention import merge_softmax
@@ -107,6 +108,44 @@ def _active_rows(mask: torch.Tensor) -> torch.Tensor:
     return mask.flatten(0, 1).any(0).nonzero().squeeze(1)
 
 
+def row_gates(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
+              causal: bool, key_start: int = 0) -> torch.Tensor:
+    """Gates σ(a_ij) of the query rows ``rows`` (indices into q's rows) for keys k, the
+    keys from ``key_start`` on; zero for keys after the row when ``causal``:
+    q [b, h, sq, d], k [b, h, sk, d] -> [b, h, len(rows), sk], in ``work_dtype``."""
+    work = work_dtype(q.dtype)
+    g = torch.sigmoid(scale * (q[:, :, rows].to(work) @ k.to(work).transpose(-1, -2)))
+    if causal:
+        cols = torch.arange(key_start, key_start + k.shape[2], device=k.device)
+        g = g.masked_fill(cols > rows[:, None], 0.0)
+    return g
+
+
+def gate_sums(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
+              causal: bool, limit: float, block: int = 128) -> torch.Tensor:
+    """Σ_j σ(a_ij) over each selected row's visible keys -> [b, h, len(rows)], exact below
+    ``limit`` and at least ``limit`` otherwise. Key blocks are summed from the last one back
+    and a row leaves its block's product once it reaches ``limit`` (for every batch and
+    head): beyond the clamp a position's exact value does not matter, gates of near keys
+    usually get there quickly, and the rows that need farther keys are few."""
+    sums = []
+    for i in range(0, rows.numel(), block):
+        idx = rows[i:i + block]
+        keys = int(idx.max()) + 1 if causal else k.shape[2]
+        acc = q.new_zeros(*q.shape[:2], idx.numel(), dtype=work_dtype(q.dtype))
+        live = torch.arange(idx.numel(), device=q.device)  # rows below the limit
+        for j1 in range(keys, 0, -block):
+            j0 = max(0, j1 - block)
+            acc[:, :, live] += row_gates(q, k[:, :, j0:j1], idx[live], scale=scale,
+                                         causal=causal, key_start=j0).sum(-1)
+            live = live[(acc[:, :, live] < limit).flatten(0, 1).any(0)]
+            if not live.numel():
+                break
+        sums.append(acc)
+    return torch.cat(sums, -1) if sums else q.new_zeros(*q.shape[:2], 0,
+                                                        dtype=work_dtype(q.dtype))
+
+
 def _correction(q, k, dq, dk, b_carry, scale: float, diagonal: bool) -> None:
     """Step 5 for one pair, in place: rows with a nonzero carried Σ dp, in blocks."""
     active = _active_rows(b_carry != 0)
@@ -123,11 +162,11 @@ def _correction(q, k, dq, dk, b_carry, scale: float, diagonal: bool) -> None:
 class _CoPEContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pos_emb, cp: ContextParallel, npos_max: int, scale: float,
-                impl: str, paths: Paths | None, starts):
+                impl: str, paths: Paths | None, docs: Documents | None):
         dtype, work = q.dtype, work_dtype(q.dtype)
         # Document parts off the diagonal are rectangles; the Triton kernels take square
         # pairs, so documents run on the chunked pair code.
-        ops = cope_chunked if starts is not None else _kernels(impl)
+        ops = cope_chunked if docs is not None else _kernels(impl)
         given = _input_dtype(ops, dtype)
         q, pos_emb = q.to(given), pos_emb.to(work)
         h, c = q.shape[1], q.shape[2] // 2
@@ -147,7 +186,7 @@ class _CoPEContextParallel(torch.autograd.Function):
                 for pair in group:
                     carry = carries[qi, pair.k_global]
                     total = torch.zeros_like(carry) if with_totals else None
-                    for part, qr, kr, lr in pair_parts(pair, c, starts):
+                    for part, qr, kr, lr in pair_parts(pair, c, docs):
                         merge_softmax(out[qr], lse[qr], *ops.chunk_forward(
                             q[qr], ke[kr], ve[kr], z_c[lr], carry[lr], scale=scale,
                             npos_max=npos_max, causal=part.causal,
@@ -173,7 +212,7 @@ class _CoPEContextParallel(torch.autograd.Function):
                 total = torch.zeros(*q.shape[:2], c, dtype=work, device=q.device)
                 seen = sum((g for (qi, kg), g in totals.items()
                             if qi == pair.q and kg > pair.k_global), total)
-                for part, qr, kr, lr in pair_parts(pair, c, starts):
+                for part, qr, kr, lr in pair_parts(pair, c, docs):
                     active = _active_rows(seen[lr] < npos_max - 1)
                     total[lr][:, :, active] = gate_sums(q[qr], ke[kr], active, scale=scale,
                                                         causal=part.causal,
@@ -187,13 +226,13 @@ class _CoPEContextParallel(torch.autograd.Function):
         cp.ring([k, v], lambda owner, kv: attend([p for p in cp.pairs(owner)
                                                   if p not in first], kv))
         ctx.save_for_backward(q, k, v, pos_emb, out, lse, carries)
-        ctx.cfg = (cp, npos_max, scale, ops, dtype, widths, paths, starts)
+        ctx.cfg = (cp, npos_max, scale, ops, dtype, widths, paths, docs)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, pos_emb, out, lse, carries = ctx.saved_tensors
-        cp, npos_max, scale, ops, dtype, widths, paths, starts = ctx.cfg
+        cp, npos_max, scale, ops, dtype, widths, paths, docs = ctx.cfg
         work, given = pos_emb.dtype, q.dtype
         h, c = q.shape[1], q.shape[2] // 2
         d_out = d_out.to(work).contiguous()
@@ -210,7 +249,7 @@ class _CoPEContextParallel(torch.autograd.Function):
                 z_c = q_c.to(work) @ pos_emb
                 dz_c = torch.zeros_like(z_c)
                 for pair in pairs:
-                    for part, qr, kr, lr in pair_parts(pair, c, starts):
+                    for part, qr, kr, lr in pair_parts(pair, c, docs):
                         dp_sums[qi, pair.k_global][lr] = ops.chunk_backward(
                             q[qr], ke[kr], ve[kr], z_c[lr], carries[qi, pair.k_global][lr],
                             d_out[qr], out[qr], lse[qr], (dq[qr], dke[kr], dve[kr], dz_c[lr]),
@@ -236,7 +275,7 @@ class _CoPEContextParallel(torch.autograd.Function):
                 ke = expand_kv(kv[0].to(given), h)
                 (dke,) = grads = expanded(acc, h)
                 for pair in cp.pairs(owner):
-                    for part, qr, kr, lr in pair_parts(pair, c, starts):
+                    for part, qr, kr, lr in pair_parts(pair, c, docs):
                         _correction(q[qr], ke[kr], dq[qr], dke[kr],
                                     b_carry[pair.q, pair.k_global][lr], scale, part.causal)
                 fold_expanded(acc, grads)
@@ -276,4 +315,4 @@ def cope_attention_context_parallel(
     if paths is not None and resolve_impl(impl) != "chunked":
         raise ValueError(f"CoPE paths choose the chunked op's code, not impl {impl!r}")
     return _CoPEContextParallel.apply(q, k, v, pos_emb.to(q.dtype), cp, npos_max,
-                                      softmax_scale, impl, paths, starts)
+                                      softmax_scale, impl, paths, Documents.of(starts))

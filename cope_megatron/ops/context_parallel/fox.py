@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from cope_megatron.ops.context_parallel.ring import (
     ContextParallel,
+    Documents,
     expanded,
     fold_expanded,
     pair_parts,
@@ -83,7 +84,7 @@ def _pair_keys(q, k, prefix, f_keys, own_norms, pair, c: int, scale: float) -> s
 
 
 def _visible_parts(cp: ContextParallel, owner: int, kvf: list[torch.Tensor], q, prefix,
-                   own: list[torch.Tensor], scale: float, starts: torch.Tensor | None):
+                   own: list[torch.Tensor], scale: float, docs: Documents | None):
     """What forward and backward visit of ``owner``'s chunks: each pair's in-document parts
     (``ring.pair_parts``) whose keys, less the pair's ``far_keys``, are not empty, as
     (pair, part, query index, key index into the key chunk, the chunk's (K, V, F))."""
@@ -92,7 +93,7 @@ def _visible_parts(cp: ContextParallel, owner: int, kvf: list[torch.Tensor], q, 
     for pair in cp.pairs(owner):
         chunk = [rows(t, pair.k, c) for t in (ke, ve, kvf[2])]
         near = _pair_keys(q, chunk[0], prefix, chunk[2], own, pair, c, scale)
-        for part, qi, _, li in pair_parts(pair, c, starts):
+        for part, qi, _, li in pair_parts(pair, c, docs):
             first = max(near.start, part.keys.start)
             if first < part.keys.stop:
                 yield pair, part, qi, (li[0], slice(None), slice(first, part.keys.stop)), chunk
@@ -105,7 +106,7 @@ def _own_key_norms(k: torch.Tensor, dtype: torch.dtype, c: int) -> list[torch.Te
 
 class _FoXContextParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, prefix, cp: ContextParallel, scale: float, flash: bool, starts):
+    def forward(ctx, q, k, v, prefix, cp: ContextParallel, scale: float, flash: bool, docs):
         dtype, work = q.dtype, work_dtype(q.dtype)
         q, k, v, prefix = q.detach(), k.detach(), v.detach(), prefix.detach().to(work)
         h, c = q.shape[1], q.shape[2] // 2
@@ -116,20 +117,20 @@ class _FoXContextParallel(torch.autograd.Function):
 
         def visit(owner: int, kvf: list[torch.Tensor]) -> None:
             for pair, part, qi, ki, (k_c, v_c, f_c) in _visible_parts(
-                    cp, owner, kvf, q, prefix, own, scale, starts):
+                    cp, owner, kvf, q, prefix, own, scale, docs):
                 merge_softmax(out[qi], lse[qi], *part_forward(
                     q[qi], k_c[ki], v_c[ki], prefix[ki[0], :, pair.q * c], f_c[ki],
                     scale=scale, causal=part.causal, flash=flash))
 
         cp.ring([k, v, prefix], visit)
         ctx.save_for_backward(q, k, v, prefix, out, lse)
-        ctx.cfg = (cp, scale, flash, dtype, starts)
+        ctx.cfg = (cp, scale, flash, dtype, docs)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, prefix, out, lse = ctx.saved_tensors
-        cp, scale, flash, dtype, starts = ctx.cfg
+        cp, scale, flash, dtype, docs = ctx.cfg
         h, c = q.shape[1], q.shape[2] // 2
         work = prefix.dtype
         d_out = d_out.to(work).contiguous()
@@ -141,7 +142,7 @@ class _FoXContextParallel(torch.autograd.Function):
         def visit(owner: int, kvf: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
             dke, dve, dfk = grads = expanded(acc, h)
             for pair, part, qi, ki, (k_c, v_c, f_c) in _visible_parts(
-                    cp, owner, kvf, q, prefix, own, scale, starts):
+                    cp, owner, kvf, q, prefix, own, scale, docs):
                 b, shift = ki[0], pair.q * c
                 dq_p, dk_p, dv_p, df_p, ds_p = part_backward(
                     d_out[qi], q[qi], k_c[ki], v_c[ki], prefix[b, :, shift], f_c[ki],
@@ -170,4 +171,4 @@ def fox_attention_context_parallel(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     check_inputs(q, k, v, log_f)
     prefix = forget_prefix(log_f.to(work_dtype(q.dtype)), cp)
     return _FoXContextParallel.apply(q, k, v, prefix, cp, softmax_scale,
-                                     default_flash(q.device, flash), starts)
+                                     default_flash(q.device, flash), Documents.of(starts))

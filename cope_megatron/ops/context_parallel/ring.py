@@ -12,6 +12,7 @@ chunks, one at a time, and brings gradients for them home.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,30 +50,68 @@ class Part:
     start: int = 0
 
 
-def document_parts(pair: ChunkPair, c: int, starts: torch.Tensor | None
+@dataclass(frozen=True)
+class Documents:
+    """Where each batch row's documents begin, on the host. Which parts of a pair lie inside
+    one document is host arithmetic on these (``document_parts``), so an attention call
+    copies them from the device once (``of``), not once per pair and pass: on a GPU each
+    copy waits for everything queued before it."""
+
+    firsts: tuple[tuple[int, ...], ...]  # per batch row: each document's first token, from 0
+    length: int  # tokens in a row
+
+    @classmethod
+    def of(cls, starts: torch.Tensor | None) -> Documents | None:
+        """From ``starts`` [b, S], each token's document start (``model.documents``)."""
+        if starts is None:
+            return None
+        changes = torch.nonzero(starts[:, 1:] != starts[:, :-1]).tolist()  # (row, token − 1)
+        firsts = [[0] for _ in range(starts.shape[0])]
+        for row, before in changes:
+            firsts[row].append(before + 1)
+        return cls(tuple(map(tuple, firsts)), starts.shape[1])
+
+    def runs(self, row: int, lo: int, hi: int) -> list[tuple[int, int]]:
+        """(first token, count) of each document that tokens lo…hi−1 of batch row ``row``
+        belong to, in order: its first token may lie before lo, count is within lo…hi−1."""
+        firsts = self.firsts[row]
+        i, runs = bisect.bisect_right(firsts, lo) - 1, []
+        while i < len(firsts) and firsts[i] < hi:
+            end = firsts[i + 1] if i + 1 < len(firsts) else self.length
+            runs.append((firsts[i], min(end, hi) - max(firsts[i], lo)))
+            i += 1
+        return runs
+
+    def ranges(self, row: int) -> list[tuple[int, int]]:
+        """The (first, end) token ranges of batch row ``row``'s documents."""
+        firsts = self.firsts[row]
+        return list(zip(firsts, firsts[1:] + (self.length,)))
+
+
+def document_parts(pair: ChunkPair, c: int, docs: Documents | None
                    ) -> list[tuple[slice, list[Part]]]:
     """What a pair computes, as (batch rows, parts): the whole pair without document
-    boundaries; with them (``starts`` [b, S]: each token's document start,
-    ``model.documents``), the parts of the pair inside one document, so that a pair's code
+    boundaries; with them, the parts of the pair inside one document, so that a pair's code
     runs unchanged on each. Documents are contiguous, so a key chunk before the rows' chunk
     is seen only by the rows of the one document reaching back into it (a prefix of the
     rows, a suffix of the keys), and the diagonal pair is one causal square per document."""
     whole = [Part(slice(0, c), slice(0, c), pair.diagonal)]
-    if starts is None:
+    if docs is None:
         return [(slice(None), whole)]
     q0, k0 = pair.q_global * c, pair.k_global * c
-    per_row = [_row_parts(row, pair.diagonal, k0, c) for row in starts[:, q0:q0 + c]]
+    per_row = [_row_parts(docs.runs(row, q0, q0 + c), pair.diagonal, k0, c)
+               for row in range(len(docs.firsts))]
     if all(parts == per_row[0] for parts in per_row):
         return [(slice(None), per_row[0])]
     return [(slice(i, i + 1), parts) for i, parts in enumerate(per_row)]
 
 
-def pair_parts(pair: ChunkPair, c: int, starts: torch.Tensor | None
+def pair_parts(pair: ChunkPair, c: int, docs: Documents | None
                ) -> Iterator[tuple[Part, tuple, tuple, tuple]]:
     """Each ``Part`` of ``pair`` (``document_parts``) with the indices (batch, head, token)
     of its query rows and of its keys in a rank's [b, h, 2c, ...] tensors, and of its rows
     in a chunk's [b, h, c, ...] tensors (a pair's carries)."""
-    for batch, parts in document_parts(pair, c, starts):
+    for batch, parts in document_parts(pair, c, docs):
         for part in parts:
             yield (part, (batch, slice(None), _offset(part.rows, pair.q * c)),
                    (batch, slice(None), _offset(part.keys, pair.k * c)),
@@ -83,15 +122,15 @@ def _offset(s: slice, by: int) -> slice:
     return slice(s.start + by, s.stop + by)
 
 
-def _row_parts(starts: torch.Tensor, diagonal: bool, k0: int, c: int) -> list[Part]:
-    """``document_parts`` of one batch row, given its query chunk's starts [c]."""
-    firsts, counts = (t.tolist() for t in torch.unique_consecutive(starts, return_counts=True))
+def _row_parts(runs: list[tuple[int, int]], diagonal: bool, k0: int, c: int) -> list[Part]:
+    """``document_parts`` of one batch row, given its query chunk's document ``runs``."""
     if not diagonal:
-        if firsts[0] >= k0 + c:
+        first, count = runs[0]
+        if first >= k0 + c:
             return []
-        return [Part(slice(0, counts[0]), slice(max(firsts[0] - k0, 0), c), False, firsts[0])]
+        return [Part(slice(0, count), slice(max(first - k0, 0), c), False, first)]
     parts, r0 = [], 0
-    for first, n in zip(firsts, counts):
+    for first, n in runs:
         parts.append(Part(slice(r0, r0 + n), slice(r0, r0 + n), True, first))
         r0 += n
     return parts

@@ -29,6 +29,7 @@ import torch
 from cope_megatron.ops.context_parallel.ring import (
     ChunkPair,
     ContextParallel,
+    Documents,
     Part,
     expanded,
     fold_expanded,
@@ -82,7 +83,7 @@ def _row_blocks(q: torch.Tensor, keys: int) -> list[tuple[int, int]]:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cp: ContextParallel, scale: float, flash: bool, starts, bias_fn,
+    def forward(ctx, q, k, v, cp: ContextParallel, scale: float, flash: bool, docs, bias_fn,
                 *bias_tensors):
         dtype, work = q.dtype, work_dtype(q.dtype)
         q = q.to(work)
@@ -97,7 +98,7 @@ class _RingAttention(torch.autograd.Function):
         def visit(owner: int, kv: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
             for pair in cp.pairs(owner):
-                for part, qi, ki, _ in pair_parts(pair, c, starts):
+                for part, qi, ki, _ in pair_parts(pair, c, docs):
                     q_c, k_c, v_c, out_c, lse_c = q[qi], ke[ki], ve[ki], out[qi], lse[qi]
                     if bias is None:
                         merge_softmax(out_c, lse_c, *attention_with_lse(
@@ -113,13 +114,13 @@ class _RingAttention(torch.autograd.Function):
 
         cp.ring([k, v], visit)
         ctx.save_for_backward(q, k, v, out, lse, *bias_tensors)
-        ctx.cfg = (cp, scale, flash, dtype, starts, bias_fn)
+        ctx.cfg = (cp, scale, flash, dtype, docs, bias_fn)
         return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, out, lse, *bias_tensors = ctx.saved_tensors
-        cp, scale, flash, dtype, starts, bias_fn = ctx.cfg
+        cp, scale, flash, dtype, docs, bias_fn = ctx.cfg
         work = q.dtype
         h, c = q.shape[1], q.shape[2] // 2
         wants = ctx.needs_input_grad[8:]
@@ -136,7 +137,7 @@ class _RingAttention(torch.autograd.Function):
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
             dke, dve = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
-                for part, qi, ki, _ in pair_parts(pair, c, starts):
+                for part, qi, ki, _ in pair_parts(pair, c, docs):
                     q_c, do_c, dq_c, lse_c = q[qi], d_out[qi], dq[qi], lse[qi]
                     k_c, v_c, dk_c, dv_c = ke[ki], ve[ki], dke[ki], dve[ki]
                     if bias is None:
@@ -191,8 +192,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cp: Contex
     ``starts``: each token's document start, [b, S] (``model.documents``): attention stays
     within documents, and the bias is read at positions within them.
     """
-    flash = default_flash(q.device, flash)
+    flash, docs = default_flash(q.device, flash), Documents.of(starts)
     if bias is None:
-        return _RingAttention.apply(q, k, v, cp, softmax_scale, flash, starts, None)
-    return _RingAttention.apply(q, k, v, cp, softmax_scale, flash, starts, bias.fn,
+        return _RingAttention.apply(q, k, v, cp, softmax_scale, flash, docs, None)
+    return _RingAttention.apply(q, k, v, cp, softmax_scale, flash, docs, bias.fn,
                                 *bias.tensors)

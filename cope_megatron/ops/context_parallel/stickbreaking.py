@@ -28,6 +28,7 @@ import torch
 
 from cope_megatron.ops.context_parallel.ring import (
     ContextParallel,
+    Documents,
     expanded,
     fold_expanded,
     pair_parts,
@@ -61,7 +62,7 @@ def _softplus_sums(q, k, *, scale: float, causal: bool) -> torch.Tensor:
 class _StickBreakingContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cp: ContextParallel, scale: float, blocks: Band | None,
-                starts):
+                docs: Documents | None):
         dtype, work = q.dtype, work_dtype(q.dtype)
         q, k, v = q.detach(), k.detach(), v.detach()  # bf16 stays bf16: blocks convert
         h, c = q.shape[1], q.shape[2] // 2
@@ -70,7 +71,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         def total_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke = expand_kv(kv[0], h)
             for pair in cp.pairs(owner):
-                for part, qi, ki, li in pair_parts(pair, c, starts):
+                for part, qi, ki, li in pair_parts(pair, c, docs):
                     totals[pair.q, pair.k_global][li] = _softplus_sums(
                         q[qi], ke[ki], scale=scale, causal=part.causal)
 
@@ -84,7 +85,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         def attention_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t, h) for t in kv)
             for pair in cp.pairs(owner):
-                for part, qi, ki, li in pair_parts(pair, c, starts):
+                for part, qi, ki, li in pair_parts(pair, c, docs):
                     part_acc, part_mass = chunk_forward(
                         q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li],
                         scale=scale, causal=part.causal, blocks=blocks)
@@ -93,13 +94,13 @@ class _StickBreakingContextParallel(torch.autograd.Function):
 
         cp.ring([k, v], attention_pass)
         ctx.save_for_backward(q, k, v, mass, carries)
-        ctx.cfg = (cp, scale, blocks, dtype, starts)
+        ctx.cfg = (cp, scale, blocks, dtype, docs)
         return with_remainder(acc, mass, expand_kv(v, h)).to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, mass, carries = ctx.saved_tensors
-        cp, scale, blocks, dtype, starts = ctx.cfg
+        cp, scale, blocks, dtype, docs = ctx.cfg
         h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
         work = mass.dtype
         d_out = d_out.to(work).contiguous()
@@ -111,7 +112,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
             ke, ve = (expand_kv(t, h) for t in kv)
             dke, dve = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
-                for part, qi, ki, li in pair_parts(pair, c, starts):
+                for part, qi, ki, li in pair_parts(pair, c, docs):
                     d_l_sums[pair.q, pair.k_global][li] = chunk_backward(
                         q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li], d_out[qi],
                         self_dot[qi], (dq[qi], dke[ki], dve[ki]), scale=scale,
@@ -128,7 +129,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
             ke = expand_kv(kv[0], h)
             (dke,) = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
-                for part, qi, ki, li in pair_parts(pair, c, starts):
+                for part, qi, ki, li in pair_parts(pair, c, docs):
                     chunk_correction(q[qi], ke[ki], farther[pair.q, pair.k_global][li],
                                      (dq[qi], dke[ki]), scale=scale, causal=part.causal)
             fold_expanded(acc, grads)
@@ -150,4 +151,5 @@ def stickbreaking_attention_context_parallel(q: torch.Tensor, k: torch.Tensor,
     concatenated. ``starts``: each token's document start [b, S] (``model.documents``):
     attention stays within documents. Returns this rank's rows of the single-rank output."""
     check_inputs(q, k, v)
-    return _StickBreakingContextParallel.apply(q, k, v, cp, softmax_scale, blocks, starts)
+    return _StickBreakingContextParallel.apply(q, k, v, cp, softmax_scale, blocks,
+                                               Documents.of(starts))

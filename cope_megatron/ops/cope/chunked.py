@@ -215,8 +215,9 @@ def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: boo
     ``bands``: a list to append each group's (first row, end row, band width) to, for
     ``chunk_backward``. ``paths``: the device-dependent choices (``ops.cope.paths``).
     ``totals`` [b, h, sq], if given, receives each row's carry plus its gate total over the
-    chunk, exact below npos_max − 1 and at least that otherwise (what ``gate_sums`` gives):
-    a row's band holds all its keys up to its clamp, so the total comes with the band.
+    chunk, exact below npos_max − 1 and at least that otherwise (as the CP op's
+    ``gate_sums`` gives): a row's band holds all its keys up to its clamp, so the total
+    comes with the band.
     z and carry are in the dtype the math runs in; q, k, v may be narrower (bf16), then
     each band and plain-attention call converts only its own part, and out and lse
     accumulate in z's dtype.
@@ -312,44 +313,6 @@ def _band_backward(bwd, band, q, k, v, z, carry, d_out, lse, delta, grads, dp_su
     band.put(dp_sum, dps)
     band.add_windows(dk, dk_w)
     band.add_windows(dv, dv_w)
-
-
-def row_gates(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
-              causal: bool, key_start: int = 0) -> torch.Tensor:
-    """Gates σ(a_ij) of the query rows ``rows`` (indices into q's rows) for keys k, the
-    keys from ``key_start`` on; zero for keys after the row when ``causal``:
-    q [b, h, sq, d], k [b, h, sk, d] -> [b, h, len(rows), sk], in ``work_dtype``."""
-    work = work_dtype(q.dtype)
-    g = torch.sigmoid(scale * (q[:, :, rows].to(work) @ k.to(work).transpose(-1, -2)))
-    if causal:
-        cols = torch.arange(key_start, key_start + k.shape[2], device=k.device)
-        g = g.masked_fill(cols > rows[:, None], 0.0)
-    return g
-
-
-def gate_sums(q: torch.Tensor, k: torch.Tensor, rows: torch.Tensor, *, scale: float,
-              causal: bool, limit: float, block: int = 128) -> torch.Tensor:
-    """Σ_j σ(a_ij) over each selected row's visible keys -> [b, h, len(rows)], exact below
-    ``limit`` and at least ``limit`` otherwise. Key blocks are summed from the last one back
-    and a row leaves its block's product once it reaches ``limit`` (for every batch and
-    head): beyond the clamp a position's exact value does not matter, gates of near keys
-    usually get there quickly, and the rows that need farther keys are few."""
-    sums = []
-    for i in range(0, rows.numel(), block):
-        idx = rows[i:i + block]
-        keys = int(idx.max()) + 1 if causal else k.shape[2]
-        acc = q.new_zeros(*q.shape[:2], idx.numel(), dtype=work_dtype(q.dtype))
-        live = torch.arange(idx.numel(), device=q.device)  # rows below the limit
-        for j1 in range(keys, 0, -block):
-            j0 = max(0, j1 - block)
-            acc[:, :, live] += row_gates(q, k[:, :, j0:j1], idx[live], scale=scale,
-                                         causal=causal, key_start=j0).sum(-1)
-            live = live[(acc[:, :, live] < limit).flatten(0, 1).any(0)]
-            if not live.numel():
-                break
-        sums.append(acc)
-    return torch.cat(sums, -1) if sums else q.new_zeros(*q.shape[:2], 0,
-                                                        dtype=work_dtype(q.dtype))
 
 
 def table_backward(q: torch.Tensor, pos_emb: torch.Tensor, dz: torch.Tensor
