@@ -81,8 +81,9 @@ def test_nodes_with_different_configs_refuse_to_train(prepared, tmp_path):
     shards, _, _ = prepared
     args = debug_overrides(shards, tmp_path / "run", **{"parallel.tensor": 2})
     results = start_nodes([args, [*args, "train.lr=0.01"]], per_node=1)
-    assert all(code != 0 for _, code in results)
-    assert "run config or data manifest differ between nodes" in results[0][0]
+    for out, code in results:  # each node refused on its own, none was killed
+        assert code not in (0, -9), out
+        assert "run config or data manifest differ between nodes" in out, out
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

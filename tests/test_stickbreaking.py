@@ -142,6 +142,20 @@ def test_float32_follows_float64(shift, blocks):
 
 
 @pytest.mark.parametrize("blocks", ["native", "eager"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_huge_logits_break_the_stick_or_leave_it(dtype, blocks):
+    """Every fifth key's logits about ±1000: β = 1 breaks the stick there, β = 0 must leave
+    it whole for the farther keys (past exp's range in both dtypes)."""
+    q, k, v, d_out = inputs(1, 2, 1, 40, 4)
+    k[:, :, ::5] *= 1000
+    want = grads("reference", q, k, v, d_out)
+    got = grads("chunked", *(t.to(dtype) for t in (q, k, v, d_out)), blocks=blocks)
+    for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
+        error = ((x.double() - y).abs().max() / y.abs().max()).item()
+        assert error < (1e-10 if dtype == torch.float64 else 2e-3), (name, error)  # fp32: 4e-4
+
+
+@pytest.mark.parametrize("blocks", ["native", "eager"])
 def test_nan_input_gives_nan_rows(blocks):
     """A diverged run's NaN must reach the output, for the non-finite guard to see."""
     q, k, v, _ = inputs(1, 2, 2, 40, 8, dtype=torch.float32)

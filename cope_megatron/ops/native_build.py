@@ -14,6 +14,7 @@ import hashlib
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import tempfile
 import warnings
@@ -58,8 +59,11 @@ def _build(source: Path, cxx: str) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:
             continue
-        # Ranks of one node may build at once: each writes its own file, renamed atomically.
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        if not os.access(folder, os.W_OK):  # e.g. a home directory read-only on compute nodes
+            continue
+        # Ranks, and nodes sharing a home directory, may build at once: each writes its own
+        # file (PIDs repeat across nodes' containers), renamed into place atomically.
+        tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         try:
             subprocess.run([cxx, *FLAGS, str(source), "-o", str(tmp)], check=True,
                            capture_output=True, text=True)

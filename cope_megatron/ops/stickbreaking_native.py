@@ -51,9 +51,11 @@ def _call(name: str, a: torch.Tensor, drop, carry: torch.Tensor, scale: float,
     args = _Tile(problems=a.numel() // (keys * rows), keys=keys, rows=rows, scale=scale,
                  tiny=torch.finfo(a.dtype).tiny, skip=skip.data_ptr(),
                  carry=carry.data_ptr())
-    # The kernel walks raw pointers: every tensor dense, of one dtype.
-    assert all(t.is_contiguous() and t.dtype == a.dtype for t in (carry, *tensors)
-               if t is not None)
+    # The kernel walks raw pointers: every tensor dense, of one dtype (checked even under -O).
+    if not all(t.is_contiguous() and t.dtype == a.dtype for t in (carry, *tensors)
+               if t is not None):
+        raise ValueError("stick-breaking kernel: every tensor must be contiguous and "
+                         f"{a.dtype}")
     suffix = {torch.float32: "f32", torch.float64: "f64"}[a.dtype]
     getattr(library(), f"stickbreaking_{name}_{suffix}")(
         ctypes.byref(args), *(None if t is None else t.data_ptr() for t in tensors))

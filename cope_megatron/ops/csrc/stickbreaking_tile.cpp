@@ -14,6 +14,8 @@
 namespace {
 
 constexpr int kLanes = 16;
+template <typename T>
+constexpr T kMaxExponent = sizeof(T) == 4 ? T(87) : T(708);  // 1/(1 + e^x) stays normal
 
 // One batch of tiles: `problems` (batch·heads) matrices of `keys` × `rows` raw products
 // q·k, keys nearest first; key j is row r's iff j ≥ skip[r] (the keys at or after a row on
@@ -55,7 +57,9 @@ struct Sweep {
     for (int l = 0; l < lanes; ++l) {
       const bool valid = j >= skip[l];
       x[l] = scale * a[l];
-      const T e = exp_(-x[l]);  // e^{−z}
+      // e^{−z}, its exponent capped where 1/(1 + e) is still a normal number: past it the
+      // flush would make σ(z) 0 and 1 − β = e·σ(z) 0, breaking a stick that β ≈ 0 leaves.
+      const T e = exp_(std::min(-x[l], kMaxExponent<T>));
       const T inv = T(1) / (T(1) + e);
       beta[l] = valid ? inv : T(0);           // σ(z)
       const T keep = valid ? e * inv : T(1);  // 1 − β = σ(−z)

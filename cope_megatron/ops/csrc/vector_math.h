@@ -45,13 +45,15 @@ class FlushSubnormals {
  private:
   unsigned saved_;
 #elif defined(__aarch64__)
-  FlushSubnormals() : saved_(__builtin_aarch64_get_fpcr64()) {
-    __builtin_aarch64_set_fpcr64(saved_ | (1ull << 24));  // FZ
+  FlushSubnormals() {
+    asm volatile("mrs %0, fpcr" : "=r"(saved_));
+    const uint64_t flushed = saved_ | (uint64_t(1) << 24);  // FZ
+    asm volatile("msr fpcr, %0" : : "r"(flushed));
   }
-  ~FlushSubnormals() { __builtin_aarch64_set_fpcr64(saved_); }
+  ~FlushSubnormals() { asm volatile("msr fpcr, %0" : : "r"(saved_)); }
 
  private:
-  unsigned long long saved_;
+  uint64_t saved_;
 #endif
 };
 
