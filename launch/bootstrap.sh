@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up (or reuse) .venv and run the demo or the tests; works on a fresh machine with Python.
 #   launch/bootstrap.sh demo [key=value ...]   # prep + train + eval on the embedded corpus
-#   launch/bootstrap.sh test [pytest args ...] # the default test suite
+#   launch/bootstrap.sh test [pytest args ...] # the default test suite, on every core
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -14,10 +14,12 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/pip" install -q -e ".[test]"
   touch "$STAMP"
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 cmd=${1:?usage: launch/bootstrap.sh demo|test [args...]}; shift
 case "$cmd" in
-  demo) exec "$VENV/bin/python" -m cope_megatron demo "$@" ;;
-  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  demo) export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+        exec "$VENV/bin/python" -m cope_megatron demo "$@" ;;
+  # One single-threaded pytest-xdist worker per core; a later -n 0 runs the suite serially.
+  test) export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+        exec "$VENV/bin/python" -m pytest -n auto "$@" ;;
   *) echo "unknown command $cmd (demo|test)" >&2; exit 2 ;;
 esac
