@@ -1,14 +1,16 @@
 """Benchmark attention under context parallelism: per-rank peak memory, summed CPU time,
 wall time and the share of it spent waiting on the ring's exchanges (GPU: per-rank peak
 memory and wall time) of one forward+backward over a fixed total sequence, for CP = 1, 2,
-4 ranks, for CoPE, RoPE (plain softmax attention: the rotation is outside it) or ALiBi.
+4 ranks, for CoPE, RoPE (plain softmax attention: the rotation is outside it), ALiBi or
+stick-breaking (no softmax: each row's survival carried across ranks).
 
     python bench/cp_attention.py [--pe cope] [--seq 8192] [--cps 1 2 4] [--reps 3]
                                  [--gates dense|sparse|trained --run DIR --layer N]
 
 CP = 1 is the path a model without CP takes: ``cope_attention``, or the PE's attention
 module (SDPA; for ALiBi SDPA with the [h, s, s] bias materialized, what training runs on
-CPU). CP > 1 is ``ops.context_parallel`` (CoPE's, or the softmax ring) over gloo processes
+CPU; stick-breaking's chunked op). CP > 1 is ``ops.context_parallel`` (CoPE's,
+stick-breaking's, or the softmax ring) over gloo processes
 (NCCL, one GPU each, when as many GPUs as ranks exist). Each rank runs one thread, so
 summed CPU time is the total compute, exchange included, whatever the machine's core count;
 wall time means something only with a core per rank. ``wait %``: per rank, the time inside
@@ -180,7 +182,8 @@ def save_inputs(args, path: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--pe", choices=["cope", "rope", "alibi"], default="cope")
+    parser.add_argument("--pe", choices=["cope", "rope", "alibi", "stickbreaking"],
+                        default="cope")
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--cps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--reps", type=int, default=3)
