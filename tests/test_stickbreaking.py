@@ -22,8 +22,9 @@ from tests.helpers import forked_ranks, local_rows
 
 
 def inputs(b, h, g, s, d, *, shift=0.0, dtype=torch.float64, seed=0):
-    """q, k, v and an output gradient; ``shift`` moves every logit by about −shift²
-    (β near 0: long sticks reaching far back)."""
+    """q, k, v and an output gradient; ``shift`` > 0 moves every logit by about −shift²
+    (β near 0: long sticks reaching far back), < 0 by about +shift² (q and k along one
+    direction; β near 1: each stick is spent within a few keys)."""
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
@@ -32,8 +33,8 @@ def inputs(b, h, g, s, d, *, shift=0.0, dtype=torch.float64, seed=0):
     q, k, v = randn(b, h, s, d), randn(b, g, s, d), randn(b, g, s, d)
     direction = torch.zeros(d, dtype=torch.float64)
     direction[0] = shift
-    return (q + direction).to(dtype), (k - direction).to(dtype), v.to(dtype), \
-        randn(b, h, s, d).to(dtype)
+    k = k - direction if shift >= 0 else k + direction
+    return (q + direction).to(dtype), k.to(dtype), v.to(dtype), randn(b, h, s, d).to(dtype)
 
 
 def paper_loops(q, k, v, scale):
@@ -78,8 +79,6 @@ CASES = {  # (b, h, g, s, d, tile keys, tile rows, logit shift)
 def _compare(case, blocks, monkeypatch):
     b, h, g, s, d, tile, rows, shift = CASES[case]
     q, k, v, d_out = inputs(b, h, g, s, d, shift=shift)
-    if shift < 0:  # q and k along the same direction: large positive logits
-        k = k + 2 * torch.nn.functional.pad(torch.full((1,), shift), (0, d - 1))
     want = grads("reference", q, k, v, d_out)
     monkeypatch.setattr(sb, "TILE", tile)
     monkeypatch.setattr(sb, "TILE_ROWS", rows)
@@ -195,12 +194,31 @@ def test_errors_name_the_problem():
 # -- context parallelism -------------------------------------------------------------------
 
 
+def _counting_forward(logits: list[int]):
+    """``sb._functions`` whose forward block counts the logits it computes."""
+    real = sb._functions
+
+    def functions(blocks):
+        forward, backward = real(blocks)
+
+        def counted(q_blk, k_rev, *args):
+            logits.append(q_blk.shape[0] * q_blk.shape[1] * q_blk.shape[2] * k_rev.shape[2])
+            return forward(q_blk, k_rev, *args)
+
+        return counted, backward
+
+    return functions
+
+
 def _cp_worker(cases: list[dict]) -> None:
     dist.init_process_group("gloo")
     cp = ContextParallel(dist.group.WORLD)
     for case in cases:
         q, k, v, d_out = inputs(*case["shape"], shift=case["shift"])
         want = grads("reference", q, k, v, d_out)
+        logits: list[int] = []
+        sb.TILE = sb.TILE_ROWS = case.get("tile", 256)
+        sb._functions = _counting_forward(logits)
         leaves = [local_rows(cp, t).requires_grad_() for t in (q, k, v)]
         out = stickbreaking_attention_context_parallel(
             *leaves, cp, softmax_scale=1 / math.sqrt(q.shape[-1]), blocks=case["blocks"])
@@ -208,11 +226,20 @@ def _cp_worker(cases: list[dict]) -> None:
         for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
             torch.testing.assert_close(x, local_rows(cp, y), rtol=1e-10, atol=1e-10,
                                        msg=lambda m, n=name, c=case: f"{c} {n}: {m}")
+        if "most_skipped" in case:  # sticks spent early: most pairs' rows and keys skipped
+            b, h, c = q.shape[0], q.shape[1], q.shape[2] // (2 * cp.size)
+            every = b * h * c * c * len(cp.pairs(cp.rank)) * cp.size
+            assert sum(logits) < case["most_skipped"] * every, (sum(logits), every)
     dist.destroy_process_group()
 
 
 CP_CASES = [dict(shape=(2, 4, 2, 48, 8), shift=0.0, blocks=None),
-            dict(shape=(1, 2, 1, 40, 4), shift=2.0, blocks="eager")]
+            dict(shape=(1, 2, 1, 40, 4), shift=2.0, blocks="eager"),
+            # β ≈ 1, blocks of 16 rows, tiles from 16 keys: a row block stops a few keys
+            # past its first row, and a pair whose rows nearer chunks have all spent is
+            # skipped: a quarter of the logits or less (all: 1/2 on the diagonal, 1 off it)
+            dict(shape=(1, 2, 1, 256, 4), shift=-12.0, blocks=None, tile=16, most_skipped=0.25),
+            dict(shape=(1, 2, 1, 96, 4), shift=-12.0, blocks="eager", tile=4)]
 
 
 @pytest.mark.integration

@@ -145,8 +145,10 @@ def block_code(device: torch.device, keys: int, blocks: Band | None) -> Band:
 
 
 def row_blocks(batch_heads: int, rows: int, keys: int):
-    """Blocks of query rows whose logits against ``keys`` keys fit ``BLOCK_ELEMENTS``."""
-    step = max(MIN_ROWS, BLOCK_ELEMENTS // max(1, batch_heads * keys))
+    """Blocks of query rows whose logits against ``keys`` keys fit ``BLOCK_ELEMENTS``, at
+    most ``TILE_ROWS`` (a block stops going back through the keys only once all its rows
+    are spent)."""
+    step = min(TILE_ROWS, max(MIN_ROWS, BLOCK_ELEMENTS // max(1, batch_heads * keys)))
     for r0 in range(0, rows, step):
         yield r0, min(rows, r0 + step)
 
@@ -172,31 +174,62 @@ class _Reversed:
         return slice(self.keys - end, self.keys), near[None, :] >= rows[:, None]
 
 
-def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | None = None):
-    """(Σ_j A_ij v_j [b, h, sq, d], Σ_j A_ij [b, h, sq]) of query rows over one key chunk:
-    q [b, h, sq, d]; k, v [b, h, sk, d] (expanded); carry [b, h, sq]. ``causal``: the
-    rows' own chunk (key j is row i's if j < i); otherwise every key is before every row."""
+def key_tiles(keys: slice):
+    """A window's keys (nearest first) in tiles: ``TILE`` keys, then each twice the last,
+    so that a row block that stops early stops near the diagonal, and one whose sticks
+    reach far back takes few calls."""
+    t0, size = keys.start, TILE
+    while t0 < keys.stop:
+        t1 = min(keys.stop, t0 + size)
+        yield t0, t1
+        t0, size = t1, 2 * size
+
+
+def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | None = None,
+                  used: list[int] | None = None):
+    """(Σ_j A_ij v_j [b, h, sq, d], Σ_j A_ij [b, h, sq], the carry past the chunk) of query
+    rows over one key chunk: q [b, h, sq, d]; k, v [b, h, sk, d] (expanded); carry
+    [b, h, sq], Σ sp over the rows' keys nearer than the chunk. ``causal``: the rows' own
+    chunk (key j is row i's if j < i); otherwise every key is before every row. A row block
+    takes the keys in ``key_tiles`` and stops once every row's carry is past ``spent``
+    (every farther weight is 0), so a block whose rows arrive past it costs nothing; the
+    carry returned is exact below the limit and past it otherwise. ``used``: a list to
+    append each row block's keys visited to, for ``chunk_backward``."""
     fwd, _ = _functions(block_code(q.device, k.shape[2], blocks))
-    work = carry.dtype
+    work, limit = carry.dtype, spent(carry.dtype)
     order = _Reversed(k.shape[2], causal, q.device)
     k_rev, v_rev = (order.flip(t).to(work) for t in (k, v))
     acc = torch.zeros(q.shape, dtype=work, device=q.device)
     mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
+    past = carry.clone()
     for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
         keys, drop = order.window(r0, r1)
-        if keys.start == keys.stop:
-            continue  # row 0 of the diagonal has no earlier key
-        acc[:, :, r0:r1], mass[:, :, r0:r1], _ = fwd(
-            q[:, :, r0:r1].to(work), k_rev[:, :, keys], v_rev[:, :, keys], drop,
-            carry[:, :, r0:r1], scale)
-    return acc, mass
+        run, visited = carry[:, :, r0:r1], 0
+        if not bool((run > limit).all()):
+            q_blk = q[:, :, r0:r1].to(work)
+            for t0, t1 in key_tiles(keys):
+                part = None if drop is None else drop[:, t0 - keys.start:t1 - keys.start]
+                a, m, run = fwd(q_blk, k_rev[:, :, t0:t1], v_rev[:, :, t0:t1],
+                                part if part is not None and part.numel() else None, run,
+                                scale)
+                acc[:, :, r0:r1] += a
+                mass[:, :, r0:r1] += m
+                visited = t1 - keys.start
+                if bool((run > limit).all()):
+                    break
+            past[:, :, r0:r1] = run
+        if used is not None:
+            used.append(visited)
+    return acc, mass, past
 
 
 def chunk_backward(q, k, v, carry, d_out, self_dot, grads, *, scale: float, causal: bool,
-                   blocks: Band | None = None) -> torch.Tensor:
+                   blocks: Band | None = None, used: list[int] | None = None) -> torch.Tensor:
     """Adds one ``chunk_forward``'s (dq, dk, dv) into ``grads`` (dk, dv over the expanded
     heads) for Σ_{j≤t} dL taken over this chunk's keys only; returns each row's Σ_j dL_ij
-    over the chunk. ``self_dot``: dO_i·v_i [b, h, sq]."""
+    over the chunk. ``self_dot``: dO_i·v_i [b, h, sq]. ``used``: the forward's record;
+    each row block recomputes the keys it visited, in one window (the keys past it have
+    no weight and no gradient), so the window's own Σ dL is the chunk's."""
     dq, dk, dv = grads
     _, bwd = _functions(block_code(q.device, k.shape[2], blocks))
     work = carry.dtype
@@ -204,13 +237,17 @@ def chunk_backward(q, k, v, carry, d_out, self_dot, grads, *, scale: float, caus
     k_rev, v_rev = (order.flip(t).to(work) for t in (k, v))
     dk_rev, dv_rev = torch.zeros_like(k_rev), torch.zeros_like(v_rev)
     d_l_sum = torch.zeros_like(carry)
+    visits = iter(used) if used is not None else None
     for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
         keys, drop = order.window(r0, r1)
-        if keys.start == keys.stop:
+        visited = next(visits) if visits is not None else keys.stop - keys.start
+        if not visited:
             continue
+        keys = slice(keys.start, keys.start + visited)
         dq_b, dk_w, dv_w, d_l_sum[:, :, r0:r1], _ = bwd(
-            q[:, :, r0:r1].to(work), k_rev[:, :, keys], v_rev[:, :, keys], drop,
-            carry[:, :, r0:r1], d_out[:, :, r0:r1], self_dot[:, :, r0:r1], scale)
+            q[:, :, r0:r1].to(work), k_rev[:, :, keys], v_rev[:, :, keys],
+            None if drop is None else drop[:, :visited], carry[:, :, r0:r1],
+            d_out[:, :, r0:r1], self_dot[:, :, r0:r1], scale)
         dq[:, :, r0:r1] += dq_b
         dk_rev[:, :, keys] += dk_w
         dv_rev[:, :, keys] += dv_w
@@ -252,7 +289,7 @@ TILE = 256
 TILE_ROWS = 256
 
 
-def _limit(dtype: torch.dtype) -> float:
+def spent(dtype: torch.dtype) -> float:
     """A log-survival past which every weight is 0 (``_weights`` zeroes those below the
     dtype's smallest normal number), with margin."""
     return 1 - math.log(torch.finfo(dtype).tiny)
@@ -275,7 +312,7 @@ def _tiles(q, k, v, r0: int, r1: int, work: torch.dtype):
 class _StickBreakingChunked(torch.autograd.Function):
     """One rank: rows in blocks of ``TILE_ROWS``, keys in tiles from the diagonal back,
     the log-survival carried from tile to tile. Once every row of a block has a log-
-    survival past ``_limit``, all farther weights are exactly 0 in the working dtype, and
+    survival past ``spent``, all farther weights are exactly 0 in the working dtype, and
     so are their gradients (dz = dL − β Σ_{j≤t} dL, every term 0): the block stops, and
     the backward recomputes the same tiles. Σ_{j≤t} dL comes from each row's total over
     all its keys, Σ_j dL_ij = dO_i·(out_i − v_i), less the nearer tiles'."""
@@ -289,7 +326,7 @@ class _StickBreakingChunked(torch.autograd.Function):
         fwd, _ = _functions(blocks)
         acc = torch.zeros(q.shape, dtype=work, device=q.device)
         mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
-        limit, used = _limit(work), []
+        limit, used = spent(work), []
         for r0 in range(0, q.shape[2], TILE_ROWS):
             r1 = min(q.shape[2], r0 + TILE_ROWS)
             q_blk, carry, n = q[:, :, r0:r1].to(work), mass.new_zeros(*q.shape[:2], r1 - r0), 0

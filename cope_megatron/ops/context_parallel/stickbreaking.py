@@ -4,18 +4,23 @@ The structure is CoPE's (``ops.context_parallel.cope``): a per-row running sum f
 diagonal back, whose adjoint is a forward sum that crosses chunks the other way. For query
 chunk Q and key chunk K ≤ Q, with sp = softplus(z) = −log(1 − β):
 Forward
-  1. Totals (ring of K): G[Q, K]_i = Σ_{j ∈ K, j < i} sp_ij, one number per row and pair.
+  1. Totals: G[Q, K]_i = Σ_{j ∈ K, j < i} sp_ij, one number per row and pair. The diagonal
+     pairs need no carry, so their step 3 runs first and gives theirs; then a ring of K,
+     nearest key chunk first, sums the rest for the rows whose sticks nearer chunks have
+     not yet spent (Σ sp past ``spent``: every farther weight is 0), in key tiles from the
+     nearest back, a row block stopping once all its rows are spent.
   2. Carries: C[Q, K] = Σ_{K < K' ≤ Q} G[Q, K'], the log-survival of the row over every
      nearer chunk; within a pair log A_ij = z − sp − (in-pair running sum) − C, so each
      pair is the single-rank block math with an offset (``ops.stickbreaking``).
   3. Weighted sums (ring of K, V): no softmax, so pairs' Σ A·v and Σ A simply add; the
-     remainder 1 − Σ A then weights the row's own value.
+     remainder 1 − Σ A then weights the row's own value. Row blocks spent on arrival are
+     skipped, the others stop where they are spent, and record how far they went.
 Backward (dL = A ⊙ dA, dz_it = dL_it (1 − β_it) − β_it Σ_{j<t} dL_ij)
   4. Pairs (ring of K, V, dK and dV travelling home): the block backward with the in-pair
-     part of Σ_{j<t} dL gives dq, dk, dv and each row's Σ dL over the pair.
+     part of Σ_{j<t} dL gives dq, dk, dv and each row's Σ dL over the pair, over the keys
+     step 3 visited.
   5. Correction (ring of K, dK home): B[Q, K] = Σ_{K' < K} Σ dL (the farther chunks) adds
-     dz_it = −β_it · B_i. Unlike CoPE's clamped positions, every row has B ≠ 0 here, so the
-     pass is not skipped; it costs one q·k product and a sigmoid per pair.
+     dz_it = −β_it · B_i, for the row blocks with B ≠ 0: rows whose sticks reach past K.
 Saved: local q, k, v, the row masses Σ A and the carries; no [c, c] tensor.
 With document boundaries every step runs on each pair's parts inside one document
 (``ring.document_parts``): keys of other documents add nothing to totals, carries, weights
@@ -25,10 +30,13 @@ or the correction, so a row's stick breaks only on its own document's keys.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from cope_megatron.ops.context_parallel.ring import (
+    ChunkPair,
     ContextParallel,
     Documents,
+    Part,
     expanded,
     fold_expanded,
     pair_parts,
@@ -40,23 +48,39 @@ from cope_megatron.ops.stickbreaking import (
     chunk_backward,
     chunk_correction,
     chunk_forward,
+    key_tiles,
     row_blocks,
+    spent,
     with_remainder,
 )
 
 
-def _softplus_sums(q, k, *, scale: float, causal: bool) -> torch.Tensor:
-    """Step 1 for one pair: Σ_{j<i} softplus(scale·q_i·k_j) per row, in row blocks."""
-    work = work_dtype(q.dtype)
-    total = torch.zeros(q.shape[:3], dtype=work, device=q.device)
-    k = k.to(work)
+def _softplus_sums(q, k, seen, *, scale: float) -> torch.Tensor:
+    """Step 1 for one off-diagonal pair: Σ_j softplus(scale·q_i·k_j) per row [b, h, sq],
+    given ``seen``, the row's sums over nearer chunks known so far: exact while seen plus
+    it stays below ``spent``, past the limit otherwise. Rows already past it are skipped,
+    and a row block stops going back through the keys (``key_tiles``) once all its rows
+    pass it: their weights from here back are 0, whatever the sums."""
+    work = seen.dtype
+    limit = spent(work)
+    total = torch.zeros_like(seen)
+    k_rev = k.flip(2).to(work)  # nearest first
     for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
-        sp = torch.nn.functional.softplus(scale * (q[:, :, r0:r1].to(work) @ k.transpose(-1, -2)))
-        if causal:
-            i = torch.arange(r0, r1, device=q.device)[:, None]
-            sp = sp.masked_fill(torch.arange(k.shape[2], device=q.device) >= i, 0.0)
-        total[:, :, r0:r1] = sp.sum(-1)
+        run = seen[:, :, r0:r1]
+        if bool((run > limit).all()):
+            continue
+        q_blk = q[:, :, r0:r1].to(work)
+        for t0, t1 in key_tiles(slice(0, k.shape[2])):
+            run = run + F.softplus(scale * (q_blk @ k_rev[:, :, t0:t1].transpose(-1, -2))
+                                   ).sum(-1)
+            if bool((run > limit).all()):
+                break
+        total[:, :, r0:r1] = run - seen[:, :, r0:r1]
     return total
+
+
+def _part_key(pair: ChunkPair, part: Part, rows: tuple) -> tuple:
+    return pair.q, pair.k_global, rows[0].start, part.rows.start
 
 
 class _StickBreakingContextParallel(torch.autograd.Function):
@@ -67,40 +91,56 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         q, k, v = q.detach(), k.detach(), v.detach()  # bf16 stays bf16: blocks convert
         h, c = q.shape[1], q.shape[2] // 2
         totals = torch.zeros(2, 2 * cp.size, *q.shape[:2], c, dtype=work, device=q.device)
+        carries = torch.zeros_like(totals)
+        acc = torch.zeros(q.shape, dtype=work, device=q.device)
+        mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
+        used: dict[tuple, list[int]] = {}  # per pair part: each row block's keys visited
+
+        def attend(pairs: list[ChunkPair], kv: list[torch.Tensor]) -> None:
+            """Step 3 for ``pairs``; a diagonal pair's carry past it is its total (step 1)."""
+            ke, ve = (expand_kv(t, h) for t in kv)
+            for pair in pairs:
+                for part, qi, ki, li in pair_parts(pair, c, docs):
+                    part_acc, part_mass, past = chunk_forward(
+                        q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li],
+                        scale=scale, causal=part.causal, blocks=blocks,
+                        used=used.setdefault(_part_key(pair, part, li), []))
+                    acc[qi].add_(part_acc)
+                    mass[qi].add_(part_mass)
+                    if pair.diagonal:  # past the limit it only says "spent": kept finite,
+                        # so that carries, differences of its sums, stay defined
+                        totals[pair.q, pair.k_global][li] = past.clamp(max=2 * spent(work))
+
+        # The diagonal pairs need no carry and give their totals, which leave most rows'
+        # sticks spent before any other chunk; so they run first, as CoPE's do.
+        first = [p for p in cp.pairs(cp.rank) if p.diagonal]
+        attend(first, [k, v])
 
         def total_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke = expand_kv(kv[0], h)
-            for pair in cp.pairs(owner):
-                for part, qi, ki, li in pair_parts(pair, c, docs):
+            # Nearest key chunk first: its totals spend most sticks of the farther ones.
+            for pair in sorted(cp.pairs(owner), key=lambda p: -p.k_global):
+                if pair.diagonal:
+                    continue
+                seen = totals[pair.q, pair.k_global + 1:].sum(0)
+                for _, qi, ki, li in pair_parts(pair, c, docs):
                     totals[pair.q, pair.k_global][li] = _softplus_sums(
-                        q[qi], ke[ki], scale=scale, causal=part.causal)
+                        q[qi], ke[ki], seen[li], scale=scale)
 
         cp.ring([k], total_pass)
         # C[Q, K] = Σ_{K < K' ≤ Q} G: a reverse exclusive cumulative sum over key chunks,
         # zero past each query chunk's own (those totals are zero).
         carries = totals.flip(1).cumsum(1).flip(1) - totals
-        acc = torch.zeros(q.shape, dtype=work, device=q.device)
-        mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
-
-        def attention_pass(owner: int, kv: list[torch.Tensor]) -> None:
-            ke, ve = (expand_kv(t, h) for t in kv)
-            for pair in cp.pairs(owner):
-                for part, qi, ki, li in pair_parts(pair, c, docs):
-                    part_acc, part_mass = chunk_forward(
-                        q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li],
-                        scale=scale, causal=part.causal, blocks=blocks)
-                    acc[qi].add_(part_acc)
-                    mass[qi].add_(part_mass)
-
-        cp.ring([k, v], attention_pass)
+        cp.ring([k, v], lambda owner, kv: attend([p for p in cp.pairs(owner)
+                                                  if not p.diagonal], kv))
         ctx.save_for_backward(q, k, v, mass, carries)
-        ctx.cfg = (cp, scale, blocks, dtype, docs)
+        ctx.cfg = (cp, scale, blocks, dtype, docs, used)
         return with_remainder(acc, mass, expand_kv(v, h)).to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
         q, k, v, mass, carries = ctx.saved_tensors
-        cp, scale, blocks, dtype, docs = ctx.cfg
+        cp, scale, blocks, dtype, docs, used = ctx.cfg
         h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
         work = mass.dtype
         d_out = d_out.to(work).contiguous()
@@ -116,7 +156,8 @@ class _StickBreakingContextParallel(torch.autograd.Function):
                     d_l_sums[pair.q, pair.k_global][li] = chunk_backward(
                         q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li], d_out[qi],
                         self_dot[qi], (dq[qi], dke[ki], dve[ki]), scale=scale,
-                        causal=part.causal, blocks=blocks)
+                        causal=part.causal, blocks=blocks,
+                        used=used[_part_key(pair, part, li)])
             fold_expanded(acc, grads)
 
         kv_grads = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
