@@ -229,7 +229,8 @@ def _cp_worker(cases: list[dict]) -> None:
         if "most_skipped" in case:  # sticks spent early: most pairs' rows and keys skipped
             b, h, c = q.shape[0], q.shape[1], q.shape[2] // (2 * cp.size)
             every = b * h * c * c * len(cp.pairs(cp.rank)) * cp.size
-            assert sum(logits) < case["most_skipped"] * every, (sum(logits), every)
+            # forward blocks run in the forward and, over several tiles, in the backward
+            assert sum(logits) < case["most_skipped"] * 2 * every, (sum(logits), every)
     dist.destroy_process_group()
 
 

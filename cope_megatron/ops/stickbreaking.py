@@ -161,8 +161,14 @@ class _Reversed:
     def __init__(self, keys: int, causal: bool, device: torch.device) -> None:
         self.keys, self.causal, self.device = keys, causal, device
 
-    def flip(self, t: torch.Tensor) -> torch.Tensor:
-        return t.flip(2)
+    def take(self, t: torch.Tensor, window: slice, dtype: torch.dtype) -> torch.Tensor:
+        """t's keys [b, h, keys, d] in ``window`` of the reversed order, nearest first: a
+        copy of the window only, never of the whole chunk."""
+        return t[:, :, self.keys - window.stop:self.keys - window.start].flip(2).to(dtype)
+
+    def add(self, t: torch.Tensor, window: slice, grad: torch.Tensor) -> None:
+        """Adds ``grad`` (nearest first, over ``window``) into t's keys."""
+        t[:, :, self.keys - window.stop:self.keys - window.start] += grad.flip(2)
 
     def window(self, r0: int, r1: int) -> tuple[slice, torch.Tensor | None]:
         """(slice of the reversed keys, drop mask [B, M]); an empty slice: no keys."""
@@ -175,14 +181,26 @@ class _Reversed:
 
 
 def key_tiles(keys: slice):
-    """A window's keys (nearest first) in tiles: ``TILE`` keys, then each twice the last,
-    so that a row block that stops early stops near the diagonal, and one whose sticks
-    reach far back takes few calls."""
+    """A window's keys (nearest first) in tiles: ``TILE`` keys, then each twice the last up
+    to 4·``TILE``, so that a row block that stops early stops near the diagonal, one whose
+    sticks reach far back takes few calls, and no buffer grows with the chunk."""
     t0, size = keys.start, TILE
     while t0 < keys.stop:
         t1 = min(keys.stop, t0 + size)
         yield t0, t1
-        t0, size = t1, 2 * size
+        t0, size = t1, min(2 * size, 4 * TILE)
+
+
+def _blocks(q: torch.Tensor, k: torch.Tensor):
+    """Row blocks of a chunk pair, sized for its widest key tile."""
+    return row_blocks(q.shape[0] * q.shape[1], q.shape[2], min(k.shape[2], 4 * TILE))
+
+
+def _drop_part(drop: torch.Tensor | None, keys: slice, t0: int, t1: int):
+    """The part of a window's drop mask (over its first M keys) in tile t0…t1−1, or None."""
+    if drop is None or t0 - keys.start >= drop.shape[-1]:
+        return None
+    return drop[:, t0 - keys.start:t1 - keys.start]
 
 
 def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | None = None,
@@ -198,20 +216,18 @@ def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | 
     fwd, _ = _functions(block_code(q.device, k.shape[2], blocks))
     work, limit = carry.dtype, spent(carry.dtype)
     order = _Reversed(k.shape[2], causal, q.device)
-    k_rev, v_rev = (order.flip(t).to(work) for t in (k, v))
     acc = torch.zeros(q.shape, dtype=work, device=q.device)
     mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
     past = carry.clone()
-    for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
+    for r0, r1 in _blocks(q, k):
         keys, drop = order.window(r0, r1)
         run, visited = carry[:, :, r0:r1], 0
         if not bool((run > limit).all()):
             q_blk = q[:, :, r0:r1].to(work)
             for t0, t1 in key_tiles(keys):
-                part = None if drop is None else drop[:, t0 - keys.start:t1 - keys.start]
-                a, m, run = fwd(q_blk, k_rev[:, :, t0:t1], v_rev[:, :, t0:t1],
-                                part if part is not None and part.numel() else None, run,
-                                scale)
+                tile = slice(t0, t1)
+                a, m, run = fwd(q_blk, order.take(k, tile, work), order.take(v, tile, work),
+                                _drop_part(drop, keys, t0, t1), run, scale)
                 acc[:, :, r0:r1] += a
                 mass[:, :, r0:r1] += m
                 visited = t1 - keys.start
@@ -227,32 +243,40 @@ def chunk_backward(q, k, v, carry, d_out, self_dot, grads, *, scale: float, caus
                    blocks: Band | None = None, used: list[int] | None = None) -> torch.Tensor:
     """Adds one ``chunk_forward``'s (dq, dk, dv) into ``grads`` (dk, dv over the expanded
     heads) for Σ_{j≤t} dL taken over this chunk's keys only; returns each row's Σ_j dL_ij
-    over the chunk. ``self_dot``: dO_i·v_i [b, h, sq]. ``used``: the forward's record;
-    each row block recomputes the keys it visited, in one window (the keys past it have
-    no weight and no gradient), so the window's own Σ dL is the chunk's."""
+    over the chunk. ``self_dot``: dO_i·v_i [b, h, sq]. ``used``: the forward's record: a
+    row block recomputes the keys it visited (those past them have no weight and no
+    gradient), in the same tiles. The first tile needs the Σ dL of all of them (dz's sum
+    over the keys as far as or farther than each): where there are several, a forward over
+    them gives it first, Σ_j dL_ij = dO_i·Σ_j A_ij v_j − (Σ_j A_ij) dO_i·v_i."""
     dq, dk, dv = grads
-    _, bwd = _functions(block_code(q.device, k.shape[2], blocks))
+    fwd, bwd = _functions(block_code(q.device, k.shape[2], blocks))
     work = carry.dtype
     order = _Reversed(k.shape[2], causal, q.device)
-    k_rev, v_rev = (order.flip(t).to(work) for t in (k, v))
-    dk_rev, dv_rev = torch.zeros_like(k_rev), torch.zeros_like(v_rev)
     d_l_sum = torch.zeros_like(carry)
     visits = iter(used) if used is not None else None
-    for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
+    for r0, r1 in _blocks(q, k):
         keys, drop = order.window(r0, r1)
         visited = next(visits) if visits is not None else keys.stop - keys.start
-        if not visited:
-            continue
-        keys = slice(keys.start, keys.start + visited)
-        dq_b, dk_w, dv_w, d_l_sum[:, :, r0:r1], _ = bwd(
-            q[:, :, r0:r1].to(work), k_rev[:, :, keys], v_rev[:, :, keys],
-            None if drop is None else drop[:, :visited], carry[:, :, r0:r1],
-            d_out[:, :, r0:r1], self_dot[:, :, r0:r1], scale)
-        dq[:, :, r0:r1] += dq_b
-        dk_rev[:, :, keys] += dk_w
-        dv_rev[:, :, keys] += dv_w
-    dk += order.flip(dk_rev)
-    dv += order.flip(dv_rev)
+        tiles = [(slice(t0, t1), _drop_part(drop, keys, t0, t1))
+                 for t0, t1 in key_tiles(slice(keys.start, keys.start + visited))]
+        q_blk, do_blk, dot_blk = (t[:, :, r0:r1].to(work) for t in (q, d_out, self_dot))
+        farther = None
+        if len(tiles) > 1:
+            farther, run = torch.zeros_like(dot_blk), carry[:, :, r0:r1]
+            for tile, part in tiles:
+                a, m, run = fwd(q_blk, order.take(k, tile, work), order.take(v, tile, work),
+                                part, run, scale)
+                farther += (do_blk * a).sum(-1) - m * dot_blk
+        run = carry[:, :, r0:r1]
+        for tile, part in tiles:
+            dq_b, dk_t, dv_t, tile_sum, run = bwd(
+                q_blk, order.take(k, tile, work), order.take(v, tile, work), part, run,
+                do_blk, dot_blk, scale, farther)
+            farther = None if farther is None else farther - tile_sum
+            d_l_sum[:, :, r0:r1] += tile_sum
+            dq[:, :, r0:r1] += dq_b
+            order.add(dk, tile, dk_t)
+            order.add(dv, tile, dv_t)
     return d_l_sum
 
 
@@ -262,17 +286,18 @@ def chunk_correction(q, k, carried, grads, *, scale: float, causal: bool) -> Non
     dq, dk = grads
     work = carried.dtype
     order = _Reversed(k.shape[2], causal, q.device)
-    k_rev = order.flip(k).to(work)
-    dk_rev = torch.zeros_like(k_rev)
-    for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
+    for r0, r1 in _blocks(q, k):
         keys, drop = order.window(r0, r1)
-        if keys.start == keys.stop or not bool(carried[:, :, r0:r1].any()):
+        if not bool(carried[:, :, r0:r1].any()):
             continue
-        dq_b, dk_w = correction_block(q[:, :, r0:r1].to(work), k_rev[:, :, keys], drop,
-                                      carried[:, :, r0:r1], scale)
-        dq[:, :, r0:r1] += dq_b
-        dk_rev[:, :, keys] += dk_w
-    dk += order.flip(dk_rev)
+        q_blk = q[:, :, r0:r1].to(work)
+        for t0, t1 in key_tiles(keys):
+            tile = slice(t0, t1)
+            dq_b, dk_t = correction_block(q_blk, order.take(k, tile, work),
+                                          _drop_part(drop, keys, t0, t1),
+                                          carried[:, :, r0:r1], scale)
+            dq[:, :, r0:r1] += dq_b
+            order.add(dk, tile, dk_t)
 
 
 def with_remainder(acc: torch.Tensor, mass: torch.Tensor, v_self: torch.Tensor

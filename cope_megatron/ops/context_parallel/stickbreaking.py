@@ -64,15 +64,15 @@ def _softplus_sums(q, k, seen, *, scale: float) -> torch.Tensor:
     work = seen.dtype
     limit = spent(work)
     total = torch.zeros_like(seen)
-    k_rev = k.flip(2).to(work)  # nearest first
-    for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], k.shape[2]):
+    keys = k.shape[2]
+    for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], keys):
         run = seen[:, :, r0:r1]
         if bool((run > limit).all()):
             continue
         q_blk = q[:, :, r0:r1].to(work)
-        for t0, t1 in key_tiles(slice(0, k.shape[2])):
-            run = run + F.softplus(scale * (q_blk @ k_rev[:, :, t0:t1].transpose(-1, -2))
-                                   ).sum(-1)
+        for t0, t1 in key_tiles(slice(0, keys)):  # nearest first: keys − t1 … keys − t0 − 1
+            k_tile = k[:, :, keys - t1:keys - t0].to(work)
+            run = run + F.softplus(scale * (q_blk @ k_tile.transpose(-1, -2))).sum(-1)
             if bool((run > limit).all()):
                 break
         total[:, :, r0:r1] = run - seen[:, :, r0:r1]
