@@ -143,22 +143,28 @@ void backward_group(const Tile& t, const Group& g, T* a, T* d, T* w, const T* se
   for (int l = 0; l < lanes; ++l) total[r + l] = dl_sum[l], carry_out[r + l] = s.carry(l);
 }
 
-// In: a, the raw products q·k. Out: the weights A in a, Σ A and the carry past the tile.
-template <typename T>
-void forward(const Tile& t, T* a, T* mass, T* carry_out) {
+// Calls body(group) for every lane group of the batch, in parallel, with subnormals flushed
+// in each thread.
+template <typename Body>
+void for_each_group(const Tile& t, const Body& body) {
   const int64_t items = t.problems * ((t.rows + kLanes - 1) / kLanes);
 #pragma omp parallel
   {
     const FlushSubnormals flush;
 #pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      const Group g(t, item);
-      if (g.lanes == kLanes)
-        forward_group<T, true>(t, g, a, mass, carry_out);
-      else
-        forward_group<T, false>(t, g, a, mass, carry_out);
-    }
+    for (int64_t item = 0; item < items; ++item) body(Group(t, item));
   }
+}
+
+// In: a, the raw products q·k. Out: the weights A in a, Σ A and the carry past the tile.
+template <typename T>
+void forward(const Tile& t, T* a, T* mass, T* carry_out) {
+  for_each_group(t, [&](const Group& g) {
+    if (g.lanes == kLanes)
+      forward_group<T, true>(t, g, a, mass, carry_out);
+    else
+      forward_group<T, false>(t, g, a, mass, carry_out);
+  });
 }
 
 // In: a, the raw products q·k; d = v·dO. Out: dz (unscaled) in a, A in w, Σ dL and the
@@ -166,19 +172,12 @@ void forward(const Tile& t, T* a, T* mass, T* carry_out) {
 template <typename T>
 void backward(const Tile& t, T* a, T* d, T* w, const T* self_dot, const T* farther, T* total,
               T* carry_out) {
-  const int64_t items = t.problems * ((t.rows + kLanes - 1) / kLanes);
-#pragma omp parallel
-  {
-    const FlushSubnormals flush;
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; ++item) {
-      const Group g(t, item);
-      if (g.lanes == kLanes)
-        backward_group<T, true>(t, g, a, d, w, self_dot, farther, total, carry_out);
-      else
-        backward_group<T, false>(t, g, a, d, w, self_dot, farther, total, carry_out);
-    }
-  }
+  for_each_group(t, [&](const Group& g) {
+    if (g.lanes == kLanes)
+      backward_group<T, true>(t, g, a, d, w, self_dot, farther, total, carry_out);
+    else
+      backward_group<T, false>(t, g, a, d, w, self_dot, farther, total, carry_out);
+  });
 }
 
 }  // namespace
