@@ -22,10 +22,9 @@ with β ≈ ½ that is a couple of hundred keys, so the work is nearly linear in
 recomputes the same tiles from q, k, v, the output and each row's remainder, so nothing
 [s, s] is kept. Weights below the dtype's smallest normal number are set to exactly 0:
 subnormal arithmetic is slow on CPUs and such terms cannot change a sum in the dtype.
-``chunk_forward``/``chunk_backward`` serve a (query chunk, key chunk) pair of a sequence
-split over context-parallel ranks (``ops.context_parallel.stickbreaking``): ``carry`` is
-the row's Σ sp over nearer keys, in other chunks, and the backward returns each row's Σ dL
-over the chunk, which farther chunks' nearer keys need. The block math (``blocks``,
+The same tile functions serve the (query chunk, key chunk) pairs of a sequence split over
+context-parallel ranks (``ops.context_parallel.stickbreaking``), with the row's Σ sp over
+nearer keys in other chunks as their carry. The block math (``blocks``,
 ``block_code``) runs in torch, eagerly or through torch.compile (CUDA's choice from
 ``COMPILE_MIN_SEQ`` keys), or as the C++ kernel of ``ops.stickbreaking_native`` (CPU's):
 no library has it (the authors' kernel is single-device Triton).
@@ -43,10 +42,6 @@ from cope_megatron.ops import stickbreaking_native
 from cope_megatron.ops.cope.blocks import compile_block
 from cope_megatron.ops.cope.paths import COMPILE_MIN_SEQ, Band, can_compile
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
-
-BLOCK_ELEMENTS = 2**20
-"""Logits per block of query rows (all heads and batch), so working memory stays O(s)."""
-MIN_ROWS = 16
 
 Impl = Literal["auto", "reference", "chunked"]
 
@@ -120,7 +115,8 @@ def correction_block(q_blk, k_rev, drop, carried_blk, scale: float):
     return scale * (dz @ k_rev), scale * (dz.transpose(-1, -2) @ q_blk)
 
 
-def _functions(blocks: Band):
+def block_functions(blocks: Band):
+    """The (forward, backward) tile functions of ``blocks``' code (``block_code``)."""
     if blocks == "compiled":
         return compile_block(forward_block), compile_block(backward_block)
     if blocks == "native":
@@ -144,162 +140,6 @@ def block_code(device: torch.device, keys: int, blocks: Band | None) -> Band:
     return "compiled" if keys >= COMPILE_MIN_SEQ and can_compile(device.type) else "eager"
 
 
-def row_blocks(batch_heads: int, rows: int, keys: int):
-    """Blocks of query rows whose logits against ``keys`` keys fit ``BLOCK_ELEMENTS``, at
-    most ``TILE_ROWS`` (a block stops going back through the keys only once all its rows
-    are spent)."""
-    step = min(TILE_ROWS, max(MIN_ROWS, BLOCK_ELEMENTS // max(1, batch_heads * keys)))
-    for r0 in range(0, rows, step):
-        yield r0, min(rows, r0 + step)
-
-
-class _Reversed:
-    """A chunk's keys nearest-first, and each row block's window of them: causal rows
-    r0…r1−1 see keys 0…r1−2 (j < i), of which the nearest r1 − 1 − r0 may be after a row;
-    otherwise every row sees every key."""
-
-    def __init__(self, keys: int, causal: bool, device: torch.device) -> None:
-        self.keys, self.causal, self.device = keys, causal, device
-
-    def take(self, t: torch.Tensor, window: slice, dtype: torch.dtype) -> torch.Tensor:
-        """t's keys [b, h, keys, d] in ``window`` of the reversed order, nearest first: a
-        copy of the window only, never of the whole chunk."""
-        return t[:, :, self.keys - window.stop:self.keys - window.start].flip(2).to(dtype)
-
-    def add(self, t: torch.Tensor, window: slice, grad: torch.Tensor) -> None:
-        """Adds ``grad`` (nearest first, over ``window``) into t's keys."""
-        t[:, :, self.keys - window.stop:self.keys - window.start] += grad.flip(2)
-
-    def window(self, r0: int, r1: int) -> tuple[slice, torch.Tensor | None]:
-        """(slice of the reversed keys, drop mask [B, M]); an empty slice: no keys."""
-        if not self.causal:
-            return slice(0, self.keys), None
-        end = r1 - 1  # keys 0…end−1
-        near = torch.arange(end - 1, r0 - 1, -1, device=self.device)  # keys end−1 … r0
-        rows = torch.arange(r0, r1, device=self.device)
-        return slice(self.keys - end, self.keys), near[None, :] >= rows[:, None]
-
-
-def key_tiles(keys: slice):
-    """A window's keys (nearest first) in tiles: ``TILE`` keys, then each twice the last up
-    to 4·``TILE``, so that a row block that stops early stops near the diagonal, one whose
-    sticks reach far back takes few calls, and no buffer grows with the chunk."""
-    t0, size = keys.start, TILE
-    while t0 < keys.stop:
-        t1 = min(keys.stop, t0 + size)
-        yield t0, t1
-        t0, size = t1, min(2 * size, 4 * TILE)
-
-
-def _blocks(q: torch.Tensor, k: torch.Tensor):
-    """Row blocks of a chunk pair, sized for its widest key tile."""
-    return row_blocks(q.shape[0] * q.shape[1], q.shape[2], min(k.shape[2], 4 * TILE))
-
-
-def _drop_part(drop: torch.Tensor | None, keys: slice, t0: int, t1: int):
-    """The part of a window's drop mask (over its first M keys) in tile t0…t1−1, or None."""
-    if drop is None or t0 - keys.start >= drop.shape[-1]:
-        return None
-    return drop[:, t0 - keys.start:t1 - keys.start]
-
-
-def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | None = None,
-                  used: list[int] | None = None):
-    """(Σ_j A_ij v_j [b, h, sq, d], Σ_j A_ij [b, h, sq], the carry past the chunk) of query
-    rows over one key chunk: q [b, h, sq, d]; k, v [b, h, sk, d] (expanded); carry
-    [b, h, sq], Σ sp over the rows' keys nearer than the chunk. ``causal``: the rows' own
-    chunk (key j is row i's if j < i); otherwise every key is before every row. A row block
-    takes the keys in ``key_tiles`` and stops once every row's carry is past ``spent``
-    (every farther weight is 0), so a block whose rows arrive past it costs nothing; the
-    carry returned is exact below the limit and past it otherwise. ``used``: a list to
-    append each row block's keys visited to, for ``chunk_backward``."""
-    fwd, _ = _functions(block_code(q.device, k.shape[2], blocks))
-    work, limit = carry.dtype, spent(carry.dtype)
-    order = _Reversed(k.shape[2], causal, q.device)
-    acc = torch.zeros(q.shape, dtype=work, device=q.device)
-    mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
-    past = carry.clone()
-    for r0, r1 in _blocks(q, k):
-        keys, drop = order.window(r0, r1)
-        run, visited = carry[:, :, r0:r1], 0
-        if not bool((run > limit).all()):
-            q_blk = q[:, :, r0:r1].to(work)
-            for t0, t1 in key_tiles(keys):
-                tile = slice(t0, t1)
-                a, m, run = fwd(q_blk, order.take(k, tile, work), order.take(v, tile, work),
-                                _drop_part(drop, keys, t0, t1), run, scale)
-                acc[:, :, r0:r1] += a
-                mass[:, :, r0:r1] += m
-                visited = t1 - keys.start
-                if bool((run > limit).all()):
-                    break
-            past[:, :, r0:r1] = run
-        if used is not None:
-            used.append(visited)
-    return acc, mass, past
-
-
-def chunk_backward(q, k, v, carry, d_out, self_dot, grads, *, scale: float, causal: bool,
-                   blocks: Band | None = None, used: list[int] | None = None) -> torch.Tensor:
-    """Adds one ``chunk_forward``'s (dq, dk, dv) into ``grads`` (dk, dv over the expanded
-    heads) for Σ_{j≤t} dL taken over this chunk's keys only; returns each row's Σ_j dL_ij
-    over the chunk. ``self_dot``: dO_i·v_i [b, h, sq]. ``used``: the forward's record: a
-    row block recomputes the keys it visited (those past them have no weight and no
-    gradient), in the same tiles. The first tile needs the Σ dL of all of them (dz's sum
-    over the keys as far as or farther than each): where there are several, a forward over
-    them gives it first, Σ_j dL_ij = dO_i·Σ_j A_ij v_j − (Σ_j A_ij) dO_i·v_i."""
-    dq, dk, dv = grads
-    fwd, bwd = _functions(block_code(q.device, k.shape[2], blocks))
-    work = carry.dtype
-    order = _Reversed(k.shape[2], causal, q.device)
-    d_l_sum = torch.zeros_like(carry)
-    visits = iter(used) if used is not None else None
-    for r0, r1 in _blocks(q, k):
-        keys, drop = order.window(r0, r1)
-        visited = next(visits) if visits is not None else keys.stop - keys.start
-        tiles = [(slice(t0, t1), _drop_part(drop, keys, t0, t1))
-                 for t0, t1 in key_tiles(slice(keys.start, keys.start + visited))]
-        q_blk, do_blk, dot_blk = (t[:, :, r0:r1].to(work) for t in (q, d_out, self_dot))
-        farther = None
-        if len(tiles) > 1:
-            farther, run = torch.zeros_like(dot_blk), carry[:, :, r0:r1]
-            for tile, part in tiles:
-                a, m, run = fwd(q_blk, order.take(k, tile, work), order.take(v, tile, work),
-                                part, run, scale)
-                farther += (do_blk * a).sum(-1) - m * dot_blk
-        run = carry[:, :, r0:r1]
-        for tile, part in tiles:
-            dq_b, dk_t, dv_t, tile_sum, run = bwd(
-                q_blk, order.take(k, tile, work), order.take(v, tile, work), part, run,
-                do_blk, dot_blk, scale, farther)
-            farther = None if farther is None else farther - tile_sum
-            d_l_sum[:, :, r0:r1] += tile_sum
-            dq[:, :, r0:r1] += dq_b
-            order.add(dk, tile, dk_t)
-            order.add(dv, tile, dv_t)
-    return d_l_sum
-
-
-def chunk_correction(q, k, carried, grads, *, scale: float, causal: bool) -> None:
-    """Adds into ``grads`` = (dq, dk) the rows' Σ dL over keys in earlier chunks
-    (``carried`` [b, h, sq]), for the keys of this chunk; rows where it is 0 are skipped."""
-    dq, dk = grads
-    work = carried.dtype
-    order = _Reversed(k.shape[2], causal, q.device)
-    for r0, r1 in _blocks(q, k):
-        keys, drop = order.window(r0, r1)
-        if not bool(carried[:, :, r0:r1].any()):
-            continue
-        q_blk = q[:, :, r0:r1].to(work)
-        for t0, t1 in key_tiles(keys):
-            tile = slice(t0, t1)
-            dq_b, dk_t = correction_block(q_blk, order.take(k, tile, work),
-                                          _drop_part(drop, keys, t0, t1),
-                                          carried[:, :, r0:r1], scale)
-            dq[:, :, r0:r1] += dq_b
-            order.add(dk, tile, dk_t)
-
-
 def with_remainder(acc: torch.Tensor, mass: torch.Tensor, v_self: torch.Tensor
                    ) -> torch.Tensor:
     """out_i = Σ_j A_ij v_j + (1 − Σ_j A_ij) v_i."""
@@ -307,10 +147,10 @@ def with_remainder(acc: torch.Tensor, mass: torch.Tensor, v_self: torch.Tensor
 
 
 TILE = 256
-"""Keys per tile of the single-rank op, nearest first. With sticks that reach far back
-(every tile visited), 256 × 256 tiles ran at 1.9× SDPA's time at 4k against 2.7× for 128 ×
-128; with short ones (β ≈ ½, a couple of tiles per row block) at 0.5× against 0.35×
-(``bench/peers_op.py``, the C++ kernel)."""
+"""Keys per tile of the single-rank op, nearest first (and a CP pair's first tile). With
+sticks that reach far back (every tile visited), 256 × 256 tiles ran at 1.9× SDPA's time at
+4k against 2.7× for 128 × 128; with short ones (β ≈ ½, a couple of tiles per row block) at
+0.5× against 0.35× (``bench/peers_op.py``, the C++ kernel)."""
 TILE_ROWS = 256
 
 
@@ -348,7 +188,7 @@ class _StickBreakingChunked(torch.autograd.Function):
         q, k, v = q.detach(), k.detach(), v.detach()  # bf16 stays bf16: tiles convert
         ke, ve = expand_kv(k, q.shape[1]), expand_kv(v, q.shape[1])
         blocks = block_code(q.device, q.shape[2], blocks)
-        fwd, _ = _functions(blocks)
+        fwd, _ = block_functions(blocks)
         acc = torch.zeros(q.shape, dtype=work, device=q.device)
         mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
         limit, used = spent(work), []
@@ -374,7 +214,7 @@ class _StickBreakingChunked(torch.autograd.Function):
         scale, blocks, dtype, used = ctx.cfg
         h, kv_heads, work = q.shape[1], k.shape[1], mass.dtype
         ke, ve = expand_kv(k, h), expand_kv(v, h)
-        _, bwd = _functions(blocks)
+        _, bwd = block_functions(blocks)
         d_out = d_out.to(work).contiguous()
         self_dot = (d_out * ve).sum(-1)
         row_total = (d_out * out).sum(-1) - self_dot  # Σ_j dL_ij = dO_i·(out_i − v_i)

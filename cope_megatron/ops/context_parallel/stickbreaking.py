@@ -7,7 +7,7 @@ Forward
   1. Totals: G[Q, K]_i = Σ_{j ∈ K, j < i} sp_ij, one number per row and pair. The diagonal
      pairs need no carry, so their step 3 runs first and gives theirs; then a ring of K,
      nearest key chunk first, sums the rest for the rows whose sticks nearer chunks have
-     not yet spent (Σ sp past ``spent``: every farther weight is 0), in key tiles from the
+     not yet spent (Σ sp past ``sb.spent``: every farther weight is 0), in key tiles from the
      nearest back, a row block stopping once all its rows are spent.
   2. Carries: C[Q, K] = Σ_{K < K' ≤ Q} G[Q, K'], the log-survival of the row over every
      nearer chunk; within a pair log A_ij = z − sp − (in-pair running sum) − C, so each
@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cope_megatron.ops import stickbreaking as sb
 from cope_megatron.ops.context_parallel.ring import (
     ChunkPair,
     ContextParallel,
@@ -43,26 +44,176 @@ from cope_megatron.ops.context_parallel.ring import (
 )
 from cope_megatron.ops.cope.paths import Band
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
-from cope_megatron.ops.stickbreaking import (
-    check_inputs,
-    chunk_backward,
-    chunk_correction,
-    chunk_forward,
-    key_tiles,
-    row_blocks,
-    spent,
-    with_remainder,
-)
+
+BLOCK_ELEMENTS = 2**20
+"""Logits per block of query rows (all heads and batch), so working memory stays O(s)."""
+MIN_ROWS = 16
+
+
+def row_blocks(batch_heads: int, rows: int, keys: int):
+    """Blocks of query rows whose logits against ``keys`` keys fit ``BLOCK_ELEMENTS``, at
+    most ``sb.TILE_ROWS`` (a block stops going back through the keys only once all its rows
+    are spent)."""
+    step = min(sb.TILE_ROWS, max(MIN_ROWS, BLOCK_ELEMENTS // max(1, batch_heads * keys)))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+class _Reversed:
+    """A chunk's keys nearest-first, and each row block's window of them: causal rows
+    r0…r1−1 see keys 0…r1−2 (j < i), of which the nearest r1 − 1 − r0 may be after a row;
+    otherwise every row sees every key."""
+
+    def __init__(self, keys: int, causal: bool, device: torch.device) -> None:
+        self.keys, self.causal, self.device = keys, causal, device
+
+    def take(self, t: torch.Tensor, window: slice, dtype: torch.dtype) -> torch.Tensor:
+        """t's keys [b, h, keys, d] in ``window`` of the reversed order, nearest first: a
+        copy of the window only, never of the whole chunk."""
+        return t[:, :, self.keys - window.stop:self.keys - window.start].flip(2).to(dtype)
+
+    def add(self, t: torch.Tensor, window: slice, grad: torch.Tensor) -> None:
+        """Adds ``grad`` (nearest first, over ``window``) into t's keys."""
+        t[:, :, self.keys - window.stop:self.keys - window.start] += grad.flip(2)
+
+    def window(self, r0: int, r1: int) -> tuple[slice, torch.Tensor | None]:
+        """(slice of the reversed keys, drop mask [B, M]); an empty slice: no keys."""
+        if not self.causal:
+            return slice(0, self.keys), None
+        end = r1 - 1  # keys 0…end−1
+        near = torch.arange(end - 1, r0 - 1, -1, device=self.device)  # keys end−1 … r0
+        rows = torch.arange(r0, r1, device=self.device)
+        return slice(self.keys - end, self.keys), near[None, :] >= rows[:, None]
+
+
+def key_tiles(keys: slice):
+    """A window's keys (nearest first) in tiles: ``sb.TILE`` keys, then each twice the last up
+    to 4·``sb.TILE``, so that a row block that stops early stops near the diagonal, one whose
+    sticks reach far back takes few calls, and no buffer grows with the chunk."""
+    t0, size = keys.start, sb.TILE
+    while t0 < keys.stop:
+        t1 = min(keys.stop, t0 + size)
+        yield t0, t1
+        t0, size = t1, min(2 * size, 4 * sb.TILE)
+
+
+def _blocks(q: torch.Tensor, k: torch.Tensor):
+    """Row blocks of a chunk pair, sized for its widest key tile."""
+    return row_blocks(q.shape[0] * q.shape[1], q.shape[2], min(k.shape[2], 4 * sb.TILE))
+
+
+def _drop_part(drop: torch.Tensor | None, keys: slice, t0: int, t1: int):
+    """The part of a window's drop mask (over its first M keys) in tile t0…t1−1, or None."""
+    if drop is None or t0 - keys.start >= drop.shape[-1]:
+        return None
+    return drop[:, t0 - keys.start:t1 - keys.start]
+
+
+def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | None = None,
+                  used: list[int] | None = None):
+    """(Σ_j A_ij v_j [b, h, sq, d], Σ_j A_ij [b, h, sq], the carry past the chunk) of query
+    rows over one key chunk: q [b, h, sq, d]; k, v [b, h, sk, d] (expanded); carry
+    [b, h, sq], Σ sp over the rows' keys nearer than the chunk. ``causal``: the rows' own
+    chunk (key j is row i's if j < i); otherwise every key is before every row. A row block
+    takes the keys in ``key_tiles`` and stops once every row's carry is past ``sb.spent``
+    (every farther weight is 0), so a block whose rows arrive past it costs nothing; the
+    carry returned is exact below the limit and past it otherwise. ``used``: a list to
+    append each row block's keys visited to, for ``chunk_backward``."""
+    fwd, _ = sb.block_functions(sb.block_code(q.device, k.shape[2], blocks))
+    work, limit = carry.dtype, sb.spent(carry.dtype)
+    order = _Reversed(k.shape[2], causal, q.device)
+    acc = torch.zeros(q.shape, dtype=work, device=q.device)
+    mass = torch.zeros(q.shape[:3], dtype=work, device=q.device)
+    past = carry.clone()
+    for r0, r1 in _blocks(q, k):
+        keys, drop = order.window(r0, r1)
+        run, visited = carry[:, :, r0:r1], 0
+        if not bool((run > limit).all()):
+            q_blk = q[:, :, r0:r1].to(work)
+            for t0, t1 in key_tiles(keys):
+                tile = slice(t0, t1)
+                a, m, run = fwd(q_blk, order.take(k, tile, work), order.take(v, tile, work),
+                                _drop_part(drop, keys, t0, t1), run, scale)
+                acc[:, :, r0:r1] += a
+                mass[:, :, r0:r1] += m
+                visited = t1 - keys.start
+                if bool((run > limit).all()):
+                    break
+            past[:, :, r0:r1] = run
+        if used is not None:
+            used.append(visited)
+    return acc, mass, past
+
+
+def chunk_backward(q, k, v, carry, d_out, self_dot, grads, *, scale: float, causal: bool,
+                   blocks: Band | None = None, used: list[int] | None = None) -> torch.Tensor:
+    """Adds one ``chunk_forward``'s (dq, dk, dv) into ``grads`` (dk, dv over the expanded
+    heads) for Σ_{j≤t} dL taken over this chunk's keys only; returns each row's Σ_j dL_ij
+    over the chunk. ``self_dot``: dO_i·v_i [b, h, sq]. ``used``: the forward's record: a
+    row block recomputes the keys it visited (those past them have no weight and no
+    gradient), in the same tiles. The first tile needs the Σ dL of all of them (dz's sum
+    over the keys as far as or farther than each): where there are several, a forward over
+    them gives it first, Σ_j dL_ij = dO_i·Σ_j A_ij v_j − (Σ_j A_ij) dO_i·v_i."""
+    dq, dk, dv = grads
+    fwd, bwd = sb.block_functions(sb.block_code(q.device, k.shape[2], blocks))
+    work = carry.dtype
+    order = _Reversed(k.shape[2], causal, q.device)
+    d_l_sum = torch.zeros_like(carry)
+    visits = iter(used) if used is not None else None
+    for r0, r1 in _blocks(q, k):
+        keys, drop = order.window(r0, r1)
+        visited = next(visits) if visits is not None else keys.stop - keys.start
+        tiles = [(slice(t0, t1), _drop_part(drop, keys, t0, t1))
+                 for t0, t1 in key_tiles(slice(keys.start, keys.start + visited))]
+        q_blk, do_blk, dot_blk = (t[:, :, r0:r1].to(work) for t in (q, d_out, self_dot))
+        farther = None
+        if len(tiles) > 1:
+            farther, run = torch.zeros_like(dot_blk), carry[:, :, r0:r1]
+            for tile, part in tiles:
+                a, m, run = fwd(q_blk, order.take(k, tile, work), order.take(v, tile, work),
+                                part, run, scale)
+                farther += (do_blk * a).sum(-1) - m * dot_blk
+        run = carry[:, :, r0:r1]
+        for tile, part in tiles:
+            dq_b, dk_t, dv_t, tile_sum, run = bwd(
+                q_blk, order.take(k, tile, work), order.take(v, tile, work), part, run,
+                do_blk, dot_blk, scale, farther)
+            farther = None if farther is None else farther - tile_sum
+            d_l_sum[:, :, r0:r1] += tile_sum
+            dq[:, :, r0:r1] += dq_b
+            order.add(dk, tile, dk_t)
+            order.add(dv, tile, dv_t)
+    return d_l_sum
+
+
+def chunk_correction(q, k, carried, grads, *, scale: float, causal: bool) -> None:
+    """Adds into ``grads`` = (dq, dk) the rows' Σ dL over keys in earlier chunks
+    (``carried`` [b, h, sq]), for the keys of this chunk; rows where it is 0 are skipped."""
+    dq, dk = grads
+    work = carried.dtype
+    order = _Reversed(k.shape[2], causal, q.device)
+    for r0, r1 in _blocks(q, k):
+        keys, drop = order.window(r0, r1)
+        if not bool(carried[:, :, r0:r1].any()):
+            continue
+        q_blk = q[:, :, r0:r1].to(work)
+        for t0, t1 in key_tiles(keys):
+            tile = slice(t0, t1)
+            dq_b, dk_t = sb.correction_block(q_blk, order.take(k, tile, work),
+                                          _drop_part(drop, keys, t0, t1),
+                                          carried[:, :, r0:r1], scale)
+            dq[:, :, r0:r1] += dq_b
+            order.add(dk, tile, dk_t)
 
 
 def _softplus_sums(q, k, seen, *, scale: float) -> torch.Tensor:
     """Step 1 for one off-diagonal pair: Σ_j softplus(scale·q_i·k_j) per row [b, h, sq],
     given ``seen``, the row's sums over nearer chunks known so far: exact while seen plus
-    it stays below ``spent``, past the limit otherwise. Rows already past it are skipped,
+    it stays below ``sb.spent``, past the limit otherwise. Rows already past it are skipped,
     and a row block stops going back through the keys (``key_tiles``) once all its rows
     pass it: their weights from here back are 0, whatever the sums."""
     work = seen.dtype
-    limit = spent(work)
+    limit = sb.spent(work)
     total = torch.zeros_like(seen)
     keys = k.shape[2]
     for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], keys):
@@ -109,7 +260,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
                     mass[qi].add_(part_mass)
                     if pair.diagonal:  # past the limit it only says "spent": kept finite,
                         # so that carries, differences of its sums, stay defined
-                        totals[pair.q, pair.k_global][li] = past.clamp(max=2 * spent(work))
+                        totals[pair.q, pair.k_global][li] = past.clamp(max=2 * sb.spent(work))
 
         # The diagonal pairs need no carry and give their totals, which leave most rows'
         # sticks spent before any other chunk; so they run first, as CoPE's do.
@@ -135,7 +286,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
                                                   if not p.diagonal], kv))
         ctx.save_for_backward(q, k, v, mass, carries)
         ctx.cfg = (cp, scale, blocks, dtype, docs, used)
-        return with_remainder(acc, mass, expand_kv(v, h)).to(dtype)
+        return sb.with_remainder(acc, mass, expand_kv(v, h)).to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
@@ -191,6 +342,6 @@ def stickbreaking_attention_context_parallel(q: torch.Tensor, k: torch.Tensor,
     (head-tail layout). q [b, h, 2c, d]; k, v [b, g, 2c, d]: this rank's two chunks,
     concatenated. ``starts``: each token's document start [b, S] (``model.documents``):
     attention stays within documents. Returns this rank's rows of the single-rank output."""
-    check_inputs(q, k, v)
+    sb.check_inputs(q, k, v)
     return _StickBreakingContextParallel.apply(q, k, v, cp, softmax_scale, blocks,
                                                Documents.of(starts))
