@@ -60,6 +60,7 @@ from cope_megatron.ops.context_parallel.ring import (
     expanded,
     fold_expanded,
     pair_parts,
+    part_key,
     rows,
 )
 from cope_megatron.ops.cope import chunked as cope_chunked
@@ -92,8 +93,7 @@ def _options(ops, widths: dict, pair: ChunkPair, part: Part, batch: slice,
     """Both pair codes record in the forward, for the backward, where each pair's (part's)
     near band ends (the chunked op its widths, the Triton kernels their plain key blocks
     and gate totals); the chunked op also takes ``paths``."""
-    key = (pair.q, pair.k_global, batch.start, part.rows.start)
-    bands = {"bands": widths.setdefault(key, [])}
+    bands = {"bands": widths.setdefault(part_key(pair, part, batch), [])}
     return bands | {"paths": paths} if ops is cope_chunked else bands
 
 

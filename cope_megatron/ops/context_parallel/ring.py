@@ -118,6 +118,12 @@ def pair_parts(pair: ChunkPair, c: int, docs: Documents | None
                    (batch, slice(None), part.rows))
 
 
+def part_key(pair: ChunkPair, part: Part, batch: slice) -> tuple:
+    """What names a pair's part (``pair_parts``; ``batch``: its batch rows) from a forward
+    to its backward, for the records a CP op keeps of how far each part's work went."""
+    return pair.q, pair.k_global, batch.start, part.rows.start
+
+
 def _offset(s: slice, by: int) -> slice:
     return slice(s.start + by, s.stop + by)
 

@@ -37,10 +37,10 @@ from cope_megatron.ops.context_parallel.ring import (
     ChunkPair,
     ContextParallel,
     Documents,
-    Part,
     expanded,
     fold_expanded,
     pair_parts,
+    part_key,
 )
 from cope_megatron.ops.cope.paths import Band
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
@@ -200,8 +200,8 @@ def chunk_correction(q, k, carried, grads, *, scale: float, causal: bool) -> Non
         for t0, t1 in key_tiles(keys):
             tile = slice(t0, t1)
             dq_b, dk_t = sb.correction_block(q_blk, order.take(k, tile, work),
-                                          _drop_part(drop, keys, t0, t1),
-                                          carried[:, :, r0:r1], scale)
+                                             _drop_part(drop, keys, t0, t1),
+                                             carried[:, :, r0:r1], scale)
             dq[:, :, r0:r1] += dq_b
             order.add(dk, tile, dk_t)
 
@@ -216,7 +216,7 @@ def _softplus_sums(q, k, seen, *, scale: float) -> torch.Tensor:
     limit = sb.spent(work)
     total = torch.zeros_like(seen)
     keys = k.shape[2]
-    for r0, r1 in row_blocks(q.shape[0] * q.shape[1], q.shape[2], keys):
+    for r0, r1 in _blocks(q, k):
         run = seen[:, :, r0:r1]
         if bool((run > limit).all()):
             continue
@@ -228,10 +228,6 @@ def _softplus_sums(q, k, seen, *, scale: float) -> torch.Tensor:
                 break
         total[:, :, r0:r1] = run - seen[:, :, r0:r1]
     return total
-
-
-def _part_key(pair: ChunkPair, part: Part, rows: tuple) -> tuple:
-    return pair.q, pair.k_global, rows[0].start, part.rows.start
 
 
 class _StickBreakingContextParallel(torch.autograd.Function):
@@ -255,7 +251,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
                     part_acc, part_mass, past = chunk_forward(
                         q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li],
                         scale=scale, causal=part.causal, blocks=blocks,
-                        used=used.setdefault(_part_key(pair, part, li), []))
+                        used=used.setdefault(part_key(pair, part, li[0]), []))
                     acc[qi].add_(part_acc)
                     mass[qi].add_(part_mass)
                     if pair.diagonal:  # past the limit it only says "spent": kept finite,
@@ -308,7 +304,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
                         q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li], d_out[qi],
                         self_dot[qi], (dq[qi], dke[ki], dve[ki]), scale=scale,
                         causal=part.causal, blocks=blocks,
-                        used=used[_part_key(pair, part, li)])
+                        used=used[part_key(pair, part, li[0])])
             fold_expanded(acc, grads)
 
         kv_grads = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
