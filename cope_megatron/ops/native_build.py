@@ -10,6 +10,7 @@ exists and what it computes.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -47,10 +48,18 @@ def _machine() -> bytes:
     return f"{platform.machine()} {flags}".encode()
 
 
+@functools.cache
+def _compiler_version(cxx: str) -> bytes:
+    """``cxx --version``: one cache entry per compiler release, so that an upgraded
+    compiler (or one at the same path on another node) builds its own."""
+    done = subprocess.run([cxx, "--version"], capture_output=True, check=False)
+    return done.stdout + done.stderr
+
+
 def _build(source: Path, cxx: str) -> Path:
     headers = b"".join(path.read_bytes() for path in sorted(CSRC.glob("*.h")))
     key = hashlib.sha256(source.read_bytes() + headers + " ".join([cxx, *FLAGS]).encode()
-                         + _machine()).hexdigest()[:16]
+                         + _compiler_version(cxx) + _machine()).hexdigest()[:16]
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / "cope_megatron"):
         path = folder / f"{source.stem}-{key}.so"
         if path.exists():
