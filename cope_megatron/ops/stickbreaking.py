@@ -87,32 +87,20 @@ def forward_block(q_blk, k_rev, v_rev, drop, carry_blk, scale: float):
 
 
 def backward_block(q_blk, k_rev, v_rev, drop, carry_blk, do_blk, self_dot_blk, scale: float,
-                   farther_blk=None):
+                   farther_blk):
     """(dq, dk_rev, dv_rev, Σ_j dL_ij, the carry past the window) of a block;
     ``self_dot_blk`` = dO_i·v_i. dz_it = dL_it (1 − β_it) − β_it Σ_{j<t} dL_ij
     = dL_it − β_it Σ_{j≤t} dL_ij, the sum over the keys as far as or farther than t:
     ``farther_blk`` (Σ dL over the window's keys and all farther ones) minus the window's
-    nearer ones; None: the window's own total, the part from keys farther than the window
-    then comes from ``correction_block``. No cancellation to fear: |Σ dL| ≤ max |dA|, as
-    Σ A ≤ 1."""
+    nearer ones. No cancellation to fear: |Σ dL| ≤ max |dA|, as Σ A ≤ 1."""
     z, weights, carry = _weights(q_blk, k_rev, drop, carry_blk, scale)
     d_l = weights * (do_blk @ v_rev.transpose(-1, -2) - self_dot_blk[..., None])
     nearer = d_l.cumsum(-1)
     total = nearer[..., -1:]
-    farther = total if farther_blk is None else farther_blk[..., None]
+    farther = farther_blk[..., None]
     dz = d_l - torch.sigmoid(z) * (farther - nearer + d_l)
     return (scale * (dz @ k_rev), scale * (dz.transpose(-1, -2) @ q_blk),
             weights.transpose(-1, -2) @ do_blk, total[..., 0], carry)
-
-
-def correction_block(q_blk, k_rev, drop, carried_blk, scale: float):
-    """(dq, dk_rev) from the rows' Σ dL over keys farther than the window
-    (``carried_blk``): dz_it = −β_it · carried_i."""
-    z = scale * (q_blk @ k_rev.transpose(-1, -2))
-    if drop is not None:
-        z[..., :drop.shape[-1]].masked_fill_(drop, float("-inf"))
-    dz = -torch.sigmoid(z) * carried_blk[..., None]
-    return scale * (dz @ k_rev), scale * (dz.transpose(-1, -2) @ q_blk)
 
 
 def block_functions(blocks: Band):

@@ -42,7 +42,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def _call(name: str, a: torch.Tensor, drop, carry: torch.Tensor, scale: float,
-          *tensors: torch.Tensor | None) -> None:
+          *tensors: torch.Tensor) -> None:
     """Runs ``stickbreaking_{name}`` over raw products a [..., L, B] (keys nearest first,
     rows last); ``drop`` [B, M]: each row's leading keys that are not its own (None: none)."""
     keys, rows = a.shape[-2:]
@@ -52,13 +52,12 @@ def _call(name: str, a: torch.Tensor, drop, carry: torch.Tensor, scale: float,
                  tiny=torch.finfo(a.dtype).tiny, skip=skip.data_ptr(),
                  carry=carry.data_ptr())
     # The kernel walks raw pointers: every tensor dense, of one dtype (checked even under -O).
-    if not all(t.is_contiguous() and t.dtype == a.dtype for t in (carry, *tensors)
-               if t is not None):
+    if not all(t.is_contiguous() and t.dtype == a.dtype for t in (carry, *tensors)):
         raise ValueError("stick-breaking kernel: every tensor must be contiguous and "
                          f"{a.dtype}")
     suffix = {torch.float32: "f32", torch.float64: "f64"}[a.dtype]
     getattr(library(), f"stickbreaking_{name}_{suffix}")(
-        ctypes.byref(args), *(None if t is None else t.data_ptr() for t in tensors))
+        ctypes.byref(args), *(t.data_ptr() for t in tensors))
 
 
 def forward_block(q_blk, k_rev, v_rev, drop, carry_blk, scale: float):
@@ -71,16 +70,15 @@ def forward_block(q_blk, k_rev, v_rev, drop, carry_blk, scale: float):
 
 
 def backward_block(q_blk, k_rev, v_rev, drop, carry_blk, do_blk, self_dot_blk, scale: float,
-                   farther_blk=None):
+                   farther_blk):
     """As ``ops.stickbreaking.backward_block``."""
     a = k_rev @ q_blk.transpose(-1, -2)
     d = v_rev @ do_blk.transpose(-1, -2)  # v·dO, transposed alike
     weights = torch.empty_like(a)
     carry = carry_blk.contiguous()
     total, carry_out = torch.empty_like(carry), torch.empty_like(carry)
-    farther = None if farther_blk is None else farther_blk.contiguous()
     _call("backward", a, drop, carry, scale, a, d, weights, self_dot_blk.contiguous(),
-          farther, total, carry_out)
+          farther_blk.contiguous(), total, carry_out)
     # a now holds dz
     return (scale * (a.transpose(-1, -2) @ k_rev), scale * (a @ q_blk), weights @ do_blk,
             total, carry_out)

@@ -16,15 +16,17 @@ Forward
      remainder 1 − Σ A then weights the row's own value. Row blocks spent on arrival are
      skipped, the others stop where they are spent, and record how far they went.
 Backward (dL = A ⊙ dA, dz_it = dL_it (1 − β_it) − β_it Σ_{j<t} dL_ij)
-  4. Pairs (ring of K, V, dK and dV travelling home): the block backward with the in-pair
-     part of Σ_{j<t} dL gives dq, dk, dv and each row's Σ dL over the pair, over the keys
-     step 3 visited.
-  5. Correction (ring of K, dK home): B[Q, K] = Σ_{K' < K} Σ dL (the farther chunks) adds
-     dz_it = −β_it · B_i, for the row blocks with B ≠ 0: rows whose sticks reach past K.
+  4. Loss sums (ring of K, V): each pair's Σ_j dL_ij per row, over the keys step 3 visited,
+     by its forward again; F[Q, K] = the sum over chunk K and every farther one, a prefix
+     over key chunks.
+  5. Pairs (ring of K, V, dK and dV travelling home): the block backward, each row block
+     starting from F, so that Σ_{j<t} dL also counts the farther chunks' keys: dq, dk, dv
+     exactly, over the keys step 3 visited. Step 4's forward is the price of knowing F
+     before any pair runs: the ring brings the farther chunks in no fixed order.
 Saved: local q, k, v, the row masses Σ A and the carries; no [c, c] tensor.
 With document boundaries every step runs on each pair's parts inside one document
 (``ring.document_parts``): keys of other documents add nothing to totals, carries, weights
-or the correction, so a row's stick breaks only on its own document's keys.
+or loss sums, so a row's stick breaks only on its own document's keys.
 """
 
 from __future__ import annotations
@@ -145,65 +147,61 @@ def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | 
     return acc, mass, past
 
 
-def chunk_backward(q, k, v, carry, d_out, self_dot, grads, *, scale: float, causal: bool,
-                   blocks: Band | None = None, used: list[int] | None = None) -> torch.Tensor:
-    """Adds one ``chunk_forward``'s (dq, dk, dv) into ``grads`` (dk, dv over the expanded
-    heads) for Σ_{j≤t} dL taken over this chunk's keys only; returns each row's Σ_j dL_ij
-    over the chunk. ``self_dot``: dO_i·v_i [b, h, sq]. ``used``: the forward's record: a
-    row block recomputes the keys it visited (those past them have no weight and no
-    gradient), in the same tiles. The first tile needs the Σ dL of all of them (dz's sum
-    over the keys as far as or farther than each): where there are several, a forward over
-    them gives it first, Σ_j dL_ij = dO_i·Σ_j A_ij v_j − (Σ_j A_ij) dO_i·v_i."""
-    dq, dk, dv = grads
-    fwd, bwd = sb.block_functions(sb.block_code(q.device, k.shape[2], blocks))
-    work = carry.dtype
+def _visited_tiles(q, k, causal: bool, used: list[int] | None):
+    """Per row block of a pair: (r0, r1, its tiles as (reversed-key slice, drop part)) over
+    the keys ``chunk_forward`` visited (``used``; None: all of them). Keys past them have
+    no weight and no gradient."""
     order = _Reversed(k.shape[2], causal, q.device)
-    d_l_sum = torch.zeros_like(carry)
     visits = iter(used) if used is not None else None
     for r0, r1 in _blocks(q, k):
         keys, drop = order.window(r0, r1)
         visited = next(visits) if visits is not None else keys.stop - keys.start
-        tiles = [(slice(t0, t1), _drop_part(drop, keys, t0, t1))
-                 for t0, t1 in key_tiles(slice(keys.start, keys.start + visited))]
+        yield r0, r1, [(slice(t0, t1), _drop_part(drop, keys, t0, t1))
+                       for t0, t1 in key_tiles(slice(keys.start, keys.start + visited))]
+
+
+def chunk_loss_sums(q, k, v, carry, d_out, self_dot, *, scale: float, causal: bool,
+                    blocks: Band | None = None, used: list[int] | None = None) -> torch.Tensor:
+    """Each row's Σ_j dL_ij [b, h, sq] over the keys one ``chunk_forward`` visited, by that
+    forward again: Σ_j dL_ij = dO_i·Σ_j A_ij v_j − (Σ_j A_ij) dO_i·v_i. ``self_dot``:
+    dO_i·v_i [b, h, sq]."""
+    fwd, _ = sb.block_functions(sb.block_code(q.device, k.shape[2], blocks))
+    work = carry.dtype
+    order = _Reversed(k.shape[2], causal, q.device)
+    sums = torch.zeros_like(carry)
+    for r0, r1, tiles in _visited_tiles(q, k, causal, used):
         q_blk, do_blk, dot_blk = (t[:, :, r0:r1].to(work) for t in (q, d_out, self_dot))
-        farther = None
-        if len(tiles) > 1:
-            farther, run = torch.zeros_like(dot_blk), carry[:, :, r0:r1]
-            for tile, part in tiles:
-                a, m, run = fwd(q_blk, order.take(k, tile, work), order.take(v, tile, work),
-                                part, run, scale)
-                farther += (do_blk * a).sum(-1) - m * dot_blk
         run = carry[:, :, r0:r1]
+        for tile, part in tiles:
+            a, m, run = fwd(q_blk, order.take(k, tile, work), order.take(v, tile, work),
+                            part, run, scale)
+            sums[:, :, r0:r1] += (do_blk * a).sum(-1) - m * dot_blk
+    return sums
+
+
+def chunk_backward(q, k, v, carry, d_out, self_dot, farther, grads, *, scale: float,
+                   causal: bool, blocks: Band | None = None,
+                   used: list[int] | None = None) -> None:
+    """Adds one ``chunk_forward``'s (dq, dk, dv) into ``grads`` (dk, dv over the expanded
+    heads), recomputing the tiles it visited (``used``). ``farther`` [b, h, sq]: each
+    row's Σ dL over this chunk's keys and every farther chunk's (``chunk_loss_sums``), from
+    which each tile's Σ_{j≤t} dL follows as the tiles go back: dz_it = dL_it − β_it ·
+    Σ_{j≤t} dL_ij is then exact, whatever chunks lie beyond."""
+    dq, dk, dv = grads
+    _, bwd = sb.block_functions(sb.block_code(q.device, k.shape[2], blocks))
+    work = carry.dtype
+    order = _Reversed(k.shape[2], causal, q.device)
+    for r0, r1, tiles in _visited_tiles(q, k, causal, used):
+        q_blk, do_blk, dot_blk = (t[:, :, r0:r1].to(work) for t in (q, d_out, self_dot))
+        run, far = carry[:, :, r0:r1], farther[:, :, r0:r1]
         for tile, part in tiles:
             dq_b, dk_t, dv_t, tile_sum, run = bwd(
                 q_blk, order.take(k, tile, work), order.take(v, tile, work), part, run,
-                do_blk, dot_blk, scale, farther)
-            farther = None if farther is None else farther - tile_sum
-            d_l_sum[:, :, r0:r1] += tile_sum
+                do_blk, dot_blk, scale, far)
+            far = far - tile_sum
             dq[:, :, r0:r1] += dq_b
             order.add(dk, tile, dk_t)
             order.add(dv, tile, dv_t)
-    return d_l_sum
-
-
-def chunk_correction(q, k, carried, grads, *, scale: float, causal: bool) -> None:
-    """Adds into ``grads`` = (dq, dk) the rows' Σ dL over keys in earlier chunks
-    (``carried`` [b, h, sq]), for the keys of this chunk; rows where it is 0 are skipped."""
-    dq, dk = grads
-    work = carried.dtype
-    order = _Reversed(k.shape[2], causal, q.device)
-    for r0, r1 in _blocks(q, k):
-        keys, drop = order.window(r0, r1)
-        if not bool(carried[:, :, r0:r1].any()):
-            continue
-        q_blk = q[:, :, r0:r1].to(work)
-        for t0, t1 in key_tiles(keys):
-            tile = slice(t0, t1)
-            dq_b, dk_t = sb.correction_block(q_blk, order.take(k, tile, work),
-                                             _drop_part(drop, keys, t0, t1),
-                                             carried[:, :, r0:r1], scale)
-            dq[:, :, r0:r1] += dq_b
-            order.add(dk, tile, dk_t)
 
 
 def _softplus_sums(q, k, seen, *, scale: float) -> torch.Tensor:
@@ -293,36 +291,34 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         d_out = d_out.to(work).contiguous()
         self_dot = (d_out * expand_kv(v, h)).sum(-1)
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
-        d_l_sums = torch.zeros_like(carries)
+        loss_sums = torch.zeros_like(carries)
+
+        def sum_pass(owner: int, kv: list[torch.Tensor]) -> None:
+            ke, ve = (expand_kv(t, h) for t in kv)
+            for pair in cp.pairs(owner):
+                for part, qi, ki, li in pair_parts(pair, c, docs):
+                    loss_sums[pair.q, pair.k_global][li] = chunk_loss_sums(
+                        q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li], d_out[qi],
+                        self_dot[qi], scale=scale, causal=part.causal, blocks=blocks,
+                        used=used[part_key(pair, part, li[0])])
+
+        cp.ring([k, v], sum_pass)
+        farther = loss_sums.cumsum(1)  # F[Q, K] = Σ over chunk K and every farther one
 
         def pair_pass(owner: int, kv: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t, h) for t in kv)
             dke, dve = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
                 for part, qi, ki, li in pair_parts(pair, c, docs):
-                    d_l_sums[pair.q, pair.k_global][li] = chunk_backward(
+                    chunk_backward(
                         q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li], d_out[qi],
-                        self_dot[qi], (dq[qi], dke[ki], dve[ki]), scale=scale,
-                        causal=part.causal, blocks=blocks,
-                        used=used[part_key(pair, part, li[0])])
+                        self_dot[qi], farther[pair.q, pair.k_global][li],
+                        (dq[qi], dke[ki], dve[ki]), scale=scale, causal=part.causal,
+                        blocks=blocks, used=used[part_key(pair, part, li[0])])
             fold_expanded(acc, grads)
 
-        kv_grads = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
-                                               for t in (k, v)])
-        dv = kv_grads.pop()
-        farther = d_l_sums.cumsum(1) - d_l_sums  # B[Q, K] = Σ_{K' < K}
-
-        def correction_pass(owner: int, kv: list[torch.Tensor],
-                            acc: list[torch.Tensor]) -> None:
-            ke = expand_kv(kv[0], h)
-            (dke,) = grads = expanded(acc, h)
-            for pair in cp.pairs(owner):
-                for part, qi, ki, li in pair_parts(pair, c, docs):
-                    chunk_correction(q[qi], ke[ki], farther[pair.q, pair.k_global][li],
-                                     (dq[qi], dke[ki]), scale=scale, causal=part.causal)
-            fold_expanded(acc, grads)
-
-        (dk,) = cp.ring([k], correction_pass, kv_grads)  # comes back with the B terms
+        dk, dv = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
+                                             for t in (k, v)])
         # The remainder's own value: d v_i += (1 − Σ_j A_ij) dO_i.
         dv = dv + reduce_kv_heads((1 - mass)[..., None] * d_out, kv_heads)
         return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None, None, None

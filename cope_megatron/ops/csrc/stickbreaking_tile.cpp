@@ -106,9 +106,8 @@ void forward_group(const Tile& t, const Group& g, T* a, T* mass, T* carry_out) {
 }
 
 // dL = A ⊙ (dO·v − dO·v_self); dz_t = dL_t − β_t · (F − Σ_{j nearer than t} dL_j), F the
-// row's Σ dL over this tile's keys and all farther ones (`farther`, or the tile's own total
-// where it is null). The first sweep leaves β in a and dL in d; the second, which needs the
-// row's total when F is, turns them into dz.
+// row's Σ dL over this tile's keys and all farther ones (`farther`). The first sweep leaves
+// β in a and dL in d; the second turns them into dz.
 template <typename T, bool Full>
 void backward_group(const Tile& t, const Group& g, T* a, T* d, T* w, const T* self_dot,
                     const T* farther, T* total, T* carry_out) {
@@ -130,7 +129,7 @@ void backward_group(const Tile& t, const Group& g, T* a, T* d, T* w, const T* se
     }
   }
   T rest[kLanes];  // F − Σ dL over the keys nearer than the current one
-  for (int l = 0; l < lanes; ++l) rest[l] = farther ? farther[r + l] : dl_sum[l];
+  for (int l = 0; l < lanes; ++l) rest[l] = farther[r + l];
   for (int64_t j = 0; j < t.keys; ++j) {
     const int64_t at = g.offset + j * t.rows;
 #pragma omp simd
