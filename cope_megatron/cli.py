@@ -72,7 +72,7 @@ def prep_parts(cfg: Config, args: argparse.Namespace) -> dict:
 
 
 def demo(cfg: Config, force: bool = False) -> dict:
-    """Prep the embedded corpus, train the demo model, evaluate it; print where it all is."""
+    """Prep the default corpus, train the demo model, evaluate it; print where it all is."""
     from cope_megatron.distributed.parallel import destroy_distributed
     from cope_megatron.train import run_train
 

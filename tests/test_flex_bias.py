@@ -23,7 +23,7 @@ def attention(pe: str, kernel: str) -> torch.nn.Module:
     return get_pe(pe).attention(SHAPE, PEConfig(bias_kernel=kernel)).eval()
 
 
-@pytest.mark.parametrize("pe", ["alibi", "t5"])
+@pytest.mark.parametrize("pe", ["alibi", "t5", "kerple", "fire"])
 def test_flex_matches_materialized_bias(pe):
     gen = torch.Generator().manual_seed(1)
     q = torch.randn(2, SHAPE.num_heads, LENGTH, SHAPE.head_dim, generator=gen)

@@ -17,7 +17,7 @@ Forward
   2. Carries: C[Q, K] = Σ_{K < K' ≤ Q} G[Q, K'], the gate total of the row's keys after
      chunk K. Within a pair p_ij = C + (reverse cumsum of the pair's gates), so each pair is
      the single-rank block math with an offset (``ops.cope.chunked.chunk_forward``, or the
-     Triton kernels on GPU).
+     Triton kernels with ``impl="triton"``).
   3. Attention (ring of K, V): each pair's softmax over its keys gives (out, lse); partial
      results merge by log-sum-exp. Saved: local q, k, v, E, out, lse and the carries.
 Backward (a = logits, g = σ(a), dp = the gradient reaching positions)

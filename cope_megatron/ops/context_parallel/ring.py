@@ -5,9 +5,10 @@ c = S / (2·CP) tokens and CP rank r holds chunks r and 2·CP − 1 − r (head 
 every rank has the same causal work. Megatron has the batch slicing
 (``get_batch_on_this_cp_rank``) and the process groups, but its ring attention lives in
 TransformerEngine (CUDA only, and blind to CoPE's carried gate sums); this module is the
-small part both of our CP attentions share: which (query chunk, key chunk) pairs a rank
-computes, and a ring of point-to-point exchanges that shows every rank every other rank's
-chunks, one at a time, and brings gradients for them home.
+part all our CP attentions share: which (query chunk, key chunk) pairs a rank computes,
+which parts of a pair lie inside one document, and a ring of point-to-point exchanges that
+shows every rank every other rank's chunks, one at a time, and brings gradients for them
+home.
 """
 
 from __future__ import annotations
