@@ -16,14 +16,15 @@ Forward
      remainder 1 − Σ A then weights the row's own value. Row blocks spent on arrival are
      skipped, the others stop where they are spent, and record how far they went.
 Backward (dL = A ⊙ dA, dz_it = dL_it (1 − β_it) − β_it Σ_{j<t} dL_ij)
-  4. Loss sums (ring of K, V): each pair's Σ_j dL_ij per row, over the keys step 3 visited,
-     by its forward again; F[Q, K] = the sum over chunk K and every farther one, a prefix
-     over key chunks.
+  4. Loss sums (ring of K, V): each off-diagonal pair's Σ_j dL_ij per row, over the keys
+     step 3 visited, by its forward again; F[Q, K] = the sum over chunk K and every farther
+     one, a prefix over key chunks; for the diagonal pair, the row's sum over all its keys,
+     dO_i·(out_i − v_i).
   5. Pairs (ring of K, V, dK and dV travelling home): the block backward, each row block
      starting from F, so that Σ_{j<t} dL also counts the farther chunks' keys: dq, dk, dv
      exactly, over the keys step 3 visited. Step 4's forward is the price of knowing F
      before any pair runs: the ring brings the farther chunks in no fixed order.
-Saved: local q, k, v, the row masses Σ A and the carries; no [c, c] tensor.
+Saved: local q, k, v, the output, the row masses Σ A and the carries; no [c, c] tensor.
 With document boundaries every step runs on each pair's parts inside one document
 (``ring.document_parts``): keys of other documents add nothing to totals, carries, weights
 or loss sums, so a row's stick breaks only on its own document's keys.
@@ -43,6 +44,7 @@ from cope_megatron.ops.context_parallel.ring import (
     fold_expanded,
     pair_parts,
     part_key,
+    rows,
 )
 from cope_megatron.ops.cope.paths import Band
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
@@ -278,13 +280,14 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         carries = totals.flip(1).cumsum(1).flip(1) - totals
         cp.ring([k, v], lambda owner, kv: attend([p for p in cp.pairs(owner)
                                                   if not p.diagonal], kv))
-        ctx.save_for_backward(q, k, v, mass, carries)
+        out = sb.with_remainder(acc, mass, expand_kv(v, h))
+        ctx.save_for_backward(q, k, v, mass, carries, out)
         ctx.cfg = (cp, scale, blocks, dtype, docs, used)
-        return sb.with_remainder(acc, mass, expand_kv(v, h)).to(dtype)
+        return out.to(dtype)
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, mass, carries = ctx.saved_tensors
+        q, k, v, mass, carries, out = ctx.saved_tensors
         cp, scale, blocks, dtype, docs, used = ctx.cfg
         h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
         work = mass.dtype
@@ -295,7 +298,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
 
         def sum_pass(owner: int, kv: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t, h) for t in kv)
-            for pair in cp.pairs(owner):
+            for pair in (p for p in cp.pairs(owner) if not p.diagonal):
                 for part, qi, ki, li in pair_parts(pair, c, docs):
                     loss_sums[pair.q, pair.k_global][li] = chunk_loss_sums(
                         q[qi], ke[ki], ve[ki], carries[pair.q, pair.k_global][li], d_out[qi],
@@ -304,6 +307,11 @@ class _StickBreakingContextParallel(torch.autograd.Function):
 
         cp.ring([k, v], sum_pass)
         farther = loss_sums.cumsum(1)  # F[Q, K] = Σ over chunk K and every farther one
+        # The diagonal pairs' F is each row's sum over all its keys, which its output gives
+        # (as in the single-rank op), so step 4 spares them: Σ_j dL_ij = dO_i·(out_i − v_i).
+        row_total = (d_out * out).sum(-1) - self_dot
+        for qi, qg in enumerate(cp.chunks(cp.rank)):
+            farther[qi, qg] = rows(row_total, qi, c)
 
         def pair_pass(owner: int, kv: list[torch.Tensor], acc: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t, h) for t in kv)
