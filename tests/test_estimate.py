@@ -157,3 +157,20 @@ def test_estimate_command_prints_the_summary(capsys):
     capsys.readouterr()
     assert cli(["estimate", str(CONFIGS / "model" / "1.3b.yaml"), "parallel.tensor=3"]) == 2
     assert "parallel.tensor" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("pe", ["rope", "fox", "stickbreaking"])
+def test_bf16_activation_estimate_counts_the_ops_fp32_output(pe, one_process):
+    """In bf16, FoX's and stick-breaking's ops keep their output in fp32 for backward
+    besides the bf16 one (``PositionEncoding.fp32_output``): the estimate within 5% of what
+    autograd keeps, RoPE's (no such copy) beside them."""
+    from cope_megatron.model.gpt import build_gpt
+
+    cfg = load_config([str(CONFIGS / "model" / "debug.yaml"), f"model.pe={pe}",
+                       "train.precision=bf16"])
+    gpt = build_gpt(cfg, model_pe(cfg.model), cfg.data.vocab_size).to(torch.bfloat16)
+    tokens = torch.randint(0, cfg.data.vocab_size,
+                           (cfg.train.micro_batch_size, cfg.model.seq_length + 1))
+    estimated = activation_bytes(cfg, model_pe(cfg.model), Layout.of(cfg, 1),
+                                 device="cpu")["saved"]
+    assert estimated == pytest.approx(saved_for_backward(gpt, tokens), rel=0.05)

@@ -1,6 +1,6 @@
 """The FlexAttention bias kernel (``pe.bias_kernel=flex``) against the materialized bias
 (the reference), forward only: torch 2.13 has no FlexAttention backward on CPU (eager or
-compiled; the backward is in ``tests/test_gpu.py``). fp32, so the two differ only by
+compiled; ``tests/test_gpu.py`` has ALiBi's and T5's). fp32, so the two differ only by
 summation order: attention outputs (of order 1) are held to 1e-5 absolute, a model's loss
 to 1e-6 relative."""
 
@@ -19,7 +19,7 @@ LENGTH = 200
 
 
 def attention(pe: str, kernel: str) -> torch.nn.Module:
-    torch.manual_seed(0)  # the same T5 table for both kernels
+    torch.manual_seed(0)  # the same parameters (T5's table, Kerple's, FIRE's MLP) for both
     return get_pe(pe).attention(SHAPE, PEConfig(bias_kernel=kernel)).eval()
 
 

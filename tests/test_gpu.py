@@ -1,7 +1,8 @@
 """On a CUDA device (``pytest -m gpu``; skipped without one, never in the CPU default):
 the compiled Triton CoPE kernels against the float64 reference, forward and all four
-gradients, in fp32 and bf16; the FoX and stick-breaking ops' CUDA paths likewise; a few
-bf16 DeepSpeed steps of the debug model for every PE;
+gradients, in fp32 and bf16; the FoX and stick-breaking ops' CUDA paths likewise; ALiBi
+and T5 on FlexAttention against the materialized bias; a few bf16 DeepSpeed steps of the
+debug model for every PE;
 the activation estimate for 125M against the allocator; TP=2 against one process when two
 GPUs exist.
 

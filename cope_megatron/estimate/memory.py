@@ -58,6 +58,8 @@ def _layer_elements(cfg: Config, pe: PositionEncoding, tensor: int, recompute: s
         if (pe.uses_cope_op and cfg.train.precision == "bf16"
                 and cfg.pe.cope.impl != "triton"):
             fp32 += 2 * q + kv  # the chunked op's fp32 copies of q, k, v and its output
+        if pe.fp32_output and cfg.train.precision == "bf16":
+            fp32 += q
     return saved, fp32
 
 

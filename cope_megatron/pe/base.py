@@ -182,6 +182,10 @@ class PositionEncoding:
     elementwise_per_key: int = 0
     """Elementwise operations per visible key and head beyond softmax attention's (CoPE's
     are ``estimate.flops.COPE_ELEMENTWISE_PER_KEY``), counted apart from MFU."""
+    fp32_output: bool = False
+    """Its op keeps its output in fp32 for backward (for softmax's rowsum(dO·O), or
+    stick-breaking's rows' Σ dL): under bf16 training a copy besides the bf16 one, which
+    ``estimate.memory`` counts."""
     bias_saved: Callable[[Config], int] | None = None
     """fp32 elements per (query, key) pair that computing its bias keeps for backward on
     the materialized path, besides the [heads, s, s] bias itself (FIRE's MLP activations;

@@ -43,4 +43,5 @@ def check(cfg: Config) -> None:
 
 
 register(PositionEncoding(name="fox", attention=FoXAttention, token_gate=True, check=check,
-                          elementwise_per_key=2))  # the bias F_i − F_j and its gradient
+                          elementwise_per_key=2,  # the bias F_i − F_j and its gradient
+                          fp32_output=True))

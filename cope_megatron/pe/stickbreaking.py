@@ -40,4 +40,4 @@ def check(cfg: Config) -> None:
 # softplus (exp, log1p), the running sum, exp of the log weight, its gradient's sigmoid
 # and cumulative sum: about 10 elementwise operations per key, as CoPE's.
 register(PositionEncoding(name="stickbreaking", attention=StickBreakingAttention, check=check,
-                          elementwise_per_key=10))
+                          elementwise_per_key=10, fp32_output=True))

@@ -54,13 +54,13 @@ BLOCK_ELEMENTS = 2**20
 MIN_ROWS = 16
 
 
-def row_blocks(batch_heads: int, rows: int, keys: int):
+def row_blocks(batch_heads: int, n_rows: int, keys: int):
     """Blocks of query rows whose logits against ``keys`` keys fit ``BLOCK_ELEMENTS``, at
     most ``sb.TILE_ROWS`` (a block stops going back through the keys only once all its rows
     are spent)."""
     step = min(sb.TILE_ROWS, max(MIN_ROWS, BLOCK_ELEMENTS // max(1, batch_heads * keys)))
-    for r0 in range(0, rows, step):
-        yield r0, min(rows, r0 + step)
+    for r0 in range(0, n_rows, step):
+        yield r0, min(n_rows, r0 + step)
 
 
 class _Reversed:
@@ -86,8 +86,8 @@ class _Reversed:
             return slice(0, self.keys), None
         end = r1 - 1  # keys 0…end−1
         near = torch.arange(end - 1, r0 - 1, -1, device=self.device)  # keys end−1 … r0
-        rows = torch.arange(r0, r1, device=self.device)
-        return slice(self.keys - end, self.keys), near[None, :] >= rows[:, None]
+        row_ids = torch.arange(r0, r1, device=self.device)
+        return slice(self.keys - end, self.keys), near[None, :] >= row_ids[:, None]
 
 
 def key_tiles(keys: slice):
@@ -122,7 +122,7 @@ def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | 
     takes the keys in ``key_tiles`` and stops once every row's carry is past ``sb.spent``
     (every farther weight is 0), so a block whose rows arrive past it costs nothing; the
     carry returned is exact below the limit and past it otherwise. ``used``: a list to
-    append each row block's keys visited to, for ``chunk_backward``."""
+    append each row block's keys visited to, for ``chunk_loss_sums`` and ``chunk_backward``."""
     fwd, _ = sb.block_functions(sb.block_code(q.device, k.shape[2], blocks))
     work, limit = carry.dtype, sb.spent(carry.dtype)
     order = _Reversed(k.shape[2], causal, q.device)
@@ -149,21 +149,19 @@ def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | 
     return acc, mass, past
 
 
-def _visited_tiles(q, k, causal: bool, used: list[int] | None):
+def _visited_tiles(q, k, causal: bool, used: list[int]):
     """Per row block of a pair: (r0, r1, its tiles as (reversed-key slice, drop part)) over
-    the keys ``chunk_forward`` visited (``used``; None: all of them). Keys past them have
-    no weight and no gradient."""
+    the keys ``chunk_forward`` visited (``used``). Keys past them have no weight and no
+    gradient."""
     order = _Reversed(k.shape[2], causal, q.device)
-    visits = iter(used) if used is not None else None
-    for r0, r1 in _blocks(q, k):
+    for (r0, r1), visited in zip(_blocks(q, k), used, strict=True):
         keys, drop = order.window(r0, r1)
-        visited = next(visits) if visits is not None else keys.stop - keys.start
         yield r0, r1, [(slice(t0, t1), _drop_part(drop, keys, t0, t1))
                        for t0, t1 in key_tiles(slice(keys.start, keys.start + visited))]
 
 
 def chunk_loss_sums(q, k, v, carry, d_out, self_dot, *, scale: float, causal: bool,
-                    blocks: Band | None = None, used: list[int] | None = None) -> torch.Tensor:
+                    used: list[int], blocks: Band | None = None) -> torch.Tensor:
     """Each row's Σ_j dL_ij [b, h, sq] over the keys one ``chunk_forward`` visited, by that
     forward again: Σ_j dL_ij = dO_i·Σ_j A_ij v_j − (Σ_j A_ij) dO_i·v_i. ``self_dot``:
     dO_i·v_i [b, h, sq]."""
@@ -182,8 +180,7 @@ def chunk_loss_sums(q, k, v, carry, d_out, self_dot, *, scale: float, causal: bo
 
 
 def chunk_backward(q, k, v, carry, d_out, self_dot, farther, grads, *, scale: float,
-                   causal: bool, blocks: Band | None = None,
-                   used: list[int] | None = None) -> None:
+                   causal: bool, used: list[int], blocks: Band | None = None) -> None:
     """Adds one ``chunk_forward``'s (dq, dk, dv) into ``grads`` (dk, dv over the expanded
     heads), recomputing the tiles it visited (``used``). ``farther`` [b, h, sq]: each
     row's Σ dL over this chunk's keys and every farther chunk's (``chunk_loss_sums``), from
