@@ -159,11 +159,12 @@ def test_estimate_command_prints_the_summary(capsys):
     assert "parallel.tensor" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("pe", ["rope", "fox", "stickbreaking"])
-def test_bf16_activation_estimate_counts_the_ops_fp32_output(pe, one_process):
+@pytest.mark.parametrize("pe", ["rope", "fox", "stickbreaking", "cope"])
+def test_bf16_activation_estimate_counts_the_ops_fp32_state(pe, one_process):
     """In bf16, FoX's and stick-breaking's ops keep their output in fp32 for backward
-    besides the bf16 one (``PositionEncoding.fp32_output``): the estimate within 5% of what
-    autograd keeps, RoPE's (no such copy) beside them."""
+    besides the bf16 one (``PositionEncoding.fp32_output``), and CoPE's chunked op fp32
+    copies of q, k, v and its output instead of the bf16 q, k, v: the estimate within 5%
+    of what autograd keeps, RoPE's (none of these) beside them."""
     from cope_megatron.model.gpt import build_gpt
 
     cfg = load_config([str(CONFIGS / "model" / "debug.yaml"), f"model.pe={pe}",

@@ -57,7 +57,10 @@ def _layer_elements(cfg: Config, pe: PositionEncoding, tensor: int, recompute: s
         fp32 = q / head_dim  # the row log-sum-exp, one per head
         if (pe.uses_cope_op and cfg.train.precision == "bf16"
                 and cfg.pe.cope.impl != "triton"):
-            fp32 += 2 * q + kv  # the chunked op's fp32 copies of q, k, v and its output
+            # The chunked op keeps fp32 copies of q, k, v and its output; nothing keeps
+            # the bf16 q, k, v they were made from.
+            fp32 += 2 * q + kv
+            saved -= q + kv
         if pe.fp32_output and cfg.train.precision == "bf16":
             fp32 += q
     return saved, fp32
