@@ -50,15 +50,20 @@ from cope_megatron.ops.cope.paths import Band
 from cope_megatron.ops.heads import expand_kv, reduce_kv_heads, work_dtype
 
 BLOCK_ELEMENTS = 2**20
-"""Logits per block of query rows (all heads and batch), so working memory stays O(s)."""
+"""Logits per block of query rows (all heads and batch), so working memory stays O(s)..."""
+HEAD_ELEMENTS = 2**16
+"""...but at least this many per batch row and head, as the single-rank op's 256 × 256
+tiles: with 8 batch rows × 16 heads, blocks of 16 rows ran the pairs 2× slower than blocks
+sized so (1k tokens, CPU)."""
 MIN_ROWS = 16
 
 
 def row_blocks(batch_heads: int, n_rows: int, keys: int):
-    """Blocks of query rows whose logits against ``keys`` keys fit ``BLOCK_ELEMENTS``, at
-    most ``sb.TILE_ROWS`` (a block stops going back through the keys only once all its rows
-    are spent)."""
-    step = min(sb.TILE_ROWS, max(MIN_ROWS, BLOCK_ELEMENTS // max(1, batch_heads * keys)))
+    """Blocks of query rows whose logits against ``keys`` keys fit ``BLOCK_ELEMENTS`` (or
+    ``HEAD_ELEMENTS`` per batch row and head), at most ``sb.TILE_ROWS`` (a block stops
+    going back through the keys only once all its rows are spent)."""
+    step = min(sb.TILE_ROWS, max(MIN_ROWS, BLOCK_ELEMENTS // max(1, batch_heads * keys),
+                                 HEAD_ELEMENTS // max(1, keys)))
     for r0 in range(0, n_rows, step):
         yield r0, min(n_rows, r0 + step)
 
