@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from cope_megatron.ops import stickbreaking as sb
+from cope_megatron.ops import stickbreaking_tiles as tiles
 from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.ops.context_parallel.stickbreaking import (
     stickbreaking_attention_context_parallel,
@@ -80,8 +80,8 @@ def _compare(case, blocks, monkeypatch):
     b, h, g, s, d, tile, rows, shift = CASES[case]
     q, k, v, d_out = inputs(b, h, g, s, d, shift=shift)
     want = grads("reference", q, k, v, d_out)
-    monkeypatch.setattr(sb, "TILE", tile)
-    monkeypatch.setattr(sb, "TILE_ROWS", rows)
+    monkeypatch.setattr(tiles, "TILE", tile)
+    monkeypatch.setattr(tiles, "TILE_ROWS", rows)
     got = grads("chunked", q, k, v, d_out, blocks=blocks)
     for name, x, y in zip(["out", "dq", "dk", "dv"], got, want):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
@@ -96,18 +96,22 @@ def test_chunked_matches_reference(case, blocks, monkeypatch):
 
 @pytest.mark.parametrize("blocks", ["native", "eager"])
 def test_tiles_stop_once_every_weight_underflows(blocks, monkeypatch):
-    """The early stop is taken (fewer tiles than the keys need), and exact."""
-    counts = []
-    real = sb._tiles
+    """The early stop is taken (a row block goes back through fewer keys than it has),
+    and exact."""
+    reached = []  # (keys of the window, keys gone through)
+    real = tiles.key_tiles
 
-    def counting(*args):
-        for n, tile in enumerate(real(*args), 1):
-            counts.append(n)
-            yield tile
+    def counting(keys):
+        for t0, t1 in real(keys):
+            reached.append((keys.stop - keys.start, t1 - keys.start))
+            yield t0, t1
 
-    monkeypatch.setattr(sb, "_tiles", counting)
+    monkeypatch.setattr(tiles, "key_tiles", counting)
     _compare("sticks_break_at_once", blocks, monkeypatch)
-    assert max(counts) < 59 // 4  # the last block's rows have 59 keys: 15 tiles of 4
+    # The last block's rows have 59 keys, in tiles of 4, 8, 16, 16 and 15: it stops after
+    # the third (a logit of about 72 a key, float64's limit about 709).
+    last = [gone for keys, gone in reached if keys == 59]
+    assert last and max(last) < 59 // 2, reached
 
 
 @pytest.mark.slow
@@ -167,20 +171,20 @@ def test_block_code_per_device(monkeypatch, request, tmp_path):
     """CPU: the C++ kernel, and eager torch where it does not build (with the build's
     warning); CUDA: torch.compile from COMPILE_MIN_SEQ keys. A given choice is kept."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert sb.block_code(cpu, 64, None) == "native"
-    assert sb.block_code(cpu, 64, "compiled") == "compiled"
-    monkeypatch.setattr(sb, "can_compile", lambda device_type: True)
-    assert sb.block_code(cuda, sb.COMPILE_MIN_SEQ - 1, None) == "eager"
-    assert sb.block_code(cuda, sb.COMPILE_MIN_SEQ, None) == "compiled"
+    assert tiles.block_code(cpu, 64, None) == "native"
+    assert tiles.block_code(cpu, 64, "compiled") == "compiled"
+    monkeypatch.setattr(tiles, "can_compile", lambda device_type: True)
+    assert tiles.block_code(cuda, tiles.COMPILE_MIN_SEQ - 1, None) == "eager"
+    assert tiles.block_code(cuda, tiles.COMPILE_MIN_SEQ, None) == "compiled"
     with pytest.raises(RuntimeError, match="runs on CPU"):
-        sb.block_code(cuda, 64, "native")
+        tiles.block_code(cuda, 64, "native")
 
-    request.addfinalizer(sb.stickbreaking_native.library.cache_clear)
+    request.addfinalizer(tiles.stickbreaking_native.library.cache_clear)
     monkeypatch.setenv("COPE_MEGATRON_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", "false")  # a "compiler" that exits 1
-    sb.stickbreaking_native.library.cache_clear()
+    tiles.stickbreaking_native.library.cache_clear()
     with pytest.warns(UserWarning, match="stickbreaking_tile.cpp did not build"):
-        assert sb.block_code(cpu, 64, None) == "eager"
+        assert tiles.block_code(cpu, 64, None) == "eager"
 
 
 def test_errors_name_the_problem():
@@ -195,8 +199,8 @@ def test_errors_name_the_problem():
 
 
 def _counting_forward(logits: list[int]):
-    """``sb.block_functions`` whose forward block counts the logits it computes."""
-    real = sb.block_functions
+    """``tiles.block_functions`` whose forward block counts the logits it computes."""
+    real = tiles.block_functions
 
     def functions(blocks):
         forward, backward = real(blocks)
@@ -220,8 +224,8 @@ def _cp_worker(cases: list[dict]) -> None:
         want = grads("reference" if q.dtype == torch.float64 else "chunked", q, k, v, d_out)
         tol = case.get("tol", 1e-10)
         logits: list[int] = []
-        sb.TILE = sb.TILE_ROWS = case.get("tile", 256)
-        sb.block_functions = _counting_forward(logits)
+        tiles.TILE = tiles.TILE_ROWS = case.get("tile", 256)
+        tiles.block_functions = _counting_forward(logits)
         leaves = [local_rows(cp, t).requires_grad_() for t in (q, k, v)]
         out = stickbreaking_attention_context_parallel(
             *leaves, cp, softmax_scale=1 / math.sqrt(q.shape[-1]), blocks=case["blocks"])
