@@ -113,7 +113,7 @@ def stickbreaking_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
                             softmax_scale: float | None = None, impl: Impl = "auto",
                             blocks: Band | None = None) -> torch.Tensor:
     """q [b, h, s, d]; k, v [b, g, s, d] -> [b, h, s, d]. ``blocks``: the chunked op's
-    tile code (``block_code``)."""
+    tile code (``stickbreaking_tiles.block_code``)."""
     check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else softmax_scale
     if impl == "reference":

@@ -9,7 +9,7 @@ With the logits transposed ([keys, rows]: rows are SIMD lanes, each keeping its 
 sum), the C++ does them in one sweep down the keys, nearest first (the backward adds a
 light second one). No library has it (the authors' kernel is Triton, for GPUs).
 
-``forward_block`` and ``backward_block`` take and return what ``ops.stickbreaking``'s
+``forward_block`` and ``backward_block`` take and return what ``ops.stickbreaking_tiles``'
 functions of the same names do, so the op can run either.
 """
 
@@ -34,7 +34,7 @@ class _Tile(ctypes.Structure):
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The built kernel, or None, with a warning, where it cannot be built (the tile math
-    then runs in torch: ``ops.stickbreaking.block_code``)."""
+    then runs in torch: ``ops.stickbreaking_tiles.block_code``)."""
     return native_build.load("stickbreaking_tile", {
         f"stickbreaking_{name}_{suffix}": arity for name, arity in (("forward", 4),
                                                                      ("backward", 8))
@@ -61,7 +61,7 @@ def _call(name: str, a: torch.Tensor, drop, carry: torch.Tensor, scale: float,
 
 
 def forward_block(q_blk, k_rev, v_rev, drop, carry_blk, scale: float):
-    """As ``ops.stickbreaking.forward_block``."""
+    """As ``ops.stickbreaking_tiles.forward_block``."""
     a = k_rev @ q_blk.transpose(-1, -2)  # [..., L, B]: the kernel's lanes are rows
     carry = carry_blk.contiguous()
     mass, carry_out = torch.empty_like(carry), torch.empty_like(carry)
@@ -71,7 +71,7 @@ def forward_block(q_blk, k_rev, v_rev, drop, carry_blk, scale: float):
 
 def backward_block(q_blk, k_rev, v_rev, drop, carry_blk, do_blk, self_dot_blk, scale: float,
                    farther_blk):
-    """As ``ops.stickbreaking.backward_block``."""
+    """As ``ops.stickbreaking_tiles.backward_block``."""
     a = k_rev @ q_blk.transpose(-1, -2)
     d = v_rev @ do_blk.transpose(-1, -2)  # v·dO, transposed alike
     weights = torch.empty_like(a)

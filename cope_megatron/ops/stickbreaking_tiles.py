@@ -101,20 +101,21 @@ def spent(dtype: torch.dtype) -> float:
 
 
 BLOCK_ELEMENTS = 2**20
-"""Logits per block of query rows (all heads and batch), so working memory stays O(s)..."""
+"""Logits per block of query rows over all heads and batch rows (4 MiB in fp32)..."""
 HEAD_ELEMENTS = 2**16
-"""...but at least this many per batch row and head: with 8 batch rows × 16 heads (a
-training step's shape), blocks of 16 rows ran a pair 2× slower than blocks of 64 (1k
-tokens, CPU)."""
+"""...or this many per batch row and head, whichever is more: with 8 batch rows × 16 heads
+(a training step's shape), blocks of 16 rows ran a pair 2× slower than blocks of 64 (1k
+tokens, CPU). Either way a block's working memory does not grow with the sequence."""
 MIN_ROWS = 16
 
 
 def row_blocks(batch_heads: int, n_rows: int, keys: int):
-    """Blocks of query rows whose logits against ``keys`` keys fit ``BLOCK_ELEMENTS`` (or
-    ``HEAD_ELEMENTS`` per batch row and head), at most ``TILE_ROWS`` (a block stops
-    going back through the keys only once all its rows are spent)."""
+    """Blocks of query rows whose logits against ``keys`` keys are about
+    max(``BLOCK_ELEMENTS``, ``HEAD_ELEMENTS`` per batch row and head), ``MIN_ROWS`` to
+    ``TILE_ROWS`` rows (a block stops going back through the keys only once all its rows
+    are spent)."""
     step = min(TILE_ROWS, max(MIN_ROWS, BLOCK_ELEMENTS // max(1, batch_heads * keys),
-                                 HEAD_ELEMENTS // max(1, keys)))
+                              HEAD_ELEMENTS // max(1, keys)))
     for r0 in range(0, n_rows, step):
         yield r0, min(n_rows, r0 + step)
 

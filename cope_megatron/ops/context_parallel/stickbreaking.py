@@ -11,7 +11,7 @@ Forward
      nearest back, a row block stopping once all its rows are spent.
   2. Carries: C[Q, K] = Σ_{K < K' ≤ Q} G[Q, K'], the log-survival of the row over every
      nearer chunk; within a pair log A_ij = z − sp − (in-pair running sum) − C, so each
-     pair is the single-rank block math with an offset (``ops.stickbreaking``).
+     pair is the single-rank pair walk with an offset (``ops.stickbreaking_tiles``).
   3. Weighted sums (ring of K, V): no softmax, so pairs' Σ A·v and Σ A simply add; the
      remainder 1 − Σ A then weights the row's own value. Row blocks spent on arrival are
      skipped, the others stop where they are spent, and record how far they went.

@@ -1,5 +1,5 @@
 // Stick-breaking's tile math on CPU: the σ, running survival, weight and (in the backward)
-// stick-gradient passes of ops/stickbreaking.py's blocks fused into one sweep
+// stick-gradient passes of ops/stickbreaking_tiles.py's blocks fused into one sweep
 // down the keys, nearest first, the matmuls left to torch. Logits arrive transposed,
 // [keys][rows], so that SIMD lanes are rows: each lane keeps its own running sum, and one
 // key step is one vector op. ops/stickbreaking_native.py calls it (ops/native_build.py
@@ -29,7 +29,7 @@ struct Tile {
 
 // A sweep's per-lane state: what both sweeps derive from the raw logits, by the same code.
 // The stick is kept as a product, survive = Π (1 − β) over the nearer keys, rather than as
-// ops/stickbreaking.py's sum of softplus(z) = −log(1 − β): then a key costs one exp and one
+// ops/stickbreaking_tiles.py's sum of softplus(z) = −log(1 − β): then a key costs one exp and one
 // division (σ(z) and σ(−z) from the same e^{−z}) where the log form costs two exps and a
 // log1p; it is as exact (a product of n factors carries n roundings, as a sum of n terms
 // does). A survival below `tiny` becomes 0 (no subnormals: CPUs take microcode assists on
