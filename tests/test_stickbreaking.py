@@ -108,8 +108,8 @@ def test_tiles_stop_once_every_weight_underflows(blocks, monkeypatch):
 
     monkeypatch.setattr(tiles, "key_tiles", counting)
     _compare("sticks_break_at_once", blocks, monkeypatch)
-    # The last block's rows have 59 keys, in tiles of 4, 8, 16, 16 and 15: it stops after
-    # the third (a logit of about 72 a key, float64's limit about 709).
+    # The last block's rows have 59 keys, in tiles of 4, then 8: it stops after 28 of them
+    # (a logit of about 72 a key, float64's limit about 709).
     last = [gone for keys, gone in reached if keys == 59]
     assert last and max(last) < 59 // 2, reached
 
