@@ -2,7 +2,8 @@
 every gradient: CoPE (carried gate sums, clamping across chunk borders, gates near 0 so
 the carries span many chunks, GQA, shared and per-head tables; the chunked pair code on
 CUDA's paths too) and the softmax ring with and without a distance bias; CoPE in bf16
-against the single-rank op on the same bf16 inputs. Ranks are processes on gloo."""
+against the single-rank op on the same bf16 inputs, and the ring in bf16 against itself in
+fp32 on the same values. Ranks are processes on gloo."""
 
 from __future__ import annotations
 
@@ -232,3 +233,37 @@ def _softmax_worker(rank: int, world: int, store: str, case: dict) -> None:
 def test_ring_attention_matches_one_rank(tmp_path, world, bias, flash):
     spawn(tmp_path, world, _softmax_worker,
           dict(b=2, h=4, g=2, s=24, d=8, npos=2, shared=True, bias=bias, flash=flash))
+
+
+def _softmax_bf16_worker(rank: int, world: int, store: str, case: dict) -> None:
+    """The ring on bf16 inputs and on the same values in fp32: the same fp32 math, so the
+    same results once rounded; and bf16 q is kept for backward as it came: the output is
+    the only fp32 tensor of q's shape saved (no fp32 copy of the rank's rows)."""
+    cp = _init(rank, world, store)
+    q, k, v, _, d_out = (local_rows(cp, t.to(torch.bfloat16)) for t in _inputs(case))
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = ring_attention(*leaves, cp, softmax_scale=0.3, flash=case["flash"])
+    got = (out, *torch.autograd.grad(out, leaves, d_out))
+    exact = [t.float().requires_grad_() for t in (q, k, v)]
+    ref = ring_attention(*exact, cp, softmax_scale=0.3, flash=case["flash"])
+    want = (ref, *torch.autograd.grad(ref, exact, d_out.float()))
+    for name, g, w in zip(["out", "dq", "dk", "dv"], got, want):
+        assert g.dtype == torch.bfloat16, name
+        torch.testing.assert_close(g, w.to(torch.bfloat16), rtol=0, atol=0,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+    assert saved.count((torch.float32, tuple(q.shape))) == 1, saved
+    dist.destroy_process_group()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "matmul"])
+def test_ring_attention_bf16_keeps_q_as_it_came(tmp_path, flash):
+    spawn(tmp_path, 2, _softmax_bf16_worker,
+          dict(b=2, h=4, g=2, s=24, d=8, npos=2, shared=True, flash=flash))

@@ -86,20 +86,22 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cp: ContextParallel, scale: float, flash: bool, docs, bias_fn,
                 *bias_tensors):
         dtype, work = q.dtype, work_dtype(q.dtype)
-        q = q.to(work)
         h, c = q.shape[1], q.shape[2] // 2
         # The bias is computed from work-dtype copies of its tensors, here and in the
         # backward's recomputation alike (so that its gradient accumulates in fp32 too).
         bias = None if bias_fn is None else _PairBias(cp, c, PositionBias(
             bias_fn, tuple(t.to(work) for t in bias_tensors)), q.device)
-        out = torch.zeros_like(q)
+        out = torch.zeros(q.shape, dtype=work, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=work, device=q.device)
 
         def visit(owner: int, kv: list[torch.Tensor]) -> None:
             ke, ve = (expand_kv(t.to(work), h) for t in kv)
             for pair in cp.pairs(owner):
                 for part, qi, ki, _ in pair_parts(pair, c, docs):
-                    q_c, k_c, v_c, out_c, lse_c = q[qi], ke[ki], ve[ki], out[qi], lse[qi]
+                    # A part's rows in the working dtype, made when needed: bf16 q is
+                    # saved as it came, not as an fp32 copy of the rank's rows.
+                    q_c, k_c, v_c, out_c, lse_c = (q[qi].to(work), ke[ki], ve[ki], out[qi],
+                                                   lse[qi])
                     if bias is None:
                         merge_softmax(out_c, lse_c, *attention_with_lse(
                             q_c, k_c, v_c, scale, part.causal, flash=flash))
@@ -121,7 +123,7 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, d_out):
         q, k, v, out, lse, *bias_tensors = ctx.saved_tensors
         cp, scale, flash, dtype, docs, bias_fn = ctx.cfg
-        work = q.dtype
+        work = out.dtype
         h, c = q.shape[1], q.shape[2] // 2
         wants = ctx.needs_input_grad[8:]
         leaves = [t.detach().to(work).requires_grad_(w) for t, w in zip(bias_tensors, wants)]
@@ -129,7 +131,7 @@ class _RingAttention(torch.autograd.Function):
             cp, c, PositionBias(bias_fn, tuple(leaves)), q.device)
         d_out = d_out.to(work).contiguous()
         delta = (d_out * out).sum(-1)
-        dq = torch.zeros_like(q)
+        dq = torch.zeros(q.shape, dtype=work, device=q.device)
         d_bias = [torch.zeros_like(t) if w else None for t, w in zip(leaves, wants)]
         wanted = [t for t, w in zip(leaves, wants) if w]
 
@@ -138,7 +140,7 @@ class _RingAttention(torch.autograd.Function):
             dke, dve = grads = expanded(acc, h)
             for pair in cp.pairs(owner):
                 for part, qi, ki, _ in pair_parts(pair, c, docs):
-                    q_c, do_c, dq_c, lse_c = q[qi], d_out[qi], dq[qi], lse[qi]
+                    q_c, do_c, dq_c, lse_c = q[qi].to(work), d_out[qi], dq[qi], lse[qi]
                     k_c, v_c, dk_c, dv_c = ke[ki], ve[ki], dke[ki], dve[ki]
                     if bias is None:
                         for g, grad in zip((dq_c, dk_c, dv_c), attention_backward(
