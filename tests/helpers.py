@@ -1,5 +1,5 @@
 """What several test modules share: the synthetic corpus, debug-run overrides, reading a
-run's metrics, and starting ranks.
+run's metrics, starting ranks, and the CoPE op's device paths.
 
 Multi-rank runs start as forks of one server process that has imported torch, DeepSpeed
 and Megatron-Core once (``multiprocessing``'s forkserver, preloaded): a torchrun launch
@@ -29,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from cope_megatron.ops.cope import paths as cope_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -338,3 +340,14 @@ def local_task_yaml(name: str, data: Path, body: str) -> str:
     gives its output type, prompts and metric."""
     return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
             f"    test: {data}\ntest_split: test\n{body}")
+
+
+COPE_PATHS = {
+    "eager": cope_paths.Paths(band="eager", far="flash", thread_heads=True),
+    "native": cope_paths.Paths(band="native", far="flash", thread_heads=True),  # CPU's auto
+    "eager_matmul": cope_paths.Paths(band="eager", far="matmul", thread_heads=False),
+    "cuda": cope_paths.CUDA,  # CUDA's auto from COMPILE_MIN_SEQ keys on, at any length here
+}
+"""Every device-dependent choice of the chunked op, on this CPU: CUDA's below
+``COMPILE_MIN_SEQ`` keys (eager band, matmul far keys) and above it (``CUDA``: torch.compile,
+whose Inductor emits C++ here instead of Triton: the same graph, another backend)."""

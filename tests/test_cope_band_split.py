@@ -10,7 +10,7 @@ import torch
 from cope_megatron.ops.cope import chunked as cope_chunked
 from cope_megatron.ops.cope.chunked import cope_attention_chunked
 from cope_megatron.ops.cope.reference import cope_attention_reference
-from tests.test_cope_op import PATHS
+from tests.helpers import COPE_PATHS as PATHS
 
 
 def _triton_case(seq, d, npos, npos_max, *, sparse, seed=0, heads=2):

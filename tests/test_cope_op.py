@@ -12,6 +12,7 @@ from cope_megatron.ops.cope import native as cope_native
 from cope_megatron.ops.cope import paths as cope_paths
 from cope_megatron.ops.cope.chunked import cope_attention_chunked
 from cope_megatron.ops.cope.reference import cope_attention_reference
+from tests.helpers import COPE_PATHS as PATHS
 
 
 def paper_loops(q, k, v, E, npos_max, scale, causal):
@@ -85,16 +86,6 @@ def _compare(impl_fn, case, rtol, atol, dtype=torch.float64):
         torch.testing.assert_close(a.double(), w, rtol=rtol, atol=atol,
                                    msg=lambda m, name=name: f"d{name}: {m}")
 
-
-PATHS = {
-    "eager": cope_paths.Paths(band="eager", far="flash", thread_heads=True),
-    "native": cope_paths.Paths(band="native", far="flash", thread_heads=True),  # CPU's auto
-    "eager_matmul": cope_paths.Paths(band="eager", far="matmul", thread_heads=False),
-    "cuda": cope_paths.CUDA,  # CUDA's auto from COMPILE_MIN_SEQ keys on, at any length here
-}
-"""Every device-dependent choice of the chunked op, on this CPU: CUDA's below
-``COMPILE_MIN_SEQ`` keys (eager band, matmul far keys) and above it (``CUDA``: torch.compile,
-whose Inductor emits C++ here instead of Triton: the same graph, another backend)."""
 
 COMPILED = {1, 2, 5}
 """The cases ``cuda`` runs by default (GQA with a shared table and clamping; non-causal

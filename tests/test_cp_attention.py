@@ -19,11 +19,10 @@ from cope_megatron.ops.context_parallel.cope import cope_attention_context_paral
 from cope_megatron.ops.context_parallel.ring import ContextParallel
 from cope_megatron.ops.context_parallel.softmax import ring_attention
 from cope_megatron.ops.cope import chunked as cope_chunked
-from cope_megatron.ops.cope.paths import CUDA, Paths
 from cope_megatron.ops.cope.reference import cope_attention_reference
 from cope_megatron.ops.heads import expand_kv
 from cope_megatron.ops.position_bias import distance_bias
-from tests.helpers import forked_ranks, local_rows
+from tests.helpers import COPE_PATHS, forked_ranks, local_rows
 
 
 def spawn(tmp_path, world: int, fn, *args) -> None:
@@ -104,13 +103,13 @@ def test_cope_context_parallel_matches_one_rank(tmp_path, world, case):
 
 # CUDA's choices for the pair code: below COMPILE_MIN_SEQ keys (eager band, matmul far keys,
 # head batches not by threads) and above (torch.compile, slow: each rank compiles).
-CUDA_BELOW_COMPILE = Paths(band="eager", far="matmul", thread_heads=False)
+CUDA_BELOW_COMPILE = COPE_PATHS["eager_matmul"]
 
 
 @pytest.mark.integration
 @pytest.mark.parametrize("paths", [
     pytest.param(CUDA_BELOW_COMPILE, id="cuda_eager"),
-    pytest.param(CUDA, id="cuda_compiled", marks=pytest.mark.slow)])
+    pytest.param(COPE_PATHS["cuda"], id="cuda_compiled", marks=pytest.mark.slow)])
 def test_cope_context_parallel_on_cuda_paths(tmp_path, paths):
     spawn(tmp_path, 2, _cope_worker, dict(COPE_CASES["clamp_across_borders"], paths=paths))
 
