@@ -29,12 +29,12 @@ def model_state_bytes(cfg: Config, params: int, layout: Layout) -> dict[str, flo
     }
 
 
-def _layer_elements(cfg: Config, pe: PositionEncoding, tensor: int, recompute: str
+def _layer_elements(cfg: Config, pe: PositionEncoding, layout: Layout, recompute: str
                     ) -> tuple[float, float]:
     """What one layer keeps for backward per token of this rank's sequence share: (elements
     in the training dtype, fp32 elements), besides any [s, s] logit bias."""
     m, p = cfg.model, cfg.parallel
-    h, t = m.hidden_size, tensor
+    h, t = m.hidden_size, layout.tensor
     sp = t if p.sequence else 1
     head_dim = m.head_dim
     q = m.num_attention_heads * head_dim / t
@@ -55,14 +55,14 @@ def _layer_elements(cfg: Config, pe: PositionEncoding, tensor: int, recompute: s
     fp32 = 0.0
     if recompute == "none":  # the core attention's own state
         fp32 = q / head_dim  # the row log-sum-exp, one per head
-        if (pe.uses_cope_op and cfg.train.precision == "bf16"
-                and cfg.pe.cope.impl != "triton"):
+        bf16 = cfg.train.precision == "bf16"
+        if pe.uses_cope_op and bf16 and cfg.pe.cope.impl != "triton" and layout.context == 1:
             # The chunked op keeps fp32 copies of q, k, v and its output; nothing keeps
             # the bf16 q, k, v they were made from.
             fp32 += 2 * q + kv
             saved -= q + kv
-        if pe.fp32_output and cfg.train.precision == "bf16":
-            fp32 += q
+        elif bf16 and (pe.fp32_output or layout.context > 1):
+            fp32 += q  # the output, which every CP op keeps in fp32 for its merges too
     return saved, fp32
 
 
@@ -87,9 +87,10 @@ def activation_bytes(cfg: Config, pe: ModelPE, layout: Layout,
     flex = uses_flex(cfg.pe.bias_kernel, device, m.attention_dropout)
 
     def layer(layer_pe: PositionEncoding, mode: str) -> float:
-        saved, fp32 = _layer_elements(cfg, layer_pe, layout.tensor, mode)
+        saved, fp32 = _layer_elements(cfg, layer_pe, layout, mode)
         square = 0.0
-        if mode == "none" and layer_pe.biased and not flex:
+        # Under CP the ring makes each row block's bias when it needs it and keeps none.
+        if mode == "none" and layer_pe.biased and not flex and layout.context == 1:
             heads = m.num_attention_heads / layout.tensor
             square = heads * seq**2 * e * (1 + (b if device == "cpu" else 0))
             if layer_pe.bias_saved is not None:
