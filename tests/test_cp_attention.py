@@ -193,6 +193,7 @@ def _triton_worker(rank: int, world: int, store: str, case: dict) -> None:
 def _softmax_worker(rank: int, world: int, store: str, case: dict) -> None:
     cp = _init(rank, world, store)
     softmax_ring.BLOCK_ELEMENTS = case["b"] * case["h"] * 2  # biased pairs: 2-row blocks
+    softmax_ring.PLAIN_BLOCK = 4  # unbiased pairs' backward: 4 × 4 blocks, some partial
     q, k, v, _, d_out = _inputs(case)
     s, h = case["s"], case["h"]
     gen = torch.Generator().manual_seed(9)

@@ -43,6 +43,10 @@ from cope_megatron.ops.position_bias import PositionBias
 BLOCK_ELEMENTS = 2**20
 """Logits a biased pair holds at once, [b, h, rows, c]: 4 MiB in fp32, small beside a rank's
 q, k, v from a few thousand tokens on."""
+PLAIN_BLOCK = 1024
+"""Rows and keys per plain-attention call of an unbiased pair's backward: the fused kernel
+returns fresh dq, dk and dv for its rows and keys, so a whole pair's would be three more
+chunk-sized tensors at once."""
 
 
 class _PairBias:
@@ -73,6 +77,16 @@ class _PairBias:
             q_pos, k_pos = positions
             logits = logits.masked_fill(k_pos[None, :] > q_pos[:, None], float("-inf"))
         return logits
+
+
+def _plain_blocks(rows: int, keys: int, causal: bool):
+    """(r0, r1, j0, j1, causal) of a part's plain-attention calls, ``PLAIN_BLOCK`` rows and
+    keys each; a causal part (a square aligned at the top left) skips the blocks after its
+    diagonal, and its diagonal blocks are causal squares themselves."""
+    for r0 in range(0, rows, PLAIN_BLOCK):
+        r1 = min(rows, r0 + PLAIN_BLOCK)
+        for j0 in range(0, r1 if causal else keys, PLAIN_BLOCK):
+            yield r0, r1, j0, min(keys, j0 + PLAIN_BLOCK), causal and j0 == r0
 
 
 def _row_blocks(q: torch.Tensor, keys: int) -> list[tuple[int, int]]:
@@ -143,10 +157,18 @@ class _RingAttention(torch.autograd.Function):
                     q_c, do_c, dq_c, lse_c = q[qi].to(work), d_out[qi], dq[qi], lse[qi]
                     k_c, v_c, dk_c, dv_c = ke[ki], ve[ki], dke[ki], dve[ki]
                     if bias is None:
-                        for g, grad in zip((dq_c, dk_c, dv_c), attention_backward(
-                                do_c, q_c, k_c, v_c, out[qi], lse_c, scale, part.causal,
-                                flash=flash)):
-                            g += grad
+                        out_c = out[qi]
+                        for r0, r1, j0, j1, causal in _plain_blocks(
+                                q_c.shape[2], k_c.shape[2], part.causal):
+                            rows, keys = slice(r0, r1), slice(j0, j1)
+                            block_grads = attention_backward(
+                                do_c[:, :, rows], q_c[:, :, rows], k_c[:, :, keys],
+                                v_c[:, :, keys], out_c[:, :, rows], lse_c[:, :, rows], scale,
+                                causal, flash=flash)
+                            for g, at, grad in zip((dq_c, dk_c, dv_c), (rows, keys, keys),
+                                                   block_grads):
+                                g[:, :, at] += grad
+                            del block_grads, grad  # not alive while the next block's are made
                         continue
                     for r0, r1 in _row_blocks(q_c, k_c.shape[2]):
                         where = bias.positions(pair, part, r0, r1)
