@@ -13,7 +13,8 @@ is one ring (``ops.context_parallel.ring``) with a per-pair block:
            batch, pulled back through the pair's bias block.
 No pair holds its [b, h, c, c] logits: without a bias a pair is one call of the plain
 attention of ``ops.plain_attention`` (the CPU's fused flash kernel, or matrix products in
-row blocks elsewhere); with one, the pair runs in row blocks of ``BLOCK_ELEMENTS`` logits.
+row blocks elsewhere), its backward one per block of ``PLAIN_BLOCK`` rows and keys; with
+one, the pair runs in row blocks of ``BLOCK_ELEMENTS`` logits.
 The bias enters as a function of global positions and the tensors it is computed from
 (``ops.position_bias``): each row block's [h, rows, c] bias is computed when needed
 (forward) and recomputed and differentiated in the backward, so no [S, S] bias is ever
