@@ -172,8 +172,8 @@ def _drop_part(drop: torch.Tensor | None, keys: slice, t0: int, t1: int):
     return drop[:, t0 - keys.start:t1 - keys.start]
 
 
-def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | None = None,
-                  used: list[int] | None = None):
+def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, used: list[int],
+                  blocks: Band | None = None):
     """(Σ_j A_ij v_j [b, h, sq, d], Σ_j A_ij [b, h, sq], the carry past the chunk) of query
     rows over one key chunk: q [b, h, sq, d]; k, v [b, h, sk, d] (expanded); carry
     [b, h, sq], Σ sp over the rows' keys nearer than the chunk. ``causal``: the rows' own
@@ -181,7 +181,8 @@ def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | 
     takes the keys in ``key_tiles`` and stops once every row's carry is past ``spent``
     (every farther weight is 0), so a block whose rows arrive past it costs nothing; the
     carry returned is exact below the limit and past it otherwise. ``used``: a list to
-    append each row block's keys visited to, for ``chunk_loss_sums`` and ``chunk_backward``."""
+    which each row block's keys visited are appended, for ``chunk_loss_sums`` and
+    ``chunk_backward``."""
     fwd, _ = block_functions(block_code(q.device, k.shape[2], blocks))
     work, limit = carry.dtype, spent(carry.dtype)
     order = _Reversed(k.shape[2], causal, q.device)
@@ -203,8 +204,7 @@ def chunk_forward(q, k, v, carry, *, scale: float, causal: bool, blocks: Band | 
                 if bool((run > limit).all()):
                     break
             past[:, :, r0:r1] = run
-        if used is not None:
-            used.append(visited)
+        used.append(visited)
     return acc, mass, past
 
 
