@@ -159,44 +159,38 @@ def test_estimate_command_prints_the_summary(capsys):
     assert "parallel.tensor" in capsys.readouterr().err
 
 
+def _check_bf16_estimate(pe: str, context: int) -> None:
+    """The estimate for this rank's share of the debug model in bf16 (``context`` CP ranks)
+    within 5% of what autograd keeps there."""
+    from cope_megatron.model.gpt import build_gpt
+
+    cfg = load_config([str(CONFIGS / "model" / "debug.yaml"), f"model.pe={pe}",
+                       "train.precision=bf16", f"parallel.context={context}"])
+    gpt = build_gpt(cfg, model_pe(cfg.model), cfg.data.vocab_size).to(torch.bfloat16)
+    tokens = torch.randint(0, cfg.data.vocab_size,
+                           (cfg.train.micro_batch_size, cfg.model.seq_length + 1),
+                           generator=torch.Generator().manual_seed(0))
+    estimated = activation_bytes(cfg, model_pe(cfg.model), Layout.of(cfg, context),
+                                 device="cpu")["saved"]
+    assert estimated == pytest.approx(saved_for_backward(gpt, tokens), rel=0.05), pe
+
+
 @pytest.mark.parametrize("pe", ["rope", "fox", "stickbreaking", "cope"])
 def test_bf16_activation_estimate_counts_the_ops_fp32_state(pe, one_process):
     """In bf16, FoX's and stick-breaking's ops keep their output in fp32 for backward
     besides the bf16 one (``PositionEncoding.fp32_output``), and CoPE's chunked op fp32
     copies of q, k, v and its output instead of the bf16 q, k, v: the estimate within 5%
     of what autograd keeps, RoPE's (none of these) beside them."""
-    from cope_megatron.model.gpt import build_gpt
-
-    cfg = load_config([str(CONFIGS / "model" / "debug.yaml"), f"model.pe={pe}",
-                       "train.precision=bf16"])
-    gpt = build_gpt(cfg, model_pe(cfg.model), cfg.data.vocab_size).to(torch.bfloat16)
-    tokens = torch.randint(0, cfg.data.vocab_size,
-                           (cfg.train.micro_batch_size, cfg.model.seq_length + 1))
-    estimated = activation_bytes(cfg, model_pe(cfg.model), Layout.of(cfg, 1),
-                                 device="cpu")["saved"]
-    assert estimated == pytest.approx(saved_for_backward(gpt, tokens), rel=0.05)
-
-
-CP_PES = ["rope", "alibi", "cope", "fox", "stickbreaking"]
+    _check_bf16_estimate(pe, context=1)
 
 
 def _cp_bf16_worker() -> None:
-    """On each of 2 CP ranks: the estimate for the rank's share against what autograd
-    keeps there, bf16, for each of ``CP_PES``."""
+    """On each of 2 CP ranks, for RoPE, ALiBi, CoPE, FoX and stick-breaking."""
     from cope_megatron.distributed.parallel import init_distributed
-    from cope_megatron.model.gpt import build_gpt
 
     init_distributed(1, context=2)
-    for pe in CP_PES:
-        cfg = load_config([str(CONFIGS / "model" / "debug.yaml"), f"model.pe={pe}",
-                           "train.precision=bf16", "parallel.context=2"])
-        gpt = build_gpt(cfg, model_pe(cfg.model), cfg.data.vocab_size).to(torch.bfloat16)
-        tokens = torch.randint(0, cfg.data.vocab_size,
-                               (cfg.train.micro_batch_size, cfg.model.seq_length + 1),
-                               generator=torch.Generator().manual_seed(0))
-        estimated = activation_bytes(cfg, model_pe(cfg.model), Layout.of(cfg, 2),
-                                     device="cpu")["saved"]
-        assert estimated == pytest.approx(saved_for_backward(gpt, tokens), rel=0.05), pe
+    for pe in ["rope", "alibi", "cope", "fox", "stickbreaking"]:
+        _check_bf16_estimate(pe, context=2)
 
 
 @pytest.mark.integration
