@@ -31,8 +31,10 @@ Backward (a = logits, g = σ(a), dp = the gradient reaching positions)
      dq_i += s·Σ_j B_i g'_ij k_j and dk_j += s·Σ_i B_i g'_ij q_i, only for rows with B ≠ 0.
      Positions clamp at npos_max − 1, and p grows towards far keys, so dp is 0 beyond the
      first clamped key: B ≠ 0 only for rows whose unclamped keys cross into an earlier
-     chunk, usually a few rows next to a chunk border. Rows with B = 0 are skipped exactly,
-     and the whole pass (its exchange too) when no rank has such a row.
+     chunk, usually a few rows next to a chunk border, whose keys in their own chunk are
+     the rank's. Rows with B = 0 are skipped exactly; the rank's own keys' terms are added
+     without an exchange, and the ring runs only when some rank has a row with B ≠ 0
+     against another rank's keys (sparse gates, or chunks shorter than the clamp).
   6. The table: dq += dz·Eᵀ, dE = qᵀ·dz, within step 4 from each query chunk's dz over
      the pairs of one ring step (z = q·E is likewise made per query chunk and step).
 Dtypes: bf16 q, k, v stay bf16 (saved, exchanged and passed to the chunked pair code, which
@@ -153,10 +155,11 @@ def _correction(q, k, dq, dk, b_carry, scale: float, diagonal: bool) -> None:
     step = max(1, CORRECTION_ELEMENTS // (q.shape[0] * q.shape[1] * k.shape[2]))
     for start in range(0, active.numel(), step):
         idx = active[start:start + step]
-        g = row_gates(q, k, idx, scale=scale, causal=diagonal)  # [b, h, n, c]
+        keys = int(idx.max()) + 1 if diagonal else k.shape[2]  # causal: keys up to the row
+        g = row_gates(q, k[:, :, :keys], idx, scale=scale, causal=diagonal)  # [b, h, n, keys]
         w = (scale * b_carry[:, :, idx, None]) * g * (1 - g)
-        dq[:, :, idx] += w @ k_work
-        dk += w.transpose(-1, -2) @ q[:, :, idx].to(dq.dtype)
+        dq[:, :, idx] += w @ k_work[:, :, :keys]
+        dk[:, :, :keys] += w.transpose(-1, -2) @ q[:, :, idx].to(dq.dtype)
 
 
 class _CoPEContextParallel(torch.autograd.Function):
@@ -194,6 +197,7 @@ class _CoPEContextParallel(torch.autograd.Function):
                             **({} if total is None else {"totals": total[lr]})))
                     if total is not None:
                         totals[pair.q, pair.k_global] = total
+                del z_c  # not alive while the next chunk's is made
 
         # The diagonal pairs need no carry, so they run first; the chunked op's bands hold
         # every row's keys up to its clamp, so their gate totals come with them, which
@@ -259,6 +263,7 @@ class _CoPEContextParallel(torch.autograd.Function):
                 dq_table, d_emb_c = table_backward(q_c.to(work), pos_emb, dz_c)
                 rows(dq, qi, c).add_(dq_table)
                 d_emb += d_emb_c
+                del z_c, dz_c, dq_table  # not alive while the next chunk's are made
             fold_expanded(acc, grads)
 
         kv_grads = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
@@ -267,21 +272,33 @@ class _CoPEContextParallel(torch.autograd.Function):
 
         # B[Q, K] = Σ_{K' < K} dp sums: an exclusive prefix over key chunks.
         b_carry = dp_sums.cumsum(1) - dp_sums
-        needed = torch.tensor([int(bool(b_carry.any()))], device=q.device)
+
+        def correction_pass(owner: int, kv: list[torch.Tensor], acc: list[torch.Tensor]
+                            ) -> None:
+            ke = expand_kv(kv[0].to(given), h)
+            (dke,) = grads = expanded(acc, h)
+            for pair in cp.pairs(owner):
+                for part, qr, kr, lr in pair_parts(pair, c, docs):
+                    _correction(q[qr], ke[kr], dq[qr], dke[kr],
+                                b_carry[pair.q, pair.k_global][lr], scale, part.causal)
+            fold_expanded(acc, grads)
+
+        # B is usually nonzero only for rows next to the start of the rank's own chunks,
+        # against their own keys (a row's unclamped keys reach one chunk back), so those
+        # terms are added here, and the ring of K and dK runs only when some rank has a
+        # row with B against another rank's keys.
+        correction_pass(cp.rank, [k], kv_grads)
+        others = [kg for kg in range(2 * cp.size) if kg not in cp.chunks(cp.rank)]
+        needed = torch.tensor([int(bool(b_carry[:, others].any()))], device=q.device)
         dist.all_reduce(needed, op=dist.ReduceOp.MAX, group=cp.group)
         if needed.item():
-            def correction_pass(owner: int, kv: list[torch.Tensor],
-                                acc: list[torch.Tensor]) -> None:
-                ke = expand_kv(kv[0].to(given), h)
-                (dke,) = grads = expanded(acc, h)
-                for pair in cp.pairs(owner):
-                    for part, qr, kr, lr in pair_parts(pair, c, docs):
-                        _correction(q[qr], ke[kr], dq[qr], dke[kr],
-                                    b_carry[pair.q, pair.k_global][lr], scale, part.causal)
-                fold_expanded(acc, grads)
+            def remote_pass(owner: int, kv: list[torch.Tensor], acc: list[torch.Tensor]
+                            ) -> None:
+                if owner != cp.rank:  # the rank's own keys' terms are in already
+                    correction_pass(owner, kv, acc)
 
-            # The main pass's dK is where the ring starts: it comes back with the B terms.
-            kv_grads = cp.ring([k], correction_pass, kv_grads)
+            # The dK so far is where the ring starts: it comes back with the B terms.
+            kv_grads = cp.ring([k], remote_pass, kv_grads)
 
         (dk,) = kv_grads
         return (dq.to(dtype), dk.to(dtype), dv.to(dtype), d_emb.to(dtype),

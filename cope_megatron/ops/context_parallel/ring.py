@@ -186,7 +186,12 @@ class ContextParallel:
             for req in reqs:
                 req.wait()
             self.wait_seconds += time.perf_counter() - start
-            return recv
+            # The requests hold the sent tensors: dropped here, not when the caller next
+            # rebinds the variable holding ``wait`` (a whole step later).
+            received = recv[:]
+            reqs.clear()
+            recv.clear()
+            return received
 
         return wait
 
@@ -204,7 +209,9 @@ class ContextParallel:
         received buffer, rather than into zeros added to it later, holds one set of
         gradient buffers while computing instead of three (new, received, and the last
         one sent); the price is that the hand-over, a copy over the link, is not hidden
-        behind compute (``wait_seconds`` counts it).
+        behind compute (``wait_seconds`` counts it). The next owner's tensors are posted
+        once the sum handed on is gone, so a rank holds at most three sets at once: the
+        visited tensors, the next ones in flight and one set of sums.
         """
         tensors, acc = list(tensors), None if grads is None else grads[:]
         if grads is not None:
@@ -212,9 +219,9 @@ class ContextParallel:
         travelling = None
         for step in range(self.size):
             owner = (self.rank - step) % self.size
-            incoming = self._start(tensors) if step + 1 < self.size else None
             if travelling is not None:
                 acc, travelling = travelling(), None
+            incoming = self._start(tensors) if step + 1 < self.size else None
             if acc is None:
                 visit(owner, tensors)
             else:

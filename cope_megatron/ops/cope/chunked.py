@@ -294,7 +294,7 @@ def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
                 flash=paths.far == "flash")
             for g, first, end, part in zip(grads, (i0, j0, j0), (i1, j1, j1), parts):
                 g[:, :, first:end] += part
-            del parts  # not alive while the next part's are made
+            del parts, part  # not alive while the next part's are made
     return dp_sum
 
 
