@@ -63,6 +63,14 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 1e-10)
 
 def _cope_worker(rank: int, world: int, store: str, case: dict) -> None:
     cp = _init(rank, world, store)
+    passes = []  # the visits that went round the ring, by name
+    ring = cp.ring
+
+    def counted(tensors, visit, *grads):
+        passes.append(visit.__name__)
+        return ring(tensors, visit, *grads)
+
+    cp.ring = counted
     q, k, v, table, d_out = _inputs(case)
     scale = 1 / math.sqrt(case["d"])
     full = [t.clone().requires_grad_() for t in (q, k, v, table)]
@@ -81,15 +89,22 @@ def _cope_worker(rank: int, world: int, store: str, case: dict) -> None:
     d_table = got[3].clone()
     dist.all_reduce(d_table)  # each rank holds its rows' part of the table's gradient
     _check("dtable", d_table, want[3], tol)
+    if "remote_corrections" in case:  # the correction ring runs only when a rank needs it
+        assert ("remote_pass" in passes) == case["remote_corrections"], passes
     dist.destroy_process_group()
 
 
 COPE_CASES = {
     # clamping at npos_max − 1 = 2 within a couple of keys: crosses every chunk border
     "clamp_across_borders": dict(b=2, h=4, g=2, s=24, d=8, npos=6, npos_max=3, shared=False),
-    # gates ≈ 0.05: positions stay below npos_max, carries span every earlier chunk
+    # gates ≈ 0.05: positions stay below npos_max, carries span every earlier chunk, and
+    # the correction ring runs
     "gates_near_zero": dict(b=1, h=2, g=1, s=32, d=8, npos=8, npos_max=8, shared=True,
-                            gate_shift=2.0),
+                            gate_shift=2.0, remote_corrections=True),
+    # gates ≈ ½ clamp within a few keys, well inside a chunk: a row's carried Σ dp is only
+    # against its own chunk's keys, so no correction ring
+    "clamp_within_chunks": dict(b=1, h=2, g=2, s=128, d=8, npos=6, npos_max=3, shared=True,
+                                seed=5, remote_corrections=False),
     "moderate": dict(b=1, h=4, g=4, s=40, d=4, npos=10, npos_max=6, shared=True, seed=3),
 }
 

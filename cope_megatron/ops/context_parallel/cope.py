@@ -27,7 +27,7 @@ Backward (a = logits, g = σ(a), dp = the gradient reaching positions)
   4. Pairs (ring of K, V, with dK, dV travelling home behind them): the single-rank block
      backward with carry C and B = 0 gives dq, dk, dv, the table's dz and each row's Σ dp
      over the pair.
-  5. Correction (ring of K, dK): the B term is linear in B, so it adds
+  5. Correction (K and dK, a ring only when needed): the B term is linear in B, so it adds
      dq_i += s·Σ_j B_i g'_ij k_j and dk_j += s·Σ_i B_i g'_ij q_i, only for rows with B ≠ 0.
      Positions clamp at npos_max − 1, and p grows towards far keys, so dp is 0 beyond the
      first clamped key: B ≠ 0 only for rows whose unclamped keys cross into an earlier
@@ -36,7 +36,10 @@ Backward (a = logits, g = σ(a), dp = the gradient reaching positions)
      without an exchange, and the ring runs only when some rank has a row with B ≠ 0
      against another rank's keys (sparse gates, or chunks shorter than the clamp).
   6. The table: dq += dz·Eᵀ, dE = qᵀ·dz, within step 4 from each query chunk's dz over
-     the pairs of one ring step (z = q·E is likewise made per query chunk and step).
+     the pairs of one ring step (z = q·E is likewise made per query chunk and step). Where
+     nearer chunks' gates clamp every row of a step's pairs (all but the key chunk next to
+     the rows', usually), they are plain attention plus z's last column: only that column
+     is computed, and there is no dz.
 Dtypes: bf16 q, k, v stay bf16 (saved, exchanged and passed to the chunked pair code, which
 converts each band and plain-attention call's part); gate totals, carries, out, lse and all
 gradients accumulate in fp32 (``work_dtype``), dK and dV travelling home in fp32 too.
@@ -103,6 +106,38 @@ def _by_query(pairs: list[ChunkPair]) -> list[tuple[int, list[ChunkPair]]]:
     """A step's pairs grouped by local query chunk, so that a chunk's table product
     z = q·E (and its gradient) is made once per step, [b, h, c, npos], never per rank."""
     return [(qi, [p for p in pairs if p.q == qi]) for qi in sorted({p.q for p in pairs})]
+
+
+def _all_clamped(ops, carries: torch.Tensor, qi: int, pairs: list[ChunkPair],
+                 npos_max: int) -> bool:
+    """Whether the chunked pair code finds every row of ``pairs`` (local query chunk
+    ``qi``) clamped by the gates of the chunks between (its own test: carry > npos_max − 1),
+    so that they are plain attention only and no band runs: usually all but the key chunk
+    next to the rows'."""
+    return ops is cope_chunked and all(
+        bool((carries[qi, pair.k_global] > npos_max - 1).all()) for pair in pairs)
+
+
+def _table_product(q_c: torch.Tensor, pos_emb: torch.Tensor, npos_max: int, clamped: bool
+                   ) -> torch.Tensor:
+    """z = q·E of a query chunk, [b, h, c, npos]. For ``clamped`` pairs the pair code reads
+    z at the last position only (the plain keys' one added logit), so that column alone is
+    computed and broadcast: 1/npos of the product."""
+    if clamped:
+        return (q_c @ pos_emb[..., npos_max - 1:npos_max]).expand(*q_c.shape[:3],
+                                                                  pos_emb.shape[-1])
+    return q_c @ pos_emb
+
+
+def _pair_mask(cp: ContextParallel, owners: list[int], device: torch.device) -> torch.Tensor:
+    """[2, 2·CP] bool: this rank's causal pairs (local query chunk, global key chunk)
+    against ``owners``' key chunks, to select them in per-pair tensors such as the carries
+    (entries of other key chunks are not pairs: their prefix sums are not zero)."""
+    mask = torch.zeros(2, 2 * cp.size, dtype=torch.bool, device=device)
+    for owner in owners:
+        for pair in cp.pairs(owner):
+            mask[pair.q, pair.k_global] = True
+    return mask
 
 
 def _active_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -185,7 +220,8 @@ class _CoPEContextParallel(torch.autograd.Function):
             """Step 3 for ``pairs``; ``with_totals``: their gate totals (step 1) too."""
             ke, ve = (expand_kv(t.to(given), h) for t in kv)
             for qi, group in _by_query(pairs):
-                z_c = rows(q, qi, c).to(work) @ pos_emb  # [b, h, c, npos]
+                z_c = _table_product(rows(q, qi, c).to(work), pos_emb, npos_max,
+                                     _all_clamped(ops, carries, qi, group, npos_max))
                 for pair in group:
                     carry = carries[qi, pair.k_global]
                     total = torch.zeros_like(carry) if with_totals else None
@@ -250,20 +286,25 @@ class _CoPEContextParallel(torch.autograd.Function):
             dke, dve = grads = expanded(acc, h)
             for qi, pairs in _by_query(cp.pairs(owner)):
                 q_c = rows(q, qi, c)
-                z_c = q_c.to(work) @ pos_emb
-                dz_c = torch.zeros_like(z_c)
+                clamped = _all_clamped(ops, carries, qi, pairs, npos_max)
+                z_c = _table_product(q_c.to(work), pos_emb, npos_max, clamped)
+                # Only bands add to dz: clamped pairs have none, so no dz and no table term.
+                dz_c = None if clamped else torch.zeros_like(z_c)
                 for pair in pairs:
                     for part, qr, kr, lr in pair_parts(pair, c, docs):
+                        dz_part = None if dz_c is None else dz_c[lr]
                         dp_sums[qi, pair.k_global][lr] = ops.chunk_backward(
                             q[qr], ke[kr], ve[kr], z_c[lr], carries[qi, pair.k_global][lr],
-                            d_out[qr], out[qr], lse[qr], (dq[qr], dke[kr], dve[kr], dz_c[lr]),
+                            d_out[qr], out[qr], lse[qr], (dq[qr], dke[kr], dve[kr], dz_part),
                             scale=scale, npos_max=npos_max, causal=part.causal,
                             **_options(ops, widths, pair, part, lr[0], paths))
-                # Step 6 per query chunk and step: no whole-rank z or dz is ever held.
-                dq_table, d_emb_c = table_backward(q_c.to(work), pos_emb, dz_c)
-                rows(dq, qi, c).add_(dq_table)
-                d_emb += d_emb_c
-                del z_c, dz_c, dq_table  # not alive while the next chunk's are made
+                if dz_c is not None:
+                    # Step 6 per query chunk and step: no whole-rank z or dz is ever held.
+                    dq_table, d_emb_c = table_backward(q_c.to(work), pos_emb, dz_c)
+                    rows(dq, qi, c).add_(dq_table)
+                    d_emb += d_emb_c
+                    del dq_table
+                del z_c, dz_c  # not alive while the next chunk's are made
             fold_expanded(acc, grads)
 
         kv_grads = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
@@ -287,9 +328,10 @@ class _CoPEContextParallel(torch.autograd.Function):
         # against their own keys (a row's unclamped keys reach one chunk back), so those
         # terms are added here, and the ring of K and dK runs only when some rank has a
         # row with B against another rank's keys.
-        correction_pass(cp.rank, [k], kv_grads)
-        others = [kg for kg in range(2 * cp.size) if kg not in cp.chunks(cp.rank)]
-        needed = torch.tensor([int(bool(b_carry[:, others].any()))], device=q.device)
+        if b_carry[_pair_mask(cp, [cp.rank], q.device)].any():
+            correction_pass(cp.rank, [k], kv_grads)
+        others = _pair_mask(cp, [o for o in range(cp.size) if o != cp.rank], q.device)
+        needed = torch.tensor([int(bool(b_carry[others].any()))], device=q.device)
         dist.all_reduce(needed, op=dist.ReduceOp.MAX, group=cp.group)
         if needed.item():
             def remote_pass(owner: int, kv: list[torch.Tensor], acc: list[torch.Tensor]

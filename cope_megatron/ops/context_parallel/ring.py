@@ -171,8 +171,8 @@ class ContextParallel:
 
     def _start(self, tensors: Sequence[torch.Tensor]):
         """Send ``tensors`` to the next rank and receive the previous rank's, asynchronously.
-        The returned ``wait`` gives the received tensors once both directions are done, so
-        dropping it after the call also frees the sent buffers."""
+        The returned ``wait`` gives the received tensors once both directions are done and
+        lets go of the sent ones; it is called once."""
         tensors = [t.contiguous() for t in tensors]
         recv = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag)

@@ -274,7 +274,7 @@ def chunk_backward(q, k, v, z, carry, d_out, out, lse, grads, *, scale: float,
     its own sum there instead (``cope_blocks.backward_block``), and over all of a row's
     chunks that leaves exactly the sum over its plain keys. ``bands``: the widths
     ``chunk_forward`` recorded. q, k, v as there; d_out, out, lse and ``grads`` in z's
-    dtype."""
+    dtype; dz may be None where no band was recorded (every row clamped)."""
     paths = (paths or Paths()).resolve(q.device, k.shape[2])
     _, bwd = kernels(paths.band)
     work = z.dtype
