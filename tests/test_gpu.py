@@ -1,7 +1,8 @@
 """On a CUDA device (``pytest -m gpu``; skipped without one, never in the CPU default):
 the compiled Triton CoPE kernels against the float64 reference, forward and all four
-gradients, in fp32 and bf16; the FoX and stick-breaking ops' CUDA paths likewise; ALiBi
-and T5 on FlexAttention against the materialized bias; a few bf16 DeepSpeed steps of the
+gradients, in fp32 and bf16; the FoX and stick-breaking ops' CUDA paths likewise; the
+bias PEs (ALiBi, T5, Kerple, FIRE) on FlexAttention against the materialized bias, with
+their parameters' gradients; a few bf16 DeepSpeed steps of the
 debug model for every PE;
 the activation estimate for 125M against the allocator; TP=2 against one process when two
 GPUs exist.
@@ -126,11 +127,12 @@ def test_peer_chunked_op_on_cuda_matches_float64_reference(pe):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("pe", ["alibi", "t5"])
+@pytest.mark.parametrize("pe", ["alibi", "t5", "kerple", "fire"])
 def test_flex_bias_kernel_on_cuda_matches_float64_materialized(pe, dtype):
     """``pe.bias_kernel=flex`` (compiled FlexAttention) against the materialized bias in
-    float64, forward and the gradients of q, k, v and T5's table; TP rank 1 of 2 with GQA,
-    333 tokens (partial blocks)."""
+    float64, forward and the gradients of q, k, v and the PE's parameters (T5's table,
+    Kerple's r1 and r2, FIRE's MLP): FlexAttention has no backward on CPU, so this is where
+    it runs; TP rank 1 of 2 with GQA, 333 tokens (partial blocks)."""
     shape = AttentionShape.of_rank(total_heads=8, total_kv_heads=4, head_dim=64, tp_size=2,
                                    tp_rank=1)
     modules = []
