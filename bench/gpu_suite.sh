@@ -7,8 +7,9 @@
 #
 # Stages, each under its own budget (seconds on one H100; with the install, under 9 min):
 #   install  the carried wheels into /tmp/site (GPU_SUITE_SITE)                      60
-#   a tests  pytest -m gpu: the kernels first (in 4 processes where xdist is), then
-#            the rest; failures go on                                               200
+#   a tests  pytest -m gpu: the kernels first (Triton, the chunked ops, FlexAttention's
+#            bias kernels; in 4 processes where xdist is), then the rest; failures
+#            go on                                                                  200
 #   b op     bench/cope_op.py at 2k/8k/32k, bf16, 16 heads x 128: SDPA flash,
 #            Triton CoPE dense and sparse, the chunked op, ALiBi and T5 (materialized
 #            bias and FlexAttention)                                                90
