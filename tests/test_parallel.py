@@ -1,8 +1,8 @@
 """Tensor, sequence and context parallelism do not change the model's function: for every
-PE, TP=2 with SP, CP=2 (2 processes; plain TP=2 for some) and CP=4 (4 processes) match
-one process, loss at each of 3 optimizer steps within 1e-5 in fp32 and equal PE-parameter
-gradients; TP=2 × DP=2 under ZeRO-2, CP=2 × TP=2 with SP and CP=2 × DP=2 under ZeRO-2 and
-ZeRO-3 (4 processes) match too (and RoPE scaling, ``SCALED``, in CP=2 × TP=2 with SP).
+PE, TP=2 with SP and CP=2 (2 processes; plain TP=2 for some) match one process, loss at
+each of 3 optimizer steps within 1e-5 in fp32 and equal PE-parameter gradients; TP=2 × DP=2
+under ZeRO-2, CP=2 × TP=2 with SP, CP=4 and CP=2 × DP=2 under ZeRO-2 and ZeRO-3
+(4 processes) match too (and RoPE scaling, ``SCALED``, in CP=2 × TP=2 with SP).
 Gradient clipping is active, so DeepSpeed's TP-aware norm is checked as well.
 Three launches in all (1, 2 and 4 ranks), each looping over its layouts."""
 
@@ -23,7 +23,10 @@ FOUR_RANKS = {
     "cp2_tp2_sp": layout(2, True, 0, pick("cope", "cope_per_head", "alibi", "fox",
                                           "stickbreaking", "schedule", "length_scale",
                                           *SCALED), context=2),
-    "cp4": layout(1, False, 0, context=4),
+    # Each kind of CP attention: CoPE's ring (alone, with RoPE), the softmax ring without
+    # and with a bias, FoX's and stick-breaking's (the rings alone: tests/test_cp_*.py).
+    "cp4": layout(1, False, 0, pick("cope", "cope_rope", "rope", "alibi", "fox",
+                                    "stickbreaking"), context=4),
     "cp2_dp2_zero2": layout(1, False, 2, pick("cope"), context=2),
     "cp2_dp2_zero3": layout(1, False, 3, pick("cope"), context=2),
 }
