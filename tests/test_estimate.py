@@ -145,6 +145,25 @@ def test_mfu_arithmetic_on_a_known_case():
     assert math.isclose(got["mfu"], tflops / 1e-3)
 
 
+@pytest.mark.parametrize("pe", ["cope", "fox", "stickbreaking"])
+def test_flops_of_the_contextual_pes_on_the_known_case(pe):
+    """The same model with CoPE and its peers: attention as RoPE's; CoPE adds its table
+    product z = q·E (2·d·npos per head and token) and 10 elementwise operations per key,
+    FoX a gate projection (hidden → heads per layer, in dense) and 2 per key,
+    stick-breaking 10 per key; all × 3 for training, per layer and head, 64 keys."""
+    cfg = load_config(["model.num_layers=2", "model.hidden_size=64",
+                       "model.num_attention_heads=4", "model.seq_length=128", f"model.pe={pe}"])
+    weights = 2 * (3 * 64 * 64 + 64 * 64 + 2 * 64 * 256) + 128 * 64
+    gate = {"fox": 2 * 64 * 4}.get(pe, 0)
+    per_key = {"cope": 10, "fox": 2, "stickbreaking": 10}[pe]
+    table = 2 * 4 * 2 * 16 * cfg.pe.cope.npos_max if pe == "cope" else 0
+    f = flops_per_token(cfg, model_pe(cfg.model), 128, seq_length=127)
+    assert f.dense == 6 * (weights + gate)
+    assert f.attention == 3 * 2 * 4 * (2 * 2 * 16) * 64
+    assert f.cope_matmul == 3 * table
+    assert f.cope_elementwise == 3 * 4 * 2 * per_key * 64
+
+
 @pytest.mark.integration
 def test_estimate_command_prints_the_summary(capsys):
     out = subprocess.run(
