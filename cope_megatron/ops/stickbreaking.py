@@ -63,6 +63,14 @@ def with_remainder(acc: torch.Tensor, mass: torch.Tensor, v_self: torch.Tensor
     return acc + (1 - mass)[..., None] * v_self
 
 
+def loss_sums(d_out: torch.Tensor, out: torch.Tensor, v_self: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dO_i·v_i, each row's Σ_j dL_ij over all its keys) [b, h, s], from the output:
+    with dL_ij = A_ij dO_i·(v_j − v_i), Σ_j dL_ij = dO_i·(out_i − v_i) (``with_remainder``)."""
+    self_dot = (d_out * v_self).sum(-1)
+    return self_dot, (d_out * out).sum(-1) - self_dot
+
+
 class _StickBreakingChunked(torch.autograd.Function):
     """One rank: the whole sequence as one diagonal pair of ``ops.stickbreaking_tiles``
     (row blocks against key tiles from the diagonal back, each block stopping once every
@@ -91,8 +99,7 @@ class _StickBreakingChunked(torch.autograd.Function):
         h, kv_heads, work = q.shape[1], k.shape[1], mass.dtype
         ke, ve = expand_kv(k, h), expand_kv(v, h)
         d_out = d_out.to(work).contiguous()
-        self_dot = (d_out * ve).sum(-1)
-        row_total = (d_out * out).sum(-1) - self_dot  # Σ_j dL_ij = dO_i·(out_i − v_i)
+        self_dot, row_total = loss_sums(d_out, out, ve)
         dq, dk = (torch.zeros(t.shape, dtype=work, device=t.device) for t in (q, ke))
         dv = (1 - mass)[..., None] * d_out  # the remainder's own value
         tiles.chunk_backward(q, ke, ve, torch.zeros_like(mass), d_out, self_dot, row_total,

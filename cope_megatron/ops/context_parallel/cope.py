@@ -111,11 +111,11 @@ def _by_query(pairs: list[ChunkPair]) -> list[tuple[int, list[ChunkPair]]]:
 def _all_clamped(ops, carries: torch.Tensor, qi: int, pairs: list[ChunkPair],
                  npos_max: int) -> bool:
     """Whether the chunked pair code finds every row of ``pairs`` (local query chunk
-    ``qi``) clamped by the gates of the chunks between (its own test: carry > npos_max − 1),
-    so that they are plain attention only and no band runs: usually all but the key chunk
-    next to the rows'."""
+    ``qi``) clamped by the gates of the chunks between (by its own test), so that they are
+    plain attention only and no band runs: usually all but the key chunk next to the
+    rows'."""
     return ops is cope_chunked and all(
-        bool((carries[qi, pair.k_global] > npos_max - 1).all()) for pair in pairs)
+        cope_chunked.all_clamped(carries[qi, pair.k_global], npos_max) for pair in pairs)
 
 
 def _table_product(q_c: torch.Tensor, pos_emb: torch.Tensor, npos_max: int, clamped: bool

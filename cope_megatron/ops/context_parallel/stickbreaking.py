@@ -137,7 +137,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         h, kv_heads, c = q.shape[1], k.shape[1], q.shape[2] // 2
         work = mass.dtype
         d_out = d_out.to(work).contiguous()
-        self_dot = (d_out * expand_kv(v, h)).sum(-1)
+        self_dot, row_total = sb.loss_sums(d_out, out, expand_kv(v, h))
         dq = torch.zeros(q.shape, dtype=work, device=q.device)
         loss_sums = torch.zeros_like(carries)
 
@@ -153,8 +153,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
         cp.ring([k, v], sum_pass)
         farther = loss_sums.cumsum(1)  # F[Q, K] = Σ over chunk K and every farther one
         # The diagonal pairs' F is each row's sum over all its keys, which its output gives
-        # (as in the single-rank op), so step 4 spares them: Σ_j dL_ij = dO_i·(out_i − v_i).
-        row_total = (d_out * out).sum(-1) - self_dot
+        # (as in the single-rank op), so step 4 spares them.
         for qi, qg in enumerate(cp.chunks(cp.rank)):
             farther[qi, qg] = rows(row_total, qi, c)
 

@@ -166,6 +166,13 @@ def _far_parts(r0: int, r1: int, width: int, keys: int, causal: bool):
         yield first, r1, c, r1 - width, True
 
 
+def all_clamped(carry: torch.Tensor, npos_max: int) -> bool:
+    """Whether the gates of the keys after the chunk clamp every row of ``carry``: then
+    every key of the chunk sits at the last position, and the rows are plain attention
+    with no band (and nothing for dz)."""
+    return bool((carry > npos_max - 1).all())
+
+
 def _next_width(need: int, limit: int) -> float:
     """The next group's first try: this one's need and an eighth, in steps of 8; all its
     keys if a row here never clamped (sparse gates)."""
@@ -236,7 +243,7 @@ def chunk_forward(q, k, v, z, carry, *, scale: float, npos_max: int, causal: boo
         r1 = min(q.shape[2], r0 + (WIDE_ROWS if small else FAR_ROWS))
         limit = r1 if causal else k.shape[2]
         width = min(width, limit)
-        if bool((carry[:, :, r0:r1] > npos_max - 1).all()):
+        if all_clamped(carry[:, :, r0:r1], npos_max):
             width = need = 0  # later chunks clamped every row: all plain
             if totals is not None:
                 totals[:, :, r0:r1] = carry[:, :, r0:r1]
