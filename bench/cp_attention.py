@@ -5,7 +5,7 @@ memory and wall time) of one forward+backward over a fixed total sequence, for C
 stick-breaking (no softmax: each row's survival carried across ranks).
 
     python bench/cp_attention.py [--pe cope] [--seq 8192] [--cps 1 2 4] [--reps 3]
-                                 [--gates dense|sparse|trained --run DIR --layer N]
+                                 [--rounds 1] [--gates dense|sparse|trained --run DIR --layer N]
 
 CP = 1 is the path a model without CP takes: ``cope_attention``, or the PE's attention
 module (SDPA; for ALiBi SDPA with the [h, s, s] bias materialized, what training runs on
@@ -13,11 +13,19 @@ CPU; stick-breaking's chunked op). CP > 1 is ``ops.context_parallel`` (CoPE's,
 stick-breaking's, or the softmax ring) over gloo processes
 (NCCL, one GPU each, when as many GPUs as ranks exist). Each rank runs one thread, so
 summed CPU time is the total compute, exchange included, whatever the machine's core count;
-wall time means something only with a core per rank. ``wait %``: per rank, the time inside
+wall time means something only with a core per rank. More ranks than cores also costs
+CPU time by itself: time-sliced processes lose their caches (four copies of the CP = 1 op
+on two cores each took 10-15 % more CPU than one alone; two did not). So where ranks
+outnumber cores, the same number of processes also run the CP = 1 op on the whole sequence
+together, and ``same load`` is summed CPU over that op's CPU under the same load: the
+exchange and the extra work of the split, without the machine's oversubscription (where
+ranks have a core each it is ``x CP1``). ``wait %``: per rank, the time inside
 the ring's ``req.wait()`` over its wall time, the largest of the ranks. Memory is the peak
 growth during one fwd+bwd above the inputs (CPU: VmHWM with glibc returning large blocks at
 free, measured in a separate launch because that setting slows allocation; GPU:
-max_memory_allocated). Prints a table and, last, one JSON line.
+max_memory_allocated). Times are medians over every round's repetitions (``--rounds``: each CP
+size launched in turn, so that the machine's drift over minutes falls on all alike). Prints a
+table and, last, one JSON line.
 
 CoPE's saturation skip (``--gates``: the regimes of ``bench/cope_op.py``, trained ones from
 a run's layer): ``band %`` is the share of the causal logits that run CoPE's gate and
@@ -99,7 +107,10 @@ def _logits(r0: int, r1: int, width: int, causal: bool) -> int:
     return (whole * (whole + 1) - r0 * (r0 + 1)) // 2 + width * (r1 - whole)
 
 
-def _rank(rank: int, world: int, store: str, args, out: str, inputs: str) -> None:
+def _rank(rank: int, world: int, store: str, args, out: str, inputs: str,
+          control: bool = False) -> None:
+    """One rank's timings. ``control``: every rank runs the CP = 1 op on the whole
+    sequence, together (``same_load``)."""
     torch.set_num_threads(1)
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
@@ -107,10 +118,11 @@ def _rank(rank: int, world: int, store: str, args, out: str, inputs: str) -> Non
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}",
                                 rank=rank, world_size=world)
         cp = ContextParallel(dist.group.WORLD)
+    split = world > 1 and not control
     dtype = getattr(torch, args.dtype)
     case = torch.load(inputs)
     full, table = case["qkvg"], case["table"].to(device, dtype)
-    if world > 1:
+    if split:
         c = args.seq // (2 * world)
         full = [torch.cat([t[:, :, i * c:(i + 1) * c] for i in cp.chunks(rank)], 2)
                 for t in full]
@@ -127,8 +139,8 @@ def _rank(rank: int, world: int, store: str, args, out: str, inputs: str) -> Non
 
     def run() -> None:
         if module is not None:
-            out = module(q, k, v, cp if world > 1 else None)
-        elif world > 1:
+            out = module(q, k, v, cp if split else None)
+        elif split:
             out = cope_attention_context_parallel(q, k, v, table, cp, npos_max=npos,
                                                   softmax_scale=scale)
         else:
@@ -144,21 +156,21 @@ def _rank(rank: int, world: int, store: str, args, out: str, inputs: str) -> Non
     for _ in range(args.reps):
         if world > 1:
             dist.barrier()
-        cpu, waited = time.process_time(), cp.wait_seconds if world > 1 else 0.0
+        cpu, waited = time.process_time(), cp.wait_seconds if split else 0.0
         wall, peak = measure(run, device)
         records.append({"cpu_s": time.process_time() - cpu, "wall_s": wall, "peak_mb": peak,
-                        "wait_s": (cp.wait_seconds if world > 1 else 0.0) - waited})
+                        "wait_s": (cp.wait_seconds if split else 0.0) - waited})
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"reps": records, "band": counter.band, "gates": counter.gates}, f)
     if world > 1:
         dist.destroy_process_group()
 
 
-def launch(world: int, args, inputs: str) -> list[dict]:
+def launch(world: int, args, inputs: str, control: bool = False) -> list[dict]:
     """Per rank: per repetition cpu_s, wall_s, peak_mb ("reps"), and its CoPE logit counts."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
-        mp.spawn(_rank, args=(world, os.path.join(tmp, "store"), args, out, inputs),
+        mp.spawn(_rank, args=(world, os.path.join(tmp, "store"), args, out, inputs, control),
                  nprocs=world)
         ranks = []
         for r in range(world):
@@ -187,6 +199,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--cps", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="launches of every CP size in turn, pooled (the machine drifts)")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--npos", type=int, default=64)
@@ -202,49 +216,89 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         inputs = os.path.join(tmp, "inputs.pt")
         shape = save_inputs(args, inputs)
+        # Rounds of every CP size in turn: the machine's speed drifts over minutes, and
+        # interleaving gives each size the same drift.
+        found = {world: [] for world in args.cps}
+        for _ in range(args.rounds):
+            for world in args.cps:
+                found[world].append(timings(world, args, inputs, gpu))
         for world in args.cps:
-            rows.append(measure_layout(world, args, inputs, gpu))
+            # On CPU in a launch of its own, with glibc returning freed blocks: a setting
+            # that slows allocation, so not while timing.
+            peak = (max(f["peak"] for f in found[world]) if gpu
+                    else peak_memory(world, args, inputs))
+            rows.append(layout_row(world, args, found[world], peak))
     base = rows[0]
     for r in rows:
         r["cpu_vs_cp1"] = round(r["summed_cpu_s"] / base["summed_cpu_s"], 2)
+        r["cpu_vs_cp1_same_load"] = round(
+            r["summed_cpu_s"] / (r["cp1_cpu_s_same_load"] or base["summed_cpu_s"]), 2)
         r["wall_vs_cp1"] = round(r["wall_s"] / base["wall_s"], 2)
         r["memory_vs_cp1"] = round(r["peak_mb_per_rank"] / base["peak_mb_per_rank"], 2)
     print(f"pe={args.pe} gates={args.gates} device={'cuda' if gpu else 'cpu'} "
-          f"dtype={args.dtype} seq={args.seq} {shape} reps={args.reps} threads/rank=1"
+          f"dtype={args.dtype} seq={args.seq} {shape} reps={args.reps}x{args.rounds} "
+          "threads/rank=1"
           + (f" (trained: {args.run} layer {args.layer})" if args.gates == "trained" else ""))
-    print(f"{'CP':>3} {'tokens/rank':>11} {'summed CPU s':>12} {'x CP1':>6} {'wall s':>8} "
-          f"{'x CP1':>6} {'wait %':>6} {'peak MB/rank':>12} {'x CP1':>6} {'band %':>7} "
-          f"{'gates %':>7}")
+    print(f"{'CP':>3} {'tokens/rank':>11} {'summed CPU s':>12} {'x CP1':>6} {'same load':>9} "
+          f"{'wall s':>8} {'x CP1':>6} {'wait %':>6} {'peak MB/rank':>12} {'x CP1':>6} "
+          f"{'band %':>7} {'gates %':>7}")
     for r in rows:
         print(f"{r['cp']:>3} {r['tokens_per_rank']:>11} {r['summed_cpu_s']:>12.3f} "
-              f"{r['cpu_vs_cp1']:>6.2f} {r['wall_s']:>8.3f} {r['wall_vs_cp1']:>6.2f} "
+              f"{r['cpu_vs_cp1']:>6.2f} {r['cpu_vs_cp1_same_load']:>9.2f} "
+              f"{r['wall_s']:>8.3f} {r['wall_vs_cp1']:>6.2f} "
               f"{100 * max(r['wait_frac_per_rank']):>6.1f} {r['peak_mb_per_rank']:>12.1f} "
               f"{r['memory_vs_cp1']:>6.2f} {r['band_pct']:>7.1f} {r['gates_pct']:>7.1f}")
     print(json.dumps({"device": "cuda" if gpu else "cpu", "gates": args.gates, "rows": rows}))
 
 
-def measure_layout(world: int, args, inputs: str, gpu: bool) -> dict:
-    """One CP size's row: medians over the repetitions, peak over the ranks."""
-    timed = launch(world, args, inputs)
-    if not gpu:  # memory in its own launch, with glibc returning freed blocks
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-        measured = launch(world, args, inputs)
-        del os.environ["MALLOC_MMAP_THRESHOLD_"]
-    else:
-        measured = timed
+def timings(world: int, args, inputs: str, gpu: bool) -> dict:
+    """One launch of a CP size: per repetition the summed CPU, the slowest rank's wall time,
+    each rank's share of it spent waiting and, where ranks outnumber cores, the CP = 1 op's
+    CPU under the same load (a second launch); its CoPE logit counts and peak memory (what
+    the GPU allocator reports; on CPU see ``peak_memory``)."""
+    ranks = launch(world, args, inputs)
     reps = range(args.reps)
-    cpu = statistics.median(sum(r["reps"][i]["cpu_s"] for r in timed) for i in reps)
-    wall = statistics.median(max(r["reps"][i]["wall_s"] for r in timed) for i in reps)
-    peak = max(max(rep["peak_mb"] for rep in r["reps"]) for r in measured)
-    waits = [statistics.median(rep["wait_s"] / rep["wall_s"] for rep in r["reps"])
-             for r in timed]
+    found = {"cpu": [sum(r["reps"][i]["cpu_s"] for r in ranks) for i in reps],
+             "wall": [max(r["reps"][i]["wall_s"] for r in ranks) for i in reps],
+             "waits": [[rep["wait_s"] / rep["wall_s"] for rep in r["reps"]] for r in ranks],
+             "band": sum(r["band"] for r in ranks), "gates": sum(r["gates"] for r in ranks),
+             "peak": max(max(rep["peak_mb"] for rep in r["reps"]) for r in ranks),
+             "same_load": []}
+    if not gpu and world > (os.cpu_count() or 1):
+        control = launch(world, args, inputs, control=True)
+        found["same_load"] = [statistics.mean(r["reps"][i]["cpu_s"] for r in control)
+                              for i in reps]
+    return found
+
+
+def peak_memory(world: int, args, inputs: str) -> float:
+    """Peak RSS growth in MB over the ranks and repetitions, in a launch with glibc
+    returning large blocks at free."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        ranks = launch(world, args, inputs)
+    finally:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    return max(max(rep["peak_mb"] for rep in r["reps"]) for r in ranks)
+
+
+def layout_row(world: int, args, rounds: list[dict], peak: float) -> dict:
+    """One CP size's row: medians over every round's repetitions."""
+    pooled = {key: [x for found in rounds for x in found[key]]
+              for key in ("cpu", "wall", "same_load")}
+    waits = [statistics.median(w for found in rounds for w in found["waits"][rank])
+             for rank in range(world)]
     causal = args.seq * (args.seq + 1) / 2
     return {"pe": args.pe, "gates": args.gates, "cp": world, "seq": args.seq,
-            "tokens_per_rank": args.seq // world, "summed_cpu_s": round(cpu, 3),
-            "wall_s": round(wall, 3), "peak_mb_per_rank": round(peak, 1),
+            "tokens_per_rank": args.seq // world,
+            "summed_cpu_s": round(statistics.median(pooled["cpu"]), 3),
+            "cp1_cpu_s_same_load": (round(statistics.median(pooled["same_load"]), 3)
+                                    if pooled["same_load"] else None),
+            "wall_s": round(statistics.median(pooled["wall"]), 3),
+            "peak_mb_per_rank": round(peak, 1),
             "wait_frac_per_rank": [round(w, 4) for w in waits],
-            "band_pct": round(100 * sum(r["band"] for r in timed) / causal, 2),
-            "gates_pct": round(100 * sum(r["gates"] for r in timed) / causal, 2)}
+            "band_pct": round(100 * rounds[0]["band"] / causal, 2),
+            "gates_pct": round(100 * rounds[0]["gates"] / causal, 2)}
 
 
 if __name__ == "__main__":
