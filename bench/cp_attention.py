@@ -231,6 +231,8 @@ def main() -> None:
     base = rows[0]
     for r in rows:
         r["cpu_vs_cp1"] = round(r["summed_cpu_s"] / base["summed_cpu_s"], 2)
+        r["cpu_vs_cp1_per_round"] = [round(a / b, 2) for a, b in zip(
+            r["summed_cpu_s_per_round"], base["summed_cpu_s_per_round"])]
         r["cpu_vs_cp1_same_load"] = round(
             r["summed_cpu_s"] / (r["cp1_cpu_s_same_load"] or base["summed_cpu_s"]), 2)
         r["wall_vs_cp1"] = round(r["wall_s"] / base["wall_s"], 2)
@@ -292,6 +294,7 @@ def layout_row(world: int, args, rounds: list[dict], peak: float) -> dict:
     return {"pe": args.pe, "gates": args.gates, "cp": world, "seq": args.seq,
             "tokens_per_rank": args.seq // world,
             "summed_cpu_s": round(statistics.median(pooled["cpu"]), 3),
+            "summed_cpu_s_per_round": [round(statistics.median(f["cpu"]), 3) for f in rounds],
             "cp1_cpu_s_same_load": (round(statistics.median(pooled["same_load"]), 3)
                                     if pooled["same_load"] else None),
             "wall_s": round(statistics.median(pooled["wall"]), 3),

@@ -63,14 +63,15 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor, tol: float = 1e-10)
 
 def _cope_worker(rank: int, world: int, store: str, case: dict) -> None:
     cp = _init(rank, world, store)
-    passes = []  # the visits that went round the ring, by name
-    ring = cp.ring
+    passes = []  # the visits that went round a ring, by name
 
-    def counted(tensors, visit, *grads):
-        passes.append(visit.__name__)
-        return ring(tensors, visit, *grads)
+    def counting(ring):
+        def counted(tensors, visit, *args, **kwargs):
+            passes.append(visit.__name__)
+            return ring(tensors, visit, *args, **kwargs)
+        return counted
 
-    cp.ring = counted
+    cp.ring, cp.ring_backward = counting(cp.ring), counting(cp.ring_backward)
     q, k, v, table, d_out = _inputs(case)
     scale = 1 / math.sqrt(case["d"])
     full = [t.clone().requires_grad_() for t in (q, k, v, table)]

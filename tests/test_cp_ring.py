@@ -62,14 +62,26 @@ def _ring_worker(rank: int, world: int, store: str) -> None:
     # the exchange is done, not a step later.
     assert forward.peak <= 2 * one_set, forward.peak / one_set
 
-    grads = [torch.zeros(SIZE) for _ in range(2)]
+    sent = []
+    exchange = cp._start
+
+    def counted(tensors):
+        sent.append(sum(t.numel() * t.element_size() for t in tensors))
+        return exchange(tensors)
+
+    cp._start = counted
     with LiveStorages() as backward:
-        total = cp.ring(mine, visit, grads)
+        total = cp.ring_backward(mine, visit, torch.float32)
     # And one set of gradient sums: the one handed on is freed before the next arrives.
     assert backward.peak <= 3 * one_set, backward.peak / one_set
-    assert not grads  # the ring took them over, so the sums it hands on can be freed
+    # The owner visits its own tensors last, into the sum the others handed home: its
+    # tensors and its sums each make CP − 1 hops, not a round trip.
+    assert sum(sent) == 2 * (world - 1) * one_set, sum(sent) / one_set
     for t in total:
         assert torch.equal(t, torch.full((SIZE,), world * (world + 1) / 2))
+    start = [torch.full((SIZE,), 0.5) for _ in range(2)]
+    for t in cp.ring_backward(mine, visit, torch.float32, start=start):
+        assert torch.equal(t, torch.full((SIZE,), world * (world + 1) / 2 + 0.5))
     dist.destroy_process_group()
 
 

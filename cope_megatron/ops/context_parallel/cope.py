@@ -307,8 +307,7 @@ class _CoPEContextParallel(torch.autograd.Function):
                 del z_c, dz_c  # not alive while the next chunk's are made
             fold_expanded(acc, grads)
 
-        kv_grads = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
-                                               for t in (k, v)])
+        kv_grads = cp.ring_backward([k, v], pair_pass, work)
         dv = kv_grads.pop()
 
         # B[Q, K] = Σ_{K' < K} dp sums: an exclusive prefix over key chunks.
@@ -339,8 +338,8 @@ class _CoPEContextParallel(torch.autograd.Function):
                 if owner != cp.rank:  # the rank's own keys' terms are in already
                     correction_pass(owner, kv, acc)
 
-            # The dK so far is where the ring starts: it comes back with the B terms.
-            kv_grads = cp.ring([k], remote_pass, kv_grads)
+            # The B terms of the other ranks' rows come home and add to the dK so far.
+            kv_grads = cp.ring_backward([k], remote_pass, work, start=kv_grads)
 
         (dk,) = kv_grads
         return (dq.to(dtype), dk.to(dtype), dv.to(dtype), d_emb.to(dtype),

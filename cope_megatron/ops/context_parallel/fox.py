@@ -153,8 +153,7 @@ class _FoXContextParallel(torch.autograd.Function):
                 d_shift[b, :, shift] += ds_p
             fold_expanded(acc, grads)
 
-        zeros = [torch.zeros(t.shape, dtype=work, device=t.device) for t in (k, v, prefix)]
-        dk, dv, d_prefix = cp.ring([k, v, prefix], visit, zeros)
+        dk, dv, d_prefix = cp.ring_backward([k, v, prefix], visit, work)
         return (dq.to(dtype), dk.to(dtype), dv.to(dtype), d_prefix + d_shift,
                 None, None, None, None)
 

@@ -195,42 +195,50 @@ class ContextParallel:
 
         return wait
 
-    def ring(self, tensors: Sequence[torch.Tensor], visit: Callable[..., None],
-             grads: list[torch.Tensor] | None = None) -> list[torch.Tensor] | None:
+    def ring(self, tensors: Sequence[torch.Tensor], visit: Callable[..., None]) -> None:
         """Call ``visit(owner, owner's tensors)`` once for every rank of the group, starting
-        with this one; the next rank's tensors are in flight while ``visit`` runs.
-
-        With ``grads`` (accumulators for this rank's own tensors, zeros or a sum to add to),
-        ``visit(owner, tensors, acc)`` adds into ``acc`` the gradients for the owner's
-        tensors; ``acc`` is the sum the ranks before have made, received before ``visit``
-        runs, and is handed on after it: this rank's own total is returned. The ring takes
-        the tensors of ``grads`` over (it empties the list), so that a buffer handed on
-        is freed as soon as its send is done; the caller keeps no other reference. Adding into the
-        received buffer, rather than into zeros added to it later, holds one set of
-        gradient buffers while computing instead of three (new, received, and the last
-        one sent); the price is that the hand-over, a copy over the link, is not hidden
-        behind compute (``wait_seconds`` counts it). The next owner's tensors are posted
-        once the sum handed on is gone, so a rank holds at most three sets at once: the
-        visited tensors, the next ones in flight and one set of sums.
-        """
-        tensors, acc = list(tensors), None if grads is None else grads[:]
-        if grads is not None:
-            grads.clear()
-        travelling = None
+        with this one; the next rank's tensors are in flight while ``visit`` runs."""
+        tensors = list(tensors)
         for step in range(self.size):
-            owner = (self.rank - step) % self.size
-            if travelling is not None:
-                acc, travelling = travelling(), None
             incoming = self._start(tensors) if step + 1 < self.size else None
-            if acc is None:
-                visit(owner, tensors)
-            else:
-                visit(owner, tensors, acc)
-            # The last visit's tensors go before its gradients are handed on.
+            visit((self.rank - step) % self.size, tensors)
             tensors = incoming() if incoming is not None else None
-            if acc is not None:
-                travelling, acc = self._start(acc), None
-        return travelling() if travelling is not None else None
+
+    def ring_backward(self, tensors: Sequence[torch.Tensor], visit: Callable[..., None],
+                      dtype: torch.dtype, start: Sequence[torch.Tensor] | None = None
+                      ) -> list[torch.Tensor]:
+        """Gradients for every rank's ``tensors``, summed at their owner: ``visit(owner,
+        owner's tensors, acc)`` adds into ``acc`` (shaped like them, in ``dtype``) the
+        gradients for the owner's tensors. Returns this rank's total, plus ``start`` (sums
+        already made for its tensors) where given.
+
+        An owner's sums begin as zeros at the first rank that visits its tensors and travel
+        behind them, each rank adding into the received sum: one set of sums held while
+        computing, not three (new, received, and the last one sent); the price is that a
+        hand-over, a copy over the link, is not hidden behind compute (``wait_seconds``
+        counts it). This rank's own tensors are visited last, into the sum the others
+        handed home, so a sum makes CP − 1 hops, not a round trip of CP from its owner; the
+        first exchange then has nothing to overlap. The next owner's tensors are posted once
+        the sum handed on is gone, so a rank holds at most three sets at once: the visited
+        tensors, the next ones in flight and one set of sums.
+        """
+        own = list(tensors)
+        visited = self._start(own)() if self.size > 1 else None
+        travelling = None
+        for step in range(1, self.size):
+            acc = travelling() if travelling is not None else [
+                torch.zeros(t.shape, dtype=dtype, device=t.device) for t in visited]
+            incoming = self._start(visited) if step + 1 < self.size else None
+            visit((self.rank - step) % self.size, visited, acc)
+            # The visited tensors go (their send done) before the sums are handed on.
+            visited = incoming() if incoming is not None else None
+            travelling, acc = self._start(acc), None
+        total = travelling() if travelling is not None else [
+            torch.zeros(t.shape, dtype=dtype, device=t.device) for t in own]
+        visit(self.rank, own, total)
+        for t, s in zip(total, start or ()):
+            t += s
+        return total
 
 
 def expanded(acc: list[torch.Tensor], heads: int) -> list[torch.Tensor]:

@@ -187,8 +187,7 @@ class _RingAttention(torch.autograd.Function):
                             _accumulate(d_bias, wanted, block, d_logits.sum(0))
             fold_expanded(acc, grads)
 
-        dk, dv = cp.ring([k, v], visit, [torch.zeros(t.shape, dtype=work, device=t.device)
-                                         for t in (k, v)])
+        dk, dv = cp.ring_backward([k, v], visit, work)
         return (dq.to(dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None,
                 *(None if g is None else g.to(t.dtype) for g, t in zip(d_bias, bias_tensors)))
 

@@ -169,8 +169,7 @@ class _StickBreakingContextParallel(torch.autograd.Function):
                         blocks=blocks, used=used[part_key(pair, part, li[0])])
             fold_expanded(acc, grads)
 
-        dk, dv = cp.ring([k, v], pair_pass, [torch.zeros(t.shape, dtype=work, device=t.device)
-                                             for t in (k, v)])
+        dk, dv = cp.ring_backward([k, v], pair_pass, work)
         # The remainder's own value: d v_i += (1 − Σ_j A_ij) dO_i.
         dv = dv + reduce_kv_heads((1 - mass)[..., None] * d_out, kv_heads)
         return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None, None, None
