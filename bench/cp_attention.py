@@ -19,7 +19,9 @@ on two cores each took 10-15 % more CPU than one alone; two did not). So where r
 outnumber cores, the same number of processes also run the CP = 1 op on the whole sequence
 together, and ``same load`` is summed CPU over that op's CPU under the same load: the
 exchange and the extra work of the split, without the machine's oversubscription (where
-ranks have a core each it is ``x CP1``). ``wait %``: per rank, the time inside
+ranks have a core each it is ``x CP1``). The control's processes never wait, where CP's
+ranks wait a few per cent of the time, so it may feel the time-slicing more: ``same load``
+is a lower bound on CP's own overhead, ``x CP1`` an upper one. ``wait %``: per rank, the time inside
 the ring's ``req.wait()`` over its wall time, the largest of the ranks. Memory is the peak
 growth during one fwd+bwd above the inputs (CPU: VmHWM with glibc returning large blocks at
 free, measured in a separate launch because that setting slows allocation; GPU:
@@ -266,7 +268,7 @@ def timings(world: int, args, inputs: str, gpu: bool) -> dict:
              "band": sum(r["band"] for r in ranks), "gates": sum(r["gates"] for r in ranks),
              "peak": max(max(rep["peak_mb"] for rep in r["reps"]) for r in ranks),
              "same_load": []}
-    if not gpu and world > (os.cpu_count() or 1):
+    if not gpu and world > len(os.sched_getaffinity(0)):
         control = launch(world, args, inputs, control=True)
         found["same_load"] = [statistics.mean(r["reps"][i]["cpu_s"] for r in control)
                               for i in reps]

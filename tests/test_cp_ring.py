@@ -53,8 +53,8 @@ def _ring_worker(rank: int, world: int, store: str) -> None:
     def visit(owner: int, tensors: list[torch.Tensor], acc=None) -> None:
         assert [int(t[0]) for t in tensors] == [owner, owner]
         if acc is not None:
-            for a in acc:
-                a += rank + 1  # in place: the visit itself allocates nothing
+            for a in acc:  # in place: the visit itself allocates nothing
+                a += (rank + 1) * (owner + 1)  # who added what for whom, in the total
 
     with LiveStorages() as forward:
         cp.ring(mine, visit)
@@ -77,11 +77,13 @@ def _ring_worker(rank: int, world: int, store: str) -> None:
     # The owner visits its own tensors last, into the sum the others handed home: its
     # tensors and its sums each make CP − 1 hops, not a round trip.
     assert sum(sent) == 2 * (world - 1) * one_set, sum(sent) / one_set
+    # Every rank's part for this rank's tensors, once each, and nothing for another's.
+    want = (rank + 1) * world * (world + 1) / 2
     for t in total:
-        assert torch.equal(t, torch.full((SIZE,), world * (world + 1) / 2))
+        assert torch.equal(t, torch.full((SIZE,), want))
     start = [torch.full((SIZE,), 0.5) for _ in range(2)]
     for t in cp.ring_backward(mine, visit, torch.float32, start=start):
-        assert torch.equal(t, torch.full((SIZE,), world * (world + 1) / 2 + 0.5))
+        assert torch.equal(t, torch.full((SIZE,), want + 0.5))
     dist.destroy_process_group()
 
 

@@ -338,7 +338,9 @@ class _CoPEContextParallel(torch.autograd.Function):
                 if owner != cp.rank:  # the rank's own keys' terms are in already
                     correction_pass(owner, kv, acc)
 
-            # The B terms of the other ranks' rows come home and add to the dK so far.
+            # The B terms of the other ranks' rows come home and add to the dK so far,
+            # which waits at home beside the sum travelling round: one K-sized buffer more
+            # than a ring that sent dK itself, below the pair ring's peak of K, V sets.
             kv_grads = cp.ring_backward([k], remote_pass, work, start=kv_grads)
 
         (dk,) = kv_grads
