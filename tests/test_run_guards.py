@@ -105,8 +105,11 @@ def test_a_second_ctrl_c_exits_at_once_saying_what_is_lost(prepared, tmp_path):
     proc = fork(train_slow_after_ctrl_c, args, log=log)
     wait_for_steps(proc, run, 3)
     os.kill(proc.pid, signal.SIGINT)
-    deadline = time.time() + 60  # the first is being handled: the run saves after its step
-    while "Ctrl-C: saving a checkpoint after this step" not in log.read_text():
+    # The first is being handled: the run saves after its step. The second is sent once
+    # that save has begun, so steps since the last checkpoint exist (sent any earlier, it
+    # can land in a step that follows an interval checkpoint, when nothing is lost).
+    deadline = time.time() + 60
+    while SAVE_BEGUN not in log.read_text():
         assert time.time() < deadline and proc.is_alive(), log.read_text()[-3000:]
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGINT)
@@ -119,6 +122,9 @@ def test_a_second_ctrl_c_exits_at_once_saying_what_is_lost(prepared, tmp_path):
     assert resumable_tag(run) == ((run / "checkpoints" / "latest").read_text(), None)
 
 
+SAVE_BEGUN = "[test] the stop's checkpoint save has begun"
+
+
 def train_slow_after_ctrl_c(args: list[str]) -> int:
     """``cope-megatron train ARGS`` (on a forked process) whose save, once a stop signal is
     recorded, takes up to a minute, as a large model's does: the second Ctrl-C lands in
@@ -129,6 +135,8 @@ def train_slow_after_ctrl_c(args: list[str]) -> int:
     save = trainer_module.Trainer.save
 
     def slow_save(self) -> str:
+        if self.preemption.received:
+            os.write(2, f"\n{SAVE_BEGUN}\n".encode())
         deadline = time.monotonic() + 60
         while self.preemption.received and time.monotonic() < deadline:
             time.sleep(0.01)
