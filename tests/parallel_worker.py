@@ -111,8 +111,18 @@ def run_variant(overrides: list[str], layout: dict) -> dict:
         engine.step()
         losses.append(mean_over_replicas(loss))
     params = sum(p.numel() for p in engine.module.parameters()) if layout["zero"] < 3 else None
-    parallel_state.destroy_model_parallel()
+    destroy_groups()
     return {"losses": losses, "grads": grads, "init": init, "params_per_rank": params}
+
+
+def destroy_groups() -> None:
+    """Megatron's groups, destroyed before the next variant makes its own:
+    ``destroy_model_parallel`` only forgets them, and a four-rank launch's variants left
+    each rank over 300 gloo groups, each with a loop thread polling."""
+    parallel_state.destroy_model_parallel()
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(group)
 
 
 def main(job: dict) -> None:
