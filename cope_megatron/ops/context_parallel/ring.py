@@ -223,18 +223,20 @@ class ContextParallel:
         tensors, the next ones in flight and one set of sums.
         """
         own = list(tensors)
+
+        def zeros() -> list[torch.Tensor]:  # every rank's tensors are shaped as this one's
+            return [torch.zeros(t.shape, dtype=dtype, device=t.device) for t in own]
+
         visited = self._start(own)() if self.size > 1 else None
         travelling = None
         for step in range(1, self.size):
-            acc = travelling() if travelling is not None else [
-                torch.zeros(t.shape, dtype=dtype, device=t.device) for t in visited]
+            acc = travelling() if travelling is not None else zeros()
             incoming = self._start(visited) if step + 1 < self.size else None
             visit((self.rank - step) % self.size, visited, acc)
             # The visited tensors go (their send done) before the sums are handed on.
             visited = incoming() if incoming is not None else None
             travelling, acc = self._start(acc), None
-        total = travelling() if travelling is not None else [
-            torch.zeros(t.shape, dtype=dtype, device=t.device) for t in own]
+        total = travelling() if travelling is not None else zeros()
         visit(self.rank, own, total)
         for t, s in zip(total, start or ()):
             t += s
