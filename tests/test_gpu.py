@@ -128,12 +128,17 @@ def test_peer_chunked_op_on_cuda_matches_float64_reference(pe):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("pe", ["alibi", "t5", "kerple", "fire"])
-def test_flex_bias_kernels_on_cuda_match_float64_materialized(pe, dtype):
+def test_flex_bias_kernels_on_cuda_match_float64_materialized(pe, dtype, dist_cleanup):
     """``pe.bias_kernel=flex`` (compiled FlexAttention) against the materialized bias in
     float64, forward and the gradients of q, k, v and the PE's parameters (T5's table,
     Kerple's r1 and r2, FIRE's MLP): FlexAttention has no backward on CPU, so this is where
     it runs; TP rank 1 of 2 with GQA, 333 tokens (partial blocks). Each case compiles, so
     the suite runs them with the kernels (``-k kernels``), in parallel processes."""
+    from cope_megatron.distributed.parallel import init_distributed
+
+    # FIRE's replicated MLP enters a TP shape through Megatron's copy-to-region, whose
+    # backward all-reduces over the TP group: a group of one here, as on one GPU.
+    init_distributed(1)
     shape = AttentionShape.of_rank(total_heads=8, total_kv_heads=4, head_dim=64, tp_size=2,
                                    tp_rank=1)
     modules = []

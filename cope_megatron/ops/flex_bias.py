@@ -41,6 +41,10 @@ def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     positions 0..s−1 -> [b, h, s, d]. Gradients reach q, k, v and the bias's tensors."""
     table = bias.distance_table
     if table is not None:
+        # In fp32: the compiled backward scatters a captured tensor's gradient with atomic
+        # adds into a buffer of its dtype (pytorch#137452), and one entry of a T5 table
+        # sums the gradients of hundreds of scores, too many for bf16.
+        table = table.float()
         def score_mod(score, b, h, q_idx, kv_idx):
             # Entries above the diagonal are masked by the block mask, but partial blocks
             # still evaluate them: clamp so their (discarded) index stays in range.
