@@ -7,19 +7,26 @@ against a measured forward, per PE: the memory a forward leaves for its backward
 On CUDA the model runs in bf16 (``train.precision=bf16`` is added) and the measure is the
 allocator's growth over the forward, as in tests/test_gpu.py; on the CPU, which has no
 allocator count, it is the distinct storages autograd saves (``saved_for_backward``, as in
-tests/test_estimate.py), reported on CUDA too. Prints a table and, last, one JSON line.
+tests/test_estimate.py), reported on CUDA too. Prints a table and, last, one JSON line;
+each row also goes to stderr as it finishes, a PE that fails is a row saying why, and a
+SIGTERM (a time limit) ends the run with the rows it has.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 
 from cope_megatron.config import Layout, load_config
 from cope_megatron.estimate.memory import activation_bytes, saved_for_backward
 from cope_megatron.pe import get_pe
+
+sys.path.insert(0, os.path.dirname(__file__))
+from stopping import Stopped, stop_on_sigterm  # noqa: E402
 
 MIB = 2**20
 WITHIN = 0.2
@@ -62,20 +69,34 @@ def main() -> None:
     args = parser.parse_args()
     device = init_distributed(1).device
     sources = [*args.configs, *(["train.precision=bf16"] if device.type == "cuda" else [])]
-    rows = []
-    for pe in args.pes:
-        rows.append(measure([*sources, f"model.pe={pe}"], device))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    rows, stopped = [], False
+    stop_on_sigterm()
+    try:
+        for pe in args.pes:
+            try:
+                rows.append(measure([*sources, f"model.pe={pe}"], device))
+            except Exception as e:  # a PE that fails is a row saying why
+                rows.append({"pe": pe, "error": f"{type(e).__name__}: {e}"[:200]})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except Stopped:
+        stopped = True
+        rows += [{"pe": pe, "error": "not run: stopped (time limit)"}
+                 for pe in args.pes[len(rows):]]
     measure_name = "allocator" if device.type == "cuda" else "autograd's saved tensors"
     print(f"device={device} configs={' '.join(sources)}; measured: {measure_name}")
     print(f"{'pe':>8} {'estimate MiB':>13} {'allocated MiB':>14} {'saved MiB':>10} "
           f"{'est/meas':>9} {'within 20%':>11}")
     for r in rows:
+        if "error" in r:
+            print(f"{r['pe']:>8} failed: {r['error']}")
+            continue
         allocated = "n/a" if r["allocated_mib"] is None else f"{r['allocated_mib']:.1f}"
         print(f"{r['pe']:>8} {r['estimated_mib']:13.1f} {allocated:>14} {r['saved_mib']:10.1f} "
               f"{r['estimated_vs_measured']:9.2f} {str(r['within']):>11}")
     print(json.dumps({"device": str(device), "configs": sources, "rows": rows}))
+    sys.exit(1 if stopped or any("error" in r for r in rows) else 0)
 
 
 if __name__ == "__main__":

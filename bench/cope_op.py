@@ -8,8 +8,10 @@ Impls: the CoPE op's (``chunked``, ``reference``, ``triton``), and the bias PEs 
 and ``t5`` as their own attention modules run them in training today (SDPA with the
 [heads, s, s] bias as its mask, which takes it off the flash backend), and ``alibi_flex``,
 ``t5_flex`` the same modules on ``pe.bias_kernel=flex`` (compiled FlexAttention on CUDA).
-A case that runs out of device memory, or has no backward on the device (FlexAttention on
-CPU), is a row saying so.
+A case that fails (out of device memory, no backward on the device as FlexAttention on
+CPU, a kernel that does not compile) is a row saying why, and the others go on. Each
+length's rows also go to stderr as they finish, and a SIGTERM (``bench/gpu_suite.sh``'s
+stage budget) ends the run with the table of what finished.
 
 Gate regimes: ``dense`` draws q, k at random (gates ≈ 0.5, rows saturate npos within a few
 hundred keys); ``sparse`` adds a shared direction with opposite signs to q and k, which
@@ -48,6 +50,9 @@ from cope_megatron.ops import cope_attention
 from cope_megatron.pe import get_pe
 from cope_megatron.pe.base import AttentionShape
 from cope_megatron.training.metrics import proc_status_kb
+
+sys.path.insert(0, os.path.dirname(__file__))
+from stopping import Stopped, stop_on_sigterm  # noqa: E402
 
 
 def measure(fn, device: torch.device) -> tuple[float, float]:
@@ -147,35 +152,67 @@ def add_shape_args(parser: argparse.ArgumentParser, *, heads: int, head_dim: int
     parser.add_argument("--npos", type=int, default=64)
 
 
-def run_cases(args, device, reps: int):
-    """{(gates, seq, impl): [seconds]}, {(gates, seq, impl): [peak MB]} over interleaved
-    rounds, and {(gates, seq, impl): error} of the cases that ran out of memory."""
-    times, mems, errors = {}, {}, {}
+def case_error(e: Exception, device: torch.device) -> str:
+    """A failed case's row text: out of memory, no backward on the device (FlexAttention on
+    CPU), or the exception's first line (a compile or launch failure on a GPU)."""
+    if isinstance(e, torch.OutOfMemoryError):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return "out of memory"
+    if isinstance(e, NotImplementedError):
+        return f"no backward on {device.type}"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+def run_cases(args, device, reps: int, found: dict, on_group=None) -> None:
+    """Fills ``found``'s "times" and "mems" ({(gates, seq, impl): [seconds or peak MB]},
+    over interleaved rounds after a warm-up one) and "errors" ({(gates, seq, impl): text}):
+    a case that fails is a row saying why, the others go on. ``on_group(gates, seq)``
+    follows each length, so that rows reach the output as they finish."""
+    times, mems, errors = found["times"], found["mems"], found["errors"]
     for gates in args.gates:
         for seq in args.seqs:
             impls = ["sdpa"] + [i for i in args.impls
                                 if i != "reference" or seq <= args.max_reference_seq]
-            inputs = case_inputs(seq, gates, args)
-            cases = {impl: make_case(impl, seq, gates, args, device, inputs) for impl in impls}
-            for impl, fn in list(cases.items()):  # warm-up (compilation, allocator)
+            try:
+                inputs = case_inputs(seq, gates, args)
+            except Exception as e:  # every impl's row says why
+                errors.update({(gates, seq, impl): case_error(e, device) for impl in impls})
+                continue
+            cases = {}
+            for impl in impls:
                 try:
-                    fn()
-                except torch.OutOfMemoryError:
-                    errors[gates, seq, impl] = "out of memory"
-                    del cases[impl]
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                except NotImplementedError:
-                    errors[gates, seq, impl] = f"no backward on {device.type}"
-                    del cases[impl]
-            for _ in range(reps):
-                for impl, fn in cases.items():
-                    t, m = measure(fn, device)
-                    times.setdefault((gates, seq, impl), []).append(t)
-                    mems.setdefault((gates, seq, impl), []).append(m)
-    if args.memory_only:
-        return times, [[json.dumps(list(k)), v] for k, v in mems.items()], errors
-    return times, mems, errors
+                    cases[impl] = make_case(impl, seq, gates, args, device, inputs)
+                except Exception as e:
+                    errors[gates, seq, impl] = case_error(e, device)
+            for rep in range(reps + 1):  # round 0 warms up: compilation, the allocator
+                for impl, fn in list(cases.items()):
+                    try:
+                        t, m = measure(fn, device)
+                    except Exception as e:
+                        errors[gates, seq, impl] = case_error(e, device)
+                        del cases[impl]
+                        continue
+                    if rep:
+                        times.setdefault((gates, seq, impl), []).append(t)
+                        mems.setdefault((gates, seq, impl), []).append(m)
+            if on_group is not None:
+                on_group(gates, seq)
+
+
+def result_rows(found: dict) -> list[dict]:
+    """One row per case: its median time, ratio to SDPA's and peak memory, or its error."""
+    times, mems = found["times"], found["mems"]
+    rows = [{"gates": g, "seq": s, "impl": i, "error": e}
+            for (g, s, i), e in found["errors"].items()]
+    for gates, seq, impl in times:
+        t = statistics.median(times[gates, seq, impl])
+        base = times.get((gates, seq, "sdpa"))
+        rows.append({"gates": gates, "seq": seq, "impl": impl, "fwd_bwd_s": round(t, 5),
+                     "vs_sdpa": round(t / statistics.median(base), 2) if base else None,
+                     "peak_mb": round(max(mems[gates, seq, impl]), 1)})
+    return rows
 
 
 def main() -> None:
@@ -195,25 +232,35 @@ def main() -> None:
     if "trained" in args.gates and not args.run:
         parser.error("--gates trained needs --run RUN_DIR (a trained CoPE run)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    found = {"times": {}, "mems": {}, "errors": {}}
     if args.memory_only:
-        print(json.dumps(run_cases(args, device, reps=1)[1]))
+        run_cases(args, device, 1, found)
+        print(json.dumps([[json.dumps(list(k)), v] for k, v in found["mems"].items()]))
         return
-    times, mems, errors = run_cases(args, device, args.reps)
-    if device.type == "cpu":
+
+    def on_group(gates: str, seq: int) -> None:  # each length's rows as it finishes
+        for row in result_rows(found):
+            if (row["gates"], row["seq"]) == (gates, seq):
+                print(json.dumps(row), file=sys.stderr, flush=True)
+
+    stopped = False
+    stop_on_sigterm()
+    try:
+        run_cases(args, device, args.reps, found, on_group)
+    except Stopped:
+        stopped = True
+    if device.type == "cpu" and not stopped:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         child = subprocess.run([sys.executable, *sys.argv, "--memory-only"], env=env,
                                capture_output=True, text=True, check=True)
-        mems = {tuple(json.loads(k)): v for k, v in json.loads(child.stdout.splitlines()[-1])}
-    rows = [{"gates": g, "seq": s, "impl": i, "error": e} for (g, s, i), e in errors.items()]
-    for gates, seq, impl in times:
-        t = statistics.median(times[gates, seq, impl])
-        base = statistics.median(times[gates, seq, "sdpa"])
-        rows.append({"gates": gates, "seq": seq, "impl": impl, "fwd_bwd_s": round(t, 5),
-                     "vs_sdpa": round(t / base, 2),
-                     "peak_mb": round(max(mems[gates, seq, impl]), 1)})
+        found["mems"] = {tuple(json.loads(k)): v
+                         for k, v in json.loads(child.stdout.splitlines()[-1])}
+    rows = result_rows(found)
     print(f"device={device} threads={torch.get_num_threads()} dtype={args.dtype} "
           f"heads={args.heads} head_dim={args.head_dim} npos={args.npos} reps={args.reps}"
-          + (f" (trained: {args.run} layer {args.layer}, in its own shape)" if args.run else ""))
+          + (f" (trained: {args.run} layer {args.layer}, in its own shape)" if args.run else "")
+          + (" -- stopped at the time limit: the cases not listed did not run"
+             if stopped else ""))
     print(f"{'gates':>6} {'seq':>6} {'impl':>10} {'fwd+bwd s':>10} {'x SDPA':>7} "
           f"{'peak MB':>9}")
     order = ["sdpa", *args.impls]
@@ -222,9 +269,11 @@ def main() -> None:
         if "error" in r:
             print(f"{r['gates']:>6} {r['seq']:>6} {r['impl']:>10} {r['error']}")
             continue
+        ratio = f"{r['vs_sdpa']:>7.2f}" if r["vs_sdpa"] is not None else f"{'n/a':>7}"
         print(f"{r['gates']:>6} {r['seq']:>6} {r['impl']:>10} {r['fwd_bwd_s']:>10.5f} "
-              f"{r['vs_sdpa']:>7.2f} {r['peak_mb']:>9.1f}")
-    print(json.dumps({"device": str(device), "rows": rows}))
+              f"{ratio} {r['peak_mb']:>9.1f}")
+    print(json.dumps({"device": str(device), "rows": rows, "stopped": stopped}))
+    sys.exit(1 if stopped else 0)
 
 
 if __name__ == "__main__":

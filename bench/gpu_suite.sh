@@ -5,19 +5,22 @@
 #   bash bench/gpu_suite.sh                    # on the GPU machine
 #   GPU_SUITE_DRY=1 bash bench/gpu_suite.sh    # anywhere: every stage at CPU size, no install
 #
-# Stages, each under its own budget (seconds on one H100; with the install, under 9 min):
-#   install  the carried wheels into /tmp/site (GPU_SUITE_SITE)                      60
-#   a tests  pytest -m gpu: the kernels first (Triton, the chunked ops, FlexAttention's
-#            bias kernels; in 4 processes where xdist is), then the rest; failures
-#            go on                                                                  200
-#   b op     bench/cope_op.py at 2k/8k/32k, bf16, 16 heads x 128: SDPA flash,
-#            Triton CoPE dense and sparse, the chunked op, ALiBi and T5 (materialized
-#            bias and FlexAttention)                                                90
-#   c train  bench/train_throughput.py, 125M and 1.3B: RoPE, ALiBi (materialized and
-#            flex), CoPE (Triton, chunked), RoPE with fusions on: tokens/s, MFU,
-#            peak memory                                                             160
+# Stages, each under its own budget (seconds on one H100; 490 in all, so that the machine's
+# start, this call and one stage again fit in the session's 15 minutes):
+#   install  the carried wheels into /tmp/site (GPU_SUITE_SITE)                      30
+#   a tests  pytest -m gpu: the kernel tests (Triton, the chunked ops, FlexAttention's
+#            bias kernels) in 6 processes where xdist is, the training tests beside
+#            them in 3; failures go on                                              140
+#   b op     bench/cope_op.py at 2k/8k/32k, bf16, 16 heads x 128, each call against
+#            SDPA flash: Triton CoPE dense and sparse, then the chunked op (CUDA's
+#            default), then ALiBi and T5 (FlexAttention, materialized bias)         130
+#   c train  bench/train_throughput.py, 125M and 1.3B: RoPE, CoPE (chunked, Triton),
+#            ALiBi (flex, materialized), RoPE with fusions on: tokens/s, MFU, peak
+#            memory                                                                  150
 #   d memory bench/activation_memory.py: the 125M activation estimate against the
-#            allocator                                                               30
+#            allocator                                                                40
+# Each stage runs its most wanted cases first, and every benchmark prints its rows as
+# they finish and its table of what finished when its time runs out, so a cut keeps them.
 # A stage over its budget is cut ("cut"), one that exits non-zero "failed"; either way the
 # next stage runs. After every stage gpu_suite.json is rewritten, so what finished is kept
 # even if the device's own limit ends the call.
@@ -63,30 +66,40 @@ else
   OP_ARGS=(--seqs 2048 8192 32768 --heads 16 --head-dim 128 --npos 64 --dtype bfloat16 --reps 5)
   MODELS=("configs/model/125m.yaml train.micro_batch_size=8"
           "configs/model/1.3b.yaml train.micro_batch_size=4")
-  TRAIN_ARGS=(--steps 10 --warmup 3)
-  TRAIN_VARIANTS=(rope alibi alibi:pe.bias_kernel=flex cope:pe.cope.impl=triton
-                  cope:pe.cope.impl=chunked)
+  TRAIN_ARGS=(--steps 6 --warmup 2)
+  # The most wanted first: a cut model keeps the rows it finished.
+  TRAIN_VARIANTS=(rope cope:pe.cope.impl=chunked cope:pe.cope.impl=triton
+                  alibi:pe.bias_kernel=flex alibi)
   MEMORY_MODEL=(configs/model/125m.yaml train.micro_batch_size=2)
 fi
 
 stage_tests() {
   # -v names each test as it starts: one that never ends is where a crash (or the cut) hit.
-  local rc=0 parallel=() common=(tests/test_gpu.py -m gpu -o addopts= -v -rfE -p no:cacheprovider)
+  local rc=0 kernels=() training=() pid
+  local common=(tests/test_gpu.py -m gpu -o addopts= -v -rfE -p no:cacheprovider)
   # Each kernel test compiles its own variants (10-30 s of CPU apiece): xdist's processes
-  # overlap the compiles, and one that crashes is replaced while the others go on.
-  "$PY" -c "import xdist" 2>/dev/null && parallel=(-n 4)
-  "$PY" -m pytest "${common[@]}" "${parallel[@]}" -k "kernels or chunked_op" || rc=$?
-  "$PY" -m pytest "${common[@]}" --durations=10 -k "not (kernels or chunked_op)" || rc=$?
+  # overlap the compiles, and one that crashes is replaced while the others go on. The
+  # training tests run beside them into a file of their own (two runs' lines would
+  # interleave), appended once both are done; the activation test is stage d's measure.
+  "$PY" -c "import xdist" 2>/dev/null && kernels=(-n 6) && training=(-n 3)
+  "$PY" -m pytest "${common[@]}" "${training[@]}" --durations=10 \
+    -k "not (kernels or chunked_op or activation_estimate)" >"$OUT/gpu_tests_training.txt" 2>&1 &
+  pid=$!
+  "$PY" -m pytest "${common[@]}" "${kernels[@]}" -k "kernels or chunked_op" || rc=$?
+  wait "$pid" || rc=$?
+  cat "$OUT/gpu_tests_training.txt" && rm "$OUT/gpu_tests_training.txt"
   return "$rc"
 }
 
 stage_op() {
   local rc=0
-  # The Triton kernels first (the figures issue 14 waits on), each call against its own SDPA.
+  # One call per kind, the most wanted first (the figures issue 14 waits on, then the
+  # path CoPE takes on CUDA by default), each against its own SDPA.
   "$PY" bench/cope_op.py "${OP_ARGS[@]}" --gates dense sparse --impls triton || rc=$?
+  "$PY" bench/cope_op.py "${OP_ARGS[@]}" --gates dense --impls chunked || rc=$?
   # shellcheck disable=SC2086  # BIAS_KERNEL_IMPLS is a list of names
-  "$PY" bench/cope_op.py "${OP_ARGS[@]}" --gates dense \
-    --impls chunked alibi t5 $BIAS_KERNEL_IMPLS || rc=$?
+  "$PY" bench/cope_op.py "${OP_ARGS[@]}" --gates dense --impls $BIAS_KERNEL_IMPLS alibi t5 \
+    || rc=$?
   return "$rc"
 }
 
@@ -164,7 +177,7 @@ run_stage() {
 }
 
 "$PY" bench/gpu_suite_report.py probe >"$SCRATCH/env.json"  # torch and Triton are there
-run_stage install install 60 "" ""
+run_stage install install 30 "" ""
 if [ "$DRY" != 1 ]; then
   export PYTHONPATH=$SITE:$PWD
 else
@@ -176,8 +189,8 @@ bias_missing=""
 fused_missing=""
 [ -z "$FUSED_VARIANTS" ] && fused_missing="fusions on"
 
-run_stage a tests 200 gpu_tests.txt ""
-run_stage b op 90 results_cope_op_gpu.txt "$bias_missing"
-run_stage c train 160 results_train_throughput_gpu.txt "$fused_missing"
-run_stage d memory 30 results_activation_memory_gpu.txt ""
+run_stage a tests 140 gpu_tests.txt ""
+run_stage b op 130 results_cope_op_gpu.txt "$bias_missing"
+run_stage c train 150 results_train_throughput_gpu.txt "$fused_missing"
+run_stage d memory 40 results_activation_memory_gpu.txt ""
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
+import os
 import subprocess
 import sys
 import time
@@ -30,6 +30,9 @@ import torch
 
 from cope_megatron.pe import get_pe
 from cope_megatron.training.metrics import peak_memory_gib
+
+sys.path.insert(0, os.path.dirname(__file__))
+from stopping import Stopped, stop_on_sigterm  # noqa: E402
 
 
 def split_variant(spec: str) -> tuple[str, list[str]]:
@@ -83,15 +86,6 @@ def measure_one(sources: list[str], steps: int, warmup: int, peak_override: floa
                          devices=1, peak=peak)}
 
 
-class Stopped(Exception):
-    """SIGTERM: time is up."""
-
-
-def stop(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group's TERM may come twice
-    raise Stopped
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("configs", nargs="+", help="config files, then key=value overrides")
@@ -110,7 +104,7 @@ def main() -> None:
         print(json.dumps({**result, "pe": args.one}))
         return
     rows = []
-    signal.signal(signal.SIGTERM, stop)
+    stop_on_sigterm()
     try:
         for pe in args.pes:
             cmd = [sys.executable, __file__, *args.configs, "--one", pe, "--steps",

@@ -17,6 +17,8 @@ outputs carry bf16 rounding (2⁻⁸ ≈ 4e-3 per element), held to 2e-2.
 """
 
 import math
+import os
+import sys
 
 import pytest
 import torch
@@ -34,6 +36,20 @@ pytestmark = [
 ]
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def cuda_context_intact():
+    """A CUDA error such as an illegal memory access in a kernel is sticky: every later
+    test in the process would fail with it, misleadingly. So after each test the device's
+    work is awaited, and on an error the process ends; xdist reports the test as the one
+    its worker crashed in and starts a fresh worker for the rest."""
+    yield
+    try:
+        torch.cuda.synchronize()
+    except RuntimeError as e:  # torch's AcceleratorError is a RuntimeError
+        print(f"CUDA error, ending this test process: {e}", file=sys.stderr, flush=True)
+        os._exit(3)
 
 KERNEL_CASES = {
     # b, h, kv heads, seq, head_dim, npos, npos_max, shared table, causal
