@@ -82,6 +82,9 @@ stage_tests() {
   # training tests run beside them into a file of their own (two runs' lines would
   # interleave), appended once both are done; the activation test is stage d's measure.
   "$PY" -c "import xdist" 2>/dev/null && kernels=(-n 6) && training=(-n 3)
+  # Inductor's compile pool is as large as the core count in every process: 9 of them
+  # would start over a hundred compile workers on 16 cores.
+  export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-2}
   "$PY" -m pytest "${common[@]}" "${training[@]}" --durations=10 \
     -k "not (kernels or chunked_op or activation_estimate)" >"$OUT/gpu_tests_training.txt" 2>&1 &
   pid=$!

@@ -15,7 +15,11 @@ if not torch.cuda.is_available():
     # Triton kernels run on the CPU only in its interpreter; read when kernels are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-start_fork_server()  # after the environment above, which its processes inherit
+if not torch.cuda.is_available():
+    # After the environment above, which its processes inherit. Not on a GPU machine:
+    # there only tests/test_gpu.py runs, which forks nothing, and the server's preloading
+    # (seconds of CPU in every pytest process) would compete with the kernels' compiles.
+    start_fork_server()
 
 
 @pytest.fixture(scope="session")
