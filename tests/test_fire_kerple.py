@@ -14,7 +14,7 @@ import torch
 from cope_megatron.config import ConfigError, PEConfig, load_config
 from cope_megatron.pe import get_pe
 from cope_megatron.pe.base import AttentionShape
-from cope_megatron.pe.fire import fire_bias, fire_input
+from cope_megatron.pe.fire import fire_bias, fire_input, fire_score
 from cope_megatron.pe.kerple import FLOOR, kerple_bias
 
 # TP rank 1 of 2: heads 3..5 of 6, so per-head parameters must be read by global head.
@@ -128,6 +128,27 @@ def test_fire_gradients():
     module.position_bias(9, torch.device("cpu")).block(pos, pos).tril().sum().backward()
     for n in names:
         assert getattr(module, n).grad.abs().sum() > 0, n
+
+
+def test_fire_score_is_fire_bias_at_one_pair_and_head():
+    """The form FlexAttention's score_mod evaluates, the MLP unrolled per hidden unit, is
+    ``fire_bias``, gradients in every tensor included, pair by pair and head by head on
+    both sides of the threshold; a TP rank's heads are read by local index, as
+    FlexAttention's head index is."""
+    module = build("fire", RANK1, fire={"threshold_init": 4.5, "c_init": 0.3, "mlp_width": 5})
+    bias = module.position_bias(9, torch.device("cpu"))
+    assert bias.at.func is fire_score  # what flex_bias_attention's score_mod reads
+    tensors = [t.detach().requires_grad_() for t in bias.tensors]
+    pos = torch.arange(9)
+    weights = torch.randn(3, 9, 9, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(0)).tril()
+    whole = (fire_bias(pos[:, None], pos[None, :], *tensors, threshold_init=4.5)
+             * weights).sum()
+    pairs = sum(fire_score(pos[i], pos[j], torch.tensor(h), *tensors, threshold_init=4.5)
+                * weights[h, i, j] for h in range(3) for i in range(9) for j in range(i + 1))
+    torch.testing.assert_close(pairs, whole, rtol=1e-12, atol=1e-12)
+    for got, want in zip(torch.autograd.grad(pairs, tensors), torch.autograd.grad(whole, tensors)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("threshold_init", [0.5, 5000.0])

@@ -51,7 +51,7 @@ def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
             return score + table[h, (q_idx - kv_idx).clamp(min=0)]
     else:
         def score_mod(score, b, h, q_idx, kv_idx):
-            return score + bias(q_idx, kv_idx)[h]
+            return score + bias.score(q_idx, kv_idx, h)
 
     attend = _compiled_flex() if q.is_cuda else flex_attention
     return attend(q, k, v, score_mod=score_mod,

@@ -30,9 +30,21 @@ def by_distance(q_pos: torch.Tensor, k_pos: torch.Tensor, table: torch.Tensor) -
 class PositionBias:
     fn: Callable[..., torch.Tensor]
     tensors: tuple[torch.Tensor, ...]
+    at: Callable[..., torch.Tensor] | None = None
+    """``at(q_pos, k_pos, head, *tensors)``: the bias of one head at one pair, for a consumer
+    that evaluates it score by score (FlexAttention's ``score_mod``), written without
+    reductions where ``fn`` has one: compiled FlexAttention cannot lower a reduction there
+    (pytorch#148107, #139836). None: ``fn``'s heads indexed, which is all pointwise."""
 
     def __call__(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return self.fn(q_pos, k_pos, *self.tensors)
+
+    def score(self, q_pos: torch.Tensor, k_pos: torch.Tensor, head: torch.Tensor
+              ) -> torch.Tensor:
+        """The bias of head ``head`` at one (query, key) pair (``at``)."""
+        if self.at is not None:
+            return self.at(q_pos, k_pos, head, *self.tensors)
+        return self(q_pos, k_pos)[head]
 
     def block(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """[heads, len(rows), len(cols)]: query positions ``rows`` against keys ``cols``."""

@@ -69,6 +69,23 @@ def fire_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, c: torch.Tensor,
     return (hidden @ w2.T + b2).movedim(-1, 0)
 
 
+def fire_score(q_pos: torch.Tensor, k_pos: torch.Tensor, head: torch.Tensor, c: torch.Tensor,
+               threshold_scale: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor,
+               out_weight: torch.Tensor, out_bias: torch.Tensor, *,
+               threshold_init: float) -> torch.Tensor:
+    """``fire_bias`` of one head at one (query, key) pair, for FlexAttention's score_mod:
+    the output layer's product unrolled into one term per hidden unit, since compiled
+    FlexAttention cannot lower a reduction inside a score_mod."""
+    dtype = torch.promote_types(in_weight.dtype, torch.float32)
+    c, scale, w1, b1, w2, b2 = (t.to(dtype) for t in (
+        c, threshold_scale, in_weight, in_bias, out_weight, out_bias))
+    x = fire_input(q_pos, k_pos, c[0], (scale[0] * threshold_init).abs())
+    total = b2[head]
+    for unit in range(w1.shape[0]):
+        total = total + torch.relu(x * w1[unit] + b1[unit]) * w2[head, unit]
+    return total
+
+
 class FireAttention(CausalAttention):
     def __init__(self, shape: AttentionShape, options: PEConfig) -> None:
         super().__init__(shape, options)
@@ -92,7 +109,8 @@ class FireAttention(CausalAttention):
         if self.tp_size > 1 and torch.is_grad_enabled():
             replicated = [copy_to_tensor_model_parallel_region(p) for p in replicated]
         return PositionBias(functools.partial(fire_bias, threshold_init=self.threshold_init),
-                            (*replicated, self.mlp_out_weight, self.mlp_out_bias))
+                            (*replicated, self.mlp_out_weight, self.mlp_out_bias),
+                            at=functools.partial(fire_score, threshold_init=self.threshold_init))
 
 
 def _uniform(*size: int, bound: float) -> torch.Tensor:
