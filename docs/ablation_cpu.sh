@@ -6,7 +6,8 @@
 #   docs/ablation_cpu.sh counting  # Counting with 1 variable, reduced, 5 PEs
 #   docs/ablation_cpu.sh selective # Selective Copy, the paper's model, 800 of 100K steps
 #   docs/ablation_cpu.sh report    # tables and plots into docs/results/
-# PES and SEEDS choose the rows, e.g. PES="fox stickbreaking" SEEDS="default 2" for CoPE's peers.
+# PES and SEEDS choose the rows, e.g. PES="cope fox stickbreaking" SEEDS="default 2" for CoPE
+# and its contextual peers with two seeds, which `report` also puts side by side (*_peers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CM=".venv/bin/python -m cope_megatron"
@@ -41,6 +42,10 @@ case "$stage" in
   report)
     $CM report $OUT/flipflop-* --out docs/results/flipflop
     $CM report $OUT/counting-* --out docs/results/counting
-    $CM report $OUT/selective_copy-* --out docs/results/selective_copy ;;
+    $CM report $OUT/selective_copy-* --out docs/results/selective_copy
+    for name in flipflop counting; do  # CoPE and its contextual peers, where they ran
+      peers=$(ls -d "$OUT/$name"-{cope,fox,stickbreaking}{,-s*} 2>/dev/null || true)
+      [ -z "$peers" ] || $CM report $peers --out "docs/results/${name}_peers"
+    done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
