@@ -16,7 +16,8 @@ that the machine's drift over minutes falls on all alike). Where ranks outnumber
 many processes also run the CP = 1 step together, and ``same load`` is CP's summed CPU
 over that step's mean CPU per process: the split's own cost without the machine's
 time-slicing (``bench/cp_attention.py`` says why that is a lower bound, ``x CP1`` an upper
-one). Prints a table and, last, one JSON line.
+one; on a machine that drifts, use ``--rounds``: one round can invert them). Prints a
+table and, last, one JSON line.
 """
 
 from __future__ import annotations

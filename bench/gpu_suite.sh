@@ -25,7 +25,8 @@
 # next stage runs. After every stage gpu_suite.json is rewritten, so what finished is kept
 # even if the device's own limit ends the call.
 #
-# Environment: OUT (default ./gpu_suite_out) receives gpu_tests.txt,
+# Environment: OUT (default ./gpu_suite_out) receives gpu_tests.txt (and, where stage a
+# was cut, gpu_tests_training.txt),
 # results_cope_op_gpu.txt, results_train_throughput_gpu.txt,
 # results_activation_memory_gpu.txt (each stage's table), gpu_suite.log (every stage's
 # stderr) and gpu_suite.json. GPU_SUITE_STAGES="a c" runs only those stages;
@@ -88,6 +89,7 @@ stage_tests() {
   "$PY" -m pytest "${common[@]}" "${training[@]}" --durations=10 \
     -k "not (kernels or chunked_op or activation_estimate)" >"$OUT/gpu_tests_training.txt" 2>&1 &
   pid=$!
+  trap 'wait "$pid"; exit 124' TERM  # cut: the training tests' file stays, and is read too
   "$PY" -m pytest "${common[@]}" "${kernels[@]}" -k "kernels or chunked_op" || rc=$?
   wait "$pid" || rc=$?
   cat "$OUT/gpu_tests_training.txt" && rm "$OUT/gpu_tests_training.txt"
@@ -136,6 +138,10 @@ stage_install() {
 
 # Re-entry: a stage runs in its own process so that `timeout` can end it, children included.
 if [ "${1:-}" = --stage ]; then
+  # The budget's TERM reaches every process of the stage. Trapped, this shell waits for its
+  # benchmark to print what finished before it ends, and `timeout` waits for this shell, so
+  # its --kill-after still holds for a child that does not stop.
+  trap 'exit 124' TERM
   "stage_$2"
   exit
 fi

@@ -26,6 +26,9 @@ TEST_LINE = re.compile(rf"^(tests/\S+::\S+)(?: ({OUTCOMES})\b)?")
 """pytest -v: the test's name when it starts, its outcome after it on the same line."""
 WORKER_LINE = re.compile(rf"^\[gw\d+\] \[\s*\d+%\] ({OUTCOMES}) (tests/\S+::\S+)")
 """pytest -v under xdist: the outcome on a line of its own."""
+TRAINING_TESTS = "gpu_tests_training.txt"
+"""Stage a's training tests, run beside its kernel tests and appended to its table when
+both end; a cut leaves the file."""
 SUMMARY_COUNT = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)")
 
 
@@ -93,9 +96,12 @@ def stage(fields: list[str], out: Path) -> tuple[str, dict]:
     record = {"stage": letter, "status": status, "exit_code": int(rc),
               "elapsed_s": float(elapsed), "budget_s": float(budget), "table": table or None,
               "not_available": [m for m in missing.split(";") if m]}
-    path = out / table if table else None
-    if path is not None and path.is_file():
-        text = path.read_text(errors="replace")
+    paths = [out / table] if table else []
+    if name == "tests":  # the training tests' own file, left where the stage was cut
+        paths.append(out / TRAINING_TESTS)
+    texts = [p.read_text(errors="replace") for p in paths if p.is_file()]
+    if texts:
+        text = "\n".join(texts)
         record["results"] = pytest_outcomes(text) if name == "tests" else json_lines(text)
     return name, record
 

@@ -11,14 +11,14 @@ import torch
 from tests.helpers import small_data, start_fork_server, write_corpus
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
 if not torch.cuda.is_available():
     # Triton kernels run on the CPU only in its interpreter; read when kernels are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("WANDB_MODE", "disabled")
-if not torch.cuda.is_available():
-    # After the environment above, which its processes inherit. Not on a GPU machine:
-    # there only tests/test_gpu.py runs, which forks nothing, and the server's preloading
-    # (seconds of CPU in every pytest process) would compete with the kernels' compiles.
+    # After the environment above, which its processes inherit. Not on a GPU machine: there
+    # only tests/test_gpu.py runs, whose few processes (the two-GPU test's ranks, data
+    # loader workers) start the server when they need it, and preloading it in every
+    # pytest process (seconds of CPU each) would compete with the kernels' compiles.
     start_fork_server()
 
 

@@ -43,11 +43,14 @@ def cuda_context_intact():
     """A CUDA error such as an illegal memory access in a kernel is sticky: every later
     test in the process would fail with it, misleadingly. So after each test the device's
     work is awaited, and on an error the process ends; xdist reports the test as the one
-    its worker crashed in and starts a fresh worker for the rest."""
+    its worker crashed in and starts a fresh worker for the rest; without xdist the
+    session ends there, with its summary."""
     yield
     try:
         torch.cuda.synchronize()
     except RuntimeError as e:  # torch's AcceleratorError is a RuntimeError
+        if "PYTEST_XDIST_WORKER" not in os.environ:
+            pytest.exit(f"CUDA error, the device context is lost: {e}", returncode=3)
         print(f"CUDA error, ending this test process: {e}", file=sys.stderr, flush=True)
         os._exit(3)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.gpu_suite_report import pytest_outcomes
+from bench.gpu_suite_report import TRAINING_TESTS, pytest_outcomes
+from bench.gpu_suite_report import stage as stage_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +89,15 @@ def test_pytest_output_gives_outcomes_failures_and_the_test_a_crash_ended_in():
     assert finished["counts"] == {"failed": 1, "passed": 4, "skipped": 1}
     assert finished["tests"]["tests/test_gpu.py::test_d[x]"] == "passed"
 
+
+
+def test_a_cut_stage_a_reports_the_training_tests_left_in_their_own_file(tmp_path):
+    """Stage a's training tests run beside its kernel tests into a file of their own, which
+    a cut leaves in OUT: the JSON reads both, the unfinished training test included."""
+    (tmp_path / "gpu_tests.txt").write_text(PYTEST_OUTPUT.replace("test_c ", "test_c PASSED"))
+    (tmp_path / TRAINING_TESTS).write_text(XDIST_OUTPUT.split("[gw1]")[0])
+    _, record = stage_record(["a", "tests", "cut", "124", "140.2", "140", "gpu_tests.txt", ""],
+                      tmp_path)
+    got = record["results"]
+    assert got["tests"]["tests/test_gpu.py::test_a[bf16]"] == "failed"
+    assert got["unfinished"] == ["tests/test_gpu.py::test_d[x]", "tests/test_gpu.py::test_e"]

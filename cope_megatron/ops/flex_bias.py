@@ -9,6 +9,7 @@ runs eager and forward only (torch 2.13 has no FlexAttention backward on CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -39,12 +40,13 @@ def flex_bias_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
                         *, softmax_scale: float) -> torch.Tensor:
     """q: [b, h, s, d]; k, v: [b, g, s, d] (g divides h); ``bias`` of this rank's h heads at
     positions 0..s−1 -> [b, h, s, d]. Gradients reach q, k, v and the bias's tensors."""
+    # In at least fp32: the compiled backward scatters a captured tensor's gradient with
+    # atomic adds into a buffer of its dtype (pytorch#137452), and one entry of a T5 table,
+    # or one weight of FIRE's MLP, sums the gradients of hundreds to millions of scores.
+    bias = dataclasses.replace(bias, tensors=tuple(
+        t.to(torch.promote_types(t.dtype, torch.float32)) for t in bias.tensors))
     table = bias.distance_table
     if table is not None:
-        # In fp32: the compiled backward scatters a captured tensor's gradient with atomic
-        # adds into a buffer of its dtype (pytorch#137452), and one entry of a T5 table
-        # sums the gradients of hundreds of scores, too many for bf16.
-        table = table.float()
         def score_mod(score, b, h, q_idx, kv_idx):
             # Entries above the diagonal are masked by the block mask, but partial blocks
             # still evaluate them: clamp so their (discarded) index stays in range.

@@ -54,17 +54,25 @@ def fire_input(q_pos: torch.Tensor, k_pos: torch.Tensor, c: torch.Tensor,
     return torch.log1p(c.abs() * d) / (torch.log1p(c.abs() * torch.maximum(i, threshold)) + EPS)
 
 
+def _mlp_terms(q_pos, k_pos, c, threshold_scale, in_weight, in_bias, out_weight, out_bias,
+               threshold_init: float) -> tuple[torch.Tensor, ...]:
+    """The MLP's input and weights, (x, w1, b1, w2, b2), in at least fp32: bf16 cannot tell
+    positions above 256 apart."""
+    dtype = torch.promote_types(in_weight.dtype, torch.float32)
+    c, scale, w1, b1, w2, b2 = (t.to(dtype) for t in (
+        c, threshold_scale, in_weight, in_bias, out_weight, out_bias))
+    return fire_input(q_pos, k_pos, c[0], (scale[0] * threshold_init).abs()), w1, b1, w2, b2
+
+
 def fire_bias(q_pos: torch.Tensor, k_pos: torch.Tensor, c: torch.Tensor,
               threshold_scale: torch.Tensor, in_weight: torch.Tensor, in_bias: torch.Tensor,
               out_weight: torch.Tensor, out_bias: torch.Tensor, *,
               threshold_init: float) -> torch.Tensor:
     """[heads, *shape] for positions broadcasting to ``shape``. c, threshold_scale: [1];
-    in_weight, in_bias: [width]; out_weight [heads, width], out_bias [heads]. Computed in
-    at least fp32: bf16 cannot tell positions above 256 apart."""
-    dtype = torch.promote_types(in_weight.dtype, torch.float32)
-    c, scale, w1, b1, w2, b2 = (t.to(dtype) for t in (
-        c, threshold_scale, in_weight, in_bias, out_weight, out_bias))
-    x = fire_input(q_pos, k_pos, c[0], (scale[0] * threshold_init).abs())
+    in_weight, in_bias: [width]; out_weight [heads, width], out_bias [heads]; computed in
+    at least fp32 (``_mlp_terms``)."""
+    x, w1, b1, w2, b2 = _mlp_terms(q_pos, k_pos, c, threshold_scale, in_weight, in_bias,
+                                   out_weight, out_bias, threshold_init)
     hidden = torch.relu(x[..., None] * w1 + b1)  # [*shape, width]
     return (hidden @ w2.T + b2).movedim(-1, 0)
 
@@ -76,10 +84,8 @@ def fire_score(q_pos: torch.Tensor, k_pos: torch.Tensor, head: torch.Tensor, c: 
     """``fire_bias`` of one head at one (query, key) pair, for FlexAttention's score_mod:
     the output layer's product unrolled into one term per hidden unit, since compiled
     FlexAttention cannot lower a reduction inside a score_mod."""
-    dtype = torch.promote_types(in_weight.dtype, torch.float32)
-    c, scale, w1, b1, w2, b2 = (t.to(dtype) for t in (
-        c, threshold_scale, in_weight, in_bias, out_weight, out_bias))
-    x = fire_input(q_pos, k_pos, c[0], (scale[0] * threshold_init).abs())
+    x, w1, b1, w2, b2 = _mlp_terms(q_pos, k_pos, c, threshold_scale, in_weight, in_bias,
+                                   out_weight, out_bias, threshold_init)
     total = b2[head]
     for unit in range(w1.shape[0]):
         total = total + torch.relu(x * w1[unit] + b1[unit]) * w2[head, unit]
