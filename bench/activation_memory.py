@@ -26,7 +26,7 @@ from cope_megatron.estimate.memory import activation_bytes, saved_for_backward
 from cope_megatron.pe import get_pe
 
 sys.path.insert(0, os.path.dirname(__file__))
-from stopping import Stopped, stop_on_sigterm  # noqa: E402
+from stopping import NOT_RUN, Stopped, stop_on_sigterm  # noqa: E402
 
 MIB = 2**20
 WITHIN = 0.2
@@ -82,7 +82,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     except Stopped:
         stopped = True
-        rows += [{"pe": pe, "error": "not run: stopped (time limit)"}
+        rows += [{"pe": pe, "error": NOT_RUN}
                  for pe in args.pes[len(rows):]]
     measure_name = "allocator" if device.type == "cuda" else "autograd's saved tensors"
     print(f"device={device} configs={' '.join(sources)}; measured: {measure_name}")

@@ -235,8 +235,7 @@ def main() -> None:
         r["cpu_vs_cp1"] = round(r["summed_cpu_s"] / base["summed_cpu_s"], 2)
         r["cpu_vs_cp1_per_round"] = [round(a / b, 2) for a, b in zip(
             r["summed_cpu_s_per_round"], base["summed_cpu_s_per_round"])]
-        r["cpu_vs_cp1_same_load"] = round(
-            r["summed_cpu_s"] / (r["cp1_cpu_s_same_load"] or base["summed_cpu_s"]), 2)
+        r["cpu_vs_cp1_same_load"] = same_load_ratio(r, base)
         r["wall_vs_cp1"] = round(r["wall_s"] / base["wall_s"], 2)
         r["memory_vs_cp1"] = round(r["peak_mb_per_rank"] / base["peak_mb_per_rank"], 2)
     print(f"pe={args.pe} gates={args.gates} device={'cuda' if gpu else 'cpu'} "
@@ -268,7 +267,7 @@ def timings(world: int, args, inputs: str, gpu: bool) -> dict:
              "band": sum(r["band"] for r in ranks), "gates": sum(r["gates"] for r in ranks),
              "peak": max(max(rep["peak_mb"] for rep in r["reps"]) for r in ranks),
              "same_load": []}
-    if not gpu and world > len(os.sched_getaffinity(0)):
+    if not gpu and oversubscribed(world):
         control = launch(world, args, inputs, control=True)
         found["same_load"] = [statistics.mean(r["reps"][i]["cpu_s"] for r in control)
                               for i in reps]
@@ -286,20 +285,38 @@ def peak_memory(world: int, args, inputs: str) -> float:
     return max(max(rep["peak_mb"] for rep in r["reps"]) for r in ranks)
 
 
-def layout_row(world: int, args, rounds: list[dict], peak: float) -> dict:
-    """One CP size's row: medians over every round's repetitions."""
+def oversubscribed(world: int) -> bool:
+    """Whether ``world`` one-thread ranks outnumber the cores this process may use: then a
+    same-load control runs beside the timed launch."""
+    return world > len(os.sched_getaffinity(0))
+
+
+def pooled_times(rounds: list[dict]) -> dict:
+    """A CP size's times from its rounds (each with per-repetition "cpu", "wall" and
+    "same_load", the last empty where no control ran): medians over every repetition, and
+    each round's CPU median."""
     pooled = {key: [x for found in rounds for x in found[key]]
               for key in ("cpu", "wall", "same_load")}
+    return {"summed_cpu_s": round(statistics.median(pooled["cpu"]), 3),
+            "summed_cpu_s_per_round": [round(statistics.median(f["cpu"]), 3) for f in rounds],
+            "cp1_cpu_s_same_load": (round(statistics.median(pooled["same_load"]), 3)
+                                    if pooled["same_load"] else None),
+            "wall_s": round(statistics.median(pooled["wall"]), 3)}
+
+
+def same_load_ratio(row: dict, base: dict) -> float:
+    """Summed CPU over the CP = 1 op's under the same load (over CP = 1 alone where no
+    control ran: ranks with a core each)."""
+    return round(row["summed_cpu_s"] / (row["cp1_cpu_s_same_load"] or base["summed_cpu_s"]), 2)
+
+
+def layout_row(world: int, args, rounds: list[dict], peak: float) -> dict:
+    """One CP size's row: medians over every round's repetitions."""
     waits = [statistics.median(w for found in rounds for w in found["waits"][rank])
              for rank in range(world)]
     causal = args.seq * (args.seq + 1) / 2
     return {"pe": args.pe, "gates": args.gates, "cp": world, "seq": args.seq,
-            "tokens_per_rank": args.seq // world,
-            "summed_cpu_s": round(statistics.median(pooled["cpu"]), 3),
-            "summed_cpu_s_per_round": [round(statistics.median(f["cpu"]), 3) for f in rounds],
-            "cp1_cpu_s_same_load": (round(statistics.median(pooled["same_load"]), 3)
-                                    if pooled["same_load"] else None),
-            "wall_s": round(statistics.median(pooled["wall"]), 3),
+            "tokens_per_rank": args.seq // world, **pooled_times(rounds),
             "peak_mb_per_rank": round(peak, 1),
             "wait_frac_per_rank": [round(w, 4) for w in waits],
             "band_pct": round(100 * rounds[0]["band"] / causal, 2),

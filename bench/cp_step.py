@@ -35,6 +35,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
 from cope_op import measure  # noqa: E402
+from cp_attention import oversubscribed, pooled_times, same_load_ratio  # noqa: E402
 
 VOCAB = 512
 
@@ -90,7 +91,7 @@ def measure_layout(world: int, pe: str, seq: int, reps: int, port: int) -> dict:
     found = {"cpu": [sum(r[i]["cpu_s"] for r in ranks) for i in range(reps)],
              "wall": [max(r[i]["wall_s"] for r in ranks) for i in range(reps)],
              "peak": max(rep["peak_mb"] for r in ranks for rep in r), "same_load": []}
-    if world > len(os.sched_getaffinity(0)):
+    if oversubscribed(world):
         control = launch(world, pe, seq, reps, port, control=True)
         found["same_load"] = [statistics.mean(r[i]["cpu_s"] for r in control)
                               for i in range(reps)]
@@ -99,14 +100,7 @@ def measure_layout(world: int, pe: str, seq: int, reps: int, port: int) -> dict:
 
 def layout_row(pe: str, seq: int, world: int, rounds: list[dict]) -> dict:
     """One CP size's row: medians over every round's repetitions."""
-    pooled = {key: [x for found in rounds for x in found[key]]
-              for key in ("cpu", "wall", "same_load")}
-    return {"pe": pe, "seq": seq, "cp": world,
-            "summed_cpu_s": round(statistics.median(pooled["cpu"]), 3),
-            "summed_cpu_s_per_round": [round(statistics.median(f["cpu"]), 3) for f in rounds],
-            "cp1_cpu_s_same_load": (round(statistics.median(pooled["same_load"]), 3)
-                                    if pooled["same_load"] else None),
-            "wall_s": round(statistics.median(pooled["wall"]), 3),
+    return {"pe": pe, "seq": seq, "cp": world, **pooled_times(rounds),
             "peak_mb_per_rank": round(max(f["peak"] for f in rounds), 1)}
 
 
@@ -135,8 +129,7 @@ def main() -> None:
                 for key, name in (("summed_cpu_s", "cpu"), ("wall_s", "wall"),
                                   ("peak_mb_per_rank", "memory")):
                     row[f"{name}_vs_cp1"] = round(row[key] / first[key], 2)
-                row["cpu_vs_cp1_same_load"] = round(
-                    row["summed_cpu_s"] / (row["cp1_cpu_s_same_load"] or first["summed_cpu_s"]), 2)
+                row["cpu_vs_cp1_same_load"] = same_load_ratio(row, first)
                 rows.append(row)
     print("whole step (debug model, fwd + bwd of the LM loss, 1 sequence), CPU, 1 thread/rank, "
           f"reps={args.reps}x{args.rounds}")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import signal
 
+NOT_RUN = "not run: stopped (time limit)"
+"""The error of a row a stopped benchmark did not get to."""
+
 
 class Stopped(BaseException):
     """SIGTERM: time is up. Like KeyboardInterrupt, not an ``Exception``: a benchmark's

@@ -32,7 +32,7 @@ from cope_megatron.pe import get_pe
 from cope_megatron.training.metrics import peak_memory_gib
 
 sys.path.insert(0, os.path.dirname(__file__))
-from stopping import Stopped, stop_on_sigterm  # noqa: E402
+from stopping import NOT_RUN, Stopped, stop_on_sigterm  # noqa: E402
 
 
 def split_variant(spec: str) -> tuple[str, list[str]]:
@@ -119,7 +119,7 @@ def main() -> None:
             rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     except Stopped:
-        rows += [{"pe": pe, "error": "not run: stopped (time limit)"}
+        rows += [{"pe": pe, "error": NOT_RUN}
                  for pe in args.pes[len(rows):]]
     base = next((r["step_s"] for r in rows if r["pe"] == "rope" and "step_s" in r), None)
     print(f"configs={' '.join(args.configs)} steps={args.steps} warmup={args.warmup}")
